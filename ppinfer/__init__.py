@@ -1,0 +1,1 @@
+"""ppinfer: pipeline-parallel inference of GGUF models over torch.distributed."""

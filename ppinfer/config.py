@@ -1,0 +1,324 @@
+"""The typed run configuration: schema, ConfigStore registration and validation.
+
+The GGUF header describes the model; this schema only chooses how to run it. The dataclasses
+are registered in Hydra's ConfigStore as `config_schema` (and one schema per group), so a
+misspelt key or a wrongly typed value fails when Hydra composes the config, before any code
+runs. `validate_config` then checks the values that a type cannot express (ranges, mutually
+exclusive keys, the world size) without touching a process group, so every rank can run it
+and fail the same way within seconds. Checks that need the model file (the layer list sum)
+live in `ppinfer.pipeline.allocation`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, NamedTuple, Optional, Union
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from ppinfer.errors import ConfigError
+from ppinfer.pipeline.allocation import parse_layers
+
+TASKS = ("generate", "score")
+DEVICES = ("cpu", "cuda", "auto")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which GGUF file to run."""
+
+    name: str = "smollm2-135m-instruct"
+    """A known model name fetched by `ppinfer.hub.ensure_model`; used only when `path` is null."""
+    path: Optional[str] = None
+    """Path of a local GGUF file; overrides `name`."""
+    family: Optional[str] = None
+    """Expected `general.architecture`; when set, a file of another architecture is an error."""
+    chat_template: Optional[str] = None
+    """A Jinja chat template that replaces the file's `tokenizer.chat_template`."""
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    """How the layers are split over ranks and how sequences are grouped into lanes."""
+
+    stages: Optional[int] = None
+    """Number of pipeline stages; null means the world size (any other value must equal it)."""
+    layers: Any = "balanced"
+    """`balanced` (cost model over the file's tensor sizes), `uniform`, or layers per stage."""
+    microbatches: Optional[int] = None
+    """Lanes in flight; null means as many as stages, capped by the number of sequences."""
+    lane_size: Optional[int] = None
+    """Max sequences per lane; null means ceil(sequences / lanes). Extra sequences run in waves."""
+    prefill_chunk: int = 128
+    """Prompt tokens per prefill step, so long prompts pipeline too and shapes stay static."""
+
+
+@dataclass(kw_only=True)
+class InputConfig:
+    """What the `score` task scores: exactly one of `token_ids` and `text`."""
+
+    token_ids: Optional[List[int]] = None
+    """Token ids to score, used as given (no BOS is added)."""
+    text: Optional[str] = None
+    """Text to tokenize and score."""
+
+
+@dataclass(kw_only=True)
+class GenerationConfig:
+    """Sampling and stopping for the `generate` task."""
+
+    max_new_tokens: int = 64
+    """Tokens to generate per prompt at most."""
+    temperature: float = 0.0
+    """Softmax temperature; 0 means greedy (argmax)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 disables the filter."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches p; 1 disables the filter."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one; 0 disables the filter."""
+    repetition_penalty: float = 1.0
+    """Divide positive (multiply negative) logits of already seen tokens by this; 1 disables."""
+    seed: int = 0
+    """Seed of the sampler, so sampled runs are reproducible."""
+    ignore_eos: bool = False
+    """Keep generating past end-of-generation tokens (useful for benchmarks)."""
+    stop: List[str] = field(default_factory=list)
+    """Strings that end a sequence when they appear in its generated text."""
+
+
+@dataclass(kw_only=True)
+class RuntimeConfig:
+    """Where and how each rank computes."""
+
+    device: str = "auto"
+    """`cpu`, `cuda`, or `auto` (cuda when a GPU is visible)."""
+    dtype: Optional[str] = None
+    """`float32`, `bfloat16` or `float16`; null means float32 on CPU and bfloat16 on CUDA."""
+    threads: Optional[int] = None
+    """Torch intra-op threads per rank; null means CPU cores / local world size (at least 1)."""
+    timeout_s: float = 60.0
+    """Process-group timeout, so a rank whose peer died fails instead of waiting forever."""
+
+
+@dataclass(kw_only=True)
+class OutputConfig:
+    """Where results go."""
+
+    dir: str = "outputs/latest"
+    """One pinned directory shared by all ranks (also Hydra's run dir); rank 0 writes it."""
+
+
+@dataclass(kw_only=True)
+class ProfileConfig:
+    """torch.profiler traces for TensorBoard."""
+
+    enabled: bool = False
+    """Record a trace of the decode loop."""
+    dir: Optional[str] = None
+    """Trace directory; null means `<output.dir>/tensorboard`."""
+    wait: int = 1
+    """torch.profiler schedule: steps skipped before warming up."""
+    warmup: int = 1
+    """torch.profiler schedule: steps traced but discarded."""
+    active: int = 4
+    """torch.profiler schedule: steps recorded."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The whole run: one field per top-level key of the command line."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model file."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """Stages, layer split and lanes."""
+    task: str = "generate"
+    """`generate` (continue prompts) or `score` (logits at every position of `input`)."""
+    prompts: Optional[List[str]] = None
+    """Prompts to continue, one sequence each."""
+    prompts_file: Optional[str] = None
+    """A file with one prompt per line (exclusive with `prompts`)."""
+    chat: bool = False
+    """Wrap each prompt as a user turn with the chat template."""
+    input: InputConfig = field(default_factory=InputConfig)
+    """What the `score` task scores."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Sampling and stopping."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Device, dtype, threads, timeouts."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Output directory."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """Profiling."""
+
+
+AnyConfig = Union[Config, DictConfig]
+
+
+def register_configs() -> None:
+    """Register the schema so Hydra type-checks `conf/` and every override against it.
+
+    `config_schema` is the first entry of `conf/config.yaml`'s defaults list; the group presets
+    merge into its typed nodes, so they are checked too. Calling this twice is harmless (the
+    store just replaces the entry).
+    """
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+# Registering at import means `import ppinfer.config` is all an entry point needs before
+# `@hydra.main`; the store is a process-local registry, so this has no other side effect.
+register_configs()
+
+
+def _fail(key: str, value: object, why: str) -> None:
+    raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def validate_config(cfg: AnyConfig, world_size: int, cuda_available: bool) -> None:
+    """Check every value a type cannot; raise `ConfigError` naming the first bad key and value.
+
+    Pure: reads nothing but `cfg` and its arguments, so it runs before any process group
+    exists and gives the same verdict on every rank. Comparisons are written as
+    `not (x >= lo)` where it matters so that NaN fails too.
+    """
+    if cfg.task not in TASKS:
+        _fail("task", cfg.task, f"must be one of {', '.join(TASKS)}")
+    _validate_pipeline(cfg.pipeline, world_size)
+    _validate_inputs(cfg)
+    _validate_generation(cfg.generation)
+    _validate_runtime(cfg.runtime, cuda_available)
+    _validate_profile(cfg.profile)
+
+
+def _validate_pipeline(p: Any, world_size: int) -> None:
+    if p.stages is not None and p.stages != world_size:
+        _fail("pipeline.stages", p.stages, f"must equal the world size ({world_size})")
+    for key in ("microbatches", "lane_size"):
+        value = getattr(p, key)
+        if value is not None and value < 1:
+            _fail(f"pipeline.{key}", value, "must be at least 1 (or null for automatic)")
+    if p.prefill_chunk < 1:
+        _fail("pipeline.prefill_chunk", p.prefill_chunk, "must be at least 1")
+    parse_layers(p.layers)
+
+
+def _validate_inputs(cfg: AnyConfig) -> None:
+    if cfg.prompts is not None and cfg.prompts_file is not None:
+        _fail("prompts_file", cfg.prompts_file, "give either prompts or prompts_file, not both")
+    if cfg.task == "score":
+        has_ids = cfg.input.token_ids is not None
+        has_text = cfg.input.text is not None
+        if has_ids == has_text:
+            raise ConfigError(
+                "task='score' needs exactly one of input.token_ids and input.text; got "
+                f"input.token_ids={cfg.input.token_ids!r}, input.text={cfg.input.text!r}"
+            )
+        if has_ids and len(cfg.input.token_ids) == 0:
+            _fail("input.token_ids", list(cfg.input.token_ids), "must not be empty")
+
+
+def _validate_generation(g: Any) -> None:
+    if g.max_new_tokens < 0:
+        _fail("generation.max_new_tokens", g.max_new_tokens, "must be >= 0")
+    if not g.temperature >= 0.0:
+        _fail("generation.temperature", g.temperature, "must be >= 0 (0 means greedy)")
+    if g.top_k < 0:
+        _fail("generation.top_k", g.top_k, "must be >= 0 (0 disables it)")
+    if not 0.0 < g.top_p <= 1.0:
+        _fail("generation.top_p", g.top_p, "must be in (0, 1] (1 disables it)")
+    if not 0.0 <= g.min_p <= 1.0:
+        _fail("generation.min_p", g.min_p, "must be in [0, 1] (0 disables it)")
+    if not g.repetition_penalty > 0.0:
+        _fail("generation.repetition_penalty", g.repetition_penalty, "must be > 0 (1 disables it)")
+
+
+def _validate_runtime(r: Any, cuda_available: bool) -> None:
+    if r.device not in DEVICES:
+        _fail("runtime.device", r.device, f"must be one of {', '.join(DEVICES)}")
+    if r.device == "cuda" and not cuda_available:
+        _fail("runtime.device", r.device, "no CUDA GPU is available (use cpu or auto)")
+    if r.dtype is not None and r.dtype not in DTYPES:
+        _fail("runtime.dtype", r.dtype, f"must be one of {', '.join(DTYPES)} (or null)")
+    if r.threads is not None and r.threads < 1:
+        _fail("runtime.threads", r.threads, "must be at least 1 (or null for automatic)")
+    if not r.timeout_s > 0.0:
+        _fail("runtime.timeout_s", r.timeout_s, "must be > 0")
+
+
+def _validate_profile(p: Any) -> None:
+    for key in ("wait", "warmup"):
+        value = getattr(p, key)
+        if value < 0:
+            _fail(f"profile.{key}", value, "must be >= 0")
+    if p.active < 1:
+        _fail("profile.active", p.active, "must be at least 1")
+
+
+def resolve_device(cfg: AnyConfig, cuda_available: bool) -> str:
+    """`cpu` or `cuda`: the configured device, with `auto` meaning cuda when one is visible."""
+    device = cfg.runtime.device
+    if device == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if device not in ("cpu", "cuda"):
+        _fail("runtime.device", device, f"must be one of {', '.join(DEVICES)}")
+    return device
+
+
+def resolve_dtype(cfg: AnyConfig, device: str) -> torch.dtype:
+    """The compute dtype: the configured one, else float32 on CPU and bfloat16 on CUDA."""
+    name = cfg.runtime.dtype
+    if name is None:
+        # CPU kernels are fastest and exact in float32; GPUs have bf16 tensor cores.
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    if name not in DTYPES:
+        _fail("runtime.dtype", name, f"must be one of {', '.join(DTYPES)} (or null)")
+    return DTYPES[name]
+
+
+def resolve_threads(cfg: AnyConfig, local_world_size: int, cpu_count: Optional[int] = None) -> int:
+    """Intra-op threads for one rank: the configured count, else an even share of the cores.
+
+    Ranks on one host share its cores; letting each take all of them oversubscribes the CPU
+    and makes every stage slower. `cpu_count` defaults to the cores this process may use.
+    """
+    if cfg.runtime.threads is not None:
+        return int(cfg.runtime.threads)
+    if cpu_count is None:
+        cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1
+        )
+    return max(1, cpu_count // max(1, local_world_size))
+
+
+class LaneLayout(NamedTuple):
+    """How sequences are grouped: `microbatches` lanes of up to `lane_size`, in `waves` rounds."""
+
+    microbatches: int
+    lane_size: int
+    waves: int
+
+
+def resolve_lanes(cfg: AnyConfig, n_stages: int, n_sequences: int) -> LaneLayout:
+    """Apply the `pipeline.microbatches` / `pipeline.lane_size` defaults for `n_sequences`.
+
+    Lanes default to one per stage (a full ring) but never exceed the sequences, since an
+    empty lane would only add bubbles. The lane size defaults to fitting every sequence in
+    one wave; a smaller explicit size serves the rest in further waves.
+    """
+    if n_sequences < 1:
+        raise ConfigError(f"nothing to run: {n_sequences} sequences")
+    microbatches = cfg.pipeline.microbatches
+    if microbatches is None:
+        microbatches = n_stages
+    microbatches = max(1, min(int(microbatches), n_sequences))
+    lane_size = cfg.pipeline.lane_size
+    if lane_size is None:
+        lane_size = math.ceil(n_sequences / microbatches)
+    waves = math.ceil(n_sequences / (microbatches * lane_size))
+    return LaneLayout(microbatches=microbatches, lane_size=int(lane_size), waves=waves)

@@ -1,0 +1,148 @@
+"""Typed hyper-parameters read from a GGUF header, with llama.cpp's defaults per family."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ppinfer.errors import ModelFileError
+from ppinfer.families.registry import get_spec
+from ppinfer.families.spec import FamilySpec, Norm
+from ppinfer.gguf.reader import GGUFFile
+
+
+@dataclass(frozen=True)
+class RopeParams:
+    """One rotary embedding: theta_i = pos * freq_scale * base^(-2i/n_rot) / factors_i."""
+
+    n_rot: int  # rotated dims per head (the rest pass through)
+    base: float
+    freq_scale: float  # 1 / linear scaling factor
+    use_factors: bool  # divide by the file's `rope_freqs` tensor
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """Per-layer shape and attention kind."""
+
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    sliding_window: int  # 0 = global attention
+    rope: RopeParams
+
+
+@dataclass(frozen=True)
+class HParams:
+    """Everything about the model's shape that the forward pass needs."""
+
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_ctx: int
+    n_vocab: int
+    head_dim: int  # key_length
+    head_dim_v: int  # value_length
+    norm_eps: float
+    attn_scale: float
+    attn_softcap: float | None
+    final_softcap: float | None
+    layers: tuple[LayerParams, ...]
+
+
+def _per_layer(value: Any, n_layer: int, key: str, path: str) -> list[int]:
+    """GGUF stores some counts either as one scalar or as a per-layer array."""
+    if isinstance(value, (list, tuple)) or hasattr(value, "__len__"):
+        values = [int(v) for v in value]
+        if len(values) != n_layer:
+            raise ModelFileError(f"{path}: {key} has {len(values)} entries for {n_layer} layers")
+        return values
+    return [int(value)] * n_layer
+
+
+def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
+    """Read and check the header of `gf` (spec looked up from general.architecture if None)."""
+    arch = gf.architecture
+    spec = spec or get_spec(arch, str(gf.path))
+    path = str(gf.path)
+
+    def key(name: str) -> str:
+        return f"{arch}.{name}"
+
+    n_layer = int(gf.require(key("block_count")))
+    n_embd = int(gf.require(key("embedding_length")))
+    n_head = _per_layer(gf.require(key("attention.head_count")), n_layer, key("attention.head_count"), path)
+    n_head_kv = _per_layer(
+        gf.get(key("attention.head_count_kv"), n_head), n_layer, key("attention.head_count_kv"), path
+    )
+    n_ff = _per_layer(gf.require(key("feed_forward_length")), n_layer, key("feed_forward_length"), path)
+    if n_layer < 1 or n_embd < 1 or min(n_head) < 1 or min(n_head_kv) < 1:
+        raise ModelFileError(f"{path}: nonsensical shape (layers {n_layer}, embd {n_embd}, heads {n_head})")
+    for h, hkv in zip(n_head, n_head_kv):
+        if h % hkv:
+            raise ModelFileError(f"{path}: head_count {h} is not a multiple of head_count_kv {hkv}")
+    head_dim = int(gf.get(key("attention.key_length"), n_embd // n_head[0]))
+    head_dim_v = int(gf.get(key("attention.value_length"), head_dim))
+    if head_dim_v != head_dim:
+        raise ModelFileError(f"{path}: key_length {head_dim} != value_length {head_dim_v} is unsupported")
+    n_rot = int(gf.get(key("rope.dimension_count"), head_dim))
+    if not 0 < n_rot <= head_dim or n_rot % 2:
+        raise ModelFileError(f"{path}: {key('rope.dimension_count')}={n_rot} must be even and <= {head_dim}")
+
+    scaling = str(gf.get(key("rope.scaling.type"), "linear"))
+    factor = float(gf.get(key("rope.scaling.factor"), 0.0) or 0.0)
+    if scaling not in ("linear", "none") and factor not in (0.0, 1.0):
+        raise ModelFileError(f"{path}: rope scaling type {scaling!r} is unsupported (supported: linear)")
+    freq_scale = 1.0 / factor if scaling == "linear" and factor > 0 else 1.0
+    base = float(gf.get(key("rope.freq_base"), 10000.0))
+    use_factors = "rope_freqs.weight" in gf.tensors
+    global_rope = RopeParams(n_rot, base, freq_scale, use_factors)
+
+    window, pattern, local_rope = 0, 1, global_rope
+    if spec.sliding is not None:
+        window = int(gf.get(key("attention.sliding_window"), spec.sliding.default_window) or 0)
+        pattern = int(gf.get(key("attention.sliding_window_pattern"), spec.sliding.default_pattern))
+        default_base = spec.sliding.default_rope_base
+        swa_base = float(gf.get(key("rope.freq_base_swa"), base if default_base is None else default_base))
+        swa_scale = freq_scale if spec.sliding.rope_scaling else 1.0
+        local_rope = RopeParams(n_rot, swa_base, swa_scale, use_factors)
+
+    def is_sliding(il: int) -> bool:
+        return window > 0 and il % pattern < pattern - 1
+
+    layers = tuple(
+        LayerParams(
+            n_head=n_head[il],
+            n_head_kv=n_head_kv[il],
+            n_ff=n_ff[il],
+            sliding_window=window if is_sliding(il) else 0,
+            rope=local_rope if is_sliding(il) else global_rope,
+        )
+        for il in range(n_layer)
+    )
+
+    eps_key = "attention.layer_norm_rms_epsilon" if spec.norm is Norm.RMS else "attention.layer_norm_epsilon"
+    attn_softcap = None
+    if spec.attn_softcap_default is not None:
+        attn_softcap = float(gf.get(key("attn_logit_softcapping"), spec.attn_softcap_default))
+    final_softcap = spec.final_softcap_default
+    if spec.final_softcap_key:
+        final_softcap = gf.get(key("final_logit_softcapping"), final_softcap)
+        final_softcap = float(final_softcap) if final_softcap else None
+
+    embd = gf.info("token_embd.weight")
+    return HParams(
+        arch=arch,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_ctx=int(gf.require(key("context_length"))),
+        n_vocab=embd.shape[0],
+        head_dim=head_dim,
+        head_dim_v=head_dim_v,
+        norm_eps=float(gf.require(key(eps_key))),
+        attn_scale=float(gf.get(key("attention.scale"), 0.0) or 1.0 / math.sqrt(head_dim)),
+        attn_softcap=attn_softcap,
+        final_softcap=final_softcap,
+        layers=layers,
+    )

@@ -1,0 +1,65 @@
+"""What a model family is, as data: `FamilySpec` (the architecture's fixed choices).
+
+Every field is explicit for every family (no silent llama defaults); the values for the ten
+supported architectures live in `registry.py` and were checked against llama.cpp (see
+`shared/reference/gguf-families.md`). Nothing here runs a forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Norm(str, Enum):
+    RMS = "rms"  # x * rsqrt(mean(x^2) + eps) * w
+    LAYER = "layer"  # LayerNorm with weight and bias
+
+
+class Rope(str, Enum):
+    NORM = "norm"  # rotate consecutive pairs (x[2i], x[2i+1]) - ggml's default mode
+    NEOX = "neox"  # rotate (x[i], x[i + n_rot/2]) - HF's rotate_half
+
+
+class Mlp(str, Enum):
+    SWIGLU = "swiglu"  # down(silu(gate(h)) * up(h))
+    GEGLU = "geglu"  # down(gelu_tanh(gate(h)) * up(h))
+    GELU = "gelu"  # down(gelu_tanh(up(h)))  (no gate)
+
+
+class Tying(str, Enum):
+    OPTIONAL = "optional"  # `output` may be absent -> reuse token_embd
+    ALWAYS = "always"  # never has `output`; always token_embd
+    NEVER = "never"  # `output` is required
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlidingWindow:
+    """Interleaved local attention: layer il is sliding iff il % pattern < pattern - 1."""
+
+    default_window: int  # when `{arch}.attention.sliding_window` is absent (0 = none)
+    default_pattern: int  # when `{arch}.attention.sliding_window_pattern` is absent
+    default_rope_base: float | None  # base of sliding layers when freq_base_swa is absent
+    # (None = the global freq_base)
+    rope_scaling: bool  # whether sliding layers apply the file's rope scaling
+
+
+@dataclass(frozen=True, kw_only=True)
+class FamilySpec:
+    """The fixed architectural choices of one `general.architecture`."""
+
+    arch: str
+    norm: Norm
+    rope: Rope
+    mlp: Mlp
+    fused_gate_up: bool  # `ffn_up` holds [gate; up] stacked (phi3): first F rows are the gate
+    parallel_block: bool  # x + attn(LN(x)) + mlp(LN(x)) with one norm (phi2)
+    qk_norm: bool  # per-head RMSNorm of q and k before rope
+    post_norms: bool  # post_attention_norm / post_ffw_norm on branch outputs (gemma2/3)
+    embed_scale: bool  # multiply embeddings by sqrt(E) (gemma family)
+    tying: Tying
+    output_bias: bool  # `output.bias` exists (phi2)
+    sliding: SlidingWindow | None
+    attn_softcap_default: float | None  # None: no attention softcap; else key or this value
+    final_softcap_key: bool  # read `{arch}.final_logit_softcapping`
+    final_softcap_default: float | None  # used when the key is absent (gemma2: 30)

@@ -1,0 +1,293 @@
+"""Next-token sampling: parameters, per-sequence random streams, logit filters and the draw.
+
+This file owns turning the last stage's logits ``[B, V]`` into next token ids ``[B]``.
+
+Filter order (llama.cpp's default sampler chain, which we follow):
+    repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw.
+transformers (``GenerationMixin._get_logits_processor``) instead applies the temperature
+*before* top-k/top-p/min-p. Top-k is unaffected by the order, but top-p and min-p are not:
+with llama.cpp's order the nucleus is chosen on the untempered distribution, so raising the
+temperature flattens the choice among the kept tokens without letting new tokens in.
+
+Reproducibility contract: every sequence owns a CPU ``torch.Generator`` seeded from
+``(seed, sequence_index)`` where ``sequence_index`` is the prompt's global index, and the draw
+for row ``b`` consumes exactly one uniform number from row ``b``'s generator per step. Every
+other operation is row-wise, so a sequence gets the same tokens whatever lane or batch row it
+lands in and whoever its neighbours are (given the same logits for that row).
+
+The draw is inverse-CDF sampling on the filtered distribution sorted by descending logit
+(ties in original token order): one uniform ``u`` per row picks the first sorted token whose
+cumulative probability exceeds ``u`` times the total. One number per step (rather than one per
+vocabulary entry, as a Gumbel race would need) keeps the CPU generators cheap for large
+vocabularies and keeps the stream position equal to the step count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+HISTORY_PAD = -1
+"""Padding value in the ``[B, L]`` token-history tensor given for the repetition penalty."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen; shared by every sequence of a run."""
+
+    temperature: float = 0.0
+    """Softmax temperature applied after the filters; 0 means greedy (argmax, no randomness)."""
+    top_k: int = 0
+    """Keep the k highest logits (ties with the k-th are kept too); 0 turns it off."""
+    top_p: float = 1.0
+    """Keep the smallest set of most likely tokens whose probability sums to >= top_p."""
+    min_p: float = 0.0
+    """Keep tokens with probability >= min_p times the most likely token's; 0 turns it off."""
+    repetition_penalty: float = 1.0
+    """Divide positive / multiply negative logits of tokens already in the sequence; 1 = off."""
+    seed: int = 0
+    """Base seed; each sequence's generator is derived from (seed, sequence index)."""
+
+    def __post_init__(self) -> None:
+        # `not (x >= 0)` rather than `x < 0` so that NaN is rejected too.
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(
+                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}"
+            )
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when the next token is the argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+
+def make_generator(seed: int, index: int) -> torch.Generator:
+    """Return a CPU generator for sequence ``index`` of a run seeded with ``seed``.
+
+    The two integers are hashed (rather than added) so that nearby (seed, index) pairs give
+    unrelated streams: (seed=1, index=0) must not replay (seed=0, index=1).
+    """
+    if index < 0:
+        raise ValueError(f"sequence index must be >= 0, got {index!r}")
+    material = f"ppinfer-sampling:{seed}:{index}".encode()
+    digest = hashlib.blake2b(material, digest_size=8).digest()
+    generator = torch.Generator(device="cpu")
+    # 63 bits: manual_seed accepts any uint64, but staying positive keeps it portable.
+    generator.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return generator
+
+
+def pad_history(sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Stack per-sequence token lists into a ``[B, L]`` int64 tensor padded with HISTORY_PAD."""
+    width = max((len(seq) for seq in sequences), default=0)
+    history = torch.full((len(sequences), width), HISTORY_PAD, dtype=torch.int64)  # [B, L]
+    for row, seq in enumerate(sequences):
+        if seq:
+            history[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.int64)
+    return history
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, history: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """Penalise every token id present in ``history`` (prompt + generated tokens so far).
+
+    As in transformers' ``RepetitionPenaltyLogitsProcessor`` and llama.cpp: a positive logit is
+    divided by ``penalty``, a negative one multiplied, once per distinct token however often it
+    occurred. ``history`` is ``[B, L]`` int64 padded with HISTORY_PAD. Returns a new tensor.
+    """
+    batch, vocab = logits.shape
+    if history.dim() != 2 or history.shape[0] != batch:
+        raise ValueError(
+            f"history must be [B={batch}, L] token ids, got shape {tuple(history.shape)}"
+        )
+    if history.device.type == "cpu" and history.numel() > 0:
+        # Checked only on CPU: on an accelerator this would cost a host sync every step.
+        low, high = int(history.min()), int(history.max())
+        if low < HISTORY_PAD or high >= vocab:
+            raise ValueError(
+                f"history holds token ids outside [0, {vocab}) (min {low}, max {high}); "
+                f"pad with {HISTORY_PAD}"
+            )
+    history = history.to(logits.device)
+    # Padding points at a spare column V that is dropped afterwards, so scatter never needs
+    # to write both True and False to the same slot.
+    index = torch.where(history == HISTORY_PAD, vocab, history)  # [B, L]
+    present = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=logits.device)
+    present.scatter_(1, index, True)
+    present = present[:, :vocab]  # [B, V]
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)  # [B, V]
+    return torch.where(present, penalized, logits)
+
+
+def _top_k_keep_sorted(sorted_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep mask for descending-sorted logits ``[B, V]``: the first k, plus ties with the k-th."""
+    kth = sorted_logits[:, k - 1 : k]  # [B, 1]
+    return sorted_logits >= kth
+
+
+def _top_p_keep_sorted(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep mask for descending-sorted logits ``[B, V]``: the shortest prefix with mass >= p.
+
+    A token is kept when the mass strictly before it is < p, so the top token is always kept
+    and the token that crosses p is kept too (llama.cpp and transformers agree on this).
+    """
+    probs = torch.softmax(sorted_logits, dim=-1)  # [B, V]
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # [B, V]
+    return mass_before < top_p
+
+
+def _min_p_keep_sorted(sorted_logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep mask for descending-sorted logits ``[B, V]``: p_i >= min_p * p_max.
+
+    Written on logits (l_i - l_max >= log(min_p)) as llama.cpp does: it is the same condition
+    and needs no softmax.
+    """
+    return sorted_logits >= sorted_logits[:, :1] + math.log(min_p)
+
+
+def _sort_desc(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort ``[B, V]`` by descending logit; stable, so ties stay in token-id order."""
+    return torch.sort(logits, dim=-1, descending=True, stable=True)
+
+
+def _unsort(sorted_mask: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Scatter a mask computed in sorted space back to token-id order."""
+    return torch.empty_like(sorted_mask).scatter_(1, order, sorted_mask)
+
+
+def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool ``[B, V]``: True where a token survives top-k (k <= 0 or k >= V keeps all)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return torch.ones_like(logits, dtype=torch.bool)
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # [B, 1]
+    return logits >= kth
+
+
+def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Bool ``[B, V]``: True where a token survives top-p (nucleus) filtering of ``logits``."""
+    if top_p >= 1.0:
+        return torch.ones_like(logits, dtype=torch.bool)
+    sorted_logits, order = _sort_desc(logits)
+    return _unsort(_top_p_keep_sorted(sorted_logits, top_p), order)
+
+
+def min_p_mask(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Bool ``[B, V]``: True where a token's probability is >= min_p times the top one's."""
+    if min_p <= 0.0:
+        return torch.ones_like(logits, dtype=torch.bool)
+    return logits >= logits.amax(dim=-1, keepdim=True) + math.log(min_p)
+
+
+def _draw_uniforms(generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
+    """One uniform in [0, 1) per row, each from its own row's generator; ``[B]`` float64."""
+    uniforms = torch.stack(
+        [torch.rand((), generator=gen, dtype=torch.float64) for gen in generators]
+    )  # [B]
+    if device.type == "cuda":
+        # Pinned + non_blocking: a pageable copy would wait for the whole forward pass.
+        return uniforms.pin_memory().to(device, non_blocking=True)
+    return uniforms.to(device)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generators: Sequence[torch.Generator] | None = None,
+    history: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Choose the next token of each row of ``logits`` ``[B, V]``; returns int64 ``[B]``.
+
+    ``generators[b]`` is row b's own generator (see ``make_generator``); it may be None only
+    for greedy decoding. ``history`` (``[B, L]`` int64 padded with HISTORY_PAD, see
+    ``pad_history``) is needed only when ``params.repetition_penalty != 1``. The result lives
+    on the logits' device.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+    batch, vocab = logits.shape
+    logits = logits.float()
+    if params.repetition_penalty != 1.0:
+        if history is None:
+            raise ValueError(
+                f"repetition_penalty={params.repetition_penalty} needs the token history"
+            )
+        logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(dim=-1)  # [B]
+    if generators is None or len(generators) != batch:
+        got = "none" if generators is None else len(generators)
+        raise ValueError(f"sampling needs one generator per row: {batch} rows, got {got}")
+
+    sorted_logits, order = _sort_desc(logits)  # [B, V], [B, V]
+    # Each filter sees the previous ones' result (removed tokens at -inf), so top-p measures
+    # mass over the top-k survivors, as in llama.cpp's chain.
+    if 0 < params.top_k < vocab:
+        keep = _top_k_keep_sorted(sorted_logits, params.top_k)
+        sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
+    if params.top_p < 1.0:
+        keep = _top_p_keep_sorted(sorted_logits, params.top_p)
+        sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
+    if params.min_p > 0.0:
+        keep = _min_p_keep_sorted(sorted_logits, params.min_p)
+        sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
+
+    probs = torch.softmax(sorted_logits / params.temperature, dim=-1)  # [B, V]
+    # float64 so that the tail of a 262k-entry vocabulary is not lost to rounding.
+    cdf = torch.cumsum(probs.double(), dim=-1)  # [B, V]
+    uniforms = _draw_uniforms(generators, logits.device)  # [B]
+    target = (uniforms * cdf[:, -1]).unsqueeze(-1)  # [B, 1]
+    pos = torch.searchsorted(cdf, target, right=True)  # [B, 1]
+    # Rounding can put the target at the very end of the CDF; clamp to the last token that
+    # has any probability so a filtered-out token can never be returned.
+    last_live = (probs > 0).sum(dim=-1, keepdim=True) - 1  # [B, 1]
+    pos = torch.minimum(pos, last_live)
+    return order.gather(1, pos).squeeze(-1)  # [B]
+
+
+class Sampler:
+    """Samples for a whole run: owns one generator per sequence, keyed by its global index."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self._generators: dict[int, torch.Generator] = {}
+
+    def generator(self, index: int) -> torch.Generator:
+        """The generator of sequence ``index``, created on first use."""
+        if index not in self._generators:
+            self._generators[index] = make_generator(self.params.seed, index)
+        return self._generators[index]
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        sequence_indices: Sequence[int],
+        history: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next tokens ``[B]`` for ``logits`` ``[B, V]`` whose row b is ``sequence_indices[b]``."""
+        if len(sequence_indices) != logits.shape[0]:
+            raise ValueError(
+                f"{logits.shape[0]} logit rows but {len(sequence_indices)} sequence indices"
+            )
+        if self.params.greedy:
+            return sample(logits, self.params, None, history)
+        generators = [self.generator(index) for index in sequence_indices]
+        return sample(logits, self.params, generators, history)
+
+    def release(self, index: int) -> None:
+        """Forget a finished sequence's generator."""
+        self._generators.pop(index, None)

@@ -1,0 +1,12 @@
+"""The model: one generic decoder driven by a `FamilySpec`, split into pipeline stages.
+
+This package never imports `torch.distributed`: a stage is a plain module that any runtime
+(one process, a pipeline of ranks, a test) can drive.
+"""
+
+from ppinfer.model.cache import StageState
+from ppinfer.model.loader import build_stage
+from ppinfer.model.plan import StagePlan
+from ppinfer.model.stage import PipelineStage
+
+__all__ = ["PipelineStage", "StagePlan", "StageState", "build_stage"]

@@ -1,0 +1,128 @@
+"""Leaf modules built from loaded tensors: linear, norms, rotary embedding, row embedding.
+
+Modules take their weights as constructor arguments (no random init followed by a copy), so
+building a stage costs exactly one tensor per weight.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from torch import nn
+
+from ppinfer.families.hparams import RopeParams
+from ppinfer.gguf.reader import dequantize
+
+
+def frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), W `[out, in]`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = frozen(weight)
+        self.bias = frozen(bias) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * w, reduced in float32 (gemma's weights already hold the +1)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = frozen(weight)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Standard LayerNorm with weight and bias (phi2, starcoder2)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = frozen(weight)
+        self.bias = frozen(bias)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """NEOX-style rotation of the first `n_rot` dims of each head (q/k rows of NORM-mode
+    families are reordered at load time, so one rotation serves every family)."""
+
+    def __init__(self, params: RopeParams, factors: torch.Tensor | None, device: torch.device) -> None:
+        super().__init__()
+        self.n_rot = params.n_rot
+        exponent = torch.arange(0, params.n_rot, 2, dtype=torch.int64, device=device).float() / params.n_rot
+        inv_freq = params.freq_scale / (params.base**exponent)  # [n_rot/2]
+        if params.use_factors:
+            if factors is None or factors.numel() != params.n_rot // 2:
+                raise ValueError(f"rope_freqs must have {params.n_rot // 2} values")
+            inv_freq = inv_freq / factors.float().to(device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, T, 1, n_rot/2] (float32)."""
+        angles = positions.float()[..., None] * self.inv_freq  # [B, T, n_rot/2]
+        return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int) -> torch.Tensor:
+    """x [B, T, H, D] rotated on dims [0, n_rot) in halves; dims >= n_rot pass through."""
+    half = n_rot // 2
+    x1, x2 = x[..., :half].float(), x[..., half:n_rot].float()
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    if n_rot == x.shape[-1]:
+        return rotated
+    return torch.cat((rotated, x[..., n_rot:]), dim=-1)
+
+
+class RowEmbedding(nn.Module):
+    """Token embedding kept in its stored (often quantized) form; rows are dequantized on
+    lookup, as llama.cpp's get_rows does, so the first stage never holds a float copy of the
+    whole table and only the rows actually used are paged in from the mapped file."""
+
+    def __init__(
+        self,
+        raw: np.ndarray,
+        qtype: GGMLQuantizationType,
+        scale: float | None,  # gemma multiplies embeddings by sqrt(E)
+        dtype: torch.dtype,
+        source: str,
+    ) -> None:
+        super().__init__()
+        self.raw = raw  # [V, bytes_per_row] uint8 view of the mapped file
+        self.qtype = qtype
+        self.scale = scale
+        self.dtype = dtype
+        self.source = source
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.raw.shape[0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] int64 -> [B, T, E] in the runtime dtype, on ids' device."""
+        flat = ids.reshape(-1).cpu().numpy()
+        if flat.size and (flat.min() < 0 or flat.max() >= self.num_embeddings):
+            bad = int(flat[(flat < 0) | (flat >= self.num_embeddings)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.num_embeddings})")
+        rows = dequantize(self.raw[flat], self.qtype, self.source)  # [B*T, E] float32
+        out = torch.from_numpy(rows).to(device=ids.device, dtype=self.dtype)
+        if self.scale is not None:
+            # rounded to the runtime dtype first, as the reference implementations do
+            out = out * torch.tensor(self.scale, dtype=out.dtype, device=out.device)
+        return out.view(*ids.shape, -1)

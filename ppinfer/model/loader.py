@@ -1,0 +1,207 @@
+"""Build a `PipelineStage` from a GGUF file: the one name table from GGUF tensors to modules.
+
+Only the tensors the stage owns are read: `blk.N.*` for its layers, `token_embd` on the first
+stage, `output_norm` and `output` (or `token_embd` when tied) on the last. Missing, mis-shaped
+and unexpected tensors are `ModelFileError`s naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ppinfer.errors import ModelFileError
+from ppinfer.families.hparams import HParams, RopeParams, read_hparams
+from ppinfer.families.registry import get_spec
+from ppinfer.families.spec import FamilySpec, Mlp, Norm, Rope, Tying
+from ppinfer.gguf.reader import GGUFFile
+from ppinfer.model.block import Attention, DecoderBlock, FeedForward
+from ppinfer.model.layers import LayerNorm, Linear, RMSNorm, RotaryEmbedding, RowEmbedding
+from ppinfer.model.plan import StagePlan
+from ppinfer.model.stage import PipelineStage
+
+GLOBAL_TENSORS = ("token_embd.weight", "output_norm.weight", "output_norm.bias", "output.weight", "output.bias", "rope_freqs.weight")
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.")
+
+
+def neox_order(w: np.ndarray, n_head: int, n_rot: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation for NORM rope (rows `[n_head * D, ...]`): each head's
+    first n_rot rows go from interleaved pairs (x0, x1), (x2, x3), ... to halves, so the NEOX
+    rotation computes exactly what ggml's NORM rotation computes on the stored rows."""
+    rest = w.shape[1:]
+    heads = w.reshape(n_head, -1, *rest)  # [H, D, ...]
+    rot = heads[:, :n_rot].reshape(n_head, n_rot // 2, 2, *rest).swapaxes(1, 2)
+    rot = rot.reshape(n_head, n_rot, *rest)
+    return np.concatenate([rot, heads[:, n_rot:]], axis=1).reshape(w.shape)
+
+
+class _Weights:
+    """Reads tensors of one file into torch, recording which names were consumed."""
+
+    def __init__(self, gf: GGUFFile, dtype: torch.dtype, device: torch.device) -> None:
+        self.gf, self.dtype, self.device = gf, dtype, device
+        self.used: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.gf.tensors
+
+    def array(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        self.used.add(name)
+        return self.gf.load(name, shape)
+
+    def tensor(self, arr: np.ndarray) -> torch.Tensor:
+        if not arr.flags.writeable:
+            arr = arr.copy()
+        return torch.from_numpy(arr).to(device=self.device, dtype=self.dtype)
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.tensor(self.array(name, shape))
+
+    def optional(self, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        return self.get(name, shape) if self.has(name) else None
+
+    def norm(self, spec: FamilySpec, prefix: str, size: int, eps: float) -> nn.Module:
+        weight = self.get(f"{prefix}.weight", (size,))
+        if spec.norm is Norm.LAYER:
+            return LayerNorm(weight, self.get(f"{prefix}.bias", (size,)), eps)
+        return RMSNorm(weight, eps)
+
+
+def _attention(
+    w: _Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbedding
+) -> Attention:
+    lp, e, d, p = hp.layers[il], hp.n_embd, hp.head_dim, f"blk.{il}."
+    sizes = (lp.n_head * d, lp.n_head_kv * d, lp.n_head_kv * d)
+    if w.has(p + "attn_qkv.weight"):
+        fused = w.array(p + "attn_qkv.weight", (sum(sizes), e))
+        q, k, v = np.split(fused, np.cumsum(sizes)[:-1])
+        bias = w.array(p + "attn_qkv.bias", (sum(sizes),)) if w.has(p + "attn_qkv.bias") else None
+        qb, kb, vb = np.split(bias, np.cumsum(sizes)[:-1]) if bias is not None else (None, None, None)
+    else:
+        q, k, v = (w.array(p + f"attn_{n}.weight", (s, e)) for n, s in zip("qkv", sizes))
+        qb, kb, vb = (
+            w.array(p + f"attn_{n}.bias", (s,)) if w.has(p + f"attn_{n}.bias") else None
+            for n, s in zip("qkv", sizes)
+        )
+    if spec.rope is Rope.NORM:
+        q, k = neox_order(q, lp.n_head, rope.n_rot), neox_order(k, lp.n_head_kv, rope.n_rot)
+        qb = neox_order(qb, lp.n_head, rope.n_rot) if qb is not None else None
+        kb = neox_order(kb, lp.n_head_kv, rope.n_rot) if kb is not None else None
+    biases = [qb, kb, vb]
+    if any(b is not None for b in biases):
+        biases = [b if b is not None else np.zeros(s, np.float32) for b, s in zip(biases, sizes)]
+        qkv_bias = w.tensor(np.concatenate(biases))
+    else:
+        qkv_bias = None
+    qkv = Linear(w.tensor(np.concatenate([q, k, v])), qkv_bias)
+    out = Linear(w.get(p + "attn_output.weight", (e, sizes[0])), w.optional(p + "attn_output.bias", (e,)))
+    q_norm = k_norm = None
+    if spec.qk_norm:
+        q_norm = RMSNorm(w.get(p + "attn_q_norm.weight", (d,)), hp.norm_eps)
+        k_norm = RMSNorm(w.get(p + "attn_k_norm.weight", (d,)), hp.norm_eps)
+    return Attention(
+        qkv, out, lp.n_head, lp.n_head_kv, d, hp.attn_scale, rope,
+        lp.sliding_window, hp.attn_softcap, q_norm, k_norm,
+    )
+
+
+def _feed_forward(w: _Weights, spec: FamilySpec, hp: HParams, il: int) -> FeedForward:
+    f, e, p = hp.layers[il].n_ff, hp.n_embd, f"blk.{il}."
+    if spec.mlp is Mlp.GELU:
+        up = Linear(w.get(p + "ffn_up.weight", (f, e)), w.optional(p + "ffn_up.bias", (f,)))
+    elif spec.fused_gate_up:
+        up = Linear(w.get(p + "ffn_up.weight", (2 * f, e)))  # rows: [gate; up]
+    else:
+        gate_up = np.concatenate([w.array(p + "ffn_gate.weight", (f, e)), w.array(p + "ffn_up.weight", (f, e))])
+        up = Linear(w.tensor(gate_up))
+    down = Linear(w.get(p + "ffn_down.weight", (e, f)), w.optional(p + "ffn_down.bias", (e,)))
+    return FeedForward(spec.mlp, up, down)
+
+
+def _block(w: _Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbedding) -> DecoderBlock:
+    p, e, eps = f"blk.{il}.", hp.n_embd, hp.norm_eps
+    attn_norm = w.norm(spec, p + "attn_norm", e, eps)
+    attn = _attention(w, spec, hp, il, rope)
+    ffn_norm = None if spec.parallel_block else w.norm(spec, p + "ffn_norm", e, eps)
+    mlp = _feed_forward(w, spec, hp, il)
+    post_attn = post_ffn = None
+    if spec.post_norms:
+        post_attn = w.norm(spec, p + "post_attention_norm", e, eps)
+        post_ffn = w.norm(spec, p + "post_ffw_norm", e, eps)
+    return DecoderBlock(attn_norm, attn, mlp, ffn_norm, post_attn, post_ffn)
+
+
+def _check_names(gf: GGUFFile, plan: StagePlan, used: set[str]) -> None:
+    """No tensor of this stage's layers may go unused, and no unknown global tensor may exist:
+    either would mean a model feature silently ignored."""
+    for name in gf.tensors:
+        match = _LAYER_NAME.match(name)
+        if match:
+            layer = int(match.group(1))
+            if layer >= plan.total_layers:
+                raise ModelFileError(f"{gf.path}: tensor {name!r} is beyond block_count {plan.total_layers}")
+            if layer in plan.layer_ids and name not in used:
+                raise ModelFileError(f"{gf.path}: unexpected tensor {name!r} for architecture {gf.architecture!r}")
+        elif name not in GLOBAL_TENSORS:
+            raise ModelFileError(f"{gf.path}: unsupported tensor {name!r} for architecture {gf.architecture!r}")
+
+
+def build_stage(
+    path: str | Path,
+    plan: StagePlan,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    family: str | None = None,
+) -> PipelineStage:
+    """Load the stage `plan` of the GGUF model at `path`.
+
+    `family`, when given, must equal the file's `general.architecture`.
+    """
+    gf = GGUFFile(path)
+    arch = gf.architecture
+    if family is not None and family != arch:
+        raise ModelFileError(f"{gf.path}: model.family={family!r} but the file's general.architecture is {arch!r}")
+    spec = get_spec(arch, str(gf.path))
+    hp = read_hparams(gf, spec)
+    if plan.total_layers != hp.n_layer:
+        raise ModelFileError(f"{gf.path}: plan covers {plan.total_layers} layers but the model has {hp.n_layer}")
+    device = torch.device(device)
+    w = _Weights(gf, dtype, device)
+
+    factors = None
+    if "rope_freqs.weight" in gf.tensors:
+        factors = torch.from_numpy(w.array("rope_freqs.weight", (hp.layers[0].rope.n_rot // 2,)).copy())
+    ropes: dict[RopeParams, RotaryEmbedding] = {}
+    layers = []
+    for il in plan.layer_ids:
+        params = hp.layers[il].rope
+        if params not in ropes:
+            ropes[params] = RotaryEmbedding(params, factors, device)
+        layers.append(_block(w, spec, hp, il, ropes[params]))
+
+    embedding = final_norm = output = None
+    e, v = hp.n_embd, hp.n_vocab
+    if plan.is_first:
+        info = gf.info("token_embd.weight")
+        if info.shape[1] != e:
+            raise ModelFileError(f"{gf.path}: tensor 'token_embd.weight' has shape {list(info.shape)}, expected [{v}, {e}]")
+        w.used.add(info.name)
+        scale = float(e) ** 0.5 if spec.embed_scale else None
+        embedding = RowEmbedding(gf.raw(info.name), info.qtype, scale, dtype, f"{gf.path}: tensor 'token_embd.weight'")
+    if plan.is_last:
+        final_norm = w.norm(spec, "output_norm", e, hp.norm_eps)
+        has_output = w.has("output.weight")
+        if spec.tying is Tying.NEVER and not has_output:
+            raise ModelFileError(f"{gf.path}: required tensor 'output.weight' is missing")
+        if spec.tying is Tying.ALWAYS or not has_output:
+            out_weight = w.get("token_embd.weight", (v, e))
+        else:
+            out_weight = w.get("output.weight", (v, e))
+        out_bias = w.get("output.bias", (v,)) if spec.output_bias else None
+        output = Linear(out_weight, out_bias)
+    _check_names(gf, plan, w.used)
+    return PipelineStage(plan, hp, layers, list(ropes.values()), embedding, final_norm, output, dtype, device)

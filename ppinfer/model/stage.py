@@ -1,0 +1,90 @@
+"""`PipelineStage`: one contiguous slice of a decoder, the same interface for every family."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ppinfer.families.hparams import HParams
+from ppinfer.model.block import DecoderBlock, LayerInputs
+from ppinfer.model.cache import StageState
+from ppinfer.model.layers import Linear, RotaryEmbedding, RowEmbedding
+from ppinfer.model.plan import StagePlan
+
+
+class PipelineStage(nn.Module):
+    """Layers `[plan.layer_start, plan.layer_end)`; the embedding only if `plan.is_first`,
+    the final norm and output head only if `plan.is_last` (None elsewhere)."""
+
+    def __init__(
+        self,
+        plan: StagePlan,
+        hparams: HParams,
+        layers: list[DecoderBlock],
+        ropes: list[RotaryEmbedding],
+        embedding: RowEmbedding | None,
+        final_norm: nn.Module | None,
+        output: Linear | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        if len(layers) != plan.n_layers:
+            raise ValueError(f"stage {plan} got {len(layers)} layers")
+        if (embedding is None) == plan.is_first or (output is None) == plan.is_last:
+            raise ValueError(f"stage {plan}: embedding/output presence does not match the plan")
+        self.plan, self.hparams, self.dtype, self.device = plan, hparams, dtype, device
+        self.layers = nn.ModuleList(layers)
+        self.ropes = nn.ModuleList(ropes)  # distinct rotary embeddings used by these layers
+        self.embedding, self.final_norm, self.output = embedding, final_norm, output
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] int64 -> hidden [B, T, E]. First stage only."""
+        if self.embedding is None:
+            raise RuntimeError(f"embed() called on stage {self.plan}, which is not the first stage")
+        return self.embedding(input_ids)
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, state: StageState) -> torch.Tensor:
+        """hidden [B, T, E], positions [B, T] (rope positions, -1 = padding) -> [B, T, E].
+
+        Appends T slots to `state` for every layer of this stage.
+        """
+        start, end = state.append_positions(positions)
+        windows = {layer.attn.window for layer in self.layers}
+        io = LayerInputs(
+            rope={id(r): r.cos_sin(positions) for r in self.ropes},
+            masks={w: state.mask(start, end, w) for w in windows},
+            start=start,
+            end=end,
+        )
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, state.k[i], state.v[i], io)
+        return hidden
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, T, E] -> logits [B, T, V] float32. Last stage only."""
+        if self.output is None or self.final_norm is None:
+            raise RuntimeError(f"lm_head() called on stage {self.plan}, which is not the last stage")
+        logits = self.output(self.final_norm(hidden)).float()
+        cap = self.hparams.final_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def new_state(self, batch: int, max_len: int) -> StageState:
+        """A fresh, preallocated KV cache for one lane of `batch` sequences."""
+        layer_ids = self.plan.layer_ids
+        return StageState(
+            n_layers=self.plan.n_layers,
+            n_head_kv=[self.hparams.layers[i].n_head_kv for i in layer_ids],
+            head_dim=self.hparams.head_dim,
+            batch=batch,
+            max_len=max_len,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the float weights this stage holds (the quantized embedding table excluded)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())

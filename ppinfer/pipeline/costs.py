@@ -1,0 +1,140 @@
+"""The allocation cost model read from a GGUF header: bytes per layer, embedding and head.
+
+Only tensor descriptors and a few hyperparameters are read (the tensor data stays
+memory-mapped and untouched), so every rank can build the same `LayerCosts` cheaply before
+any process group exists. The byte counts mirror what the runtime holds in memory:
+
+- layer and head weights are dequantized to the runtime dtype: `n_elements * dtype_bytes`;
+- `token_embd` stays in its quantized file form on the first stage (the embedding only
+  gathers rows), so it costs its file bytes; a tied model's last stage dequantizes its own
+  copy as the output projection, so the head is charged `n_elements * dtype_bytes` for it;
+- the KV cache of a layer holds keys and values for `kv_tokens` positions:
+  `kv_tokens * head_count_kv * (key_length + value_length) * dtype_bytes`, with the key and
+  value lengths defaulting to `embedding_length / head_count` (i.e. 2 * head_dim each token).
+
+Tensors outside the blocks that are neither embedding nor head (e.g. `rope_freqs`) are small
+and needed by every stage alike, so they do not change the balance and are not counted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Dict, List, Optional
+
+from gguf import GGUFReader
+
+from ppinfer.errors import ModelFileError
+from ppinfer.pipeline.allocation import LayerCosts
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+def layer_costs(path: str, dtype_bytes: int, kv_tokens: int) -> LayerCosts:
+    """Per-stage memory costs of the GGUF at `path` for a runtime dtype and KV capacity.
+
+    `dtype_bytes` is the element size of the runtime dtype (2 for bfloat16); `kv_tokens` is
+    the number of token positions each stage caches per layer, summed over its lanes.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise ModelFileError(f"{path}: not a readable GGUF file ({exc})") from exc
+
+    arch = str(_field(reader, path, "general.architecture"))
+    n_layers = int(_field(reader, path, f"{arch}.block_count"))
+
+    layer_weights = [0] * n_layers
+    tensors: Dict[str, Any] = {}
+    for tensor in reader.tensors:
+        match = _BLOCK.match(tensor.name)
+        if match is None:
+            tensors[tensor.name] = tensor
+            continue
+        layer = int(match.group(1))
+        if layer >= n_layers:
+            raise ModelFileError(
+                f"{path}: tensor {tensor.name} is past {arch}.block_count={n_layers}"
+            )
+        layer_weights[layer] += int(tensor.n_elements) * dtype_bytes
+    empty = [i for i, w in enumerate(layer_weights) if w == 0]
+    if empty:
+        raise ModelFileError(f"{path}: no tensors for layer(s) {empty} (blk.N.*)")
+
+    embd = tensors.get("token_embd.weight")
+    if embd is None:
+        raise ModelFileError(f"{path}: missing tensor token_embd.weight")
+    # The first stage keeps token_embd quantized but dequantizes any embedding norm.
+    embedding = int(embd.n_bytes) + _dequantized(tensors, "token_embd_norm.", dtype_bytes)
+    head = _dequantized(tensors, "output_norm.", dtype_bytes)
+    head += _dequantized(tensors, "output.", dtype_bytes)
+    if "output.weight" not in tensors:
+        # Tied embeddings: the last stage dequantizes token_embd as its output weight.
+        head += int(embd.n_elements) * dtype_bytes
+
+    kv = _kv_bytes_per_layer(reader, path, arch, n_layers, dtype_bytes, kv_tokens)
+    return LayerCosts(
+        layer_weight_bytes=layer_weights,
+        layer_kv_bytes=kv,
+        embedding_bytes=embedding,
+        head_bytes=head,
+    )
+
+
+def _dequantized(tensors: Dict[str, Any], prefix: str, dtype_bytes: int) -> int:
+    """Dequantized bytes of every non-block tensor whose name starts with `prefix`."""
+    return sum(
+        int(t.n_elements) * dtype_bytes for name, t in tensors.items() if name.startswith(prefix)
+    )
+
+
+def _kv_bytes_per_layer(
+    reader: GGUFReader, path: str, arch: str, n_layers: int, dtype_bytes: int, kv_tokens: int
+) -> List[int]:
+    n_heads = _per_layer(_field(reader, path, f"{arch}.attention.head_count"), n_layers, path)
+    kv_key = f"{arch}.attention.head_count_kv"
+    n_kv_heads = (
+        _per_layer(_field(reader, path, kv_key), n_layers, path)
+        if reader.get_field(kv_key) is not None
+        else n_heads  # no GQA key means one KV head per query head
+    )
+    embedding_length = int(_field(reader, path, f"{arch}.embedding_length"))
+    key_length = _optional_int(reader, f"{arch}.attention.key_length")
+    value_length = _optional_int(reader, f"{arch}.attention.value_length")
+
+    per_layer = []
+    for layer in range(n_layers):
+        # A layer with no KV heads (some hybrid models) has no cache and no head_dim.
+        if n_kv_heads[layer] == 0:
+            per_layer.append(0)
+            continue
+        head_dim = embedding_length // n_heads[layer]
+        k_len = key_length if key_length is not None else head_dim
+        v_len = value_length if value_length is not None else head_dim
+        per_layer.append(kv_tokens * n_kv_heads[layer] * (k_len + v_len) * dtype_bytes)
+    return per_layer
+
+
+def _field(reader: GGUFReader, path: str, key: str) -> Any:
+    field = reader.get_field(key)
+    if field is None:
+        raise ModelFileError(f"{path}: missing metadata key {key}")
+    return field.contents()
+
+
+def _optional_int(reader: GGUFReader, key: str) -> Optional[int]:
+    field = reader.get_field(key)
+    return None if field is None else int(field.contents())
+
+
+def _per_layer(value: Any, n_layers: int, path: str) -> List[int]:
+    """A head count is a scalar, or (in some families) an array with one entry per layer."""
+    if isinstance(value, list):
+        if len(value) != n_layers:
+            raise ModelFileError(
+                f"{path}: per-layer head counts {value} do not match {n_layers} layers"
+            )
+        return [int(v) for v in value]
+    return [int(value)] * n_layers
