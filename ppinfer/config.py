@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, List, NamedTuple, Optional, Union
+from typing import Any, List, NamedTuple, NoReturn, Optional, Union
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -176,7 +176,7 @@ def register_configs() -> None:
 register_configs()
 
 
-def _fail(key: str, value: object, why: str) -> None:
+def _fail(key: str, value: object, why: str) -> NoReturn:
     raise ConfigError(f"{key}={value!r}: {why}")
 
 
@@ -290,10 +290,15 @@ def resolve_threads(cfg: AnyConfig, local_world_size: int, cpu_count: Optional[i
     if cfg.runtime.threads is not None:
         return int(cfg.runtime.threads)
     if cpu_count is None:
-        cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1
-        )
+        cpu_count = _usable_cpus()
     return max(1, cpu_count // max(1, local_world_size))
+
+
+def _usable_cpus() -> int:
+    # The affinity mask honours taskset / container limits; os.cpu_count() does not.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class LaneLayout(NamedTuple):

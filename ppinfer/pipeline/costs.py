@@ -30,18 +30,18 @@ from ppinfer.pipeline.allocation import LayerCosts
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
-def layer_costs(path: str, dtype_bytes: int, kv_tokens: int) -> LayerCosts:
+def layer_costs(
+    path: str, dtype_bytes: int, kv_tokens: int, *, reader: Optional[GGUFReader] = None
+) -> LayerCosts:
     """Per-stage memory costs of the GGUF at `path` for a runtime dtype and KV capacity.
 
     `dtype_bytes` is the element size of the runtime dtype (2 for bfloat16); `kv_tokens` is
     the number of token positions each stage caches per layer, summed over its lanes.
+    Parsing a header with a large vocabulary takes seconds in `GGUFReader`, so a caller that
+    has already opened the file may pass its `reader` (`path` then only names it in errors).
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise ModelFileError(f"{path}: not a readable GGUF file ({exc})") from exc
+    if reader is None:
+        reader = _open(path)
 
     arch = str(_field(reader, path, "general.architecture"))
     n_layers = int(_field(reader, path, f"{arch}.block_count"))
@@ -81,6 +81,15 @@ def layer_costs(path: str, dtype_bytes: int, kv_tokens: int) -> LayerCosts:
         embedding_bytes=embedding,
         head_bytes=head,
     )
+
+
+def _open(path: str) -> GGUFReader:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        return GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise ModelFileError(f"{path}: not a readable GGUF file ({exc})") from exc
 
 
 def _dequantized(tensors: Dict[str, Any], prefix: str, dtype_bytes: int) -> int:

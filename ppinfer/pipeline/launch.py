@@ -1,0 +1,186 @@
+"""One rank's life: prepare (no process group), build the stage, join the group, run the
+loop, gather metrics, write results. Called by `launch/infer.py`; importable by tests."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ppinfer.errors import PPInferError
+from ppinfer.generation.sampling import Sampler, SamplingParams
+from ppinfer.generation.stopping import StopConditions
+from ppinfer.model import PipelineStage, build_stage
+from ppinfer.pipeline.job import DistEnv, Job, prepare
+from ppinfer.pipeline.outputs import METRICS, ResultsWriter, write_json_atomic
+from ppinfer.pipeline.runtime import StageClock, StageRunner, run_first, run_relay
+from ppinfer.pipeline.schedule import RingScheduler, run_order, simulate, stage_actions
+from ppinfer.pipeline.sinks import GenerateSink, ScoreSink, Sink, TokenCounts
+from ppinfer.pipeline.transport import Transport
+from ppinfer.profiling.metrics import StageMetrics, current_rss_bytes, peak_rss_bytes
+
+log = logging.getLogger("ppinfer")
+
+
+def setup_logging(env: DistEnv) -> None:
+    """One handler on stderr, prefixed with the rank; only rank 0 and the last rank speak at
+    INFO level so the console is not repeated S times."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[ppinfer rank {env.rank}] %(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.INFO if env.rank in (0, env.world - 1) else logging.WARNING)
+
+
+def _make_sink(job: Job, counts: TokenCounts) -> Sink:
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    if job.is_score:
+        return ScoreSink(job.batches, counts)
+    g = job.cfg.generation
+    params = SamplingParams(
+        temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, min_p=g.min_p,
+        repetition_penalty=g.repetition_penalty, seed=g.seed,
+    )
+    conditions = StopConditions(
+        max_new_tokens=g.max_new_tokens, eog_ids=job.tokenizer.eog_ids,
+        stop_strings=tuple(g.stop), ignore_eos=g.ignore_eos,
+    )
+    return GenerateSink(
+        job.batches, job.texts, Sampler(params), conditions,
+        lambda ids: job.tokenizer.decode(ids, skip_special=True),
+        ResultsWriter(job.out_dir), g.repetition_penalty != 1.0, counts,
+    )
+
+
+def _init_process_group(job: Job) -> None:
+    backend = "nccl" if job.device.type == "cuda" else "gloo"
+    if job.device.type == "cuda":
+        torch.cuda.set_device(job.device)
+    dist.init_process_group(
+        backend=backend,
+        timeout=datetime.timedelta(seconds=job.cfg.runtime.timeout_s),
+        device_id=job.device if backend == "nccl" else None,
+    )
+
+
+def _gather(job: Job, mine: StageMetrics) -> list[StageMetrics]:
+    if job.env.world == 1:
+        return [mine]
+    comm_device = job.device if job.device.type == "cuda" else torch.device("cpu")
+    local = mine.to_tensor(comm_device)
+    parts = [torch.empty_like(local) for _ in range(job.env.world)]
+    dist.all_gather(parts, local)
+    return [StageMetrics.from_tensor(p.cpu()) for p in parts]
+
+
+def simulated_bubble(job: Job, decode_steps: dict[int, int]) -> float:
+    """The largest per-stage idle fraction of this run's exact order of work items if every
+    item cost the same: what the schedule alone costs, to compare with the measured bubble."""
+    scheduler = RingScheduler([b.width for b in job.batches], job.n_lanes, job.cfg.pipeline.prefill_chunk, job.is_score)
+    order = list(run_order(scheduler, lambda b: decode_steps.get(b, 0) + 1))
+    timeline = simulate(stage_actions(order, job.env.world), lambda stage, item: 1.0)
+    return max(timeline.bubble_fraction(s) for s in range(job.env.world))
+
+
+def _metrics(job: Job, stages: list[StageMetrics], counts: TokenCounts, clock: StageClock, extra: dict[str, Any]) -> dict[str, Any]:
+    starts = [sum(job.layers[:s]) for s in range(len(job.layers))]
+    return {
+        "task": job.cfg.task,
+        "model": str(job.model_path),
+        "architecture": job.hparams.arch,
+        "device": str(job.device),
+        "dtype": str(job.dtype).removeprefix("torch."),
+        "threads_per_rank": job.threads,
+        "stages": job.env.world,
+        "layers": job.layers,
+        "microbatches": job.n_lanes,
+        "lane_size": max(b.size for b in job.batches),
+        "sequences": len(job.prompts),
+        "prompt_tokens": counts.prompt_tokens,
+        "generated_tokens": counts.generated_tokens + counts.first_tokens,
+        "prefill_tokens_per_s": counts.prompt_tokens / counts.prefill_s if counts.prefill_s else 0.0,
+        "decode_tokens_per_s": counts.generated_tokens / counts.decode_s if counts.decode_s else 0.0,
+        "time_to_first_token_s": (counts.first_token_at or clock.loop_end) - clock.loop_start,
+        "wall_s": max(s.wall_s for s in stages),
+        "theoretical_bubble_fraction": simulated_bubble(job, counts.decode_steps),
+        "per_stage": [
+            s.as_dict(i, (starts[i], starts[i] + job.layers[i])) for i, s in enumerate(stages)
+        ],
+        **extra,
+    }
+
+
+def execute(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
+    """Run this rank's part of the job (the process group, if any, is initialised)."""
+    plan = job.plan
+    transport = None
+    if job.env.world > 1:
+        max_batch = max(b.size for b in job.batches)
+        transport = Transport(job.env.rank, job.env.world, job.hparams.n_embd, max_batch,
+                              job.cfg.pipeline.prefill_chunk, job.dtype, job.device)
+    runner = StageRunner(stage, job.batches, job.capacity(), job.n_lanes)
+    counts = TokenCounts()
+    sink = _make_sink(job, counts) if plan.is_last else None
+    if job.env.world > 1:
+        dist.barrier()
+    counts.last_done = time.perf_counter()
+    with torch.inference_mode():
+        if plan.is_first:
+            scheduler = RingScheduler([b.width for b in job.batches], job.n_lanes, job.cfg.pipeline.prefill_chunk, job.is_score)
+            run_first(runner, scheduler, transport, sink)
+        else:
+            assert transport is not None
+            run_relay(runner, transport, sink)
+    clock = runner.clock
+    comm = transport.stats if transport is not None else None
+    comm_s = comm.comm_s if comm else 0.0
+    cuda_peak = torch.cuda.max_memory_allocated(job.device) if job.device.type == "cuda" else 0
+    mine = StageMetrics(
+        compute_s=clock.compute_s, comm_s=comm_s, idle_s=max(clock.wall_s - clock.compute_s - comm_s, 0.0),
+        wall_s=clock.wall_s, peak_rss_bytes=peak_rss_bytes(), peak_cuda_bytes=cuda_peak,
+        baseline_rss_bytes=baseline_rss,
+    )
+    stages = _gather(job, mine)
+    if sink is not None:
+        extra = sink.finish(job.out_dir)
+        metrics = _metrics(job, stages, counts, clock, extra)
+        write_json_atomic(job.out_dir / METRICS, metrics)
+        log.info(
+            "done: %d tokens generated, prefill %.1f tok/s, decode %.1f tok/s, wall %.2f s -> %s",
+            metrics["generated_tokens"], metrics["prefill_tokens_per_s"], metrics["decode_tokens_per_s"],
+            metrics["wall_s"], job.out_dir,
+        )
+
+
+def run(cfg: Any, environ: Mapping[str, str] = os.environ, overrides: Sequence[str] = ()) -> int:
+    """The whole rank; returns the process exit code."""
+    env = DistEnv.from_environ(dict(environ))
+    setup_logging(env)
+    baseline_rss = current_rss_bytes()
+    family_given = cfg.model.path is None or any(o.startswith("model.family=") for o in overrides)
+    try:
+        job = prepare(cfg, env, torch.cuda.is_available(), family_given)
+        torch.set_num_threads(job.threads)
+        stage = build_stage(job.model_path, job.plan, job.dtype, job.device)
+    except PPInferError as exc:
+        if env.rank == 0 or "tensor" in str(exc):
+            log.error("error: %s", exc)
+        return 2
+    if env.world > 1:
+        _init_process_group(job)
+    try:
+        execute(job, stage, baseline_rss)
+    except dist.DistError as exc:
+        log.error("lost contact with another rank (%s: %s); exiting", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+

@@ -1,0 +1,134 @@
+"""The per-rank loop: the first stage drives the ring, middle stages relay, the last stage
+samples. With one stage the same code runs without any process group."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ppinfer.model import PipelineStage, StageState
+from ppinfer.pipeline.batches import Batch
+from ppinfer.pipeline.schedule import AwaitTokens, Kind, RingScheduler, WorkItem
+from ppinfer.pipeline.sinks import Sink
+from ppinfer.pipeline.transport import Msg, Transport
+
+
+@dataclass
+class Span:
+    """One compute interval of this stage (for the timeline and the bubble)."""
+
+    start: float
+    end: float
+    lane: int
+    kind: Kind
+
+
+@dataclass
+class StageClock:
+    """Where this rank's time went during the loop."""
+
+    compute_s: float = 0.0
+    spans: list[Span] = field(default_factory=list)
+    loop_start: float = 0.0
+    loop_end: float = 0.0
+
+    @property
+    def wall_s(self) -> float:
+        return self.loop_end - self.loop_start
+
+
+class StageRunner:
+    """Runs work items through this rank's stage, owning one KV cache per lane."""
+
+    def __init__(self, stage: PipelineStage, batches: list[Batch], capacity: dict[int, int], n_lanes: int) -> None:
+        self.stage, self.batches, self.capacity = stage, batches, capacity
+        self.states: list[StageState | None] = [None] * n_lanes
+        self.clock = StageClock()
+
+    def state_for(self, item: WorkItem) -> StageState:
+        batch = self.batches[item.batch]
+        state = self.states[item.lane]
+        if item.reset:
+            need = self.capacity[item.batch]
+            if state is None or state.batch != batch.size or state.max_len < need:
+                state = self.stage.new_state(batch.size, need)
+                self.states[item.lane] = state
+            state.reset()
+        if state is None or state.length != item.start:
+            raise RuntimeError(f"lane {item.lane}: cache at slot {state and state.length}, item starts at {item.start}")
+        return state
+
+    def run(self, item: WorkItem, hidden: torch.Tensor | None, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Embed `ids` [B, T] (first stage) or take `hidden` [B, T, E]; run this stage's layers."""
+        start = time.perf_counter()
+        state = self.state_for(item)
+        positions = self.batches[item.batch].positions(item.start, item.length).to(self.stage.device)
+        if ids is not None:
+            hidden = self.stage.embed(ids.to(self.stage.device))
+        assert hidden is not None
+        out = self.stage.forward(hidden, positions, state)
+        end = time.perf_counter()
+        self.clock.compute_s += end - start
+        self.clock.spans.append(Span(start, end, item.lane, item.kind))
+        return out
+
+
+def _first_stage_ids(item: WorkItem, batch: Batch, last_tokens: dict[int, torch.Tensor]) -> torch.Tensor:
+    if item.kind is Kind.PREFILL:
+        return batch.prompt_tokens(item.start, item.length)
+    return last_tokens[item.lane][:, None]  # [B, 1]
+
+
+def run_first(runner: StageRunner, scheduler: RingScheduler, transport: Transport | None, sink: Sink | None) -> None:
+    """Rank 0: drive the ring. With `transport` None this rank is the whole pipeline and
+    `sink` (the last stage's work) runs in place."""
+    last_tokens: dict[int, torch.Tensor] = {}
+    local: dict[int, tuple[torch.Tensor, bool]] = {}  # one-stage run: lane -> (ids, finished)
+    runner.clock.loop_start = time.perf_counter()
+    while (action := scheduler.next()) is not None:
+        if isinstance(action, AwaitTokens):
+            if transport is None:
+                tokens, finished = local.pop(action.lane)
+            else:
+                batch = runner.batches[scheduler.batch_of(action.lane) or 0]
+                header, tokens = transport.recv_tokens(batch.size)
+                finished = header.finished
+            last_tokens[action.lane] = tokens
+            scheduler.tokens_arrived(action.lane, finished)
+            continue
+        item = action
+        hidden = runner.run(item, None, _first_stage_ids(item, runner.batches[item.batch], last_tokens))
+        if transport is not None:
+            transport.send_item(item, hidden)
+            continue
+        assert sink is not None
+        tokens, finished = sink.consume(runner.stage, item, hidden)
+        if tokens is not None:
+            local[item.lane] = (tokens, finished)
+    if transport is not None:
+        transport.send_stop()
+        transport.flush()
+    runner.clock.loop_end = time.perf_counter()
+
+
+def run_relay(runner: StageRunner, transport: Transport, sink: Sink | None) -> None:
+    """Ranks 1..S-1: receive, compute, pass on (middle) or sample and send ids back (last)."""
+    runner.clock.loop_start = time.perf_counter()
+    while True:
+        header, hidden = transport.recv_item()
+        if header.msg is Msg.STOP:
+            transport.send_stop()
+            break
+        item = header.item
+        assert item is not None and hidden is not None
+        out = runner.run(item, hidden)
+        if sink is None:
+            transport.send_item(item, out)
+            continue
+        tokens, finished = sink.consume(runner.stage, item, out)
+        if tokens is not None:
+            transport.send_tokens(item, tokens, finished)
+    transport.flush()
+    runner.clock.loop_end = time.perf_counter()
