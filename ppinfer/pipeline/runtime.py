@@ -13,6 +13,7 @@ from ppinfer.pipeline.batches import Batch
 from ppinfer.pipeline.schedule import AwaitTokens, Kind, RingScheduler, WorkItem
 from ppinfer.pipeline.sinks import Sink
 from ppinfer.pipeline.transport import Msg, Transport
+from ppinfer.profiling.trace import NULL_TRACER, Tracer
 
 
 @dataclass
@@ -42,8 +43,15 @@ class StageClock:
 class StageRunner:
     """Runs work items through this rank's stage, owning one KV cache per lane."""
 
-    def __init__(self, stage: PipelineStage, batches: list[Batch], capacity: dict[int, int], n_lanes: int) -> None:
-        self.stage, self.batches, self.capacity = stage, batches, capacity
+    def __init__(
+        self,
+        stage: PipelineStage,
+        batches: list[Batch],
+        capacity: dict[int, int],
+        n_lanes: int,
+        tracer: Tracer = NULL_TRACER,
+    ) -> None:
+        self.stage, self.batches, self.capacity, self.tracer = stage, batches, capacity, tracer
         self.states: list[StageState | None] = [None] * n_lanes
         self.clock = StageClock()
 
@@ -66,9 +74,11 @@ class StageRunner:
         state = self.state_for(item)
         positions = self.batches[item.batch].positions(item.start, item.length).to(self.stage.device)
         if ids is not None:
-            hidden = self.stage.embed(ids.to(self.stage.device))
+            with self.tracer.range("embed"):
+                hidden = self.stage.embed(ids.to(self.stage.device))
         assert hidden is not None
-        out = self.stage.forward(hidden, positions, state)
+        with self.tracer.range("layers"):
+            out = self.stage.forward(hidden, positions, state)
         end = time.perf_counter()
         self.clock.compute_s += end - start
         self.clock.spans.append(Span(start, end, item.lane, item.kind))
@@ -102,11 +112,13 @@ def run_first(runner: StageRunner, scheduler: RingScheduler, transport: Transpor
         hidden = runner.run(item, None, _first_stage_ids(item, runner.batches[item.batch], last_tokens))
         if transport is not None:
             transport.send_item(item, hidden)
+            runner.tracer.step()
             continue
         assert sink is not None
         tokens, finished = sink.consume(runner.stage, item, hidden)
         if tokens is not None:
             local[item.lane] = (tokens, finished)
+        runner.tracer.step()
     if transport is not None:
         transport.send_stop()
         transport.flush()
@@ -126,9 +138,10 @@ def run_relay(runner: StageRunner, transport: Transport, sink: Sink | None) -> N
         out = runner.run(item, hidden)
         if sink is None:
             transport.send_item(item, out)
-            continue
-        tokens, finished = sink.consume(runner.stage, item, out)
-        if tokens is not None:
-            transport.send_tokens(item, tokens, finished)
+        else:
+            tokens, finished = sink.consume(runner.stage, item, out)
+            if tokens is not None:
+                transport.send_tokens(item, tokens, finished)
+        runner.tracer.step()
     transport.flush()
     runner.clock.loop_end = time.perf_counter()

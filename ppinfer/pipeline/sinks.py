@@ -18,6 +18,7 @@ from ppinfer.model import PipelineStage
 from ppinfer.pipeline.batches import Batch
 from ppinfer.pipeline.outputs import ResultsWriter, write_logits
 from ppinfer.pipeline.schedule import Kind, WorkItem
+from ppinfer.profiling.trace import NULL_TRACER, Tracer
 
 log = logging.getLogger("ppinfer")
 
@@ -58,7 +59,9 @@ class GenerateSink:
         writer: ResultsWriter,
         use_history: bool,
         counts: TokenCounts,
+        tracer: Tracer = NULL_TRACER,
     ) -> None:
+        self.tracer = tracer
         self.batches, self.texts, self.sampler = batches, texts, sampler
         self.conditions, self.decode, self.writer = conditions, decode, writer
         self.use_history, self.counts = use_history, counts
@@ -74,16 +77,18 @@ class GenerateSink:
             self.counts.account(item)
             return None, False
         stops = self._stops.setdefault(item.batch, [StopState(self.conditions, self.decode) for _ in batch.seq_ids])
-        logits = stage.lm_head(hidden[:, -1:])[:, 0]  # [B, V]
-        history = None
-        if self.use_history:
-            history = pad_history([list(p) + s.token_ids for p, s in zip(batch.prompts, stops)]).to(logits.device)
-        tokens = self.sampler(logits, list(batch.seq_ids), history)  # [B]
-        active = 0
-        for stop, token in zip(stops, tokens.tolist()):
-            if not stop.finished:
-                active += 1
-                stop.append(token)
+        with self.tracer.range("lm_head"):
+            logits = stage.lm_head(hidden[:, -1:])[:, 0]  # [B, V]
+        with self.tracer.range("sample"):
+            history = None
+            if self.use_history:
+                history = pad_history([list(p) + s.token_ids for p, s in zip(batch.prompts, stops)]).to(logits.device)
+            tokens = self.sampler(logits, list(batch.seq_ids), history)  # [B]
+            active = 0
+            for stop, token in zip(stops, tokens.tolist()):
+                if not stop.finished:
+                    active += 1
+                    stop.append(token)
         if item.kind is Kind.PREFILL:
             self.counts.first_tokens += active
             if self.counts.first_token_at is None:
@@ -128,12 +133,13 @@ class GenerateSink:
 class ScoreSink:
     """Keeps the logits at every position of the scored sequence; perplexity at the end."""
 
-    def __init__(self, batches: list[Batch], counts: TokenCounts) -> None:
-        self.batches, self.counts = batches, counts
+    def __init__(self, batches: list[Batch], counts: TokenCounts, tracer: Tracer = NULL_TRACER) -> None:
+        self.batches, self.counts, self.tracer = batches, counts, tracer
         self._rows: list[torch.Tensor] = []
 
     def consume(self, stage: PipelineStage, item: WorkItem, hidden: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
-        logits = stage.lm_head(hidden)[0]  # [T, V] (one sequence, no padding)
+        with self.tracer.range("lm_head"):
+            logits = stage.lm_head(hidden)[0]  # [T, V] (one sequence, no padding)
         self._rows.append(logits.cpu())
         self.counts.prompt_tokens += item.length
         if self.counts.first_token_at is None and item.samples:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ppinfer.pipeline.schedule import Kind, WorkItem
+from ppinfer.profiling.trace import NULL_TRACER, Tracer
 
 HEADER = 8
 
@@ -85,7 +86,9 @@ class Transport:
         max_tokens: int,
         dtype: torch.dtype,
         device: torch.device,
+        tracer: Tracer = NULL_TRACER,
     ) -> None:
+        self.tracer = tracer
         self.rank, self.world, self.device = rank, world, device
         self.prev, self.next, self.last = rank - 1, rank + 1, world - 1
         self.preposting = dist.get_backend() == "gloo"
@@ -100,8 +103,9 @@ class Transport:
     # ---- sending (asynchronous; tensors are kept alive until their send completes) ----------
 
     def _isend(self, tensor: torch.Tensor, dst: int) -> None:
-        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
-        self._sends.append((dist.isend(tensor, dst), tensor))
+        with self.tracer.range("send"):
+            self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
+            self._sends.append((dist.isend(tensor, dst), tensor))
 
     def send_item(self, item: WorkItem, hidden: torch.Tensor) -> None:
         """hidden [B, T, E] to the next stage."""
@@ -143,7 +147,8 @@ class Transport:
         if self._pending_header is None:
             self._post_header()
         assert self._pending_header is not None
-        self._pending_header.wait()
+        with self.tracer.range("wait"):
+            self._pending_header.wait()
         self._pending_header = None
         header = Header.decode(self._header_in.tolist())
         got_header = time.perf_counter()
@@ -153,7 +158,8 @@ class Transport:
         assert header.item is not None
         shape = (header.batch_size, header.item.length, self.hidden_size)
         flat = self._hidden_in[: shape[0] * shape[1] * shape[2]]
-        dist.irecv(flat, self.prev).wait()
+        with self.tracer.range("recv"):
+            dist.irecv(flat, self.prev).wait()
         if self.preposting:
             self._post_header()
         self.stats.comm_s += time.perf_counter() - got_header
@@ -163,7 +169,8 @@ class Transport:
         """Sampled ids [B] from the last stage (rank 0 only)."""
         start = time.perf_counter()
         buf = self._tokens_in[: HEADER + batch_size]
-        dist.irecv(buf, self.last).wait()
+        with self.tracer.range("wait"):
+            dist.irecv(buf, self.last).wait()
         self.stats.idle_s += time.perf_counter() - start
         header = Header.decode(buf[:HEADER].tolist())
         return header, buf[HEADER:].clone()

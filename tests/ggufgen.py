@@ -1,0 +1,288 @@
+"""Writers of tiny random-weight GGUF files, one per family and per quirk.
+
+The test side's own description of what a GGUF file of each family holds (tensor names,
+torch shapes [out, in], metadata keys), written from the reference page
+`shared/reference/gguf-families.md` and gguf-py's constants, independently of ppinfer.
+
+Weights are drawn directly in the file's layout: llama-family q/k rows are therefore already
+"permuted" (a reference built from them has to un-permute, as transformers' loader does) and
+Gemma norm weights already include the +1 that llama.cpp's converter adds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+
+LLAMA_LIKE = ("llama", "mistral3")
+"""Families whose GGUF q/k rows are permuted for ggml's NORM rope."""
+
+GEMMA_LIKE = ("gemma", "gemma2", "gemma3")
+"""Families whose GGUF RMSNorm weights include +1 and whose embeddings are scaled by sqrt(E)."""
+
+LAYERNORM_FAMILIES = ("phi2", "starcoder2")
+"""Families that use LayerNorm with bias (the others use RMSNorm)."""
+
+EMBED_STD = 0.3
+"""Token embedding scale: with a tied head this keeps logits around a few units."""
+
+QUANT_BLOCK = 32
+"""Row length granularity of the simple quant types this module writes."""
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """What a tiny file contains: its family, its sizes and which quirks are switched on."""
+
+    arch: str
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    n_head_kv: int = 2
+    head_dim: int = 16
+    """Per-head q/k/v width; written as attention.key_length only when it differs from E/H
+    (and always for the Gemma families, as llama.cpp's converter does)."""
+    n_ff: int = 128
+    n_vocab: int = 160
+    n_ctx: int = 128
+    rope_dims: int | None = None
+    """rope.dimension_count (rotated dims per head); None means all of head_dim."""
+    rope_base: float = 10000.0
+    rope_base_swa: float | None = None
+    """rope.freq_base_swa; None leaves the key out (gemma3 then uses 10000)."""
+    rope_linear_factor: float | None = None
+    """rope.scaling.type=linear with this factor (positions divided by it)."""
+    rope_freqs: bool = False
+    """Write a `rope_freqs.weight` tensor of per-frequency divisors (Llama-3.1 style)."""
+    tied: bool = False
+    """No `output.weight`: the output head reuses `token_embd`."""
+    fused_qkv: bool = False
+    """One `attn_qkv` tensor [q | k | v] instead of attn_q/attn_k/attn_v (phi3 always)."""
+    sliding_window: int | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    qtype: QType = QType.F32
+    """Storage type of every 2-D weight (norms, biases and rope_freqs stay F32)."""
+    qk_gain: float = 1.0
+    """Multiplies q/k weights so attention scores are large enough for softcaps to bite."""
+    seed: int = 0
+
+    @property
+    def n_rot(self) -> int:
+        """Rotated dims per head."""
+        return self.head_dim if self.rope_dims is None else self.rope_dims
+
+    @property
+    def q_width(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.n_head_kv * self.head_dim
+
+    @property
+    def sliding_layers(self) -> tuple[int, ...]:
+        """Layers that use the sliding window, per llama.cpp's pattern for the family."""
+        if self.sliding_window is None:
+            return ()
+        if self.arch == "gemma2":
+            return tuple(i for i in range(self.n_layer) if i % 2 == 0)
+        if self.arch == "gemma3":
+            return tuple(i for i in range(self.n_layer) if i % 6 < 5)
+        return ()
+
+
+def _linear(rng: np.random.Generator, n_out: int, n_in: int, gain: float = 1.0) -> np.ndarray:
+    """A [out, in] weight whose outputs have about unit variance for unit-RMS inputs."""
+    return (rng.standard_normal((n_out, n_in)) * (gain / np.sqrt(n_in))).astype(np.float32)
+
+
+def _norm(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A norm weight near 1 (Gemma's +1 included, since its GGUF stores 1 + w)."""
+    return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+
+def _bias(rng: np.random.Generator, n: int) -> np.ndarray:
+    # Large enough that a bias applied in the wrong place (e.g. not permuted with its rows)
+    # moves the logits well past the test tolerance.
+    return (0.5 * rng.standard_normal(n)).astype(np.float32)
+
+
+def _attention(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np.ndarray]) -> None:
+    """q/k/v/o projections (+ biases, q/k norms) of one layer, in the family's layout."""
+    e, g = spec.n_embd, spec.qk_gain
+    wq = _linear(rng, spec.q_width, e, g)
+    wk = _linear(rng, spec.kv_width, e, g)
+    wv = _linear(rng, spec.kv_width, e)
+    with_qkv_bias = spec.arch in ("qwen2", "phi2", "starcoder2")
+    if spec.fused_qkv:
+        out[f"{p}.attn_qkv.weight"] = np.concatenate([wq, wk, wv], axis=0)  # [(H+2Hkv)·D, E]
+        if with_qkv_bias:
+            out[f"{p}.attn_qkv.bias"] = _bias(rng, spec.q_width + 2 * spec.kv_width)
+    else:
+        out[f"{p}.attn_q.weight"], out[f"{p}.attn_k.weight"], out[f"{p}.attn_v.weight"] = wq, wk, wv
+        if with_qkv_bias:
+            out[f"{p}.attn_q.bias"] = _bias(rng, spec.q_width)
+            out[f"{p}.attn_k.bias"] = _bias(rng, spec.kv_width)
+            out[f"{p}.attn_v.bias"] = _bias(rng, spec.kv_width)
+    if spec.arch in ("qwen3", "gemma3"):
+        out[f"{p}.attn_q_norm.weight"] = _norm(rng, spec.head_dim)
+        out[f"{p}.attn_k_norm.weight"] = _norm(rng, spec.head_dim)
+    out[f"{p}.attn_output.weight"] = _linear(rng, e, spec.q_width)
+    if spec.arch in ("phi2", "starcoder2"):
+        out[f"{p}.attn_output.bias"] = _bias(rng, e)
+
+
+def _ffn(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np.ndarray]) -> None:
+    """The feed-forward weights of one layer, in the family's layout."""
+    e, f = spec.n_embd, spec.n_ff
+    if spec.arch == "phi3":
+        out[f"{p}.ffn_up.weight"] = _linear(rng, 2 * f, e)  # [2F, E]: gate rows, then up rows
+    elif spec.arch in ("phi2", "starcoder2"):
+        out[f"{p}.ffn_up.weight"] = _linear(rng, f, e)
+        out[f"{p}.ffn_up.bias"] = _bias(rng, f)
+    else:
+        out[f"{p}.ffn_gate.weight"] = _linear(rng, f, e)
+        out[f"{p}.ffn_up.weight"] = _linear(rng, f, e)
+    out[f"{p}.ffn_down.weight"] = _linear(rng, e, f)
+    if spec.arch in ("phi2", "starcoder2"):
+        out[f"{p}.ffn_down.bias"] = _bias(rng, e)
+
+
+def _layer_norms(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np.ndarray]) -> None:
+    """The per-layer norms: pre-attention always; pre-FFN except phi2's parallel block."""
+    e = spec.n_embd
+    out[f"{p}.attn_norm.weight"] = _norm(rng, e)
+    if spec.arch in LAYERNORM_FAMILIES:
+        out[f"{p}.attn_norm.bias"] = _bias(rng, e)
+    if spec.arch != "phi2":
+        out[f"{p}.ffn_norm.weight"] = _norm(rng, e)
+        if spec.arch == "starcoder2":
+            out[f"{p}.ffn_norm.bias"] = _bias(rng, e)
+    if spec.arch in ("gemma2", "gemma3"):
+        out[f"{p}.post_attention_norm.weight"] = _norm(rng, e)
+        out[f"{p}.post_ffw_norm.weight"] = _norm(rng, e)
+
+
+def tiny_tensors(spec: TinySpec) -> dict[str, np.ndarray]:
+    """All tensors of the file as float32 arrays in torch layout ([out, in] for 2-D)."""
+    rng = np.random.default_rng(spec.seed)
+    e, v = spec.n_embd, spec.n_vocab
+    out: dict[str, np.ndarray] = {"token_embd.weight": (EMBED_STD * rng.standard_normal((v, e))).astype(np.float32)}
+    if spec.rope_freqs:
+        # Divisors between 1 and 8 per rotated frequency, so that every pair is affected.
+        out["rope_freqs.weight"] = rng.uniform(1.0, 8.0, spec.n_rot // 2).astype(np.float32)
+    for i in range(spec.n_layer):
+        p = f"blk.{i}"
+        _layer_norms(spec, rng, p, out)
+        _attention(spec, rng, p, out)
+        _ffn(spec, rng, p, out)
+    out["output_norm.weight"] = _norm(rng, e)
+    if spec.arch in LAYERNORM_FAMILIES:
+        out["output_norm.bias"] = _bias(rng, e)
+    if not spec.tied:
+        out["output.weight"] = _linear(rng, v, e, gain=2.0)
+        if spec.arch == "phi2":
+            out["output.bias"] = _bias(rng, v)
+    return out
+
+
+def _write_metadata(w: gguf.GGUFWriter, spec: TinySpec, name: str) -> None:
+    """The hyperparameter keys llama.cpp reads for the family (no tokenizer section)."""
+    arch = spec.arch
+    w.add_name(name)
+    w.add_block_count(spec.n_layer)
+    w.add_context_length(spec.n_ctx)
+    w.add_embedding_length(spec.n_embd)
+    w.add_feed_forward_length(spec.n_ff)
+    w.add_head_count(spec.n_head)
+    w.add_head_count_kv(spec.n_head_kv)
+    w.add_vocab_size(spec.n_vocab)
+    if spec.head_dim != spec.n_embd // spec.n_head or arch in GEMMA_LIKE:
+        w.add_key_length(spec.head_dim)
+        w.add_value_length(spec.head_dim)
+    if arch in LAYERNORM_FAMILIES:
+        w.add_layer_norm_eps(1e-5)
+    else:
+        w.add_layer_norm_rms_eps(1e-6 if arch in GEMMA_LIKE else 1e-5)
+    w.add_rope_dimension_count(spec.n_rot)
+    w.add_rope_freq_base(spec.rope_base)
+    if spec.rope_base_swa is not None:
+        w.add_rope_freq_base_swa(spec.rope_base_swa)
+    if spec.rope_linear_factor is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(spec.rope_linear_factor)
+    if spec.sliding_window is not None:
+        w.add_sliding_window(spec.sliding_window)
+    if spec.attn_softcap is not None:
+        w.add_attn_logit_softcapping(spec.attn_softcap)
+    if spec.final_softcap is not None:
+        w.add_final_logit_softcapping(spec.final_softcap)
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """Bytes already encoded in `qtype` (for types gguf-py cannot quantize, e.g. Q8_1)."""
+
+    data: np.ndarray
+    qtype: QType
+
+
+def encode(array: np.ndarray, qtype: QType) -> RawTensor | np.ndarray:
+    """`array` stored as `qtype` (F32/F16 as typed arrays, other types as raw blocks)."""
+    if qtype == QType.F32:
+        return array.astype(np.float32)
+    if qtype == QType.F16:
+        return array.astype(np.float16)
+    return RawTensor(gguf.quants.quantize(array, qtype), qtype)
+
+
+def write_gguf(
+    path: Path,
+    spec: TinySpec,
+    tensors: Mapping[str, np.ndarray | RawTensor],
+    *,
+    arch_name: str | None = None,
+) -> Path:
+    """Write metadata for `spec` and the given tensors (already encoded) to `path`."""
+    w = gguf.GGUFWriter(path, arch_name or spec.arch)
+    _write_metadata(w, spec, path.stem)
+    for name, t in tensors.items():
+        if isinstance(t, RawTensor):
+            w.add_tensor(name, t.data, raw_dtype=t.qtype)
+        else:
+            w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def encoded_tensors(spec: TinySpec) -> dict[str, np.ndarray | RawTensor]:
+    """`tiny_tensors(spec)` with every 2-D weight stored as `spec.qtype`."""
+    out: dict[str, np.ndarray | RawTensor] = {}
+    for name, array in tiny_tensors(spec).items():
+        if array.ndim == 2 and spec.qtype != QType.F32:
+            if array.shape[1] % QUANT_BLOCK:
+                raise ValueError(f"{name}: row length {array.shape[1]} is not a multiple of {QUANT_BLOCK}")
+            out[name] = encode(array, spec.qtype)
+        else:
+            out[name] = array
+    return out
+
+
+def write_tiny_gguf(path: Path, spec: TinySpec) -> Path:
+    """Write the tiny random-weight file described by `spec`."""
+    return write_gguf(path, spec, encoded_tensors(spec))
+
+
+def with_changes(spec: TinySpec, **changes: object) -> TinySpec:
+    """A copy of `spec` with some fields replaced."""
+    return dataclasses.replace(spec, **changes)

@@ -1,0 +1,263 @@
+"""Reference logits from Hugging Face transformers for the tiny GGUF files.
+
+Two routes build a transformers model for a tiny file, both with a config written here from
+the file's `TinySpec` (so settings transformers' GGUF loader drops — rope scaling, starcoder2's
+freq_base, gemma softcaps and query scale, qwen3's key_length, phi3's rope.dimension_count,
+gemma3's freq_base_swa — are set explicitly):
+
+- `load_with_gguf_loader`: weights through transformers' own GGUF loader (it dequantizes with
+  gguf-py, un-permutes llama q/k and subtracts Gemma's +1 itself). Used wherever it supports
+  the family and the tensor layout.
+- `load_by_hand`: weights read with gguf-py and mapped onto the transformers module here, for
+  the families and layouts the loader cannot read (phi2, gemma, mistral3, llama's fused qkv).
+
+`rope_freqs` factors, which no transformers rope type represents directly, are applied by
+dividing the model's rotary `inv_freq` buffer by them, exactly as the reference page defines
+theta_i. None of this imports ppinfer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    LlamaConfig,
+    Phi3Config,
+    PhiConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
+    Starcoder2Config,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from ggufgen import GEMMA_LIKE, LLAMA_LIKE, TinySpec
+
+GGUF_LOADER_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "starcoder2", "gemma2", "gemma3")
+"""Families transformers' GGUF loader can read (reference page §7)."""
+
+
+def _rope(spec: TinySpec, base: float, linear: float | None) -> dict[str, object]:
+    params: dict[str, object] = {"rope_type": "default", "rope_theta": base}
+    if linear is not None:
+        params = {"rope_type": "linear", "factor": linear, "rope_theta": base}
+    # Always explicit: PhiConfig silently defaults to a factor of 0.5.
+    params["partial_rotary_factor"] = spec.n_rot / spec.head_dim
+    return params
+
+
+def hf_config(spec: TinySpec) -> PretrainedConfig:
+    """The transformers config equivalent to what llama.cpp reads from the tiny file."""
+    common: dict[str, object] = dict(
+        vocab_size=spec.n_vocab,
+        hidden_size=spec.n_embd,
+        intermediate_size=spec.n_ff,
+        num_hidden_layers=spec.n_layer,
+        num_attention_heads=spec.n_head,
+        num_key_value_heads=spec.n_head_kv,
+        max_position_embeddings=spec.n_ctx,
+        tie_word_embeddings=spec.tied,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    rope = _rope(spec, spec.rope_base, spec.rope_linear_factor)
+    arch = spec.arch
+    if arch in LLAMA_LIKE:
+        return LlamaConfig(**common, head_dim=spec.head_dim, rms_norm_eps=1e-5, rope_parameters=rope)
+    if arch == "qwen2":
+        return Qwen2Config(**common, rms_norm_eps=1e-5, rope_parameters=rope)
+    if arch == "qwen3":
+        return Qwen3Config(**common, head_dim=spec.head_dim, rms_norm_eps=1e-5, rope_parameters=rope)
+    if arch == "phi2":
+        return PhiConfig(**common, layer_norm_eps=1e-5, hidden_act="gelu_new", rope_parameters=rope)
+    if arch == "phi3":
+        return Phi3Config(**common, rms_norm_eps=1e-5, rope_parameters=rope)
+    if arch == "starcoder2":
+        return Starcoder2Config(
+            **common, norm_epsilon=1e-5, use_bias=True, hidden_act="gelu_pytorch_tanh", rope_parameters=rope
+        )
+    # Gemma families: llama.cpp scales scores by 1/sqrt(head_dim), transformers by
+    # query_pre_attn_scalar**-0.5 (default 256), so the scalar is set to head_dim.
+    gemma: dict[str, object] = dict(common, head_dim=spec.head_dim, rms_norm_eps=1e-6)
+    if spec.sliding_window is None:
+        gemma["layer_types"] = ["full_attention"] * spec.n_layer
+    if arch == "gemma":
+        return GemmaConfig(**gemma, hidden_act="gelu_pytorch_tanh", rope_parameters=rope)
+    if arch == "gemma2":
+        return Gemma2Config(
+            **gemma,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=spec.head_dim,
+            sliding_window=spec.sliding_window,
+            attn_logit_softcapping=spec.attn_softcap,
+            final_logit_softcapping=spec.final_softcap,
+            rope_parameters=rope,
+        )
+    if arch == "gemma3":
+        # Sliding layers: freq_base_swa (10000 when absent) and no rope scaling.
+        local = _rope(spec, 10000.0 if spec.rope_base_swa is None else spec.rope_base_swa, None)
+        return Gemma3TextConfig(
+            **gemma,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=spec.head_dim,
+            sliding_window=spec.sliding_window,
+            final_logit_softcapping=spec.final_softcap,
+            rope_parameters={"full_attention": rope, "sliding_attention": local},
+        )
+    raise ValueError(f"no transformers config for arch {arch!r}")
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (pairs -> halves) for weights [R, in] or biases [R]."""
+    d = w.shape[0] // n_head
+    return w.reshape(n_head, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of the file dequantized to float32 with gguf-py, in torch layout."""
+    reader = gguf.GGUFReader(path)
+    return {
+        t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        for t in reader.tensors
+    }
+
+
+_LAYER_NAMES: dict[str, str] = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+"""GGUF layer tensor -> transformers module for the llama-shaped families."""
+
+_LAYER_OVERRIDES: dict[str, dict[str, str]] = {
+    "gemma2": {
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    "starcoder2": {"ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+    "phi2": {"attn_output": "self_attn.dense", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"},
+}
+_LAYER_OVERRIDES["gemma3"] = _LAYER_OVERRIDES["gemma2"]
+
+
+def _hf_name(arch: str, gguf_name: str) -> str:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        role = parts[2]
+        overrides = _LAYER_OVERRIDES.get(arch, {})
+        module = overrides[role] if role in overrides else _LAYER_NAMES[role]
+        return f"model.layers.{parts[1]}.{module}.{parts[3]}"
+    top = {
+        "token_embd": "model.embed_tokens",
+        "output_norm": "model.final_layernorm" if arch == "phi2" else "model.norm",
+        "output": "lm_head",
+    }
+    return f"{top[parts[0]]}.{parts[1]}"
+
+
+def hf_state_dict(spec: TinySpec, tensors: dict[str, np.ndarray], unpermute_qk: bool = True) -> dict[str, torch.Tensor]:
+    """Map GGUF tensors onto transformers parameter names, undoing the converter's changes."""
+    out: dict[str, torch.Tensor] = {}
+    for name, w in tensors.items():
+        if name == "rope_freqs.weight":
+            continue
+        if spec.arch in GEMMA_LIKE and name.endswith("norm.weight"):
+            w = w - 1.0  # transformers' Gemma RMSNorm multiplies by (1 + w)
+        if ".attn_qkv." in name and spec.arch != "phi3":
+            q, k, v = np.split(w, [spec.q_width, spec.q_width + spec.kv_width], axis=0)
+            for role, part in (("attn_q", q), ("attn_k", k), ("attn_v", v)):
+                split_name = name.replace("attn_qkv", role)
+                out[_hf_name(spec.arch, split_name)] = _qk_fix(spec, split_name, part, unpermute_qk)
+            continue
+        out[_hf_name(spec.arch, name)] = _qk_fix(spec, name, w, unpermute_qk)
+    return out
+
+
+def _qk_fix(spec: TinySpec, name: str, w: np.ndarray, unpermute_qk: bool) -> torch.Tensor:
+    if unpermute_qk and spec.arch in LLAMA_LIKE:
+        if ".attn_q." in name:
+            w = _unpermute(w, spec.n_head)
+        elif ".attn_k." in name:
+            w = _unpermute(w, spec.n_head_kv)
+    return torch.from_numpy(np.array(w, dtype=np.float32))  # a writable copy
+
+
+def _apply_rope_freqs(model: PreTrainedModel, path: Path) -> None:
+    """Divide the rotary inverse frequencies by the file's `rope_freqs` factors
+    (theta_i = pos · freq_scale · base^(-2i/n_rot) / ff_i)."""
+    ff = read_gguf_tensors(path)["rope_freqs.weight"]  # [n_rot / 2]
+    rotary = model.model.rotary_emb
+    rotary.inv_freq = rotary.inv_freq / torch.from_numpy(ff.copy())
+
+
+def load_by_hand(path: Path, spec: TinySpec, unpermute_qk: bool = True) -> PreTrainedModel:
+    """A transformers model for `spec` with weights mapped here from the file's tensors."""
+    config = hf_config(spec)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model = model_class._from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+    state = hf_state_dict(spec, read_gguf_tensors(path), unpermute_qk)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = {"lm_head.weight"} if spec.tied else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise AssertionError(f"{path}: missing {missing}, unexpected {unexpected}")
+    if spec.tied:
+        model.tie_weights()
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    if spec.rope_freqs:
+        _apply_rope_freqs(model, path)
+    return model
+
+
+def load_with_gguf_loader(path: Path, spec: TinySpec | None) -> PreTrainedModel:
+    """transformers' GGUF loader; with `spec`, the config is ours (see module docstring),
+    without, the loader's own config from the file's metadata."""
+    kwargs: dict[str, object] = {} if spec is None else {"config": hf_config(spec)}
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path.parent,
+        gguf_file=path.name,
+        dtype=torch.float32,
+        attn_implementation="eager",
+        output_loading_info=True,
+        **kwargs,
+    )
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise AssertionError(f"{path}: loader left {info['missing_keys']} {info['mismatched_keys']}")
+    model.eval()
+    if spec is not None and spec.rope_freqs:
+        _apply_rope_freqs(model, path)
+    return model
+
+
+def reference_model(path: Path, spec: TinySpec) -> PreTrainedModel:
+    """The transformers model to compare against: through the GGUF loader where it can
+    read the file's tensors, hand-mapped otherwise."""
+    loader_reads_it = spec.arch in GGUF_LOADER_ARCHS and not (spec.arch == "llama" and spec.fused_qkv)
+    if loader_reads_it:
+        return load_with_gguf_loader(path, spec)
+    return load_by_hand(path, spec)
+
+
+@torch.no_grad()
+def hf_logits(model: PreTrainedModel, ids: np.ndarray) -> np.ndarray:
+    """float32 logits [B, T, V] for token ids [B, T] (no padding, positions 0..T-1)."""
+    out = model(input_ids=torch.from_numpy(ids), use_cache=False)
+    return out.logits.float().numpy()

@@ -1,0 +1,53 @@
+"""Drives ppinfer pipeline stages in one process for the tests (no torch.distributed).
+
+Only the public stage interface is used: `build_stage`, `embed`, `forward`, `lm_head`,
+`new_state`. Everything runs in float32 on CPU under `torch.no_grad()`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ppinfer.model import PipelineStage, StagePlan, StageState, build_stage
+
+
+def build(path: Path, layer_start: int, layer_end: int, total_layers: int) -> PipelineStage:
+    """The stage owning layers [layer_start, layer_end) of `path`, fp32 on CPU."""
+    return build_stage(path, StagePlan(layer_start, layer_end, total_layers), dtype=torch.float32, device="cpu")
+
+
+def whole(path: Path, total_layers: int) -> PipelineStage:
+    """The single stage holding the whole model."""
+    return build(path, 0, total_layers, total_layers)
+
+
+def arange_positions(batch: int, length: int, offset: int = 0) -> torch.Tensor:
+    """Positions [B, T] int64: offset, offset+1, ... for every sequence."""
+    return torch.arange(offset, offset + length, dtype=torch.int64).expand(batch, length).contiguous()
+
+
+@torch.no_grad()
+def chained_logits(stages: list[PipelineStage], ids: np.ndarray) -> np.ndarray:
+    """Logits [B, T, V] of unpadded sequences [B, T] run through `stages` in order, each with
+    its own fresh state (the whole sequence as one prefill)."""
+    tokens = torch.from_numpy(ids)
+    batch, length = tokens.shape
+    positions = arange_positions(batch, length)
+    hidden = stages[0].embed(tokens)  # [B, T, E]
+    for stage in stages:
+        hidden = stage.forward(hidden, positions, stage.new_state(batch=batch, max_len=length))
+    return stages[-1].lm_head(hidden).numpy()
+
+
+def full_logits(stage: PipelineStage, ids: np.ndarray) -> np.ndarray:
+    """Logits [B, T, V] of the whole-model `stage` on unpadded sequences [B, T]."""
+    return chained_logits([stage], ids)
+
+
+@torch.no_grad()
+def step(stage: PipelineStage, ids: torch.Tensor, positions: torch.Tensor, state: StageState) -> np.ndarray:
+    """One forward of the whole-model `stage` that appends ids [B, T] to `state`; logits [B, T, V]."""
+    return stage.lm_head(stage.forward(stage.embed(ids), positions, state)).numpy()

@@ -1,0 +1,308 @@
+"""Layer allocation (`allocate`, `plan_table`) and the GGUF cost model (`layer_costs`).
+
+Balanced splits are checked against hand-derived cases and against a brute-force search over
+every contiguous split; byte counts against sizes worked out from the tensor shapes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+
+from ppinfer.errors import ConfigError, ModelFileError
+from ppinfer.pipeline.allocation import LayerCosts, allocate, parse_layers, plan_table
+from ppinfer.pipeline.costs import layer_costs
+
+MIB = 1024 * 1024
+
+
+def _costs(
+    weights: Sequence[int], embedding: int = 0, head: int = 0, kv: Optional[Sequence[int]] = None
+) -> LayerCosts:
+    return LayerCosts(
+        layer_weight_bytes=list(weights),
+        layer_kv_bytes=list(kv) if kv is not None else [0] * len(weights),
+        embedding_bytes=embedding,
+        head_bytes=head,
+    )
+
+
+# ---------------------------------------------------------------------------- policies
+
+
+@pytest.mark.parametrize(
+    "n_layers, n_stages, want",
+    [
+        (30, 4, [8, 8, 7, 7]),
+        (7, 3, [3, 2, 2]),
+        (4, 4, [1, 1, 1, 1]),
+        (6, 1, [6]),
+        (9, 3, [3, 3, 3]),
+    ],
+)
+def test_uniform(n_layers: int, n_stages: int, want: List[int]) -> None:
+    # Uniform ignores costs: a heavy head does not change it.
+    assert allocate("uniform", n_stages, _costs([1] * n_layers, head=100)) == want
+
+
+@pytest.mark.parametrize(
+    "costs, n_stages, want",
+    [
+        # Equal layers, nothing extra: an even split.
+        (_costs([10] * 6), 3, [2, 2, 2]),
+        # The head weighs two layers: the last stage gives up two layers (40 vs 20 + 20).
+        (_costs([10] * 6, head=20), 2, [4, 2]),
+        # The embedding weighs two layers: the first stage gives up two layers.
+        (_costs([10] * 6, embedding=20), 2, [2, 4]),
+        # Head of 30 on 3 stages of 7 layers: (3, 3, 1) costs (30, 30, 40); (3, 3, 1) is
+        # the only split with max 40 since the last stage needs >= 1 layer and a layer + head
+        # is already 40; the first two stages then split 6 layers 3/3 (squares 900 + 900
+        # beat 4/2's 1600 + 400).
+        (_costs([10] * 7, head=30), 3, [3, 3, 1]),
+        # KV bytes count like weights: layer 0 has a huge cache, so it stands alone.
+        (_costs([10] * 4, kv=[30, 0, 0, 0]), 2, [1, 3]),
+        # Among max-4 splits of (1,1,1,1,4): (2,2,1) has squares 24, (3,1,1) and (1,3,1) 26.
+        (_costs([1, 1, 1, 1, 4]), 3, [2, 2, 1]),
+        # Exact tie (costs 30/20 or 20/30): more layers go to the earlier stage.
+        (_costs([10] * 5), 2, [3, 2]),
+        # One stage takes everything.
+        (_costs([5, 6, 7], embedding=3, head=9), 1, [3]),
+    ],
+)
+def test_balanced_hand_derived(costs: LayerCosts, n_stages: int, want: List[int]) -> None:
+    assert allocate("balanced", n_stages, costs) == want
+
+
+def _stage_costs(split: Sequence[int], costs: LayerCosts) -> List[int]:
+    """Stage costs computed directly from the definition, for the brute-force reference."""
+    out, start = [], 0
+    for s, n in enumerate(split):
+        c = sum(costs.layer_weight_bytes[start : start + n]) + sum(
+            costs.layer_kv_bytes[start : start + n]
+        )
+        c += costs.embedding_bytes if s == 0 else 0
+        c += costs.head_bytes if s == len(split) - 1 else 0
+        out.append(c)
+        start += n
+    return out
+
+
+def _all_splits(n_layers: int, n_stages: int) -> List[Tuple[int, ...]]:
+    splits = []
+    for cuts in itertools.combinations(range(1, n_layers), n_stages - 1):
+        bounds = (0, *cuts, n_layers)
+        splits.append(tuple(b - a for a, b in zip(bounds, bounds[1:])))
+    return splits
+
+
+def test_balanced_matches_brute_force() -> None:
+    """The documented rule: min max cost, then min sum of squares, then earlier stages longer."""
+    rng = random.Random(1234)
+    for _ in range(300):
+        n_layers = rng.randint(1, 9)
+        n_stages = rng.randint(1, n_layers)
+        costs = _costs(
+            [rng.randint(1, 6) for _ in range(n_layers)],
+            embedding=rng.randint(0, 12),
+            head=rng.randint(0, 12),
+            kv=[rng.randint(0, 3) for _ in range(n_layers)],
+        )
+
+        def rank(split: Tuple[int, ...]) -> Tuple[int, int, List[int]]:
+            stage = _stage_costs(split, costs)
+            return max(stage), sum(c * c for c in stage), [-n for n in split]
+
+        want = min(_all_splits(n_layers, n_stages), key=rank)
+        assert allocate("balanced", n_stages, costs) == list(want), (costs, n_stages)
+
+
+# ------------------------------------------------------------------- explicit and errors
+
+
+def test_explicit_list_is_returned() -> None:
+    assert allocate([2, 1, 3], 3, _costs([1] * 6)) == [2, 1, 3]
+
+
+@pytest.mark.parametrize(
+    "layers, n_stages, must_name",
+    [
+        ([3, 3], 3, ["[3, 3]", "sum 6", "6 layers", "2 entries for 3 stages"]),
+        ([3, 2], 2, ["[3, 2]", "sum 5", "6 layers"]),
+        ([4, 4], 2, ["[4, 4]", "sum 8", "6 layers"]),
+        ([6, 0], 2, ["[6, 0]", "sum 6", "6 layers", "at least one layer"]),
+        ([7, -1], 2, ["[7, -1]", "sum 6", "6 layers", "at least one layer"]),
+    ],
+)
+def test_explicit_list_errors(layers: List[int], n_stages: int, must_name: List[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        allocate(layers, n_stages, _costs([1] * 6))
+    for text in must_name:
+        assert text in str(info.value)
+
+
+@pytest.mark.parametrize("policy", ["balanced", "uniform", [1, 1, 1, 1, 1]])
+def test_more_stages_than_layers(policy: object) -> None:
+    with pytest.raises(ConfigError, match=r"5 pipeline stages.*only 4 layers"):
+        allocate(policy, 5, _costs([1] * 4))
+
+
+@pytest.mark.parametrize("bad", ["balance", "", [], [1.0, 2.0], [True, False], 3, None, {"a": 1}])
+def test_parse_layers_rejects(bad: object) -> None:
+    with pytest.raises(ConfigError, match="pipeline.layers"):
+        parse_layers(bad)
+
+
+def test_parse_layers_accepts_list_config() -> None:
+    from omegaconf import OmegaConf
+
+    assert parse_layers(OmegaConf.create([8, 8, 7, 7])) == [8, 8, 7, 7]
+    assert parse_layers((2, 3)) == [2, 3]
+    assert parse_layers("uniform") == "uniform"
+
+
+def test_plan_table() -> None:
+    costs = _costs([1 * MIB, 1 * MIB, 2 * MIB], embedding=MIB, head=3 * MIB, kv=[MIB // 2] * 3)
+    rows = plan_table([2, 1], costs).splitlines()
+    assert len(rows) == 3
+    assert rows[0].split()[:3] == ["rank", "layers", "n"]
+    # rank 0: layers 0-1, 2 layers, 1 + 1 + 1 (embedding) MiB weights, 2 x 0.5 MiB KV.
+    assert rows[1].split() == ["0", "0-1", "2", "3.00", "1.00", "embedding"]
+    # rank 1: layer 2 alone, 2 + 3 (head) MiB weights, 0.5 MiB KV.
+    assert rows[2].split() == ["1", "2-2", "1", "5.00", "0.50", "head"]
+    # Fixed width: the last column starts at the same offset on every row.
+    assert len({len(r) - len(r.split()[-1]) for r in rows}) == 1
+    # A single stage carries both ends.
+    single = plan_table([3], costs).splitlines()
+    assert single[1].split()[-1] == "embedding+head"
+
+
+# ------------------------------------------------------------------------- cost model
+
+
+def _f32(*shape: int) -> np.ndarray:
+    return np.zeros(shape, dtype=np.float32)
+
+
+def _write_tiny(
+    path: Path,
+    *,
+    tied: bool,
+    head_count_kv: object = 1,
+    key_length: Optional[int] = None,
+    extra_block: bool = False,
+) -> None:
+    """A 2-layer llama-shaped GGUF: E=8, 2 heads, vocab 16, token_embd stored as F16."""
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_embedding_length(8)
+    w.add_head_count(2)
+    w.add_head_count_kv(head_count_kv)  # type: ignore[arg-type]
+    if key_length is not None:
+        w.add_key_length(key_length)
+        w.add_value_length(key_length)
+    w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float16))
+    for layer in range(3 if extra_block else 2):
+        w.add_tensor(f"blk.{layer}.attn_norm.weight", _f32(8))
+        w.add_tensor(f"blk.{layer}.attn_q.weight", _f32(8, 8))
+        w.add_tensor(f"blk.{layer}.attn_k.weight", _f32(4, 8))
+        w.add_tensor(f"blk.{layer}.attn_v.weight", _f32(4, 8))
+        w.add_tensor(f"blk.{layer}.ffn_up.weight", _f32(12, 8))
+    w.add_tensor("output_norm.weight", _f32(8))
+    if not tied:
+        w.add_tensor("output.weight", _f32(16, 8))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_layer_costs_tiny_untied(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    _write_tiny(path, tied=False)
+    costs = layer_costs(str(path), dtype_bytes=2, kv_tokens=10)
+    # Per layer: 8 + 64 + 32 + 32 + 96 = 232 elements at 2 bytes.
+    assert costs.layer_weight_bytes == [464, 464]
+    # token_embd kept as stored: 16 * 8 F16 values = 256 bytes.
+    assert costs.embedding_bytes == 256
+    # Head: output_norm (8) + output (128) elements at 2 bytes.
+    assert costs.head_bytes == 272
+    # head_dim = 8 / 2 = 4: 10 tokens * 1 KV head * (4 + 4) * 2 bytes.
+    assert costs.layer_kv_bytes == [160, 160]
+
+
+def test_layer_costs_tiny_tied_per_layer_kv(tmp_path: Path) -> None:
+    path = tmp_path / "tied.gguf"
+    _write_tiny(path, tied=True, head_count_kv=[1, 2], key_length=6)
+    costs = layer_costs(str(path), dtype_bytes=4, kv_tokens=3)
+    assert costs.layer_weight_bytes == [928, 928]
+    assert costs.embedding_bytes == 256
+    # Tied: output_norm (8) + token_embd dequantized (128) elements at 4 bytes.
+    assert costs.head_bytes == 544
+    # key/value length 6 from the header; 1 then 2 KV heads: 3 * h * 12 * 4.
+    assert costs.layer_kv_bytes == [144, 288]
+    # An already opened reader gives the same answer without parsing the file again.
+    assert layer_costs(str(path), dtype_bytes=4, kv_tokens=3, reader=GGUFReader(str(path))) == costs
+
+
+def test_layer_costs_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        layer_costs(str(tmp_path / "missing.gguf"), dtype_bytes=2, kv_tokens=1)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ModelFileError, match="junk.gguf"):
+        layer_costs(str(junk), dtype_bytes=2, kv_tokens=1)
+    extra = tmp_path / "extra.gguf"
+    _write_tiny(extra, tied=True, extra_block=True)
+    with pytest.raises(ModelFileError, match=r"blk\.2\..*block_count=2"):
+        layer_costs(str(extra), dtype_bytes=2, kv_tokens=1)
+
+
+@pytest.mark.slow
+def test_layer_costs_smollm2(smollm2_path: str) -> None:
+    costs = layer_costs(smollm2_path, dtype_bytes=2, kv_tokens=100)
+    assert costs.n_layers == 30
+    # Architecture: E=576, FFN=1536, 9 heads of 64, 3 KV heads. Per layer: q and o 576x576,
+    # k and v 576x192, gate/up/down 576x1536, two norms of 576 -> elements at 2 bytes.
+    per_layer = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576
+    assert costs.layer_weight_bytes == [2 * per_layer] * 30
+    # token_embd is Q8_0 [49152, 576]: 34-byte blocks of 32 values, kept quantized.
+    assert costs.embedding_bytes == 49152 * 576 // 32 * 34
+    # Tied (no output tensor): output_norm + token_embd dequantized to 2 bytes.
+    assert costs.head_bytes == 2 * (576 + 49152 * 576)
+    assert costs.layer_kv_bytes == [100 * 3 * (64 + 64) * 2] * 30
+
+    split = allocate("balanced", 4, costs)
+    assert sum(split) == 30 and min(split) >= 1
+    # The head (~8 layers' worth) leaves the last stage the fewest layers.
+    assert split[-1] == min(split) and split[-1] < 7
+    best = min(max(_stage_costs(s, costs)) for s in _all_splits(30, 4))
+    assert max(_stage_costs(split, costs)) == best
+    assert plan_table(split, costs).count("\n") == 4
+
+
+def test_quantized_types_are_reported_as_file_bytes(tmp_path: Path) -> None:
+    """An embedding stored as Q8_0 costs its packed size (34 bytes per 32 values)."""
+    path = tmp_path / "q8.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(32)
+    w.add_head_count(1)
+    raw = np.zeros((4, 34), dtype=np.uint8)  # 4 rows of one Q8_0 block each
+    w.add_tensor("token_embd.weight", raw, raw_dtype=GGMLQuantizationType.Q8_0)
+    w.add_tensor("blk.0.attn_q.weight", _f32(32, 32))
+    w.add_tensor("output_norm.weight", _f32(32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    costs = layer_costs(str(path), dtype_bytes=2, kv_tokens=5)
+    assert costs.embedding_bytes == 4 * 34
+    assert costs.head_bytes == 2 * (32 + 4 * 32)
+    # No head_count_kv key: one KV head per query head, head_dim 32.
+    assert costs.layer_kv_bytes == [5 * 1 * 64 * 2]

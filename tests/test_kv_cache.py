@@ -1,0 +1,93 @@
+"""KV-cached decoding equals full recompute, and a left-padded lane of mixed prompt lengths
+gives every sequence exactly what it gets alone (prefill and decode steps alike).
+
+Full recompute = one forward over the whole sequence with a fresh state, which
+test_families.py holds to transformers. The states here are allocated longer than needed,
+so unused slots must be masked too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stage_runner import arange_positions, full_logits, step, whole
+from tiny_cases import ALL_CASES, TinyFiles, tiny_files, token_batch  # noqa: F401  (fixture)
+
+TOLERANCE = 1e-5
+LENGTH = 20  # > 3x gemma2's window of 6, so sliding layers drop keys during decode
+SLACK = 12  # extra state slots never written
+
+KV_CASES = ["llama", "qwen3", "gemma2", "phi2", "gemma3"]
+
+
+def _gap(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max())
+
+
+@pytest.mark.parametrize("case", KV_CASES)
+@pytest.mark.parametrize("prompt", [1, 7])
+def test_prefill_then_decode_equals_recompute(tiny_files: TinyFiles, case: str, prompt: int) -> None:
+    spec, path = ALL_CASES[case], tiny_files.path(case)
+    stage = whole(path, spec.n_layer)
+    ids = token_batch(spec, length=LENGTH, seed=2)  # [2, T]
+    expected = full_logits(stage, ids)  # [2, T, V]
+    tokens = torch.from_numpy(ids)
+    state = stage.new_state(batch=2, max_len=LENGTH + SLACK)
+    got = [step(stage, tokens[:, :prompt], arange_positions(2, prompt), state)]
+    for t in range(prompt, LENGTH):
+        got.append(step(stage, tokens[:, t : t + 1], arange_positions(2, 1, offset=t), state))
+    for t, logits in enumerate(np.concatenate(got, axis=1).transpose(1, 0, 2)):
+        gap = _gap(logits, expected[:, t])
+        assert gap <= TOLERANCE, f"{case}: position {t} (prompt {prompt}) differs by {gap:.3g}"
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma2"])
+def test_chunked_prefill_equals_recompute(tiny_files: TinyFiles, case: str) -> None:
+    """Prefill in fixed-size chunks (the last one shorter) then decode."""
+    spec, path = ALL_CASES[case], tiny_files.path(case)
+    stage = whole(path, spec.n_layer)
+    ids = token_batch(spec, length=LENGTH, seed=3)
+    expected = full_logits(stage, ids)
+    tokens = torch.from_numpy(ids)
+    state = stage.new_state(batch=2, max_len=LENGTH + SLACK)
+    got = []
+    for start in range(0, 17, 5):  # chunks [0,5) [5,10) [10,15) [15,17)
+        end = min(start + 5, 17)
+        got.append(step(stage, tokens[:, start:end], arange_positions(2, end - start, offset=start), state))
+    for t in range(17, LENGTH):
+        got.append(step(stage, tokens[:, t : t + 1], arange_positions(2, 1, offset=t), state))
+    gap = _gap(np.concatenate(got, axis=1), expected)
+    assert gap <= TOLERANCE, f"{case}: chunked prefill differs by {gap:.3g}"
+
+
+@pytest.mark.parametrize("case", KV_CASES)
+def test_left_padded_lane_equals_each_sequence_alone(tiny_files: TinyFiles, case: str) -> None:
+    """Prompts of 3, 9 and 14 tokens share a lane of width 14 (left-padded, pad position -1),
+    then decode 6 steps, each sequence at its own next position."""
+    spec, path = ALL_CASES[case], tiny_files.path(case)
+    stage = whole(path, spec.n_layer)
+    lengths, width, steps = [3, 9, 14], 14, 6
+    rng = np.random.default_rng(4)
+    seqs = [rng.integers(0, spec.n_vocab, n + steps, dtype=np.int64) for n in lengths]
+    alone = [full_logits(stage, s[None])[0] for s in seqs]  # each [n + steps, V]
+
+    ids = torch.zeros(3, width, dtype=torch.int64)  # pad id 0: any id must do
+    positions = torch.full((3, width), -1, dtype=torch.int64)
+    for b, (n, s) in enumerate(zip(lengths, seqs)):
+        ids[b, width - n :] = torch.from_numpy(s[:n])
+        positions[b, width - n :] = torch.arange(n)
+    state = stage.new_state(batch=3, max_len=width + steps + SLACK)
+    prefill = step(stage, ids, positions, state)  # [3, width, V]
+    for b, n in enumerate(lengths):
+        gap = _gap(prefill[b, width - n :], alone[b][:n])
+        assert gap <= TOLERANCE, f"{case}: prompt of {n} in the lane differs by {gap:.3g}"
+
+    for k in range(steps):
+        nxt = torch.tensor([[s[n + k]] for n, s in zip(lengths, seqs)])  # [3, 1]
+        pos = torch.tensor([[n + k] for n in lengths])  # [3, 1]
+        logits = step(stage, nxt, pos, state)  # [3, 1, V]
+        for b, n in enumerate(lengths):
+            gap = _gap(logits[b, 0], alone[b][n + k])
+            assert gap <= TOLERANCE, f"{case}: decode step {k} of the {n}-token prompt differs by {gap:.3g}"

@@ -1,0 +1,143 @@
+"""Stop conditions: end-of-generation ids, stop strings, the token budget and ignore_eos.
+
+A toy byte-level vocabulary stands in for the tokenizer; expected texts are written by hand.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ppinfer.generation.stopping import StopConditions, StopState
+
+EOS, EOT = 0, 1
+PIECES: dict[int, bytes] = {
+    EOS: b"<eos>",
+    EOT: b"<eot>",
+    2: b"Hel",
+    3: b"lo",
+    4: b" wor",
+    5: b"ld",
+    6: b"caf",
+    7: b"\xc3",  # first byte of "é"
+    8: b"\xa9",  # second byte of "é"
+}
+
+
+class ToyDecoder:
+    """Joins byte pieces and decodes them as UTF-8, counting calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, ids: list[int]) -> str:
+        self.calls += 1
+        return b"".join(PIECES[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def _state(**kwargs: object) -> StopState:
+    conditions = StopConditions(**{"max_new_tokens": 16, "eog_ids": {EOS, EOT}, **kwargs})
+    return StopState(conditions, ToyDecoder())
+
+
+def _feed(state: StopState, ids: list[int]) -> list[bool]:
+    return [state.append(i) for i in ids]
+
+
+@pytest.mark.parametrize("eog", [EOS, EOT])
+def test_end_of_generation_token_stops_and_is_kept_in_ids_only(eog: int) -> None:
+    state = _state()
+    assert _feed(state, [2, 3, eog]) == [False, False, True]
+    assert state.finish_reason == "stop"
+    assert state.stop_reason == eog
+    assert state.token_ids == [2, 3, eog]
+    assert state.text == "Hello"
+
+
+def test_stop_string_spanning_two_tokens_cuts_the_text() -> None:
+    state = _state(stop_strings=["o wo"])  # "lo" + " wor"
+    assert _feed(state, [2, 3, 4]) == [False, False, True]
+    assert state.finish_reason == "stop"
+    assert state.stop_reason == "o wo"
+    assert state.token_ids == [2, 3, 4]
+    assert state.text == "Hell"
+
+
+def test_earliest_stop_string_wins() -> None:
+    # "Hello wor": "lo w" starts at 3, "wor" at 6; both complete on the third token.
+    state = _state(stop_strings=("wor", "lo w"))
+    _feed(state, [2, 3, 4])
+    assert state.stop_reason == "lo w"
+    assert state.text == "Hel"
+
+
+def test_stop_string_split_inside_a_utf8_character() -> None:
+    state = _state(stop_strings="é")  # a lone string is one stop string
+    assert _feed(state, [6, 7, 8]) == [False, False, True]
+    assert state.text == "caf"
+
+
+def test_max_new_tokens_finishes_with_length() -> None:
+    state = _state(max_new_tokens=3)
+    assert _feed(state, [2, 3, 4]) == [False, False, True]
+    assert state.finish_reason == "length"
+    assert state.stop_reason is None
+    assert state.text == "Hello wor"
+    with pytest.raises(RuntimeError, match="after the sequence finished"):
+        state.append(5)
+
+
+def test_eos_on_the_last_allowed_token_is_stop_not_length() -> None:
+    state = _state(max_new_tokens=2)
+    _feed(state, [2, EOS])
+    assert state.finish_reason == "stop"
+    assert state.text == "Hel"
+
+
+def test_ignore_eos_treats_eos_as_an_ordinary_token() -> None:
+    state = _state(max_new_tokens=4, ignore_eos=True)
+    assert _feed(state, [2, EOS, 3, EOT]) == [False, False, False, True]
+    assert state.finish_reason == "length"
+    assert state.token_ids == [2, EOS, 3, EOT]
+    assert state.text == "Hel<eos>lo<eot>"
+
+
+def test_stop_strings_still_apply_with_ignore_eos() -> None:
+    state = _state(ignore_eos=True, stop_strings=["ld"])
+    _feed(state, [EOS, 4, 5])
+    assert state.finish_reason == "stop"
+    assert state.text == "<eos> wor"
+
+
+def test_no_decoding_while_generating_without_stop_strings() -> None:
+    decoder = ToyDecoder()
+    state = StopState(StopConditions(max_new_tokens=8, eog_ids={EOS}), decoder)
+    _feed(state, [2, 3, 4, 5])
+    assert decoder.calls == 0
+    assert state.text == "Hello world"
+    assert state.text == "Hello world"
+    assert decoder.calls == 1
+
+
+def test_external_finish_for_a_full_context() -> None:
+    state = _state()
+    _feed(state, [2, 3])
+    state.finish("length")
+    assert state.finished and state.finish_reason == "length"
+    assert state.text == "Hello"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [({"max_new_tokens": 0}, "0"), ({"max_new_tokens": 4, "stop_strings": ["ok", ""]}, "''")],
+)
+def test_invalid_conditions_name_the_value(kwargs: dict[str, object], named: str) -> None:
+    with pytest.raises(ValueError) as info:
+        StopConditions(**kwargs)  # type: ignore[arg-type]
+    assert named in str(info.value)
+
+
+def test_conditions_store_immutable_values() -> None:
+    conditions = StopConditions(max_new_tokens=4, eog_ids=[2, 2, 5], stop_strings=["a"])
+    assert conditions.eog_ids == frozenset({2, 5})
+    assert conditions.stop_strings == ("a",)
+    assert hash(conditions) == hash(StopConditions(4, {5, 2}, ("a",)))

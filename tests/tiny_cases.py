@@ -1,0 +1,98 @@
+"""The named tiny models the tests use (one per family, quirk and storage type) and a cache.
+
+Each case is a `TinySpec`; `TinyFiles` writes a case's file once per pytest session into a
+shared directory, so that every test module can ask for the same files cheaply.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QType
+
+from ggufgen import TinySpec, with_changes, write_tiny_gguf
+
+FAMILY_CASES: dict[str, TinySpec] = {
+    "llama": TinySpec("llama"),
+    "mistral3": TinySpec("mistral3", seed=1),
+    "qwen2": TinySpec("qwen2", seed=2),
+    # key_length 24 != E/H = 16: head dim must come from the file, not E/H.
+    "qwen3": TinySpec("qwen3", head_dim=24, seed=3),
+    # Partial rotary: 6 of 16 dims rotate.
+    "phi2": TinySpec("phi2", rope_dims=6, seed=4),
+    # Fused qkv and fused gate|up; partial rotary with rope.dimension_count 12 < 16.
+    "phi3": TinySpec("phi3", fused_qkv=True, rope_dims=12, seed=5),
+    # freq_base 1e5 (transformers' GGUF loader drops it); tied output as in real models.
+    "starcoder2": TinySpec("starcoder2", rope_base=1e5, tied=True, seed=6),
+    "gemma": TinySpec("gemma", tied=True, seed=7),
+    # 4 layers: sliding layers 0 and 2 with a window of 6 (sequences are 20 long);
+    # small softcaps and large q/k so that both caps change the result.
+    "gemma2": TinySpec(
+        "gemma2", n_layer=4, tied=True, sliding_window=6, attn_softcap=5.0, final_softcap=3.0,
+        qk_gain=3.0, seed=8,
+    ),
+    # 6 layers so that layer 5 is global; freq_base 1e6 with freq_base_swa absent (=10000).
+    "gemma3": TinySpec("gemma3", n_layer=6, tied=True, sliding_window=5, rope_base=1e6, seed=9),
+}
+
+QUIRK_CASES: dict[str, TinySpec] = {
+    "llama_tied": TinySpec("llama", n_layer=4, tied=True, seed=10),
+    "llama_fused_qkv": TinySpec("llama", fused_qkv=True, seed=11),
+    "llama_rope_linear": TinySpec("llama", rope_linear_factor=4.0, seed=12),
+    "llama_rope_freqs": TinySpec("llama", rope_freqs=True, rope_base=500.0, seed=13),
+    "phi2_fused_qkv": TinySpec("phi2", rope_dims=6, fused_qkv=True, seed=14),
+    # Sliding layers use freq_base_swa, global ones freq_base with linear scaling.
+    "gemma3_swa_base_linear": TinySpec(
+        "gemma3", n_layer=6, tied=True, sliding_window=5, rope_base=1e6, rope_base_swa=100.0,
+        rope_linear_factor=4.0, seed=15,
+    ),
+    "gemma3_final_softcap": TinySpec(
+        "gemma3", n_layer=6, tied=True, sliding_window=5, final_softcap=3.0, seed=16,
+    ),
+}
+
+QUANT_CASES: dict[str, TinySpec] = {
+    f"llama_{q.name.lower()}": with_changes(FAMILY_CASES["llama"], qtype=q)
+    for q in (QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.F16, QType.BF16)
+}
+QUANT_CASES["phi3_q8_0"] = with_changes(FAMILY_CASES["phi3"], qtype=QType.Q8_0)
+QUANT_CASES["gemma3_q4_1"] = with_changes(FAMILY_CASES["gemma3"], qtype=QType.Q4_1)
+QUANT_CASES["qwen3_q5_0"] = with_changes(FAMILY_CASES["qwen3"], qtype=QType.Q5_0)
+
+ALL_CASES: dict[str, TinySpec] = {**FAMILY_CASES, **QUIRK_CASES, **QUANT_CASES}
+
+
+class TinyFiles:
+    """Writes each named case into `root` the first time it is asked for."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, case: str) -> Path:
+        """The file of `case`, written now if this session has not written it yet."""
+        path = self.root / f"{case}.gguf"
+        if not path.exists():
+            # Written under a temporary name and renamed, so a reader never sees half a file.
+            partial = path.with_suffix(".partial")
+            write_tiny_gguf(partial, ALL_CASES[case])
+            partial.rename(path)
+        return path
+
+    @staticmethod
+    def spec(case: str) -> TinySpec:
+        return ALL_CASES[case]
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> TinyFiles:
+    """Session-wide tiny files; test modules import this fixture (there is no shared conftest
+    entry for it, and the base temp dir is the same for every module of a session)."""
+    return TinyFiles(tmp_path_factory.getbasetemp() / "tiny_gguf")
+
+
+def token_batch(spec: TinySpec, batch: int = 2, length: int = 20, seed: int = 0) -> np.ndarray:
+    """Random token ids [B, T] int64 within the tiny vocabulary."""
+    return np.random.default_rng(seed).integers(0, spec.n_vocab, (batch, length), dtype=np.int64)
