@@ -13,7 +13,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFWriter
+
+from ppinfer.gguf import GGUFFile
 
 from ppinfer.errors import ConfigError, ModelFileError
 from ppinfer.pipeline.allocation import LayerCosts, allocate, parse_layers, plan_table
@@ -247,11 +249,11 @@ def test_layer_costs_tiny_tied_per_layer_kv(tmp_path: Path) -> None:
     # key/value length 6 from the header; 1 then 2 KV heads: 3 * h * 12 * 4.
     assert costs.layer_kv_bytes == [144, 288]
     # An already opened reader gives the same answer without parsing the file again.
-    assert layer_costs(str(path), dtype_bytes=4, kv_tokens=3, reader=GGUFReader(str(path))) == costs
+    assert layer_costs(str(path), dtype_bytes=4, kv_tokens=3, reader=GGUFFile(str(path))) == costs
 
 
 def test_layer_costs_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+    with pytest.raises(ModelFileError, match="not found.*missing.gguf"):
         layer_costs(str(tmp_path / "missing.gguf"), dtype_bytes=2, kv_tokens=1)
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all")

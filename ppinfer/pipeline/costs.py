@@ -18,37 +18,35 @@ and needed by every stage alike, so they do not change the balance and are not c
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Dict, List, Optional
 
-from gguf import GGUFReader
-
 from ppinfer.errors import ModelFileError
+from ppinfer.gguf import GGUFFile
 from ppinfer.pipeline.allocation import LayerCosts
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
 def layer_costs(
-    path: str, dtype_bytes: int, kv_tokens: int, *, reader: Optional[GGUFReader] = None
+    path: str, dtype_bytes: int, kv_tokens: int, *, reader: Optional[GGUFFile] = None
 ) -> LayerCosts:
     """Per-stage memory costs of the GGUF at `path` for a runtime dtype and KV capacity.
 
     `dtype_bytes` is the element size of the runtime dtype (2 for bfloat16); `kv_tokens` is
     the number of token positions each stage caches per layer, summed over its lanes.
-    Parsing a header with a large vocabulary takes seconds in `GGUFReader`, so a caller that
-    has already opened the file may pass its `reader` (`path` then only names it in errors).
+    A caller that has already opened the file may pass it as `reader` (`path` then only
+    names it in errors).
     """
     if reader is None:
-        reader = _open(path)
+        reader = GGUFFile(path)
 
     arch = str(_field(reader, path, "general.architecture"))
     n_layers = int(_field(reader, path, f"{arch}.block_count"))
 
     layer_weights = [0] * n_layers
     tensors: Dict[str, Any] = {}
-    for tensor in reader.tensors:
+    for tensor in reader.tensors.values():
         match = _BLOCK.match(tensor.name)
         if match is None:
             tensors[tensor.name] = tensor
@@ -83,15 +81,6 @@ def layer_costs(
     )
 
 
-def _open(path: str) -> GGUFReader:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        return GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise ModelFileError(f"{path}: not a readable GGUF file ({exc})") from exc
-
-
 def _dequantized(tensors: Dict[str, Any], prefix: str, dtype_bytes: int) -> int:
     """Dequantized bytes of every non-block tensor whose name starts with `prefix`."""
     return sum(
@@ -100,13 +89,13 @@ def _dequantized(tensors: Dict[str, Any], prefix: str, dtype_bytes: int) -> int:
 
 
 def _kv_bytes_per_layer(
-    reader: GGUFReader, path: str, arch: str, n_layers: int, dtype_bytes: int, kv_tokens: int
+    reader: GGUFFile, path: str, arch: str, n_layers: int, dtype_bytes: int, kv_tokens: int
 ) -> List[int]:
     n_heads = _per_layer(_field(reader, path, f"{arch}.attention.head_count"), n_layers, path)
     kv_key = f"{arch}.attention.head_count_kv"
     n_kv_heads = (
         _per_layer(_field(reader, path, kv_key), n_layers, path)
-        if reader.get_field(kv_key) is not None
+        if kv_key in reader.metadata
         else n_heads  # no GQA key means one KV head per query head
     )
     embedding_length = int(_field(reader, path, f"{arch}.embedding_length"))
@@ -126,21 +115,21 @@ def _kv_bytes_per_layer(
     return per_layer
 
 
-def _field(reader: GGUFReader, path: str, key: str) -> Any:
-    field = reader.get_field(key)
-    if field is None:
+def _field(reader: GGUFFile, path: str, key: str) -> Any:
+    if key not in reader.metadata:
         raise ModelFileError(f"{path}: missing metadata key {key}")
-    return field.contents()
+    return reader.metadata[key]
 
 
-def _optional_int(reader: GGUFReader, key: str) -> Optional[int]:
-    field = reader.get_field(key)
-    return None if field is None else int(field.contents())
+def _optional_int(reader: GGUFFile, key: str) -> Optional[int]:
+    value = reader.get(key)
+    return None if value is None else int(value)
 
 
 def _per_layer(value: Any, n_layers: int, path: str) -> List[int]:
     """A head count is a scalar, or (in some families) an array with one entry per layer."""
-    if isinstance(value, list):
+    if not isinstance(value, (int, float)):
+        value = list(value)
         if len(value) != n_layers:
             raise ModelFileError(
                 f"{path}: per-layer head counts {value} do not match {n_layers} layers"

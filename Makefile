@@ -1,0 +1,39 @@
+# ppinfer: `make run` sets everything up and generates text; `make test` runs the suite.
+#
+# The virtual environment is created on first use. torch is installed only when the venv
+# has none: TORCH_SPEC defaults to the CPU build pinned for these machines; a GPU user
+# installs their own torch into .venv first (or passes TORCH_SPEC='torch==X.Y.Z').
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+NPROC ?= 4
+ARGS ?=
+
+.PHONY: install model run test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+model: install
+	$(BIN)/python -m ppinfer.hub
+
+run: model
+	$(BIN)/torchrun --nproc_per_node=$(NPROC) launch/infer.py $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: model
+	$(BIN)/python -m ppinfer.bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
