@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from ppinfer.errors import ModelFileError, PromptError
 from ppinfer.generation.tokenizer import Tokenizer, load_tokenizer
 
-GEMMA3_VOCAB = Path("/work/shared/fixtures/gemma3-270m-vocab-only.gguf")
+GEMMA3_VOCAB = Path(__file__).parent / "fixtures" / "gemma3-270m-vocab-only.gguf"
 
 CONVERSATIONS: list[tuple[list[dict[str, Any]], bool]] = [
     ([{"role": "user", "content": "What is 2+2?"}], True),
@@ -39,15 +39,6 @@ CONVERSATIONS: list[tuple[list[dict[str, Any]], bool]] = [
         False,
     ),
 ]
-
-
-@pytest.fixture(scope="session")
-def smollm2_path() -> Path:
-    """Local stand-in for the shared conftest fixture of the same name (the cached real model)."""
-    path = Path("~/.cache/ppinfer/models/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
-    if not path.is_file():
-        pytest.skip(f"SmolLM2 model not cached at {path}")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,8 @@ class PreTokenizerSpec:
     add_bos: bool = False  # llama.cpp's add_bos default before the file's add_bos_token
 
 
-# The alternations below are llama.cpp's (which are the HF tokenizer.json ones with
-# case-insensitive groups spelled out); the letters are the same facts, not shared code.
+# llama.cpp's regexes: the tokenizer.json ones, with (?i:...) contractions spelled out as
+# character classes (llama.cpp's regex engine has no inline flags).
 _CONTRACTIONS_CI = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3 = (_CONTRACTIONS_CI + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -47,8 +47,8 @@ _SPEC_FALCON = PreTokenizerSpec((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-
 # tokenizer.ggml.pre value -> spec, grouped as llama.cpp groups them.
 PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
     "default": _SPEC_DEFAULT,
-    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4", "mellum", "modern-bert",
-                     "trillion", "granite-docling", "a.x-4.0", "gigachat"), _SPEC_GPT2),
+    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4", "mellum", "trillion",
+                     "granite-docling", "a.x-4.0", "gigachat"), _SPEC_GPT2),
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
                      "lfm2"), _SPEC_LLAMA3),
     **dict.fromkeys(("dbrx", "smaug-bpe"), _SPEC_LLAMA3_REGEX_ONLY),

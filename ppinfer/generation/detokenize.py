@@ -74,13 +74,13 @@ class PieceTable:
         if attr & _SPECIAL and not render_special:
             return b""
         if attr & _RAW_TEXT:
-            return text.encode("utf-8", "surrogateescape")
+            return text.encode("utf-8")
         if attr & _NORMAL:
             if self._byte_level:
                 u2b = self._u2b
                 # A character outside the byte table (malformed vocabulary) keeps its own UTF-8.
-                return b"".join(bytes([u2b[c]]) if c in u2b else c.encode("utf-8", "surrogateescape") for c in text)
-            return text.replace("\u2581", " ").encode("utf-8", "surrogateescape")
+                return b"".join(bytes([u2b[c]]) if c in u2b else c.encode("utf-8") for c in text)
+            return text.replace("\u2581", " ").encode("utf-8")
         if attr & _BYTE:
             return bytes([int(text[3:5], 16)])
         return b""

@@ -66,7 +66,7 @@ class SpecialMatcher:
 
     def __init__(self, specials: list[SpecialToken]) -> None:
         # Longest (in UTF-8 bytes, like llama.cpp) first; ids break ties deterministically.
-        self._order = sorted(specials, key=lambda s: (-len(s.text.encode("utf-8", "surrogateescape")), s.token_id))
+        self._order = sorted(specials, key=lambda s: (-len(s.text.encode("utf-8")), s.token_id))
         self._by_text = {s.text: s for s in specials}
         self._rank = {s.text: i for i, s in enumerate(self._order)}
         self._scan: re.Pattern[str] | None = None

@@ -40,7 +40,7 @@ class SpmEncoder:
 
     def _bytes_of(self, text: str) -> list[int]:
         out: list[int] = []
-        for b in text.encode("utf-8", "surrogatepass"):
+        for b in text.encode("utf-8"):
             tid = self._byte_ids[b]
             if tid is None:
                 if self._unk is None:

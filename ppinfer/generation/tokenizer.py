@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ppinfer.errors import ModelFileError, PromptError
+from ppinfer.generation.bpe import BpeEncoder
 from ppinfer.generation.chat import render_chat_template
 from ppinfer.generation.detokenize import IncrementalDecoder, PieceTable, decode_pieces
 from ppinfer.generation.special import Fragment, SpecialMatcher, SpecialToken
@@ -44,14 +45,11 @@ class Tokenizer:
         self.chat_template: str | None = vocab.chat_template
         self._pieces = PieceTable(vocab)
         self._matchers: dict[bool, SpecialMatcher] = {}
+        self._spm: SpmEncoder | None = None
+        self._bpe: BpeEncoder | None = None
         if vocab.model == "llama":
-            self._spm: SpmEncoder | None = SpmEncoder(vocab.token_to_id, vocab.scores.tolist(),
-                                                      vocab.special_ids["unk"])
-            self._bpe = None
+            self._spm = SpmEncoder(vocab.token_to_id, vocab.scores.tolist(), vocab.special_ids["unk"])
         else:
-            from ppinfer.generation.bpe import BpeEncoder  # HF tokenizers only for BPE files
-
-            self._spm = None
             self._bpe = BpeEncoder(vocab.token_to_id, vocab.merges, vocab.pre)
         if vocab.add_eos:
             log.info("%s: add_eos_token is set; encode() never appends EOS to a prompt", vocab.path)
@@ -103,11 +101,10 @@ class Tokenizer:
         if with_bos and self.bos_id is None:
             raise PromptError(f"add_bos=True but {self.path} defines no BOS token")
         fragments = self._matcher(parse_special).partition(text)
-        out: list[int] = [self.bos_id] if with_bos else []  # type: ignore[list-item]
+        out: list[int] = [self.bos_id] if with_bos and self.bos_id is not None else []
         if self._spm is not None:
-            self._encode_spm(text, fragments, out)
-        else:
-            assert self._bpe is not None
+            self._encode_spm(self._spm, text, fragments, out)
+        elif self._bpe is not None:
             for frag in fragments:
                 if isinstance(frag, int):
                     out.append(frag)
@@ -115,8 +112,7 @@ class Tokenizer:
                     out.extend(self._bpe.encode(text[frag[0]:frag[1]]))
         return out
 
-    def _encode_spm(self, text: str, fragments: list[Fragment], out: list[int]) -> None:
-        assert self._spm is not None
+    def _encode_spm(self, spm: SpmEncoder, text: str, fragments: list[Fragment], out: list[int]) -> None:
         space_prefix = self._vocab.add_space_prefix
         # llama.cpp prefixes a space to the first raw fragment and to every raw fragment
         # that follows a special token (a BOS counts as one).
@@ -129,7 +125,7 @@ class Tokenizer:
             raw = text[frag[0]:frag[1]]
             if space_prefix and prev_special:
                 raw = " " + raw
-            out.extend(self._spm.encode(raw.replace(" ", _SPACE_ESCAPE)))
+            out.extend(spm.encode(raw.replace(" ", _SPACE_ESCAPE)))
             prev_special = False
 
     # -- decode -----------------------------------------------------------------------

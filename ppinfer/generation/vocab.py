@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ppinfer.errors import ModelFileError
+from ppinfer.generation.bpe import pre_tokenizer_spec
 from ppinfer.gguf import GGUFFile
 
 log = logging.getLogger(__name__)
@@ -221,9 +222,6 @@ def _pre_defaults(model: str, pre: str) -> tuple[bool, bool]:
     """(add_bos, add_space_prefix) llama.cpp assumes before reading the file's own flags."""
     if model == "llama":
         return True, True
-    # Imported lazily: bpe.py pulls in HF tokenizers, which an SPM vocabulary never needs.
-    from ppinfer.generation.bpe import pre_tokenizer_spec
-
     return pre_tokenizer_spec(pre).add_bos, False
 
 
@@ -247,6 +245,9 @@ def load_vocab(path: str | Path) -> Vocab:
                              f"(supported: {', '.join(SUPPORTED_MODELS)})")
     model = str(model)
     pre = str(meta.get("tokenizer.ggml.pre") or "default")
+    if model == "gpt2" and not meta.get("tokenizer.ggml.pre"):
+        log.warning("%s: no tokenizer.ggml.pre; using the 'default' pre-tokenizer as llama.cpp does "
+                    "(token ids may differ from the original tokenizer)", p)
 
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:

@@ -7,6 +7,7 @@ carry only the batch index: each stage derives the positions of any slot range i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -23,26 +24,32 @@ class Batch:
     def size(self) -> int:
         return len(self.seq_ids)
 
-    @property
+    @cached_property
     def width(self) -> int:
         return max(len(p) for p in self.prompts)
 
+    @cached_property
     def pads(self) -> torch.Tensor:
         """Left padding of each sequence: [B] int64."""
         return torch.tensor([self.width - len(p) for p in self.prompts], dtype=torch.int64)
 
+    @cached_property
+    def grid(self) -> torch.Tensor:
+        """Left-padded prompt ids [B, width] int64 (padding id 0: those slots are masked)."""
+        grid = torch.zeros((self.size, self.width), dtype=torch.int64)
+        for row, prompt in enumerate(self.prompts):
+            grid[row, self.width - len(prompt):] = torch.tensor(prompt, dtype=torch.int64)
+        return grid
+
     def positions(self, start: int, length: int) -> torch.Tensor:
         """Rope positions of slots [start, start + length): [B, T] int64, -1 on padding."""
         slots = torch.arange(start, start + length, dtype=torch.int64)[None, :]  # [1, T]
-        pos = slots - self.pads()[:, None]  # [B, T]
+        pos = slots - self.pads[:, None]  # [B, T]
         return pos.masked_fill(pos < 0, -1)
 
-    def prompt_tokens(self, start: int, length: int, pad_id: int = 0) -> torch.Tensor:
+    def prompt_tokens(self, start: int, length: int) -> torch.Tensor:
         """Left-padded prompt ids of slots [start, start + length): [B, T] int64."""
-        grid = torch.full((self.size, self.width), pad_id, dtype=torch.int64)  # [B, width]
-        for row, prompt in enumerate(self.prompts):
-            grid[row, self.width - len(prompt):] = torch.tensor(prompt, dtype=torch.int64)
-        return grid[:, start:start + length]
+        return self.grid[:, start:start + length]
 
 
 def make_batches(prompts: list[list[int]], lane_size: int) -> list[Batch]:

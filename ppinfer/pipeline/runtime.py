@@ -102,8 +102,9 @@ def run_first(runner: StageRunner, scheduler: RingScheduler, transport: Transpor
             if transport is None:
                 tokens, finished = local.pop(action.lane)
             else:
-                batch = runner.batches[scheduler.batch_of(action.lane) or 0]
-                header, tokens = transport.recv_tokens(batch.size)
+                batch_index = scheduler.batch_of(action.lane)
+                assert batch_index is not None, "a lane awaiting tokens holds a batch"
+                header, tokens = transport.recv_tokens(runner.batches[batch_index].size)
                 finished = header.finished
             last_tokens[action.lane] = tokens
             scheduler.tokens_arrived(action.lane, finished)
