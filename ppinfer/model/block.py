@@ -16,14 +16,17 @@ from ppinfer.model.layers import Linear, RotaryEmbedding, apply_rope
 class LayerInputs:
     """Per-forward values shared by the layers of a stage."""
 
-    rope: dict[int, tuple[torch.Tensor, torch.Tensor]]  # id(RotaryEmbedding) -> cos, sin
+    rope: dict[int, torch.Tensor]  # id(RotaryEmbedding) -> rotations [B, T, 1, n_rot/2] complex
     masks: dict[int, torch.Tensor]  # sliding window (0 = global) -> [B, 1, T, n] bool
     start: int  # first cache slot written by this forward
     end: int  # one past the last slot written
 
 
 class Attention(nn.Module):
-    """Grouped-query attention over fused qkv, with optional q/k norm and score softcap."""
+    """Grouped-query attention over fused qkv, with optional q/k norm and score softcap.
+
+    q and k heads are normalised and rotated together as one `[B, T, H + Hkv, D]` view of
+    the fused projection (fewer, larger kernels than per-tensor work)."""
 
     def __init__(
         self,
@@ -36,31 +39,28 @@ class Attention(nn.Module):
         rope: RotaryEmbedding,
         window: int,
         softcap: float | None,
-        q_norm: nn.Module | None,
-        k_norm: nn.Module | None,
+        qk_norm: nn.Module | None,  # RMSNorm over D with weight [H + Hkv, D] (q rows, then k)
     ) -> None:
         super().__init__()
         self.qkv, self.out = qkv, out
         self.n_head, self.n_head_kv, self.head_dim = n_head, n_head_kv, head_dim
         self.scale, self.rope, self.window, self.softcap = scale, rope, window, softcap
-        self.q_norm, self.k_norm = q_norm, k_norm
+        self.qk_norm = qk_norm
 
     def forward(
         self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, io: LayerInputs
     ) -> torch.Tensor:
         """x [B, T, E]; caches [B, Hkv, L, D] updated in slots [io.start, io.end)."""
         b, t, _ = x.shape
-        d = self.head_dim
-        q, k, v = self.qkv(x).split([self.n_head * d, self.n_head_kv * d, self.n_head_kv * d], dim=-1)
-        q = q.view(b, t, self.n_head, d)  # [B, T, H, D]
-        k = k.view(b, t, self.n_head_kv, d)  # [B, T, Hkv, D]
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = io.rope[id(self.rope)]
-        q = apply_rope(q, cos, sin, self.rope.n_rot)
-        k = apply_rope(k, cos, sin, self.rope.n_rot)
+        d, h, hkv = self.head_dim, self.n_head, self.n_head_kv
+        qkv = self.qkv(x).view(b, t, h + 2 * hkv, d)  # [B, T, H + 2 Hkv, D]
+        qk, v = qkv[:, :, : h + hkv], qkv[:, :, h + hkv :]
+        if self.qk_norm is not None:
+            qk = self.qk_norm(qk)
+        qk = apply_rope(qk, io.rope[id(self.rope)], self.rope.n_rot)  # [B, T, H + Hkv, D]
+        q, k = qk[:, :, :h], qk[:, :, h:]
         k_cache[:, :, io.start:io.end] = k.transpose(1, 2)
-        v_cache[:, :, io.start:io.end] = v.view(b, t, self.n_head_kv, d).transpose(1, 2)
+        v_cache[:, :, io.start:io.end] = v.transpose(1, 2)
         keys, values = k_cache[:, :, : io.end], v_cache[:, :, : io.end]  # [B, Hkv, n, D]
         mask = io.masks[self.window]  # [B, 1, T, n]
         q = q.transpose(1, 2)  # [B, H, T, D]

@@ -60,8 +60,9 @@ class LayerNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """NEOX-style rotation of the first `n_rot` dims of each head (q/k rows of NORM-mode
-    families are reordered at load time, so one rotation serves every family)."""
+    """Rotation of consecutive pairs (x[2i], x[2i+1]) of the first `n_rot` dims of each head,
+    as one complex multiplication (NEOX-mode families have their q/k rows reordered into
+    pairs at load time, so one rotation serves every family)."""
 
     def __init__(self, params: RopeParams, factors: torch.Tensor | None, device: torch.device) -> None:
         super().__init__()
@@ -74,17 +75,16 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_freq / factors.float().to(device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, T, 1, n_rot/2] (float32)."""
+    def rotations(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [B, T] -> unit complex rotations [B, T, 1, n_rot/2]."""
         angles = positions.float()[..., None] * self.inv_freq  # [B, T, n_rot/2]
-        return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+        return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int) -> torch.Tensor:
-    """x [B, T, H, D] rotated on dims [0, n_rot) in halves; dims >= n_rot pass through."""
-    half = n_rot // 2
-    x1, x2 = x[..., :half].float(), x[..., half:n_rot].float()
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor, n_rot: int) -> torch.Tensor:
+    """x [B, T, H, D]: pairs of dims [0, n_rot) rotated; dims >= n_rot pass through."""
+    pairs = x[..., :n_rot].float().reshape(*x.shape[:-1], n_rot // 2, 2)  # [B, T, H, n_rot/2, 2]
+    rotated = torch.view_as_real(torch.view_as_complex(pairs) * rotations).flatten(-2).to(x.dtype)
     if n_rot == x.shape[-1]:
         return rotated
     return torch.cat((rotated, x[..., n_rot:]), dim=-1)

@@ -28,13 +28,15 @@ GLOBAL_TENSORS = ("token_embd.weight", "output_norm.weight", "output_norm.bias",
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.")
 
 
-def neox_order(w: np.ndarray, n_head: int, n_rot: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation for NORM rope (rows `[n_head * D, ...]`): each head's
-    first n_rot rows go from interleaved pairs (x0, x1), (x2, x3), ... to halves, so the NEOX
-    rotation computes exactly what ggml's NORM rotation computes on the stored rows."""
+def pair_order(w: np.ndarray, n_head: int, n_rot: int) -> np.ndarray:
+    """Reorder each head's first n_rot rows of a NEOX-mode q/k projection (rows
+    `[n_head * D, ...]`) from halves (x0..x_{n/2-1} | x_{n/2}..) to interleaved pairs
+    (x0, x_{n/2}), (x1, x_{n/2+1}), ...: rotating pairs then computes exactly what NEOX
+    rotation computes on the stored rows (the same permutation llama.cpp's converter
+    applies to llama-family weights, whose GGUF rows are already paired)."""
     rest = w.shape[1:]
     heads = w.reshape(n_head, -1, *rest)  # [H, D, ...]
-    rot = heads[:, :n_rot].reshape(n_head, n_rot // 2, 2, *rest).swapaxes(1, 2)
+    rot = heads[:, :n_rot].reshape(n_head, 2, n_rot // 2, *rest).swapaxes(1, 2)
     rot = rot.reshape(n_head, n_rot, *rest)
     return np.concatenate([rot, heads[:, n_rot:]], axis=1).reshape(w.shape)
 
@@ -87,10 +89,10 @@ def _attention(
             w.array(p + f"attn_{n}.bias", (s,)) if w.has(p + f"attn_{n}.bias") else None
             for n, s in zip("qkv", sizes)
         )
-    if spec.rope is Rope.NORM:
-        q, k = neox_order(q, lp.n_head, rope.n_rot), neox_order(k, lp.n_head_kv, rope.n_rot)
-        qb = neox_order(qb, lp.n_head, rope.n_rot) if qb is not None else None
-        kb = neox_order(kb, lp.n_head_kv, rope.n_rot) if kb is not None else None
+    if spec.rope is Rope.NEOX:
+        q, k = pair_order(q, lp.n_head, rope.n_rot), pair_order(k, lp.n_head_kv, rope.n_rot)
+        qb = pair_order(qb, lp.n_head, rope.n_rot) if qb is not None else None
+        kb = pair_order(kb, lp.n_head_kv, rope.n_rot) if kb is not None else None
     biases = [qb, kb, vb]
     if any(b is not None for b in biases):
         biases = [b if b is not None else np.zeros(s, np.float32) for b, s in zip(biases, sizes)]
@@ -99,13 +101,16 @@ def _attention(
         qkv_bias = None
     qkv = Linear(w.tensor(np.concatenate([q, k, v])), qkv_bias)
     out = Linear(w.get(p + "attn_output.weight", (e, sizes[0])), w.optional(p + "attn_output.bias", (e,)))
-    q_norm = k_norm = None
+    qk_norm = None
     if spec.qk_norm:
-        q_norm = RMSNorm(w.get(p + "attn_q_norm.weight", (d,)), hp.norm_eps)
-        k_norm = RMSNorm(w.get(p + "attn_k_norm.weight", (d,)), hp.norm_eps)
+        q_w, k_w = w.array(p + "attn_q_norm.weight", (d,)), w.array(p + "attn_k_norm.weight", (d,))
+        if spec.rope is Rope.NEOX:  # the norm acts per dim, so its weight follows the rows
+            q_w, k_w = pair_order(q_w, 1, rope.n_rot), pair_order(k_w, 1, rope.n_rot)
+        per_head = np.concatenate([np.broadcast_to(q_w, (lp.n_head, d)), np.broadcast_to(k_w, (lp.n_head_kv, d))])
+        qk_norm = RMSNorm(w.tensor(per_head), hp.norm_eps)  # weight [H + Hkv, D]
     return Attention(
         qkv, out, lp.n_head, lp.n_head_kv, d, hp.attn_scale, rope,
-        lp.sliding_window, hp.attn_softcap, q_norm, k_norm,
+        lp.sliding_window, hp.attn_softcap, qk_norm,
     )
 
 

@@ -52,7 +52,7 @@ class PipelineStage(nn.Module):
         start, end = state.append_positions(positions)
         windows = {layer.attn.window for layer in self.layers}
         io = LayerInputs(
-            rope={id(r): r.cos_sin(positions) for r in self.ropes},
+            rope={id(r): r.rotations(positions) for r in self.ropes},
             masks={w: state.mask(start, end, w) for w in windows},
             start=start,
             end=end,
