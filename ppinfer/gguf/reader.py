@@ -4,7 +4,8 @@ The file is memory-mapped once; metadata is parsed eagerly (string arrays such a
 vocabulary included: ~0.2 s), tensor bytes are touched only when a tensor is loaded, so a stage
 that loads a slice of the layers never pages in another stage's weights. Every structural
 problem (missing file, wrong magic or version, truncation, an offset past the end of the file,
-an unknown type) raises `ModelFileError` naming the file and, where relevant, the key or tensor.
+a tensor not where llama.cpp's layout puts it, a duplicate key or tensor, an unknown type)
+raises `ModelFileError` naming the file and, where relevant, the key or tensor.
 
 gguf-py's own `GGUFReader` builds Python objects for every array element and is 10-50x slower
 to open on real vocabularies; its dequantization kernels (`gguf.quants`) are used as they are.
@@ -12,6 +13,7 @@ to open on real vocabularies; its dequantization kernels (`gguf.quants`) are use
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -28,6 +30,7 @@ from ppinfer.errors import ModelFileError
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+_CHUNK_BYTES = 1 << 20  # dequantize at most this many stored bytes at once
 
 # GGUF metadata value types -> (struct format, size) for scalars.
 _SCALARS: dict[int, tuple[str, int]] = {
@@ -54,6 +57,38 @@ def _dequantizable(qtype: GGMLQuantizationType) -> bool:
 SUPPORTED_TENSOR_TYPES: tuple[str, ...] = tuple(
     t.name for t in GGMLQuantizationType if _dequantizable(t)
 )
+
+
+_INTEGER, _FLOAT = "an integer (or one per layer)", "a floating-point number"
+_VALUE_KINDS: dict[str, str] = {
+    "context_length": _INTEGER,
+    "embedding_length": _INTEGER,
+    "block_count": _INTEGER,
+    "feed_forward_length": _INTEGER,
+    "attention.head_count": _INTEGER,
+    "attention.head_count_kv": _INTEGER,
+    "attention.key_length": _INTEGER,
+    "attention.value_length": _INTEGER,
+    "rope.dimension_count": _INTEGER,
+    "attention.layer_norm_epsilon": _FLOAT,
+    "attention.layer_norm_rms_epsilon": _FLOAT,
+    "rope.freq_base": _FLOAT,
+    "rope.freq_base_swa": _FLOAT,
+    "rope.scaling.factor": _FLOAT,
+    "attention.scale": _FLOAT,
+    "attn_logit_softcapping": _FLOAT,
+    "final_logit_softcapping": _FLOAT,
+}
+"""`{arch}.` keys whose value kind is fixed (integers of any width: llama.cpp writes uint32
+where the spec says uint64)."""
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == _FLOAT:
+        return type(value) is float
+    if isinstance(value, np.ndarray):  # per-layer counts
+        return value.dtype.kind in "iu"
+    return type(value) is int  # bool, an int subclass, is not a count
 
 
 @dataclass(frozen=True)
@@ -127,16 +162,18 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
+        if not self.path.exists():
             raise ModelFileError(f"model file not found: {self.path}")
+        if not self.path.is_file():
+            raise ModelFileError(f"{self.path}: not a regular file (a directory or a device?)")
         try:
             with open(self.path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
                 if size < 24:
                     raise ModelFileError(f"{self.path}: not a GGUF file ({size} bytes)")
                 self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        except PermissionError as exc:
-            raise ModelFileError(f"model file not readable: {self.path} ({exc})") from exc
+        except OSError as exc:
+            raise ModelFileError(f"model file not readable: {self.path} ({exc.strerror or exc})") from exc
         self.metadata: dict[str, Any] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._parse()
@@ -157,6 +194,8 @@ class GGUFFile:
             raise ModelFileError(f"{self.path}: corrupt header ({n_tensors} tensors, {n_kv} keys)")
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
+            if key in self.metadata:
+                raise ModelFileError(f"{self.path}: metadata key {key!r} appears twice")
             self.metadata[key] = cur.value(cur.u32(f"type of {key}"), f"metadata {key!r}")
         infos = []
         for i in range(n_tensors):
@@ -168,12 +207,47 @@ class GGUFFile:
             raw_type = cur.u32(f"type of tensor {name!r}")
             offset = cur.u64(f"offset of tensor {name!r}")
             infos.append((name, ne, raw_type, offset))
-        align = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-        if align <= 0 or align & (align - 1):
-            raise ModelFileError(f"{self.path}: general.alignment={align} is not a power of two")
+        align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        # bool is an int subclass; an alignment stored as any other type is a corrupt header.
+        if type(align) is not int or align <= 0 or align & (align - 1):
+            raise ModelFileError(f"{self.path}: general.alignment={align!r} is not a power of two")
         data_start = -(-cur.pos // align) * align
+        # llama.cpp's rule: tensors are stored in the order of their infos, each one padded to
+        # the alignment. Checking it turns a corrupt offset, shape or type (each of which
+        # changes where a tensor's bytes are) into an error instead of weights read from the
+        # wrong place.
+        expected = 0
         for name, ne, raw_type, offset in infos:
-            self.tensors[name] = self._tensor_info(name, ne, raw_type, data_start + offset)
+            if name in self.tensors:
+                raise ModelFileError(f"{self.path}: tensor {name!r} appears twice")
+            info = self._tensor_info(name, ne, raw_type, data_start + offset)
+            if offset != expected:
+                raise ModelFileError(
+                    f"{self.path}: tensor {name!r} starts at data offset {offset}, expected "
+                    f"{expected} (right after the previous tensor, padded to {align} bytes)"
+                )
+            expected += -(-info.n_bytes // align) * align
+            self.tensors[name] = info
+        if data_start + expected < len(self._map):
+            raise ModelFileError(
+                f"{self.path}: {len(self._map) - data_start - expected} bytes follow the last "
+                f"tensor's data (corrupt tensor count or tensor info?)"
+            )
+        self._check_value_kinds()
+
+    def _check_value_kinds(self) -> None:
+        """The standard hyperparameter keys must hold the kind of value the GGUF spec gives
+        them, as llama.cpp's loader insists: read as another type, the same bytes are a
+        different number (an epsilon of 1e-5 stored as float32 reads as 925353388 as uint32)."""
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            return
+        for suffix, kind in _VALUE_KINDS.items():
+            key = f"{arch}.{suffix}"
+            if key in self.metadata and not _is_kind(self.metadata[key], kind):
+                raise ModelFileError(
+                    f"{self.path}: metadata {key!r} holds {self.metadata[key]!r}, expected {kind}"
+                )
 
     def _tensor_info(self, name: str, ne: list[int], raw_type: int, offset: int) -> TensorInfo:
         try:
@@ -183,12 +257,13 @@ class GGUFFile:
                 f"{self.path}: tensor {name!r} has unknown GGML type id {raw_type}"
             ) from None
         block, type_size = GGML_QUANT_SIZES[qtype]
-        if not ne or ne[0] % block:
+        if not ne or min(ne) < 1 or ne[0] % block:
             raise ModelFileError(
                 f"{self.path}: tensor {name!r} shape {ne} is not a whole number of "
                 f"{qtype.name} blocks of {block}"
             )
-        n_bytes = int(np.prod(ne, dtype=np.int64)) // block * type_size
+        # Python ints: a corrupt dimension must not overflow into a small (or negative) size.
+        n_bytes = math.prod(ne) // block * type_size
         if offset + n_bytes > len(self._map):
             raise ModelFileError(
                 f"{self.path}: tensor {name!r} ends at byte {offset + n_bytes} but the file has "
@@ -224,14 +299,49 @@ class GGUFFile:
         return flat.reshape(*info.shape[:-1], -1)
 
     def load(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """Dequantize one tensor to float32 (`[out, in]` for weights), checking its shape."""
+        """Dequantize one tensor to float32 (`[out, in]` for weights), checking its shape.
+
+        Large tensors are dequantized a block of rows at a time into the result, since
+        gguf-py's kernels make several full-size temporaries: loading a 113 MB output head
+        in one call would briefly cost three times that.
+        """
         info = self.info(name)
         if shape is not None and tuple(shape) != info.shape:
             raise ModelFileError(
                 f"{self.path}: tensor {name!r} has shape {list(info.shape)}, "
                 f"expected {list(shape)}"
             )
-        return dequantize(self.raw(name), info.qtype, f"{self.path}: tensor {name!r}")
+        raw, what = self.raw(name), f"{self.path}: tensor {name!r}"
+        if raw.ndim < 2 or info.n_bytes <= _CHUNK_BYTES:
+            out = dequantize(raw, info.qtype, what)
+            if out.base is not None and info.qtype == GGMLQuantizationType.F32:
+                out = out.copy()  # not a view of the mapping we are about to release
+        else:
+            out = np.empty(info.shape, dtype=np.float32)
+            step = max(1, _CHUNK_BYTES // (raw.nbytes // raw.shape[0]))
+            for start in range(0, raw.shape[0], step):
+                out[start:start + step] = dequantize(raw[start:start + step], info.qtype, what)
+        self._release(info)
+        return out
+
+    def _release(self, info: TensorInfo) -> None:
+        """Drop the stored bytes of a dequantized tensor from this process's resident set
+        (they stay in the OS page cache): a stage's peak memory is then its float weights,
+        not its weights plus the file pages it read them from."""
+        page = mmap.PAGESIZE
+        start = info.offset - info.offset % page
+        self._map.madvise(mmap.MADV_DONTNEED, start, info.offset + info.n_bytes - start)
+
+    def check_tensor_types(self) -> None:
+        """Raise `ModelFileError` naming the first tensor stored in a type that cannot be
+        dequantized. Checking the whole file up front gives every rank the same verdict, not
+        only the rank whose layers hold that tensor."""
+        for info in self.tensors.values():
+            if not _dequantizable(info.qtype):
+                raise ModelFileError(
+                    f"{self.path}: tensor {info.name!r} is stored as {info.qtype.name}, which "
+                    f"cannot be dequantized (supported: {', '.join(SUPPORTED_TENSOR_TYPES)})"
+                )
 
     def close(self) -> None:
         self._map.close()
