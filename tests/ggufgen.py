@@ -64,7 +64,12 @@ class TinySpec:
     """No `output.weight`: the output head reuses `token_embd`."""
     fused_qkv: bool = False
     """One `attn_qkv` tensor [q | k | v] instead of attn_q/attn_k/attn_v (phi3 always)."""
+    attn_bias: bool = False
+    """q/k/v/o biases on llama, where they are optional (qwen2, phi2, starcoder2 always
+    have their own fixed set)."""
     sliding_window: int | None = None
+    """attention.sliding_window; which layers slide is the family's fixed pattern (gemma2:
+    even layers, gemma3: il % 6 < 5); llama.cpp ignores the key for phi3."""
     attn_softcap: float | None = None
     final_softcap: float | None = None
     qtype: QType = QType.F32
@@ -85,17 +90,6 @@ class TinySpec:
     @property
     def kv_width(self) -> int:
         return self.n_head_kv * self.head_dim
-
-    @property
-    def sliding_layers(self) -> tuple[int, ...]:
-        """Layers that use the sliding window, per llama.cpp's pattern for the family."""
-        if self.sliding_window is None:
-            return ()
-        if self.arch == "gemma2":
-            return tuple(i for i in range(self.n_layer) if i % 2 == 0)
-        if self.arch == "gemma3":
-            return tuple(i for i in range(self.n_layer) if i % 6 < 5)
-        return ()
 
 
 def _linear(rng: np.random.Generator, n_out: int, n_in: int, gain: float = 1.0) -> np.ndarray:
@@ -120,7 +114,7 @@ def _attention(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, 
     wq = _linear(rng, spec.q_width, e, g)
     wk = _linear(rng, spec.kv_width, e, g)
     wv = _linear(rng, spec.kv_width, e)
-    with_qkv_bias = spec.arch in ("qwen2", "phi2", "starcoder2")
+    with_qkv_bias = spec.attn_bias or spec.arch in ("qwen2", "phi2", "starcoder2")
     if spec.fused_qkv:
         out[f"{p}.attn_qkv.weight"] = np.concatenate([wq, wk, wv], axis=0)  # [(H+2Hkv)·D, E]
         if with_qkv_bias:
@@ -135,7 +129,7 @@ def _attention(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, 
         out[f"{p}.attn_q_norm.weight"] = _norm(rng, spec.head_dim)
         out[f"{p}.attn_k_norm.weight"] = _norm(rng, spec.head_dim)
     out[f"{p}.attn_output.weight"] = _linear(rng, e, spec.q_width)
-    if spec.arch in ("phi2", "starcoder2"):
+    if spec.attn_bias or spec.arch in ("phi2", "starcoder2"):
         out[f"{p}.attn_output.bias"] = _bias(rng, e)
 
 

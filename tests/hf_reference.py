@@ -18,7 +18,11 @@ theta_i. None of this imports ppinfer.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import gguf
 import numpy as np
@@ -72,7 +76,9 @@ def hf_config(spec: TinySpec) -> PretrainedConfig:
     rope = _rope(spec, spec.rope_base, spec.rope_linear_factor)
     arch = spec.arch
     if arch in LLAMA_LIKE:
-        return LlamaConfig(**common, head_dim=spec.head_dim, rms_norm_eps=1e-5, rope_parameters=rope)
+        return LlamaConfig(
+            **common, head_dim=spec.head_dim, rms_norm_eps=1e-5, attention_bias=spec.attn_bias, rope_parameters=rope
+        )
     if arch == "qwen2":
         return Qwen2Config(**common, rms_norm_eps=1e-5, rope_parameters=rope)
     if arch == "qwen3":
@@ -227,18 +233,31 @@ def load_by_hand(path: Path, spec: TinySpec, unpermute_qk: bool = True) -> PreTr
     return model
 
 
+@contextlib.contextmanager
+def _memoized_gguf_py() -> Iterator[None]:
+    """Speed only: while transformers loads a GGUF file it parses the whole file twice with
+    `gguf.GGUFReader` (config, then tensors; seconds per pass on a real vocabulary) and builds
+    the same `gguf.get_tensor_name_map` once per submodule. Both are pure functions of their
+    arguments, so within one load they are memoized; the results are unchanged."""
+    reader = functools.cache(gguf.GGUFReader)
+    name_map = functools.cache(gguf.get_tensor_name_map)
+    with mock.patch.object(gguf, "GGUFReader", reader), mock.patch.object(gguf, "get_tensor_name_map", name_map):
+        yield
+
+
 def load_with_gguf_loader(path: Path, spec: TinySpec | None) -> PreTrainedModel:
     """transformers' GGUF loader; with `spec`, the config is ours (see module docstring),
     without, the loader's own config from the file's metadata."""
     kwargs: dict[str, object] = {} if spec is None else {"config": hf_config(spec)}
-    model, info = AutoModelForCausalLM.from_pretrained(
-        path.parent,
-        gguf_file=path.name,
-        dtype=torch.float32,
-        attn_implementation="eager",
-        output_loading_info=True,
-        **kwargs,
-    )
+    with _memoized_gguf_py():
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path.parent,
+            gguf_file=path.name,
+            dtype=torch.float32,
+            attn_implementation="eager",
+            output_loading_info=True,
+            **kwargs,
+        )
     if info["missing_keys"] or info["mismatched_keys"]:
         raise AssertionError(f"{path}: loader left {info['missing_keys']} {info['mismatched_keys']}")
     model.eval()

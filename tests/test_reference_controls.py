@@ -91,3 +91,13 @@ def test_quantization_changes_weights(tiny_files: TinyFiles) -> None:
     f32 = _logits(reference_model(tiny_files.path("llama"), spec), spec)
     q4 = _logits(reference_model(tiny_files.path("llama_q4_0"), ALL_CASES["llama_q4_0"]), spec)
     assert _max_gap(f32, q4) > BITES
+
+
+def test_phi3_window_would_bite(tiny_files: TinyFiles) -> None:
+    """The phi3 file's sliding_window key (which llama.cpp ignores) would matter if applied."""
+    case = "phi3_sliding_window_key"
+    spec, path = ALL_CASES[case], tiny_files.path(case)
+    model = reference_model(path, spec)
+    right = _logits(model, spec)
+    model.config.sliding_window = spec.sliding_window
+    assert _max_gap(right, _logits(model, spec)) > BITES

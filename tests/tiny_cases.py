@@ -40,9 +40,13 @@ FAMILY_CASES: dict[str, TinySpec] = {
 QUIRK_CASES: dict[str, TinySpec] = {
     "llama_tied": TinySpec("llama", n_layer=4, tied=True, seed=10),
     "llama_fused_qkv": TinySpec("llama", fused_qkv=True, seed=11),
+    # q/k biases are permuted with their rows by llama.cpp's converter.
+    "llama_attn_bias": TinySpec("llama", attn_bias=True, seed=17),
     "llama_rope_linear": TinySpec("llama", rope_linear_factor=4.0, seed=12),
     "llama_rope_freqs": TinySpec("llama", rope_freqs=True, rope_base=500.0, seed=13),
     "phi2_fused_qkv": TinySpec("phi2", rope_dims=6, fused_qkv=True, seed=14),
+    # Real Phi-3 files carry a sliding_window key that llama.cpp ignores.
+    "phi3_sliding_window_key": TinySpec("phi3", fused_qkv=True, rope_dims=12, sliding_window=4, seed=18),
     # Sliding layers use freq_base_swa, global ones freq_base with linear scaling.
     "gemma3_swa_base_linear": TinySpec(
         "gemma3", n_layer=6, tied=True, sliding_window=5, rope_base=1e6, rope_base_swa=100.0,
@@ -80,10 +84,6 @@ class TinyFiles:
             write_tiny_gguf(partial, ALL_CASES[case])
             partial.rename(path)
         return path
-
-    @staticmethod
-    def spec(case: str) -> TinySpec:
-        return ALL_CASES[case]
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,16 @@ class StageClock:
     def wall_s(self) -> float:
         return self.loop_end - self.loop_start
 
+    def decode_idle_fraction(self) -> float:
+        """Idle share of this stage between its first and last decode computation, i.e. the
+        decode phase after the pipeline has filled (0 when there was no decode)."""
+        decode = [s for s in self.spans if s.kind is Kind.DECODE]
+        if not decode:
+            return 0.0
+        start, end = decode[0].start, decode[-1].end
+        busy = sum(min(s.end, end) - max(s.start, start) for s in self.spans if s.end > start and s.start < end)
+        return max(0.0, 1.0 - busy / (end - start)) if end > start else 0.0
+
 
 class StageRunner:
     """Runs work items through this rank's stage, owning one KV cache per lane."""

@@ -8,7 +8,10 @@ from typing import Any
 
 import torch
 
-STAGE_FIELDS = ("compute_s", "comm_s", "idle_s", "wall_s", "peak_rss_bytes", "peak_cuda_bytes", "baseline_rss_bytes")
+STAGE_FIELDS = (
+    "compute_s", "comm_s", "idle_s", "wall_s", "peak_rss_bytes", "peak_cuda_bytes",
+    "baseline_rss_bytes", "decode_idle_fraction",
+)
 
 
 def peak_rss_bytes() -> int:
@@ -32,6 +35,7 @@ class StageMetrics:
     peak_rss_bytes: float
     peak_cuda_bytes: float
     baseline_rss_bytes: float
+    decode_idle_fraction: float  # idle share of the decode phase after the fill
 
     def to_tensor(self, device: torch.device) -> torch.Tensor:
         return torch.tensor([getattr(self, f) for f in STAGE_FIELDS], dtype=torch.float64, device=device)
@@ -49,6 +53,7 @@ class StageMetrics:
             "comm_s": self.comm_s,
             "idle_s": self.idle_s,
             "bubble_fraction": self.idle_s / wall,
+            "decode_idle_fraction": self.decode_idle_fraction,
             "peak_rss_bytes": int(self.peak_rss_bytes),
             "peak_rss_above_baseline_bytes": int(self.peak_rss_bytes - self.baseline_rss_bytes),
             "peak_cuda_bytes": int(self.peak_cuda_bytes),
