@@ -191,7 +191,7 @@ def validate_config(cfg: AnyConfig, world_size: int, cuda_available: bool) -> No
         _fail("task", cfg.task, f"must be one of {', '.join(TASKS)}")
     _validate_pipeline(cfg.pipeline, world_size)
     _validate_inputs(cfg)
-    _validate_generation(cfg.generation)
+    _validate_generation(cfg.generation, cfg.task)
     _validate_runtime(cfg.runtime, cuda_available)
     _validate_profile(cfg.profile)
 
@@ -223,9 +223,9 @@ def _validate_inputs(cfg: AnyConfig) -> None:
             _fail("input.token_ids", list(cfg.input.token_ids), "must not be empty")
 
 
-def _validate_generation(g: Any) -> None:
-    if g.max_new_tokens < 0:
-        _fail("generation.max_new_tokens", g.max_new_tokens, "must be >= 0")
+def _validate_generation(g: Any, task: str) -> None:
+    if g.max_new_tokens < 0 or (task == "generate" and g.max_new_tokens < 1):
+        _fail("generation.max_new_tokens", g.max_new_tokens, "must be >= 1 to generate")
     if not g.temperature >= 0.0:
         _fail("generation.temperature", g.temperature, "must be >= 0 (0 means greedy)")
     if g.top_k < 0:

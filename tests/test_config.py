@@ -157,6 +157,7 @@ BAD_VALUES = [
     (["generation.min_p=2"], 1, False, "generation.min_p", "2"),
     (["generation.repetition_penalty=0"], 1, False, "generation.repetition_penalty", "0"),
     (["generation.max_new_tokens=-3"], 1, False, "generation.max_new_tokens", "-3"),
+    (["generation.max_new_tokens=0"], 1, False, "generation.max_new_tokens", "0"),
     (["runtime.device=tpu"], 1, False, "runtime.device", "tpu"),
     (["runtime.device=cuda"], 1, False, "runtime.device", "cuda"),
     (["runtime.dtype=float64"], 1, False, "runtime.dtype", "float64"),

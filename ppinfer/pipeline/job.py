@@ -168,6 +168,7 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool) ->
     dtype = resolve_dtype(cfg, device_name)
     model_path = resolve_model_path(cfg.model.path or cfg.model.name)
     gf = GGUFFile(model_path)
+    gf.check_tensor_types()
     if family_given and cfg.model.family is not None and cfg.model.family != gf.architecture:
         raise ConfigError(
             f"model.family={cfg.model.family} but {model_path} is {gf.architecture!r} (general.architecture)"

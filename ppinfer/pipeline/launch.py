@@ -17,6 +17,7 @@ from ppinfer.errors import PPInferError
 from ppinfer.generation.sampling import Sampler, SamplingParams
 from ppinfer.generation.stopping import StopConditions
 from ppinfer.model import PipelineStage, build_stage
+from ppinfer.pipeline.failures import describe_bug, is_peer_failure, report_bad_input, report_peer_failure
 from ppinfer.pipeline.job import DistEnv, Job, prepare
 from ppinfer.pipeline.outputs import METRICS, ResultsWriter, write_json_atomic
 from ppinfer.pipeline.runtime import StageClock, StageRunner, run_first, run_relay
@@ -24,6 +25,8 @@ from ppinfer.pipeline.schedule import RingScheduler, run_order, simulate, stage_
 from ppinfer.pipeline.sinks import GenerateSink, ScoreSink, Sink, TokenCounts
 from ppinfer.pipeline.transport import Transport
 from ppinfer.profiling.metrics import StageMetrics, current_rss_bytes, peak_rss_bytes
+from ppinfer.profiling.tensorboard import finish_profile, make_tracer
+from ppinfer.profiling.trace import Tracer
 
 log = logging.getLogger("ppinfer")
 
@@ -38,10 +41,10 @@ def setup_logging(env: DistEnv) -> None:
     log.setLevel(logging.INFO if env.rank in (0, env.world - 1) else logging.WARNING)
 
 
-def _make_sink(job: Job, counts: TokenCounts) -> Sink:
+def _make_sink(job: Job, counts: TokenCounts, tracer: Tracer) -> Sink:
     job.out_dir.mkdir(parents=True, exist_ok=True)
     if job.is_score:
-        return ScoreSink(job.batches, counts)
+        return ScoreSink(job.batches, counts, tracer=tracer)
     g = job.cfg.generation
     params = SamplingParams(
         temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, min_p=g.min_p,
@@ -54,7 +57,7 @@ def _make_sink(job: Job, counts: TokenCounts) -> Sink:
     return GenerateSink(
         job.batches, job.texts, Sampler(params), conditions,
         lambda ids: job.tokenizer.decode(ids, skip_special=True),
-        ResultsWriter(job.out_dir), g.repetition_penalty != 1.0, counts,
+        ResultsWriter(job.out_dir), g.repetition_penalty != 1.0, counts, tracer=tracer,
     )
 
 
@@ -119,14 +122,15 @@ def _metrics(job: Job, stages: list[StageMetrics], counts: TokenCounts, clock: S
 def execute(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
     """Run this rank's part of the job (the process group, if any, is initialised)."""
     plan = job.plan
+    tracer = make_tracer(job)
     transport = None
     if job.env.world > 1:
         max_batch = max(b.size for b in job.batches)
         transport = Transport(job.env.rank, job.env.world, job.hparams.n_embd, max_batch,
-                              job.cfg.pipeline.prefill_chunk, job.dtype, job.device)
-    runner = StageRunner(stage, job.batches, job.capacity(), job.n_lanes)
+                              job.cfg.pipeline.prefill_chunk, job.dtype, job.device, tracer=tracer)
+    runner = StageRunner(stage, job.batches, job.capacity(), job.n_lanes, tracer=tracer)
     counts = TokenCounts()
-    sink = _make_sink(job, counts) if plan.is_last else None
+    sink = _make_sink(job, counts, tracer) if plan.is_last else None
     if job.env.world > 1:
         dist.barrier()
     counts.last_done = time.perf_counter()
@@ -144,9 +148,10 @@ def execute(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
     mine = StageMetrics(
         compute_s=clock.compute_s, comm_s=comm_s, idle_s=max(clock.wall_s - clock.compute_s - comm_s, 0.0),
         wall_s=clock.wall_s, peak_rss_bytes=peak_rss_bytes(), peak_cuda_bytes=cuda_peak,
-        baseline_rss_bytes=baseline_rss,
+        baseline_rss_bytes=baseline_rss, decode_idle_fraction=clock.decode_idle_fraction(),
     )
     stages = _gather(job, mine)
+    finish_profile(tracer, job, runner, stages, counts)
     if sink is not None:
         extra = sink.finish(job.out_dir)
         metrics = _metrics(job, stages, counts, clock, extra)
@@ -169,16 +174,16 @@ def run(cfg: Any, environ: Mapping[str, str] = os.environ, overrides: Sequence[s
         torch.set_num_threads(job.threads)
         stage = build_stage(job.model_path, job.plan, job.dtype, job.device)
     except PPInferError as exc:
-        if env.rank == 0 or "tensor" in str(exc):
-            log.error("error: %s", exc)
-        return 2
-    if env.world > 1:
-        _init_process_group(job)
+        return report_bad_input(env, str(exc), environ)
     try:
+        if env.world > 1:
+            _init_process_group(job)
         execute(job, stage, baseline_rss)
-    except dist.DistError as exc:
-        log.error("lost contact with another rank (%s: %s); exiting", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        return 1
+    except Exception as exc:
+        if is_peer_failure(exc):
+            return report_peer_failure(env, exc)
+        describe_bug(exc, environ)
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -115,6 +115,8 @@ def run_first(runner: StageRunner, scheduler: RingScheduler, transport: Transpor
                 batch_index = scheduler.batch_of(action.lane)
                 assert batch_index is not None, "a lane awaiting tokens holds a batch"
                 header, tokens = transport.recv_tokens(runner.batches[batch_index].size)
+                if header.item is None or header.item.lane != action.lane:
+                    raise RuntimeError(f"expected tokens of lane {action.lane}, got {header}")
                 finished = header.finished
             last_tokens[action.lane] = tokens
             scheduler.tokens_arrived(action.lane, finished)

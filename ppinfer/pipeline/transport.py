@@ -25,6 +25,7 @@ from ppinfer.pipeline.schedule import Kind, WorkItem
 from ppinfer.profiling.trace import NULL_TRACER, Tracer
 
 HEADER = 8
+_MAX_PENDING_SENDS = 8
 
 
 class Msg(IntEnum):
@@ -104,8 +105,11 @@ class Transport:
 
     def _isend(self, tensor: torch.Tensor, dst: int) -> None:
         with self.tracer.range("send"):
-            self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
             self._sends.append((dist.isend(tensor, dst), tensor))
+            # gloo reports completion only through wait(): retire the oldest sends (long
+            # delivered by now) so the list stays bounded.
+            while len(self._sends) > _MAX_PENDING_SENDS:
+                self._sends.pop(0)[0].wait()
 
     def send_item(self, item: WorkItem, hidden: torch.Tensor) -> None:
         """hidden [B, T, E] to the next stage."""

@@ -1,0 +1,270 @@
+"""What to run: the benchmark points, the ratios the issue targets, and the planner.
+
+A ratio names the runs it compares (a `Term` is one metric of one run, optionally scaled), so
+a scenario is just a group of ratios and the planner derives exactly the runs those ratios
+need, each once even when several scenarios share it. Everything here is plain data: the
+planner and the ratios can be checked without starting a process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Sequence, Union
+
+Metrics = Mapping[str, Any]
+"""One run's metrics.json (or the peer's file of the same shape)."""
+
+PromptSet = Literal["short", "long"]
+"""`short`: the built-in prompts; `long`: one prompt of `Sizes.long_prompt_tokens` tokens."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sizes:
+    """The workload knobs: the full benchmark's defaults, shrunk by `--quick`."""
+
+    lane_size: int = 16
+    """Sequences per lane in the throughput points (2 lanes of it make the batch of 32)."""
+    max_new_tokens: int = 64
+    """Tokens generated per sequence (EOS ignored) in the throughput and latency points."""
+    long_prompt_tokens: int = 512
+    """Length of the prefill scenario's single prompt."""
+    prefill_chunk: int = 64
+    """Prompt tokens per prefill step in the prefill scenario (several chunks pipeline)."""
+    prefill_new_tokens: int = 4
+    """Tokens generated after the long prompt (only prefill is measured there)."""
+    memory_new_tokens: int = 8
+    """Tokens generated in the memory points (weights dominate; the KV cache is small)."""
+    peer_threads: int = 2
+    """Torch threads of the transformers peer (the same two cores the pipeline uses)."""
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < 1:
+                raise ValueError(f"{name}={value}: must be at least 1")
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    lane_size=2, max_new_tokens=4, long_prompt_tokens=96, prefill_chunk=32,
+    prefill_new_tokens=2, memory_new_tokens=2,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineRun:
+    """One `torchrun launch/infer.py` point: `lanes` lanes of `lane_size` sequences each."""
+
+    stages: int
+    threads: int
+    lanes: int
+    lane_size: int
+    max_new_tokens: int
+    prompts: PromptSet = "short"
+    prefill_chunk: int | None = None
+    """None leaves the runtime's default."""
+
+    @property
+    def sequences(self) -> int:
+        return self.lanes * self.lane_size
+
+    @property
+    def label(self) -> str:
+        chunk = f" chunk {self.prefill_chunk}" if self.prefill_chunk is not None else ""
+        return f"ppinfer S={self.stages} T={self.threads} {self.lanes}x{self.lane_size} {self.prompts}{chunk}"
+
+    @property
+    def slug(self) -> str:
+        """A directory name unique to these settings."""
+        chunk = f"-c{self.prefill_chunk}" if self.prefill_chunk is not None else ""
+        return (f"pp-s{self.stages}-t{self.threads}-m{self.lanes}x{self.lane_size}"
+                f"-{self.prompts}-n{self.max_new_tokens}{chunk}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerRun:
+    """transformers `generate` on one left-padded batch of `sequences` prompts."""
+
+    threads: int
+    sequences: int
+    max_new_tokens: int
+    prompts: PromptSet = "short"
+
+    @property
+    def label(self) -> str:
+        return f"transformers T={self.threads} 1x{self.sequences} {self.prompts}"
+
+    @property
+    def slug(self) -> str:
+        return f"hf-t{self.threads}-b{self.sequences}-{self.prompts}-n{self.max_new_tokens}"
+
+
+Run = Union[PipelineRun, PeerRun]
+
+
+def _token_latency(m: Metrics) -> float:
+    rate = float(m["decode_tokens_per_s"])
+    return 1.0 / rate if rate > 0 else float("inf")
+
+
+def _decode_idle(m: Metrics) -> float:
+    return max(float(s["decode_idle_fraction"]) for s in m["per_stage"])
+
+
+def _bubble(m: Metrics) -> float:
+    return max(float(s["bubble_fraction"]) for s in m["per_stage"])
+
+
+def _largest_rank_above_baseline_mb(m: Metrics) -> float:
+    return max(float(s["peak_rss_above_baseline_bytes"]) for s in m["per_stage"]) / 2**20
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A number read from one run's metrics (raises KeyError when the file lacks it)."""
+
+    name: str
+    unit: str
+    read: Callable[[Metrics], float]
+
+
+DECODE = Metric("decode", "tok/s", lambda m: float(m["decode_tokens_per_s"]))
+PREFILL = Metric("prefill", "tok/s", lambda m: float(m["prefill_tokens_per_s"]))
+TOKEN_LATENCY = Metric("per-token latency", "s", _token_latency)
+DECODE_IDLE = Metric("max stage idle fraction in decode after the fill", "", _decode_idle)
+BUBBLE = Metric("max stage idle fraction over the whole run (fill and drain included)", "", _bubble)
+PEAK_ABOVE_BASELINE = Metric("largest rank's peak RSS above its idle baseline", "MB", _largest_rank_above_baseline_mb)
+
+
+@dataclass(frozen=True)
+class Term:
+    """`scale` times `metric` of `run`."""
+
+    run: Run
+    metric: Metric
+    scale: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ratio:
+    """numerator / denominator (or the numerator alone) compared with the issue's target."""
+
+    key: str
+    title: str
+    numerator: Term
+    denominator: Term | None
+    target: float
+    higher_is_better: bool
+    fallback: Term | None = None
+    """Used, and flagged, when the numerator's metric is missing from the run's metrics."""
+
+    @property
+    def runs(self) -> tuple[Run, ...]:
+        terms = (self.denominator, self.numerator, self.fallback)  # baseline first in tables
+        return tuple(dict.fromkeys(t.run for t in terms if t is not None))
+
+
+def _pp(sizes: Sizes, stages: int, threads: int, lanes: int, lane_size: int) -> PipelineRun:
+    return PipelineRun(stages=stages, threads=threads, lanes=lanes, lane_size=lane_size,
+                       max_new_tokens=sizes.max_new_tokens)
+
+
+def scenario_ratios(sizes: Sizes) -> dict[str, tuple[Ratio, ...]]:
+    """Every scenario's ratios for these sizes (the issue's targets)."""
+    n = sizes.lane_size
+    one_stage = _pp(sizes, 1, 1, 1, n)
+    two_stage = _pp(sizes, 2, 1, 2, n)
+    two_threads = _pp(sizes, 1, 2, 1, 2 * n)
+    single_two_stage = _pp(sizes, 2, 1, 1, 1)
+    single_one_stage = _pp(sizes, 1, 1, 1, 1)
+    peer_batch = PeerRun(threads=sizes.peer_threads, sequences=2 * n, max_new_tokens=sizes.max_new_tokens)
+    peer_single = PeerRun(threads=sizes.peer_threads, sequences=1, max_new_tokens=sizes.max_new_tokens)
+    prefill = [
+        PipelineRun(stages=s, threads=1, lanes=1, lane_size=1, max_new_tokens=sizes.prefill_new_tokens,
+                    prompts="long", prefill_chunk=sizes.prefill_chunk)
+        for s in (1, 2)
+    ]
+    # The same 4 sequences: one lane on 1 stage, one lane per stage (a full ring) on 4.
+    memory = [
+        PipelineRun(stages=s, threads=1, lanes=s, lane_size=4 // s, max_new_tokens=sizes.memory_new_tokens)
+        for s in (1, 4)
+    ]
+    hf = f"transformers generate (fp32, {sizes.peer_threads} threads)"
+    chunked = f"{sizes.long_prompt_tokens}-token prompt in chunks of {sizes.prefill_chunk}"
+    return {
+        "efficiency": (
+            Ratio(key="pipeline_efficiency",
+                  title=f"2 stages x 1 thread, 2 lanes of {n} vs twice 1 stage x 1 thread, 1 lane of {n} (decode)",
+                  numerator=Term(two_stage, DECODE), denominator=Term(one_stage, DECODE, 2.0),
+                  target=0.90, higher_is_better=True),
+            Ratio(key="decode_idle",
+                  title="with 2 lanes on 2 stages, each stage's idle share of the decode phase after the fill",
+                  numerator=Term(two_stage, DECODE_IDLE), denominator=None,
+                  target=0.05, higher_is_better=False, fallback=Term(two_stage, BUBBLE)),
+        ),
+        "threads": (
+            Ratio(key="stages_vs_threads",
+                  title=f"2 stages x 1 thread vs 1 process x 2 threads on the same {2 * n} sequences (decode)",
+                  numerator=Term(two_stage, DECODE), denominator=Term(two_threads, DECODE),
+                  target=1.2, higher_is_better=True),
+        ),
+        "peer": (
+            Ratio(key="vs_transformers_batch",
+                  title=f"2 stages x 1 thread vs {hf} on {2 * n} sequences (decode)",
+                  numerator=Term(two_stage, DECODE), denominator=Term(peer_batch, DECODE),
+                  target=1.5, higher_is_better=True),
+            Ratio(key="vs_transformers_single",
+                  title=f"2 stages x 1 thread vs {hf} on one sequence (decode)",
+                  numerator=Term(single_two_stage, DECODE), denominator=Term(peer_single, DECODE),
+                  target=2.0, higher_is_better=True),
+        ),
+        "latency": (
+            Ratio(key="single_sequence_latency",
+                  title="one sequence: per-token latency on 2 stages vs on 1 stage (1 thread each)",
+                  numerator=Term(single_two_stage, TOKEN_LATENCY),
+                  denominator=Term(single_one_stage, TOKEN_LATENCY),
+                  target=1.15, higher_is_better=False),
+        ),
+        "prefill": (
+            Ratio(key="chunked_prefill",
+                  title=f"{chunked}: 2 stages vs 1 stage x 1 thread (prefill)",
+                  numerator=Term(prefill[1], PREFILL), denominator=Term(prefill[0], PREFILL),
+                  target=1.6, higher_is_better=True),
+        ),
+        "memory": (
+            Ratio(key="memory_per_rank",
+                  title="largest rank's peak RSS above an idle torch process: 4 stages vs 1 stage",
+                  numerator=Term(memory[1], PEAK_ABOVE_BASELINE),
+                  denominator=Term(memory[0], PEAK_ABOVE_BASELINE),
+                  target=0.35, higher_is_better=False),
+        ),
+    }
+
+
+SCENARIOS: tuple[str, ...] = tuple(scenario_ratios(FULL))
+"""Scenario names in the order `all` runs them."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The runs to make (each once; pipeline points first, then the transformers peer) and
+    the ratios to compute from them."""
+
+    scenarios: tuple[str, ...]
+    runs: tuple[Run, ...]
+    ratios: tuple[Ratio, ...]
+
+
+def plan(scenarios: Sequence[str], sizes: Sizes) -> Plan:
+    """The plan for `scenarios` (names from SCENARIOS, or `all`)."""
+    table = scenario_ratios(sizes)
+    for name in scenarios:
+        if name != "all" and name not in table:
+            raise ValueError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)} or all")
+    # Canonical order whatever the request's order, so one selection always gives one plan.
+    chosen = [s for s in SCENARIOS if s in scenarios or "all" in scenarios]
+    if not chosen:
+        raise ValueError("no scenario chosen")
+    ratios = tuple(r for name in chosen for r in table[name])
+    runs = list(dict.fromkeys(run for r in ratios for run in r.runs))
+    ordered = [r for r in runs if isinstance(r, PipelineRun)] + [r for r in runs if isinstance(r, PeerRun)]
+    return Plan(tuple(chosen), tuple(ordered), ratios)
