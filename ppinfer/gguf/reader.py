@@ -30,7 +30,7 @@ from ppinfer.errors import ModelFileError
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
-_CHUNK_BYTES = 1 << 20  # dequantize at most this many stored bytes at once
+_CHUNK_ELEMENTS = 1 << 20  # dequantize at most this many values (4 MB of float32) at once
 
 # GGUF metadata value types -> (struct format, size) for scalars.
 _SCALARS: dict[int, tuple[str, int]] = {
@@ -305,29 +305,45 @@ class GGUFFile:
         gguf-py's kernels make several full-size temporaries: loading a 113 MB output head
         in one call would briefly cost three times that.
         """
+        info = self.check_shape(name, shape)
+        if len(info.shape) < 2 or info.n_elements <= _CHUNK_ELEMENTS:
+            out = dequantize(self.raw(name), info.qtype, f"{self.path}: tensor {name!r}")
+            if out.base is not None and info.qtype == GGMLQuantizationType.F32:
+                out = out.copy()  # not a view of the mapping we are about to release
+        else:
+            out = np.empty(info.shape, dtype=np.float32)
+            for start, stop in self.row_blocks(name, _CHUNK_ELEMENTS):
+                out[start:stop] = self.load_rows(name, start, stop)
+        self.release(name)
+        return out
+
+    def check_shape(self, name: str, shape: tuple[int, ...] | None) -> TensorInfo:
         info = self.info(name)
         if shape is not None and tuple(shape) != info.shape:
             raise ModelFileError(
                 f"{self.path}: tensor {name!r} has shape {list(info.shape)}, "
                 f"expected {list(shape)}"
             )
-        raw, what = self.raw(name), f"{self.path}: tensor {name!r}"
-        if raw.ndim < 2 or info.n_bytes <= _CHUNK_BYTES:
-            out = dequantize(raw, info.qtype, what)
-            if out.base is not None and info.qtype == GGMLQuantizationType.F32:
-                out = out.copy()  # not a view of the mapping we are about to release
-        else:
-            out = np.empty(info.shape, dtype=np.float32)
-            step = max(1, _CHUNK_BYTES // (raw.nbytes // raw.shape[0]))
-            for start in range(0, raw.shape[0], step):
-                out[start:start + step] = dequantize(raw[start:start + step], info.qtype, what)
-        self._release(info)
-        return out
+        return info
 
-    def _release(self, info: TensorInfo) -> None:
+    def row_blocks(self, name: str, max_elements: int) -> list[tuple[int, int]]:
+        """[start, stop) ranges of first-dimension rows of at most `max_elements` values each."""
+        info = self.info(name)
+        rows = info.shape[0]
+        step = max(1, max_elements // max(1, info.n_elements // rows))
+        return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor, dequantized to float32 (a new array)."""
+        info = self.info(name)
+        out = dequantize(self.raw(name)[start:stop], info.qtype, f"{self.path}: tensor {name!r}")
+        return out.copy() if out.base is not None and info.qtype == GGMLQuantizationType.F32 else out
+
+    def release(self, name: str) -> None:
         """Drop the stored bytes of a dequantized tensor from this process's resident set
         (they stay in the OS page cache): a stage's peak memory is then its float weights,
         not its weights plus the file pages it read them from."""
+        info = self.info(name)
         page = mmap.PAGESIZE
         start = info.offset - info.offset % page
         self._map.madvise(mmap.MADV_DONTNEED, start, info.offset + info.n_bytes - start)

@@ -6,6 +6,8 @@ building a stage costs exactly one tensor per weight.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,46 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+def onednn_available() -> bool:
+    """Whether this torch build can prepack linear weights for oneDNN on the CPU."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T (+ b) on the CPU with W prepacked into oneDNN's blocked layout: the same
+    float32 math, 1.2-2x faster than the default GEMM for decode-sized batches.
+
+    A large W arrives as several row blocks (each packed on its own) so that packing never
+    holds two full copies of, say, a 113 MB output head; their outputs are concatenated.
+    """
+
+    BATCH_HINT = 16  # rows of x the packing is tuned for (a typical lane)
+
+    def __init__(self, blocks: Iterable[torch.Tensor], bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.blocks: list[torch.Tensor] = []
+        rows: list[int] = []
+        for block in blocks:  # a generator: each float block is freed once packed
+            rows.append(block.shape[0])
+            self.in_features = block.shape[1]
+            self.blocks.append(torch.ops.mkldnn._reorder_linear_weight(block, self.BATCH_HINT))
+        self.out_features = sum(rows)
+        self.biases: list[torch.Tensor | None] = list(bias.split(rows)) if bias is not None else [None] * len(rows)
+
+    @property
+    def nbytes(self) -> int:
+        bias = sum(b.numel() * 4 for b in self.biases if b is not None)
+        return self.out_features * self.in_features * 4 + bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]."""
+        outs = [
+            torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+            for w, b in zip(self.blocks, self.biases)
+        ]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 class RMSNorm(nn.Module):

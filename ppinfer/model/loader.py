@@ -20,10 +20,11 @@ from ppinfer.families.registry import get_spec
 from ppinfer.families.spec import FamilySpec, Mlp, Norm, Rope, Tying
 from ppinfer.gguf.reader import GGUFFile
 from ppinfer.model.block import Attention, DecoderBlock, FeedForward
-from ppinfer.model.layers import LayerNorm, Linear, RMSNorm, RotaryEmbedding, RowEmbedding
+from ppinfer.model.layers import LayerNorm, Linear, PackedLinear, RMSNorm, RotaryEmbedding, RowEmbedding, onednn_available
 from ppinfer.model.plan import StagePlan
 from ppinfer.model.stage import PipelineStage
 
+PACK_BLOCK_ELEMENTS = 1 << 20  # values (4 MB of float32) per separately packed row block
 GLOBAL_TENSORS = ("token_embd.weight", "output_norm.weight", "output_norm.bias", "output.weight", "output.bias", "rope_freqs.weight")
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.")
 
@@ -42,10 +43,11 @@ def pair_order(w: np.ndarray, n_head: int, n_rot: int) -> np.ndarray:
 
 
 class _Weights:
-    """Reads tensors of one file into torch, recording which names were consumed."""
+    """Reads tensors of one file into torch, recording which names were consumed; builds
+    linear layers, prepacked for oneDNN when `packed`."""
 
-    def __init__(self, gf: GGUFFile, dtype: torch.dtype, device: torch.device) -> None:
-        self.gf, self.dtype, self.device = gf, dtype, device
+    def __init__(self, gf: GGUFFile, dtype: torch.dtype, device: torch.device, packed: bool) -> None:
+        self.gf, self.dtype, self.device, self.packed = gf, dtype, device, packed
         self.used: set[str] = set()
 
     def has(self, name: str) -> bool:
@@ -65,6 +67,23 @@ class _Weights:
 
     def optional(self, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
         return self.get(name, shape) if self.has(name) else None
+
+    def linear(self, name: str, shape: tuple[int, int], bias: torch.Tensor | None = None) -> nn.Module:
+        """The weight `name` [out, in] as a linear layer."""
+        if not self.packed:
+            return Linear(self.get(name, shape), bias)
+        self.used.add(name)
+        self.gf.check_shape(name, shape)
+        blocks = (self.tensor(self.gf.load_rows(name, a, b)) for a, b in self.gf.row_blocks(name, PACK_BLOCK_ELEMENTS))
+        layer = PackedLinear(blocks, bias)
+        self.gf.release(name)
+        return layer
+
+    def linear_from(self, weight: np.ndarray, bias: np.ndarray | None = None) -> nn.Module:
+        """A linear layer over a weight assembled at load time (fused qkv, gate/up)."""
+        w = self.tensor(weight)
+        b = self.tensor(bias) if bias is not None else None
+        return PackedLinear([w], b) if self.packed else Linear(w, b)
 
     def norm(self, spec: FamilySpec, prefix: str, size: int, eps: float) -> nn.Module:
         weight = self.get(f"{prefix}.weight", (size,))
@@ -94,13 +113,11 @@ def _attention(
         qb = pair_order(qb, lp.n_head, rope.n_rot) if qb is not None else None
         kb = pair_order(kb, lp.n_head_kv, rope.n_rot) if kb is not None else None
     biases = [qb, kb, vb]
+    qkv_bias = None
     if any(b is not None for b in biases):
-        biases = [b if b is not None else np.zeros(s, np.float32) for b, s in zip(biases, sizes)]
-        qkv_bias = w.tensor(np.concatenate(biases))
-    else:
-        qkv_bias = None
-    qkv = Linear(w.tensor(np.concatenate([q, k, v])), qkv_bias)
-    out = Linear(w.get(p + "attn_output.weight", (e, sizes[0])), w.optional(p + "attn_output.bias", (e,)))
+        qkv_bias = np.concatenate([b if b is not None else np.zeros(s, np.float32) for b, s in zip(biases, sizes)])
+    qkv = w.linear_from(np.concatenate([q, k, v]), qkv_bias)
+    out = w.linear(p + "attn_output.weight", (e, sizes[0]), w.optional(p + "attn_output.bias", (e,)))
     qk_norm = None
     if spec.qk_norm:
         q_w, k_w = w.array(p + "attn_q_norm.weight", (d,)), w.array(p + "attn_k_norm.weight", (d,))
@@ -117,13 +134,13 @@ def _attention(
 def _feed_forward(w: _Weights, spec: FamilySpec, hp: HParams, il: int) -> FeedForward:
     f, e, p = hp.layers[il].n_ff, hp.n_embd, f"blk.{il}."
     if spec.mlp is Mlp.GELU:
-        up = Linear(w.get(p + "ffn_up.weight", (f, e)), w.optional(p + "ffn_up.bias", (f,)))
+        up = w.linear(p + "ffn_up.weight", (f, e), w.optional(p + "ffn_up.bias", (f,)))
     elif spec.fused_gate_up:
-        up = Linear(w.get(p + "ffn_up.weight", (2 * f, e)))  # rows: [gate; up]
+        up = w.linear(p + "ffn_up.weight", (2 * f, e))  # rows: [gate; up]
     else:
         gate_up = np.concatenate([w.array(p + "ffn_gate.weight", (f, e)), w.array(p + "ffn_up.weight", (f, e))])
-        up = Linear(w.tensor(gate_up))
-    down = Linear(w.get(p + "ffn_down.weight", (e, f)), w.optional(p + "ffn_down.bias", (e,)))
+        up = w.linear_from(gate_up)
+    down = w.linear(p + "ffn_down.weight", (e, f), w.optional(p + "ffn_down.bias", (e,)))
     return FeedForward(spec.mlp, up, down)
 
 
@@ -161,10 +178,12 @@ def build_stage(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     family: str | None = None,
+    packed: bool | None = None,
 ) -> PipelineStage:
     """Load the stage `plan` of the GGUF model at `path`.
 
-    `family`, when given, must equal the file's `general.architecture`.
+    `family`, when given, must equal the file's `general.architecture`. `packed` prepacks
+    linear weights for oneDNN (None: when on CPU in float32 and the build supports it).
     """
     gf = GGUFFile(path)
     arch = gf.architecture
@@ -175,7 +194,9 @@ def build_stage(
     if plan.total_layers != hp.n_layer:
         raise ModelFileError(f"{gf.path}: plan covers {plan.total_layers} layers but the model has {hp.n_layer}")
     device = torch.device(device)
-    w = _Weights(gf, dtype, device)
+    if packed is None:
+        packed = device.type == "cpu" and dtype == torch.float32 and onednn_available()
+    w = _Weights(gf, dtype, device, packed)
 
     factors = None
     if "rope_freqs.weight" in gf.tensors:
@@ -202,11 +223,8 @@ def build_stage(
         has_output = w.has("output.weight")
         if spec.tying is Tying.NEVER and not has_output:
             raise ModelFileError(f"{gf.path}: required tensor 'output.weight' is missing")
-        if spec.tying is Tying.ALWAYS or not has_output:
-            out_weight = w.get("token_embd.weight", (v, e))
-        else:
-            out_weight = w.get("output.weight", (v, e))
+        head = "token_embd.weight" if spec.tying is Tying.ALWAYS or not has_output else "output.weight"
         out_bias = w.get("output.bias", (v,)) if spec.output_bias else None
-        output = Linear(out_weight, out_bias)
+        output = w.linear(head, (v, e), out_bias)
     _check_names(gf, plan, w.used)
     return PipelineStage(plan, hp, layers, list(ropes.values()), embedding, final_norm, output, dtype, device)

@@ -8,7 +8,7 @@ from torch import nn
 from ppinfer.families.hparams import HParams
 from ppinfer.model.block import DecoderBlock, LayerInputs
 from ppinfer.model.cache import StageState
-from ppinfer.model.layers import Linear, RotaryEmbedding, RowEmbedding
+from ppinfer.model.layers import PackedLinear, RotaryEmbedding, RowEmbedding
 from ppinfer.model.plan import StagePlan
 
 
@@ -24,7 +24,7 @@ class PipelineStage(nn.Module):
         ropes: list[RotaryEmbedding],
         embedding: RowEmbedding | None,
         final_norm: nn.Module | None,
-        output: Linear | None,
+        output: nn.Module | None,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
@@ -87,4 +87,5 @@ class PipelineStage(nn.Module):
     @property
     def weight_bytes(self) -> int:
         """Bytes of the float weights this stage holds (the quantized embedding table excluded)."""
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        packed = sum(m.nbytes for m in self.modules() if isinstance(m, PackedLinear))
+        return packed + sum(p.numel() * p.element_size() for p in self.parameters())
