@@ -51,7 +51,8 @@ class StageClock:
 
 
 class StageRunner:
-    """Runs work items through this rank's stage, owning one KV cache per lane."""
+    """Runs work items through this rank's stage, owning one KV cache per lane; on the last
+    stage its `sink` (lm_head, sampling or scoring) runs inside the same timed span."""
 
     def __init__(
         self,
@@ -59,9 +60,10 @@ class StageRunner:
         batches: list[Batch],
         capacity: dict[int, int],
         n_lanes: int,
+        sink: Sink | None = None,
         tracer: Tracer = NULL_TRACER,
     ) -> None:
-        self.stage, self.batches, self.capacity, self.tracer = stage, batches, capacity, tracer
+        self.stage, self.batches, self.capacity, self.sink, self.tracer = stage, batches, capacity, sink, tracer
         self.states: list[StageState | None] = [None] * n_lanes
         self.clock = StageClock()
 
@@ -78,8 +80,9 @@ class StageRunner:
             raise RuntimeError(f"lane {item.lane}: cache at slot {state and state.length}, item starts at {item.start}")
         return state
 
-    def run(self, item: WorkItem, hidden: torch.Tensor | None, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Embed `ids` [B, T] (first stage) or take `hidden` [B, T, E]; run this stage's layers."""
+    def run(self, item: WorkItem, hidden: torch.Tensor | None, ids: torch.Tensor | None = None) -> StepResult:
+        """Embed `ids` [B, T] (first stage) or take `hidden` [B, T, E]; run this stage's
+        layers, then the sink if this is the last stage."""
         start = time.perf_counter()
         state = self.state_for(item)
         positions = self.batches[item.batch].positions(item.start, item.length).to(self.stage.device)
@@ -89,10 +92,22 @@ class StageRunner:
         assert hidden is not None
         with self.tracer.range("layers"):
             out = self.stage.forward(hidden, positions, state)
+        result = StepResult(out)
+        if self.sink is not None:
+            result.tokens, result.finished = self.sink.consume(self.stage, item, out)
         end = time.perf_counter()
         self.clock.compute_s += end - start
         self.clock.spans.append(Span(start, end, item.lane, item.kind))
-        return out
+        return result
+
+
+@dataclass
+class StepResult:
+    """What one work item produced on this stage."""
+
+    hidden: torch.Tensor  # [B, T, E]
+    tokens: torch.Tensor | None = None  # last stage: sampled ids [B] after a sampling item
+    finished: bool = False  # last stage: the lane's batch is done
 
 
 def _first_stage_ids(item: WorkItem, batch: Batch, last_tokens: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -101,9 +116,9 @@ def _first_stage_ids(item: WorkItem, batch: Batch, last_tokens: dict[int, torch.
     return last_tokens[item.lane][:, None]  # [B, 1]
 
 
-def run_first(runner: StageRunner, scheduler: RingScheduler, transport: Transport | None, sink: Sink | None) -> None:
-    """Rank 0: drive the ring. With `transport` None this rank is the whole pipeline and
-    `sink` (the last stage's work) runs in place."""
+def run_first(runner: StageRunner, scheduler: RingScheduler, transport: Transport | None) -> None:
+    """Rank 0: drive the ring. With `transport` None this rank is the whole pipeline: the
+    runner's sink samples in place and the ids go straight back to the scheduler."""
     last_tokens: dict[int, torch.Tensor] = {}
     local: dict[int, tuple[torch.Tensor, bool]] = {}  # one-stage run: lane -> (ids, finished)
     runner.clock.loop_start = time.perf_counter()
@@ -122,15 +137,11 @@ def run_first(runner: StageRunner, scheduler: RingScheduler, transport: Transpor
             scheduler.tokens_arrived(action.lane, finished)
             continue
         item = action
-        hidden = runner.run(item, None, _first_stage_ids(item, runner.batches[item.batch], last_tokens))
+        result = runner.run(item, None, _first_stage_ids(item, runner.batches[item.batch], last_tokens))
         if transport is not None:
-            transport.send_item(item, hidden)
-            runner.tracer.step()
-            continue
-        assert sink is not None
-        tokens, finished = sink.consume(runner.stage, item, hidden)
-        if tokens is not None:
-            local[item.lane] = (tokens, finished)
+            transport.send_item(item, result.hidden)
+        elif result.tokens is not None:
+            local[item.lane] = (result.tokens, result.finished)
         runner.tracer.step()
     if transport is not None:
         transport.send_stop()
@@ -138,8 +149,8 @@ def run_first(runner: StageRunner, scheduler: RingScheduler, transport: Transpor
     runner.clock.loop_end = time.perf_counter()
 
 
-def run_relay(runner: StageRunner, transport: Transport, sink: Sink | None) -> None:
-    """Ranks 1..S-1: receive, compute, pass on (middle) or sample and send ids back (last)."""
+def run_relay(runner: StageRunner, transport: Transport) -> None:
+    """Ranks 1..S-1: receive, compute, pass on (middle) or send sampled ids back (last)."""
     runner.clock.loop_start = time.perf_counter()
     while True:
         header, hidden = transport.recv_item()
@@ -148,13 +159,11 @@ def run_relay(runner: StageRunner, transport: Transport, sink: Sink | None) -> N
             break
         item = header.item
         assert item is not None and hidden is not None
-        out = runner.run(item, hidden)
-        if sink is None:
-            transport.send_item(item, out)
-        else:
-            tokens, finished = sink.consume(runner.stage, item, out)
-            if tokens is not None:
-                transport.send_tokens(item, tokens, finished)
+        result = runner.run(item, hidden)
+        if runner.sink is None:
+            transport.send_item(item, result.hidden)
+        elif result.tokens is not None:
+            transport.send_tokens(item, result.tokens, result.finished)
         runner.tracer.step()
     transport.flush()
     runner.clock.loop_end = time.perf_counter()
