@@ -1,9 +1,10 @@
 """torchrun entry point: `torchrun --nproc_per_node=N launch/infer.py key=value ...`.
 
 Composes the Hydra config and hands it to `ppinfer.pipeline.launch.run`; all logic lives in
-the package so that tests can import it. The command line is composed once before
-`@hydra.main` does it: Hydra would print a bad override's multi-line message on every rank,
-while `report_bad_input` prints it once, on one line.
+the package so that tests can import it. The command line is checked once before
+`@hydra.main` composes it: Hydra would print a bad override's multi-line message (or the
+traceback of a run directory it cannot create) on every rank, while `report_bad_input` prints
+it once, on one line.
 """
 
 import os
@@ -15,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import ppinfer.config  # noqa: F401  registers the typed schema in Hydra's ConfigStore
-from ppinfer.pipeline.failures import override_problem, report_bad_input
+from ppinfer.pipeline.failures import command_line_problem, report_bad_input
 from ppinfer.pipeline.job import DistEnv
 from ppinfer.pipeline.launch import run, setup_logging
 
@@ -30,9 +31,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    problem = override_problem(CONFIG_DIR, "config", sys.argv[1:])
+    problem = command_line_problem(CONFIG_DIR, "config", sys.argv[1:])
     if problem is not None:
         env = DistEnv.from_environ(dict(os.environ))
         setup_logging(env)
-        sys.exit(report_bad_input(env, f"config: {problem}"))
+        sys.exit(report_bad_input(env, problem))
     main()

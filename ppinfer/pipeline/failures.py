@@ -8,13 +8,14 @@ Three kinds of failure reach a rank:
   within a fraction of a second, so the message appears once. A rank that is still alive after
   the wait (rank 0 did not fail the same way, e.g. a file missing on one node only) reports it
   itself.
-- a lost peer (a gloo/NCCL error after another rank died or hung): not this rank's fault. It
-  also waits `REPORT_GRACE_S`, so that torchrun names the rank that failed first as the root
-  cause instead of a survivor, then says one line and exits.
+- a lost peer (a gloo/NCCL error after another rank died, or a receive that outlived
+  `runtime.timeout_s` because it hung): not this rank's fault. It also waits `REPORT_GRACE_S`,
+  so that torchrun names the rank that failed first as the root cause instead of a survivor,
+  then says one line and exits.
 - a bug (any other exception): keeps its traceback, on that rank only.
 
-For the first and last kind the rank also writes torchrun's per-worker error file, so the
-agent's failure summary shows the message instead of "To enable traceback see ...".
+Each kind also writes torchrun's per-worker error file, so the agent's failure summary shows
+the message instead of "To enable traceback see ...".
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,16 +33,16 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from ppinfer.pipeline.job import DistEnv
+from ppinfer.pipeline.job import DistEnv, output_dir_problem
 
 log = logging.getLogger("ppinfer")
 
 REPORT_GRACE_S = 5.0
 """Seconds a rank waits before reporting a failure that another rank reports first."""
 
-EXIT_BUG = 1
 EXIT_BAD_INPUT = 2
 EXIT_PEER_LOST = 3
+"""Exit codes of a rank; a bug exits with Python's own 1."""
 
 # Lines of Hydra/OmegaConf messages that are advice or internals, not the problem itself.
 _NOISE = ("See https://", "To append to your config", "full_key:", "reference_type=", "object_type=")
@@ -78,24 +80,32 @@ def is_peer_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "gloo" in str(exc)
 
 
+def gist(exc: BaseException) -> str:
+    """The first sentence of an exception's message, without gloo's `[file.cc:line] ` prefix
+    and advice ("Connection closed by peer [127.0.0.1]:41149")."""
+    lines = str(exc).strip().splitlines()
+    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0] if lines else "")
+    return text.split(". ")[0].rstrip(".") or type(exc).__name__
+
+
 def report_peer_failure(
-    env: DistEnv, exc: BaseException, sleep: Callable[[float], None] = time.sleep
+    env: DistEnv,
+    exc: BaseException,
+    environ: Mapping[str, str] = os.environ,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """One line for a rank that lost a peer (after the grace wait); the exit code."""
     sleep(REPORT_GRACE_S)
-    lines = str(exc).strip().splitlines()
-    log.error(
-        "rank %d lost contact with another rank (%s: %s); the rank that failed first says why",
-        env.rank, type(exc).__name__, lines[0] if lines else "",
-    )
+    message = f"rank {env.rank} lost contact with another rank ({gist(exc)}): it died or stopped responding"
+    log.error("%s", message)
+    tell_agent(message, environ)
     return EXIT_PEER_LOST
 
 
 def describe_bug(exc: BaseException, environ: Mapping[str, str] = os.environ) -> None:
     """Hand torchrun a one-line root cause for an unexpected exception (the traceback itself is
     printed once, by the rank that raised it)."""
-    lines = str(exc).strip().splitlines()
-    tell_agent(f"{type(exc).__name__}: {lines[0] if lines else ''}", environ)
+    tell_agent(f"{type(exc).__name__}: {gist(exc)}", environ)
 
 
 def one_line(exc: BaseException) -> str:
@@ -124,15 +134,17 @@ def one_line(exc: BaseException) -> str:
     return text
 
 
-def override_problem(config_dir: Path, config_name: str, args: Sequence[str]) -> str | None:
-    """Compose the config from command-line `args` the way `@hydra.main` will; None when it
-    composes, else the problem in one line. Arguments that are Hydra flags (`--help`,
-    `--cfg job`, `-m`) are Hydra's business: then nothing is checked here."""
+def command_line_problem(config_dir: Path, config_name: str, args: Sequence[str]) -> str | None:
+    """Compose the config from command-line `args` the way `@hydra.main` will and check that
+    its run directory (`output.dir`) can be created, which Hydra does first thing, with a
+    traceback when it cannot. None when all is well, else the problem in one line. Arguments
+    that are Hydra flags (`--help`, `--cfg job`, `-m`) are Hydra's business: then nothing is
+    checked here."""
     if any(arg.startswith("-") for arg in args):
         return None
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-            compose(config_name=config_name, overrides=list(args))
+            cfg = compose(config_name=config_name, overrides=list(args))
     except (HydraException, OmegaConfBaseException) as exc:
-        return one_line(exc)
-    return None
+        return f"config: {one_line(exc)}"
+    return output_dir_problem(Path(cfg.output.dir))

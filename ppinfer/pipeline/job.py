@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,19 @@ class Job:
         return {b.index: b.width + extra for b in self.batches}
 
 
+def output_dir_problem(path: Path) -> str | None:
+    """Why `output.dir` cannot be created or written (None when it can): found before any rank
+    starts working, rather than when the last rank writes its first result."""
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"output.dir={path}: {probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"output.dir={path}: {probe} is not writable"
+    return None
+
+
 def _read_prompts_file(path: str) -> list[str]:
     file = Path(path)
     try:
@@ -163,6 +177,9 @@ def _encode_prompts(cfg: Any, tok: Tokenizer, hp: HParams) -> tuple[list[str], l
 def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool) -> Job:
     """Validate and resolve everything; raises a PPInferError naming the bad value."""
     validate_config(cfg, env.world, cuda_available)
+    problem = output_dir_problem(Path(cfg.output.dir))
+    if problem is not None:
+        raise ConfigError(problem)
     device_name = resolve_device(cfg, cuda_available)
     device = torch.device(device_name, env.local_rank) if device_name == "cuda" else torch.device("cpu")
     dtype = resolve_dtype(cfg, device_name)

@@ -128,19 +128,19 @@ def execute(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
         max_batch = max(b.size for b in job.batches)
         transport = Transport(job.env.rank, job.env.world, job.hparams.n_embd, max_batch,
                               job.cfg.pipeline.prefill_chunk, job.dtype, job.device, tracer=tracer)
-    runner = StageRunner(stage, job.batches, job.capacity(), job.n_lanes, tracer=tracer)
     counts = TokenCounts()
     sink = _make_sink(job, counts, tracer) if plan.is_last else None
+    runner = StageRunner(stage, job.batches, job.capacity(), job.n_lanes, sink=sink, tracer=tracer)
     if job.env.world > 1:
         dist.barrier()
     counts.last_done = time.perf_counter()
     with torch.inference_mode():
         if plan.is_first:
             scheduler = RingScheduler([b.width for b in job.batches], job.n_lanes, job.cfg.pipeline.prefill_chunk, job.is_score)
-            run_first(runner, scheduler, transport, sink)
+            run_first(runner, scheduler, transport)
         else:
             assert transport is not None
-            run_relay(runner, transport, sink)
+            run_relay(runner, transport)
     clock = runner.clock
     comm = transport.stats if transport is not None else None
     comm_s = comm.comm_s if comm else 0.0
@@ -181,7 +181,7 @@ def run(cfg: Any, environ: Mapping[str, str] = os.environ, overrides: Sequence[s
         execute(job, stage, baseline_rss)
     except Exception as exc:
         if is_peer_failure(exc):
-            return report_peer_failure(env, exc)
+            return report_peer_failure(env, exc, environ)
         describe_bug(exc, environ)
         raise
     finally:
