@@ -71,6 +71,10 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
         return f"{arch}.{name}"
 
     n_layer = int(gf.require(key("block_count")))
+    # Every layer has tensors: a larger count is a corrupt header; fail before building
+    # per-layer tables for it.
+    if not 1 <= n_layer <= len(gf.tensors):
+        raise ModelFileError(f"{path}: {key('block_count')}={n_layer} but the file holds {len(gf.tensors)} tensors")
     n_embd = int(gf.require(key("embedding_length")))
     n_head = _per_layer(gf.require(key("attention.head_count")), n_layer, key("attention.head_count"), path)
     n_head_kv = _per_layer(
