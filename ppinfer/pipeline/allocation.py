@@ -8,7 +8,10 @@ file header before any process group exists. Three ways to choose:
 - `uniform`: layer counts as even as possible; the first `L mod S` stages take one extra layer
   (the last stage already carries the output head, so it is the one left lighter);
 - `balanced`: the contiguous split whose most expensive stage is as cheap as possible,
-  computed exactly (a dynamic programme; layer and stage counts are tiny).
+  computed exactly (a dynamic programme; layer and stage counts are tiny). A stage's cost is
+  the bytes it reads per step (layer weights and KV, the head on the last stage, only the
+  gathered rows of the embedding on the first), since on a CPU a decode step streams every
+  weight it uses once: equal bytes make equal step times, which keeps the ring full.
 """
 
 from __future__ import annotations
@@ -35,6 +38,15 @@ class LayerCosts:
     """Token embedding (and its norm, if any): held by the first stage only."""
     head_bytes: int
     """Final norm + output projection (or the tied `token_embd`): held by the last stage only."""
+    embedding_read_bytes: int | None = None
+    """What one step reads of the embedding (a row per token gathered), which is what it
+    costs in time: a stage's step time follows the bytes it streams, and the table is never
+    streamed whole. None balances on `embedding_bytes` like any weight."""
+
+    @property
+    def embedding_cost(self) -> int:
+        """The first stage's embedding as `balanced` counts it."""
+        return self.embedding_bytes if self.embedding_read_bytes is None else self.embedding_read_bytes
 
     def __post_init__(self) -> None:
         assert len(self.layer_weight_bytes) == len(self.layer_kv_bytes), "one KV size per layer"
@@ -124,7 +136,7 @@ def balanced_split(costs: LayerCosts, n_stages: int) -> List[int]:
         prefix.append(prefix[-1] + w + kv)
 
     def cost(s: int, i: int, j: int) -> int:
-        extra = (costs.embedding_bytes if s == 0 else 0) + (costs.head_bytes if s == last else 0)
+        extra = (costs.embedding_cost if s == 0 else 0) + (costs.head_bytes if s == last else 0)
         return prefix[j] - prefix[i] + extra
 
     # The stage that starts at layer i as stage s may end anywhere leaving a layer for

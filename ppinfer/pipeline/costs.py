@@ -29,12 +29,19 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
 def layer_costs(
-    path: str, dtype_bytes: int, kv_tokens: int, *, reader: Optional[GGUFFile] = None
+    path: str,
+    dtype_bytes: int,
+    kv_tokens: int,
+    *,
+    reader: Optional[GGUFFile] = None,
+    step_tokens: Optional[int] = None,
 ) -> LayerCosts:
     """Per-stage memory costs of the GGUF at `path` for a runtime dtype and KV capacity.
 
     `dtype_bytes` is the element size of the runtime dtype (2 for bfloat16); `kv_tokens` is
-    the number of token positions each stage caches per layer, summed over its lanes.
+    the number of token positions each stage caches per layer, summed over its lanes;
+    `step_tokens` (tokens embedded per decode step, i.e. a lane's sequences), when given,
+    sets `embedding_read_bytes`.
     A caller that has already opened the file may pass it as `reader` (`path` then only
     names it in errors).
     """
@@ -73,11 +80,13 @@ def layer_costs(
         head += int(embd.n_elements) * dtype_bytes
 
     kv = _kv_bytes_per_layer(reader, path, arch, n_layers, dtype_bytes, kv_tokens)
+    read = None if step_tokens is None else int(embd.n_bytes) // int(embd.shape[0]) * step_tokens
     return LayerCosts(
         layer_weight_bytes=layer_weights,
         layer_kv_bytes=kv,
         embedding_bytes=embedding,
         head_bytes=head,
+        embedding_read_bytes=read,
     )
 
 

@@ -196,7 +196,9 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool) ->
     lanes = resolve_lanes(cfg, env.world, len(prompts))
     batches = make_batches(prompts, lanes.lane_size)
     kv_tokens = sum(b.size * (b.width + cfg.generation.max_new_tokens) for b in batches[: lanes.microbatches])
-    costs = layer_costs(str(model_path), torch.finfo(dtype).bits // 8, kv_tokens, reader=gf)
+    costs = layer_costs(
+        str(model_path), torch.finfo(dtype).bits // 8, kv_tokens, reader=gf, step_tokens=lanes.lane_size
+    )
     layers = allocate(cfg.pipeline.layers, env.world, costs)
     if env.rank == 0:
         log.info("model %s (%s, %d layers) on %d stage(s):\n%s", model_path.name, hp.arch, hp.n_layer, env.world, plan_table(layers, costs))

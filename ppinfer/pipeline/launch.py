@@ -4,6 +4,7 @@ loop, gather metrics, write results. Called by `launch/infer.py`; importable by 
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import sys
@@ -134,6 +135,8 @@ def execute(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
     if job.env.world > 1:
         dist.barrier()
     counts.last_done = time.perf_counter()
+    gc.collect()
+    gc.freeze()  # everything allocated so far lives for the whole run: keep it out of GC scans
     with torch.inference_mode():
         if plan.is_first:
             scheduler = RingScheduler([b.width for b in job.batches], job.n_lanes, job.cfg.pipeline.prefill_chunk, job.is_score)

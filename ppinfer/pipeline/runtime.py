@@ -40,12 +40,15 @@ class StageClock:
         return self.loop_end - self.loop_start
 
     def decode_idle_fraction(self) -> float:
-        """Idle share of this stage between its first and last decode computation, i.e. the
-        decode phase after the pipeline has filled (0 when there was no decode)."""
+        """Idle share of this stage in the decode phase after the fill: from the moment every
+        lane has started decoding to the last decode computation (0 without decode)."""
         decode = [s for s in self.spans if s.kind is Kind.DECODE]
         if not decode:
             return 0.0
-        start, end = decode[0].start, decode[-1].end
+        first_by_lane: dict[int, float] = {}
+        for span in decode:
+            first_by_lane.setdefault(span.lane, span.start)
+        start, end = max(first_by_lane.values()), decode[-1].end
         busy = sum(min(s.end, end) - max(s.start, start) for s in self.spans if s.end > start and s.start < end)
         return max(0.0, 1.0 - busy / (end - start)) if end > start else 0.0
 
@@ -127,19 +130,21 @@ def run_first(runner: StageRunner, scheduler: RingScheduler, transport: Transpor
             if transport is None:
                 tokens, finished = local.pop(action.lane)
             else:
-                batch_index = scheduler.batch_of(action.lane)
-                assert batch_index is not None, "a lane awaiting tokens holds a batch"
-                header, tokens = transport.recv_tokens(runner.batches[batch_index].size)
+                header, tokens = transport.recv_tokens()
                 if header.item is None or header.item.lane != action.lane:
                     raise RuntimeError(f"expected tokens of lane {action.lane}, got {header}")
                 finished = header.finished
             last_tokens[action.lane] = tokens
             scheduler.tokens_arrived(action.lane, finished)
+            if transport is not None and scheduler.awaiting():
+                transport.expect_tokens()
             continue
         item = action
         result = runner.run(item, None, _first_stage_ids(item, runner.batches[item.batch], last_tokens))
         if transport is not None:
             transport.send_item(item, result.hidden)
+            if item.samples:
+                transport.expect_tokens()
         elif result.tokens is not None:
             local[item.lane] = (result.tokens, result.finished)
         runner.tracer.step()

@@ -102,6 +102,10 @@ class RingScheduler:
         """The batch lane `lane_id` holds (None when idle)."""
         return self._lanes[lane_id].batch
 
+    def awaiting(self) -> bool:
+        """Whether any lane waits for sampled ids (so more token messages will come)."""
+        return any(lane.awaiting for lane in self._lanes)
+
     def decode_steps_issued(self, lane_id: int) -> int:
         return self._lanes[lane_id].decode_step
 
