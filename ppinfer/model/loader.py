@@ -183,7 +183,7 @@ def build_stage(
     """Load the stage `plan` of the GGUF model at `path`.
 
     `family`, when given, must equal the file's `general.architecture`. `packed` prepacks
-    linear weights for oneDNN (None: when on CPU in float32 and the build supports it).
+    linear weights for oneDNN (None: on CPU in float32 or bfloat16 when the build supports it).
     """
     gf = GGUFFile(path)
     arch = gf.architecture
@@ -195,7 +195,7 @@ def build_stage(
         raise ModelFileError(f"{gf.path}: plan covers {plan.total_layers} layers but the model has {hp.n_layer}")
     device = torch.device(device)
     if packed is None:
-        packed = device.type == "cpu" and dtype == torch.float32 and onednn_available()
+        packed = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and onednn_available()
     w = _Weights(gf, dtype, device, packed)
 
     factors = None

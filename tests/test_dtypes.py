@@ -1,0 +1,62 @@
+"""Runtime dtypes: bfloat16 and float16 stages stay close to transformers' float32 logits on
+tiny models, and on SmolLM2 bfloat16 greedy decoding follows float32 for 32 tokens except
+after a near-tie (where either token is a correct greedy choice)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hf_reference import hf_logits, reference_model
+from ppinfer.model import PipelineStage, StagePlan, build_stage
+from tiny_cases import ALL_CASES, TinyFiles, tiny_files, token_batch  # noqa: F401
+
+# Half precision keeps 8 (bf16) or 11 (fp16) mantissa bits: relative errors of ~4e-3 / 5e-4
+# per operation, compounded over the layers (and amplified by gemma2's softcaps).
+RELATIVE_TOLERANCE = {torch.bfloat16: 0.1, torch.float16: 0.02}  # measured: <= 0.05 and <= 0.007
+NEAR_TIE = 0.25  # float32 logit gap under which bf16 may pick the other token
+
+
+def _logits(stage: PipelineStage, ids: np.ndarray) -> np.ndarray:
+    tokens = torch.from_numpy(ids)
+    b, t = tokens.shape
+    with torch.inference_mode():
+        state = stage.new_state(b, t)
+        hidden = stage.forward(stage.embed(tokens), torch.arange(t).expand(b, t), state)
+        return stage.lm_head(hidden).numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", ["llama", "qwen3", "gemma2"])
+def test_half_precision_close_to_float32_reference(tiny_files: TinyFiles, case: str, dtype: torch.dtype) -> None:
+    spec, path = ALL_CASES[case], tiny_files.path(case)
+    ids = token_batch(spec)
+    expected = hf_logits(reference_model(path, spec), ids)  # float32
+    got = _logits(build_stage(path, StagePlan.whole(spec.n_layer), dtype, "cpu"), ids)
+    assert got.dtype == np.float32  # lm_head returns float32 whatever the compute dtype
+    scale = float(np.abs(expected).max())
+    gap = float(np.abs(got - expected).max())
+    assert gap <= RELATIVE_TOLERANCE[dtype] * scale, f"{case} {dtype}: max |Δ| {gap:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.slow
+def test_smollm2_bfloat16_greedy_follows_float32(smollm2_path: Path) -> None:
+    import ppinfer
+
+    ids = ppinfer.load_tokenizer(smollm2_path).encode("The three most important things to know about the ocean are")
+    full = StagePlan.whole(30)
+    stages = {dt: build_stage(smollm2_path, full, dt, "cpu") for dt in (torch.float32, torch.bfloat16)}
+    seqs = {dt: list(ids) for dt in stages}
+    for _ in range(32):
+        logits = {dt: _logits(stage, np.array([seqs[dt]]))[0, -1] for dt, stage in stages.items()}
+        f32, bf16 = int(logits[torch.float32].argmax()), int(logits[torch.bfloat16].argmax())
+        if f32 != bf16:
+            gap = float(logits[torch.float32][f32] - logits[torch.float32][bf16])
+            assert gap < NEAR_TIE, f"bf16 chose {bf16} over float32's {f32} with a float32 gap of {gap:.3f}"
+            return  # after a near-tie the two continuations legitimately differ
+        for dt in seqs:
+            seqs[dt].append(f32)
+    assert seqs[torch.float32] == seqs[torch.bfloat16]
