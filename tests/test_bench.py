@@ -33,10 +33,11 @@ TWO_STAGE_2x16 = pp(2, 1, 2, 16)
 TWO_THREADS_32 = pp(1, 2, 1, 32)
 SINGLE_TWO_STAGE = pp(2, 1, 1, 1)
 SINGLE_ONE_STAGE = pp(1, 1, 1, 1)
+SINGLE_TWO_THREADS = pp(1, 2, 1, 1)  # one sequence cannot be pipelined: all cores to one process
 PEER_32 = PeerRun(threads=2, sequences=32, max_new_tokens=64)
 PEER_1 = PeerRun(threads=2, sequences=1, max_new_tokens=64)
-PREFILL_1 = pp(1, 1, 1, 1, 4, prompts="long", prefill_chunk=64)
-PREFILL_2 = pp(2, 1, 1, 1, 4, prompts="long", prefill_chunk=64)
+PREFILL_1 = pp(1, 1, 1, 1, 4, prompts="long", prefill_chunk=64, layers="uniform")
+PREFILL_2 = pp(2, 1, 1, 1, 4, prompts="long", prefill_chunk=64, layers="uniform")
 MEMORY_1 = pp(1, 1, 1, 4, 8)
 MEMORY_4 = pp(4, 1, 4, 1, 8)
 
@@ -65,7 +66,7 @@ def fake(decode: float = 10.0, prefill: float = 100.0, above_mb: tuple[float, ..
 @pytest.mark.parametrize(("scenario", "expected"), [
     ("efficiency", {ONE_STAGE_16, TWO_STAGE_2x16}),
     ("threads", {TWO_STAGE_2x16, TWO_THREADS_32}),
-    ("peer", {TWO_STAGE_2x16, PEER_32, SINGLE_TWO_STAGE, PEER_1}),
+    ("peer", {TWO_STAGE_2x16, PEER_32, SINGLE_TWO_THREADS, PEER_1}),
     ("latency", {SINGLE_TWO_STAGE, SINGLE_ONE_STAGE}),
     ("prefill", {PREFILL_1, PREFILL_2}),
     ("memory", {MEMORY_1, MEMORY_4}),
@@ -78,7 +79,7 @@ def test_each_scenario_plans_exactly_the_runs_its_ratios_need(scenario: str, exp
 
 def test_all_runs_each_shared_point_once_and_the_peer_last() -> None:
     chosen = plan(["all"], FULL)
-    assert len(chosen.runs) == 11  # 9 ppinfer points + 2 transformers batches
+    assert len(chosen.runs) == 12  # 10 ppinfer points + 2 transformers batches
     assert chosen.runs.count(TWO_STAGE_2x16) == 1  # shared by efficiency, threads and peer
     assert [type(r) for r in chosen.runs[-2:]] == [PeerRun, PeerRun]
     assert [r.key for r in chosen.ratios] == [
@@ -122,6 +123,7 @@ def _all_results() -> dict[Any, dict[str, Any]]:
         PEER_1: fake(decode=6.0),
         SINGLE_TWO_STAGE: fake(decode=16.0),
         SINGLE_ONE_STAGE: fake(decode=20.0),
+        SINGLE_TWO_THREADS: fake(decode=15.0),
         PREFILL_1: fake(prefill=200.0),
         PREFILL_2: fake(prefill=340.0),
         MEMORY_1: fake(above_mb=(400.0,)),
@@ -137,7 +139,7 @@ def test_ratios_match_hand_computed_values() -> None:
         "decode_idle": (0.12, False),  # no decode_idle_fraction: whole-run bubble, max over stages
         "stages_vs_threads": (93 / 62, True),  # 1.5
         "vs_transformers_batch": (93 / 40, True),  # 2.325
-        "vs_transformers_single": (16 / 6, True),  # 2.67
+        "vs_transformers_single": (15 / 6, True),  # 2.5
         "single_sequence_latency": ((1 / 16) / (1 / 20), False),  # 1.25 > 1.15
         "chunked_prefill": (340 / 200, True),  # 1.7
         "memory_per_rank": (150 / 400, False),  # 0.375 > 0.35

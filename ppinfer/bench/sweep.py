@@ -92,6 +92,8 @@ def pipeline_command(run: PipelineRun, model: Path, prompts_file: Path, out_dir:
     ]
     if run.prefill_chunk is not None:
         overrides.append(f"pipeline.prefill_chunk={run.prefill_chunk}")
+    if run.layers is not None:
+        overrides.append(f"pipeline.layers={run.layers}")
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.stages}",
         str(infer_script()), *overrides,
