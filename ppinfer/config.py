@@ -21,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ppinfer.errors import ConfigError
+from ppinfer.generation.sampling import SamplingParams
 from ppinfer.pipeline.allocation import parse_layers
 
 TASKS = ("generate", "score")
@@ -223,19 +224,21 @@ def _validate_inputs(cfg: AnyConfig) -> None:
             _fail("input.token_ids", list(cfg.input.token_ids), "must not be empty")
 
 
+def sampling_params(g: Any) -> SamplingParams:
+    """The sampler's parameters from the `generation` group (validated by SamplingParams)."""
+    return SamplingParams(
+        temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p), min_p=float(g.min_p),
+        repetition_penalty=float(g.repetition_penalty), seed=int(g.seed),
+    )
+
+
 def _validate_generation(g: Any, task: str) -> None:
     if g.max_new_tokens < 0 or (task == "generate" and g.max_new_tokens < 1):
         _fail("generation.max_new_tokens", g.max_new_tokens, "must be >= 1 to generate")
-    if not g.temperature >= 0.0:
-        _fail("generation.temperature", g.temperature, "must be >= 0 (0 means greedy)")
-    if g.top_k < 0:
-        _fail("generation.top_k", g.top_k, "must be >= 0 (0 disables it)")
-    if not 0.0 < g.top_p <= 1.0:
-        _fail("generation.top_p", g.top_p, "must be in (0, 1] (1 disables it)")
-    if not 0.0 <= g.min_p <= 1.0:
-        _fail("generation.min_p", g.min_p, "must be in [0, 1] (0 disables it)")
-    if not g.repetition_penalty > 0.0:
-        _fail("generation.repetition_penalty", g.repetition_penalty, "must be > 0 (1 disables it)")
+    try:
+        sampling_params(g)
+    except ValueError as exc:  # the message starts with the field's name
+        raise ConfigError(f"generation.{exc}") from exc
 
 
 def _validate_runtime(r: Any, cuda_available: bool) -> None:

@@ -14,8 +14,9 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from ppinfer.config import sampling_params
 from ppinfer.errors import PPInferError
-from ppinfer.generation.sampling import Sampler, SamplingParams
+from ppinfer.generation.sampling import Sampler
 from ppinfer.generation.stopping import StopConditions
 from ppinfer.model import PipelineStage, build_stage
 from ppinfer.pipeline.failures import describe_bug, is_peer_failure, report_bad_input, report_peer_failure
@@ -47,10 +48,7 @@ def _make_sink(job: Job, counts: TokenCounts, tracer: Tracer) -> Sink:
     if job.is_score:
         return ScoreSink(job.batches, counts, tracer=tracer)
     g = job.cfg.generation
-    params = SamplingParams(
-        temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, min_p=g.min_p,
-        repetition_penalty=g.repetition_penalty, seed=g.seed,
-    )
+    params = sampling_params(g)
     conditions = StopConditions(
         max_new_tokens=g.max_new_tokens, eog_ids=job.tokenizer.eog_ids,
         stop_strings=tuple(g.stop), ignore_eos=g.ignore_eos,
