@@ -29,7 +29,7 @@ log = logging.getLogger("ppinfer")
 
 DEFAULT_PROMPTS = (
     "The three most important things to know about the ocean are",
-    "Write a short poem about a lighthouse.",
+    "The lighthouse keeper climbed the stairs and",
     "def fibonacci(n):",
     "Once upon a time, in a small village by the mountains,",
 )
