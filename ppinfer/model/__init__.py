@@ -1,7 +1,7 @@
 """The model: one generic decoder driven by a `FamilySpec`, split into pipeline stages.
 
-This package never imports `torch.distributed`: a stage is a plain module that any runtime
-(one process, a pipeline of ranks, a test) can drive.
+This package knows nothing of ranks or process groups (a test checks its imports): a stage is
+a plain module that any runtime (one process, a pipeline of ranks, a test) can drive.
 """
 
 from ppinfer.model.cache import StageState

@@ -15,8 +15,7 @@ import torch
 
 from ppinfer.config import resolve_device, resolve_dtype, resolve_lanes, resolve_threads, validate_config
 from ppinfer.errors import ConfigError, PromptError
-from ppinfer.families import HParams, read_hparams
-from ppinfer.families.registry import get_spec
+from ppinfer.families import HParams, get_spec, read_hparams
 from ppinfer.generation.tokenizer import Tokenizer, load_tokenizer
 from ppinfer.gguf import GGUFFile
 from ppinfer.hub import resolve_model_path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,9 @@ class GenerateSink:
                 "finish_reason": stop.finish_reason,
             }
             for rec in self.writer.add(seq, record):
-                print(f"--- [{rec['index']}] {rec['prompt']!r}\n{rec['text']}", flush=True)
+                # the run's product, on stdout (logs go to stderr)
+                sys.stdout.write(f"--- [{rec['index']}] {rec['prompt']!r}\n{rec['text']}\n")
+                sys.stdout.flush()
 
     def _progress(self) -> None:
         now = time.perf_counter()
