@@ -164,8 +164,8 @@ class Tokenizer:
         tmpl = template if template is not None else self.chat_template
         if tmpl is None:
             raise ModelFileError(
-                f"{self.path} has no tokenizer.chat_template; pass chat_template=<jinja template> "
-                "in the config to use chat mode"
+                f"{self.path} has no tokenizer.chat_template; give one to use chat mode "
+                "(model.chat_template=<jinja template> on the command line, template= in Python)"
             )
         return render_chat_template(
             tmpl,
