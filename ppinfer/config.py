@@ -237,7 +237,7 @@ def _validate_generation(g: Any, task: str) -> None:
         _fail("generation.max_new_tokens", g.max_new_tokens, "must be >= 1 to generate")
     try:
         sampling_params(g)
-    except ValueError as exc:  # the message starts with the field's name
+    except ValueError as exc:  # the message starts with `field=value`
         raise ConfigError(f"generation.{exc}") from exc
 
 

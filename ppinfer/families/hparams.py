@@ -51,7 +51,7 @@ class HParams:
     layers: tuple[LayerParams, ...]
 
 
-def _per_layer(value: Any, n_layer: int, key: str, path: str) -> list[int]:
+def per_layer_values(value: Any, n_layer: int, key: str, path: str) -> list[int]:
     """GGUF stores some counts either as one scalar or as a per-layer array."""
     if isinstance(value, (list, tuple)) or hasattr(value, "__len__"):
         values = [int(v) for v in value]
@@ -76,11 +76,11 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
     if not 1 <= n_layer <= len(gf.tensors):
         raise ModelFileError(f"{path}: {key('block_count')}={n_layer} but the file holds {len(gf.tensors)} tensors")
     n_embd = int(gf.require(key("embedding_length")))
-    n_head = _per_layer(gf.require(key("attention.head_count")), n_layer, key("attention.head_count"), path)
-    n_head_kv = _per_layer(
+    n_head = per_layer_values(gf.require(key("attention.head_count")), n_layer, key("attention.head_count"), path)
+    n_head_kv = per_layer_values(
         gf.get(key("attention.head_count_kv"), n_head), n_layer, key("attention.head_count_kv"), path
     )
-    n_ff = _per_layer(gf.require(key("feed_forward_length")), n_layer, key("feed_forward_length"), path)
+    n_ff = per_layer_values(gf.require(key("feed_forward_length")), n_layer, key("feed_forward_length"), path)
     if n_layer < 1 or n_embd < 1 or min(n_head) < 1 or min(n_head_kv) < 1:
         raise ModelFileError(f"{path}: nonsensical shape (layers {n_layer}, embd {n_embd}, heads {n_head})")
     for h, hkv in zip(n_head, n_head_kv):

@@ -55,19 +55,17 @@ class SamplingParams:
     def __post_init__(self) -> None:
         # `not (x >= 0)` rather than `x < 0` so that NaN is rejected too.
         if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+            raise ValueError(f"temperature={self.temperature!r}: must be >= 0 (0 = greedy)")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1]")
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+            raise ValueError(f"min_p={self.min_p!r}: must be in [0, 1]")
         if not self.repetition_penalty > 0.0:
-            raise ValueError(
-                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}"
-            )
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r}: must be > 0 (1 = off)")
         if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+            raise ValueError(f"seed={self.seed!r}: must be an integer >= 0")
 
     @property
     def greedy(self) -> bool:

@@ -22,6 +22,7 @@ import re
 from typing import Any, Dict, List, Optional
 
 from ppinfer.errors import ModelFileError
+from ppinfer.families import per_layer_values
 from ppinfer.gguf import GGUFFile
 from ppinfer.pipeline.allocation import LayerCosts
 
@@ -48,8 +49,8 @@ def layer_costs(
     if reader is None:
         reader = GGUFFile(path)
 
-    arch = str(_field(reader, path, "general.architecture"))
-    n_layers = int(_field(reader, path, f"{arch}.block_count"))
+    arch = reader.architecture
+    n_layers = int(reader.require(f"{arch}.block_count"))
 
     layer_weights = [0] * n_layers
     tensors: Dict[str, Any] = {}
@@ -100,16 +101,16 @@ def _dequantized(tensors: Dict[str, Any], prefix: str, dtype_bytes: int) -> int:
 def _kv_bytes_per_layer(
     reader: GGUFFile, path: str, arch: str, n_layers: int, dtype_bytes: int, kv_tokens: int
 ) -> List[int]:
-    n_heads = _per_layer(_field(reader, path, f"{arch}.attention.head_count"), n_layers, path)
-    kv_key = f"{arch}.attention.head_count_kv"
+    heads_key, kv_key = f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv"
+    n_heads = per_layer_values(reader.require(heads_key), n_layers, heads_key, path)
     n_kv_heads = (
-        _per_layer(_field(reader, path, kv_key), n_layers, path)
+        per_layer_values(reader.metadata[kv_key], n_layers, kv_key, path)
         if kv_key in reader.metadata
         else n_heads  # no GQA key means one KV head per query head
     )
-    embedding_length = int(_field(reader, path, f"{arch}.embedding_length"))
-    key_length = _optional_int(reader, f"{arch}.attention.key_length")
-    value_length = _optional_int(reader, f"{arch}.attention.value_length")
+    embedding_length = int(reader.require(f"{arch}.embedding_length"))
+    key_length = reader.get(f"{arch}.attention.key_length")
+    value_length = reader.get(f"{arch}.attention.value_length")
 
     per_layer = []
     for layer in range(n_layers):
@@ -118,30 +119,7 @@ def _kv_bytes_per_layer(
             per_layer.append(0)
             continue
         head_dim = embedding_length // n_heads[layer]
-        k_len = key_length if key_length is not None else head_dim
-        v_len = value_length if value_length is not None else head_dim
+        k_len = int(key_length) if key_length is not None else head_dim
+        v_len = int(value_length) if value_length is not None else head_dim
         per_layer.append(kv_tokens * n_kv_heads[layer] * (k_len + v_len) * dtype_bytes)
     return per_layer
-
-
-def _field(reader: GGUFFile, path: str, key: str) -> Any:
-    if key not in reader.metadata:
-        raise ModelFileError(f"{path}: missing metadata key {key}")
-    return reader.metadata[key]
-
-
-def _optional_int(reader: GGUFFile, key: str) -> Optional[int]:
-    value = reader.get(key)
-    return None if value is None else int(value)
-
-
-def _per_layer(value: Any, n_layers: int, path: str) -> List[int]:
-    """A head count is a scalar, or (in some families) an array with one entry per layer."""
-    if not isinstance(value, (int, float)):
-        value = list(value)
-        if len(value) != n_layers:
-            raise ModelFileError(
-                f"{path}: per-layer head counts {value} do not match {n_layers} layers"
-            )
-        return [int(v) for v in value]
-    return [int(value)] * n_layers
