@@ -157,11 +157,18 @@ def execute(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
         extra = sink.finish(job.out_dir)
         metrics = _metrics(job, stages, counts, clock, extra)
         write_json_atomic(job.out_dir / METRICS, metrics)
-        log.info(
-            "done: %d tokens generated, prefill %.1f tok/s, decode %.1f tok/s, wall %.2f s -> %s",
-            metrics["generated_tokens"], metrics["prefill_tokens_per_s"], metrics["decode_tokens_per_s"],
-            metrics["wall_s"], job.out_dir,
-        )
+        if job.is_score:
+            log.info(
+                "done: scored %d tokens (perplexity %.3f), %.1f tok/s, wall %.2f s -> %s",
+                metrics["scored_tokens"], metrics.get("perplexity", float("nan")),
+                metrics["prefill_tokens_per_s"], metrics["wall_s"], job.out_dir,
+            )
+        else:
+            log.info(
+                "done: %d tokens generated, prefill %.1f tok/s, decode %.1f tok/s, wall %.2f s -> %s",
+                metrics["generated_tokens"], metrics["prefill_tokens_per_s"], metrics["decode_tokens_per_s"],
+                metrics["wall_s"], job.out_dir,
+            )
 
 
 def run(cfg: Any, environ: Mapping[str, str] = os.environ, overrides: Sequence[str] = ()) -> int:
