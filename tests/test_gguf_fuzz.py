@@ -84,10 +84,10 @@ def header_bytes_to_flip(path: Path) -> list[int]:
     reader = gguf.GGUFReader(path)
     base = reader.data.ctypes.data
     excluded: set[int] = set()
-    for field in reader.fields.values():
-        if field.types and field.types[-1] in FLOAT_TYPES:
-            for index in field.data:
-                part = field.parts[index]
+    for kv in reader.fields.values():
+        if kv.types and kv.types[-1] in FLOAT_TYPES:
+            for index in kv.data:
+                part = kv.parts[index]
                 start = part.ctypes.data - base
                 excluded.update(range(start, start + part.nbytes))
     return [i for i in range(reader.data_offset) if i not in excluded]
