@@ -54,7 +54,7 @@ class AwaitTokens:
 class _Lane:
     batch: int | None = None
     width: int = 0  # left-padded prompt length of the batch
-    next_slot: int = 0
+    chunks: deque[tuple[int, int]] = field(default_factory=deque)  # prefill chunks still to issue
     decode_step: int = 0
     awaiting: bool = False
 
@@ -125,11 +125,11 @@ class RingScheduler:
             if not self._pending:
                 return None
             lane.batch = self._pending.popleft()
-            lane.width, lane.next_slot, lane.decode_step = self.widths[lane.batch], 0, 0
-        if lane.next_slot < lane.width:
-            start, length = lane.next_slot, min(self.chunk, lane.width - lane.next_slot)
-            lane.next_slot += length
-            last = lane.next_slot == lane.width
+            lane.width, lane.decode_step = self.widths[lane.batch], 0
+            lane.chunks = deque(prefill_chunks(lane.width, self.chunk))
+        if lane.chunks:
+            start, length = lane.chunks.popleft()
+            last = not lane.chunks
             lane.awaiting = last
             return WorkItem(lane_id, lane.batch, Kind.PREFILL, start // self.chunk, start, length, last, start == 0)
         lane.awaiting = True

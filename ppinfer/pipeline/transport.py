@@ -74,9 +74,9 @@ class Header:
 
 @dataclass
 class CommStats:
-    """Seconds spent waiting for a peer (idle) and moving data (comm) on this rank."""
+    """Seconds spent moving data on this rank (waiting for a peer is idle time, which the
+    runtime derives as wall - compute - comm)."""
 
-    idle_s: float = 0.0
     comm_s: float = 0.0
 
 
@@ -222,12 +222,10 @@ class Transport:
         """The next activation message from the previous stage: (header, hidden [B, T, E])
         or (STOP header, None). The hidden tensor is only valid until the next receive."""
         assert self._items_in is not None
-        start = time.perf_counter()
         with self.tracer.range("wait"):
             buf = self._items_in.take()
         header = Header.decode(buf[:HEADER_BYTES].view(torch.int64).tolist())
         arrived = time.perf_counter()
-        self.stats.idle_s += arrived - start
         if header.msg is Msg.STOP:
             return header, None
         assert header.item is not None
@@ -256,9 +254,7 @@ class Transport:
     def recv_tokens(self) -> tuple[Header, torch.Tensor]:
         """Sampled ids [B] from the last stage (rank 0 only)."""
         assert self._tokens_in is not None
-        start = time.perf_counter()
         with self.tracer.range("wait"):
             buf = self._tokens_in.take().view(torch.int64)
-        self.stats.idle_s += time.perf_counter() - start
         header = Header.decode(buf[:HEADER].tolist())
         return header, buf[HEADER:HEADER + header.batch_size].clone()
