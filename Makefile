@@ -3,6 +3,8 @@
 # The virtual environment is created on first use. torch is installed only when the venv
 # has none: TORCH_SPEC defaults to the CPU build pinned for these machines; a GPU user
 # installs their own torch into .venv first (or passes TORCH_SPEC='torch==X.Y.Z').
+# Install also compiles the CPU block kernels; where that fails (no C++ compiler, say) it says
+# why and goes on: quantized models then run on dequantized weights.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,6 +21,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -e ".[dev]"
+	-$(BIN)/python -m ppinfer.kernels.build
 	touch $@
 
 install: $(VENV)/.installed

@@ -4,10 +4,12 @@ Composes the Hydra config and hands it to `ppinfer.pipeline.launch.run`; all log
 the package so that tests can import it. The command line is checked once before
 `@hydra.main` composes it: Hydra would print a bad override's multi-line message (or the
 traceback of a run directory it cannot create) on every rank, while `report_bad_input` prints
-it once, on one line.
+it once, on one line. Ctrl-C ends each rank with one line at most, no traceback (see
+`ppinfer.pipeline.failures`).
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import ppinfer.config  # noqa: F401  registers the typed schema in Hydra's ConfigStore
-from ppinfer.pipeline.failures import command_line_problem, report_bad_input
+from ppinfer.pipeline.failures import command_line_problem, interrupt_once, report_bad_input, report_interrupt
 from ppinfer.pipeline.job import DistEnv
 from ppinfer.pipeline.launch import run, setup_logging
 
@@ -31,9 +33,13 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    problem = command_line_problem(CONFIG_DIR, "config", sys.argv[1:])
-    if problem is not None:
-        env = DistEnv.from_environ(dict(os.environ))
-        setup_logging(env)
-        sys.exit(report_bad_input(env, problem))
-    main()
+    signal.signal(signal.SIGINT, interrupt_once)
+    env = DistEnv.from_environ(dict(os.environ))
+    setup_logging(env)
+    try:
+        problem = command_line_problem(CONFIG_DIR, "config", sys.argv[1:])
+        if problem is not None:
+            sys.exit(report_bad_input(env, problem))
+        main()
+    except KeyboardInterrupt:
+        sys.exit(report_interrupt(env))

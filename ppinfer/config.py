@@ -22,11 +22,17 @@ from omegaconf import DictConfig
 
 from ppinfer.errors import ConfigError
 from ppinfer.generation.sampling import SamplingParams
+from ppinfer.generation.stopping import unescape_stop_string
+from ppinfer.model.loader import WEIGHT_MODES
 from ppinfer.pipeline.allocation import parse_layers
 
 TASKS = ("generate", "score")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TIMEOUT_RANGE_S = (1.0, 86400.0)
+"""Allowed `runtime.timeout_s`: below 1 s healthy ranks give up on each other while a peer is
+still loading or computing a step; above a day is a hang, not a timeout (and `inf` overflows
+the process group's timedelta)."""
 
 
 @dataclass(kw_only=True)
@@ -56,7 +62,8 @@ class PipelineConfig:
     lane_size: Optional[int] = None
     """Max sequences per lane; null means ceil(sequences / lanes). Extra sequences run in waves."""
     prefill_chunk: int = 128
-    """Prompt tokens per prefill step, so long prompts pipeline too and shapes stay static."""
+    """Prompt tokens per prefill step, so long prompts pipeline too and shapes stay static.
+    A chunk longer than the longest prompt costs nothing: each prompt then goes in one step."""
 
 
 @dataclass(kw_only=True)
@@ -90,7 +97,11 @@ class GenerationConfig:
     ignore_eos: bool = False
     """Keep generating past end-of-generation tokens (useful for benchmarks)."""
     stop: List[str] = field(default_factory=list)
-    """Strings that end a sequence when they appear in its generated text."""
+    r"""Strings that end a sequence when they appear in its generated text. Each must be
+    non-empty. Since Hydra passes backslashes through, these escapes are decoded, and only
+    these: `\n` newline, `\r` carriage return, `\t` tab, `\\` a backslash, `\uXXXX` the
+    character with that hex code point; any other backslash sequence is an error. So
+    `generation.stop='["\n\n"]'` stops at a blank line."""
 
 
 @dataclass(kw_only=True)
@@ -103,8 +114,13 @@ class RuntimeConfig:
     """`float32`, `bfloat16` or `float16`; null means float32 on CPU and bfloat16 on CUDA."""
     threads: Optional[int] = None
     """Torch intra-op threads per rank; null means CPU cores / local world size (at least 1)."""
+    weights: str = "quantized"
+    """`quantized`: weights stay in their GGUF blocks and are multiplied in place by a kernel
+    for their type and device (types without one are dequantized); `dequantized`: every
+    weight is dequantized to `dtype` at load (the exact reference path)."""
     timeout_s: float = 60.0
-    """Process-group timeout, so a rank whose peer died fails instead of waiting forever."""
+    """Process-group timeout, so a rank whose peer died fails instead of waiting forever.
+    Seconds, from 1 to 86400 (one day); see `TIMEOUT_RANGE_S`."""
 
 
 @dataclass(kw_only=True)
@@ -112,7 +128,8 @@ class OutputConfig:
     """Where results go."""
 
     dir: str = "outputs/latest"
-    """One pinned directory shared by all ranks (also Hydra's run dir); rank 0 writes it."""
+    """One pinned directory shared by all ranks (also Hydra's run dir); the last rank writes it
+    and holds it (`.lock`) for the run, so a second run into it is refused."""
 
 
 @dataclass(kw_only=True)
@@ -209,9 +226,20 @@ def _validate_pipeline(p: Any, world_size: int) -> None:
     parse_layers(p.layers)
 
 
+# Keys only one task reads: setting one for the other task is a mistake, not a no-op.
+_TASK_KEYS = {"generate": ("prompts", "prompts_file"), "score": ("input.token_ids", "input.text")}
+
+
 def _validate_inputs(cfg: AnyConfig) -> None:
     if cfg.prompts is not None and cfg.prompts_file is not None:
         _fail("prompts_file", cfg.prompts_file, "give either prompts or prompts_file, not both")
+    for task, keys in _TASK_KEYS.items():
+        if task == cfg.task:
+            continue
+        for key in keys:
+            value = _select(cfg, key)
+            if value is not None:
+                _fail(key, _plain(value), f"only task={task} reads it, but this run has task={cfg.task}")
     if cfg.task == "score":
         has_ids = cfg.input.token_ids is not None
         has_text = cfg.input.text is not None
@@ -222,6 +250,34 @@ def _validate_inputs(cfg: AnyConfig) -> None:
             )
         if has_ids and len(cfg.input.token_ids) == 0:
             _fail("input.token_ids", list(cfg.input.token_ids), "must not be empty")
+
+
+def _select(cfg: AnyConfig, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _plain(value: Any) -> Any:
+    """A value as the user wrote it: lists from Hydra are ListConfig, shown as plain lists."""
+    return value if isinstance(value, (str, int, float)) else list(value)
+
+
+def stop_strings(g: Any) -> tuple[str, ...]:
+    """The `generation.stop` strings with their escapes decoded (see GenerationConfig.stop)."""
+    decoded = []
+    for i, raw in enumerate(str(s) for s in g.stop):
+        try:
+            stop = unescape_stop_string(raw)
+        except ValueError as exc:
+            # Shown as typed: repr would double every backslash (but keeps a real newline on one line).
+            shown = f'"{raw}"' if raw.isprintable() else repr(raw)
+            raise ConfigError(f"generation.stop[{i}]={shown}: {exc}") from exc
+        if not stop:
+            _fail("generation.stop", _plain(g.stop), f"entry {i} is empty; a stop string needs at least one character")
+        decoded.append(stop)
+    return tuple(decoded)
 
 
 def sampling_params(g: Any) -> SamplingParams:
@@ -239,6 +295,7 @@ def _validate_generation(g: Any, task: str) -> None:
         sampling_params(g)
     except ValueError as exc:  # the message starts with `field=value`
         raise ConfigError(f"generation.{exc}") from exc
+    stop_strings(g)
 
 
 def _validate_runtime(r: Any, cuda_available: bool) -> None:
@@ -248,10 +305,13 @@ def _validate_runtime(r: Any, cuda_available: bool) -> None:
         _fail("runtime.device", r.device, "no CUDA GPU is available (use cpu or auto)")
     if r.dtype is not None and r.dtype not in DTYPES:
         _fail("runtime.dtype", r.dtype, f"must be one of {', '.join(DTYPES)} (or null)")
+    if r.weights not in WEIGHT_MODES:
+        _fail("runtime.weights", r.weights, f"must be one of {', '.join(WEIGHT_MODES)}")
     if r.threads is not None and r.threads < 1:
         _fail("runtime.threads", r.threads, "must be at least 1 (or null for automatic)")
-    if not r.timeout_s > 0.0:
-        _fail("runtime.timeout_s", r.timeout_s, "must be > 0")
+    low, high = TIMEOUT_RANGE_S
+    if not low <= r.timeout_s <= high:  # NaN fails too
+        _fail("runtime.timeout_s", r.timeout_s, f"must be between {low:g} and {high:g} seconds (one day)")
 
 
 def _validate_profile(p: Any) -> None:
@@ -317,7 +377,9 @@ def resolve_lanes(cfg: AnyConfig, n_stages: int, n_sequences: int) -> LaneLayout
 
     Lanes default to one per stage (a full ring) but never exceed the sequences, since an
     empty lane would only add bubbles. The lane size defaults to fitting every sequence in
-    one wave; a smaller explicit size serves the rest in further waves.
+    one wave; a smaller explicit size serves the rest in further waves. A larger explicit size
+    is capped by the sequences: a lane never holds more than there are, and everything sized
+    per lane (the cost model, buffers) must see what it really holds.
     """
     if n_sequences < 1:
         raise ConfigError(f"nothing to run: {n_sequences} sequences")
@@ -328,5 +390,6 @@ def resolve_lanes(cfg: AnyConfig, n_stages: int, n_sequences: int) -> LaneLayout
     lane_size = cfg.pipeline.lane_size
     if lane_size is None:
         lane_size = math.ceil(n_sequences / microbatches)
+    lane_size = min(int(lane_size), n_sequences)
     waves = math.ceil(n_sequences / (microbatches * lane_size))
-    return LaneLayout(microbatches=microbatches, lane_size=int(lane_size), waves=waves)
+    return LaneLayout(microbatches=microbatches, lane_size=lane_size, waves=waves)

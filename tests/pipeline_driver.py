@@ -73,7 +73,7 @@ def run_all(runs: list[Run], env: DistEnv) -> None:
             cfg = compose_config(run.overrides)
             job = prepare(cfg, env, cuda_available=False, family_given=False)
             torch.set_num_threads(job.threads)
-            stage = build_stage(job.model_path, job.plan, job.dtype, job.device)
+            stage = build_stage(job.model_path, job.plan, job.dtype, job.device, weights=job.cfg.runtime.weights)
             execute(job, stage, current_rss_bytes())
     finally:
         torch.set_num_threads(threads)

@@ -1,7 +1,8 @@
 """Drives ppinfer pipeline stages in one process for the tests (no torch.distributed).
 
 Only the public stage interface is used: `build_stage`, `embed`, `forward`, `lm_head`,
-`new_state`. Everything runs in float32 on CPU under `torch.no_grad()`.
+`new_state`. Everything runs in float32 on CPU under `torch.no_grad()`, on dequantized
+weights unless a test asks for the quantized path.
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ import torch
 from ppinfer.model import PipelineStage, StagePlan, StageState, build_stage
 
 
-def build(path: Path, layer_start: int, layer_end: int, total_layers: int) -> PipelineStage:
-    """The stage owning layers [layer_start, layer_end) of `path`, fp32 on CPU."""
-    return build_stage(path, StagePlan(layer_start, layer_end, total_layers), dtype=torch.float32, device="cpu")
+def build(
+    path: Path, layer_start: int, layer_end: int, total_layers: int, weights: str = "dequantized"
+) -> PipelineStage:
+    """The stage owning layers [layer_start, layer_end) of `path`, fp32 on CPU; dequantized
+    weights (the exact path the reference comparisons need) unless `weights` says otherwise."""
+    plan = StagePlan(layer_start, layer_end, total_layers)
+    return build_stage(path, plan, dtype=torch.float32, device="cpu", weights=weights)
 
 
-def whole(path: Path, total_layers: int) -> PipelineStage:
+def whole(path: Path, total_layers: int, weights: str = "dequantized") -> PipelineStage:
     """The single stage holding the whole model."""
-    return build(path, 0, total_layers, total_layers)
+    return build(path, 0, total_layers, total_layers, weights)
 
 
 def arange_positions(batch: int, length: int, offset: int = 0) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Layer allocation (`allocate`, `plan_table`) and the GGUF cost model (`layer_costs`).
+"""Layer allocation (`allocate`, `plan_table`), the GGUF cost model (`layer_costs`) and what a
+prepared job sizes its lanes, chunks and buffers for.
 
 Balanced splits are checked against hand-derived cases and against a brute-force search over
 every contiguous split; byte counts against sizes worked out from the tensor shapes.
@@ -15,11 +16,15 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
 
+from pipeline_driver import compose_config
+from pipeline_models import PIPELINE_SPECS, write_pipeline_model
 from ppinfer.gguf import GGUFFile
 
 from ppinfer.errors import ConfigError, ModelFileError
 from ppinfer.pipeline.allocation import LayerCosts, allocate, parse_layers, plan_table
 from ppinfer.pipeline.costs import layer_costs
+from ppinfer.pipeline.job import DistEnv, Job, prepare
+from ppinfer.pipeline.transport import HEADER_BYTES, LinkSizes
 
 MIB = 1024 * 1024
 
@@ -308,3 +313,62 @@ def test_quantized_types_are_reported_as_file_bytes(tmp_path: Path) -> None:
     assert costs.head_bytes == 2 * (32 + 4 * 32)
     # No head_count_kv key: one KV head per query head, head_dim 32.
     assert costs.layer_kv_bytes == [5 * 1 * 64 * 2]
+
+
+# ------------------------------------------------- what a prepared run is sized for
+
+TINY = PIPELINE_SPECS["llama"]
+TWO_PROMPTS = "prompts=['the cat in the hat','pipelines keep every stage busy']"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 6-layer llama of the pipeline tests, with its byte-level tokenizer."""
+    return write_pipeline_model(tmp_path_factory.mktemp("sizing") / "llama.gguf", TINY)
+
+
+def _prepared(model: Path, out: Path, stages: int, *overrides: str) -> Job:
+    """Rank 0's job for a run on `stages` ranks, as `launch/infer.py` would prepare it."""
+    cfg = compose_config((f"model.path={model}", f"output.dir={out}", "runtime.device=cpu",
+                          "runtime.dtype=float32", "generation.max_new_tokens=4", *overrides))
+    env = DistEnv(rank=0, world=stages, local_rank=0, local_world=stages)
+    return prepare(cfg, env, cuda_available=False, family_given=False)
+
+
+def test_lane_size_beyond_the_prompts_sizes_the_lane_it_really_holds(tiny_model: Path, tmp_path: Path) -> None:
+    """`pipeline.lane_size=1e9` with 2 prompts: one lane of those 2, and the balanced split is
+    the one of `lane_size=2` (the same run) and of the default lanes, not one that charges the
+    first stage a billion embedding rows per step."""
+    huge = _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS, "pipeline.lane_size=1000000000")
+    assert (huge.lane_size, [b.size for b in huge.batches], huge.n_lanes) == (2, [2], 1)
+    exact = _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS, "pipeline.lane_size=2")
+    default = _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS)
+    assert huge.layers == exact.layers == default.layers
+    assert min(huge.layers) > 1
+
+
+def test_huge_prefill_chunk_is_capped_by_the_longest_prompt(tiny_model: Path, tmp_path: Path) -> None:
+    """`pipeline.prefill_chunk=1e8` with short prompts: the run issues chunks no longer than
+    its longest prompt, and the receive buffer holds one such chunk of the fullest lane."""
+    job = _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS, "pipeline.lane_size=1000000000",
+                    "pipeline.prefill_chunk=100000000")
+    longest = max(len(p) for p in job.prompts)
+    assert job.prefill_chunk == longest < 100
+    sizes = LinkSizes.of(TINY.n_embd, job.lane_size, job.prefill_chunk, job.dtype)
+    # 2 sequences x the longest prompt x E float32 values; a decode step (2 x 1 x E) inline.
+    assert sizes.large_elements == 2 * longest * TINY.n_embd
+    assert sizes.item_bytes == HEADER_BYTES + 2 * TINY.n_embd * 4
+    assert sizes.token_bytes == HEADER_BYTES + 2 * 8
+    # A chunk shorter than the prompts is kept as configured.
+    assert _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS, "pipeline.prefill_chunk=3").prefill_chunk == 3
+
+
+def test_score_sizes_for_its_one_long_sequence(tiny_model: Path, tmp_path: Path) -> None:
+    """`score` is one lane of one sequence: the chunk is capped by that sequence's length."""
+    ids = list(range(40, 100))
+    score = ("task=score", f"input.token_ids=[{','.join(map(str, ids))}]")
+    job = _prepared(tiny_model, tmp_path, 2, *score, "pipeline.prefill_chunk=100000000")
+    assert (job.lane_size, job.prefill_chunk) == (1, len(ids))
+    sizes = LinkSizes.of(TINY.n_embd, job.lane_size, job.prefill_chunk, job.dtype)
+    assert sizes.large_elements == len(ids) * TINY.n_embd
+    assert _prepared(tiny_model, tmp_path, 2, *score, "pipeline.prefill_chunk=16").prefill_chunk == 16

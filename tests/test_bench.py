@@ -1,5 +1,6 @@
 """The benchmark harness: the planner (which runs each scenario needs), the ratios computed from
-hand-made metrics with hand-computed expected values, the tables, and a --quick smoke run."""
+hand-made metrics with hand-computed expected values, the tables, the synthetic model builder
+(on a tiny shape), the llama.cpp peer's batch layout, and smoke runs."""
 
 from __future__ import annotations
 
@@ -9,15 +10,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import gguf
+import numpy as np
 import pytest
 import torch
 
+from ppinfer.bench import synthetic
+from ppinfer.bench.llamacpp import Entry, context_size, prefill_entries, step_entries
 from ppinfer.bench.peer import left_padded
 from ppinfer.bench.prompts import SHORT_PROMPTS, long_prompt, short_prompts
 from ppinfer.bench.report import evaluate, markdown_report, markdown_table, run_row, text_table
-from ppinfer.bench.scenarios import FULL, QUICK, PeerRun, PipelineRun, Sizes, plan
-from ppinfer.bench.sweep import hydra_value, pipeline_command
+from ppinfer.bench.scenarios import (
+    FULL, MODEL_1B, MODEL_7B, QUICK, SCENARIOS, SUITES, LlamaCppRun, PeerRun, PipelineRun, Sizes, plan,
+)
+from ppinfer.bench.sweep import PromptBook, RunResult, SweepSettings, hydra_value, pipeline_command, run_llamacpp
+from ppinfer.families.hparams import read_hparams
 from ppinfer.generation.tokenizer import load_tokenizer
+from ppinfer.gguf.reader import GGUFFile
+from pipeline_models import PIPELINE_SPECS, write_pipeline_model
+from stage_runner import full_logits, whole
 
 MB = 2**20
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pp(stages: int, threads: int, lanes: int, lane_size: int, new: int = 64, **kw: Any) -> PipelineRun:
     return PipelineRun(stages=stages, threads=threads, lanes=lanes, lane_size=lane_size, max_new_tokens=new, **kw)
+
+
+def lc(sequences: int, model: str = "default", new: int = 64) -> LlamaCppRun:
+    return LlamaCppRun(threads=2, sequences=sequences, max_new_tokens=new, model=model)
 
 
 # The full-size points, written out by hand from the issue's wording.
@@ -40,10 +55,25 @@ PREFILL_1 = pp(1, 1, 1, 1, 4, prompts="long", prefill_chunk=64, layers="uniform"
 PREFILL_2 = pp(2, 1, 1, 1, 4, prompts="long", prefill_chunk=64, layers="uniform")
 MEMORY_1 = pp(1, 1, 1, 4, 8)
 MEMORY_4 = pp(4, 1, 4, 1, 8)
+# Issue 11's points: the 1.1B on 2 stages with a lane per stage for memory, 2 lanes of 8 for
+# throughput, one sequence on 1 stage x 2 threads; llama.cpp with 2 threads on the same files.
+MEMORY_1B = pp(2, 1, 2, 1, 8, model=MODEL_1B)
+MEMORY_1B_DEQ = pp(2, 1, 2, 1, 8, model=MODEL_1B, weights="dequantized")
+SINGLE_1B = pp(1, 2, 1, 1, model=MODEL_1B)
+SINGLE_DEQ = pp(1, 2, 1, 1, weights="dequantized")
+BATCH_1B = pp(2, 1, 2, 8, model=MODEL_1B)
+ONE_STAGE_1B = pp(1, 1, 1, 8, model=MODEL_1B)
+BATCH_DEQ = pp(2, 1, 2, 16, weights="dequantized")
+MEMORY_7B = pp(4, 1, 4, 1, 8, model=MODEL_7B)
+LC_1 = lc(1)
+LC_32 = lc(32)
+LC_1B_1 = lc(1, MODEL_1B)
+LC_1B_16 = lc(16, MODEL_1B)
 
 
 def fake(decode: float = 10.0, prefill: float = 100.0, above_mb: tuple[float, ...] = (100.0,),
-         bubbles: tuple[float, ...] | None = None, decode_idle: tuple[float, ...] | None = None) -> dict[str, Any]:
+         bubbles: tuple[float, ...] | None = None, decode_idle: tuple[float, ...] | None = None,
+         file_mb: float = 600.0) -> dict[str, Any]:
     """A metrics.json with the fields the harness reads."""
     stages = []
     for i, above in enumerate(above_mb):
@@ -56,7 +86,7 @@ def fake(decode: float = 10.0, prefill: float = 100.0, above_mb: tuple[float, ..
         stages.append(stage)
     return {
         "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode, "time_to_first_token_s": 0.25,
-        "wall_s": 3.0, "theoretical_bubble_fraction": 0.1, "per_stage": stages,
+        "wall_s": 3.0, "theoretical_bubble_fraction": 0.1, "per_stage": stages, "model_file_bytes": int(file_mb * MB),
     }
 
 
@@ -70,6 +100,11 @@ def fake(decode: float = 10.0, prefill: float = 100.0, above_mb: tuple[float, ..
     ("latency", {SINGLE_TWO_STAGE, SINGLE_ONE_STAGE}),
     ("prefill", {PREFILL_1, PREFILL_2}),
     ("memory", {MEMORY_1, MEMORY_4}),
+    ("quant-memory", {MEMORY_1B, MEMORY_1B_DEQ, LC_1B_1}),
+    ("quant-single", {SINGLE_TWO_THREADS, SINGLE_1B, SINGLE_DEQ, LC_1, LC_1B_1}),
+    ("quant-batch", {BATCH_1B, LC_1B_16, TWO_STAGE_2x16, BATCH_DEQ, LC_32}),
+    ("quant-efficiency", {BATCH_1B, ONE_STAGE_1B}),
+    ("quant-7b", {MEMORY_7B}),
 ])
 def test_each_scenario_plans_exactly_the_runs_its_ratios_need(scenario: str, expected: set[Any]) -> None:
     chosen = plan([scenario], FULL)
@@ -77,16 +112,35 @@ def test_each_scenario_plans_exactly_the_runs_its_ratios_need(scenario: str, exp
     assert len(chosen.runs) == len(expected)
 
 
-def test_all_runs_each_shared_point_once_and_the_peer_last() -> None:
+def test_all_runs_each_shared_point_once_and_the_peers_last() -> None:
     chosen = plan(["all"], FULL)
-    assert len(chosen.runs) == 12  # 10 ppinfer points + 2 transformers batches
-    assert chosen.runs.count(TWO_STAGE_2x16) == 1  # shared by efficiency, threads and peer
-    assert [type(r) for r in chosen.runs[-2:]] == [PeerRun, PeerRun]
+    # pipeline suite: 10 ppinfer points + 2 transformers batches; quant suite: 7 more ppinfer
+    # points (2 of its 9 are shared with the pipeline suite) + 4 llama.cpp points.
+    assert len(chosen.runs) == 23
+    assert chosen.runs.count(TWO_STAGE_2x16) == 1  # shared by efficiency, threads, peer and quant-batch
+    kinds = [type(r) for r in chosen.runs]
+    assert kinds == [PipelineRun] * 17 + [PeerRun] * 2 + [LlamaCppRun] * 4
     assert [r.key for r in chosen.ratios] == [
         "pipeline_efficiency", "decode_idle", "stages_vs_threads", "vs_transformers_batch",
         "vs_transformers_single", "single_sequence_latency", "chunked_prefill", "memory_per_rank",
+        "memory_per_file", "memory_per_file_dequantized", "memory_vs_llamacpp",
+        "vs_llamacpp_single", "vs_llamacpp_single_1b", "vs_llamacpp_single_dequantized",
+        "vs_llamacpp_batch_1b", "vs_llamacpp_batch", "vs_llamacpp_batch_dequantized", "pipeline_efficiency_1b",
     ]
     assert plan(["latency", "all", "latency"], FULL) == chosen
+    assert MEMORY_7B not in chosen.runs  # the slow suite only runs when asked for
+
+
+def test_suites_expand_to_their_scenarios_and_cover_all_of_them() -> None:
+    assert plan(["quant"], FULL) == plan(["quant-memory", "quant-single", "quant-batch", "quant-efficiency"], FULL)
+    assert plan(["pipeline", "quant"], FULL) == plan(["all"], FULL)
+    assert plan(["slow"], FULL).runs == (MEMORY_7B,)
+    assert sorted(s for suite in SUITES.values() for s in suite) == sorted(SCENARIOS)
+
+
+def test_the_default_model_is_the_only_one_the_pipeline_suite_uses() -> None:
+    assert {r.model for r in plan(["pipeline"], FULL).runs} == {"default"}
+    assert {MODEL_1B, MODEL_7B} <= set(synthetic.MODELS)
 
 
 def test_memory_points_hold_the_same_sequences_with_a_lane_per_stage() -> None:
@@ -97,18 +151,23 @@ def test_memory_points_hold_the_same_sequences_with_a_lane_per_stage() -> None:
 def test_quick_shrinks_the_workload_but_keeps_the_shape() -> None:
     quick = plan(["efficiency", "threads"], QUICK)
     assert set(quick.runs) == {pp(1, 1, 1, 2, 4), pp(2, 1, 2, 2, 4), pp(1, 2, 1, 4, 4)}
+    assert set(plan(["quant-batch"], QUICK).runs) == {
+        pp(2, 1, 2, 2, 4, model=MODEL_1B), lc(4, MODEL_1B, 4), pp(2, 1, 2, 2, 4),
+        pp(2, 1, 2, 2, 4, weights="dequantized"), lc(4, new=4),
+    }
 
 
 def test_bad_scenario_and_size_are_named() -> None:
-    with pytest.raises(ValueError, match="'speed'"):
+    with pytest.raises(ValueError, match="'speed'.*a suite \\(pipeline, quant, slow\\)"):
         plan(["speed"], FULL)
     with pytest.raises(ValueError, match="lane_size=0"):
         Sizes(lane_size=0)
 
 
 def test_slugs_are_unique_so_points_never_share_a_directory() -> None:
-    runs = plan(["all"], FULL).runs + plan(["all"], QUICK).runs
+    runs = plan(["all", "slow"], FULL).runs + plan(["all", "slow"], QUICK).runs
     assert len({r.slug for r in runs}) == len(set(runs))
+    assert len({r.label for r in plan(["all", "slow"], FULL).runs}) == len(plan(["all", "slow"], FULL).runs)
 
 
 # --- ratios on hand-made metrics -------------------------------------------------------------
@@ -128,12 +187,24 @@ def _all_results() -> dict[Any, dict[str, Any]]:
         PREFILL_2: fake(prefill=340.0),
         MEMORY_1: fake(above_mb=(400.0,)),
         MEMORY_4: fake(above_mb=(120.0, 100.0, 90.0, 150.0)),
+        MEMORY_1B: fake(above_mb=(330.0, 360.0), file_mb=600.0),
+        MEMORY_1B_DEQ: fake(above_mb=(2200.0, 2300.0), file_mb=600.0),
+        SINGLE_1B: fake(decode=6.0),
+        SINGLE_DEQ: fake(decode=12.0),
+        BATCH_1B: fake(decode=45.0),
+        ONE_STAGE_1B: fake(decode=25.0),
+        BATCH_DEQ: fake(decode=80.0),
+        MEMORY_7B: fake(above_mb=(1000.0, 1000.0, 1000.0, 1200.0), file_mb=3600.0),
+        LC_1: fake(decode=30.0),
+        LC_32: fake(decode=124.0),
+        LC_1B_1: fake(decode=10.0, above_mb=(1150.0,)),
+        LC_1B_16: fake(decode=50.0),
     }
 
 
 def test_ratios_match_hand_computed_values() -> None:
     results = _all_results()
-    got = {r.key: evaluate(r, results) for r in plan(["all"], FULL).ratios}
+    got = {r.key: evaluate(r, results) for r in plan(["all", "slow"], FULL).ratios}
     expected = {
         "pipeline_efficiency": (93 / (2 * 50), True),  # 0.93
         "decode_idle": (0.12, False),  # no decode_idle_fraction: whole-run bubble, max over stages
@@ -143,12 +214,42 @@ def test_ratios_match_hand_computed_values() -> None:
         "single_sequence_latency": ((1 / 16) / (1 / 20), False),  # 1.25 > 1.15
         "chunked_prefill": (340 / 200, True),  # 1.7
         "memory_per_rank": (150 / 400, False),  # 0.375 > 0.35
+        "memory_per_file": ((330 + 360) / 600, True),  # 1.15 <= 1.5
+        "memory_per_file_dequantized": ((2200 + 2300) / 600, None),  # 7.5, for information
+        "memory_vs_llamacpp": ((330 + 360) / 1150, None),  # 0.6
+        "vs_llamacpp_single": (15 / 30, False),  # 0.5 < 1
+        "vs_llamacpp_single_1b": (6 / 10, False),
+        "vs_llamacpp_single_dequantized": (12 / 30, None),
+        "vs_llamacpp_batch_1b": (45 / 50, False),  # 0.9 < 1
+        "vs_llamacpp_batch": (93 / 124, False),
+        "vs_llamacpp_batch_dequantized": (80 / 124, None),
+        "pipeline_efficiency_1b": (45 / (2 * 25), True),  # 0.9
+        "memory_per_file_7b": (4200 / 3600, True),  # 1.167
     }
+    assert set(got) == set(expected)
     for key, (value, passed) in expected.items():
         assert got[key].value == pytest.approx(value), key
         assert got[key].passed is passed, key
     assert "fallback" in got["decode_idle"].detail
     assert "2 x 50 tok/s" in got["pipeline_efficiency"].detail
+    assert got["memory_vs_llamacpp"].verdict == "info" and got["memory_vs_llamacpp"].target_text == "-"
+    assert got["memory_per_file"].verdict == "pass"
+
+
+def test_exit_code_ignores_skipped_points_and_informational_ratios() -> None:
+    from ppinfer.bench.__main__ import exit_code
+
+    results = _all_results()
+    ratios = [evaluate(r, results) for r in plan(["quant-memory"], FULL).ratios]  # one target (1.15: pass), 2 info
+    done = [RunResult(r, results[r], None, Path("log"), ()) for r in plan(["quant-memory"], FULL).runs]
+    skipped = RunResult(LC_1, None, "llama-cpp-python not installed", Path("log"), (), skipped=True)
+    failed = RunResult(LC_1, None, "exit code 1", Path("log"), ())
+    assert exit_code([*done, skipped], ratios, check=True) == 0
+    assert exit_code([*done, failed], ratios, check=True) == 1
+    results[MEMORY_1B] = fake(above_mb=(500.0, 500.0), file_mb=600.0)  # 1.67 > 1.5
+    missed = [evaluate(r, results) for r in plan(["quant-memory"], FULL).ratios]
+    assert exit_code(done, missed, check=True) == 3
+    assert exit_code(done, missed, check=False) == 0
 
 
 def test_decode_idle_prefers_the_runtime_decode_figure() -> None:
@@ -177,14 +278,22 @@ def test_run_row_shows_per_rank_memory_and_the_largest_bubble() -> None:
     metrics = fake(decode=12.345, prefill=56.78, above_mb=(300.0, 450.0), bubbles=(0.05, 0.25))
     metrics.update(stages=2, threads_per_rank=1, microbatches=2, lane_size=16)
     row = run_row(TWO_STAGE_2x16, metrics, None)
-    assert row == ["ppinfer", "2", "1", "2", "16", "32 short", "64", "56.8", "12.3", "0.250", "0.250", "0.100",
-                   "550/700", "300/450"]
+    assert row == ["ppinfer", "default", "2", "1", "2", "16", "32 short", "64", "56.8", "12.3", "0.250", "0.250",
+                   "0.100", "550/700", "300/450"]
+
+
+def test_run_rows_name_the_model_the_weights_and_llamacpp() -> None:
+    metrics = fake(decode=7.0, prefill=20.0, above_mb=(1150.0,))
+    assert run_row(LC_1B_16, metrics, None)[:8] == ["llama.cpp", MODEL_1B, "1", "2", "1", "16", "16 short", "64"]
+    assert run_row(MEMORY_1B_DEQ, None, "exit code 1")[:2] == ["ppinfer dequantized", MODEL_1B]
 
 
 def test_failed_run_row_keeps_the_configuration_and_says_why() -> None:
     row = run_row(PEER_1, None, "exit code 2; see run.log:\n    Traceback")
-    assert row[:7] == ["transformers", "1", "2", "1", "1", "1 short", "64"]
-    assert row[7] == "failed: exit code 2; see run.log:"
+    assert row[:8] == ["transformers", "default", "1", "2", "1", "1", "1 short", "64"]
+    assert row[8] == "failed: exit code 2; see run.log:"
+    assert run_row(LC_1, None, "llama-cpp-python not installed: pip ...", skipped=True)[8] == (
+        "skipped: llama-cpp-python not installed: pip ...")
 
 
 def test_tables_align_and_escape() -> None:
@@ -196,12 +305,13 @@ def test_markdown_report_has_machine_targets_and_runs() -> None:
     results = _all_results()
     chosen = plan(["efficiency"], FULL)
     ratios = [evaluate(r, results) for r in chosen.ratios]
-    page = markdown_report({"date": "D", "command": "python -m ppinfer.bench --x", "CPU": "Z80"}, ratios,
-                           [(r, results[r], None) for r in chosen.runs])
+    outcomes = [RunResult(r, results[r], None, Path("run.log"), ()) for r in chosen.runs]
+    page = markdown_report({"date": "D", "command": "python -m ppinfer.bench --x", "CPU": "Z80"}, ratios, outcomes)
     assert "Generated by `python -m ppinfer.bench --x` on D." in page
     assert "| CPU | Z80 |" in page
     assert "| pipeline_efficiency: " in page and "| 0.930 | >= 0.9 | pass |" in page
-    assert page.count("| ppinfer |") == 2
+    assert page.count("| ppinfer | default |") == 2
+    assert "### Benchmarking against llama.cpp" in page and "~/.cache/ppinfer-bench/wheels" in page
 
 
 # --- pieces of the sweep ---------------------------------------------------------------------
@@ -216,7 +326,8 @@ def test_pipeline_command_is_greedy_ignores_eos_and_sets_the_layout(tmp_path: Pa
                      "pipeline.prefill_chunk=64", f"prompts_file={tmp_path / 'p.txt'}"):
         assert override in command
     default_chunk = pipeline_command(pp(1, 1, 1, 1), tmp_path, tmp_path, tmp_path)
-    assert not any(c.startswith("pipeline.prefill_chunk") for c in default_chunk)
+    assert not any(c.startswith(("pipeline.prefill_chunk", "runtime.weights")) for c in default_chunk)
+    assert "runtime.weights=dequantized" in pipeline_command(SINGLE_DEQ, tmp_path, tmp_path, tmp_path)
 
 
 def test_hydra_values_with_odd_characters_are_quoted() -> None:
@@ -263,3 +374,166 @@ def test_quick_latency_scenario_end_to_end(smollm2_path: Path, tmp_path: Path) -
     (ratio,) = results["ratios"]
     assert ratio["value"] > 0 and ratio["verdict"] in ("pass", "FAIL")
     assert "## Targets" in md.read_text()
+
+
+# --- synthetic benchmark models (a tiny shape of the same builder) -----------------------------
+
+TINY = synthetic.SyntheticSpec(n_layer=2, n_embd=64, n_ff=96, n_head=4, n_head_kv=2, block_scale=0.0045)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GGUF with a byte-level BPE tokenizer (262 tokens) to copy the tokenizer from."""
+    return write_pipeline_model(tmp_path_factory.mktemp("tok") / "tok.gguf", PIPELINE_SPECS["llama"])
+
+
+@pytest.fixture(scope="module")
+def tiny_synthetic(tokenizer_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic.write_synthetic(tmp_path_factory.mktemp("syn") / "tiny.gguf", TINY, tokenizer_source, "tiny")
+
+
+def test_synthetic_model_is_llama_shaped_with_the_sources_tokenizer(tiny_synthetic: Path,
+                                                                    tokenizer_source: Path) -> None:
+    gf = GGUFFile(tiny_synthetic)
+    hp = read_hparams(gf)
+    assert (hp.arch, hp.n_layer, hp.n_embd, hp.head_dim, hp.n_vocab) == ("llama", 2, 64, 16, 262)
+    assert {(lp.n_head, lp.n_head_kv, lp.n_ff, lp.rope.n_rot) for lp in hp.layers} == {(4, 2, 96, 16)}
+    assert gf.metadata["general.file_type"] == 2  # MOSTLY_Q4_0
+    source = GGUFFile(tokenizer_source)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.eos_token_id"):
+        assert gf.metadata[key] == source.metadata[key]
+    assert "output.weight" not in gf.tensors  # tied head
+    matrices = {n: i for n, i in gf.tensors.items() if len(i.shape) == 2}
+    # token_embd + 7 matrices per layer, every one Q4_0; the norms stay F32.
+    assert len(matrices) == 1 + 7 * 2
+    assert {i.qtype for i in matrices.values()} == {gguf.GGMLQuantizationType.Q4_0}
+    assert {i.qtype for n, i in gf.tensors.items() if n not in matrices} == {gguf.GGMLQuantizationType.F32}
+    assert gf.tensors["blk.1.attn_k.weight"].shape == (32, 64)  # [kv heads x head dim, E]
+    assert gf.tensors["blk.1.ffn_down.weight"].shape == (64, 96)  # [E, F]
+    assert gf.tensors["token_embd.weight"].shape == (262, 64)  # [V, E]
+
+
+def test_synthetic_weights_are_random_4_bit_levels_of_the_block_scale(tiny_synthetic: Path) -> None:
+    gf = GGUFFile(tiny_synthetic)
+    d = float(np.float16(0.0045))
+    w = gf.load("blk.0.ffn_down.weight")  # [64, 96], dequantized by ppinfer: (q - 8) * d
+    levels = np.round(w / d)
+    np.testing.assert_allclose(w, levels * d, rtol=0, atol=1e-7)  # every weight is a level of d
+    assert set(np.unique(levels).astype(int)) == set(range(-8, 8))  # all 16 levels, nothing else
+    assert abs(float(levels.mean()) + 0.5) < 0.1  # uniform on -8..7
+    assert np.all(gf.load("blk.1.ffn_norm.weight") == 1.0) and np.all(gf.load("output_norm.weight") == 1.0)
+
+
+def test_ppinfer_runs_the_synthetic_model_on_its_quantized_weights(tiny_synthetic: Path) -> None:
+    stage = whole(tiny_synthetic, TINY.n_layer, weights="quantized")
+    logits = full_logits(stage, np.array([[5, 80, 200, 7]], dtype=np.int64))
+    assert logits.shape == (1, 4, 262)
+    assert np.isfinite(logits).all() and logits.std() > 0
+
+
+def test_synthetic_cache_builds_once_and_leaves_no_partial_file(tokenizer_source: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(synthetic.MODELS, "tiny", TINY)
+    first = synthetic.ensure_synthetic("tiny", tokenizer_source, cache_dir=tmp_path)
+    stamp = first.stat().st_mtime_ns
+    again = synthetic.ensure_synthetic("tiny", tokenizer_source, cache_dir=tmp_path)
+    assert again == first and again.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_full_size_synthetic_shapes_match_the_issue() -> None:
+    def params(spec: synthetic.SyntheticSpec) -> int:
+        return sum(rows * cols for _, rows, cols in synthetic.matrix_shapes(spec, 49152))
+
+    one_b, seven_b = synthetic.MODELS[MODEL_1B], synthetic.MODELS[MODEL_7B]
+    # 18 bytes per 32 weights: about 604 MB and 3.8 GB with the tokenizer and norms.
+    assert 600e6 < params(one_b) * 18 / 32 < 604e6
+    assert 3.7e9 < params(seven_b) * 18 / 32 < 3.8e9
+    assert (one_b.n_head, one_b.n_head_kv, one_b.kv_width) == (32, 4, 256)
+
+
+# --- the llama.cpp peer ------------------------------------------------------------------------
+
+
+def test_llamacpp_prefill_batch_tags_every_prompt_and_asks_for_its_last_logits() -> None:
+    entries, last = prefill_entries([[11, 12, 13], [21]])
+    assert entries == [Entry(11, 0, 0, False), Entry(12, 1, 0, False), Entry(13, 2, 0, True), Entry(21, 0, 1, True)]
+    assert last == [2, 3]
+
+
+def test_llamacpp_decode_step_feeds_each_pick_at_its_next_position() -> None:
+    # Prompts of 3 and 1 tokens: the first pick sits at positions 3 and 1, the second at 4 and 2.
+    assert step_entries([7, 8], [3, 1], step=1) == [Entry(7, 3, 0, True), Entry(8, 1, 1, True)]
+    assert step_entries([9, 10], [3, 1], step=2) == [Entry(9, 4, 0, True), Entry(10, 2, 1, True)]
+    assert context_size([3, 1], 64) == 256 and context_size([200, 100], 64) == 512  # 428 rounded up
+
+
+def test_llamacpp_points_are_skipped_without_llama_cpp_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ppinfer.bench.sweep.llamacpp_installed", lambda: False)
+    settings = SweepSettings(models={"default": tmp_path / "m.gguf"}, workdir=tmp_path, sizes=QUICK, timeout_s=5)
+    result = run_llamacpp(LC_1, settings, PromptBook(settings.models, QUICK))
+    assert result.skipped and result.metrics is None
+    assert "llama-cpp-python not installed" in (result.error or "")
+    assert not (tmp_path / LC_1.slug).exists()
+
+
+def test_llamacpp_peer_runs_the_synthetic_model(tiny_synthetic: Path, tmp_path: Path) -> None:
+    """The real child process on the tiny synthetic file: 3 sequences x 3 tokens, AMX kept out."""
+    pytest.importorskip("llama_cpp")
+    settings = SweepSettings(models={"default": tiny_synthetic}, workdir=tmp_path, sizes=QUICK, timeout_s=120)
+    run = LlamaCppRun(threads=1, sequences=3, max_new_tokens=3)
+    result = run_llamacpp(run, settings, PromptBook(settings.models, QUICK))
+    assert result.metrics is not None, result.error
+    m = result.metrics
+    assert (m["runner"], m["sequences"], m["generated_tokens"], m["threads_per_rank"]) == ("llama.cpp", 3, 9, 1)
+    assert m["decode_tokens_per_s"] > 0 and m["prefill_tokens_per_s"] > 0
+    assert m["llama_cpp_version"].startswith("llama-cpp-python ")
+    assert "AMX" not in m["llama_cpp_extra_buffer_types"]
+    assert m["model_file_bytes"] == tiny_synthetic.stat().st_size
+    assert 0 < m["per_stage"][0]["peak_rss_above_baseline_bytes"] < m["per_stage"][0]["peak_rss_bytes"]
+    assert result.command[1] == "-I"  # a bare interpreter: its baseline holds no torch or ppinfer
+
+
+def _greedy_with_margins(stage: Any, prompt: list[int], new: int) -> tuple[list[int], list[float]]:
+    """ppinfer's greedy continuation by full recompute, and each step's top-1 minus top-2 logit."""
+    seq, margins = list(prompt), []
+    for _ in range(new):
+        logits = full_logits(stage, np.array([seq], dtype=np.int64))[0, -1]  # [V]
+        second, first = np.sort(logits)[-2:]
+        margins.append(float(first - second))
+        seq.append(int(logits.argmax()))
+    return seq[len(prompt):], margins
+
+
+@pytest.mark.slow
+def test_llamacpp_batched_greedy_matches_ppinfer_on_the_real_model(smollm2_path: Path) -> None:
+    """Prompts of different lengths decoded together by the peer continue as each does alone,
+    and as ppinfer's greedy full recompute up to the first near-tie (llama.cpp quantizes
+    activations, so a top-2 gap under half a logit may go either way): the batch's positions
+    and sequence ids are right."""
+    pytest.importorskip("llama_cpp")
+    from ppinfer.bench.llamacpp import Session, generate
+
+    tokenizer = load_tokenizer(smollm2_path)
+    prompts = [tokenizer.encode(t) for t in short_prompts(4)]
+    new = 6
+
+    def llamacpp_greedy(batch: list[list[int]]) -> list[list[int]]:
+        lengths = [len(p) for p in batch]
+        session = Session(smollm2_path, threads=2, n_seq=len(batch), n_ctx=context_size(lengths, new),
+                          n_batch=sum(lengths), drop_buffers=("AMX",))
+        try:
+            return generate(session, batch, new).tokens
+        finally:
+            session.close()
+
+    together = llamacpp_greedy(prompts)
+    assert together == [llamacpp_greedy([p])[0] for p in prompts]
+    stage = whole(smollm2_path, 30)
+    compared = 0
+    for got, prompt in zip(together, prompts):
+        expected, margins = _greedy_with_margins(stage, prompt, new)
+        clear = next((i for i, m in enumerate(margins) if m < 0.5), new)
+        assert got[:clear] == expected[:clear]
+        compared += clear
+    assert compared >= new  # at least a sequence's worth of tokens was decisive

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ppinfer.errors import ModelFileError, PromptError
 from ppinfer.generation.tokenizer import Tokenizer, load_tokenizer
+from ppinfer.pipeline.job import encode_prompt
 
 GEMMA3_VOCAB = Path(__file__).parent / "fixtures" / "gemma3-270m-vocab-only.gguf"
 
@@ -101,3 +102,28 @@ def test_template_errors_are_reported() -> None:
         gemma.apply_chat_template([{"role": "user", "content": "x"}], template="{{ messages.append(1) }}")
     with pytest.raises(ModelFileError, match="does not parse"):
         gemma.apply_chat_template([{"role": "user", "content": "x"}], template="{% for m in messages %}")
+
+
+# The shape of the gemma-3 / Llama 3 templates: the template itself writes the BOS text.
+BOS_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+    "{% endfor %}<start_of_turn>model\n"
+)
+
+
+@pytest.mark.parametrize("file_adds_bos", [True, False])
+def test_chat_prompt_rendering_bos_gets_exactly_one(file_adds_bos: bool) -> None:
+    gemma = load_tokenizer(GEMMA3_VOCAB)
+    gemma.add_bos = file_adds_bos  # gemma-3's file says True; False is the other branch
+    messages = [{"role": "user", "content": "hi"}]
+    rendered = gemma.apply_chat_template(messages, template=BOS_TEMPLATE)
+    assert rendered.startswith("<bos><start_of_turn>user\n")
+    ids = encode_prompt(gemma, rendered, chat=True)
+    # gemma-3: <bos> = 2, <start_of_turn> = 105, "user" = 2364 (this used to start 2, 2, 105).
+    assert ids[:3] == [2, 105, 2364]
+    assert ids.count(2) == 1
+    # The same conversation rendered without the BOS text encodes to the same ids when the
+    # file adds BOS itself.
+    if file_adds_bos:
+        without = gemma.apply_chat_template(messages, template=BOS_TEMPLATE.removeprefix("{{ bos_token }}"))
+        assert encode_prompt(gemma, without, chat=True) == ids

@@ -18,6 +18,7 @@ from ppinfer.config import (
     resolve_dtype,
     resolve_lanes,
     resolve_threads,
+    stop_strings,
     validate_config,
 )
 from ppinfer.errors import ConfigError
@@ -42,6 +43,7 @@ CONTRACT_OVERRIDES = [
     "runtime.device=cpu",
     "runtime.dtype=bfloat16",
     "runtime.threads=2",
+    "runtime.weights=dequantized",
     "output.dir=D",
     "profile=tensorboard",
 ]
@@ -74,7 +76,11 @@ def test_contract_command_line_composes(hydra_ctx: None) -> None:
     assert (cfg.runtime.device, cfg.runtime.dtype, cfg.runtime.threads) == ("cpu", "bfloat16", 2)
     assert cfg.output.dir == "D"
     assert cfg.profile.enabled is True
-    validate_config(cfg, world_size=4, cuda_available=False)
+    # The line sets generate-only and score-only keys to show that every key exists; a run
+    # gives one task's keys (the other task's are rejected, see BAD_VALUES).
+    validate_config(_compose(CONTRACT_OVERRIDES + ["prompts=null"]), world_size=4, cuda_available=False)
+    generate = _compose(CONTRACT_OVERRIDES + ["task=generate", "input.token_ids=null"])
+    validate_config(generate, world_size=4, cuda_available=False)
 
 
 def test_defaults_and_hydra_settings(hydra_ctx: None) -> None:
@@ -150,6 +156,15 @@ BAD_VALUES = [
     (["pipeline.layers=[1.5,2]"], 1, False, "pipeline.layers", "1.5"),
     (["generation.temperature=-0.1"], 1, False, "generation.temperature", "-0.1"),
     (["generation.temperature=nan"], 1, False, "generation.temperature", "nan"),
+    (["generation.temperature=inf", "generation.top_k=40"], 1, False, "generation.temperature", "inf"),
+    (["generation.temperature=-inf"], 1, False, "generation.temperature", "-inf"),
+    (["generation.repetition_penalty=inf"], 1, False, "generation.repetition_penalty", "inf"),
+    (["generation.repetition_penalty=nan"], 1, False, "generation.repetition_penalty", "nan"),
+    (["generation.top_p=inf"], 1, False, "generation.top_p", "inf"),
+    (["generation.min_p=nan"], 1, False, "generation.min_p", "nan"),
+    (['generation.stop=[""]'], 1, False, "generation.stop", "['']"),
+    (['generation.stop=["ok",""]'], 1, False, "generation.stop", "entry 1 is empty"),
+    ([r'generation.stop=["ok","a\q"]'], 1, False, "generation.stop[1]", r"unknown escape \q"),
     (["generation.top_p=0"], 1, False, "generation.top_p", "0"),
     (["generation.top_p=1.5"], 1, False, "generation.top_p", "1.5"),
     (["generation.top_k=-1"], 1, False, "generation.top_k", "-1"),
@@ -162,7 +177,16 @@ BAD_VALUES = [
     (["runtime.device=cuda"], 1, False, "runtime.device", "cuda"),
     (["runtime.dtype=float64"], 1, False, "runtime.dtype", "float64"),
     (["runtime.threads=0"], 1, False, "runtime.threads", "0"),
+    (["runtime.weights=int4"], 1, False, "runtime.weights", "int4"),
     (["runtime.timeout_s=0"], 1, False, "runtime.timeout_s", "0"),
+    (["runtime.timeout_s=0.001"], 1, False, "runtime.timeout_s", "0.001"),
+    (["runtime.timeout_s=inf"], 1, False, "runtime.timeout_s", "inf"),
+    (["runtime.timeout_s=nan"], 1, False, "runtime.timeout_s", "nan"),
+    (["runtime.timeout_s=86401"], 1, False, "runtime.timeout_s", "86401"),
+    (["input.text=hi"], 1, False, "input.text", "'hi'"),
+    (["task=generate", "input.token_ids=[1,2]"], 1, False, "input.token_ids", "[1, 2]"),
+    (["task=score", "input.text=hi", 'prompts=["a"]'], 1, False, "prompts", "['a']"),
+    (["task=score", "input.text=hi", "prompts_file=p.txt"], 1, False, "prompts_file", "p.txt"),
     (['prompts=["a"]', "prompts_file=p.txt"], 1, False, "prompts_file", "p.txt"),
     (["task=score"], 1, False, "input.token_ids", "None"),
     (["task=score", "input.token_ids=[1]", "input.text=hi"], 1, False, "input.text", "hi"),
@@ -179,6 +203,7 @@ def test_validation_names_key_and_value(
     with pytest.raises(ConfigError) as info:
         validate_config(cfg, world_size=world, cuda_available=cuda)
     assert key in str(info.value) and value in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -189,10 +214,31 @@ def test_validation_names_key_and_value(
         (["task=score", "input.text=hello", "pipeline.layers=[3,3]"], 2, False),
         (["prompts_file=p.txt", "generation.temperature=0.7", "generation.top_p=1.0"], 1, False),
         (["pipeline.lane_size=1", "pipeline.microbatches=3", "runtime.threads=1"], 3, False),
+        (["generation.temperature=1e-40", "generation.top_k=40"], 1, False),
+        (["runtime.timeout_s=1", "generation.repetition_penalty=1e30"], 1, False),
+        (["runtime.timeout_s=86400"], 1, False),
+        (["task=score", "input.token_ids=[5]", "generation.stop=[x]"], 1, False),
     ],
 )
 def test_valid_configs_pass(hydra_ctx: None, overrides: List[str], world: int, cuda: bool) -> None:
     validate_config(_compose(overrides), world_size=world, cuda_available=cuda)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        # README's example, as Hydra receives it from `generation.stop='["\n\n"]'` in a shell.
+        (r'generation.stop=["\n\n"]', ("\n\n",)),
+        (r"generation.stop=['\t', '\u2028', 'a\\b', 'END']", ("\t", "\u2028", "a\\b", "END")),
+        ("generation.stop=[]", ()),
+    ],
+)
+def test_stop_strings_decode_escapes_as_hydra_delivers_them(
+    hydra_ctx: None, override: str, expected: tuple[str, ...]
+) -> None:
+    cfg = _compose([override])
+    validate_config(cfg, world_size=1, cuda_available=False)
+    assert stop_strings(cfg.generation) == expected
 
 
 def test_validation_accepts_the_plain_dataclass() -> None:

@@ -28,7 +28,7 @@ def _check(tiny_files: TinyFiles, case: str, packed: bool | None = None) -> None
     if packed is None:
         stage = whole(path, spec.n_layer)
     else:
-        stage = build_stage(path, StagePlan.whole(spec.n_layer), torch.float32, "cpu", packed=packed)
+        stage = build_stage(path, StagePlan.whole(spec.n_layer), torch.float32, "cpu", packed=packed, weights="dequantized")
     got = full_logits(stage, ids)
     assert got.dtype == np.float32
     assert got.shape == expected.shape

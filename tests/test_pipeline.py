@@ -9,7 +9,8 @@ Each pipelined stage count S in {2, 3, 4} is one `torchrun` launch of `pipeline_
 running every configuration in one process group: tiny llama, qwen3 and gemma2 (sliding
 window 4) models and the real SmolLM2, with layer allocations uniform / balanced / an uneven
 explicit list, M in {1, 2, 3, 5} lanes, prompts of different lengths sharing a lane, prefill
-chunks of 1, 3, 4 or 5 tokens (smaller than most prompts), more sequences than lanes x lane_size
+chunks of 1, 3, 4 or 5 tokens (smaller than most prompts) or of 10^8 (sized by the prompts,
+not by the setting), more sequences than lanes x lane_size
 (waves), sequences ending on EOS at different steps, seeded sampling, and `score`.
 Then the real entry point: `launch/infer.py` on 4 ranks with no overrides, and two torchrun
 agents on loopback as two nodes of 2 ranks.
@@ -74,7 +75,7 @@ SMOL_SCORE_TEXT = "The ocean covers most of the Earth, and"
 TINY_KINDS = ("balanced", "uniform-chunk3", "explicit-m5-eos", "waves-eos", "m1", "sampled-m3", "sampled-m1", "score")
 GREEDY_KINDS = ("balanced", "uniform-chunk3", "m1")
 EOS_KINDS = ("explicit-m5-eos", "waves-eos")
-CASES = [(m, k) for m in TINY for k in TINY_KINDS] + [("smollm2", "greedy"), ("smollm2", "score")]
+CASES = [(m, k) for m in TINY for k in TINY_KINDS] + [("smollm2", "greedy"), ("smollm2", "quantized"), ("smollm2", "score")]
 GENERATE_NAMES = [f"{m}-{k}" for m, k in CASES if k != "score"]
 SCORE_NAMES = [f"{m}-{k}" for m, k in CASES if k == "score"]
 
@@ -87,15 +88,23 @@ def hydra_list(values: list[str] | list[int] | tuple[str, ...]) -> str:
 def case_overrides(model: str, kind: str, stages: int) -> dict[str, str]:
     """The overrides of one configuration (besides model.path and output.dir)."""
     if model == "smollm2":
-        if kind == "greedy":  # DEFAULT_PROMPTS: the default command line's, for its test
-            return {"generation.max_new_tokens": str(SMOL_NEW), "pipeline.layers": hydra_list(SMOL_EXPLICIT[stages]),
-                    "pipeline.microbatches": "3", "pipeline.lane_size": "1", "pipeline.prefill_chunk": "5"}
-        return {"task": "score", "input.text": f"'{SMOL_SCORE_TEXT}'", "pipeline.layers": "uniform",
+        # greedy and score are compared with one whole-sequence forward of the exact path
+        # (dequantized weights); quantized (the default) is compared across stage counts and
+        # with the default command line.
+        exact = {"runtime.weights": "dequantized"}
+        greedy = {"generation.max_new_tokens": str(SMOL_NEW), "pipeline.layers": hydra_list(SMOL_EXPLICIT[stages]),
+                  "pipeline.microbatches": "3", "pipeline.lane_size": "1", "pipeline.prefill_chunk": "5"}
+        if kind == "greedy":  # DEFAULT_PROMPTS: the default command line's
+            return {**exact, **greedy}
+        if kind == "quantized":  # the default command line's lanes: one prompt each, whole-prompt prefill
+            return {**greedy, "pipeline.microbatches": "4", "pipeline.prefill_chunk": "128"}
+        return {**exact, "task": "score", "input.text": f"'{SMOL_SCORE_TEXT}'", "pipeline.layers": "uniform",
                 "pipeline.prefill_chunk": "4"}
     base = {"prompts": hydra_list(PROMPTS), "generation.max_new_tokens": str(MAX_NEW)}
     explicit = hydra_list(EXPLICIT[stages])
     per_kind = {
-        "balanced": {"pipeline.layers": "balanced"},
+        # A chunk far longer than any prompt must cost nothing (buffers sized by the prompts).
+        "balanced": {"pipeline.layers": "balanced", "pipeline.prefill_chunk": "100000000"},
         "uniform-chunk3": {"pipeline.layers": "uniform", "pipeline.microbatches": "2", "pipeline.prefill_chunk": "3"},
         "explicit-m5-eos": {"pipeline.layers": explicit, "pipeline.microbatches": "5"},
         "waves-eos": {"pipeline.layers": "uniform", "pipeline.microbatches": "2", "pipeline.lane_size": "2",
@@ -104,7 +113,7 @@ def case_overrides(model: str, kind: str, stages: int) -> dict[str, str]:
         "sampled-m3": {**SAMPLING, "pipeline.layers": "uniform", "pipeline.microbatches": "3"},
         "sampled-m1": {**SAMPLING, "pipeline.layers": explicit, "pipeline.microbatches": "1", "pipeline.prefill_chunk": "3"},
         "score": {"task": "score", "input.token_ids": hydra_list(SCORE_IDS), "pipeline.layers": explicit,
-                  "pipeline.prefill_chunk": "3"},
+                  "pipeline.prefill_chunk": "3", "prompts": "null"},  # score reads no prompts
     }[kind]
     return {**base, **per_kind}
 
@@ -339,7 +348,7 @@ def test_runs_used_the_requested_layout(pipelined: Launched, model: str) -> None
 def test_default_command_line(tmp_path: Path, single: SingleProcess) -> None:
     """`torchrun --nproc_per_node=4 launch/infer.py` with only the output dir (and a short
     budget): the default model continues the 4 default prompts, printed and in results.jsonl,
-    with the single-process greedy tokens."""
+    with the single-process greedy tokens of the same (quantized) weights."""
     out = tmp_path / "default"
     done = run_command(
         torchrun_command("--standalone", "--nproc_per_node=4", "launch/infer.py", f"output.dir={out}",
@@ -350,7 +359,7 @@ def test_default_command_line(tmp_path: Path, single: SingleProcess) -> None:
     got = results(out)
     assert [r["prompt"] for r in got] == list(DEFAULT_PROMPTS)
     assert [r["index"] for r in got] == [0, 1, 2, 3]
-    assert [r["token_ids"] for r in got] == tokens_of(single.out("smollm2-greedy"))
+    assert [r["token_ids"] for r in got] == tokens_of(single.out("smollm2-quantized"))
     for r in got:
         assert f"--- [{r['index']}] {r['prompt']!r}\n{r['text']}" in done.output
     assert any(r["text"].strip() for r in got)

@@ -11,6 +11,8 @@
 - A rank that hangs mid-decode: the others give up after `runtime.timeout_s`.
 - The same kill without torchrun's agent (as on a node whose agent cannot see the dead
   rank): the survivors notice on their own and exit.
+- A run into the `output.dir` of a run in progress is refused; Ctrl-C ends a run with one
+  line and keeps its finished results (more on `output.dir` in test_outputs.py).
 - The reporting helpers in `ppinfer.pipeline.failures`, in-process.
 """
 
@@ -40,6 +42,7 @@ from ggufgen import RawTensor, encoded_tensors, with_changes, write_gguf
 from pipeline_models import PIPELINE_SPECS, TokenizerChoice, _copy_with_tokenizer, write_pipeline_model
 from ppinfer.pipeline import failures
 from ppinfer.pipeline.job import DistEnv
+from ppinfer.pipeline.outputs import OutputDir, OutputDirError
 from torchrun_job import ENTRY, REPO, JobResult, run_job, worker_pids
 
 JOB_LIMIT_S = 30.0
@@ -78,6 +81,8 @@ BAD_INPUTS = [
     BadInput(
         "output dir under a file", ("output.dir={not_gguf}/out",), ("output.dir={not_gguf}/out", "not a directory")
     ),
+    BadInput("output dir under /proc", ("output.dir=/proc/ppinfer-test",), ("output.dir=/proc/ppinfer-test",)),
+    BadInput("output dir name too long", ("output.dir={folder}/" + "d" * 300,), ("{folder}/" + "d" * 300,)),
     # model file
     BadInput("missing model", ("model.path={folder}/nowhere.gguf",), ("{folder}/nowhere.gguf", "not found")),
     BadInput("unreadable model", ("model.path={folder}",), ("{folder}", "not a regular file")),
@@ -314,6 +319,57 @@ def test_survivors_exit_on_their_own_without_an_agent(files: dict[str, Path]) ->
         assert "Traceback" not in output, output
 
 
+@pytest.mark.slow
+def test_a_busy_output_dir_is_refused(files: dict[str, Path]) -> None:
+    """A second run into the directory of a run in progress (this test holds its lock, as that
+    run's writing rank does): one line, exit code 2, every rank gone quickly, and the first
+    run's results untouched."""
+    out_dir = files["folder"] / "busy"
+    first_run = OutputDir.claim(out_dir)
+    (out_dir / "results.jsonl").write_text('{"index": 0}\n')
+    try:
+        args = [f"model.path={files['good']}", f"output.dir={out_dir}", "runtime.device=cpu"]
+        result = run_job(2, args, JOB_LIMIT_S + 15)
+    finally:
+        first_run.release()
+    row = BadInput("busy output dir", (), (f"output.dir={out_dir}: in use by another run (pid {os.getpid()}",))
+    problems = _problems(row, result, files)
+    assert not problems, f"{problems}\n{result.output[-3000:]}"
+    assert "exitcode  : 2 " in result.output.split("Root Cause")[-1], result.output[-3000:]
+    assert (out_dir / "results.jsonl").read_text() == '{"index": 0}\n'
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_job_with_one_line(files: dict[str, Path]) -> None:
+    """SIGINT to torchrun, as a terminal's Ctrl-C sends it, mid-decode: torchrun passes it on
+    to every rank; ppinfer says "interrupted" once, no rank prints a traceback, nothing is
+    left running, and every sequence completed before is in results.jsonl, whole."""
+    out_dir = files["folder"] / "interrupted"
+    results = out_dir / "results.jsonl"
+    seen: dict[str, Any] = {}
+
+    def ctrl_c(proc: subprocess.Popen[str]) -> None:
+        seen["before"] = _wait_for_results(results, proc, 60.0)
+        os.killpg(proc.pid, signal.SIGINT)
+        seen["interrupted_at"] = time.monotonic()
+
+    result = run_job(3, _kill_overrides(files["good"], out_dir), 120.0, while_running=ctrl_c)
+    assert seen["before"], f"no sequence completed before the job ended:\n{result.output[-3000:]}"
+    gone_after = time.monotonic() - seen["interrupted_at"]
+    assert result.returncode != 0
+    assert gone_after < JOB_LIMIT_S, f"the job took {gone_after:.1f} s to end after Ctrl-C"
+    assert not result.leftovers, f"processes left running: {result.leftovers}"
+    said = [line for line in result.output.splitlines()
+            if line.startswith("[ppinfer rank") and any(w in line for w in ("interrupted", " error: ", "lost contact"))]
+    assert said == ["[ppinfer rank 2] interrupted"], result.output[-3000:]
+    assert "KeyboardInterrupt" not in result.output and not result.project_frames(), result.output[-3000:]
+    after = _result_lines(results)
+    assert after[: len(seen["before"])] == seen["before"]
+    for index, line in enumerate(after):
+        record = json.loads(line)  # every line is whole
+        assert record["index"] == index and len(record["token_ids"]) == KILL_NEW_TOKENS
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -345,6 +401,30 @@ def test_a_survivor_waits_then_says_one_line(tmp_path: Path) -> None:
     assert code == failures.EXIT_PEER_LOST and waits == [failures.REPORT_GRACE_S]
     message = json.loads(error_file.read_text())["message"]["message"]
     assert message.startswith("rank 2 lost contact") and "Timed out waiting 5000ms" in message and "[" not in message
+
+
+def test_a_problem_passed_on_is_said_by_its_finder(tmp_path: Path) -> None:
+    """The rank that found an output.dir problem says it at once; a rank it was passed on to
+    waits the grace (so the finder is torchrun's root cause), and both exit with 2."""
+    waits: list[float] = []
+    error_file = tmp_path / "error.json"
+    environ = {"TORCHELASTIC_ERROR_FILE": str(error_file)}
+    code = failures.report_run_error(OutputDirError("output.dir=x: in use"), environ, waits.append)
+    assert code == failures.EXIT_BAD_INPUT and waits == []
+    code = failures.report_run_error(failures.FoundElsewhere("output.dir=x: in use"), environ, waits.append)
+    assert code == failures.EXIT_BAD_INPUT and waits == [failures.REPORT_GRACE_S]
+    assert json.loads(error_file.read_text())["message"]["message"] == "output.dir=x: in use"
+
+
+def test_ctrl_c_interrupts_once() -> None:
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            failures.interrupt_once(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a second Ctrl-C: no second traceback
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert failures.report_interrupt(DistEnv(0, 2, 0, 2), {}) == failures.EXIT_INTERRUPTED == 130
 
 
 def test_peer_failures_are_told_from_bugs() -> None:

@@ -48,6 +48,7 @@ def _logits_from_probs(probs: list[float]) -> torch.Tensor:
     [
         ("temperature", -0.5),
         ("temperature", float("nan")),
+        ("temperature", float("inf")),
         ("top_k", -1),
         ("top_p", 0.0),
         ("top_p", 1.5),
@@ -55,6 +56,10 @@ def _logits_from_probs(probs: list[float]) -> torch.Tensor:
         ("min_p", 1.2),
         ("repetition_penalty", 0.0),
         ("repetition_penalty", -1.0),
+        ("repetition_penalty", float("inf")),
+        ("repetition_penalty", float("nan")),
+        ("top_p", float("nan")),
+        ("min_p", float("inf")),
         ("seed", -3),
     ],
 )
@@ -252,6 +257,24 @@ def test_temperature_gives_the_softmax_distribution() -> None:
     assert _chi_square(counts, expected) < 18.47
     # ...and the statistic is sensitive enough to tell temperature 0.7 from 1.0.
     assert _chi_square(counts, untempered) > 100
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-50, 5e-324])
+def test_tiny_temperature_samples_the_argmax(temperature: float) -> None:
+    # 1e-40 is a float32 denormal and 1e-50 rounds to 0 in float32: dividing the logits by
+    # either used to give inf - inf = NaN in the softmax and an out-of-bounds index.
+    logits = torch.randn(6, 100, generator=torch.Generator().manual_seed(4)) * 3.0  # [B, V]
+    params = SamplingParams(temperature=temperature, top_k=40, seed=2)
+    tokens = sample(logits, params, [make_generator(2, i) for i in range(6)])
+    assert torch.equal(tokens, logits.argmax(dim=-1))
+
+
+def test_tiny_temperature_draws_among_tied_maxima_only() -> None:
+    logits = torch.tensor([[1.0, 5.0, 2.0, 5.0, 4.999]]).expand(400, -1)  # [N, V]
+    tokens = sample(logits, SamplingParams(temperature=1e-30), [make_generator(0, i) for i in range(400)])
+    counts = torch.bincount(tokens, minlength=5).tolist()
+    assert counts[0] == counts[2] == counts[4] == 0
+    assert counts[1] > 150 and counts[3] > 150
 
 
 def test_top_p_is_applied_before_temperature() -> None:

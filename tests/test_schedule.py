@@ -76,6 +76,14 @@ def test_prefill_chunks_rejects_empty(width: int, chunk: int) -> None:
         prefill_chunks(width, chunk)
 
 
+def test_chunk_capped_by_the_longest_prompt_changes_no_item() -> None:
+    """A run sizes its buffers for min(prefill_chunk, longest prompt): the scheduler must
+    issue exactly the items it issues with the configured (however large) chunk."""
+    widths, steps = [5, 2, 4], [3, 1, 2]
+    assert make_order(widths, 2, max(widths), steps) == make_order(widths, 2, 100_000_000, steps)
+    assert max(i.length for i in items_of(make_order(widths, 2, 100_000_000, steps))) == max(widths)
+
+
 def test_scheduler_rejects_no_lanes() -> None:
     with pytest.raises(ValueError, match="0"):
         RingScheduler([3], 0, 2)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from ppinfer.generation.stopping import StopConditions, StopState
+from ppinfer.generation.stopping import StopConditions, StopState, unescape_stop_string
 
 EOS, EOT = 0, 1
 PIECES: dict[int, bytes] = {
@@ -141,3 +141,45 @@ def test_conditions_store_immutable_values() -> None:
     assert conditions.eog_ids == frozenset({2, 5})
     assert conditions.stop_strings == ("a",)
     assert hash(conditions) == hash(StopConditions(4, {5, 2}, ("a",)))
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (r"\n\n", "\n\n"),
+        (r"a\tb\r\n", "a\tb\r\n"),
+        (r"back\\slash", "back\\slash"),
+        (r"\\n", "\\n"),  # an escaped backslash, then a plain n
+        (r"\u2028|\u00e9\u00E9", "\u2028|éé"),
+        ("already\nreal", "already\nreal"),
+        ("plain", "plain"),
+    ],
+)
+def test_stop_string_escapes(raw: str, expected: str) -> None:
+    assert unescape_stop_string(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "named"),
+    [
+        (r"a\q", r"\q"),
+        (r"a\x41", r"\x"),
+        ("tail\\", "lone backslash"),
+        (r"\u12g4", r"\u"),
+        (r"\ud800", "surrogate"),
+        ("a\\\nb", r"\'\n'"),  # a backslash, then a real newline: shown as '\n', on one line
+    ],
+)
+def test_stop_string_bad_escapes_name_the_escape(raw: str, named: str) -> None:
+    with pytest.raises(ValueError) as info:
+        unescape_stop_string(raw)
+    assert named in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_decoded_newline_stop_string_stops_at_a_blank_line() -> None:
+    pieces = {2: b"Hel", 3: b"lo\n", 4: b"\nwor", 5: b"ld"}
+    conditions = StopConditions(max_new_tokens=8, stop_strings=(unescape_stop_string(r"\n\n"),))
+    state = StopState(conditions, lambda ids: b"".join(pieces[i] for i in ids).decode())
+    assert _feed(state, [2, 3, 4]) == [False, False, True]
+    assert state.text == "Hello"

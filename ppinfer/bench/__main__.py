@@ -1,13 +1,16 @@
 """`python -m ppinfer.bench`: run the benchmark scenarios and report the issue's ratios.
 
-    python -m ppinfer.bench                         # every scenario, full size
+    python -m ppinfer.bench                         # every scenario but the slow 7B one, full size
     python -m ppinfer.bench --scenario peer         # one scenario (repeat the flag for more)
+    python -m ppinfer.bench --suite quant           # issue 11: quantized weights vs llama.cpp
+    python -m ppinfer.bench --scenario quant-7b     # the 7B-shaped model on 4 ranks (slow)
     python -m ppinfer.bench --quick                 # tiny smoke run of every scenario
     python -m ppinfer.bench --markdown docs/benchmarks.md
     python -m ppinfer.bench --dry-run               # the plan and commands, nothing run
 
-Exit status: 0 when every point ran, 1 when one failed, 3 under `--check` when a target is
-missed or cannot be computed.
+Exit status: 0 when every point ran (llama.cpp points are skipped, not failed, without
+llama-cpp-python), 1 when one failed, 3 under `--check` when a target is missed or cannot be
+computed.
 """
 
 from __future__ import annotations
@@ -22,30 +25,43 @@ from pathlib import Path
 from typing import Sequence
 
 from ppinfer.bench.report import (
-    RUN_HEADERS, RatioResult, evaluate, machine_info, markdown_report, run_row, text_ratios, text_table,
+    RUN_HEADERS, RatioResult, evaluate, llamacpp_build, machine_info, markdown_report, model_files, run_row,
+    text_ratios, text_table,
 )
-from ppinfer.bench.scenarios import FULL, QUICK, SCENARIOS, PipelineRun, Plan, Sizes, plan
+from ppinfer.bench.scenarios import (
+    DEFAULT_MODEL, FULL, QUICK, SCENARIOS, SUITES, PipelineRun, Plan, Ratio, Sizes, plan,
+)
+from ppinfer.bench.synthetic import cached_path, ensure_synthetic
 from ppinfer.bench.sweep import PromptBook, RunResult, SweepSettings, pipeline_command, repo_root, sweep
 from ppinfer.hub import ensure_model
 
-SIZE_FLAGS = ("max_new_tokens", "lane_size", "long_prompt_tokens", "prefill_chunk", "peer_threads")
+SIZE_FLAGS = ("max_new_tokens", "lane_size", "long_prompt_tokens", "prefill_chunk", "peer_threads", "quant_lane_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ppinfer.bench",
-        description="Sweep stages x lanes x sequences per lane on the default model, time transformers' "
-                    "generate on the same file, and report the ratios the pipeline targets.",
+        description="Sweep stages x lanes x sequences per lane on the default model and synthetic llama-shaped "
+                    "Q4_0 models, time transformers and llama.cpp on the same files, and report the ratios "
+                    "the pipeline targets.",
     )
     parser.add_argument("--scenario", action="append", choices=(*SCENARIOS, "all"), metavar="NAME",
-                        help=f"one of {', '.join(SCENARIOS)}, all (default: all; repeat for several)")
+                        help=f"one of {', '.join(SCENARIOS)}, all (default: all but the slow suite; repeat for "
+                             "several)")
+    parser.add_argument("--suite", action="append", choices=tuple(SUITES), metavar="NAME",
+                        help="; ".join(f"{k}: {', '.join(v)}" for k, v in SUITES.items()) + " (repeat for several)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the harness")
     parser.add_argument("--max-new-tokens", type=int, help=f"tokens per sequence (default {FULL.max_new_tokens})")
     parser.add_argument("--lane-size", type=int, help=f"sequences per lane (default {FULL.lane_size})")
     parser.add_argument("--long-prompt-tokens", type=int,
                         help=f"prefill scenario prompt length (default {FULL.long_prompt_tokens})")
     parser.add_argument("--prefill-chunk", type=int, help=f"prefill scenario chunk (default {FULL.prefill_chunk})")
-    parser.add_argument("--peer-threads", type=int, help=f"transformers threads (default {FULL.peer_threads})")
+    parser.add_argument("--peer-threads", type=int,
+                        help=f"transformers and llama.cpp threads (default {FULL.peer_threads})")
+    parser.add_argument("--quant-lane-size", type=int,
+                        help=f"sequences per lane in the 1.1B batch point (default {FULL.quant_lane_size})")
+    parser.add_argument("--llamacpp-amx", action="store_true",
+                        help="let llama.cpp put weights in AMX buffers (off by default: AMX faults on some VMs)")
     parser.add_argument("--model", type=Path, help="GGUF file (default: the default model, fetched if needed)")
     parser.add_argument("--workdir", type=Path, default=Path("outputs/bench"),
                         help="where each point's prompts, log and metrics go (default outputs/bench)")
@@ -57,15 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _describe(chosen: Plan, settings: SweepSettings) -> str:
-    lines = [f"scenarios: {', '.join(chosen.scenarios)}", "runs:"]
+    lines = [f"scenarios: {', '.join(chosen.scenarios)}", "models:"]
+    lines.extend(f"  {name}: {path}" for name, path in settings.models.items())
+    lines.append("runs:")
     for run in chosen.runs:
         lines.append(f"  {run.label}")
         if isinstance(run, PipelineRun):
             out = settings.workdir / run.slug
-            lines.append("    " + shlex.join(pipeline_command(run, settings.model, out / "prompts.txt", out)))
+            model = settings.models[run.model]
+            lines.append("    " + shlex.join(pipeline_command(run, model, out / "prompts.txt", out)))
     lines.append("ratios:")
-    lines.extend(f"  {r.key}: {r.title} ({'>=' if r.higher_is_better else '<='} {r.target:g})" for r in chosen.ratios)
+    lines.extend(f"  {r.key}: {r.title} ({_target(r)})" for r in chosen.ratios)
     return "\n".join(lines)
+
+
+def _target(ratio: Ratio) -> str:
+    if ratio.target is None:
+        return "for information"
+    return f"{'>=' if ratio.higher_is_better else '<='} {ratio.target:g}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,38 +103,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = dataclasses.replace(base, **overrides)
     except ValueError as exc:
         parser.error(f"--{str(exc).replace('_', '-')}")
-    chosen = plan(args.scenario or ["all"], sizes)
+    chosen = plan([*(args.scenario or []), *(args.suite or [])] or ["all"], sizes)
     if args.model is not None and not args.model.is_file():
         parser.error(f"--model {args.model}: no such file")
-    model = (args.model or ensure_model()).resolve()
-    settings = SweepSettings(model=model, workdir=args.workdir.resolve(), sizes=sizes, timeout_s=args.timeout)
+    models = _models(chosen, args.model, build=not args.dry_run)
+    settings = SweepSettings(models=models, workdir=args.workdir.resolve(), sizes=sizes, timeout_s=args.timeout,
+                             llamacpp_drop_buffers=() if args.llamacpp_amx else ("AMX",))
     if args.dry_run:
         print(_describe(chosen, settings))
         return 0
     # Build the long prompt before any point runs, so a tokenizer problem fails in seconds.
-    book = PromptBook(model, sizes)
+    book = PromptBook(models, sizes)
     for run in chosen.runs:
         book.texts(run)
     command = shlex.join(["python", "-m", "ppinfer.bench", *(sys.argv[1:] if argv is None else argv)])
     machine = machine_info(repo_root(), command)  # dated when the run starts
+    machine["models"] = model_files(models)
     results = sweep(chosen, settings, book)
+    machine["llama.cpp"] = llamacpp_build(results) or "not run"
     by_run = {r.run: r.metrics for r in results}
     ratios = [evaluate(r, by_run) for r in chosen.ratios]
-    rows = [run_row(r.run, r.metrics, r.error) for r in results]
+    rows = [run_row(r.run, r.metrics, r.error, r.skipped) for r in results]
     print(text_table(RUN_HEADERS, rows))
     print()
     print(text_ratios(ratios))
     _write_json(settings.workdir / "results.json", machine, sizes, results, ratios)
     if args.markdown is not None:
-        runs = [(r.run, r.metrics, r.error) for r in results]
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown_report(machine, ratios, runs), encoding="utf-8")
+        args.markdown.write_text(markdown_report(machine, ratios, results), encoding="utf-8")
         logging.getLogger("ppinfer.bench").info("wrote %s", args.markdown)
-    if any(r.metrics is None for r in results):
+    return exit_code(results, ratios, args.check)
+
+
+def exit_code(results: Sequence[RunResult], ratios: Sequence[RatioResult], check: bool) -> int:
+    """1 when a point failed (a skipped one did not); under `check`, 3 when a target is missed or
+    cannot be computed (informational ratios have none)."""
+    if any(r.metrics is None and not r.skipped for r in results):
         return 1
-    if args.check and any(not r.passed for r in ratios):
+    if check and any(not r.passed for r in ratios if not r.informational):
         return 3
     return 0
+
+
+def _models(chosen: Plan, default: Path | None, build: bool) -> dict[str, Path]:
+    """Every model the plan's runs use -> its file; synthetic ones are built on first use
+    (with `build` false, only their cache paths are named)."""
+    names = dict.fromkeys(run.model for run in chosen.runs)
+    models = {DEFAULT_MODEL: (default or ensure_model()).resolve()}
+    for name in names:
+        if name != DEFAULT_MODEL:
+            models[name] = ensure_synthetic(name) if build else cached_path(name)
+    return models
 
 
 def _write_json(path: Path, machine: dict[str, str], sizes: Sizes, results: Sequence[RunResult],
@@ -120,7 +164,8 @@ def _write_json(path: Path, machine: dict[str, str], sizes: Sizes, results: Sequ
         "sizes": dataclasses.asdict(sizes),
         "runs": [
             {"label": r.run.label, "kind": type(r.run).__name__, "settings": dataclasses.asdict(r.run),
-             "command": list(r.command), "log": str(r.log), "metrics": r.metrics, "error": r.error}
+             "command": list(r.command), "log": str(r.log), "metrics": r.metrics, "error": r.error,
+             "skipped": r.skipped}
             for r in results
         ],
         "ratios": [

@@ -10,14 +10,14 @@ import subprocess
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
-from ppinfer.bench.scenarios import Metrics, PeerRun, Ratio, Run, Term
+from ppinfer.bench.scenarios import LlamaCppRun, Metrics, PeerRun, Ratio, Run, Term
 
 MB = 2**20
 
 RUN_HEADERS = (
-    "runner", "stages", "threads/rank", "lanes", "seqs/lane", "prompts", "new tok",
+    "runner", "model", "stages", "threads/rank", "lanes", "seqs/lane", "prompts", "new tok",
     "prefill tok/s", "decode tok/s", "TTFT s", "bubble meas (max)", "bubble theory",
     "peak RSS MB/rank", "above baseline MB/rank",
 )
@@ -35,18 +35,36 @@ class RatioResult:
 
     @property
     def passed(self) -> bool | None:
-        if self.value is None:
-            return None
+        """None when there is no value or no target (an informational ratio)."""
         r = self.ratio
+        if self.value is None or r.target is None:
+            return None
         return self.value >= r.target if r.higher_is_better else self.value <= r.target
 
     @property
+    def informational(self) -> bool:
+        return self.ratio.target is None
+
+    @property
     def verdict(self) -> str:
+        if self.informational and self.value is not None:
+            return "info"
         return {True: "pass", False: "FAIL", None: "n/a"}[self.passed]
 
     @property
     def target_text(self) -> str:
+        if self.ratio.target is None:
+            return "-"
         return f"{'>=' if self.ratio.higher_is_better else '<='} {self.ratio.target:g}"
+
+
+class Outcome(Protocol):
+    """One point's result as the report reads it (`sweep.RunResult` is one)."""
+
+    run: Run
+    metrics: Metrics | None
+    error: str | None
+    skipped: bool
 
 
 class MissingRun(LookupError):
@@ -97,16 +115,20 @@ def _num(value: Any, digits: int) -> str:
     return f"{float(value):.{digits}f}" if value is not None else "-"
 
 
-def run_row(run: Run, metrics: Metrics | None, error: str | None) -> list[str]:
+def run_row(run: Run, metrics: Metrics | None, error: str | None, skipped: bool = False) -> list[str]:
     """One table row: the configuration (as the run reports it, else as planned), then the
     figures (or the failure)."""
     m: Mapping[str, Any] = metrics or {}
     if isinstance(run, PeerRun):
-        runner, stages, lanes, lane_size = "transformers", 1, 1, run.sequences
+        runner, model, stages, lanes, lane_size = "transformers", run.model, 1, 1, run.sequences
+    elif isinstance(run, LlamaCppRun):
+        runner, model, stages, lanes, lane_size = "llama.cpp", run.model, 1, 1, run.sequences
     else:
-        runner, stages, lanes, lane_size = "ppinfer", run.stages, run.lanes, run.lane_size
+        runner = "ppinfer" if run.weights is None else f"ppinfer {run.weights}"
+        model, stages, lanes, lane_size = run.model, run.stages, run.lanes, run.lane_size
     config = [
         runner,
+        model,
         str(m.get("stages", stages)),
         str(m.get("threads_per_rank", run.threads)),
         str(m.get("microbatches", lanes)),
@@ -116,7 +138,8 @@ def run_row(run: Run, metrics: Metrics | None, error: str | None) -> list[str]:
     ]
     if metrics is None:
         first_line = (error or "no metrics").splitlines()[0]
-        return config + [f"failed: {first_line}"] + [""] * (len(RUN_HEADERS) - len(config) - 1)
+        outcome = "skipped" if skipped else "failed"
+        return config + [f"{outcome}: {first_line}"] + [""] * (len(RUN_HEADERS) - len(config) - 1)
     per_stage = m.get("per_stage", [])
     bubbles = [s["bubble_fraction"] for s in per_stage if "bubble_fraction" in s]
     return config + [
@@ -200,8 +223,23 @@ def machine_info(root: Path, command: str) -> dict[str, str]:
         "python": platform.python_version(),
         "torch": _package_version("torch"),
         "transformers": _package_version("transformers"),
+        "llama-cpp-python": _package_version("llama-cpp-python"),
         "ppinfer commit": _commit(root),
     }
+
+
+def model_files(models: Mapping[str, Path]) -> str:
+    """`name: file (size)` for every model the runs use."""
+    return "; ".join(f"{name}: {path.name} ({path.stat().st_size / 1e6:.0f} MB)" for name, path in models.items())
+
+
+def llamacpp_build(outcomes: Sequence[Outcome]) -> str | None:
+    """The llama.cpp build and the buffer types it used, from the first llama.cpp run that has them."""
+    for o in outcomes:
+        if isinstance(o.run, LlamaCppRun) and o.metrics is not None and "llama_cpp_version" in o.metrics:
+            buffers = ", ".join(o.metrics.get("llama_cpp_extra_buffer_types", [])) or "none"
+            return f"{o.metrics['llama_cpp_version']}; extra CPU buffer types: {buffers}"
+    return None
 
 
 METHOD_NOTES = """\
@@ -215,26 +253,57 @@ METHOD_NOTES = """\
   same order of work with every item costing the same (fill and drain only).
 - peak RSS: each rank's peak resident set; above baseline: minus the rank's RSS when it started,
   i.e. a process that has imported torch but loaded nothing.
+- ppinfer runs with the runtime's default `runtime.weights` (quantized: weights stay in their
+  GGUF blocks) unless the runner column says `dequantized`. Ratios with target `-` are shown for
+  information.
 - transformers peer: `AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=float32)` in
   its own process, `torch.set_num_threads(2)`, one left-padded batch of the same token ids
   (ppinfer's tokenizer), greedy, `min_new_tokens = max_new_tokens`; one short untimed warm-up
   call; TTFT and decode split by a streamer that stamps each step.
+- llama.cpp peer: llama-cpp-python's low-level API in a fresh process per point, the same file
+  and token ids, `n_threads = n_threads_batch = 2`, library defaults otherwise (mmapped weights,
+  f16 KV cache) except that weights never go to AMX buffers (on the benchmark VM AMX tile
+  instructions fault); B sequences share one context (`n_seq_max = B`, unified KV cache), prefill
+  is one `llama_decode` of every prompt, each decode step one `llama_decode` of B tokens; greedy,
+  exactly `max_new_tokens` tokens (EOS never checked); one untimed 2-token run of the same
+  prompts first. Its RSS above baseline is above a bare Python interpreter and includes the
+  mapped file pages it touched.
+- 1.1b-q4_0 and 7b-q4_0 are synthetic llama-architecture files (`python -m
+  ppinfer.bench.synthetic`): TinyLlama-1.1B's and Llama-2-7B's shapes, SmolLM2's tokenizer and
+  49152-token vocabulary, tied output, every 2-D tensor Q4_0 with random 4-bit values and block
+  scale 0.0045, norms 1.0. Only their speed and memory mean anything.
+"""
+
+LLAMACPP_INSTALL = """\
+### Benchmarking against llama.cpp
+
+The llama.cpp points need llama-cpp-python (the optional `bench` extra); without it they are
+reported as skipped and the rest of the benchmark runs. It compiles llama.cpp for about 15
+minutes, so build the wheel once into a cache outside the repository and install that file:
+`pip wheel --no-deps 'llama-cpp-python>=0.3' -w ~/.cache/ppinfer-bench/wheels`, then
+`pip install ~/.cache/ppinfer-bench/wheels/llama_cpp_python-*.whl` (installing `.[bench]` would
+rebuild any newer release). The synthetic models are built on first use into
+`~/.cache/ppinfer/bench-models/` (`python -m ppinfer.bench.synthetic` builds them ahead).
+`--suite quant` runs the llama.cpp comparisons, `--scenario quant-7b` the 7B-shaped model
+(3.8 GB, 4 ranks). llama.cpp's weights are kept out of AMX buffers, whose tile instructions
+fault on some VMs; `--llamacpp-amx` lets llama.cpp use them. llama.cpp's threads spin while
+they wait, so its figures only mean something on an otherwise idle machine.
 """
 
 
-def markdown_report(machine: Mapping[str, str], ratios: Sequence[RatioResult],
-                    runs: Sequence[tuple[Run, Metrics | None, str | None]]) -> str:
-    """The whole benchmark page: machine, ratios against the issue's targets, every run, method."""
+def markdown_report(machine: Mapping[str, str], ratios: Sequence[RatioResult], runs: Sequence[Outcome]) -> str:
+    """The whole benchmark page: machine, ratios against the issues' targets, every run, method."""
     machine_rows = [[k, f"`{v}`" if k == "command" else v] for k, v in machine.items()]
     parts = [
         "# ppinfer benchmarks",
         f"Generated by `{machine['command']}` on {machine['date']}.",
+        LLAMACPP_INSTALL,
         "## Machine",
         markdown_table(("", ""), machine_rows),
         "## Targets",
         markdown_table(RATIO_HEADERS, [ratio_row(r) for r in ratios]),
         "## Runs",
-        markdown_table(RUN_HEADERS, [run_row(run, m, e) for run, m, e in runs]),
+        markdown_table(RUN_HEADERS, [run_row(o.run, o.metrics, o.error, o.skipped) for o in runs]),
         "## How the numbers are measured",
         METHOD_NOTES,
     ]

@@ -1,13 +1,17 @@
-"""What to run: the benchmark points, the ratios the issue targets, and the planner.
+"""What to run: the benchmark points, the ratios the issues target, and the planner.
 
 A ratio names the runs it compares (a `Term` is one metric of one run, optionally scaled), so
 a scenario is just a group of ratios and the planner derives exactly the runs those ratios
-need, each once even when several scenarios share it. Everything here is plain data: the
-planner and the ratios can be checked without starting a process.
+need, each once even when several scenarios share it. Scenarios come in suites: `pipeline`
+(the pipeline's own targets, on the default model), `quant` (issue 11: quantized weights
+against llama.cpp on the same files, with the synthetic 1.1B-shaped model) and `slow` (the
+synthetic 7B-shaped model); `all` is every suite but `slow`. Everything here is plain data:
+the planner and the ratios can be checked without starting a process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
@@ -16,6 +20,16 @@ Metrics = Mapping[str, Any]
 
 PromptSet = Literal["short", "long"]
 """`short`: the built-in prompts; `long`: one prompt of `Sizes.long_prompt_tokens` tokens."""
+
+DEFAULT_MODEL = "default"
+"""The model `--model` names (SmolLM2-135M-Instruct unless told otherwise)."""
+MODEL_1B = "1.1b-q4_0"
+MODEL_7B = "7b-q4_0"
+"""The synthetic models (`ppinfer.bench.synthetic.MODELS`): llama-shaped, random Q4_0 weights."""
+
+
+def _model_tag(model: str) -> str:
+    return f" [{model}]" if model != DEFAULT_MODEL else ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,7 +49,9 @@ class Sizes:
     memory_new_tokens: int = 8
     """Tokens generated in the memory points (weights dominate; the KV cache is small)."""
     peer_threads: int = 2
-    """Torch threads of the transformers peer (the same two cores the pipeline uses)."""
+    """Threads of the peers, transformers and llama.cpp (the same two cores the pipeline uses)."""
+    quant_lane_size: int = 8
+    """Sequences per lane in the 1.1B batch point (2 lanes of it against llama.cpp's batch)."""
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -46,7 +62,7 @@ class Sizes:
 FULL = Sizes()
 QUICK = Sizes(
     lane_size=2, max_new_tokens=4, long_prompt_tokens=96, prefill_chunk=32,
-    prefill_new_tokens=2, memory_new_tokens=2,
+    prefill_new_tokens=2, memory_new_tokens=2, quant_lane_size=2,
 )
 
 
@@ -64,6 +80,10 @@ class PipelineRun:
     """None leaves the runtime's default."""
     layers: str | None = None
     """`pipeline.layers` policy; None leaves the runtime's default (balanced)."""
+    weights: str | None = None
+    """`runtime.weights` (`quantized` or `dequantized`); None leaves the runtime's default."""
+    model: str = DEFAULT_MODEL
+    """`default` (the `--model` file) or a synthetic model's name."""
 
     @property
     def sequences(self) -> int:
@@ -73,15 +93,19 @@ class PipelineRun:
     def label(self) -> str:
         chunk = f" chunk {self.prefill_chunk}" if self.prefill_chunk is not None else ""
         layers = f" {self.layers}" if self.layers is not None else ""
-        return f"ppinfer S={self.stages} T={self.threads} {self.lanes}x{self.lane_size} {self.prompts}{chunk}{layers}"
+        weights = f" {self.weights}" if self.weights is not None else ""
+        return (f"ppinfer S={self.stages} T={self.threads} {self.lanes}x{self.lane_size} {self.prompts}"
+                f"{chunk}{layers}{weights}{_model_tag(self.model)}")
 
     @property
     def slug(self) -> str:
         """A directory name unique to these settings."""
         chunk = f"-c{self.prefill_chunk}" if self.prefill_chunk is not None else ""
         layers = f"-{self.layers}" if self.layers is not None else ""
+        weights = f"-{self.weights}" if self.weights is not None else ""
+        model = f"-{self.model}" if self.model != DEFAULT_MODEL else ""
         return (f"pp-s{self.stages}-t{self.threads}-m{self.lanes}x{self.lane_size}"
-                f"-{self.prompts}-n{self.max_new_tokens}{chunk}{layers}")
+                f"-{self.prompts}-n{self.max_new_tokens}{chunk}{layers}{weights}{model}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,11 +122,35 @@ class PeerRun:
         return f"transformers T={self.threads} 1x{self.sequences} {self.prompts}"
 
     @property
+    def model(self) -> str:
+        """The transformers peer runs the default model only."""
+        return DEFAULT_MODEL
+
+    @property
     def slug(self) -> str:
         return f"hf-t{self.threads}-b{self.sequences}-{self.prompts}-n{self.max_new_tokens}"
 
 
-Run = Union[PipelineRun, PeerRun]
+@dataclass(frozen=True, kw_only=True)
+class LlamaCppRun:
+    """llama.cpp on `sequences` sequences decoded together (its batched decoding), `threads` threads."""
+
+    threads: int
+    sequences: int
+    max_new_tokens: int
+    prompts: PromptSet = "short"
+    model: str = DEFAULT_MODEL
+
+    @property
+    def label(self) -> str:
+        return f"llama.cpp T={self.threads} 1x{self.sequences} {self.prompts}{_model_tag(self.model)}"
+
+    @property
+    def slug(self) -> str:
+        return f"lc-t{self.threads}-b{self.sequences}-{self.prompts}-n{self.max_new_tokens}-{self.model}"
+
+
+Run = Union[PipelineRun, PeerRun, LlamaCppRun]
 
 
 def _token_latency(m: Metrics) -> float:
@@ -122,6 +170,14 @@ def _largest_rank_above_baseline_mb(m: Metrics) -> float:
     return max(float(s["peak_rss_above_baseline_bytes"]) for s in m["per_stage"]) / 2**20
 
 
+def _total_above_baseline_mb(m: Metrics) -> float:
+    return sum(float(s["peak_rss_above_baseline_bytes"]) for s in m["per_stage"]) / 2**20
+
+
+def _total_above_baseline_per_file_byte(m: Metrics) -> float:
+    return _total_above_baseline_mb(m) * 2**20 / float(m["model_file_bytes"])
+
+
 @dataclass(frozen=True)
 class Metric:
     """A number read from one run's metrics (raises KeyError when the file lacks it)."""
@@ -137,6 +193,9 @@ TOKEN_LATENCY = Metric("per-token latency", "s", _token_latency)
 DECODE_IDLE = Metric("max stage idle fraction in decode after the fill", "", _decode_idle)
 BUBBLE = Metric("max stage idle fraction over the whole run (fill and drain included)", "", _bubble)
 PEAK_ABOVE_BASELINE = Metric("largest rank's peak RSS above its idle baseline", "MB", _largest_rank_above_baseline_mb)
+TOTAL_ABOVE_BASELINE = Metric("sum over ranks of peak RSS above the idle baseline", "MB", _total_above_baseline_mb)
+TOTAL_PER_FILE_BYTE = Metric("sum over ranks of peak RSS above the idle baseline / model file size", "",
+                             _total_above_baseline_per_file_byte)
 
 
 @dataclass(frozen=True)
@@ -150,13 +209,14 @@ class Term:
 
 @dataclass(frozen=True, kw_only=True)
 class Ratio:
-    """numerator / denominator (or the numerator alone) compared with the issue's target."""
+    """numerator / denominator (or the numerator alone) compared with the issue's target, or
+    shown for information when `target` is None."""
 
     key: str
     title: str
     numerator: Term
     denominator: Term | None
-    target: float
+    target: float | None
     higher_is_better: bool
     fallback: Term | None = None
     """Used, and flagged, when the numerator's metric is missing from the run's metrics."""
@@ -167,13 +227,32 @@ class Ratio:
         return tuple(dict.fromkeys(t.run for t in terms if t is not None))
 
 
-def _pp(sizes: Sizes, stages: int, threads: int, lanes: int, lane_size: int) -> PipelineRun:
+def _pp(sizes: Sizes, stages: int, threads: int, lanes: int, lane_size: int,
+        model: str = DEFAULT_MODEL) -> PipelineRun:
     return PipelineRun(stages=stages, threads=threads, lanes=lanes, lane_size=lane_size,
-                       max_new_tokens=sizes.max_new_tokens)
+                       max_new_tokens=sizes.max_new_tokens, model=model)
 
 
-def scenario_ratios(sizes: Sizes) -> dict[str, tuple[Ratio, ...]]:
-    """Every scenario's ratios for these sizes (the issue's targets)."""
+def _dequantized(run: PipelineRun) -> PipelineRun:
+    return dataclasses.replace(run, weights="dequantized")
+
+
+# Issue 11's targets.
+MEMORY_PER_FILE_TARGET = 1.5
+"""Sum over ranks of peak RSS above the idle baseline, at most this many times the file size
+(for the 7B: 5.6 GB, inside the issue's 6 GB)."""
+VS_LLAMACPP_SINGLE_TARGET = 1.0
+"""One sequence on 1 stage x 2 threads: at least this share of llama.cpp's decode tok/s."""
+VS_LLAMACPP_BATCH_TARGET = 1.0
+"""Two lanes on 2 stages x 1 thread against llama.cpp's batched decoding of the same sequences."""
+VS_LLAMACPP_BATCH_AIM = 1.5
+"""The issue's aim for 32 sequences of the default model (an overhead-bound 135M model)."""
+EFFICIENCY_TARGET = 0.90
+"""2 stages x 1 thread with 2 lanes against twice 1 stage x 1 thread with 1 lane (the 1.1B)."""
+
+
+def pipeline_scenarios(sizes: Sizes) -> dict[str, tuple[Ratio, ...]]:
+    """The pipeline's own scenarios (the `pipeline` suite, on the default model)."""
     n = sizes.lane_size
     one_stage = _pp(sizes, 1, 1, 1, n)
     two_stage = _pp(sizes, 2, 1, 2, n)
@@ -249,14 +328,106 @@ def scenario_ratios(sizes: Sizes) -> dict[str, tuple[Ratio, ...]]:
     }
 
 
+def quant_scenarios(sizes: Sizes) -> dict[str, tuple[Ratio, ...]]:
+    """Issue 11's scenarios (the `quant` and `slow` suites): ppinfer with its default
+    (quantized) weights against llama.cpp on the same file and cores, and memory against the
+    file size; dequantized runs are shown beside them where they are cheap."""
+    n, q, new = sizes.lane_size, sizes.quant_lane_size, sizes.max_new_tokens
+
+    def llamacpp(model: str, sequences: int) -> LlamaCppRun:
+        return LlamaCppRun(threads=sizes.peer_threads, sequences=sequences, max_new_tokens=new, model=model)
+
+    def ring(model: str, stages: int) -> PipelineRun:
+        """One sequence per stage, one lane each: the weights dominate the memory."""
+        return PipelineRun(stages=stages, threads=1, lanes=stages, lane_size=1,
+                           max_new_tokens=sizes.memory_new_tokens, model=model)
+
+    single = {m: _pp(sizes, 1, 2, 1, 1, model=m) for m in (DEFAULT_MODEL, MODEL_1B)}
+    batch = _pp(sizes, 2, 1, 2, n)  # the default model's 2 lanes of `lane_size`
+    batch_1b = _pp(sizes, 2, 1, 2, q, model=MODEL_1B)
+    one_stage_1b = _pp(sizes, 1, 1, 1, q, model=MODEL_1B)
+    memory_1b, memory_7b = ring(MODEL_1B, 2), ring(MODEL_7B, 4)
+    lc = f"llama.cpp ({sizes.peer_threads} threads)"
+    lc_batch = f"{lc}, one batch"
+
+    def vs_llamacpp(key: str, title: str, run: PipelineRun, peer: LlamaCppRun, target: float | None) -> Ratio:
+        return Ratio(key=key, title=title, numerator=Term(run, DECODE), denominator=Term(peer, DECODE),
+                     target=target, higher_is_better=True)
+
+    def per_file(key: str, title: str, run: PipelineRun, target: float | None) -> Ratio:
+        return Ratio(key=key, title=title, numerator=Term(run, TOTAL_PER_FILE_BYTE), denominator=None,
+                     target=target, higher_is_better=False)
+
+    return {
+        "quant-memory": (
+            per_file("memory_per_file", "1.1B on 2 stages: sum of the ranks' peak RSS above an idle torch process "
+                     "/ file size", memory_1b, MEMORY_PER_FILE_TARGET),
+            per_file("memory_per_file_dequantized", "the same with runtime.weights=dequantized (fp32 weights)",
+                     _dequantized(memory_1b), None),
+            Ratio(key="memory_vs_llamacpp",
+                  title=f"1.1B: the sum over 2 ranks of peak RSS above an idle torch process vs {lc}'s peak RSS "
+                        "above a bare Python process (one sequence)",
+                  numerator=Term(memory_1b, TOTAL_ABOVE_BASELINE),
+                  denominator=Term(llamacpp(MODEL_1B, 1), TOTAL_ABOVE_BASELINE),
+                  target=None, higher_is_better=False),
+        ),
+        "quant-single": (
+            vs_llamacpp("vs_llamacpp_single", f"one sequence, default model: 1 stage x 2 threads vs {lc} (decode)",
+                        single[DEFAULT_MODEL], llamacpp(DEFAULT_MODEL, 1), VS_LLAMACPP_SINGLE_TARGET),
+            vs_llamacpp("vs_llamacpp_single_1b", f"one sequence, 1.1B: 1 stage x 2 threads vs {lc} (decode)",
+                        single[MODEL_1B], llamacpp(MODEL_1B, 1), VS_LLAMACPP_SINGLE_TARGET),
+            vs_llamacpp("vs_llamacpp_single_dequantized",
+                        f"one sequence, default model, runtime.weights=dequantized: 1 stage x 2 threads vs {lc} "
+                        "(decode)",
+                        _dequantized(single[DEFAULT_MODEL]), llamacpp(DEFAULT_MODEL, 1), None),
+        ),
+        "quant-batch": (
+            vs_llamacpp("vs_llamacpp_batch_1b",
+                        f"{2 * q} sequences, 1.1B: 2 stages x 1 thread, 2 lanes of {q} vs {lc_batch} (decode)",
+                        batch_1b, llamacpp(MODEL_1B, 2 * q), VS_LLAMACPP_BATCH_TARGET),
+            vs_llamacpp("vs_llamacpp_batch",
+                        f"{2 * n} sequences, default model: 2 stages x 1 thread, 2 lanes of {n} vs {lc_batch} (decode)",
+                        batch, llamacpp(DEFAULT_MODEL, 2 * n), VS_LLAMACPP_BATCH_AIM),
+            vs_llamacpp("vs_llamacpp_batch_dequantized",
+                        f"{2 * n} sequences, default model, runtime.weights=dequantized: 2 stages x 1 thread vs "
+                        f"{lc_batch} (decode)", _dequantized(batch), llamacpp(DEFAULT_MODEL, 2 * n), None),
+        ),
+        "quant-efficiency": (
+            Ratio(key="pipeline_efficiency_1b",
+                  title=f"1.1B: 2 stages x 1 thread, 2 lanes of {q} vs twice 1 stage x 1 thread, 1 lane of {q} "
+                        "(decode)",
+                  numerator=Term(batch_1b, DECODE), denominator=Term(one_stage_1b, DECODE, 2.0),
+                  target=EFFICIENCY_TARGET, higher_is_better=True),
+        ),
+        "quant-7b": (
+            per_file("memory_per_file_7b", "7B on 4 stages: sum of the ranks' peak RSS above an idle torch process "
+                     "/ file size", memory_7b, MEMORY_PER_FILE_TARGET),
+        ),
+    }
+
+
+def scenario_ratios(sizes: Sizes) -> dict[str, tuple[Ratio, ...]]:
+    """Every scenario's ratios for these sizes, in suite order."""
+    return {**pipeline_scenarios(sizes), **quant_scenarios(sizes)}
+
+
 SCENARIOS: tuple[str, ...] = tuple(scenario_ratios(FULL))
-"""Scenario names in the order `all` runs them."""
+"""Scenario names in the order the planner runs them."""
+
+SUITES: dict[str, tuple[str, ...]] = {
+    "pipeline": tuple(pipeline_scenarios(FULL)),
+    "quant": ("quant-memory", "quant-single", "quant-batch", "quant-efficiency"),
+    "slow": ("quant-7b",),
+}
+"""Named groups of scenarios; `all` is every suite but `slow` (a 3.8 GB model on 4 ranks)."""
+
+ALL = tuple(s for s in SCENARIOS if s not in SUITES["slow"])
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The runs to make (each once; pipeline points first, then the transformers peer) and
-    the ratios to compute from them."""
+    """The runs to make (each once; pipeline points first, then the transformers peer, then
+    llama.cpp) and the ratios to compute from them."""
 
     scenarios: tuple[str, ...]
     runs: tuple[Run, ...]
@@ -264,16 +435,25 @@ class Plan:
 
 
 def plan(scenarios: Sequence[str], sizes: Sizes) -> Plan:
-    """The plan for `scenarios` (names from SCENARIOS, or `all`)."""
+    """The plan for `scenarios` (names from SCENARIOS or SUITES, or `all`)."""
     table = scenario_ratios(sizes)
+    wanted: set[str] = set()
     for name in scenarios:
-        if name != "all" and name not in table:
-            raise ValueError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)} or all")
+        if name == "all":
+            wanted.update(ALL)
+        elif name in SUITES:
+            wanted.update(SUITES[name])
+        elif name in table:
+            wanted.add(name)
+        else:
+            raise ValueError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}, "
+                             f"a suite ({', '.join(SUITES)}) or all")
     # Canonical order whatever the request's order, so one selection always gives one plan.
-    chosen = [s for s in SCENARIOS if s in scenarios or "all" in scenarios]
+    chosen = [s for s in SCENARIOS if s in wanted]
     if not chosen:
         raise ValueError("no scenario chosen")
     ratios = tuple(r for name in chosen for r in table[name])
     runs = list(dict.fromkeys(run for r in ratios for run in r.runs))
-    ordered = [r for r in runs if isinstance(r, PipelineRun)] + [r for r in runs if isinstance(r, PeerRun)]
+    kinds = (PipelineRun, PeerRun, LlamaCppRun)
+    ordered = [r for kind in kinds for r in runs if isinstance(r, kind)]
     return Plan(tuple(chosen), tuple(ordered), ratios)

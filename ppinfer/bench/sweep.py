@@ -3,12 +3,15 @@
 Each pipeline point is `python -m torch.distributed.run --standalone --nproc_per_node=S
 launch/infer.py key=value ...` (one stage too, so every point pays the same launcher costs);
 the transformers peer runs in its own process (`python -m ppinfer.bench.peer`) so that its
-memory never shows up in a pipeline rank. Points run sequentially because they would
-otherwise compete for the same cores and spoil each other's timings.
+memory never shows up in a pipeline rank, and each llama.cpp point in a fresh one
+(`python -I ppinfer/bench/llamacpp.py`). Points run sequentially because they would otherwise
+compete for the same cores and spoil each other's timings. A llama.cpp point is skipped, not
+failed, when llama-cpp-python is not installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -20,10 +23,11 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
+from ppinfer.bench import llamacpp
 from ppinfer.bench.prompts import long_prompt, short_prompts
-from ppinfer.bench.scenarios import PeerRun, PipelineRun, Plan, Run, Sizes
+from ppinfer.bench.scenarios import DEFAULT_MODEL, LlamaCppRun, PeerRun, PipelineRun, Plan, Run, Sizes
 from ppinfer.generation.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("ppinfer.bench")
@@ -41,16 +45,26 @@ class RunResult:
     error: str | None
     log: Path
     command: tuple[str, ...]
+    skipped: bool = False
+    """Not run because an optional peer is not installed (not a failure)."""
 
 
 @dataclass(frozen=True)
 class SweepSettings:
     """Where and how the points run."""
 
-    model: Path
+    models: Mapping[str, Path]
+    """Every planned run's model name -> its GGUF file (`default` is `--model`)."""
     workdir: Path
     sizes: Sizes
     timeout_s: float
+    llamacpp_drop_buffers: tuple[str, ...] = ("AMX",)
+    """CPU buffer types llama.cpp must not put weights in (see `llamacpp.drop_buffer_types`)."""
+
+    @property
+    def model(self) -> Path:
+        """The default model."""
+        return self.models[DEFAULT_MODEL]
 
 
 def repo_root() -> Path:
@@ -94,6 +108,8 @@ def pipeline_command(run: PipelineRun, model: Path, prompts_file: Path, out_dir:
         overrides.append(f"pipeline.prefill_chunk={run.prefill_chunk}")
     if run.layers is not None:
         overrides.append(f"pipeline.layers={run.layers}")
+    if run.weights is not None:
+        overrides.append(f"runtime.weights={run.weights}")
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.stages}",
         str(infer_script()), *overrides,
@@ -104,24 +120,42 @@ def peer_command(spec_file: Path) -> list[str]:
     return [sys.executable, "-m", "ppinfer.bench.peer", str(spec_file)]
 
 
+def llamacpp_command(spec_file: Path) -> list[str]:
+    """The llama.cpp point as a plain script in isolated mode: no ppinfer or torch import, so
+    its memory baseline is a bare interpreter."""
+    return [sys.executable, "-I", str(Path(llamacpp.__file__).resolve()), str(spec_file)]
+
+
+def llamacpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
 class PromptBook:
-    """The prompt texts of every point; the long prompt is built once, with the model's tokenizer."""
+    """The prompt texts of every point, and their token ids for the llama.cpp peer; the long
+    prompt is built once, with the default model's tokenizer."""
 
-    def __init__(self, model: Path, sizes: Sizes) -> None:
-        self.model, self.sizes = model, sizes
+    def __init__(self, models: Mapping[str, Path], sizes: Sizes) -> None:
+        self.models, self.sizes = models, sizes
+        self._tokenizers: dict[str, Tokenizer] = {}
 
-    @cached_property
-    def _tokenizer(self) -> Tokenizer:
-        return load_tokenizer(self.model)
+    def tokenizer(self, model: str) -> Tokenizer:
+        if model not in self._tokenizers:
+            self._tokenizers[model] = load_tokenizer(self.models[model])
+        return self._tokenizers[model]
 
     @cached_property
     def _long(self) -> str:
-        return long_prompt(self._tokenizer, self.sizes.long_prompt_tokens)
+        return long_prompt(self.tokenizer(DEFAULT_MODEL), self.sizes.long_prompt_tokens)
 
     def texts(self, run: Run) -> list[str]:
         if run.prompts == "long":
             return [self._long] * run.sequences
         return short_prompts(run.sequences)
+
+    def ids(self, run: LlamaCppRun) -> list[list[int]]:
+        """The token ids the runtime's own `encode` gives `run`'s prompts on `run`'s model."""
+        tokenizer = self.tokenizer(run.model)
+        return [tokenizer.encode(text) for text in self.texts(run)]
 
     def write(self, run: Run, path: Path) -> Path:
         """Write `run`'s prompts one per line (the runtime's `prompts_file` format)."""
@@ -171,7 +205,10 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 def _read_metrics(path: Path, code: int, log_path: Path) -> tuple[dict[str, Any] | None, str | None]:
     if code == 0 and path.is_file():
-        return json.loads(path.read_text(encoding="utf-8")), None
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        if "model" in metrics:
+            metrics["model_file_bytes"] = Path(metrics["model"]).stat().st_size
+        return metrics, None
     why = f"exit code {code}" if code != 0 else f"no {path.name} written"
     return None, f"{why}; see {log_path}:\n    {_tail(log_path)}"
 
@@ -189,7 +226,7 @@ def run_pipeline(run: PipelineRun, settings: SweepSettings, book: PromptBook) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / METRICS_FILE).unlink(missing_ok=True)
     prompts = book.write(run, out_dir / "prompts.txt")
-    command = pipeline_command(run, settings.model, prompts, out_dir)
+    command = pipeline_command(run, settings.models[run.model], prompts, out_dir)
     log_path = out_dir / "run.log"
     outcome = _execute(command, log_path, settings.timeout_s)
     if isinstance(outcome, str):
@@ -230,10 +267,33 @@ def run_peers(runs: Sequence[PeerRun], settings: SweepSettings, book: PromptBook
     return results
 
 
+def run_llamacpp(run: LlamaCppRun, settings: SweepSettings, book: PromptBook) -> RunResult:
+    """One llama.cpp point in a fresh process, or a skipped result when llama_cpp is missing."""
+    out_dir = settings.workdir / run.slug
+    log_path = out_dir / "run.log"
+    command = llamacpp_command(out_dir / "spec.json")
+    if not llamacpp_installed():
+        why = f"llama-cpp-python not installed: {llamacpp.INSTALL_HINT}"
+        return RunResult(run, None, why, log_path, tuple(command), skipped=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / METRICS_FILE
+    metrics_path.unlink(missing_ok=True)
+    spec = {"model": str(settings.models[run.model]), "threads": run.threads, "new_tokens": run.max_new_tokens,
+            "prompts": book.ids(run), "out": str(metrics_path),
+            "drop_buffer_types": list(settings.llamacpp_drop_buffers)}
+    (out_dir / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+    outcome = _execute(command, log_path, settings.timeout_s)
+    if isinstance(outcome, str):
+        return RunResult(run, None, outcome, log_path, tuple(command))
+    metrics, error = _read_metrics(metrics_path, outcome, log_path)
+    return RunResult(run, metrics, error, log_path, tuple(command))
+
+
 def sweep(plan: Plan, settings: SweepSettings, book: PromptBook) -> list[RunResult]:
     """Run every point of `plan` in order and return the results in the plan's order."""
     pipeline = [r for r in plan.runs if isinstance(r, PipelineRun)]
     peers = [r for r in plan.runs if isinstance(r, PeerRun)]
+    llamacpp_runs = [r for r in plan.runs if isinstance(r, LlamaCppRun)]
     by_run: dict[Run, RunResult] = {}
     total = len(plan.runs)
     for run in pipeline:
@@ -249,10 +309,18 @@ def sweep(plan: Plan, settings: SweepSettings, book: PromptBook) -> list[RunResu
         for result in run_peers(group, settings, book):
             by_run[result.run] = result
             _log_outcome(result, time.perf_counter() - started)
+    for run in llamacpp_runs:
+        log.info("[%d/%d] %s", len(by_run) + 1, total, run.label)
+        started = time.perf_counter()
+        by_run[run] = run_llamacpp(run, settings, book)
+        _log_outcome(by_run[run], time.perf_counter() - started)
     return [by_run[r] for r in plan.runs]
 
 
 def _log_outcome(result: RunResult, seconds: float) -> None:
+    if result.skipped:
+        log.warning("    %s skipped: %s", result.run.label, result.error)
+        return
     if result.metrics is None:
         log.error("    %s failed: %s", result.run.label, result.error)
         return

@@ -40,7 +40,8 @@ class SamplingParams:
     """How the next token is chosen; shared by every sequence of a run."""
 
     temperature: float = 0.0
-    """Softmax temperature applied after the filters; 0 means greedy (argmax, no randomness)."""
+    """Softmax temperature applied after the filters; 0 means greedy (argmax, no randomness).
+    Any finite positive value is safe, however small: see ``tempered_probs``."""
     top_k: int = 0
     """Keep the k highest logits (ties with the k-th are kept too); 0 turns it off."""
     top_p: float = 1.0
@@ -53,17 +54,20 @@ class SamplingParams:
     """Base seed; each sequence's generator is derived from (seed, sequence index)."""
 
     def __post_init__(self) -> None:
-        # `not (x >= 0)` rather than `x < 0` so that NaN is rejected too.
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature={self.temperature!r}: must be >= 0 (0 = greedy)")
+        # `not (x >= 0)` rather than `x < 0` so that NaN is rejected too; infinity is a value
+        # no filter or softmax can use, so every float must also be finite.
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature={self.temperature!r}: must be a finite number >= 0 (0 = greedy)")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1]")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p={self.min_p!r}: must be in [0, 1]")
-        if not self.repetition_penalty > 0.0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty!r}: must be > 0 (1 = off)")
+        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(
+                f"repetition_penalty={self.repetition_penalty!r}: must be a finite number > 0 (1 = off)"
+            )
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r}: must be an integer >= 0")
 
@@ -191,6 +195,22 @@ def min_p_mask(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits >= logits.amax(dim=-1, keepdim=True) + math.log(min_p)
 
 
+def tempered_probs(sorted_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax of descending-sorted logits ``[B, V]`` at ``temperature`` > 0; float64 ``[B, V]``.
+
+    Numerically safe for every finite positive temperature, down to the smallest float: the
+    row maximum (column 0) is subtracted *before* dividing, so the top token's scaled logit is
+    exactly 0 and the others are <= 0 (a tiny temperature sends them to -inf, i.e. greedy
+    among the tied maxima) rather than inf - inf = NaN. The division is done in float64, where
+    a Python float temperature cannot round to 0 as it can in float32 (below ~1e-45). float64
+    also keeps the tail of a 262k-entry vocabulary from being lost to rounding in the CDF.
+    Filtered-out tokens (-inf) stay at probability 0.
+    """
+    logits64 = sorted_logits.double()  # [B, V]
+    shifted = logits64 - logits64[:, :1]  # [B, V], <= 0
+    return torch.softmax(shifted / temperature, dim=-1)  # [B, V]
+
+
 def _draw_uniforms(generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
     """One uniform in [0, 1) per row, each from its own row's generator; ``[B]`` float64."""
     uniforms = torch.stack(
@@ -244,9 +264,8 @@ def sample(
         keep = _min_p_keep_sorted(sorted_logits, params.min_p)
         sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
 
-    probs = torch.softmax(sorted_logits / params.temperature, dim=-1)  # [B, V]
-    # float64 so that the tail of a 262k-entry vocabulary is not lost to rounding.
-    cdf = torch.cumsum(probs.double(), dim=-1)  # [B, V]
+    probs = tempered_probs(sorted_logits, params.temperature)  # [B, V] float64
+    cdf = torch.cumsum(probs, dim=-1)  # [B, V]
     uniforms = _draw_uniforms(generators, logits.device)  # [B]
     target = (uniforms * cdf[:, -1]).unsqueeze(-1)  # [B, 1]
     pos = torch.searchsorted(cdf, target, right=True)  # [B, 1]

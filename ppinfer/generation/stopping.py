@@ -18,11 +18,48 @@ Conventions (those of vLLM; llama.cpp's server agrees on the text):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 FinishReason = Literal["stop", "length"]
+
+STOP_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}
+r"""The one-character escapes ``unescape_stop_string`` knows (besides ``\uXXXX``)."""
+
+_ESCAPE = re.compile(r"\\(u[0-9A-Fa-f]{4}|.?)", re.DOTALL)
+
+
+def unescape_stop_string(raw: str) -> str:
+    r"""Interpret the escapes of a stop string typed on a command line or in a config file.
+
+    Hydra hands ``generation.stop='["\n\n"]'`` over with a literal backslash-n, so the usual
+    escapes are decoded here, and only these: ``\n`` (newline), ``\r`` (carriage return),
+    ``\t`` (tab), ``\\`` (one backslash) and ``\uXXXX`` (the character with that 4-digit hex
+    code point). Any other backslash sequence, a lone trailing backslash, or a ``\u`` code
+    that is a surrogate raises ``ValueError`` naming it, rather than guessing what was meant.
+    Text that is already decoded (a real newline, e.g. from a YAML double-quoted string)
+    passes through unchanged.
+    """
+    return _ESCAPE.sub(_decode_escape, raw)
+
+
+def _decode_escape(match: re.Match[str]) -> str:
+    code = match.group(1)
+    if code in STOP_ESCAPES:
+        return STOP_ESCAPES[code]
+    if len(code) == 5:  # u + 4 hex digits
+        point = int(code[1:], 16)
+        if 0xD800 <= point <= 0xDFFF:
+            raise ValueError(f"\\{code} is a surrogate, not a character")
+        return chr(point)
+    if not code:
+        raise ValueError("ends with a lone backslash (write \\\\ for a backslash)")
+    shown = code if code.isprintable() else repr(code)  # a real newline would split the message
+    raise ValueError(
+        f"unknown escape \\{shown} (known: \\n \\r \\t \\\\ \\uXXXX; write \\\\ for a backslash)"
+    )
 
 
 @dataclass(frozen=True)

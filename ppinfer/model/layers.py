@@ -34,11 +34,6 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def onednn_available() -> bool:
-    """Whether this torch build can prepack linear weights for oneDNN on the CPU."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
 class PackedLinear(nn.Module):
     """y = x W^T (+ b) on the CPU with W prepacked into oneDNN's blocked layout: the same
     math (float32 or bfloat16), 1.2-2x faster than the default GEMM for decode-sized batches.
@@ -73,6 +68,19 @@ class PackedLinear(nn.Module):
             for w, b in zip(self.blocks, self.biases)
         ]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+class ConcatLinear(nn.Module):
+    """Linears over the same input whose outputs are concatenated: a fused projection (q, k, v)
+    whose parts are stored in different types and so run through different kernels."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., sum of the parts' out]."""
+        return torch.cat([part(x) for part in self.parts], dim=-1)
 
 
 class RMSNorm(nn.Module):

@@ -8,10 +8,13 @@ and unexpected tensors are `ModelFileError`s naming the file and the tensor.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from ppinfer.errors import ModelFileError
@@ -19,12 +22,18 @@ from ppinfer.families.hparams import HParams, RopeParams, read_hparams
 from ppinfer.families.registry import get_spec
 from ppinfer.families.spec import FamilySpec, Mlp, Norm, Rope, Tying
 from ppinfer.gguf.reader import GGUFFile
+from ppinfer.kernels.blocks import nonfinite_scale_block
+from ppinfer.kernels.capabilities import cpu_capabilities
+from ppinfer.kernels.select import BlockBackend, block_backend
 from ppinfer.model.block import Attention, DecoderBlock, FeedForward
-from ppinfer.model.layers import LayerNorm, Linear, PackedLinear, RMSNorm, RotaryEmbedding, RowEmbedding, onednn_available
+from ppinfer.model.layers import ConcatLinear, LayerNorm, Linear, PackedLinear, RMSNorm, RotaryEmbedding, RowEmbedding
 from ppinfer.model.plan import StagePlan
+from ppinfer.model.report import WeightsReport
 from ppinfer.model.stage import PipelineStage
 
 PACK_BLOCK_ELEMENTS = 1 << 20  # values (4 MB of float32) per separately packed row block
+WEIGHT_MODES = ("quantized", "dequantized")
+FLOAT_STORAGE = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 GLOBAL_TENSORS = ("token_embd.weight", "output_norm.weight", "output_norm.bias", "output.weight", "output.bias", "rope_freqs.weight")
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.")
 
@@ -42,12 +51,30 @@ def pair_order(w: np.ndarray, n_head: int, n_rot: int) -> np.ndarray:
     return np.concatenate([rot, heads[:, n_rot:]], axis=1).reshape(w.shape)
 
 
+@dataclass
+class _Stored:
+    """A weight's stored blocks (`raw`: [rows, bytes_per_row] uint8 view of the file)."""
+
+    name: str
+    qtype: GGMLQuantizationType
+    raw: np.ndarray
+
+
+# A row transform applied to a weight before fusing (pair_order for NEOX q/k), or None.
+RowTransform = Callable[[np.ndarray], np.ndarray] | None
+
+
 class _Weights:
     """Reads tensors of one file into torch, recording which names were consumed; builds
-    linear layers, prepacked for oneDNN when `packed`."""
+    linear layers: over the stored blocks where a kernel serves their type (`blocks`), else
+    over float weights, prepacked for oneDNN when `packed`."""
 
-    def __init__(self, gf: GGUFFile, dtype: torch.dtype, device: torch.device, packed: bool) -> None:
+    def __init__(
+        self, gf: GGUFFile, dtype: torch.dtype, device: torch.device, packed: bool,
+        blocks: BlockBackend | None, report: WeightsReport,
+    ) -> None:
         self.gf, self.dtype, self.device, self.packed = gf, dtype, device, packed
+        self.blocks, self.report = blocks, report
         self.used: set[str] = set()
 
     def has(self, name: str) -> bool:
@@ -68,16 +95,80 @@ class _Weights:
     def optional(self, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
         return self.get(name, shape) if self.has(name) else None
 
+    def stored(self, name: str, shape: tuple[int, int]) -> _Stored | None:
+        """The stored blocks of weight `name` [out, in] when a kernel multiplies its type in
+        place; None for float types, in dequantized mode, or when no kernel serves the type."""
+        info = self.gf.check_shape(name, shape)
+        if self.blocks is None or info.qtype in FLOAT_STORAGE:
+            return None
+        if not self.blocks.supports(info.qtype):
+            self.report.dequantized[info.qtype.name] += 1
+            return None
+        raw = self.gf.raw(name)
+        bad = nonfinite_scale_block(raw, info.qtype)
+        if bad is not None:
+            raise ModelFileError(f"{self.gf.path}: tensor {name!r}: block {bad} has a non-finite scale")
+        self.used.add(name)
+        self.report.kept[info.qtype.name] += 1
+        return _Stored(name, info.qtype, raw)
+
+    def block_linear(self, parts: list[_Stored], raws: list[np.ndarray], bias: np.ndarray | None) -> nn.Module:
+        """One block linear over the rows of `raws` (the parts' blocks, transformed), one type."""
+        assert self.blocks is not None
+        raw = raws[0] if len(raws) == 1 else np.concatenate(raws)  # [rows, bytes_per_row]
+        in_features = self.gf.info(parts[0].name).shape[1]
+        b = self.tensor(bias) if bias is not None else None
+        module = self.blocks.linear(raw, parts[0].qtype, in_features, b)
+        for part in parts:
+            self.gf.release(part.name)
+        return module
+
     def linear(self, name: str, shape: tuple[int, int], bias: torch.Tensor | None = None) -> nn.Module:
         """The weight `name` [out, in] as a linear layer."""
+        stored = self.stored(name, shape)
+        if stored is not None:
+            assert self.blocks is not None
+            module = self.blocks.linear(stored.raw, stored.qtype, shape[1], bias)
+            self.gf.release(name)
+            return module
         if not self.packed:
             return Linear(self.get(name, shape), bias)
         self.used.add(name)
-        self.gf.check_shape(name, shape)
         blocks = (self.tensor(self.gf.load_rows(name, a, b)) for a, b in self.gf.row_blocks(name, PACK_BLOCK_ELEMENTS))
         layer = PackedLinear(blocks, bias)
         self.gf.release(name)
         return layer
+
+    def fused_linear(
+        self, parts: list[tuple[str, tuple[int, int], RowTransform]], biases: list[np.ndarray | None] | None = None
+    ) -> nn.Module:
+        """One projection over several weights whose output rows are stacked in order (q, k, v;
+        gate, up). Parts stored in one type with a kernel become one block linear; parts of
+        mixed types each keep their own layer; without kernels the float rows are fused."""
+        biases = biases or [None] * len(parts)
+        stored = [self.stored(name, shape) for name, shape, _ in parts]
+        part_bias = [
+            b if b is not None or all(x is None for x in biases) else np.zeros(shape[0], np.float32)
+            for b, (_, shape, _) in zip(biases, parts)
+        ]
+        bias = None if all(b is None for b in part_bias) else np.concatenate(part_bias)
+        transformed = [
+            (t(s.raw) if t is not None else s.raw) if s is not None else None
+            for s, (_, _, t) in zip(stored, parts)
+        ]
+        if all(s is not None for s in stored) and len({s.qtype for s in stored}) == 1:
+            return self.block_linear(stored, transformed, bias)
+        if any(s is not None for s in stored):
+            return ConcatLinear([
+                self.block_linear([s], [raw], b) if s is not None else self._float_part(name, shape, t, b)
+                for s, raw, b, (name, shape, t) in zip(stored, transformed, part_bias, parts)
+            ])
+        weight = np.concatenate([t(self.array(n, s)) if t is not None else self.array(n, s) for n, s, t in parts])
+        return self.linear_from(weight, bias)
+
+    def _float_part(self, name: str, shape: tuple[int, int], transform: RowTransform, bias: np.ndarray | None) -> nn.Module:
+        weight = self.array(name, shape)
+        return self.linear_from(transform(weight) if transform is not None else weight, bias)
 
     def linear_from(self, weight: np.ndarray, bias: np.ndarray | None = None) -> nn.Module:
         """A linear layer over a weight assembled at load time (fused qkv, gate/up)."""
@@ -92,31 +183,40 @@ class _Weights:
         return RMSNorm(weight, eps)
 
 
+def _reorder_parts(rows: np.ndarray, sizes: tuple[int, ...], order: list[RowTransform]) -> np.ndarray:
+    """Rows of a fused tensor split into parts of `sizes` rows, each part transformed."""
+    parts = np.split(rows, np.cumsum(sizes)[:-1])
+    return np.concatenate([t(part) if t is not None else part for part, t in zip(parts, order)])
+
+
 def _attention(
     w: _Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbedding
 ) -> Attention:
     lp, e, d, p = hp.layers[il], hp.n_embd, hp.head_dim, f"blk.{il}."
     sizes = (lp.n_head * d, lp.n_head_kv * d, lp.n_head_kv * d)
+    # NEOX-mode q/k rows (and biases) are reordered into rotation pairs; v is left as stored.
+    heads = (lp.n_head, lp.n_head_kv, None)
+    order: list[RowTransform] = [
+        (lambda rows, h=h: pair_order(rows, h, rope.n_rot)) if spec.rope is Rope.NEOX and h is not None else None
+        for h in heads
+    ]
     if w.has(p + "attn_qkv.weight"):
-        fused = w.array(p + "attn_qkv.weight", (sum(sizes), e))
-        q, k, v = np.split(fused, np.cumsum(sizes)[:-1])
+        name = p + "attn_qkv.weight"
         bias = w.array(p + "attn_qkv.bias", (sum(sizes),)) if w.has(p + "attn_qkv.bias") else None
-        qb, kb, vb = np.split(bias, np.cumsum(sizes)[:-1]) if bias is not None else (None, None, None)
+        if bias is not None:
+            bias = _reorder_parts(bias, sizes, order)
+        stored = w.stored(name, (sum(sizes), e))
+        if stored is not None:
+            qkv = w.block_linear([stored], [_reorder_parts(stored.raw, sizes, order)], bias)
+        else:
+            qkv = w.linear_from(_reorder_parts(w.array(name, (sum(sizes), e)), sizes, order), bias)
     else:
-        q, k, v = (w.array(p + f"attn_{n}.weight", (s, e)) for n, s in zip("qkv", sizes))
-        qb, kb, vb = (
+        biases = [
             w.array(p + f"attn_{n}.bias", (s,)) if w.has(p + f"attn_{n}.bias") else None
             for n, s in zip("qkv", sizes)
-        )
-    if spec.rope is Rope.NEOX:
-        q, k = pair_order(q, lp.n_head, rope.n_rot), pair_order(k, lp.n_head_kv, rope.n_rot)
-        qb = pair_order(qb, lp.n_head, rope.n_rot) if qb is not None else None
-        kb = pair_order(kb, lp.n_head_kv, rope.n_rot) if kb is not None else None
-    biases = [qb, kb, vb]
-    qkv_bias = None
-    if any(b is not None for b in biases):
-        qkv_bias = np.concatenate([b if b is not None else np.zeros(s, np.float32) for b, s in zip(biases, sizes)])
-    qkv = w.linear_from(np.concatenate([q, k, v]), qkv_bias)
+        ]
+        biases = [t(b) if t is not None and b is not None else b for b, t in zip(biases, order)]
+        qkv = w.fused_linear([(p + f"attn_{n}.weight", (s, e), t) for n, s, t in zip("qkv", sizes, order)], biases)
     out = w.linear(p + "attn_output.weight", (e, sizes[0]), w.optional(p + "attn_output.bias", (e,)))
     qk_norm = None
     if spec.qk_norm:
@@ -138,8 +238,7 @@ def _feed_forward(w: _Weights, spec: FamilySpec, hp: HParams, il: int) -> FeedFo
     elif spec.fused_gate_up:
         up = w.linear(p + "ffn_up.weight", (2 * f, e))  # rows: [gate; up]
     else:
-        gate_up = np.concatenate([w.array(p + "ffn_gate.weight", (f, e)), w.array(p + "ffn_up.weight", (f, e))])
-        up = w.linear_from(gate_up)
+        up = w.fused_linear([(p + "ffn_gate.weight", (f, e), None), (p + "ffn_up.weight", (f, e), None)])
     down = w.linear(p + "ffn_down.weight", (e, f), w.optional(p + "ffn_down.bias", (e,)))
     return FeedForward(spec.mlp, up, down)
 
@@ -179,11 +278,15 @@ def build_stage(
     device: str | torch.device = "cpu",
     family: str | None = None,
     packed: bool | None = None,
+    weights: str = "quantized",
 ) -> PipelineStage:
     """Load the stage `plan` of the GGUF model at `path`.
 
-    `family`, when given, must equal the file's `general.architecture`. `packed` prepacks
-    linear weights for oneDNN (None: on CPU in float32 or bfloat16 when the build supports it).
+    `family`, when given, must equal the file's `general.architecture`. `weights="quantized"`
+    keeps quantized weights in their stored blocks wherever a kernel multiplies their type on
+    `device` (the others are dequantized); `"dequantized"` dequantizes every weight to `dtype`
+    (the exact reference path). `packed` prepacks float linear weights for oneDNN (None: on CPU
+    where oneDNN supports `dtype` on this CPU).
     """
     gf = GGUFFile(path)
     arch = gf.architecture
@@ -194,9 +297,17 @@ def build_stage(
     if plan.total_layers != hp.n_layer:
         raise ModelFileError(f"{gf.path}: plan covers {plan.total_layers} layers but the model has {hp.n_layer}")
     device = torch.device(device)
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights={weights!r}: expected one of {', '.join(WEIGHT_MODES)}")
     if packed is None:
-        packed = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and onednn_available()
-    w = _Weights(gf, dtype, device, packed)
+        packed = device.type == "cpu" and cpu_capabilities().prepacks(dtype)
+    blocks = block_backend(device) if weights == "quantized" else None
+    report = WeightsReport(
+        weights,
+        float_path=cpu_capabilities().describe(dtype) if device.type == "cpu" else device.type,
+        block_kernel=blocks.describe() if blocks is not None else None,
+    )
+    w = _Weights(gf, dtype, device, packed, blocks, report)
 
     factors = None
     if "rope_freqs.weight" in gf.tensors:
@@ -227,4 +338,4 @@ def build_stage(
         out_bias = w.get("output.bias", (v,)) if spec.output_bias else None
         output = w.linear(head, (v, e), out_bias)
     _check_names(gf, plan, w.used)
-    return PipelineStage(plan, hp, layers, list(ropes.values()), embedding, final_norm, output, dtype, device)
+    return PipelineStage(plan, hp, layers, list(ropes.values()), embedding, final_norm, output, dtype, device, report)

@@ -6,10 +6,12 @@ import torch
 from torch import nn
 
 from ppinfer.families.hparams import HParams
+from ppinfer.kernels.select import block_linear_types
 from ppinfer.model.block import DecoderBlock, LayerInputs
 from ppinfer.model.cache import StageState
 from ppinfer.model.layers import PackedLinear, RotaryEmbedding, RowEmbedding
 from ppinfer.model.plan import StagePlan
+from ppinfer.model.report import WeightsReport
 
 
 class PipelineStage(nn.Module):
@@ -27,6 +29,7 @@ class PipelineStage(nn.Module):
         output: nn.Module | None,
         dtype: torch.dtype,
         device: torch.device,
+        weights_report: WeightsReport | None = None,
     ) -> None:
         super().__init__()
         if len(layers) != plan.n_layers:
@@ -37,6 +40,7 @@ class PipelineStage(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.ropes = nn.ModuleList(ropes)  # distinct rotary embeddings used by these layers
         self.embedding, self.final_norm, self.output = embedding, final_norm, output
+        self.weights_report = weights_report
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] int64 -> hidden [B, T, E]. First stage only."""
@@ -86,6 +90,7 @@ class PipelineStage(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the float weights this stage holds (the quantized embedding table excluded)."""
-        packed = sum(m.nbytes for m in self.modules() if isinstance(m, PackedLinear))
-        return packed + sum(p.numel() * p.element_size() for p in self.parameters())
+        """Bytes of the weights this stage holds: parameters, packed float weights and stored
+        blocks (the token embedding, read from the mapped file row by row, excluded)."""
+        held = sum(m.nbytes for m in self.modules() if isinstance(m, (PackedLinear, *block_linear_types())))
+        return held + sum(p.numel() * p.element_size() for p in self.parameters())

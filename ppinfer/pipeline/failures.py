@@ -1,6 +1,6 @@
 """How a failing rank reports and exits: one clean line on the console, bounded time.
 
-Three kinds of failure reach a rank:
+Five kinds of failure reach a rank:
 
 - bad input (`PPInferError`, or a config Hydra cannot compose): found before any process
   group exists, by every rank alike. Rank 0 reports it at once; the other ranks wait
@@ -12,6 +12,17 @@ Three kinds of failure reach a rank:
   `runtime.timeout_s` because it hung): not this rank's fault. It also waits `REPORT_GRACE_S`,
   so that torchrun names the rank that failed first as the root cause instead of a survivor,
   then says one line and exits.
+- a problem with `output.dir` found by the rank that writes it, after the process group
+  exists (another run holds the directory, the disk is full): that rank reports it at once.
+  When it is found before the run starts, the other ranks learn it from that rank
+  (`FoundElsewhere`) and exit with the same code, silently, after `REPORT_GRACE_S` (torchrun
+  stops them sooner, when that rank exits). Found mid-run, that rank exits and torchrun stops
+  the others.
+- Ctrl-C: torchrun passes SIGINT on to every rank (its workers have sessions of their own,
+  so this is how a terminal's Ctrl-C reaches them). `interrupt_once` makes it one
+  `KeyboardInterrupt` per rank, however often it is pressed; the last rank says
+  "interrupted", and every rank exits with `EXIT_INTERRUPTED`. Every whole line of
+  results.jsonl stays (see `ppinfer.pipeline.outputs.ResultsWriter`).
 - a bug (any other exception): keeps its traceback, on that rank only.
 
 Each kind also writes torchrun's per-worker error file, so the agent's failure summary shows
@@ -24,16 +35,20 @@ import json
 import logging
 import os
 import re
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from ppinfer.pipeline.job import DistEnv, output_dir_problem
+from ppinfer.errors import PPInferError
+from ppinfer.pipeline.job import DistEnv
+from ppinfer.pipeline.outputs import make_output_dir
 
 log = logging.getLogger("ppinfer")
 
@@ -42,6 +57,7 @@ REPORT_GRACE_S = 5.0
 
 EXIT_BAD_INPUT = 2
 EXIT_PEER_LOST = 3
+EXIT_INTERRUPTED = 130
 """Exit codes of a rank; a bug exits with Python's own 1."""
 
 # Lines of Hydra/OmegaConf messages that are advice or internals, not the problem itself.
@@ -69,6 +85,42 @@ def report_bad_input(
     log.error("error: %s", message)
     tell_agent(message, environ)
     return EXIT_BAD_INPUT
+
+
+class FoundElsewhere(PPInferError):
+    """A user's problem that another rank found and passed on to this one (which exits with
+    the same code, leaving the report to the rank that found it)."""
+
+
+def report_run_error(
+    exc: PPInferError,
+    environ: Mapping[str, str] = os.environ,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """A user's problem found after the process group exists: said at once by the rank that
+    found it; a rank it was passed on to waits `REPORT_GRACE_S` first, so that the finder
+    exits first and is torchrun's root cause, and then only tells the agent. The exit code."""
+    if isinstance(exc, FoundElsewhere):
+        sleep(REPORT_GRACE_S)
+    else:
+        log.error("error: %s", exc)
+    tell_agent(str(exc), environ)
+    return EXIT_BAD_INPUT
+
+
+def interrupt_once(signum: int, frame: FrameType | None) -> None:
+    """SIGINT handler: the first signal raises `KeyboardInterrupt`, later ones are ignored, so
+    that a second Ctrl-C cannot cut a rank's clean-up and its one line short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def report_interrupt(env: DistEnv, environ: Mapping[str, str] = os.environ) -> int:
+    """Ctrl-C: the last rank (the one that writes the outputs) says so; the exit code."""
+    if env.rank == env.world - 1:
+        log.error("interrupted")
+    tell_agent("interrupted", environ)
+    return EXIT_INTERRUPTED
 
 
 def is_peer_failure(exc: BaseException) -> bool:
@@ -135,11 +187,10 @@ def one_line(exc: BaseException) -> str:
 
 
 def command_line_problem(config_dir: Path, config_name: str, args: Sequence[str]) -> str | None:
-    """Compose the config from command-line `args` the way `@hydra.main` will and check that
-    its run directory (`output.dir`) can be created, which Hydra does first thing, with a
-    traceback when it cannot. None when all is well, else the problem in one line. Arguments
-    that are Hydra flags (`--help`, `--cfg job`, `-m`) are Hydra's business: then nothing is
-    checked here."""
+    """Compose the config from command-line `args` the way `@hydra.main` will and create its
+    run directory (`output.dir`), which Hydra does first thing, with a traceback when it
+    cannot. None when all is well, else the problem in one line. Arguments that are Hydra
+    flags (`--help`, `--cfg job`, `-m`) are Hydra's business: then nothing is checked here."""
     if any(arg.startswith("-") for arg in args):
         return None
     try:
@@ -147,4 +198,4 @@ def command_line_problem(config_dir: Path, config_name: str, args: Sequence[str]
             cfg = compose(config_name=config_name, overrides=list(args))
     except (HydraException, OmegaConfBaseException) as exc:
         return f"config: {one_line(exc)}"
-    return output_dir_problem(Path(cfg.output.dir))
+    return make_output_dir(Path(cfg.output.dir))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from ppinfer.model import StagePlan
 from ppinfer.pipeline.allocation import allocate, plan_table
 from ppinfer.pipeline.batches import Batch, make_batches
 from ppinfer.pipeline.costs import layer_costs
+from ppinfer.pipeline.outputs import output_dir_problem
 
 log = logging.getLogger("ppinfer")
 
@@ -70,6 +70,10 @@ class Job:
     prompts: list[list[int]]
     batches: list[Batch]
     n_lanes: int
+    lane_size: int
+    """Sequences in the fullest lane (at most the prompts, whatever `pipeline.lane_size` says)."""
+    prefill_chunk: int
+    """The longest prefill chunk issued: `pipeline.prefill_chunk` capped by the longest prompt."""
     out_dir: Path
 
     @property
@@ -86,23 +90,21 @@ class Job:
         return {b.index: b.width + extra for b in self.batches}
 
 
-def output_dir_problem(path: Path) -> str | None:
-    """Why `output.dir` cannot be created or written (None when it can): found before any rank
-    starts working, rather than when the last rank writes its first result."""
-    probe = path.absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"output.dir={path}: {probe} is not a directory"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"output.dir={path}: {probe} is not writable"
-    return None
+def _split_lines(text: str) -> list[str]:
+    """The lines of a prompts file: split at "\n" only, dropping the "\r" of a CRLF ending.
+
+    Not `str.splitlines()`, which also breaks at characters a prompt may hold (form feed,
+    U+2028, U+0085, ...), nor Python's universal newlines, which break at a lone "\r" too.
+    """
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
-def _read_prompts_file(path: str) -> list[str]:
+def read_prompts_file(path: str) -> list[str]:
+    """The prompts of a `.txt` (one per non-blank line) or `.jsonl` (a JSON string or
+    `{"prompt": ...}` per non-blank line) file; raises PromptError naming the file and line."""
     file = Path(path)
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = _split_lines(file.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise PromptError(f"prompts_file={path}: cannot read it ({exc})") from exc
     if file.suffix != ".jsonl":
@@ -125,7 +127,7 @@ def _read_prompts_file(path: str) -> list[str]:
 
 def _prompt_texts(cfg: Any) -> list[str]:
     if cfg.prompts_file is not None:
-        texts = _read_prompts_file(cfg.prompts_file)
+        texts = read_prompts_file(cfg.prompts_file)
         source = f"prompts_file={cfg.prompts_file}"
     elif cfg.prompts is not None:
         texts, source = [str(p) for p in cfg.prompts], "prompts"
@@ -134,6 +136,19 @@ def _prompt_texts(cfg: Any) -> list[str]:
     if not texts:
         raise PromptError(f"{source}: no prompts given")
     return texts
+
+
+def encode_prompt(tok: Tokenizer, text: str, chat: bool) -> list[int]:
+    """Token ids of one prompt to continue, with a BOS when the file's `add_bos_token` says so.
+
+    A rendered chat prompt that already starts with the BOS token's text (templates that write
+    `{{ bos_token }}`: Gemma, Llama 3) would get a second BOS; as llama.cpp's chat path does,
+    that text is dropped and the tokenizer adds the one BOS id.
+    """
+    bos_text = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
+    if chat and tok.add_bos and bos_text and text.startswith(bos_text):
+        text = text[len(bos_text):]
+    return tok.encode(text)
 
 
 def _encode_prompts(cfg: Any, tok: Tokenizer, hp: HParams) -> tuple[list[str], list[list[int]]]:
@@ -161,7 +176,7 @@ def _encode_prompts(cfg: Any, tok: Tokenizer, hp: HParams) -> tuple[list[str], l
     prompts = []
     limit = hp.n_ctx - cfg.generation.max_new_tokens
     for i, text in enumerate(texts):
-        ids = tok.encode(text)
+        ids = encode_prompt(tok, text, cfg.chat)
         if not ids:
             raise PromptError(f"prompt {i} ({text!r}) is empty after tokenization")
         if len(ids) > limit:
@@ -194,6 +209,7 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool) ->
     texts, prompts = _encode_prompts(cfg, tokenizer, hp)
     lanes = resolve_lanes(cfg, env.world, len(prompts))
     batches = make_batches(prompts, lanes.lane_size)
+    prefill_chunk = min(cfg.pipeline.prefill_chunk, max(b.width for b in batches))
     kv_tokens = sum(b.size * (b.width + cfg.generation.max_new_tokens) for b in batches[: lanes.microbatches])
     costs = layer_costs(
         str(model_path), torch.finfo(dtype).bits // 8, kv_tokens, reader=gf, step_tokens=lanes.lane_size
@@ -205,6 +221,6 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool) ->
         cfg=cfg, env=env, model_path=model_path, hparams=hp, tokenizer=tokenizer, device=device,
         dtype=dtype, threads=resolve_threads(cfg, env.local_world), layers=layers, texts=texts,
         prompts=prompts, batches=batches, n_lanes=min(lanes.microbatches, len(batches)),
-        out_dir=Path(cfg.output.dir),
+        lane_size=lanes.lane_size, prefill_chunk=prefill_chunk, out_dir=Path(cfg.output.dir),
     )
 

@@ -1,5 +1,6 @@
-"""One rank's life: prepare (no process group), build the stage, join the group, run the
-loop, gather metrics, write results. Called by `launch/infer.py`; importable by tests."""
+"""One rank's life: prepare (no process group), build the stage, join the group, claim
+`output.dir` (the last rank), run the loop, gather metrics, write results. Called by
+`launch/infer.py`; importable by tests."""
 
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from ppinfer.config import sampling_params
+from ppinfer.config import sampling_params, stop_strings
 from ppinfer.errors import PPInferError
 from ppinfer.generation.sampling import Sampler
 from ppinfer.generation.stopping import StopConditions
 from ppinfer.model import PipelineStage, build_stage
-from ppinfer.pipeline.failures import describe_bug, is_peer_failure, report_bad_input, report_peer_failure
+from ppinfer.pipeline.loaded import log_loaded_stages
+from ppinfer.pipeline.failures import (
+    FoundElsewhere, describe_bug, is_peer_failure, report_bad_input, report_peer_failure, report_run_error,
+)
 from ppinfer.pipeline.job import DistEnv, Job, prepare
-from ppinfer.pipeline.outputs import METRICS, ResultsWriter, write_json_atomic
+from ppinfer.pipeline.outputs import METRICS, OutputDir, OutputDirError, ResultsWriter, write_json_atomic, writing
 from ppinfer.pipeline.runtime import StageClock, StageRunner, run_first, run_relay
 from ppinfer.pipeline.schedule import RingScheduler, run_order, simulate, stage_actions
 from ppinfer.pipeline.sinks import GenerateSink, ScoreSink, Sink, TokenCounts
@@ -44,14 +48,13 @@ def setup_logging(env: DistEnv) -> None:
 
 
 def _make_sink(job: Job, counts: TokenCounts, tracer: Tracer) -> Sink:
-    job.out_dir.mkdir(parents=True, exist_ok=True)
     if job.is_score:
         return ScoreSink(job.batches, counts, tracer=tracer)
     g = job.cfg.generation
     params = sampling_params(g)
     conditions = StopConditions(
         max_new_tokens=g.max_new_tokens, eog_ids=job.tokenizer.eog_ids,
-        stop_strings=tuple(g.stop), ignore_eos=g.ignore_eos,
+        stop_strings=stop_strings(g), ignore_eos=g.ignore_eos,
     )
     return GenerateSink(
         job.batches, job.texts, Sampler(params), conditions,
@@ -84,7 +87,7 @@ def _gather(job: Job, mine: StageMetrics) -> list[StageMetrics]:
 def simulated_bubble(job: Job, decode_steps: dict[int, int]) -> float:
     """The largest per-stage idle fraction of this run's exact order of work items if every
     item cost the same: what the schedule alone costs, to compare with the measured bubble."""
-    scheduler = RingScheduler([b.width for b in job.batches], job.n_lanes, job.cfg.pipeline.prefill_chunk, job.is_score)
+    scheduler = RingScheduler([b.width for b in job.batches], job.n_lanes, job.prefill_chunk, job.is_score)
     order = list(run_order(scheduler, lambda b: decode_steps.get(b, 0) + 1))
     timeline = simulate(stage_actions(order, job.env.world), lambda stage, item: 1.0)
     return max(timeline.bubble_fraction(s) for s in range(job.env.world))
@@ -102,7 +105,7 @@ def _metrics(job: Job, stages: list[StageMetrics], counts: TokenCounts, clock: S
         "stages": job.env.world,
         "layers": job.layers,
         "microbatches": job.n_lanes,
-        "lane_size": max(b.size for b in job.batches),
+        "lane_size": job.lane_size,
         "sequences": len(job.prompts),
         "prompt_tokens": counts.prompt_tokens,
         "generated_tokens": counts.generated_tokens + counts.first_tokens,
@@ -118,15 +121,55 @@ def _metrics(job: Job, stages: list[StageMetrics], counts: TokenCounts, clock: S
     }
 
 
+def claim_output_dir(job: Job) -> OutputDir | None:
+    """The last rank, which writes the outputs, claims `output.dir` before anything is
+    written (`OutputDir.claim`); every rank learns whether it could, so that a refused run
+    ends everywhere at once: `OutputDirError` on the last rank, `FoundElsewhere` on the
+    others. A collective: every rank calls it."""
+    claimed, error = None, None
+    if job.plan.is_last:
+        try:
+            claimed = OutputDir.claim(job.out_dir)
+        except OutputDirError as exc:
+            error = exc
+    problem = str(error) if error is not None else None
+    if job.env.world > 1:
+        verdict = [problem]
+        dist.broadcast_object_list(verdict, src=job.env.world - 1)
+        problem = verdict[0]
+    if error is not None:
+        raise error
+    if problem is not None:
+        raise FoundElsewhere(problem)
+    return claimed
+
+
+def score_summary(metrics: dict[str, Any]) -> str:
+    """How well the model predicted the scored tokens, for the console."""
+    perplexity = metrics.get("perplexity")
+    if perplexity is None:  # no token has a predecessor to be predicted from
+        return "perplexity n/a: needs at least 2 tokens"
+    return f"perplexity {perplexity:.3f}"
+
+
 def execute(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
-    """Run this rank's part of the job (the process group, if any, is initialised)."""
+    """Run this rank's part of the job (the process group, if any, is initialised), holding
+    `output.dir` on the last rank."""
+    claimed = claim_output_dir(job)
+    try:
+        _execute(job, stage, baseline_rss)
+    finally:
+        if claimed is not None:
+            claimed.release()
+
+
+def _execute(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
     plan = job.plan
     tracer = make_tracer(job)
     transport = None
     if job.env.world > 1:
-        max_batch = max(b.size for b in job.batches)
-        transport = Transport(job.env.rank, job.env.world, job.hparams.n_embd, max_batch,
-                              job.cfg.pipeline.prefill_chunk, job.dtype, job.device, tracer=tracer)
+        transport = Transport(job.env.rank, job.env.world, job.hparams.n_embd, job.lane_size,
+                              job.prefill_chunk, job.dtype, job.device, tracer=tracer)
     counts = TokenCounts()
     sink = _make_sink(job, counts, tracer) if plan.is_last else None
     runner = StageRunner(stage, job.batches, job.capacity(), job.n_lanes, sink=sink, tracer=tracer)
@@ -137,7 +180,7 @@ def execute(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
     gc.freeze()  # everything allocated so far lives for the whole run: keep it out of GC scans
     with torch.inference_mode():
         if plan.is_first:
-            scheduler = RingScheduler([b.width for b in job.batches], job.n_lanes, job.cfg.pipeline.prefill_chunk, job.is_score)
+            scheduler = RingScheduler([b.width for b in job.batches], job.n_lanes, job.prefill_chunk, job.is_score)
             run_first(runner, scheduler, transport)
         else:
             assert transport is not None
@@ -156,11 +199,12 @@ def execute(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
     if sink is not None:
         extra = sink.finish(job.out_dir)
         metrics = _metrics(job, stages, counts, clock, extra)
-        write_json_atomic(job.out_dir / METRICS, metrics)
+        with writing(job.out_dir, METRICS):
+            write_json_atomic(job.out_dir / METRICS, metrics)
         if job.is_score:
             log.info(
-                "done: scored %d tokens (perplexity %.3f), %.1f tok/s, wall %.2f s -> %s",
-                metrics["scored_tokens"], metrics.get("perplexity", float("nan")),
+                "done: scored %d tokens (%s), %.1f tok/s, wall %.2f s -> %s",
+                metrics["scored_tokens"], score_summary(metrics),
                 metrics["prefill_tokens_per_s"], metrics["wall_s"], job.out_dir,
             )
         else:
@@ -180,13 +224,16 @@ def run(cfg: Any, environ: Mapping[str, str] = os.environ, overrides: Sequence[s
     try:
         job = prepare(cfg, env, torch.cuda.is_available(), family_given)
         torch.set_num_threads(job.threads)
-        stage = build_stage(job.model_path, job.plan, job.dtype, job.device)
+        stage = build_stage(job.model_path, job.plan, job.dtype, job.device, weights=job.cfg.runtime.weights)
     except PPInferError as exc:
         return report_bad_input(env, str(exc), environ)
     try:
         if env.world > 1:
             _init_process_group(job)
+        log_loaded_stages(job, stage, baseline_rss)
         execute(job, stage, baseline_rss)
+    except PPInferError as exc:  # output.dir refused or failing, found by the last rank
+        return report_run_error(exc, environ)
     except Exception as exc:
         if is_peer_failure(exc):
             return report_peer_failure(env, exc, environ)

@@ -17,7 +17,7 @@ from ppinfer.generation.sampling import Sampler, pad_history
 from ppinfer.generation.stopping import StopConditions, StopState
 from ppinfer.model import PipelineStage
 from ppinfer.pipeline.batches import Batch
-from ppinfer.pipeline.outputs import ResultsWriter, write_logits
+from ppinfer.pipeline.outputs import LOGITS, ResultsWriter, write_logits, writing
 from ppinfer.pipeline.schedule import Kind, WorkItem
 from ppinfer.profiling.trace import NULL_TRACER, Tracer
 
@@ -155,7 +155,8 @@ class ScoreSink:
     def finish(self, out_dir: Path) -> dict[str, Any]:
         """Write logits.npy; returns the perplexity fields for metrics.json."""
         logits = torch.cat(self._rows)  # [T, V]
-        write_logits(out_dir, logits.numpy())
+        with writing(out_dir, LOGITS):
+            write_logits(out_dir, logits.numpy())
         ids = torch.tensor(self.batches[0].prompts[0], dtype=torch.int64)
         if ids.numel() < 2:
             return {"scored_tokens": int(ids.numel())}

@@ -7,7 +7,8 @@ for a ready-to-receive round trip between two busy processes, which costs millis
 
 - activation link (stage s -> s + 1): `[header | hidden]` bytes, sized for a decode step of
   the largest lane (`max_batch x 1 x E`). A larger payload (a prefill chunk) goes as a second
-  message right after, announced by the header;
+  message right after, announced by the header, into one receive buffer sized for the largest
+  prefill chunk of the largest lane (`max_batch x max_tokens x E`);
 - token link (last stage -> first): `[header | ids]` int64, sized for the largest lane;
 - stop: a header alone on the activation link, forwarded down the pipe when all work is done.
 
@@ -140,6 +141,27 @@ class _Outbox:
         self.extra.clear()
 
 
+@dataclass(frozen=True)
+class LinkSizes:
+    """What a rank preallocates per link, from the largest messages the run can send."""
+
+    item_bytes: int  # header + a decode step of the largest lane inline
+    token_bytes: int  # header + one sampled id per sequence of the largest lane
+    large_elements: int  # the largest prefill chunk of the largest lane: B x T x E values
+
+    @classmethod
+    def of(cls, hidden_size: int, max_batch: int, max_tokens: int, dtype: torch.dtype) -> "LinkSizes":
+        """`max_batch`: sequences in the fullest lane; `max_tokens`: tokens per sequence in
+        the longest prefill chunk actually issued (not the configured chunk, which may be far
+        longer than every prompt)."""
+        esize = torch.finfo(dtype).bits // 8
+        return cls(
+            item_bytes=HEADER_BYTES + max_batch * hidden_size * esize,
+            token_bytes=(HEADER + max_batch) * 8,
+            large_elements=max_batch * max_tokens * hidden_size,
+        )
+
+
 def _write_header(buf: torch.Tensor, header: Header) -> None:
     buf[:HEADER_BYTES].view(torch.int64).copy_(torch.tensor(header.encode(), dtype=torch.int64))
 
@@ -163,15 +185,14 @@ class Transport:
         self.hidden_size, self.dtype = hidden_size, dtype
         self.stats = CommStats()
         prepost = dist.get_backend() == "gloo"
-        esize = torch.finfo(dtype).bits // 8
-        item_bytes = HEADER_BYTES + max_batch * hidden_size * esize  # a decode step inline
-        token_bytes = (HEADER + max_batch) * 8
+        sizes = LinkSizes.of(hidden_size, max_batch, max_tokens, dtype)
         last = world - 1
-        self._items_in = _Inbox(rank - 1, item_bytes, device, prepost) if rank > 0 else None
-        self._items_out = _Outbox(rank + 1, item_bytes, device) if rank < last else None
-        self._tokens_in = _Inbox(last, token_bytes, device, prepost) if rank == 0 else None
-        self._tokens_out = _Outbox(0, token_bytes, device) if rank == last else None
-        self._large_in = torch.empty(max_batch * max_tokens * hidden_size, dtype=dtype, device=device)
+        self._items_in = _Inbox(rank - 1, sizes.item_bytes, device, prepost) if rank > 0 else None
+        self._items_out = _Outbox(rank + 1, sizes.item_bytes, device) if rank < last else None
+        self._tokens_in = _Inbox(last, sizes.token_bytes, device, prepost) if rank == 0 else None
+        self._tokens_out = _Outbox(0, sizes.token_bytes, device) if rank == last else None
+        # Only a stage that receives activations needs room for a prefill chunk.
+        self._large_in = torch.empty(sizes.large_elements if rank > 0 else 0, dtype=dtype, device=device)
         if prepost and self._items_in is not None:
             self._items_in.post()
 

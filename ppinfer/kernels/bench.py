@@ -1,0 +1,129 @@
+"""Times the CPU block kernels against float32 F.linear on the dequantized weight.
+
+    python -m ppinfer.kernels.bench [--threads 1 2] [--rows 1 16] [--types Q4_0 Q4_1 Q8_0]
+    python -m ppinfer.kernels.bench --crossover [--threads 1]
+
+Prints a markdown table (the one in docs/kernels.md): best-of-N milliseconds per product,
+and the weight bytes each product reads per second. Weights are random blocks with sane
+fp16 scales (speed does not depend on the values). The first lines give this machine's
+single-thread read and copy bandwidth, the bound a decode-sized product approaches.
+--crossover instead times both block_matmul paths (decode dots, tile-dequant GEMM) for a
+range of M: where the GEMM gets faster is the default gemm_min_rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ppinfer.kernels import build
+from ppinfer.kernels.blocks import SCALE_OFFSETS
+
+SHAPES = ((11008, 4096), (2048, 2048), (5632, 2048))  # (out_features, in_features)
+
+
+def best_ms(fn, min_seconds: float = 0.3, min_runs: int = 5) -> float:
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * min(times)
+
+
+def random_blocks(qtype: GGMLQuantizationType, n: int, k: int, rng: np.random.Generator) -> torch.Tensor:
+    """[n, row_bytes] uint8: random codes, fp16 scales in [-0.01, 0.01]."""
+    block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n * k // block_elems, block_bytes), dtype=np.uint8)
+    for offset in SCALE_OFFSETS[qtype]:
+        scales = rng.uniform(-0.01, 0.01, raw.shape[0]).astype(np.float16)
+        raw[:, offset : offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(raw.reshape(n, -1))
+
+
+def bandwidth_lines() -> list[str]:
+    torch.set_num_threads(1)
+    src = torch.ones(64 << 20)  # 256 MiB of float32
+    dst = torch.empty_like(src)
+    nbytes = src.numel() * src.element_size()
+    read = nbytes / best_ms(lambda: src.sum()) / 1e6
+    copy = nbytes / best_ms(lambda: dst.copy_(src)) / 1e6
+    return [f"single-thread read (sum of 256 MiB): {read:.1f} GB/s; copy: {copy:.1f} GB/s copied"]
+
+
+def table(threads: list[int], rows: list[int], types: list[GGMLQuantizationType]) -> list[str]:
+    ops = build.ops()
+    rng = np.random.default_rng(0)
+    lines = [
+        "| W (N x k) | type | M | threads | block_matmul ms | GB/s (weights) | F.linear f32 ms | speedup |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n, k in SHAPES:
+        for qtype in types:
+            w = random_blocks(qtype, n, k, rng)
+            dense = ops.dequantize(w, int(qtype), k)  # [n, k]
+            for m in rows:
+                x = torch.randn(m, k)
+                for t in threads:
+                    torch.set_num_threads(t)
+                    ms = best_ms(lambda: ops.block_matmul(x, w, int(qtype), k))
+                    ref = best_ms(lambda: F.linear(x, dense))
+                    gbs = w.numel() / ms / 1e6
+                    lines.append(
+                        f"| {n}x{k} | {qtype.name} | {m} | {t} | {ms:.2f} | {gbs:.1f} | {ref:.2f} | {ref / ms:.1f}x |"
+                    )
+    return lines
+
+
+def crossover(threads: list[int], types: list[GGMLQuantizationType]) -> list[str]:
+    ops = build.ops()
+    default = ops.gemm_min_rows()
+    rng = np.random.default_rng(0)
+    rows = (4, 8, 16, 24, 32, 48)
+    lines = [
+        "| W (N x k) | type | threads | " + " | ".join(f"M={m} dots / GEMM ms" for m in rows) + " |",
+        "|---|---|---|" + "---|" * len(rows),
+    ]
+    try:
+        for n, k in SHAPES[1:]:
+            for qtype in types:
+                w = random_blocks(qtype, n, k, rng)
+                for t in threads:
+                    torch.set_num_threads(t)
+                    cells = []
+                    for m in rows:
+                        x = torch.randn(m, k)
+                        times = []
+                        for min_rows in (m + 1, m):  # m + 1: the dots; m: the GEMM
+                            ops.set_gemm_min_rows(min_rows)
+                            times.append(best_ms(lambda: ops.block_matmul(x, w, int(qtype), k)))
+                        cells.append(f"{times[0]:.2f} / {times[1]:.2f}")
+                    lines.append(f"| {n}x{k} | {qtype.name} | {t} | " + " | ".join(cells) + " |")
+    finally:
+        ops.set_gemm_min_rows(default)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--types", nargs="+", default=["Q4_0", "Q4_1", "Q8_0"])
+    parser.add_argument("--crossover", action="store_true", help="time both paths over a range of M")
+    args = parser.parse_args()
+    types = [GGMLQuantizationType[name] for name in args.types]
+    print(f"isa: {build.isa()}, gemm_min_rows: {build.ops().gemm_min_rows()}")
+    lines = crossover(args.threads, types) if args.crossover else bandwidth_lines() + table(args.threads, args.rows, types)
+    for line in lines:
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Linear layers whose GGUF weights stay in their stored blocks on the CPU.
+
+`BlockLinear` keeps a weight as the file's bytes ([out, bytes_per_row] uint8) and multiplies
+it in place with the C++ block kernels (`ppinfer.kernels.build`): a 4-bit weight takes about
+a seventh of its float32 size in memory, and a decode step reads it at that size.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from torch import nn
+
+from ppinfer.kernels import build
+
+
+def supported_types() -> tuple[GGMLQuantizationType, ...]:
+    """The GGUF types the CPU block kernels multiply (none where they are unavailable)."""
+    if build.unavailable_reason() is not None:
+        return ()
+    return tuple(GGMLQuantizationType(t) for t in build.ops().qtypes())
+
+
+class BlockLinear(nn.Module):
+    """y = x @ W.T + bias with W held as GGUF blocks.
+
+    `w` is [out_features, bytes_per_row] uint8, the row's blocks byte for byte as stored; the
+    module keeps it as given, so pass memory the module may own (a copy, not a view into a
+    memory-mapped file). `forward` takes x [..., in_features] in float32 or bfloat16 and
+    returns [..., out_features] in x's dtype.
+    """
+
+    def __init__(
+        self, w: torch.Tensor, qtype: GGMLQuantizationType, in_features: int, bias: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        qtype = GGMLQuantizationType(qtype)
+        block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
+        if w.dtype != torch.uint8 or w.dim() != 2 or w.device.type != "cpu":
+            raise ValueError(f"BlockLinear: w must be a 2-D uint8 CPU tensor, got {w.dtype} {tuple(w.shape)} on {w.device}")
+        if in_features <= 0 or in_features % block_elems:
+            raise ValueError(f"BlockLinear: in_features={in_features} is not a multiple of {qtype.name}'s {block_elems}-value blocks")
+        row_bytes = in_features // block_elems * block_bytes
+        if w.shape[1] != row_bytes:
+            raise ValueError(
+                f"BlockLinear: w has {w.shape[1]} bytes per row; {in_features} {qtype.name} values take {row_bytes}"
+            )
+        self.qtype = qtype
+        self._type_id = int(qtype)
+        self.in_features = in_features
+        self.out_features = w.shape[0]
+        self.register_buffer("w", w.contiguous())  # [out_features, row_bytes]
+        if bias is not None:
+            bias = bias.detach().to(torch.float32).contiguous()  # [out_features]; bfloat16 works too
+        self.register_buffer("bias", bias)
+        self._matmul = build.ops().block_matmul.default
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes: the stored blocks and the bias."""
+        bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
+        return self.w.numel() + bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, self.w, self._type_id, self.in_features, self.bias)  # [..., out_features]
+
+    def extra_repr(self) -> str:
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}, bias={bias}"

@@ -1,0 +1,68 @@
+"""Which kernel multiplies stored GGUF blocks on a device: the one place that decides.
+
+- CPU: ppinfer's own block kernels (`ppinfer.kernels.cpu`), AVX2 where the CPU has it and
+  portable C++ elsewhere, for every type they implement.
+- CUDA: torch's int4 kernel for the types whose blocks are exactly int4 groups of 32
+  (`ppinfer.kernels.int4`); other types are dequantized to the runtime dtype.
+
+A backend that cannot run here (no compiler for the CPU kernels, say) still answers: it
+supports no type and its description says why, so the stage table shows the fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from torch import nn
+
+from ppinfer.kernels.capabilities import cpu_capabilities
+
+
+def block_linear_types() -> tuple[type[nn.Module], ...]:
+    """The modules that hold stored blocks (their `nbytes` are resident weight bytes)."""
+    from ppinfer.kernels import cpu, int4
+
+    return (cpu.BlockLinear, int4.Int4Linear)
+
+
+@dataclass(frozen=True)
+class BlockBackend:
+    """Builds linear layers over stored blocks for one device."""
+
+    device: torch.device
+    types: frozenset[GGMLQuantizationType]
+    name: str  # for the stage table
+
+    def supports(self, qtype: GGMLQuantizationType) -> bool:
+        return qtype in self.types
+
+    def linear(
+        self, raw: np.ndarray, qtype: GGMLQuantizationType, in_features: int, bias: torch.Tensor | None
+    ) -> nn.Module:
+        """A linear over `raw` ([out, bytes_per_row] uint8 blocks, copied: the caller may
+        release the file pages it views)."""
+        from ppinfer.kernels import cpu, int4
+
+        if self.device.type == "cuda":
+            return int4.Int4Linear(raw, qtype, in_features, self.device, bias)
+        weight = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))  # [out, bytes_per_row]
+        return cpu.BlockLinear(weight, qtype, in_features, bias)
+
+    def describe(self) -> str:
+        return self.name
+
+
+def block_backend(device: torch.device) -> BlockBackend:
+    """The block kernels for `device`."""
+    from ppinfer.kernels import build, cpu, int4
+
+    if device.type == "cuda":
+        return BlockBackend(device, frozenset(int4.supported_int4_types()), "torch int4 (tinygemm)")
+    problem = build.unavailable_reason()
+    if problem is not None:
+        return BlockBackend(device, frozenset(), f"no block kernels ({problem})")
+    build.set_isa("scalar" if cpu_capabilities().baseline else "auto")
+    return BlockBackend(device, frozenset(cpu.supported_types()), f"block kernels ({build.isa()})")

@@ -1,0 +1,34 @@
+"""The CPU probe never promises a path that would crash, and the baseline switch takes the
+path that needs no optional CPU feature."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ppinfer.kernels.capabilities import BASELINE_ENV, cpu_capabilities
+
+
+def test_probe_promises_only_what_onednn_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the probe says oneDNN prepacks a dtype, packing and a product in that dtype work
+    on this CPU (on an AVX2-only CPU bfloat16 packing raises, so the probe must say no)."""
+    monkeypatch.delenv(BASELINE_ENV, raising=False)
+    caps = cpu_capabilities()
+    for dtype in (torch.float32, torch.bfloat16):
+        if not caps.prepacks(dtype):
+            continue
+        weight = torch.randn(8, 16).to(dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 4)
+        x = torch.randn(4, 16).to(dtype)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        torch.testing.assert_close(y.float(), (x.float() @ weight.float().T), rtol=2e-2, atol=2e-2)
+
+
+def test_baseline_switch_disables_optional_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(BASELINE_ENV, "1")
+    caps = cpu_capabilities()
+    assert caps.baseline
+    assert not caps.prepacks(torch.bfloat16) and not caps.prepacks(torch.float16)
+    assert "plain F.linear" in caps.describe(torch.bfloat16) and "forced baseline" in caps.describe(torch.bfloat16)
+    monkeypatch.setenv(BASELINE_ENV, "0")
+    assert not cpu_capabilities().baseline

@@ -1,0 +1,405 @@
+"""The CPU block kernels (ppinfer.kernels) against gguf-py, the independent reference.
+
+Every type the kernels report (`supported_types()`, legacy and K-quants alike) runs through
+the same tests; the only per-type facts are the tables below, read off ggml's block layouts.
+
+Weights: blocks from gguf-py's quantizer where it has one for the type, and random bytes with
+chosen fp16 scales (tiny, subnormal, huge, zero, negative) for every type.
+Reference: gguf-py's dequantize, then a float64 matmul.
+
+Bound for the decode path (activations quantized to 8 bits). x is rounded per 32-value block
+b to dx_b * q with dx_b = max|x_b| / 127 and |x_i - dx_b q_i| <= dx_b / 2, so the product
+with the dequantized weight W differs from the exact one by at most
+
+    quant = sum_b dx_b / 2 * sum_{i in b} |W_i|.
+
+The kernels then sum per-block float terms. A block's terms are d * dx * sum(q * qx) and an
+offset term o * s (o = the value a zero code decodes to, s = dx * sum(qx)), each bounded by
+(|W_i| + |O_i|) |qx_i dx|; with |qx_i dx| <= |x_i| + dx and at most k/32 + 16 roundings in
+any chain (k/32 block sums plus a few per block and the final lane sums),
+
+    accum = (k/32 + 16) * 2^-24 * sum_i (|W_i| + 2 |O_i|) (|x_i| + dx_b(i)).
+
+The GEMM path multiplies float32 x by the exactly dequantized W: k * 2^-24 * sum |W_i x_i|.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+
+from ppinfer.kernels import build, cpu
+from ppinfer.kernels.blocks import SCALE_OFFSETS
+
+EPS32 = 2.0**-24  # unit roundoff of float32
+LEGACY = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)
+TYPES = cpu.supported_types()
+# Byte ranges of each block that hold codes (not scales): zeroed, a block decodes to its
+# offsets O (ggml's block layouts; SCALE_OFFSETS in ppinfer.kernels.blocks has the fp16 scales).
+CODE_BYTES: dict[Q, tuple[tuple[int, int], ...]] = {
+    Q.Q4_0: ((2, 18),),
+    Q.Q4_1: ((4, 20),),
+    Q.Q5_0: ((2, 22),),
+    Q.Q5_1: ((4, 24),),
+    Q.Q8_0: ((2, 34),),
+    Q.Q4_K: ((16, 144),),
+    Q.Q5_K: ((16, 176),),
+    Q.Q6_K: ((0, 192),),
+}
+# fp16 scales for the random-byte blocks: zero, subnormal, tiny, ordinary, huge, both signs.
+SCALES = np.array([0.0, 6e-8, -6e-8, 1e-5, 0.01, -0.01, 0.3, -2.0, 3e4, -65504.0], dtype=np.float16)
+DECODE_ROWS = (1, 3, 16)
+GEMM_ROWS = 40
+
+
+@pytest.fixture(scope="module")
+def ops():
+    reason = build.unavailable_reason()
+    assert reason is None, reason
+    return torch.ops.ppinfer_kernels
+
+
+@pytest.fixture
+def path(ops, request):
+    """Yields a function that selects the ISA ("auto" / "scalar") and the path ("vec" / "gemm");
+    restores the defaults after the test."""
+    default_rows = ops.gemm_min_rows()
+
+    def select(isa: str, kind: str) -> None:
+        ops.set_isa(isa)
+        if isa == "auto" and ops.isa() != "avx2":
+            pytest.skip("this CPU has no AVX2+FMA+F16C")
+        ops.set_gemm_min_rows(10**9 if kind == "vec" else 1)
+
+    yield select
+    ops.set_isa("auto")
+    ops.set_gemm_min_rows(default_rows)
+
+
+def row_values(qtype: Q) -> int:
+    """k for the tests: an odd number of blocks (the SIMD loops take blocks in pairs)."""
+    block_elems = GGML_QUANT_SIZES[qtype][0]
+    return block_elems * (15 if block_elems == 32 else 3)
+
+
+def random_byte_blocks(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """[n, row_bytes] uint8: random codes, each fp16 scale field drawn from SCALES."""
+    block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (n * k // block_elems, block_bytes), dtype=np.uint8)
+    for offset in SCALE_OFFSETS[qtype]:
+        halves = rng.choice(SCALES, blocks.shape[0])
+        blocks[:, offset : offset + 2] = halves.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(n, -1)
+
+
+def quantized_blocks(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """[n, row_bytes] uint8 from gguf-py's quantizer, over floats whose 32-value groups range
+    from zero to large, with constant groups and sign-mixed groups."""
+    values = rng.standard_normal((n, k // 32, 32)) * rng.choice([0.0, 1e-4, 0.05, 1.0, 300.0], (n, k // 32, 1))
+    values[:, ::5] = np.abs(values[:, ::5]) + 1.0  # one-signed groups with an offset (Q4_1's m)
+    values[:, 1::7] = -2.5  # constant groups
+    return gguf.quants.quantize(values.reshape(n, k).astype(np.float32), qtype)
+
+
+def weight_cases(qtype: Q, n: int, k: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(int(qtype))
+    cases = [random_byte_blocks(qtype, n, k, rng)]
+    try:
+        cases.append(quantized_blocks(qtype, n, k, rng))
+    except NotImplementedError:  # gguf-py dequantizes but cannot quantize K-quants
+        pass
+    return cases
+
+
+def activations(rows: int, k: int, seed: int) -> torch.Tensor:
+    """[rows, k] float32 with 32-value blocks of mixed magnitudes, some all zero."""
+    rng = np.random.default_rng(seed)
+    scale = rng.choice([0.0, 1e-3, 1.0, 30.0], (rows, k // 32, 1))
+    return torch.from_numpy((rng.standard_normal((rows, k // 32, 32)) * scale).reshape(rows, k).astype(np.float32))
+
+
+def offsets(raw: np.ndarray, qtype: Q) -> np.ndarray:
+    """[n, k] float64: the value of each weight with its code zeroed (O in the bound)."""
+    assert qtype in CODE_BYTES, f"add {qtype.name}'s code byte ranges to CODE_BYTES"
+    block_bytes = GGML_QUANT_SIZES[qtype][1]
+    blocks = raw.reshape(-1, block_bytes).copy()
+    for lo, hi in CODE_BYTES[qtype]:
+        blocks[:, lo:hi] = 0
+    return gguf.quants.dequantize(blocks.reshape(raw.shape), qtype).astype(np.float64)
+
+
+def quant_bound(x: torch.Tensor, w: np.ndarray) -> np.ndarray:
+    """[M, N]: `quant` of the module docstring, for x [M, k] and W [N, k] float64."""
+    rows, k = x.shape
+    dx = np.abs(x.double().numpy()).reshape(rows, k // 32, 32).max(axis=-1) / 127.0  # [M, k/32]
+    return (dx / 2) @ np.abs(w).reshape(len(w), k // 32, 32).sum(-1).T
+
+
+def accum_bound(x: torch.Tensor, w: np.ndarray, o: np.ndarray) -> np.ndarray:
+    """[M, N]: `accum` of the module docstring, for x [M, k], W and O [N, k] float64."""
+    rows, k = x.shape
+    xb = np.abs(x.double().numpy()).reshape(rows, k // 32, 32)
+    x_mag = (xb + xb.max(axis=-1, keepdims=True) / 127.0).reshape(rows, k)  # bounds |dx * qx|
+    return (k / 32 + 16) * EPS32 * (x_mag @ (np.abs(w) + 2 * np.abs(o)).T)
+
+
+def gemm_bound(x: torch.Tensor, w: np.ndarray) -> np.ndarray:
+    return x.shape[1] * EPS32 * (np.abs(x.double().numpy()) @ np.abs(w).T)
+
+
+# ---- the library and its types ----
+
+
+def test_kernels_build_here_with_every_legacy_type() -> None:
+    assert build.unavailable_reason() is None, build.unavailable_reason()
+    assert set(LEGACY) <= set(TYPES)
+    assert all(t in CODE_BYTES for t in TYPES), "every kernel type needs its CODE_BYTES entry"
+
+
+def test_auto_isa_follows_the_cpu_flags(ops) -> None:
+    flags_file = Path("/proc/cpuinfo")
+    if not flags_file.exists():
+        pytest.skip("no /proc/cpuinfo to read the CPU flags from")
+    flags = set(re.search(r"^flags\s*:(.*)$", flags_file.read_text(), re.M).group(1).split())
+    try:
+        ops.set_isa("scalar")
+        assert ops.isa() == "scalar"
+        ops.set_isa("auto")
+        assert ops.isa() == ("avx2" if {"avx2", "fma", "f16c"} <= flags else "scalar")
+    finally:
+        ops.set_isa("auto")
+
+
+def test_row_split_runs_on_torchs_threads() -> None:
+    """at::parallel_for is an OpenMP region compiled into the library where torch's threads are
+    OpenMP's: built without -fopenmp it silently runs on one thread."""
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's intra-op threads are not OpenMP's here")
+    assert b"GOMP_parallel" in build.library().path.read_bytes()
+
+
+def test_missing_compiler_is_a_one_line_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    result = build.library.__wrapped__()  # a fresh attempt, not this process's loaded library
+    assert result.path is None
+    assert result.reason == f"no C++ compiler: '{tmp_path / 'no-such-c++'}' is not on PATH (install g++, or set CXX)"
+
+
+def test_compile_error_is_a_one_line_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    sources = tmp_path / "csrc"
+    sources.mkdir()
+    (sources / "broken.cpp").write_text("int f() { return undeclared_name; }\n")
+    monkeypatch.setattr(build, "CSRC", sources)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    result = build.library.__wrapped__()
+    assert result.path is None and "\n" not in result.reason
+    assert result.reason.startswith("building the CPU block kernels failed: ")
+    assert "undeclared_name" in result.reason and str(tmp_path / "cache") in result.reason
+
+
+# ---- dequantize ----
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_equals_gguf_py(ops, qtype: Q) -> None:
+    k = row_values(qtype)
+    for raw in weight_cases(qtype, 37, k):
+        got = ops.dequantize(torch.from_numpy(raw), int(qtype), k).numpy()
+        want = gguf.quants.dequantize(raw, qtype)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
+# ---- block_matmul ----
+
+
+@pytest.mark.parametrize("isa", ["auto", "scalar"])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_decode_path_within_the_q8_bound(ops, path, qtype: Q, isa: str) -> None:
+    path(isa, "vec")
+    k = row_values(qtype)
+    for case, raw in enumerate(weight_cases(qtype, 37, k)):
+        w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
+        o = offsets(raw, qtype)
+        for rows in DECODE_ROWS:
+            x = activations(rows, k, seed=rows + 10 * case)
+            got = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), k).double().numpy()
+            err = np.abs(got - x.double().numpy() @ w.T)
+            bound = quant_bound(x, w) + accum_bound(x, w, o)
+            worst = np.unravel_index(np.argmax(err - bound), err.shape)
+            assert (err <= bound).all(), f"case {case}, M={rows}: error {err[worst]} > bound {bound[worst]} at {worst}"
+
+
+@pytest.mark.parametrize("isa", ["auto", "scalar"])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_decode_path_is_exact_where_x_is_q8(ops, path, qtype: Q, isa: str) -> None:
+    """x blocks 2^e * q with integer |q| <= 127 and a 127 in each block quantize exactly
+    (dx = 2^e), so only the accumulation error remains: any wrong code, scale or offset
+    shows far above it."""
+    path(isa, "vec")
+    k = row_values(qtype)
+    rng = np.random.default_rng(11)
+    q = rng.integers(-127, 128, (3, k // 32, 32))
+    q[..., 0] = 127 * rng.choice([-1, 1], (3, k // 32))
+    x = torch.from_numpy((q * 2.0 ** rng.integers(-12, 6, (3, k // 32, 1))).reshape(3, k).astype(np.float32))
+    for raw in weight_cases(qtype, 37, k):
+        w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
+        got = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), k).double().numpy()
+        assert (np.abs(got - x.double().numpy() @ w.T) <= accum_bound(x, w, offsets(raw, qtype))).all()
+
+
+@pytest.mark.parametrize("isa", ["auto", "scalar"])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_gemm_path_is_float_exact(ops, path, qtype: Q, isa: str) -> None:
+    path(isa, "gemm")
+    k = row_values(qtype)
+    for case, raw in enumerate(weight_cases(qtype, 37, k)):
+        w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
+        x = activations(GEMM_ROWS, k, seed=case)
+        got = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), k).double().numpy()
+        assert (np.abs(got - x.double().numpy() @ w.T) <= gemm_bound(x, w)).all()
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_gemm_path_over_several_tiles(ops, path, qtype: Q) -> None:
+    """4096-value rows make 256-row tiles: 600 rows take three, the last one partial."""
+    path("auto", "gemm")
+    rng = np.random.default_rng(1)
+    raw = random_byte_blocks(qtype, 600, 4096, rng)
+    w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
+    x = activations(GEMM_ROWS, 4096, seed=3)
+    got = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), 4096).double().numpy()
+    assert (np.abs(got - x.double().numpy() @ w.T) <= gemm_bound(x, w)).all()
+
+
+@pytest.mark.parametrize("isa", ["auto", "scalar"])
+def test_activations_round_to_nearest_q8(ops, path, isa: str) -> None:
+    """Through an identity Q8_0 weight (d = 1, one-hot codes) the product returns the quantized
+    activations dx * q themselves: q = round-half-even(x / dx), dx = max|x_block| / 127."""
+    path(isa, "vec")
+    k = 64
+    blocks = np.zeros((k, k // 32, 34), dtype=np.uint8)  # row i: value 1 at column i
+    blocks[..., 0:2] = np.array([1.0], dtype=np.float16).view(np.uint8)
+    for i in range(k):
+        blocks[i, i // 32, 2 + i % 32] = 1
+    x = activations(5, k, seed=13)
+    x[0, :32] = (torch.arange(32) - 15.5) / 8  # dx = 1/8 (the 127 below): x / dx = n + 1/2, ties
+    x[0, 0] = 127 / 8
+    got = ops.block_matmul(x, torch.from_numpy(blocks.reshape(k, -1)), int(Q.Q8_0), k).numpy()
+    xb = x.numpy().reshape(5, k // 32, 32)
+    dx = np.abs(xb).max(axis=-1, keepdims=True) / np.float32(127)
+    inv = np.where(dx > 0, np.float32(1) / np.where(dx > 0, dx, 1), 0).astype(np.float32)
+    want = (dx * np.rint(xb * inv)).reshape(5, k)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_avx2_agrees_with_scalar(ops, path, qtype: Q) -> None:
+    """Both quantize x to the same blocks and sum exact integer block products, so they differ
+    only by float rounding: at most twice the accumulation bound."""
+    k = row_values(qtype)
+    raw = weight_cases(qtype, 37, k)[0]
+    w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
+    o = offsets(raw, qtype)
+    x = activations(16, k, seed=5)
+    results = {}
+    for isa in ("auto", "scalar"):
+        path(isa, "vec")
+        results[isa] = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), k).double().numpy()
+    assert (np.abs(results["auto"] - results["scalar"]) <= 2 * accum_bound(x, w, o)).all()
+
+
+def test_row_split_over_threads_changes_nothing(ops, path) -> None:
+    path("auto", "vec")
+    raw = weight_cases(Q.Q4_0, 301, 512)[0]
+    x = activations(3, 512, seed=7)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.block_matmul(x, torch.from_numpy(raw), int(Q.Q4_0), 512)
+        torch.set_num_threads(2)
+        two = ops.block_matmul(x, torch.from_numpy(raw), int(Q.Q4_0), 512)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("k", [768, 8192])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_result_of_a_row_does_not_depend_on_its_batch(ops, path, qtype: Q, k: int) -> None:
+    """Lanes of different sizes must compute the same row identically (a pipeline with other
+    lane sizes gives the same tokens): k = 8192 spans several k-chunks; M = 7 runs the
+    four-row kernel, then the three-row one."""
+    path("auto", "vec")
+    rng = np.random.default_rng(5)
+    raw = torch.from_numpy(random_byte_blocks(qtype, 9, k, rng))
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(5))
+    together = ops.block_matmul(x, raw, int(qtype), k)
+    alone = torch.cat([ops.block_matmul(x[m : m + 1], raw, int(qtype), k) for m in range(7)])
+    assert torch.equal(together, alone)
+
+
+# ---- BlockLinear ----
+
+
+@pytest.mark.parametrize("kind", ["vec", "gemm"])
+def test_block_linear_shapes_dtypes_and_bias(ops, path, kind: str) -> None:
+    path("auto", kind)
+    qtype, k, n = Q.Q4_1, 64, 24
+    raw = weight_cases(qtype, n, k)[1]
+    bias = torch.randn(n)
+    layer = cpu.BlockLinear(torch.from_numpy(raw.copy()), qtype, k, bias)
+    assert (layer.in_features, layer.out_features) == (k, n)
+    assert layer.nbytes == raw.nbytes + 4 * n
+    x = activations(2 * GEMM_ROWS, k, seed=9).reshape(2, GEMM_ROWS, k)
+    y = layer(x)
+    assert y.shape == (2, GEMM_ROWS, n) and y.dtype == torch.float32
+    plain = ops.block_matmul(x.reshape(-1, k), torch.from_numpy(raw), int(qtype), k)  # [2 * GEMM_ROWS, n]
+    torch.testing.assert_close(y.reshape(-1, n), plain + bias, rtol=0, atol=1e-5 * float(plain.abs().max()))
+    # bfloat16 activations are widened exactly, so the result is the float32 one, rounded.
+    xb = x.to(torch.bfloat16)
+    yb = layer(xb)
+    assert yb.dtype == torch.bfloat16
+    assert torch.equal(yb, layer(xb.float()).to(torch.bfloat16))
+
+
+def test_block_linear_rejects_mismatched_weights() -> None:
+    raw = torch.zeros(4, 18, dtype=torch.uint8)  # one Q4_0 block per row
+    with pytest.raises(ValueError, match="bytes per row"):
+        cpu.BlockLinear(raw, Q.Q4_0, 64)
+    with pytest.raises(ValueError, match="multiple of Q4_0's 32-value blocks"):
+        cpu.BlockLinear(raw, Q.Q4_0, 40)
+    with pytest.raises(ValueError, match="2-D uint8"):
+        cpu.BlockLinear(raw.float(), Q.Q4_0, 32)
+
+
+# ---- bad inputs to the ops ----
+
+
+def test_bad_inputs_give_clear_errors(ops) -> None:
+    w = torch.zeros(4, 2 * 18, dtype=torch.uint8)  # 4 rows of two Q4_0 blocks: k = 64
+    x = torch.zeros(2, 64)
+    cases = [
+        (lambda: ops.block_matmul(x, w[:, :35].contiguous(), 2, 64), "w has 35 bytes per row; a row of k=64 values of GGML type 2 takes 36"),
+        (lambda: ops.block_matmul(x[:, :48], w, 2, 48), "k=48 is not a positive multiple of the 32-value blocks"),
+        (lambda: ops.block_matmul(x, w, 99, 64), "no CPU block kernel for GGML type 99"),
+        (lambda: ops.block_matmul(x.double(), w, 2, 64), "x must be float32 or bfloat16"),
+        (lambda: ops.block_matmul(x[:, :32], w, 2, 64), r"x must be \[..., k=64\]"),
+        (lambda: ops.block_matmul(x, w.to(torch.int8), 2, 64), "w must be uint8 blocks"),
+        (lambda: ops.block_matmul(x, w.reshape(-1), 2, 64), r"w must be \[N, row_bytes\]"),
+        (lambda: ops.block_matmul(x.to("meta"), w, 2, 64), "x must be on the CPU"),
+        (lambda: ops.block_matmul(x, w, 2, 64, torch.zeros(5)), r"bias must be a float32 or bfloat16 CPU tensor \[4\]"),
+        (lambda: ops.dequantize(w, 2, 60), "k=60 is not a positive multiple"),
+        (lambda: ops.set_isa("avx512"), "expected 'auto' or 'scalar'"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
