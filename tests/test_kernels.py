@@ -317,10 +317,11 @@ def test_avx2_agrees_with_scalar(ops, path, qtype: Q) -> None:
     assert (np.abs(results["auto"] - results["scalar"]) <= 2 * accum_bound(x, w, o)).all()
 
 
-def test_row_split_over_threads_changes_nothing(ops, path) -> None:
+@pytest.mark.parametrize("rows", [1, 3])  # one x row takes the four-weight-rows kernel
+def test_row_split_over_threads_changes_nothing(ops, path, rows: int) -> None:
     path("auto", "vec")
     raw = weight_cases(Q.Q4_0, 301, 512)[0]
-    x = activations(3, 512, seed=7)
+    x = activations(rows, 512, seed=7)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -281,6 +281,25 @@ PPINFER_LEGACY_AVX2 void dot_rows_fixed(const uint8_t* w, const Q8Block* x, int6
   for (int r = 0; r < kRows; ++r) out[r] = Block::finish(acc[r], off[r]);
 }
 
+// kDotWeightRows weight rows (row r at w + r * w_stride) against one activation row. Each row
+// keeps its own chain, formed exactly as dot_rows_fixed<Block, 1> forms it (same blocks, same
+// order, same finish), so a row's result does not depend on which kernel computed it; the
+// independent chains let the CPU overlap one row's decode and FMAs with the others'.
+template <class Block>
+PPINFER_LEGACY_AVX2 void dot_weight_rows_avx2(const uint8_t* w, int64_t w_stride, const Q8Block* x, int k,
+                                              float* out) {
+  __m256 acc[kDotWeightRows];
+  __m128 off[kDotWeightRows];
+  for (int r = 0; r < kDotWeightRows; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    off[r] = _mm_setzero_ps();
+  }
+  for (int b = 0; b < k / kBlock; ++b, w += Block::kBytes) {
+    for (int r = 0; r < kDotWeightRows; ++r) acc[r] = Block::decode(w + r * w_stride).add(x[b], acc[r], off[r]);
+  }
+  for (int r = 0; r < kDotWeightRows; ++r) out[r] = Block::finish(acc[r], off[r]);
+}
+
 template <class Block>
 PPINFER_LEGACY_AVX2 float dot_avx2(const uint8_t* w, const Q8Block* x, int k) {
   float out;
@@ -318,15 +337,20 @@ using Q5_1Block = OffsetBlock<kQ5_1Bytes, 4>;
 
 const QTypeKernels kLegacyKernels[] = {
     {2, kBlock, kQ4_0Bytes, dot_symmetric_scalar<kQ4_0Bytes, 8, false>, PPINFER_LEGACY_AVX2_FN(dot_avx2<Q4_0Block>),
-     dequant_symmetric<kQ4_0Bytes, 8, false>, PPINFER_LEGACY_AVX2_FN(dot_rows_avx2<Q4_0Block>)},
+     dequant_symmetric<kQ4_0Bytes, 8, false>, PPINFER_LEGACY_AVX2_FN(dot_rows_avx2<Q4_0Block>),
+     PPINFER_LEGACY_AVX2_FN(dot_weight_rows_avx2<Q4_0Block>)},
     {3, kBlock, kQ4_1Bytes, dot_offset_scalar<kQ4_1Bytes, false>, PPINFER_LEGACY_AVX2_FN(dot_avx2<Q4_1Block>),
-     dequant_offset<kQ4_1Bytes, false>, PPINFER_LEGACY_AVX2_FN(dot_rows_avx2<Q4_1Block>)},
+     dequant_offset<kQ4_1Bytes, false>, PPINFER_LEGACY_AVX2_FN(dot_rows_avx2<Q4_1Block>),
+     PPINFER_LEGACY_AVX2_FN(dot_weight_rows_avx2<Q4_1Block>)},
     {6, kBlock, kQ5_0Bytes, dot_symmetric_scalar<kQ5_0Bytes, 16, true>, PPINFER_LEGACY_AVX2_FN(dot_avx2<Q5_0Block>),
-     dequant_symmetric<kQ5_0Bytes, 16, true>, PPINFER_LEGACY_AVX2_FN(dot_rows_avx2<Q5_0Block>)},
+     dequant_symmetric<kQ5_0Bytes, 16, true>, PPINFER_LEGACY_AVX2_FN(dot_rows_avx2<Q5_0Block>),
+     PPINFER_LEGACY_AVX2_FN(dot_weight_rows_avx2<Q5_0Block>)},
     {7, kBlock, kQ5_1Bytes, dot_offset_scalar<kQ5_1Bytes, true>, PPINFER_LEGACY_AVX2_FN(dot_avx2<Q5_1Block>),
-     dequant_offset<kQ5_1Bytes, true>, PPINFER_LEGACY_AVX2_FN(dot_rows_avx2<Q5_1Block>)},
+     dequant_offset<kQ5_1Bytes, true>, PPINFER_LEGACY_AVX2_FN(dot_rows_avx2<Q5_1Block>),
+     PPINFER_LEGACY_AVX2_FN(dot_weight_rows_avx2<Q5_1Block>)},
     {8, kBlock, kQ8_0Bytes, dot_q8_0_scalar, PPINFER_LEGACY_AVX2_FN(dot_avx2<Q8_0Block>), dequant_q8_0,
-     PPINFER_LEGACY_AVX2_FN(dot_rows_avx2<Q8_0Block>)},
+     PPINFER_LEGACY_AVX2_FN(dot_rows_avx2<Q8_0Block>),
+     PPINFER_LEGACY_AVX2_FN(dot_weight_rows_avx2<Q8_0Block>)},
 };
 const int kLegacyKernelCount = sizeof(kLegacyKernels) / sizeof(kLegacyKernels[0]);
 

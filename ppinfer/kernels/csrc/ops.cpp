@@ -5,7 +5,9 @@
 //   - fewer than gemm_min_rows() rows of x (decode): each x row is quantized once to
 //     Q8Blocks, then torch's intra-op threads split the weight rows and dot each one with
 //     every x row while it is in cache (the weights are read once, in their stored size; a
-//     type's multi-row kernel decodes each weight block once for up to kMaxDotRows x rows);
+//     type's multi-row kernel decodes each weight block once for up to kMaxDotRows x rows; with
+//     one x row, its weight-rows kernel dots kDotWeightRows weight rows per call instead, and
+//     the weights are prefetched ahead of the dots);
 //   - more rows (prefill): tiles of weight rows are dequantized into one reused float buffer
 //     and multiplied by torch's float GEMM, so the cost is the float GEMM's plus one pass of
 //     dequantization, with memory bounded by the tile.
@@ -47,6 +49,11 @@ constexpr int64_t kGrainMacs = int64_t{1} << 15;
 // batch it is computed in (pipelines with different lane sizes give identical outputs).
 constexpr int64_t kXChunkBlocks = 32;
 constexpr int64_t kRowGroup = 8;
+// How far ahead of the rows being dotted decode prefetches weights, in bytes. A decode product
+// streams its weights from L3 or memory once; the rows are short, so the hardware prefetcher
+// alone leaves the dots waiting on loads (measured: docs/kernels.md, "One x row").
+constexpr int64_t kPrefetchAhead = 8192;
+constexpr int64_t kCacheLine = 64;
 
 bool cpu_has_avx2() {
 #if defined(PPINFER_OPS_X86) && (defined(__GNUC__) || defined(__clang__))
@@ -81,7 +88,8 @@ const QTypeKernels* find_kernels(int64_t qtype) {
 // time where the type has a multi-row kernel, else one at a time.
 struct Dots {
   VecDotFn one;
-  VecDotRowsFn rows;  // nullptr: call `one` per row
+  VecDotRowsFn rows;                // nullptr: call `one` per row
+  VecDotWeightRowsFn weight_rows;  // nullptr: call `one` per weight row
 
   void run(const uint8_t* w, const Q8Block* x, int64_t x_stride, int64_t count, int k, float* out) const {
     if (rows != nullptr && count > 1) {
@@ -96,8 +104,10 @@ struct Dots {
 };
 
 Dots dots_for(const QTypeKernels& t) {
-  if (avx2_enabled().load(std::memory_order_relaxed) && t.dot_avx2 != nullptr) return {t.dot_avx2, t.dot_rows_avx2};
-  return {t.dot_scalar, nullptr};
+  if (avx2_enabled().load(std::memory_order_relaxed) && t.dot_avx2 != nullptr) {
+    return {t.dot_avx2, t.dot_rows_avx2, t.dot_weight_rows_avx2};
+  }
+  return {t.dot_scalar, nullptr, nullptr};
 }
 
 // ---- activation quantization: 32 floats -> Q8Block (d = max|x| / 127, q = round(x / d)) ----
@@ -238,25 +248,76 @@ void dequantize_rows(const QTypeKernels& t, const uint8_t* w, int64_t row_bytes,
   });
 }
 
+// Asks for the weight rows kPrefetchAhead bytes past rows [j, j + count) to be loaded (not
+// past row j1), without waiting for them.
+inline void prefetch_ahead(const uint8_t* w, int64_t row_bytes, int64_t j, int64_t count, int64_t j1) {
+#if defined(__GNUC__) || defined(__clang__)
+  const int64_t begin = j * row_bytes + kPrefetchAhead;
+  const int64_t end = std::min(j1 * row_bytes, begin + count * row_bytes);
+  for (int64_t i = begin; i < end; i += kCacheLine) __builtin_prefetch(w + i);
+#endif
+}
+
+// How k is cut into chunks: a row's dot is the float sum, in order, of its chunks' dots (each
+// starting from zero), on every path, so that all paths give the same bits.
+struct KChunks {
+  int64_t nb;           // x blocks per row
+  int64_t chunk;        // x blocks per chunk
+  int64_t chunk_bytes;  // stored weight bytes per chunk
+
+  explicit KChunks(const QTypeKernels& t, int64_t k) : nb(k / kQ8Elems) {
+    const int64_t unit = t.block_elems / kQ8Elems;  // x blocks per weight block
+    chunk = std::max(unit, kXChunkBlocks / unit * unit);
+    chunk_bytes = chunk / unit * t.block_bytes;
+  }
+  int values(int64_t c0) const { return static_cast<int>(std::min(chunk, nb - c0) * kQ8Elems); }
+};
+
+// out[j] for one x row (decode), weight rows [j0, j1): kDotWeightRows weight rows per call
+// where the type has that kernel, so the per-call and per-sum costs, which dominate short
+// rows, are shared by several rows. Sums each chunk like vec_dot_rows: the same bits.
+template <typename Out>
+void vec_dot_one_x_row(const Shape& s, const Dots& dots, const uint8_t* w, const Q8Block* xq, const KChunks& kc,
+                       const float* bias, int64_t j0, int64_t j1, Out* out) {
+  int64_t j = j0;
+  for (; dots.weight_rows != nullptr && j + kDotWeightRows <= j1; j += kDotWeightRows) {
+    prefetch_ahead(w, s.row_bytes, j, kDotWeightRows, j1);
+    float acc[kDotWeightRows] = {};
+    float part[kDotWeightRows];
+    for (int64_t c0 = 0, c = 0; c0 < kc.nb; c0 += kc.chunk, ++c) {
+      dots.weight_rows(w + j * s.row_bytes + c * kc.chunk_bytes, s.row_bytes, xq + c0, kc.values(c0), part);
+      for (int r = 0; r < kDotWeightRows; ++r) acc[r] += part[r];
+    }
+    for (int r = 0; r < kDotWeightRows; ++r) {
+      out[j + r] = static_cast<Out>(acc[r] + (bias != nullptr ? bias[j + r] : 0.0f));
+    }
+  }
+  for (; j < j1; ++j) {
+    prefetch_ahead(w, s.row_bytes, j, 1, j1);
+    float acc = 0.0f;
+    for (int64_t c0 = 0, c = 0; c0 < kc.nb; c0 += kc.chunk, ++c) {
+      acc += dots.one(w + j * s.row_bytes + c * kc.chunk_bytes, xq + c0, kc.values(c0));
+    }
+    out[j] = static_cast<Out>(acc + (bias != nullptr ? bias[j] : 0.0f));
+  }
+}
+
 // out[m, j] = dot(weight row j, x row m) (+ bias[j]) for the weight rows [j0, j1). The dots run
 // over k in chunks of kXChunkBlocks, for kRowGroup weight rows at a time, so each x block is
 // read from L1 by every row of the group.
 template <typename Out>
 void vec_dot_rows(const Shape& s, const Dots& dots, const uint8_t* w, const Q8Block* xq, int64_t rows, int64_t k,
                   const float* bias, int64_t j0, int64_t j1, Out* out) {
-  const int64_t nb = k / kQ8Elems;
-  const int64_t unit = s.kernels->block_elems / kQ8Elems;  // x blocks per weight block
-  const int64_t chunk = std::max(unit, kXChunkBlocks / unit * unit);  // x blocks per k-chunk
-  const int64_t chunk_bytes = chunk / unit * s.kernels->block_bytes;
+  const KChunks kc(*s.kernels, k);
+  if (rows == 1) return vec_dot_one_x_row(s, dots, w, xq, kc, bias, j0, j1, out);
   std::vector<float> acc(static_cast<size_t>(kRowGroup * rows));  // [group row, m]
   std::vector<float> part(static_cast<size_t>(rows));              // [m]: one chunk's dots
   for (int64_t g0 = j0; g0 < j1; g0 += kRowGroup) {
     const int64_t g1 = std::min(j1, g0 + kRowGroup);
     std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int64_t c0 = 0, c = 0; c0 < nb; c0 += chunk, ++c) {
-      const int kc = static_cast<int>(std::min(chunk, nb - c0) * kQ8Elems);
+    for (int64_t c0 = 0, c = 0; c0 < kc.nb; c0 += kc.chunk, ++c) {
       for (int64_t j = g0; j < g1; ++j) {
-        dots.run(w + j * s.row_bytes + c * chunk_bytes, xq + c0, nb, rows, kc, part.data());
+        dots.run(w + j * s.row_bytes + c * kc.chunk_bytes, xq + c0, kc.nb, rows, kc.values(c0), part.data());
         float* a = acc.data() + (j - g0) * rows;
         for (int64_t m = 0; m < rows; ++m) a[m] += part[m];
       }

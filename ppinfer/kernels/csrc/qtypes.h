@@ -29,6 +29,11 @@ using DequantRowFn = void (*)(const uint8_t* w_row, float* out, int k);
 // one weight row against several activation rows, each weight block decoded once.
 constexpr int kMaxDotRows = 4;
 using VecDotRowsFn = void (*)(const uint8_t* w_row, const Q8Block* x, int64_t x_stride, int rows, int k, float* out);
+// out[r] = sum_i w_r[i] * x[i] for r < kDotWeightRows, w_r = w + r * w_stride (in bytes): several
+// weight rows against one activation row, one independent sum per weight row, so decode (one
+// activation row) pays one call per kDotWeightRows rows and the rows' sums overlap in the CPU.
+constexpr int kDotWeightRows = 4;
+using VecDotWeightRowsFn = void (*)(const uint8_t* w, int64_t w_stride, const Q8Block* x, int k, float* out);
 
 struct QTypeKernels {
   int ggml_type;        // GGMLQuantizationType value (Q4_0 = 2, ..., Q6_K = 14)
@@ -40,6 +45,9 @@ struct QTypeKernels {
   // Optional (may be left out of an initializer, then nullptr): AVX2 like dot_avx2, for
   // several activation rows; ops.cpp calls dot_avx2 once per row where it is missing.
   VecDotRowsFn dot_rows_avx2;
+  // Optional: AVX2 like dot_avx2, for kDotWeightRows weight rows against one activation row;
+  // each row's sum must be dot_avx2's bit for bit. ops.cpp calls dot_avx2 per row where missing.
+  VecDotWeightRowsFn dot_weight_rows_avx2;
 };
 
 // Tables defined by the per-type files; `count` entries each.
