@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as QType
 from gguf import GGMLQuantizationType, GGUFWriter
 
 from pipeline_driver import compose_config
@@ -291,6 +292,20 @@ def test_layer_costs_smollm2(smollm2_path: str) -> None:
     best = min(max(_stage_costs(s, costs)) for s in _all_splits(30, 4))
     assert max(_stage_costs(split, costs)) == best
     assert plan_table(split, costs).count("\n") == 4
+
+
+@pytest.mark.slow
+def test_layer_costs_smollm2_with_stored_blocks(smollm2_path: str) -> None:
+    """With quantized weights held as blocks, a layer costs its Q4_1 bytes (20-byte blocks of
+    32 values) and the tied head its Q8_0 bytes (34 per 32); norms stay float."""
+    costs = layer_costs(
+        smollm2_path, dtype_bytes=4, kv_tokens=100, step_tokens=1, stored_types={QType.Q4_1, QType.Q8_0}
+    )
+    matrices = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536
+    assert costs.layer_weight_bytes == [matrices // 32 * 20 + 4 * 2 * 576] * 30
+    assert costs.head_bytes == 4 * 576 + 49152 * 576 // 32 * 34
+    split = allocate("balanced", 2, costs)
+    assert split[1] < split[0]  # a decode step reads the whole head but one embedding row
 
 
 def test_quantized_types_are_reported_as_file_bytes(tmp_path: Path) -> None:

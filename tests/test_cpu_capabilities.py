@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from ppinfer.kernels.capabilities import BASELINE_ENV, cpu_capabilities
+from stage_runner import full_logits, whole
+from tiny_cases import ALL_CASES, TinyFiles, tiny_files, token_batch  # noqa: F401
 
 
 def test_probe_promises_only_what_onednn_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,3 +34,19 @@ def test_baseline_switch_disables_optional_paths(monkeypatch: pytest.MonkeyPatch
     assert "plain F.linear" in caps.describe(torch.bfloat16) and "forced baseline" in caps.describe(torch.bfloat16)
     monkeypatch.setenv(BASELINE_ENV, "0")
     assert not cpu_capabilities().baseline
+
+
+def test_baseline_quantized_stage_runs_the_portable_kernels(
+    tiny_files: TinyFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU without AVX2 runs the portable block kernels, and they compute the model."""
+    spec, path = ALL_CASES["llama_q4_1"], tiny_files.path("llama_q4_1")
+    ids = token_batch(spec)
+    exact = full_logits(whole(path, spec.n_layer), ids)
+    monkeypatch.setenv(BASELINE_ENV, "1")
+    stage = whole(path, spec.n_layer, "quantized")
+    assert stage.weights_report.block_kernel == "block kernels (scalar)"
+    got = full_logits(stage, ids)
+    p = torch.log_softmax(torch.from_numpy(exact).double(), -1)
+    q = torch.log_softmax(torch.from_numpy(got).double(), -1)
+    assert float((p.exp() * (p - q)).sum(-1).mean()) < 1e-3

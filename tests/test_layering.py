@@ -1,5 +1,6 @@
 """The layering rules of DESIGN.md, checked on the source: the model never imports
-torch.distributed, and the pipeline uses the families only through their package API."""
+torch.distributed, the pipeline uses the families only through their package API, and the
+kernels know nothing of layers, families or ranks."""
 
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ def test_pipeline_uses_families_only_through_the_package() -> None:
     for name, imported in _imports("pipeline").items():
         internals = {m for m in imported if m.startswith("ppinfer.families.")}
         assert not internals, f"{name} reaches into {sorted(internals)}"
+
+
+def test_kernels_know_no_layers_families_or_ranks() -> None:
+    modules = _imports("kernels", with_names=True)
+    assert "select.py" in modules
+    above = ("ppinfer.model", "ppinfer.families", "ppinfer.pipeline", "torch.distributed")
+    for name, imported in modules.items():
+        bad = {m for m in imported if any(m == a or m.startswith(a + ".") for a in above)}
+        assert not bad, f"kernels/{name} imports {sorted(bad)}"
 
 
 def test_the_checker_sees_imports() -> None:

@@ -6,27 +6,29 @@ the model.
   (mean KL measured for issue 11 on 400 tokens of prose: 0.003 for SmolLM2 Q4_1, 0.0055 for
   gemma-3 Q4_K_M), with top-1 agreement of at least 95%.
 - A split of quantized stages computes exactly what the whole quantized model computes.
-- Weights are held as blocks (the tied output head included), bad blocks fail by name, and a
-  type with no kernel is dequantized and reported, not an error.
+- Weights are held as blocks (the tied output head included), bad blocks fail by name, a
+  type with no kernel is dequantized and reported, not an error, and fused projections whose
+  parts are stored in different types keep a layer per part.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
 import ppinfer
-from ggufgen import RawTensor, encoded_tensors, write_gguf
+from ggufgen import QType, RawTensor, encoded_tensors, tiny_tensors, with_changes, write_gguf
 from ppinfer.errors import ModelFileError
 from ppinfer.kernels.build import ops as kernel_ops
 from ppinfer.kernels.select import block_linear_types
 from ppinfer.model import PipelineStage
+from ppinfer.model.layers import ConcatLinear
 from stage_runner import arange_positions, build, chained_logits, full_logits, whole
 from tiny_cases import ALL_CASES, FAMILY_CASES, TinyFiles, tiny_files, token_batch  # noqa: F401
-from ggufgen import QType, with_changes
 
 PROSE = (
     "The lighthouse stood at the edge of the harbour for more than a century. Every evening the "
@@ -143,3 +145,28 @@ def test_type_without_kernel_is_dequantized_and_reported(tmp_path: Path) -> None
     assert "no kernel, dequantized" in report.describe()
     ids = token_batch(spec)
     np.testing.assert_array_equal(full_logits(stage, ids), full_logits(whole(path, spec.n_layer), ids))
+
+
+@pytest.mark.parametrize("v_type", [QType.Q8_0, QType.MXFP4], ids=["v_q8_0", "v_mxfp4_no_kernel"])
+def test_fused_parts_of_mixed_types(tmp_path: Path, v_type: QType) -> None:
+    """q and k in Q4_0 with v in another type (as Q4_K_M files mix Q4_K and Q6_K): each part
+    keeps its own layer, a kernel where there is one, and the stage follows the exact path."""
+    spec = with_changes(FAMILY_CASES["llama"], qtype=QType.Q4_0)
+    tensors = encoded_tensors(spec)
+    floats = tiny_tensors(spec)
+    for il in range(spec.n_layer):
+        name = f"blk.{il}.attn_v.weight"
+        tensors[name] = RawTensor(gguf.quants.quantize(floats[name], v_type), v_type)
+    path = write_gguf(tmp_path / f"mixed_{v_type.name}.gguf", spec, tensors)
+    stage = whole(path, spec.n_layer, "quantized")
+    assert isinstance(stage.layers[0].attn.qkv, ConcatLinear)
+    report = stage.weights_report
+    if v_type == QType.MXFP4:
+        assert report.dequantized["MXFP4"] == spec.n_layer
+    else:
+        assert report.kept["Q8_0"] == spec.n_layer
+    ids = token_batch(spec)
+    exact = full_logits(whole(path, spec.n_layer), ids).reshape(-1, spec.n_vocab)
+    quant = full_logits(stage, ids).reshape(-1, spec.n_vocab)
+    kl, top1 = _kl_and_top1(exact, quant)
+    assert kl < 1e-3 and top1 >= 0.9, f"KL {kl:.3g}, top-1 {top1:.0%}"

@@ -60,9 +60,12 @@ def block_backend(device: torch.device) -> BlockBackend:
     from ppinfer.kernels import build, cpu, int4
 
     if device.type == "cuda":
+        if not int4.int4_available(device):
+            return BlockBackend(device, frozenset(), f"no int4 kernel (torch {torch.__version__} on this GPU)")
         return BlockBackend(device, frozenset(int4.supported_int4_types()), "torch int4 (tinygemm)")
     problem = build.unavailable_reason()
     if problem is not None:
         return BlockBackend(device, frozenset(), f"no block kernels ({problem})")
+    # Process-wide: the portable dots when the baseline is forced, else what the CPU has.
     build.set_isa("scalar" if cpu_capabilities().baseline else "auto")
     return BlockBackend(device, frozenset(cpu.supported_types()), f"block kernels ({build.isa()})")

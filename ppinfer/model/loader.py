@@ -112,12 +112,14 @@ class _Weights:
         self.report.kept[info.qtype.name] += 1
         return _Stored(name, info.qtype, raw)
 
-    def block_linear(self, parts: list[_Stored], raws: list[np.ndarray], bias: np.ndarray | None) -> nn.Module:
+    def block_linear(
+        self, parts: list[_Stored], raws: list[np.ndarray], bias: np.ndarray | torch.Tensor | None
+    ) -> nn.Module:
         """One block linear over the rows of `raws` (the parts' blocks, transformed), one type."""
         assert self.blocks is not None
         raw = raws[0] if len(raws) == 1 else np.concatenate(raws)  # [rows, bytes_per_row]
         in_features = self.gf.info(parts[0].name).shape[1]
-        b = self.tensor(bias) if bias is not None else None
+        b = self.tensor(bias) if isinstance(bias, np.ndarray) else bias
         module = self.blocks.linear(raw, parts[0].qtype, in_features, b)
         for part in parts:
             self.gf.release(part.name)
@@ -127,10 +129,7 @@ class _Weights:
         """The weight `name` [out, in] as a linear layer."""
         stored = self.stored(name, shape)
         if stored is not None:
-            assert self.blocks is not None
-            module = self.blocks.linear(stored.raw, stored.qtype, shape[1], bias)
-            self.gf.release(name)
-            return module
+            return self.block_linear([stored], [stored.raw], bias)
         if not self.packed:
             return Linear(self.get(name, shape), bias)
         self.used.add(name)

@@ -4,10 +4,12 @@ Only tensor descriptors and a few hyperparameters are read (the tensor data stay
 memory-mapped and untouched), so every rank can build the same `LayerCosts` cheaply before
 any process group exists. The byte counts mirror what the runtime holds in memory:
 
-- layer and head weights are dequantized to the runtime dtype: `n_elements * dtype_bytes`;
+- a layer or head weight stored in one of `stored_types` (the types a kernel multiplies in
+  place, with `runtime.weights=quantized`) costs its file bytes; any other is dequantized to
+  the runtime dtype: `n_elements * dtype_bytes`;
 - `token_embd` stays in its quantized file form on the first stage (the embedding only
-  gathers rows), so it costs its file bytes; a tied model's last stage dequantizes its own
-  copy as the output projection, so the head is charged `n_elements * dtype_bytes` for it;
+  gathers rows), so it costs its file bytes; a tied model's last stage holds its own copy as
+  the output projection, charged like any head weight;
 - the KV cache of a layer holds keys and values for `kv_tokens` positions:
   `kv_tokens * head_count_kv * (key_length + value_length) * dtype_bytes`, with the key and
   value lengths defaulting to `embedding_length / head_count` (i.e. 2 * head_dim each token).
@@ -19,7 +21,9 @@ and needed by every stage alike, so they do not change the balance and are not c
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional
+from typing import AbstractSet, Any, Dict, List, Optional
+
+from gguf import GGMLQuantizationType
 
 from ppinfer.errors import ModelFileError
 from ppinfer.families import per_layer_values
@@ -36,13 +40,14 @@ def layer_costs(
     *,
     reader: Optional[GGUFFile] = None,
     step_tokens: Optional[int] = None,
+    stored_types: AbstractSet[GGMLQuantizationType] = frozenset(),
 ) -> LayerCosts:
     """Per-stage memory costs of the GGUF at `path` for a runtime dtype and KV capacity.
 
     `dtype_bytes` is the element size of the runtime dtype (2 for bfloat16); `kv_tokens` is
     the number of token positions each stage caches per layer, summed over its lanes;
     `step_tokens` (tokens embedded per decode step, i.e. a lane's sequences), when given,
-    sets `embedding_read_bytes`.
+    sets `embedding_read_bytes`; `stored_types` are the tensor types held in their blocks.
     A caller that has already opened the file may pass it as `reader` (`path` then only
     names it in errors).
     """
@@ -64,7 +69,7 @@ def layer_costs(
             raise ModelFileError(
                 f"{path}: tensor {tensor.name} is past {arch}.block_count={n_layers}"
             )
-        layer_weights[layer] += int(tensor.n_elements) * dtype_bytes
+        layer_weights[layer] += _held(tensor, dtype_bytes, stored_types)
     empty = [i for i, w in enumerate(layer_weights) if w == 0]
     if empty:
         raise ModelFileError(f"{path}: no tensors for layer(s) {empty} (blk.N.*)")
@@ -73,12 +78,12 @@ def layer_costs(
     if embd is None:
         raise ModelFileError(f"{path}: missing tensor token_embd.weight")
     # The first stage keeps token_embd quantized but dequantizes any embedding norm.
-    embedding = int(embd.n_bytes) + _dequantized(tensors, "token_embd_norm.", dtype_bytes)
-    head = _dequantized(tensors, "output_norm.", dtype_bytes)
-    head += _dequantized(tensors, "output.", dtype_bytes)
+    embedding = int(embd.n_bytes) + _held_with_prefix(tensors, "token_embd_norm.", dtype_bytes, stored_types)
+    head = _held_with_prefix(tensors, "output_norm.", dtype_bytes, stored_types)
+    head += _held_with_prefix(tensors, "output.", dtype_bytes, stored_types)
     if "output.weight" not in tensors:
-        # Tied embeddings: the last stage dequantizes token_embd as its output weight.
-        head += int(embd.n_elements) * dtype_bytes
+        # Tied embeddings: the last stage holds token_embd again as its output weight.
+        head += _held(embd, dtype_bytes, stored_types)
 
     kv = _kv_bytes_per_layer(reader, path, arch, n_layers, dtype_bytes, kv_tokens)
     read = None if step_tokens is None else int(embd.n_bytes) // int(embd.shape[0]) * step_tokens
@@ -91,11 +96,18 @@ def layer_costs(
     )
 
 
-def _dequantized(tensors: Dict[str, Any], prefix: str, dtype_bytes: int) -> int:
-    """Dequantized bytes of every non-block tensor whose name starts with `prefix`."""
-    return sum(
-        int(t.n_elements) * dtype_bytes for name, t in tensors.items() if name.startswith(prefix)
-    )
+def _held(tensor: Any, dtype_bytes: int, stored_types: AbstractSet[GGMLQuantizationType]) -> int:
+    """Bytes a stage holds for `tensor`: its blocks if they stay stored, else its floats."""
+    if tensor.qtype in stored_types:
+        return int(tensor.n_bytes)
+    return int(tensor.n_elements) * dtype_bytes
+
+
+def _held_with_prefix(
+    tensors: Dict[str, Any], prefix: str, dtype_bytes: int, stored_types: AbstractSet[GGMLQuantizationType]
+) -> int:
+    """Held bytes of every non-block tensor whose name starts with `prefix`."""
+    return sum(_held(t, dtype_bytes, stored_types) for name, t in tensors.items() if name.startswith(prefix))
 
 
 def _kv_bytes_per_layer(

@@ -18,6 +18,7 @@ from ppinfer.families import HParams, get_spec, read_hparams
 from ppinfer.generation.tokenizer import Tokenizer, load_tokenizer
 from ppinfer.gguf import GGUFFile
 from ppinfer.hub import resolve_model_path
+from ppinfer.kernels.select import block_backend
 from ppinfer.model import StagePlan
 from ppinfer.pipeline.allocation import allocate, plan_table
 from ppinfer.pipeline.batches import Batch, make_batches
@@ -211,8 +212,10 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool) ->
     batches = make_batches(prompts, lanes.lane_size)
     prefill_chunk = min(cfg.pipeline.prefill_chunk, max(b.width for b in batches))
     kv_tokens = sum(b.size * (b.width + cfg.generation.max_new_tokens) for b in batches[: lanes.microbatches])
+    stored = block_backend(device).types if cfg.runtime.weights == "quantized" else frozenset()
     costs = layer_costs(
-        str(model_path), torch.finfo(dtype).bits // 8, kv_tokens, reader=gf, step_tokens=lanes.lane_size
+        str(model_path), torch.finfo(dtype).bits // 8, kv_tokens, reader=gf, step_tokens=lanes.lane_size,
+        stored_types=stored,
     )
     layers = allocate(cfg.pipeline.layers, env.world, costs)
     if env.rank == 0:

@@ -20,11 +20,11 @@ from ppinfer.errors import PPInferError
 from ppinfer.generation.sampling import Sampler
 from ppinfer.generation.stopping import StopConditions
 from ppinfer.model import PipelineStage, build_stage
-from ppinfer.pipeline.loaded import log_loaded_stages
 from ppinfer.pipeline.failures import (
     FoundElsewhere, describe_bug, is_peer_failure, report_bad_input, report_peer_failure, report_run_error,
 )
 from ppinfer.pipeline.job import DistEnv, Job, prepare
+from ppinfer.pipeline.loaded import log_loaded_stages
 from ppinfer.pipeline.outputs import METRICS, OutputDir, OutputDirError, ResultsWriter, write_json_atomic, writing
 from ppinfer.pipeline.runtime import StageClock, StageRunner, run_first, run_relay
 from ppinfer.pipeline.schedule import RingScheduler, run_order, simulate, stage_actions
