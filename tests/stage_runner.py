@@ -56,3 +56,11 @@ def full_logits(stage: PipelineStage, ids: np.ndarray) -> np.ndarray:
 def step(stage: PipelineStage, ids: torch.Tensor, positions: torch.Tensor, state: StageState) -> np.ndarray:
     """One forward of the whole-model `stage` that appends ids [B, T] to `state`; logits [B, T, V]."""
     return stage.lm_head(stage.forward(stage.embed(ids), positions, state)).numpy()
+
+
+def kl_and_top1(exact: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    """Mean KL(exact || got) per position and top-1 agreement of logits [..., V]."""
+    p = torch.log_softmax(torch.from_numpy(exact).double(), -1)
+    q = torch.log_softmax(torch.from_numpy(got).double(), -1)
+    kl = (p.exp() * (p - q)).sum(-1)  # [...]
+    return float(kl.mean()), float((exact.argmax(-1) == got.argmax(-1)).mean())

@@ -4,14 +4,13 @@ kept in blocks."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from ggufgen import QType, with_changes, write_tiny_gguf
-from ppinfer.kernels.select import block_linear_types
+from ppinfer.kernels.select import BLOCK_LINEARS
 from ppinfer.model import StagePlan, build_stage
-from stage_runner import chained_logits, whole
+from stage_runner import chained_logits, kl_and_top1, whole
 from tiny_cases import FAMILY_CASES, token_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -25,14 +24,11 @@ def test_int4_stage_follows_the_exact_path(tmp_path, qtype: QType) -> None:
     exact = chained_logits([whole(path, spec.n_layer)], ids)  # float32, CPU, dequantized
     stage = build_stage(path, StagePlan.whole(spec.n_layer), torch.bfloat16, "cuda", weights="quantized")
     assert stage.weights_report.kept[qtype.name] > 0 and not stage.weights_report.dequantized
-    assert any(isinstance(m, block_linear_types()) for m in stage.modules())
+    assert any(isinstance(m, BLOCK_LINEARS) for m in stage.modules())
     tokens = torch.from_numpy(ids).cuda()
     b, t = tokens.shape
     with torch.inference_mode():
         hidden = stage.forward(stage.embed(tokens), torch.arange(t, device="cuda").expand(b, t), stage.new_state(b, t))
         got = stage.lm_head(hidden).float().cpu().numpy()
-    p = torch.log_softmax(torch.from_numpy(exact).double(), -1)
-    q = torch.log_softmax(torch.from_numpy(got).double(), -1)
-    kl = float((p.exp() * (p - q)).sum(-1).mean())
-    top1 = float((exact.argmax(-1) == got.argmax(-1)).mean())
+    kl, top1 = kl_and_top1(exact, got)
     assert kl < 0.01 and top1 >= 0.9, f"bf16 int4 vs exact: KL {kl:.4g}, top-1 {top1:.0%}"

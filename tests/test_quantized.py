@@ -24,10 +24,10 @@ import ppinfer
 from ggufgen import QType, RawTensor, encoded_tensors, tiny_tensors, with_changes, write_gguf
 from ppinfer.errors import ModelFileError
 from ppinfer.kernels.build import ops as kernel_ops
-from ppinfer.kernels.select import block_linear_types
+from ppinfer.kernels.select import BLOCK_LINEARS
 from ppinfer.model import PipelineStage
 from ppinfer.model.layers import ConcatLinear
-from stage_runner import arange_positions, build, chained_logits, full_logits, whole
+from stage_runner import arange_positions, build, chained_logits, full_logits, kl_and_top1, whole
 from tiny_cases import ALL_CASES, FAMILY_CASES, TinyFiles, tiny_files, token_batch  # noqa: F401
 
 PROSE = (
@@ -50,14 +50,6 @@ PROSE = (
 LLAMA_CPP_KL = {"smollm2": 0.003, "gemma3": 0.0055}  # llama.cpp vs the dequantized path (issue 11)
 LAYERS = {"smollm2": 30, "gemma3": 18}
 DECODE_CHUNK = 8
-
-
-def _kl_and_top1(exact: np.ndarray, quant: np.ndarray) -> tuple[float, float]:
-    """Mean KL(exact || quant) per position and top-1 agreement; logits [T, V]."""
-    p = torch.log_softmax(torch.from_numpy(exact).double(), -1)
-    q = torch.log_softmax(torch.from_numpy(quant).double(), -1)
-    kl = (p.exp() * (p - q)).sum(-1)  # [T]
-    return float(kl.mean()), float((exact.argmax(-1) == quant.argmax(-1)).mean())
 
 
 @torch.no_grad()
@@ -94,7 +86,7 @@ def test_real_model_fidelity_through_two_stages(model: str, request: pytest.Fixt
     # Chunks below the kernels' GEMM threshold: every product takes the 8-bit activation path.
     assert DECODE_CHUNK < kernel_ops().gemm_min_rows()
     quant = _chunked_logits(stages, ids, DECODE_CHUNK)
-    kl, top1 = _kl_and_top1(exact, quant)
+    kl, top1 = kl_and_top1(exact, quant)
     assert kl <= LLAMA_CPP_KL[model], f"{model}: mean KL {kl:.5f} > llama.cpp's {LLAMA_CPP_KL[model]}"
     assert top1 >= 0.95, f"{model}: top-1 agreement {top1:.1%}"
 
@@ -106,7 +98,7 @@ def test_smollm2_holds_blocks_not_floats(smollm2_path: Path) -> None:
     stage = whole(smollm2_path, 30, "quantized")
     report = stage.weights_report
     assert not report.dequantized, report.describe()
-    assert isinstance(stage.output, block_linear_types()), type(stage.output)
+    assert isinstance(stage.output, BLOCK_LINEARS), type(stage.output)
     file_bytes = smollm2_path.stat().st_size
     assert stage.weight_bytes <= 1.1 * file_bytes, f"{stage.weight_bytes / 2**20:.0f} MiB held"
 
@@ -168,5 +160,5 @@ def test_fused_parts_of_mixed_types(tmp_path: Path, v_type: QType) -> None:
     ids = token_batch(spec)
     exact = full_logits(whole(path, spec.n_layer), ids).reshape(-1, spec.n_vocab)
     quant = full_logits(stage, ids).reshape(-1, spec.n_vocab)
-    kl, top1 = _kl_and_top1(exact, quant)
+    kl, top1 = kl_and_top1(exact, quant)
     assert kl < 1e-3 and top1 >= 0.9, f"KL {kl:.3g}, top-1 {top1:.0%}"

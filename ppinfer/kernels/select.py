@@ -18,14 +18,11 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from ppinfer.kernels import build, cpu, int4
 from ppinfer.kernels.capabilities import cpu_capabilities
 
-
-def block_linear_types() -> tuple[type[nn.Module], ...]:
-    """The modules that hold stored blocks (their `nbytes` are resident weight bytes)."""
-    from ppinfer.kernels import cpu, int4
-
-    return (cpu.BlockLinear, int4.Int4Linear)
+BLOCK_LINEARS = (cpu.BlockLinear, int4.Int4Linear)
+"""The modules that hold stored blocks (their `nbytes` are resident weight bytes)."""
 
 
 @dataclass(frozen=True)
@@ -44,8 +41,6 @@ class BlockBackend:
     ) -> nn.Module:
         """A linear over `raw` ([out, bytes_per_row] uint8 blocks, copied: the caller may
         release the file pages it views)."""
-        from ppinfer.kernels import cpu, int4
-
         if self.device.type == "cuda":
             return int4.Int4Linear(raw, qtype, in_features, self.device, bias)
         weight = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))  # [out, bytes_per_row]
@@ -57,8 +52,6 @@ class BlockBackend:
 
 def block_backend(device: torch.device) -> BlockBackend:
     """The block kernels for `device`."""
-    from ppinfer.kernels import build, cpu, int4
-
     if device.type == "cuda":
         if not int4.int4_available(device):
             return BlockBackend(device, frozenset(), f"no int4 kernel (torch {torch.__version__} on this GPU)")

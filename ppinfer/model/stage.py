@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ppinfer.families.hparams import HParams
-from ppinfer.kernels.select import block_linear_types
+from ppinfer.kernels.select import BLOCK_LINEARS
 from ppinfer.model.block import DecoderBlock, LayerInputs
 from ppinfer.model.cache import StageState
 from ppinfer.model.layers import PackedLinear, RotaryEmbedding, RowEmbedding
@@ -92,5 +92,5 @@ class PipelineStage(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of the weights this stage holds: parameters, packed float weights and stored
         blocks (the token embedding, read from the mapped file row by row, excluded)."""
-        held = sum(m.nbytes for m in self.modules() if isinstance(m, (PackedLinear, *block_linear_types())))
+        held = sum(m.nbytes for m in self.modules() if isinstance(m, (PackedLinear, *BLOCK_LINEARS)))
         return held + sum(p.numel() * p.element_size() for p in self.parameters())

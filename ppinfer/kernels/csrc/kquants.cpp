@@ -18,15 +18,6 @@
 
 #include "qtypes.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define PPINFER_KQ_X86 1
-#if defined(__GNUC__) || defined(__clang__)
-#define PPINFER_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define PPINFER_AVX2
-#endif
-#endif
 
 namespace ppinfer {
 namespace {
@@ -212,7 +203,7 @@ void dequant_q6_k(const uint8_t* w, float* out, int k) {
 // They take one weight row against 1 to kMaxDotRows activation rows, decoding each super-block
 // once for all of them.
 
-#if defined(PPINFER_KQ_X86)
+#if defined(PPINFER_X86)
 
 PPINFER_AVX2 inline float hsum_avx2(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -403,53 +394,31 @@ PPINFER_AVX2 inline void dot_q6_k_rows(const uint8_t* w, const Q8Block* x, int64
   for (int r = 0; r < kRows; ++r) out[r] = hsum_avx2(acc[r]);
 }
 
-// The table's entry points, per GGML type: one row (VecDotFn) and up to kMaxDotRows rows
-// (VecDotRowsFn).
-template <int kType, int kRows>
-PPINFER_AVX2 void dot_k_rows(const uint8_t* w, const Q8Block* x, int64_t x_stride, int k, float* out) {
-  if constexpr (kType == kQ6KType) {
-    dot_q6_k_rows<kRows>(w, x, x_stride, k, out);
-  } else {
-    dot_k_scale_min_avx2<kType == kQ5KType, kRows>(w, x, x_stride, k, out);
-  }
-}
-
+// One weight row against kRows activation rows, per GGML type (the table's AVX2 entries
+// come from qtypes.h's dot_avx2 / dot_rows_avx2).
 template <int kType>
-PPINFER_AVX2 float dot_avx2(const uint8_t* w, const Q8Block* x, int k) {
-  float out;
-  dot_k_rows<kType, 1>(w, x, 0, k, &out);
-  return out;
-}
-
-template <int kType>
-PPINFER_AVX2 void dot_rows_avx2(const uint8_t* w, const Q8Block* x, int64_t x_stride, int rows, int k,
-                                float* out) {
-  switch (rows) {
-    case 1:
-      return dot_k_rows<kType, 1>(w, x, x_stride, k, out);
-    case 2:
-      return dot_k_rows<kType, 2>(w, x, x_stride, k, out);
-    case 3:
-      return dot_k_rows<kType, 3>(w, x, x_stride, k, out);
-    default:
-      return dot_k_rows<kType, kMaxDotRows>(w, x, x_stride, k, out);
+struct Rows {
+  template <int kRows>
+  PPINFER_AVX2 static void rows(const uint8_t* w, const Q8Block* x, int64_t x_stride, int k, float* out) {
+    if constexpr (kType == kQ6KType) {
+      dot_q6_k_rows<kRows>(w, x, x_stride, k, out);
+    } else {
+      dot_k_scale_min_avx2<kType == kQ5KType, kRows>(w, x, x_stride, k, out);
+    }
   }
-}
+};
 
-#define PPINFER_KQ_AVX2(fn) fn
-#else
-#define PPINFER_KQ_AVX2(fn) nullptr
-#endif  // PPINFER_KQ_X86
+#endif  // PPINFER_X86
 
 }  // namespace
 
 const QTypeKernels kKQuantKernels[] = {
-    {kQ4KType, kSuperElems, kQ4KBytes, dot_q4_k_scalar, PPINFER_KQ_AVX2(dot_avx2<kQ4KType>), dequant_q4_k,
-     PPINFER_KQ_AVX2(dot_rows_avx2<kQ4KType>)},
-    {kQ5KType, kSuperElems, kQ5KBytes, dot_q5_k_scalar, PPINFER_KQ_AVX2(dot_avx2<kQ5KType>), dequant_q5_k,
-     PPINFER_KQ_AVX2(dot_rows_avx2<kQ5KType>)},
-    {kQ6KType, kSuperElems, kQ6KBytes, dot_q6_k_scalar, PPINFER_KQ_AVX2(dot_avx2<kQ6KType>), dequant_q6_k,
-     PPINFER_KQ_AVX2(dot_rows_avx2<kQ6KType>)},
+    {kQ4KType, kSuperElems, kQ4KBytes, dot_q4_k_scalar, PPINFER_AVX2_FN(dot_avx2<Rows<kQ4KType>>), dequant_q4_k,
+     PPINFER_AVX2_FN(dot_rows_avx2<Rows<kQ4KType>>)},
+    {kQ5KType, kSuperElems, kQ5KBytes, dot_q5_k_scalar, PPINFER_AVX2_FN(dot_avx2<Rows<kQ5KType>>), dequant_q5_k,
+     PPINFER_AVX2_FN(dot_rows_avx2<Rows<kQ5KType>>)},
+    {kQ6KType, kSuperElems, kQ6KBytes, dot_q6_k_scalar, PPINFER_AVX2_FN(dot_avx2<Rows<kQ6KType>>), dequant_q6_k,
+     PPINFER_AVX2_FN(dot_rows_avx2<Rows<kQ6KType>>)},
 };
 const int kKQuantKernelCount = sizeof(kKQuantKernels) / sizeof(kKQuantKernels[0]);
 

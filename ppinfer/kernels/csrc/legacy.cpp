@@ -19,11 +19,6 @@
 
 #include "qtypes.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define PPINFER_LEGACY_X86 1
-#define PPINFER_LEGACY_AVX2 __attribute__((target("avx2,fma,f16c")))
-#endif
 
 namespace ppinfer {
 namespace {
@@ -132,17 +127,17 @@ void dequant_q8_0(const uint8_t* w, float* out, int k) {
 }
 
 // ---- AVX2 ----------------------------------------------------------------------------------
-#ifdef PPINFER_LEGACY_X86
+#ifdef PPINFER_X86
 
 // The fp16 at p, in all 8 lanes.
-PPINFER_LEGACY_AVX2 inline __m256 broadcast_half(const uint8_t* p) {
+PPINFER_AVX2 inline __m256 broadcast_half(const uint8_t* p) {
   int16_t h;
   std::memcpy(&h, p, sizeof h);
   return _mm256_cvtph_ps(_mm_set1_epi16(h));
 }
 
 // The two fp16 at p (a block's d and m) in lanes 0 and 1.
-PPINFER_LEGACY_AVX2 inline __m128 two_halves(const uint8_t* p) {
+PPINFER_AVX2 inline __m128 two_halves(const uint8_t* p) {
   int32_t dm;
   std::memcpy(&dm, p, sizeof dm);
   return _mm_cvtph_ps(_mm_cvtsi32_si128(dm));
@@ -150,14 +145,14 @@ PPINFER_LEGACY_AVX2 inline __m128 two_halves(const uint8_t* p) {
 
 // The 32 four-bit codes of a block as bytes 0..15, in value order: qs in both 128-bit lanes,
 // the upper lane shifted right by 4 (a 64-bit shift: the bits it pulls in are masked off).
-PPINFER_LEGACY_AVX2 inline __m256i nibbles(const uint8_t* qs) {
+PPINFER_AVX2 inline __m256i nibbles(const uint8_t* qs) {
   const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
   const __m256i shifted = _mm256_srlv_epi64(both, _mm256_set_epi64x(4, 4, 0, 0));
   return _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F));
 }
 
 // 16 in byte j where bit j of the block's qh is set, else 0.
-PPINFER_LEGACY_AVX2 inline __m256i fifth_bits(const uint8_t* qh) {
+PPINFER_AVX2 inline __m256i fifth_bits(const uint8_t* qh) {
   uint32_t bits;
   std::memcpy(&bits, qh, sizeof bits);
   // byte j takes qh byte j / 8, then keeps only bit j % 8.
@@ -172,7 +167,7 @@ PPINFER_LEGACY_AVX2 inline __m256i fifth_bits(const uint8_t* qh) {
 // Codes of block `w` of a 4- or 5-bit type whose qs are its last 16 bytes and qh (if any)
 // start at byte kQhAt.
 template <int kBytes, int kQhAt>
-PPINFER_LEGACY_AVX2 inline __m256i codes(const uint8_t* w) {
+PPINFER_AVX2 inline __m256i codes(const uint8_t* w) {
   const __m256i low = nibbles(w + kBytes - kHalf);
   if constexpr (kQhAt < 0) {
     return low;
@@ -182,20 +177,20 @@ PPINFER_LEGACY_AVX2 inline __m256i codes(const uint8_t* w) {
 }
 
 // sum(q * qx) in 8 int32 lanes, as floats, for unsigned codes q (0..31) and activations qx.
-PPINFER_LEGACY_AVX2 inline __m256 unsigned_dot(__m256i q, const int8_t* qx) {
+PPINFER_AVX2 inline __m256 unsigned_dot(__m256i q, const int8_t* qx) {
   const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx));
   const __m256i pairs = _mm256_maddubs_epi16(q, y);  // 16 x int16, |.| <= 2 * 31 * 127
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
 // The same for signed codes q (-128..127): |q| against qx with q's sign.
-PPINFER_LEGACY_AVX2 inline __m256 signed_dot(__m256i q, const int8_t* qx) {
+PPINFER_AVX2 inline __m256 signed_dot(__m256i q, const int8_t* qx) {
   const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx));
   const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(y, q));
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-PPINFER_LEGACY_AVX2 inline float hsum(__m256 v) {
+PPINFER_AVX2 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -214,15 +209,15 @@ struct SymmetricBlock {
   __m256i q;  // codes 0..31
   __m256 d;
 
-  PPINFER_LEGACY_AVX2 static SymmetricBlock decode(const uint8_t* w) {
+  PPINFER_AVX2 static SymmetricBlock decode(const uint8_t* w) {
     return {codes<kBytes, kQhAt>(w), broadcast_half(w)};
   }
-  PPINFER_LEGACY_AVX2 __m256 add(const Q8Block& x, __m256 acc, __m128&) const {
+  PPINFER_AVX2 __m256 add(const Q8Block& x, __m256 acc, __m128&) const {
     __m256 s = _mm256_broadcast_ss(&x.s);
     if constexpr (kOffset != 8) s = _mm256_mul_ps(s, _mm256_set1_ps(kOffset / 8.0f));
     return _mm256_fmadd_ps(d, _mm256_fmsub_ps(_mm256_broadcast_ss(&x.d), unsigned_dot(q, x.q), s), acc);
   }
-  PPINFER_LEGACY_AVX2 static float finish(__m256 acc, __m128) { return hsum(acc); }
+  PPINFER_AVX2 static float finish(__m256 acc, __m128) { return hsum(acc); }
 };
 
 // Q4_1 / Q5_1: w = d * q + m. Adds d * dx * sum(q * qx) to acc and m * s to lane 1 of offset.
@@ -232,13 +227,13 @@ struct OffsetBlock {
   __m256i q;  // codes 0..31
   __m128 dm;  // [d, m, 0, 0]
 
-  PPINFER_LEGACY_AVX2 static OffsetBlock decode(const uint8_t* w) { return {codes<kBytes, kQhAt>(w), two_halves(w)}; }
-  PPINFER_LEGACY_AVX2 __m256 add(const Q8Block& x, __m256 acc, __m128& offset) const {
+  PPINFER_AVX2 static OffsetBlock decode(const uint8_t* w) { return {codes<kBytes, kQhAt>(w), two_halves(w)}; }
+  PPINFER_AVX2 __m256 add(const Q8Block& x, __m256 acc, __m128& offset) const {
     const __m128 scale = _mm_mul_ss(dm, _mm_load_ss(&x.d));  // [d * dx, m, 0, 0]
     offset = _mm_fmadd_ps(dm, _mm_broadcast_ss(&x.s), offset);
     return _mm256_fmadd_ps(_mm256_broadcastss_ps(scale), unsigned_dot(q, x.q), acc);
   }
-  PPINFER_LEGACY_AVX2 static float finish(__m256 acc, __m128 offset) {
+  PPINFER_AVX2 static float finish(__m256 acc, __m128 offset) {
     return hsum(acc) + _mm_cvtss_f32(_mm_movehdup_ps(offset));
   }
 };
@@ -250,43 +245,46 @@ struct Q8_0Block {
   __m256i abs_q;  // |q| as unsigned bytes
   __m256 d;
 
-  PPINFER_LEGACY_AVX2 static Q8_0Block decode(const uint8_t* w) {
+  PPINFER_AVX2 static Q8_0Block decode(const uint8_t* w) {
     const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
     return {q, _mm256_abs_epi8(q), broadcast_half(w)};
   }
-  PPINFER_LEGACY_AVX2 __m256 add(const Q8Block& x, __m256 acc, __m128&) const {
+  PPINFER_AVX2 __m256 add(const Q8Block& x, __m256 acc, __m128&) const {
     const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q));
     const __m256i pairs = _mm256_maddubs_epi16(abs_q, _mm256_sign_epi8(y, q));  // |.| <= 2 * 128 * 127
     const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
     return _mm256_fmadd_ps(d, _mm256_mul_ps(_mm256_broadcast_ss(&x.d), p), acc);
   }
-  PPINFER_LEGACY_AVX2 static float finish(__m256 acc, __m128) { return hsum(acc); }
+  PPINFER_AVX2 static float finish(__m256 acc, __m128) { return hsum(acc); }
 };
 
 // One weight row against kRows activation rows: each block decoded once, one chain per row.
 // A row's sum is formed the same way for every kRows, so its result does not depend on how
 // many rows share the call (or on the batch it came in).
-template <class Block, int kRows>
-PPINFER_LEGACY_AVX2 void dot_rows_fixed(const uint8_t* w, const Q8Block* x, int64_t x_stride, int k, float* out) {
-  __m256 acc[kRows];
-  __m128 off[kRows];
-  for (int r = 0; r < kRows; ++r) {
-    acc[r] = _mm256_setzero_ps();
-    off[r] = _mm_setzero_ps();
+template <class Block>
+struct Rows {
+  template <int kRows>
+  PPINFER_AVX2 static void rows(const uint8_t* w, const Q8Block* x, int64_t x_stride, int k, float* out) {
+    __m256 acc[kRows];
+    __m128 off[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      acc[r] = _mm256_setzero_ps();
+      off[r] = _mm_setzero_ps();
+    }
+    for (int b = 0; b < k / kBlock; ++b, w += Block::kBytes) {
+      const Block block = Block::decode(w);
+      for (int r = 0; r < kRows; ++r) acc[r] = block.add(x[r * x_stride + b], acc[r], off[r]);
+    }
+    for (int r = 0; r < kRows; ++r) out[r] = Block::finish(acc[r], off[r]);
   }
-  for (int b = 0; b < k / kBlock; ++b, w += Block::kBytes) {
-    const Block block = Block::decode(w);
-    for (int r = 0; r < kRows; ++r) acc[r] = block.add(x[r * x_stride + b], acc[r], off[r]);
-  }
-  for (int r = 0; r < kRows; ++r) out[r] = Block::finish(acc[r], off[r]);
-}
+};
 
 // kDotWeightRows weight rows (row r at w + r * w_stride) against one activation row. Each row
-// keeps its own chain, formed exactly as dot_rows_fixed<Block, 1> forms it (same blocks, same
+// keeps its own chain, formed exactly as Rows<Block>::rows<1> forms it (same blocks, same
 // order, same finish), so a row's result does not depend on which kernel computed it; the
 // independent chains let the CPU overlap one row's decode and FMAs with the others'.
 template <class Block>
-PPINFER_LEGACY_AVX2 void dot_weight_rows_avx2(const uint8_t* w, int64_t w_stride, const Q8Block* x, int k,
+PPINFER_AVX2 void dot_weight_rows_avx2(const uint8_t* w, int64_t w_stride, const Q8Block* x, int k,
                                               float* out) {
   __m256 acc[kDotWeightRows];
   __m128 off[kDotWeightRows];
@@ -300,57 +298,31 @@ PPINFER_LEGACY_AVX2 void dot_weight_rows_avx2(const uint8_t* w, int64_t w_stride
   for (int r = 0; r < kDotWeightRows; ++r) out[r] = Block::finish(acc[r], off[r]);
 }
 
-template <class Block>
-PPINFER_LEGACY_AVX2 float dot_avx2(const uint8_t* w, const Q8Block* x, int k) {
-  float out;
-  dot_rows_fixed<Block, 1>(w, x, 0, k, &out);
-  return out;
-}
-
-template <class Block>
-PPINFER_LEGACY_AVX2 void dot_rows_avx2(const uint8_t* w, const Q8Block* x, int64_t x_stride, int rows, int k,
-                                       float* out) {
-  switch (rows) {
-    case 1:
-      out[0] = dot_avx2<Block>(w, x, k);
-      return;
-    case 2:
-      return dot_rows_fixed<Block, 2>(w, x, x_stride, k, out);
-    case 3:
-      return dot_rows_fixed<Block, 3>(w, x, x_stride, k, out);
-    default:
-      return dot_rows_fixed<Block, kMaxDotRows>(w, x, x_stride, k, out);
-  }
-}
-
 using Q4_0Block = SymmetricBlock<kQ4_0Bytes, 8, -1>;
 using Q5_0Block = SymmetricBlock<kQ5_0Bytes, 16, 2>;
 using Q4_1Block = OffsetBlock<kQ4_1Bytes, -1>;
 using Q5_1Block = OffsetBlock<kQ5_1Bytes, 4>;
 
-#define PPINFER_LEGACY_AVX2_FN(...) __VA_ARGS__
-#else
-#define PPINFER_LEGACY_AVX2_FN(...) nullptr
-#endif  // PPINFER_LEGACY_X86
+#endif  // PPINFER_X86
 
 }  // namespace
 
 const QTypeKernels kLegacyKernels[] = {
-    {2, kBlock, kQ4_0Bytes, dot_symmetric_scalar<kQ4_0Bytes, 8, false>, PPINFER_LEGACY_AVX2_FN(dot_avx2<Q4_0Block>),
-     dequant_symmetric<kQ4_0Bytes, 8, false>, PPINFER_LEGACY_AVX2_FN(dot_rows_avx2<Q4_0Block>),
-     PPINFER_LEGACY_AVX2_FN(dot_weight_rows_avx2<Q4_0Block>)},
-    {3, kBlock, kQ4_1Bytes, dot_offset_scalar<kQ4_1Bytes, false>, PPINFER_LEGACY_AVX2_FN(dot_avx2<Q4_1Block>),
-     dequant_offset<kQ4_1Bytes, false>, PPINFER_LEGACY_AVX2_FN(dot_rows_avx2<Q4_1Block>),
-     PPINFER_LEGACY_AVX2_FN(dot_weight_rows_avx2<Q4_1Block>)},
-    {6, kBlock, kQ5_0Bytes, dot_symmetric_scalar<kQ5_0Bytes, 16, true>, PPINFER_LEGACY_AVX2_FN(dot_avx2<Q5_0Block>),
-     dequant_symmetric<kQ5_0Bytes, 16, true>, PPINFER_LEGACY_AVX2_FN(dot_rows_avx2<Q5_0Block>),
-     PPINFER_LEGACY_AVX2_FN(dot_weight_rows_avx2<Q5_0Block>)},
-    {7, kBlock, kQ5_1Bytes, dot_offset_scalar<kQ5_1Bytes, true>, PPINFER_LEGACY_AVX2_FN(dot_avx2<Q5_1Block>),
-     dequant_offset<kQ5_1Bytes, true>, PPINFER_LEGACY_AVX2_FN(dot_rows_avx2<Q5_1Block>),
-     PPINFER_LEGACY_AVX2_FN(dot_weight_rows_avx2<Q5_1Block>)},
-    {8, kBlock, kQ8_0Bytes, dot_q8_0_scalar, PPINFER_LEGACY_AVX2_FN(dot_avx2<Q8_0Block>), dequant_q8_0,
-     PPINFER_LEGACY_AVX2_FN(dot_rows_avx2<Q8_0Block>),
-     PPINFER_LEGACY_AVX2_FN(dot_weight_rows_avx2<Q8_0Block>)},
+    {2, kBlock, kQ4_0Bytes, dot_symmetric_scalar<kQ4_0Bytes, 8, false>, PPINFER_AVX2_FN(dot_avx2<Rows<Q4_0Block>>),
+     dequant_symmetric<kQ4_0Bytes, 8, false>, PPINFER_AVX2_FN(dot_rows_avx2<Rows<Q4_0Block>>),
+     PPINFER_AVX2_FN(dot_weight_rows_avx2<Q4_0Block>)},
+    {3, kBlock, kQ4_1Bytes, dot_offset_scalar<kQ4_1Bytes, false>, PPINFER_AVX2_FN(dot_avx2<Rows<Q4_1Block>>),
+     dequant_offset<kQ4_1Bytes, false>, PPINFER_AVX2_FN(dot_rows_avx2<Rows<Q4_1Block>>),
+     PPINFER_AVX2_FN(dot_weight_rows_avx2<Q4_1Block>)},
+    {6, kBlock, kQ5_0Bytes, dot_symmetric_scalar<kQ5_0Bytes, 16, true>, PPINFER_AVX2_FN(dot_avx2<Rows<Q5_0Block>>),
+     dequant_symmetric<kQ5_0Bytes, 16, true>, PPINFER_AVX2_FN(dot_rows_avx2<Rows<Q5_0Block>>),
+     PPINFER_AVX2_FN(dot_weight_rows_avx2<Q5_0Block>)},
+    {7, kBlock, kQ5_1Bytes, dot_offset_scalar<kQ5_1Bytes, true>, PPINFER_AVX2_FN(dot_avx2<Rows<Q5_1Block>>),
+     dequant_offset<kQ5_1Bytes, true>, PPINFER_AVX2_FN(dot_rows_avx2<Rows<Q5_1Block>>),
+     PPINFER_AVX2_FN(dot_weight_rows_avx2<Q5_1Block>)},
+    {8, kBlock, kQ8_0Bytes, dot_q8_0_scalar, PPINFER_AVX2_FN(dot_avx2<Rows<Q8_0Block>>), dequant_q8_0,
+     PPINFER_AVX2_FN(dot_rows_avx2<Rows<Q8_0Block>>),
+     PPINFER_AVX2_FN(dot_weight_rows_avx2<Q8_0Block>)},
 };
 const int kLegacyKernelCount = sizeof(kLegacyKernels) / sizeof(kLegacyKernels[0]);
 

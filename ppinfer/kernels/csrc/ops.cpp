@@ -27,11 +27,6 @@
 
 #include "qtypes.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define PPINFER_OPS_X86 1
-#define PPINFER_OPS_AVX2 __attribute__((target("avx2,fma,f16c")))
-#endif
 
 namespace ppinfer {
 namespace {
@@ -56,7 +51,7 @@ constexpr int64_t kPrefetchAhead = 8192;
 constexpr int64_t kCacheLine = 64;
 
 bool cpu_has_avx2() {
-#if defined(PPINFER_OPS_X86) && (defined(__GNUC__) || defined(__clang__))
+#if defined(PPINFER_X86) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
@@ -129,9 +124,9 @@ void quantize_row_scalar(const float* x, Q8Block* out, int64_t k) {
   }
 }
 
-#ifdef PPINFER_OPS_X86
+#ifdef PPINFER_X86
 // The same blocks as quantize_row_scalar (same products, same round-to-nearest-even).
-PPINFER_OPS_AVX2 void quantize_row_avx2(const float* x, Q8Block* out, int64_t k) {
+PPINFER_AVX2 void quantize_row_avx2(const float* x, Q8Block* out, int64_t k) {
   const __m256 sign_bit = _mm256_set1_ps(-0.0f);
   for (int64_t b = 0; b < k / kQ8Elems; ++b, x += kQ8Elems) {
     __m256 v[4];
@@ -165,7 +160,7 @@ PPINFER_OPS_AVX2 void quantize_row_avx2(const float* x, Q8Block* out, int64_t k)
 #endif
 
 void quantize_row(const float* x, Q8Block* out, int64_t k) {
-#ifdef PPINFER_OPS_X86
+#ifdef PPINFER_X86
   if (avx2_enabled().load(std::memory_order_relaxed)) {
     quantize_row_avx2(x, out, k);
     return;

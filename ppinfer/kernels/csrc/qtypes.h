@@ -10,6 +10,21 @@
 #include <cstdint>
 #include <cstring>
 
+// x86-64 builds carry AVX2 functions (marked PPINFER_AVX2, compiled for AVX2 whatever the
+// file's flags, run only where the CPU has it); elsewhere a table's AVX2 entries are nullptr.
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PPINFER_X86 1
+#if defined(__GNUC__) || defined(__clang__)
+#define PPINFER_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define PPINFER_AVX2
+#endif
+#define PPINFER_AVX2_FN(...) __VA_ARGS__
+#else
+#define PPINFER_AVX2_FN(...) nullptr
+#endif
+
 namespace ppinfer {
 
 constexpr int kQ8Elems = 32;
@@ -49,6 +64,32 @@ struct QTypeKernels {
   // each row's sum must be dot_avx2's bit for bit. ops.cpp calls dot_avx2 per row where missing.
   VecDotWeightRowsFn dot_weight_rows_avx2;
 };
+
+#if defined(PPINFER_X86)
+// A table's dot_avx2 and dot_rows_avx2 entries from one kernel: `Kernel::template
+// rows<kRows>(w, x, x_stride, k, out)` dots one weight row with kRows activation rows, each
+// row's sum formed the same way for every kRows (so a row's result never depends on its batch).
+template <class Kernel>
+PPINFER_AVX2 float dot_avx2(const uint8_t* w, const Q8Block* x, int k) {
+  float out;
+  Kernel::template rows<1>(w, x, 0, k, &out);
+  return out;
+}
+
+template <class Kernel>
+PPINFER_AVX2 void dot_rows_avx2(const uint8_t* w, const Q8Block* x, int64_t x_stride, int rows, int k, float* out) {
+  switch (rows) {
+    case 1:
+      return Kernel::template rows<1>(w, x, x_stride, k, out);
+    case 2:
+      return Kernel::template rows<2>(w, x, x_stride, k, out);
+    case 3:
+      return Kernel::template rows<3>(w, x, x_stride, k, out);
+    default:
+      return Kernel::template rows<kMaxDotRows>(w, x, x_stride, k, out);
+  }
+}
+#endif
 
 // Tables defined by the per-type files; `count` entries each.
 extern const QTypeKernels kLegacyKernels[];
