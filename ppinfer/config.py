@@ -21,8 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ppinfer.errors import ConfigError
-from ppinfer.generation.sampling import SamplingParams
-from ppinfer.generation.stopping import unescape_stop_string
+from ppinfer.generation.params import GenerationParams
 from ppinfer.model.loader import WEIGHT_MODES
 from ppinfer.pipeline.allocation import parse_layers
 
@@ -77,34 +76,6 @@ class InputConfig:
 
 
 @dataclass(kw_only=True)
-class GenerationConfig:
-    """Sampling and stopping for the `generate` task."""
-
-    max_new_tokens: int = 64
-    """Tokens to generate per prompt at most."""
-    temperature: float = 0.0
-    """Softmax temperature; 0 means greedy (argmax)."""
-    top_k: int = 0
-    """Keep only the k most likely tokens; 0 disables the filter."""
-    top_p: float = 1.0
-    """Keep the smallest set of tokens whose probability reaches p; 1 disables the filter."""
-    min_p: float = 0.0
-    """Drop tokens less likely than min_p times the most likely one; 0 disables the filter."""
-    repetition_penalty: float = 1.0
-    """Divide positive (multiply negative) logits of already seen tokens by this; 1 disables."""
-    seed: int = 0
-    """Seed of the sampler, so sampled runs are reproducible."""
-    ignore_eos: bool = False
-    """Keep generating past end-of-generation tokens (useful for benchmarks)."""
-    stop: List[str] = field(default_factory=list)
-    r"""Strings that end a sequence when they appear in its generated text. Each must be
-    non-empty. Since Hydra passes backslashes through, these escapes are decoded, and only
-    these: `\n` newline, `\r` carriage return, `\t` tab, `\\` a backslash, `\uXXXX` the
-    character with that hex code point; any other backslash sequence is an error. So
-    `generation.stop='["\n\n"]'` stops at a blank line."""
-
-
-@dataclass(kw_only=True)
 class RuntimeConfig:
     """Where and how each rank computes."""
 
@@ -128,8 +99,27 @@ class OutputConfig:
     """Where results go."""
 
     dir: str = "outputs/latest"
-    """One pinned directory shared by all ranks (also Hydra's run dir); the last rank writes it
+    """One pinned directory shared by all ranks (also Hydra's run dir); one rank writes it
     and holds it (`.lock`) for the run, so a second run into it is refused."""
+
+
+@dataclass(kw_only=True)
+class ServerConfig:
+    """The OpenAI-compatible server (`launch/serve.py`); the batch command ignores it."""
+
+    host: str = "127.0.0.1"
+    """Address the first rank listens on."""
+    port: int = 8000
+    """TCP port of the HTTP server."""
+    api_key: Optional[str] = None
+    """When set, every /v1 request needs `Authorization: Bearer <api_key>` (401 otherwise)."""
+    max_queue: int = 256
+    """Requests waiting for a slot at most; beyond, 503 with Retry-After."""
+    context_length: Optional[int] = None
+    """KV slots of one sequence (prompt plus generated); null means the model's context,
+    capped at 2048 (every row of every lane preallocates this many KV slots)."""
+    lane_size: int = 8
+    """Sequences per lane when `pipeline.lane_size` is null."""
 
 
 @dataclass(kw_only=True)
@@ -166,12 +156,14 @@ class Config:
     """Wrap each prompt as a user turn with the chat template."""
     input: InputConfig = field(default_factory=InputConfig)
     """What the `score` task scores."""
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generation: GenerationParams = field(default_factory=GenerationParams)
     """Sampling and stopping."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     """Device, dtype, threads, timeouts."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Output directory."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """The HTTP server (`launch/serve.py` only)."""
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     """Profiling."""
 
@@ -212,6 +204,18 @@ def validate_config(cfg: AnyConfig, world_size: int, cuda_available: bool) -> No
     _validate_generation(cfg.generation, cfg.task)
     _validate_runtime(cfg.runtime, cuda_available)
     _validate_profile(cfg.profile)
+    _validate_server(cfg.server)
+
+
+def _validate_server(s: Any) -> None:
+    if not 1 <= s.port <= 65535:
+        _fail("server.port", s.port, "must be a TCP port in [1, 65535]")
+    if s.max_queue < 0:
+        _fail("server.max_queue", s.max_queue, "must be >= 0")
+    if s.lane_size < 1:
+        _fail("server.lane_size", s.lane_size, "must be >= 1")
+    if s.api_key is not None and not str(s.api_key).strip():
+        _fail("server.api_key", s.api_key, "must not be empty (null disables authentication)")
 
 
 def _validate_pipeline(p: Any, world_size: int) -> None:
@@ -264,38 +268,13 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, (str, int, float)) else list(value)
 
 
-def stop_strings(g: Any) -> tuple[str, ...]:
-    """The `generation.stop` strings with their escapes decoded (see GenerationConfig.stop)."""
-    decoded = []
-    for i, raw in enumerate(str(s) for s in g.stop):
-        try:
-            stop = unescape_stop_string(raw)
-        except ValueError as exc:
-            # Shown as typed: repr would double every backslash (but keeps a real newline on one line).
-            shown = f'"{raw}"' if raw.isprintable() else repr(raw)
-            raise ConfigError(f"generation.stop[{i}]={shown}: {exc}") from exc
-        if not stop:
-            _fail("generation.stop", _plain(g.stop), f"entry {i} is empty; a stop string needs at least one character")
-        decoded.append(stop)
-    return tuple(decoded)
-
-
-def sampling_params(g: Any) -> SamplingParams:
-    """The sampler's parameters from the `generation` group (validated by SamplingParams)."""
-    return SamplingParams(
-        temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p), min_p=float(g.min_p),
-        repetition_penalty=float(g.repetition_penalty), seed=int(g.seed),
-    )
-
-
 def _validate_generation(g: Any, task: str) -> None:
-    if g.max_new_tokens < 0 or (task == "generate" and g.max_new_tokens < 1):
-        _fail("generation.max_new_tokens", g.max_new_tokens, "must be >= 1 to generate")
+    if task == "score":
+        return
     try:
-        sampling_params(g)
+        GenerationParams.from_config(g)
     except ValueError as exc:  # the message starts with `field=value`
         raise ConfigError(f"generation.{exc}") from exc
-    stop_strings(g)
 
 
 def _validate_runtime(r: Any, cuda_available: bool) -> None:

@@ -127,11 +127,12 @@ class Finished:
         return self.output[-chars:]
 
 
-def start_command(cmd: list[str]) -> subprocess.Popen[str]:
+def start_command(cmd: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """Start `cmd` in the repository root, in its own session (so its workers can be killed
-    together), with stdout and stderr merged. The repository goes last on PYTHONPATH: a
-    fallback when ppinfer is not installed, never in front of what the caller chose."""
-    env = dict(os.environ)
+    together), with stdout and stderr merged, in this environment plus `extra_env`. The
+    repository goes last on PYTHONPATH: a fallback when ppinfer is not installed, never in
+    front of what the caller chose."""
+    env = {**os.environ, **(extra_env or {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(REPO)) if p)
     return subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as QType
 from gguf import GGMLQuantizationType, GGUFWriter
 
@@ -25,7 +26,8 @@ from ppinfer.errors import ConfigError, ModelFileError
 from ppinfer.pipeline.allocation import LayerCosts, allocate, parse_layers, plan_table
 from ppinfer.pipeline.costs import layer_costs
 from ppinfer.pipeline.job import DistEnv, Job, prepare
-from ppinfer.pipeline.transport import HEADER_BYTES, LinkSizes
+from ppinfer.pipeline.schedule import Kind, RowStep, WorkItem
+from ppinfer.pipeline.transport import Control, LinkSizes, Msg, RowSampling
 
 MIB = 1024 * 1024
 
@@ -355,7 +357,7 @@ def test_lane_size_beyond_the_prompts_sizes_the_lane_it_really_holds(tiny_model:
     the one of `lane_size=2` (the same run) and of the default lanes, not one that charges the
     first stage a billion embedding rows per step."""
     huge = _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS, "pipeline.lane_size=1000000000")
-    assert (huge.lane_size, [b.size for b in huge.batches], huge.n_lanes) == (2, [2], 1)
+    assert (huge.lane_size, len(huge.prompts), huge.n_lanes) == (2, 2, 1)
     exact = _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS, "pipeline.lane_size=2")
     default = _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS)
     assert huge.layers == exact.layers == default.layers
@@ -369,11 +371,15 @@ def test_huge_prefill_chunk_is_capped_by_the_longest_prompt(tiny_model: Path, tm
                     "pipeline.prefill_chunk=100000000")
     longest = max(len(p) for p in job.prompts)
     assert job.prefill_chunk == longest < 100
-    sizes = LinkSizes.of(TINY.n_embd, job.lane_size, job.prefill_chunk, job.dtype)
-    # 2 sequences x the longest prompt x E float32 values; a decode step (2 x 1 x E) inline.
-    assert sizes.large_elements == 2 * longest * TINY.n_embd
-    assert sizes.item_bytes == HEADER_BYTES + 2 * TINY.n_embd * 4
-    assert sizes.token_bytes == HEADER_BYTES + 2 * 8
+    sizes = LinkSizes.of(TINY.n_embd, job.lane_size, job.prefill_chunk, job.dtype, stages=2)
+    # Control block: 8 header words, 1 busy word per stage, 9 words per row (seq, first_pos,
+    # reset and 6 of sampling) = 8 + 2 + 2 * 9 = 28 int64 words.
+    assert sizes.control_words == 28
+    # A decode step inline: control, 2 x 1 input ids, 2 x 1 x E float32 values.
+    assert sizes.item_bytes == (28 + 2) * 8 + 2 * TINY.n_embd * 4
+    assert sizes.token_bytes == (28 + 2) * 8
+    # 2 rows x the longest prompt, each token an int64 id and E float32 values.
+    assert sizes.large_bytes == 2 * longest * (8 + TINY.n_embd * 4)
     # A chunk shorter than the prompts is kept as configured.
     assert _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS, "pipeline.prefill_chunk=3").prefill_chunk == 3
 
@@ -384,6 +390,22 @@ def test_score_sizes_for_its_one_long_sequence(tiny_model: Path, tmp_path: Path)
     score = ("task=score", f"input.token_ids=[{','.join(map(str, ids))}]")
     job = _prepared(tiny_model, tmp_path, 2, *score, "pipeline.prefill_chunk=100000000")
     assert (job.lane_size, job.prefill_chunk) == (1, len(ids))
-    sizes = LinkSizes.of(TINY.n_embd, job.lane_size, job.prefill_chunk, job.dtype)
-    assert sizes.large_elements == len(ids) * TINY.n_embd
+    sizes = LinkSizes.of(TINY.n_embd, job.lane_size, job.prefill_chunk, job.dtype, stages=2)
+    assert sizes.large_bytes == len(ids) * (8 + TINY.n_embd * 4)
     assert _prepared(tiny_model, tmp_path, 2, *score, "pipeline.prefill_chunk=16").prefill_chunk == 16
+
+
+def test_control_block_fits_its_words_and_round_trips() -> None:
+    """A control block of a full lane encodes to exactly `control_words` int64 words (the
+    buffers hold no more), and decodes to the same item, sampling settings (floats bit-exact,
+    a 63-bit stream seed intact) and busy times."""
+    rows = (RowStep(7, -2, reset=True), RowStep(-1, -1), RowStep(9, 5))
+    sampling = (
+        RowSampling(0.7, 40, 0.95, 0.05, 1.1, 2**63 - 1),
+        RowSampling(),
+        RowSampling(1e-40, 0, 1.0, 0.0, 1.0, 12345),
+    )
+    control = Control(Msg.ITEM, WorkItem(1, Kind.PREFILL, 2, rows, 4, True), sampling, (0.25, 1.5, 0.0))
+    words = control.encode(3)
+    assert len(words) == LinkSizes.of(16, 3, 4, torch.float32, stages=3).control_words == 8 + 3 + 3 * 9
+    assert Control.decode(words, 3) == control

@@ -18,10 +18,10 @@ from ppinfer.config import (
     resolve_dtype,
     resolve_lanes,
     resolve_threads,
-    stop_strings,
     validate_config,
 )
 from ppinfer.errors import ConfigError
+from ppinfer.generation.params import GenerationParams
 
 CONF_DIR = str((Path(__file__).resolve().parent.parent / "conf").resolve())
 
@@ -162,8 +162,8 @@ BAD_VALUES = [
     (["generation.repetition_penalty=nan"], 1, False, "generation.repetition_penalty", "nan"),
     (["generation.top_p=inf"], 1, False, "generation.top_p", "inf"),
     (["generation.min_p=nan"], 1, False, "generation.min_p", "nan"),
-    (['generation.stop=[""]'], 1, False, "generation.stop", "['']"),
-    (['generation.stop=["ok",""]'], 1, False, "generation.stop", "entry 1 is empty"),
+    (['generation.stop=[""]'], 1, False, "generation.stop[0]", "''"),
+    (['generation.stop=["ok",""]'], 1, False, "generation.stop[1]", "''"),
     ([r'generation.stop=["ok","a\q"]'], 1, False, "generation.stop[1]", r"unknown escape \q"),
     (["generation.top_p=0"], 1, False, "generation.top_p", "0"),
     (["generation.top_p=1.5"], 1, False, "generation.top_p", "1.5"),
@@ -238,7 +238,7 @@ def test_stop_strings_decode_escapes_as_hydra_delivers_them(
 ) -> None:
     cfg = _compose([override])
     validate_config(cfg, world_size=1, cuda_available=False)
-    assert stop_strings(cfg.generation) == expected
+    assert tuple(GenerationParams.from_config(cfg.generation).stop) == expected
 
 
 def test_validation_accepts_the_plain_dataclass() -> None:

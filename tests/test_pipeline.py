@@ -379,16 +379,18 @@ def test_two_nodes_on_loopback(suite: Suite, single: SingleProcess, tmp_path: Pa
             "--nnodes=2", "--nproc_per_node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
             "--rdzv-id=ppinfer-two-nodes", f"--rdzv-conf=is_host={int(node == 0)}", "--local-addr=127.0.0.1",
             "launch/infer.py", *overrides,
-        ))
+        ), extra_env={"LOGLEVEL": "INFO"})  # each agent then logs the global ranks it started
         for node in range(2)
     ]
     done: list[Finished] = [wait_command(a, LAUNCH_TIMEOUT_S) for a in agents]
     for node, d in enumerate(done):
         assert d.returncode == 0, f"node {node}:\n{d.tail()}"
-    # Rank 0 logs the plan and the last rank the summary: they ran under different agents.
-    first = [i for i, d in enumerate(done) if "[ppinfer rank 0] model" in d.output]
-    last = [i for i, d in enumerate(done) if "[ppinfer rank 3] done" in d.output]
+    # Rank 0 logs the plan and the summary under the agent of ranks 0 and 1; the other agent
+    # started ranks 2 and 3.
+    first = [i for i, d in enumerate(done) if all(f"[ppinfer rank 0] {w}" in d.output for w in ("model", "done"))]
+    last = [i for i, d in enumerate(done) if "global_ranks=[2, 3]" in d.output]
     assert len(first) == len(last) == 1 and first != last, [d.tail() for d in done]
+    assert "global_ranks=[0, 1]" in done[first[0]].output
     assert metrics_of(out)["stages"] == 4
     assert results(out) == results(single.out(name))
 

@@ -6,6 +6,7 @@ implementation), never this package's own output.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -17,10 +18,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from ppinfer.generation.params import GenerationParams
 from ppinfer.generation.sampling import (
     HISTORY_PAD,
-    Sampler,
-    SamplingParams,
     apply_repetition_penalty,
     make_generator,
     min_p_mask,
@@ -65,15 +65,15 @@ def _logits_from_probs(probs: list[float]) -> torch.Tensor:
 )
 def test_invalid_params_name_field_and_value(field: str, value: float) -> None:
     with pytest.raises(ValueError) as info:
-        SamplingParams(**{field: value})
+        GenerationParams(**{field: value}).checked()
     assert field in str(info.value)
     assert repr(value) in str(info.value)
 
 
 def test_defaults_are_greedy_and_valid() -> None:
-    params = SamplingParams()
+    params = GenerationParams().checked()
     assert params.greedy
-    assert not SamplingParams(temperature=0.8).greedy
+    assert not GenerationParams(temperature=0.8).checked().greedy
 
 
 # --- masks on hand-made distributions -----------------------------------------------------
@@ -145,10 +145,10 @@ def test_repetition_penalty_hand_case() -> None:
 
 def test_repetition_penalty_changes_greedy_choice() -> None:
     logits = torch.tensor([[3.0, 2.0]])
-    params = SamplingParams(repetition_penalty=2.0)
+    params = GenerationParams(repetition_penalty=2.0)
     # 3.0 / 2 = 1.5 < 2.0, so the repeated token 0 loses to token 1.
     assert sample(logits, params, history=pad_history([[0]])).tolist() == [1]
-    assert sample(logits, SamplingParams()).tolist() == [0]
+    assert sample(logits, GenerationParams()).tolist() == [0]
 
 
 def test_repetition_penalty_matches_transformers() -> None:
@@ -163,7 +163,7 @@ def test_repetition_penalty_rejects_out_of_range_ids() -> None:
     with pytest.raises(ValueError, match="40"):
         apply_repetition_penalty(torch.zeros(1, 40), torch.tensor([[3, 40]]), 1.2)
     with pytest.raises(ValueError, match="history"):
-        sample(torch.zeros(1, 4), SamplingParams(repetition_penalty=1.2))
+        sample(torch.zeros(1, 4), GenerationParams(repetition_penalty=1.2))
 
 
 # --- greedy -------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_greedy_is_argmax_and_uses_no_randomness() -> None:
     logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0))
     generators = [make_generator(0, i) for i in range(5)]
     states = [gen.get_state() for gen in generators]
-    tokens = sample(logits, SamplingParams(temperature=0.0, top_k=3), generators)
+    tokens = sample(logits, GenerationParams(temperature=0.0, top_k=3), generators)
     assert tokens.dtype == torch.int64
     assert torch.equal(tokens, logits.argmax(dim=-1))
     assert all(torch.equal(gen.get_state(), s) for gen, s in zip(generators, states))
@@ -182,16 +182,16 @@ def test_greedy_is_argmax_and_uses_no_randomness() -> None:
 def test_sampling_requires_one_generator_per_row() -> None:
     logits = torch.zeros(2, 4)
     with pytest.raises(ValueError, match="one generator per row"):
-        sample(logits, SamplingParams(temperature=1.0))
+        sample(logits, GenerationParams(temperature=1.0))
     with pytest.raises(ValueError, match="2 rows, got 1"):
-        sample(logits, SamplingParams(temperature=1.0), [make_generator(0, 0)])
+        sample(logits, GenerationParams(temperature=1.0), [make_generator(0, 0)])
 
 
 # --- seeded reproducibility ---------------------------------------------------------------
 
 _STEPS = 24
 _VOCAB = 64
-_PARAMS = SamplingParams(temperature=1.3, top_k=40, top_p=0.95, min_p=0.01, seed=11)
+_PARAMS = GenerationParams(temperature=1.3, top_k=40, top_p=0.95, min_p=0.01, seed=11)
 
 
 def _step_logits(index: int) -> torch.Tensor:
@@ -199,29 +199,32 @@ def _step_logits(index: int) -> torch.Tensor:
     return torch.randn(_STEPS, _VOCAB, generator=torch.Generator().manual_seed(100 + index))
 
 
-def _run(sampler: Sampler, indices: list[int]) -> dict[int, list[int]]:
-    """Sample _STEPS tokens for a batch whose row b is sequence indices[b]."""
+def _run(params: GenerationParams, indices: list[int]) -> dict[int, list[int]]:
+    """Sample _STEPS tokens for a batch whose row b is sequence indices[b], each sequence
+    with its own generator from (seed, its index), as the last stage keeps them."""
     per_seq = {index: _step_logits(index) for index in indices}
+    generators = {index: make_generator(params.seed, index) for index in indices}
     out: dict[int, list[int]] = {index: [] for index in indices}
     for step in range(_STEPS):
         logits = torch.stack([per_seq[index][step] for index in indices])  # [B, V]
-        for index, token in zip(indices, sampler(logits, indices).tolist()):
+        tokens = sample(logits, params, [generators[index] for index in indices])
+        for index, token in zip(indices, tokens.tolist()):
             out[index].append(token)
     return out
 
 
 def test_sequence_tokens_do_not_depend_on_batch_row_or_neighbours() -> None:
-    alone = _run(Sampler(_PARAMS), [3])[3]
-    in_batch = _run(Sampler(_PARAMS), [7, 3, 0, 12])[3]
-    other_batch = _run(Sampler(_PARAMS), [3, 5])[3]
+    alone = _run(_PARAMS, [3])[3]
+    in_batch = _run(_PARAMS, [7, 3, 0, 12])[3]
+    other_batch = _run(_PARAMS, [3, 5])[3]
     assert alone == in_batch == other_batch
     assert len(set(alone)) > 5  # really sampled, not stuck on one token
 
 
 def test_same_seed_repeats_and_different_seed_differs() -> None:
-    first = _run(Sampler(_PARAMS), [0, 1])
-    again = _run(Sampler(_PARAMS), [0, 1])
-    reseeded = _run(Sampler(SamplingParams(**{**_PARAMS.__dict__, "seed": 12})), [0, 1])
+    first = _run(_PARAMS, [0, 1])
+    again = _run(_PARAMS, [0, 1])
+    reseeded = _run(dataclasses.replace(_PARAMS, seed=12), [0, 1])
     assert first == again
     assert first[0] != reseeded[0]
     assert first[1] != reseeded[1]
@@ -233,7 +236,7 @@ def test_same_seed_repeats_and_different_seed_differs() -> None:
 # --- distributions ------------------------------------------------------------------------
 
 
-def _counts(logits_row: list[float], params: SamplingParams, draws: int) -> list[int]:
+def _counts(logits_row: list[float], params: GenerationParams, draws: int) -> list[int]:
     """Sample ``draws`` rows of the same logits, each row with its own generator."""
     logits = torch.tensor([logits_row]).expand(draws, -1)  # [N, V]
     generators = [make_generator(params.seed, i) for i in range(draws)]
@@ -252,7 +255,7 @@ def test_temperature_gives_the_softmax_distribution() -> None:
     weights = [math.exp(x / temperature) for x in logits_row]
     expected = [w / sum(weights) for w in weights]
     untempered = [math.exp(x) / sum(math.exp(y) for y in logits_row) for x in logits_row]
-    counts = _counts(logits_row, SamplingParams(temperature=temperature, seed=3), 4000)
+    counts = _counts(logits_row, GenerationParams(temperature=temperature, seed=3), 4000)
     # df = 4: the 99.9% quantile is 18.47. The seed is fixed, so this cannot flake.
     assert _chi_square(counts, expected) < 18.47
     # ...and the statistic is sensitive enough to tell temperature 0.7 from 1.0.
@@ -264,14 +267,14 @@ def test_tiny_temperature_samples_the_argmax(temperature: float) -> None:
     # 1e-40 is a float32 denormal and 1e-50 rounds to 0 in float32: dividing the logits by
     # either used to give inf - inf = NaN in the softmax and an out-of-bounds index.
     logits = torch.randn(6, 100, generator=torch.Generator().manual_seed(4)) * 3.0  # [B, V]
-    params = SamplingParams(temperature=temperature, top_k=40, seed=2)
+    params = GenerationParams(temperature=temperature, top_k=40, seed=2)
     tokens = sample(logits, params, [make_generator(2, i) for i in range(6)])
     assert torch.equal(tokens, logits.argmax(dim=-1))
 
 
 def test_tiny_temperature_draws_among_tied_maxima_only() -> None:
     logits = torch.tensor([[1.0, 5.0, 2.0, 5.0, 4.999]]).expand(400, -1)  # [N, V]
-    tokens = sample(logits, SamplingParams(temperature=1e-30), [make_generator(0, i) for i in range(400)])
+    tokens = sample(logits, GenerationParams(temperature=1e-30), [make_generator(0, i) for i in range(400)])
     counts = torch.bincount(tokens, minlength=5).tolist()
     assert counts[0] == counts[2] == counts[4] == 0
     assert counts[1] > 150 and counts[3] > 150
@@ -281,7 +284,7 @@ def test_top_p_is_applied_before_temperature() -> None:
     # At T=1 the probabilities are 0.5/0.3/0.2, so top_p=0.7 keeps tokens 0 and 1. Applying
     # T=10 first (transformers' order) would flatten them to ~1/3 each and keep all three.
     logits_row = [math.log(0.5), math.log(0.3), math.log(0.2)]
-    counts = _counts(logits_row, SamplingParams(temperature=10.0, top_p=0.7, seed=9), 2000)
+    counts = _counts(logits_row, GenerationParams(temperature=10.0, top_p=0.7, seed=9), 2000)
     assert counts[2] == 0
     # Within the nucleus T=10 makes them nearly even: (0.5/0.3)**0.1 ~ 1.05.
     assert counts[0] > 900 and counts[1] > 900
@@ -291,7 +294,7 @@ def test_sampled_tokens_always_survive_the_filters() -> None:
     generator = torch.Generator().manual_seed(77)
     for trial in range(20):
         logits = torch.randn(4, 50, generator=generator) * 2.0  # [B, V]
-        params = SamplingParams(temperature=1.5, top_k=10, top_p=0.8, min_p=0.05, seed=trial)
+        params = GenerationParams(temperature=1.5, top_k=10, top_p=0.8, min_p=0.05, seed=trial)
         masked = logits.masked_fill(~top_k_mask(logits, 10), float("-inf"))
         masked = masked.masked_fill(~top_p_mask(masked, 0.8), float("-inf"))
         allowed = min_p_mask(masked, 0.05) & torch.isfinite(masked)  # [B, V]

@@ -1,32 +1,45 @@
-"""The ring schedule as data, checked without processes.
+"""The lane schedule as data, checked without processes.
 
-Every expectation here is derived by hand from the schedule's contract (DESIGN.md, "lanes in a
-ring"), never read off the scheduler's own output:
+Every expectation here is derived by hand from the schedule's contract (the docstring of
+`ppinfer.pipeline.schedule`), never read off the scheduler's own output:
 
-- the order of work items honours each batch's chunks and decode steps, the lane discipline
-  (one batch per lane, a lane waits for its sampled ids) and the batch order;
+- the order of work items gives each sequence its prefill chunks (left-padded to its group's
+  longest prompt) and then one decode step per sampled token after the first; a row holds one
+  sequence at a time and takes a new one only when the last ids of the previous one arrived;
+  sequences are admitted oldest first; a sequence is computed again only once the ids of its
+  last sampling item arrived; every decode step covers every decoding row of its lane;
+- by hand on small cases: refill of a freed row by the oldest waiting sequence, reuse of a
+  row (reset on the first chunk only, positions restarting at the new prompt), one chunk of a
+  newcomer per turn while its neighbours decode, a left-padded group of several newcomers,
+  `withdraw`, and the slots a refilled lane keeps busy compared with fixed batches;
 - per-stage action lists pair every send with a receive on the same channel in the same
   order, and simulate to completion for S in 1..4 and M in 1..6 with uneven finishes, more
-  batches than lanes and prompts of several chunks;
-- with equal-cost items, a lane's k-th item reaches stage s at tick k * max(M, S) + lane + s:
-  with M >= S the ring is full (only fill and drain are idle), with M < S every period of S
-  ticks has S - M idle ticks; M single-item batches give the textbook (S - 1) / (M + S - 1);
+  sequences than slots (so rows are refilled) and prompts of several chunks;
+- with equal-cost items and M lanes each holding one full group, a lane's k-th item reaches
+  stage s at tick k * max(M, S) + lane + s: with M >= S the ring is full (only fill and drain
+  are idle), with M < S every period of S ticks has S - M idle ticks; M single-item lanes give
+  the textbook (S - 1) / (M + S - 1);
 - the simulator rejects broken action lists (missing send, swapped receives, stray send).
 """
 
 from __future__ import annotations
 
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict, deque
 
 import pytest
 
 from ppinfer.pipeline.schedule import (
+    IDLE,
     Action,
     AwaitTokens,
     Kind,
-    RingScheduler,
+    Request,
+    RowStep,
+    Scheduler,
     WorkItem,
+    item_positions,
+    occupancy,
     prefill_chunks,
     run_order,
     simulate,
@@ -38,11 +51,31 @@ STAGES = (1, 2, 3, 4)
 LANES = (1, 2, 3, 4, 5, 6)
 
 Order = list[WorkItem | AwaitTokens]
+P, D = Kind.PREFILL, Kind.DECODE
 
 
-def make_order(widths: list[int], lanes: int, chunk: int, steps: list[int], score_only: bool = False) -> Order:
-    """The scheduler's full order when batch b samples `steps[b]` tokens in all."""
-    return list(run_order(RingScheduler(widths, lanes, chunk, score_only), lambda b: steps[b]))
+def make_order(
+    prompts: list[int],
+    lanes: int,
+    chunk: int,
+    samples: list[int],
+    lane_size: int = 1,
+    budgets: list[int] | None = None,
+    capacity: int | None = None,
+) -> Order:
+    """The scheduler's full order when sequence s (prompt of `prompts[s]` tokens, budget
+    `budgets[s]`, by default `samples[s]`) ends after `samples[s]` sampled ids. The default
+    capacity is the one a batch job sizes its rows for: longest prompt + largest budget - 1."""
+    budgets = samples if budgets is None else budgets
+    if capacity is None:
+        capacity = max(prompts) + max(max(budgets) - 1, 0)
+    requests = [Request(s, p, b) for s, (p, b) in enumerate(zip(prompts, budgets))]
+    return list(run_order(Scheduler(lanes, lane_size, chunk, capacity), requests, lambda s: samples[s]))
+
+
+def score_order(prompts: list[int], lanes: int, chunk: int, lane_size: int = 1) -> Order:
+    """Scored sequences: no budget, over once the ids of their prefill arrive."""
+    return make_order(prompts, lanes, chunk, [1] * len(prompts), lane_size, budgets=[0] * len(prompts))
 
 
 def items_of(order: Order) -> list[WorkItem]:
@@ -51,6 +84,10 @@ def items_of(order: Order) -> list[WorkItem]:
 
 def unit_cost(stage: int, item: int) -> float:
     return 1.0
+
+
+def step(seq: int, first_pos: int, reset: bool = False) -> RowStep:
+    return RowStep(seq, first_pos, reset)
 
 
 # ---- prefill_chunks ------------------------------------------------------------------------
@@ -76,99 +113,306 @@ def test_prefill_chunks_rejects_empty(width: int, chunk: int) -> None:
         prefill_chunks(width, chunk)
 
 
-def test_chunk_capped_by_the_longest_prompt_changes_no_item() -> None:
+@pytest.mark.parametrize("lane_size", [1, 2])
+def test_chunk_capped_by_the_longest_prompt_changes_no_item(lane_size: int) -> None:
     """A run sizes its buffers for min(prefill_chunk, longest prompt): the scheduler must
     issue exactly the items it issues with the configured (however large) chunk."""
-    widths, steps = [5, 2, 4], [3, 1, 2]
-    assert make_order(widths, 2, max(widths), steps) == make_order(widths, 2, 100_000_000, steps)
-    assert max(i.length for i in items_of(make_order(widths, 2, 100_000_000, steps))) == max(widths)
+    prompts, samples = [5, 2, 4], [3, 1, 2]
+    capped = make_order(prompts, 2, max(prompts), samples, lane_size)
+    assert capped == make_order(prompts, 2, 100_000_000, samples, lane_size)
+    assert max(i.length for i in items_of(capped)) == max(prompts)
 
 
-def test_scheduler_rejects_no_lanes() -> None:
-    with pytest.raises(ValueError, match="0"):
-        RingScheduler([3], 0, 2)
+@pytest.mark.parametrize(("lanes", "lane_size", "chunk"), [(0, 1, 2), (1, 0, 2), (1, 1, 0)])
+def test_scheduler_rejects_empty_lanes_and_chunks(lanes: int, lane_size: int, chunk: int) -> None:
+    with pytest.raises(ValueError, match=f"{lanes}, {lane_size}, {chunk}"):
+        Scheduler(lanes, lane_size, chunk, 10)
+
+
+@pytest.mark.parametrize(("prompt", "budget"), [(9, 3), (0, 1), (11, 0)])
+def test_a_sequence_that_cannot_fit_a_row_is_refused(prompt: int, budget: int) -> None:
+    """A row of 10 slots holds a prompt and budget - 1 fed tokens (the last sampled id is
+    never fed back): 9 + 2 do not fit, an empty prompt never does, 11 scored tokens neither."""
+    scheduler = Scheduler(1, 1, 4, capacity=10)
+    with pytest.raises(ValueError, match=f"sequence 3: {prompt} prompt tokens"):
+        scheduler.add(Request(3, prompt, budget))
+    scheduler.add(Request(4, 10, 1))  # exactly full
+    assert scheduler.waiting == 1
 
 
 def test_tokens_for_a_lane_that_is_not_waiting_is_an_error() -> None:
-    scheduler = RingScheduler([2, 2], 2, 1)
-    first = scheduler.next()  # lane 0's first chunk: lane 0 does not wait yet
+    scheduler = Scheduler(2, 1, 1, 8)
+    scheduler.add(Request(0, 2, 2))
+    scheduler.add(Request(1, 2, 2))
+    first = scheduler.next()  # lane 0's first chunk; lane 1 has not had a turn yet
     assert isinstance(first, WorkItem) and first.lane == 0
-    with pytest.raises(RuntimeError, match="lane 0"):
-        scheduler.tokens_arrived(0, finished=False)
+    with pytest.raises(RuntimeError, match="lane 1"):
+        scheduler.tokens_arrived(1)
 
 
-# ---- the order of work items ---------------------------------------------------------------
+# ---- the order of work items: the contract on random workloads -----------------------------
 
 
-def check_order(order: Order, widths: list[int], lanes: int, chunk: int, steps: list[int], score_only: bool) -> None:
+def check_order(
+    order: Order, prompts: list[int], lanes: int, lane_size: int, chunk: int, samples: list[int], capacity: int
+) -> None:
     """Assert the scheduling contract on a whole order (see the module docstring)."""
-    per_batch: dict[int, list[WorkItem]] = defaultdict(list)
-    lane_batch: dict[int, int] = {}  # lane -> batch it holds
-    waiting: dict[int, bool] = defaultdict(bool)  # lane -> sampled, ids not yet received
-    started: list[int] = []
+    place: dict[int, tuple[int, int]] = {}  # sequence -> (lane, row) it was admitted to
+    holder: dict[tuple[int, int], int] = {}  # (lane, row) -> sequence, until its last ids arrive
+    in_flight: dict[int, deque[WorkItem]] = defaultdict(deque)  # lane -> sampling items, oldest first
+    received: Counter[int] = Counter()  # sequence -> ids arrived
+    width: dict[int, int] = {}  # sequence -> padded prompt width of its group
+    got: dict[int, list[tuple[Kind, int, int, bool, bool]]] = defaultdict(list)
+    admitted: list[int] = []
     for action in order:
         if isinstance(action, AwaitTokens):
-            assert waiting[action.lane], f"lane {action.lane} awaits ids it never asked for"
-            waiting[action.lane] = False
+            assert in_flight[action.lane], f"lane {action.lane} awaits ids it never asked for"
+            for seq in in_flight[action.lane].popleft().seqs:
+                received[seq] += 1
+                if received[seq] == samples[seq]:
+                    del holder[place[seq]]
             continue
         item = action
-        assert 0 <= item.lane < lanes
-        assert not waiting[item.lane], f"lane {item.lane} issued {item} before its ids arrived"
-        if item.batch not in per_batch:
-            started.append(item.batch)
-            held = lane_batch.get(item.lane)
-            if held is not None:
-                assert len(per_batch[held]) == len(expected_items(widths[held], chunk, steps[held], score_only)), (
-                    f"lane {item.lane} took batch {item.batch} before batch {held} finished"
-                )
-            lane_batch[item.lane] = item.batch
-        assert lane_batch[item.lane] == item.batch, f"{item} is not on the lane holding batch {item.batch}"
-        per_batch[item.batch].append(item)
-        waiting[item.lane] = item.samples
-    assert not any(waiting.values()), "a lane's last sampled ids were never received"
-    assert started == sorted(started) == list(range(len(widths))), "batches must start in order"
-    for b, width in enumerate(widths):
-        got = [(i.kind, i.start, i.length, i.samples, i.reset) for i in per_batch[b]]
-        assert got == expected_items(width, chunk, steps[b], score_only), f"batch {b}"
+        assert 0 <= item.lane < lanes and 0 <= item.row0 and item.row0 + len(item.rows) <= lane_size, item
+        assert item.seqs and not item.rows[0].idle and not item.rows[-1].idle, f"{item} computes idle edges"
+        if item.kind is D:
+            decoding = {s for (lane, _), s in holder.items() if lane == item.lane and received[s] >= 1}
+            assert set(item.seqs) == decoding, f"{item} is not one step of every decoding row"
+        newcomers = [s for s in item.seqs if s not in place]
+        if newcomers:
+            assert item.kind is P and newcomers == item.seqs, f"{item} mixes a new group with running rows"
+            admitted += newcomers
+        waiting_ids = {s for it in in_flight[item.lane] for s in it.seqs}
+        for i, row in enumerate(item.rows):
+            if row.idle:
+                continue
+            here = (item.lane, item.row0 + i)
+            if row.seq in newcomers:
+                assert here not in holder, f"sequence {row.seq} took {here} from sequence {holder.get(here)}"
+                holder[here], place[row.seq] = row.seq, here
+                width[row.seq] = max(prompts[s] for s in newcomers)
+            assert place[row.seq] == here, f"sequence {row.seq} moved from {place[row.seq]} to {here}"
+            assert row.seq not in waiting_ids, f"{item} computes sequence {row.seq} before its ids arrived"
+            got[row.seq].append((item.kind, row.first_pos, item.length, item.samples, row.reset))
+        if item.samples:
+            in_flight[item.lane].append(item)
+    assert not any(in_flight.values()), "some sampled ids were never received"
+    assert not holder, f"rows never freed: {holder}"
+    assert admitted == list(range(len(prompts))), "sequences must be admitted once each, oldest first"
+    for s, prompt in enumerate(prompts):
+        assert width[s] + samples[s] - 1 <= capacity, f"sequence {s} overflows its row"
+        assert got[s] == expected_items(prompt, width[s], chunk, samples[s]), f"sequence {s}"
 
 
-def expected_items(width: int, chunk: int, steps: int, score_only: bool) -> list[tuple[Kind, int, int, bool, bool]]:
-    """(kind, start, length, samples, reset) of one batch's items: its chunks, then one
-    decode step per sampled token after the first, each writing the next cache slot."""
+def expected_items(prompt: int, width: int, chunk: int, samples: int) -> list[tuple[Kind, int, int, bool, bool]]:
+    """(kind, first_pos, length, samples, reset) of one sequence's rows: the chunks of its
+    group's width, shifted left by its padding, the first one resetting the row and the last
+    one sampling; then one decode step per sampled id after the first, at positions from the
+    prompt's end."""
+    pad = width - prompt
     spans = prefill_chunks(width, chunk)
-    out = [(Kind.PREFILL, s, n, k == len(spans) - 1, k == 0) for k, (s, n) in enumerate(spans)]
-    if not score_only:
-        out += [(Kind.DECODE, width + j, 1, True, False) for j in range(steps - 1)]
-    return out
+    out = [(P, start - pad, n, k == len(spans) - 1, k == 0) for k, (start, n) in enumerate(spans)]
+    return out + [(D, prompt + j, 1, True, False) for j in range(samples - 1)]
 
 
-def scenario(lanes: int, seed: int) -> tuple[list[int], list[int]]:
-    """2M + 1 batches (waves) with widths of 1..9 tokens and 1..6 sampled tokens each."""
+def scenario(lanes: int, lane_size: int, seed: int, tight: bool) -> tuple[list[int], list[int], list[int], int]:
+    """2 M L + 1 sequences (so rows are refilled) with prompts of 1..9 tokens, 1..6 sampled ids
+    and budgets of up to 2 more (a sequence may stop early). `tight`: each row holds only the
+    longest single sequence, so a group that would overflow it when padded must split."""
     rng = random.Random(seed)
-    n = 2 * lanes + 1
-    return [rng.randint(1, 9) for _ in range(n)], [rng.randint(1, 6) for _ in range(n)]
+    n = 2 * lanes * lane_size + 1
+    prompts = [rng.randint(1, 9) for _ in range(n)]
+    samples = [rng.randint(1, 6) for _ in range(n)]
+    budgets = [s + rng.randint(0, 2) for s in samples]
+    if tight:
+        capacity = max(p + b - 1 for p, b in zip(prompts, budgets))
+    else:
+        capacity = max(prompts) + max(budgets) - 1
+    return prompts, samples, budgets, capacity
 
 
 @pytest.mark.parametrize("lanes", LANES)
-@pytest.mark.parametrize("score_only", [False, True], ids=["generate", "score"])
-def test_order_honours_the_contract(lanes: int, score_only: bool) -> None:
+@pytest.mark.parametrize("lane_size", [1, 2, 3])
+@pytest.mark.parametrize("tight", [False, True], ids=["roomy", "tight"])
+def test_order_honours_the_contract(lanes: int, lane_size: int, tight: bool) -> None:
     for seed in range(5):
-        widths, steps = scenario(lanes, seed)
-        order = make_order(widths, lanes, 3, steps, score_only)
-        check_order(order, widths, lanes, 3, steps, score_only)
+        prompts, samples, budgets, capacity = scenario(lanes, lane_size, seed, tight)
+        order = make_order(prompts, lanes, 3, samples, lane_size, budgets, capacity)
+        check_order(order, prompts, lanes, lane_size, 3, samples, capacity)
+
+
+@pytest.mark.parametrize("lanes", LANES)
+@pytest.mark.parametrize("lane_size", [1, 3])
+def test_score_order_honours_the_contract(lanes: int, lane_size: int) -> None:
+    for seed in range(3):
+        prompts, _, _, _ = scenario(lanes, lane_size, seed, tight=False)
+        order = score_order(prompts, lanes, 3, lane_size)
+        check_order(order, prompts, lanes, lane_size, 3, [1] * len(prompts), max(prompts))
+        assert all(item.kind is P for item in items_of(order))
 
 
 def test_order_by_hand_two_lanes() -> None:
-    """Two one-chunk batches of 2 and 1 sampled tokens on two lanes, written out by hand."""
+    """Two one-chunk prompts of 2 and 1 tokens, 2 and 1 sampled ids, on two lanes of one row."""
     order = make_order([2, 1], 2, 4, [2, 1])
     assert order == [
-        WorkItem(0, 0, Kind.PREFILL, 0, 0, 2, True, True),
-        WorkItem(1, 1, Kind.PREFILL, 0, 0, 1, True, True),
+        WorkItem(0, P, 0, (step(0, 0, True),), 2, True),
+        WorkItem(1, P, 0, (step(1, 0, True),), 1, True),
         AwaitTokens(0),
-        WorkItem(0, 0, Kind.DECODE, 0, 2, 1, True, False),
-        AwaitTokens(1),  # batch 1 is done after its first token; lane 1 goes idle
+        WorkItem(0, D, 0, (step(0, 2),), 1, True),
+        AwaitTokens(1),  # sequence 1 is done after its first id; lane 1 goes idle
         AwaitTokens(0),
     ]
+
+
+# ---- refill, row reuse, chunked admission, padding, withdraw: by hand -----------------------
+
+
+def test_freed_row_takes_the_oldest_waiting_sequence_and_restarts_it() -> None:
+    """One lane of 2 rows; prompts 2, 2, 3, 1 tokens; 2, 4, 2, 1 sampled ids.
+
+    Turn 1 admits 0 and 1 as one group. After turn 2's decode, 0 is done: at turn 3 its row
+    takes 2 (the oldest waiting, not 3): 1's decode step, then 2's whole prompt (its first
+    chunk resets the row; positions start at 0 again, not where sequence 0 stopped). Turn 4
+    decodes both rows, 2 from its own prompt's end (3). Both end: turn 5 admits 3 into row 0,
+    the first of the free run."""
+    order = make_order([2, 2, 3, 1], 1, 8, [2, 4, 2, 1], lane_size=2)
+    assert order == [
+        WorkItem(0, P, 0, (step(0, 0, True), step(1, 0, True)), 2, True),
+        AwaitTokens(0),
+        WorkItem(0, D, 0, (step(0, 2), step(1, 2)), 1, True),
+        AwaitTokens(0),  # 0 has its 2 ids: row 0 is free
+        WorkItem(0, D, 1, (step(1, 3),), 1, True),
+        WorkItem(0, P, 0, (step(2, 0, True),), 3, True),
+        AwaitTokens(0),
+        AwaitTokens(0),
+        WorkItem(0, D, 0, (step(2, 3), step(1, 4)), 1, True),
+        AwaitTokens(0),  # 1 has 4 ids, 2 has 2: both rows free
+        WorkItem(0, P, 0, (step(3, 0, True),), 1, True),
+        AwaitTokens(0),
+    ]
+
+
+def test_long_newcomer_takes_one_chunk_per_turn_while_its_neighbour_decodes() -> None:
+    """One lane of 2 rows, chunk 2; prompts 1, 1, 5 tokens; 5, 1, 2 sampled ids.
+
+    0 and 1 prefill together; 1 is done at once, so 2 takes row 1 at turn 2. Its 5-token prompt
+    is 3 chunks (0, 2), (2, 2), (4, 1): one per turn, each after 0's decode step, the first
+    alone resetting the row and the last sampling; 0 never waits for the whole prompt. Turn 5
+    decodes both."""
+    order = make_order([1, 1, 5], 1, 2, [5, 1, 2], lane_size=2)
+    assert order == [
+        WorkItem(0, P, 0, (step(0, 0, True), step(1, 0, True)), 1, True),
+        AwaitTokens(0),
+        WorkItem(0, D, 0, (step(0, 1),), 1, True),
+        WorkItem(0, P, 1, (step(2, 0, True),), 2, False),
+        AwaitTokens(0),
+        WorkItem(0, D, 0, (step(0, 2),), 1, True),
+        WorkItem(0, P, 1, (step(2, 2),), 2, False),
+        AwaitTokens(0),
+        WorkItem(0, D, 0, (step(0, 3),), 1, True),
+        WorkItem(0, P, 1, (step(2, 4),), 1, True),
+        AwaitTokens(0),  # 0's 4th id
+        AwaitTokens(0),  # 2's first id
+        WorkItem(0, D, 0, (step(0, 4), step(2, 5)), 1, True),
+        AwaitTokens(0),
+    ]
+
+
+def test_group_of_newcomers_is_left_padded_and_idle_rows_ride_along() -> None:
+    """One lane of 3 rows, chunk 2; prompts 3, 1, 4 tokens; 2, 1, 2 sampled ids.
+
+    The three form one group of width 4, padded by 1, 3 and 0: two chunks back to back
+    (nothing decodes yet), first positions -1, -3, 0 then 1, -1, 2. Sequence 1 is done after
+    its first id; the decode step spans rows 0..2 with row 1 idle."""
+    order = make_order([3, 1, 4], 1, 2, [2, 1, 2], lane_size=3)
+    first = WorkItem(0, P, 0, (step(0, -1, True), step(1, -3, True), step(2, 0, True)), 2, False)
+    second = WorkItem(0, P, 0, (step(0, 1), step(1, -1), step(2, 2)), 2, True)
+    decode = WorkItem(0, D, 0, (step(0, 3), IDLE, step(2, 4)), 1, True)
+    assert order == [first, second, AwaitTokens(0), decode, AwaitTokens(0)]
+    # Rope positions, -1 on padding and idle rows: [b, T].
+    assert item_positions(first).tolist() == [[-1, 0], [-1, -1], [0, 1]]
+    assert item_positions(second).tolist() == [[1, 2], [-1, 0], [2, 3]]
+    assert item_positions(decode).tolist() == [[3], [-1], [4]]
+    assert decode.seqs == [0, 2]
+
+
+def test_padded_group_that_would_overflow_a_row_splits() -> None:
+    """Rows of 5 slots; prompts 4 and 1 with budgets 2 and 5: each fits alone (4 + 1, 1 + 4)
+    but padded together (4 + 4) would not, so 1 waits for the lane's next turn, and takes row
+    1 while 0 decodes."""
+    order = make_order([4, 1], 1, 8, [2, 5], lane_size=2, capacity=5)
+    prefills = [item for item in items_of(order) if item.kind is P]
+    assert [(item.row0, item.seqs, item.length) for item in prefills] == [(0, [0], 4), (1, [1], 1)]
+
+
+def test_withdraw_drops_only_a_waiting_sequence() -> None:
+    """One lane of one row; 0 is admitted at the first turn, 1 and 2 wait. Withdrawing 1 leaves
+    the row to 2 after 0; a running or unknown sequence cannot be withdrawn."""
+    scheduler = Scheduler(1, 1, 4, 8)
+    for seq in range(3):
+        scheduler.add(Request(seq, 2, 2))
+    first = scheduler.next()
+    assert first == WorkItem(0, P, 0, (step(0, 0, True),), 2, True)
+    assert (scheduler.waiting, scheduler.running) == (2, 1)
+    assert not scheduler.withdraw(0)
+    assert scheduler.withdraw(1)
+    assert not scheduler.withdraw(1)
+    assert not scheduler.withdraw(7)
+    assert scheduler.waiting == 1
+    rest = list(run_order(scheduler, [], lambda s: 2))
+    assert rest == [
+        AwaitTokens(0),
+        WorkItem(0, D, 0, (step(0, 2),), 1, True),
+        AwaitTokens(0),
+        WorkItem(0, P, 0, (step(2, 0, True),), 2, True),
+        AwaitTokens(0),
+        WorkItem(0, D, 0, (step(2, 2),), 1, True),
+        AwaitTokens(0),
+    ]
+    assert scheduler.idle()
+
+
+def test_finished_sequences_are_reported_by_id_and_free_their_rows() -> None:
+    """`tokens_arrived` returns the item whose ids arrived; only the sequences named as
+    finished free their rows, and a freed row is refilled at the lane's next turn."""
+    scheduler = Scheduler(1, 2, 4, 8)
+    for seq in range(3):
+        scheduler.add(Request(seq, 1, 3))
+    group = scheduler.next()
+    assert isinstance(group, WorkItem) and group.seqs == [0, 1]
+    assert scheduler.next() == AwaitTokens(0)
+    assert scheduler.tokens_arrived(0, finished=[1]) == group
+    assert scheduler.running == 1
+    assert scheduler.next() == WorkItem(0, D, 0, (step(0, 1),), 1, True)
+    assert scheduler.next() == WorkItem(0, P, 1, (step(2, 0, True),), 1, True)
+
+
+def test_refill_keeps_more_slots_busy_than_fixed_batches() -> None:
+    """One lane of 2 rows, one-token prompts; 5, 1, 5, 1 sampled ids.
+
+    Fixed batches in arrival order, (0, 1) then (2, 3): each decodes 5 - 1 = 4 steps with one
+    of its two rows live, so decode occupancy is 8 / (8 x 2) = 0.5.
+
+    With refill: 0 and 1 prefill; 1 is done, 2 takes its row (turn 2: a step of 0 alone);
+    turns 3, 4, 5 step 0 and 2 together; 0 is done after turn 5, 3 takes its row (turn 6: a
+    step of 2 alone, 2 is then done, and 3's prefill). 1 + 2 + 2 + 2 + 1 = 8 live slots in 5
+    steps of 2: 0.8."""
+    order = make_order([1, 1, 1, 1], 1, 4, [5, 1, 5, 1], lane_size=2)
+    decodes = [item.seqs for item in items_of(order) if item.kind is D]
+    assert decodes == [[0], [0, 2], [0, 2], [0, 2], [2]]
+    assert occupancy(order, 2) == pytest.approx(0.8)
+    assert occupancy(order, 2) > 0.5
+
+
+def test_occupancy_counts_live_rows_of_decode_steps_only() -> None:
+    order: Order = [
+        WorkItem(0, P, 0, (step(0, 0, True), step(1, 0, True)), 4, True),
+        AwaitTokens(0),
+        WorkItem(0, D, 0, (step(0, 4), IDLE, step(1, 4)), 1, True),
+        WorkItem(1, D, 0, (step(2, 4),), 1, True),
+    ]
+    assert occupancy(order, 4) == pytest.approx((2 + 1) / (2 * 4))
+    assert occupancy(order[:2], 4) == 0.0
 
 
 # ---- action lists: matching sends and receives, no deadlock --------------------------------
@@ -195,12 +439,31 @@ def check_channels(acts: list[list[Action]], n_items: int, sampling: set[int]) -
     assert {k: v for k, v in sent.items() if v} == {k: v for k, v in expected.items() if v}
 
 
+def refills(order: Order) -> int:
+    """Rows that took a second (or later) sequence."""
+    seen: set[tuple[int, int]] = set()
+    count = 0
+    for item in items_of(order):
+        for i, row in enumerate(item.rows):
+            if row.reset:
+                count += (item.lane, item.row0 + i) in seen
+                seen.add((item.lane, item.row0 + i))
+    return count
+
+
 @pytest.mark.parametrize("stages", STAGES)
 @pytest.mark.parametrize("lanes", LANES)
-def test_every_send_is_received_and_nothing_deadlocks(stages: int, lanes: int) -> None:
-    for seed, score_only in [(0, False), (1, False), (2, True)]:
-        widths, steps = scenario(lanes, seed + 10 * stages)
-        order = make_order(widths, lanes, 3, steps, score_only)
+@pytest.mark.parametrize("lane_size", [1, 3])
+def test_every_send_is_received_and_nothing_deadlocks(stages: int, lanes: int, lane_size: int) -> None:
+    """Random budgets and finishes, more sequences than slots: rows are refilled while their
+    neighbours decode, a lane has up to two sampling items in flight."""
+    for seed, score in [(0, False), (1, False), (2, True)]:
+        prompts, samples, budgets, capacity = scenario(lanes, lane_size, seed + 10 * stages, tight=seed == 1)
+        if score:
+            order = score_order(prompts, lanes, 3, lane_size)
+        else:
+            order = make_order(prompts, lanes, 3, samples, lane_size, budgets, capacity)
+        assert refills(order) > 0
         items = items_of(order)
         acts = stage_actions(order, stages)
         check_channels(acts, len(items), {i for i, it in enumerate(items) if it.samples})
@@ -209,16 +472,51 @@ def test_every_send_is_received_and_nothing_deadlocks(stages: int, lanes: int) -
             assert sorted(i for _, _, i in timeline.busy[s]) == list(range(len(items)))
 
 
+def test_a_lane_can_have_two_sampling_items_in_flight() -> None:
+    """The chunked-admission case above: turn 4 issues 0's decode step and 2's last chunk;
+    the scheduler expects their ids in issue order (the order every stage keeps), and the
+    lane goes on only when both arrived; the action lists run on 1..4 stages."""
+    scheduler = Scheduler(1, 2, 2, 8)
+    for seq, (prompt, budget) in enumerate([(1, 5), (1, 1), (5, 2)]):
+        scheduler.add(Request(seq, prompt, budget))
+    samples = [5, 1, 2]
+    issued: deque[WorkItem] = deque()  # sampling items whose ids have not arrived, oldest first
+    sampled: Counter[int] = Counter()
+    order: Order = []
+    most_in_flight = 0
+    while (action := scheduler.next()) is not None:
+        order.append(action)
+        if isinstance(action, WorkItem):
+            if action.samples:
+                issued.append(action)
+            most_in_flight = max(most_in_flight, len(issued))
+            continue
+        oldest = issued.popleft()
+        assert scheduler.in_flight(0) == oldest
+        sampled.update(oldest.seqs)
+        assert scheduler.tokens_arrived(0, [s for s in oldest.seqs if sampled[s] == samples[s]]) == oldest
+    assert most_in_flight == 2
+    assert [type(a).__name__ for a in order[8:12]] == ["WorkItem", "WorkItem", "AwaitTokens", "AwaitTokens"]
+    for stages in STAGES:
+        simulate(stage_actions(order, stages), unit_cost)
+
+
 # ---- timing of equal-cost work -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("stages", STAGES)
 @pytest.mark.parametrize("lanes", LANES)
-@pytest.mark.parametrize("score_only", [True, False], ids=["score", "one-step"])
-def test_fill_and_drain_bubble_of_single_items(stages: int, lanes: int, score_only: bool) -> None:
-    """M batches of one item each (prefill only, or one sampled token): the pipe fills for
-    S - 1 ticks and drains for S - 1, so each stage idles (S - 1) of M + S - 1 ticks."""
-    order = make_order([4] * lanes, lanes, 4, [1] * lanes, score_only)
+@pytest.mark.parametrize("lane_size", [1, 2])
+@pytest.mark.parametrize("score", [True, False], ids=["score", "one-step"])
+def test_fill_and_drain_bubble_of_single_items(stages: int, lanes: int, lane_size: int, score: bool) -> None:
+    """M lanes of one item each (prefill only, or one sampled id): the pipe fills for S - 1
+    ticks and drains for S - 1, so each stage idles (S - 1) of M + S - 1 ticks."""
+    prompts = [4] * (lanes * lane_size)
+    if score:
+        order = score_order(prompts, lanes, 4, lane_size)
+    else:
+        order = make_order(prompts, lanes, 4, [1] * len(prompts), lane_size)
+    assert len(items_of(order)) == lanes
     timeline = simulate(stage_actions(order, stages), unit_cost)
     assert timeline.makespan == lanes + stages - 1
     hand = (stages - 1) / (lanes + stages - 1)
@@ -229,8 +527,10 @@ def test_fill_and_drain_bubble_of_single_items(stages: int, lanes: int, score_on
 
 @pytest.mark.parametrize("stages", STAGES)
 @pytest.mark.parametrize("lanes", LANES)
-def test_ring_timing_with_equal_lanes(stages: int, lanes: int) -> None:
-    """M lanes, one batch each, n = 4 items per lane (one chunk + 3 decode steps), unit cost.
+@pytest.mark.parametrize("lane_size", [1, 2])
+def test_ring_timing_with_equal_lanes(stages: int, lanes: int, lane_size: int) -> None:
+    """M lanes, each holding one full group of equal sequences, n = 4 items per lane (one
+    chunk + 3 decode steps), unit cost.
 
     Stage 0 issues one item per lane per round. A lane's ids come back S ticks after its item
     started, so its next item starts max(M, S) ticks after its previous one: item k of lane l
@@ -238,8 +538,9 @@ def test_ring_timing_with_equal_lanes(stages: int, lanes: int) -> None:
     stage is busy without a gap from its first item to its last; for M < S each stage works
     M ticks out of every S."""
     n = 4
-    order = make_order([3] * lanes, lanes, 3, [n] * lanes)
+    order = make_order([3] * (lanes * lane_size), lanes, 3, [n] * (lanes * lane_size), lane_size)
     items = items_of(order)
+    assert all(len(it.seqs) == lane_size for it in items)
     round_of = [sum(1 for prev in items[:i] if prev.lane == it.lane) for i, it in enumerate(items)]
     period = max(lanes, stages)
     timeline = simulate(stage_actions(order, stages), unit_cost)
@@ -265,10 +566,14 @@ def test_ring_timing_with_equal_lanes(stages: int, lanes: int) -> None:
 
 
 def test_full_ring_with_several_chunks_has_no_gap() -> None:
-    """Lanes take turns chunk by chunk too, so with M >= S prompts of several chunks keep the
-    ring full as well: every stage computes all 4 lanes x (3 chunks + 2 steps) back to back."""
+    """With nothing to decode a lane issues its 3 chunks back to back; the first lane's ids
+    (its last chunk leaves the last of 3 stages at tick 5) are back long before stage 0 has
+    issued the other lanes' 9 chunks, and each decode round (4 ticks) outlasts the 3-tick
+    trip, so every stage computes all 4 lanes x (3 chunks + 2 steps) back to back."""
     lanes, stages = 4, 3
     order = make_order([7] * lanes, lanes, 3, [3] * lanes)
+    kinds = [(it.lane, it.kind) for it in items_of(order)]
+    assert kinds[:12] == [(lane, P) for lane in range(lanes) for _ in range(3)]
     timeline = simulate(stage_actions(order, stages), unit_cost)
     n_items = lanes * (3 + 2)
     assert timeline.makespan == n_items + stages - 1

@@ -10,7 +10,8 @@ with llama.cpp's order the nucleus is chosen on the untempered distribution, so 
 temperature flattens the choice among the kept tokens without letting new tokens in.
 
 Reproducibility contract: every sequence owns a CPU ``torch.Generator`` seeded from
-``(seed, sequence_index)`` where ``sequence_index`` is the prompt's global index, and the draw
+``(seed, sequence_index)`` where ``sequence_index`` is the prompt's global index (a server
+request with its own seed uses index 0), and the draw
 for row ``b`` consumes exactly one uniform number from row ``b``'s generator per step. Every
 other operation is row-wise, so a sequence gets the same tokens whatever lane or batch row it
 lands in and whoever its neighbours are (given the same logits for that row).
@@ -27,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -35,61 +36,42 @@ HISTORY_PAD = -1
 """Padding value in the ``[B, L]`` token-history tensor given for the repetition penalty."""
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is chosen; shared by every sequence of a run."""
+class SamplingSettings(Protocol):
+    """The sampling part of `ppinfer.generation.params.GenerationParams` (validated there)."""
 
-    temperature: float = 0.0
-    """Softmax temperature applied after the filters; 0 means greedy (argmax, no randomness).
-    Any finite positive value is safe, however small: see ``tempered_probs``."""
-    top_k: int = 0
-    """Keep the k highest logits (ties with the k-th are kept too); 0 turns it off."""
-    top_p: float = 1.0
-    """Keep the smallest set of most likely tokens whose probability sums to >= top_p."""
-    min_p: float = 0.0
-    """Keep tokens with probability >= min_p times the most likely token's; 0 turns it off."""
-    repetition_penalty: float = 1.0
-    """Divide positive / multiply negative logits of tokens already in the sequence; 1 = off."""
-    seed: int = 0
-    """Base seed; each sequence's generator is derived from (seed, sequence index)."""
-
-    def __post_init__(self) -> None:
-        # `not (x >= 0)` rather than `x < 0` so that NaN is rejected too; infinity is a value
-        # no filter or softmax can use, so every float must also be finite.
-        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature={self.temperature!r}: must be a finite number >= 0 (0 = greedy)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1]")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p={self.min_p!r}: must be in [0, 1]")
-        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
-            raise ValueError(
-                f"repetition_penalty={self.repetition_penalty!r}: must be a finite number > 0 (1 = off)"
-            )
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed={self.seed!r}: must be an integer >= 0")
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
 
     @property
-    def greedy(self) -> bool:
-        """True when the next token is the argmax (temperature 0)."""
-        return self.temperature == 0.0
+    def greedy(self) -> bool: ...
 
 
-def make_generator(seed: int, index: int) -> torch.Generator:
-    """Return a CPU generator for sequence ``index`` of a run seeded with ``seed``.
+def stream_seed(seed: int, index: int) -> int:
+    """The seed of sequence ``index``'s random stream in a run seeded with ``seed``.
 
     The two integers are hashed (rather than added) so that nearby (seed, index) pairs give
-    unrelated streams: (seed=1, index=0) must not replay (seed=0, index=1).
+    unrelated streams: (seed=1, index=0) must not replay (seed=0, index=1). 63 bits:
+    manual_seed accepts any uint64, but staying positive keeps it portable (and fits int64).
     """
     if index < 0:
         raise ValueError(f"sequence index must be >= 0, got {index!r}")
     material = f"ppinfer-sampling:{seed}:{index}".encode()
     digest = hashlib.blake2b(material, digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def make_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator for sequence ``index`` of a run seeded with ``seed``."""
+    return stream_generator(stream_seed(seed, index))
+
+
+def stream_generator(seed: int) -> torch.Generator:
+    """A CPU generator started at a stream seed (see ``stream_seed``)."""
     generator = torch.Generator(device="cpu")
-    # 63 bits: manual_seed accepts any uint64, but staying positive keeps it portable.
-    generator.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    generator.manual_seed(seed)
     return generator
 
 
@@ -224,7 +206,7 @@ def _draw_uniforms(generators: Sequence[torch.Generator], device: torch.device) 
 
 def sample(
     logits: torch.Tensor,
-    params: SamplingParams,
+    params: SamplingSettings,
     generators: Sequence[torch.Generator] | None = None,
     history: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -274,37 +256,3 @@ def sample(
     last_live = (probs > 0).sum(dim=-1, keepdim=True) - 1  # [B, 1]
     pos = torch.minimum(pos, last_live)
     return order.gather(1, pos).squeeze(-1)  # [B]
-
-
-class Sampler:
-    """Samples for a whole run: owns one generator per sequence, keyed by its global index."""
-
-    def __init__(self, params: SamplingParams) -> None:
-        self.params = params
-        self._generators: dict[int, torch.Generator] = {}
-
-    def generator(self, index: int) -> torch.Generator:
-        """The generator of sequence ``index``, created on first use."""
-        if index not in self._generators:
-            self._generators[index] = make_generator(self.params.seed, index)
-        return self._generators[index]
-
-    def __call__(
-        self,
-        logits: torch.Tensor,
-        sequence_indices: Sequence[int],
-        history: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Next tokens ``[B]`` for ``logits`` ``[B, V]`` whose row b is ``sequence_indices[b]``."""
-        if len(sequence_indices) != logits.shape[0]:
-            raise ValueError(
-                f"{logits.shape[0]} logit rows but {len(sequence_indices)} sequence indices"
-            )
-        if self.params.greedy:
-            return sample(logits, self.params, None, history)
-        generators = [self.generator(index) for index in sequence_indices]
-        return sample(logits, self.params, generators, history)
-
-    def release(self, index: int) -> None:
-        """Forget a finished sequence's generator."""
-        self._generators.pop(index, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,11 @@ class LayerInputs:
 
     rope: dict[int, torch.Tensor]  # id(RotaryEmbedding) -> rotations [B, T, 1, n_rot/2] complex
     masks: dict[int, torch.Tensor]  # sliding window (0 = global) -> [B, 1, T, n] bool
-    start: int  # first cache slot written by this forward
-    end: int  # one past the last slot written
+
+
+KVWrite = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""Stores a layer's new k, v [B, T, Hkv, D] in its cache; returns the keys and values to
+attend to, [B, Hkv, n, D] each (`RowsView.write` bound to the layer)."""
 
 
 class Attention(nn.Module):
@@ -47,10 +51,8 @@ class Attention(nn.Module):
         self.scale, self.rope, self.window, self.softcap = scale, rope, window, softcap
         self.qk_norm = qk_norm
 
-    def forward(
-        self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, io: LayerInputs
-    ) -> torch.Tensor:
-        """x [B, T, E]; caches [B, Hkv, L, D] updated in slots [io.start, io.end)."""
+    def forward(self, x: torch.Tensor, kv: KVWrite, io: LayerInputs) -> torch.Tensor:
+        """x [B, T, E] -> [B, T, E]; this step's keys and values go through `kv`."""
         b, t, _ = x.shape
         d, h, hkv = self.head_dim, self.n_head, self.n_head_kv
         qkv = self.qkv(x).view(b, t, h + 2 * hkv, d)  # [B, T, H + 2 Hkv, D]
@@ -59,9 +61,7 @@ class Attention(nn.Module):
             qk = self.qk_norm(qk)
         qk = apply_rope(qk, io.rope[id(self.rope)], self.rope.n_rot)  # [B, T, H + Hkv, D]
         q, k = qk[:, :, :h], qk[:, :, h:]
-        k_cache[:, :, io.start:io.end] = k.transpose(1, 2)
-        v_cache[:, :, io.start:io.end] = v.transpose(1, 2)
-        keys, values = k_cache[:, :, : io.end], v_cache[:, :, : io.end]  # [B, Hkv, n, D]
+        keys, values = kv(k, v)  # [B, Hkv, n, D] each
         mask = io.masks[self.window]  # [B, 1, T, n]
         q = q.transpose(1, 2)  # [B, H, T, D]
         if self.softcap is None:
@@ -119,12 +119,10 @@ class DecoderBlock(nn.Module):
         self.attn_norm, self.attn, self.mlp = attn_norm, attn, mlp
         self.ffn_norm, self.post_attn_norm, self.post_ffn_norm = ffn_norm, post_attn_norm, post_ffn_norm
 
-    def forward(
-        self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, io: LayerInputs
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: KVWrite, io: LayerInputs) -> torch.Tensor:
         """x [B, T, E] -> [B, T, E]."""
         h = self.attn_norm(x)
-        a = self.attn(h, k_cache, v_cache, io)
+        a = self.attn(h, kv, io)
         if self.ffn_norm is None:
             return x + a + self.mlp(h)
         if self.post_attn_norm is not None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -48,21 +51,29 @@ class PipelineStage(nn.Module):
             raise RuntimeError(f"embed() called on stage {self.plan}, which is not the first stage")
         return self.embedding(input_ids)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, state: StageState) -> torch.Tensor:
-        """hidden [B, T, E], positions [B, T] (rope positions, -1 = padding) -> [B, T, E].
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        state: StageState,
+        row0: int = 0,
+        advance: Sequence[bool] | None = None,
+    ) -> torch.Tensor:
+        """hidden [b, T, E], positions [b, T] (rope positions, -1 = padding) -> [b, T, E] for
+        rows [row0, row0 + b) of `state`.
 
-        Appends T slots to `state` for every layer of this stage.
+        A row with `advance[i]` (every row by default) appends T slots for every layer of this
+        stage; the others are idle this step (see `StageState.rows`).
         """
-        start, end = state.append_positions(positions)
+        flags = [True] * hidden.shape[0] if advance is None else list(advance)
+        slots = state.rows(row0, positions, flags)
         windows = {layer.attn.window for layer in self.layers}
         io = LayerInputs(
             rope={id(r): r.rotations(positions) for r in self.ropes},
-            masks={w: state.mask(start, end, w) for w in windows},
-            start=start,
-            end=end,
+            masks={w: slots.mask(w) for w in windows},
         )
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, state.k[i], state.v[i], io)
+            hidden = layer(hidden, partial(slots.write, i), io)
         return hidden
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -116,7 +116,7 @@ def interrupt_once(signum: int, frame: FrameType | None) -> None:
 
 
 def report_interrupt(env: DistEnv, environ: Mapping[str, str] = os.environ) -> int:
-    """Ctrl-C: the last rank (the one that writes the outputs) says so; the exit code."""
+    """Ctrl-C: the last rank says so (one line for the whole job); the exit code."""
     if env.rank == env.world - 1:
         log.error("interrupted")
     tell_agent("interrupted", environ)

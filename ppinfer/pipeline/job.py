@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,14 @@ import torch
 from ppinfer.config import resolve_device, resolve_dtype, resolve_lanes, resolve_threads, validate_config
 from ppinfer.errors import ConfigError, PromptError
 from ppinfer.families import HParams, get_spec, read_hparams
+from ppinfer.generation.params import GenerationParams
+from ppinfer.generation.sampling import stream_seed
 from ppinfer.generation.tokenizer import Tokenizer, load_tokenizer
 from ppinfer.gguf import GGUFFile
 from ppinfer.hub import resolve_model_path
 from ppinfer.kernels.select import block_backend
 from ppinfer.model import StagePlan
 from ppinfer.pipeline.allocation import allocate, plan_table
-from ppinfer.pipeline.batches import Batch, make_batches
 from ppinfer.pipeline.costs import layer_costs
 from ppinfer.pipeline.outputs import output_dir_problem
 
@@ -69,12 +71,18 @@ class Job:
     layers: list[int]
     texts: list[str]
     prompts: list[list[int]]
-    batches: list[Batch]
+    params: list[GenerationParams]
+    """Each prompt's generation settings: `generation.*` with its `.jsonl` line's keys."""
+    stream_seeds: list[int]
+    """Each prompt's random stream (see `_prompt_texts`)."""
     n_lanes: int
     lane_size: int
     """Sequences in the fullest lane (at most the prompts, whatever `pipeline.lane_size` says)."""
     prefill_chunk: int
     """The longest prefill chunk issued: `pipeline.prefill_chunk` capped by the longest prompt."""
+    capacity: int
+    """KV slots of one cache row: the longest prompt (a group pads to its longest) plus the
+    largest token budget (for the server, `server.context_length`)."""
     out_dir: Path
 
     @property
@@ -85,10 +93,18 @@ class Job:
     def is_score(self) -> bool:
         return self.cfg.task == "score"
 
-    def capacity(self) -> dict[int, int]:
-        """KV slots each batch needs: its padded prompt plus every decode step."""
-        extra = 0 if self.is_score else max(self.cfg.generation.max_new_tokens - 1, 0)
-        return {b.index: b.width + extra for b in self.batches}
+    @property
+    def writer_rank(self) -> int:
+        """The rank that writes `output.dir`: the first (it sees every sampled id) for
+        generate, the last (it holds the logits) for score."""
+        return self.env.world - 1 if self.is_score else 0
+
+
+
+def row_capacity(prompts: list[list[int]], budgets: list[int]) -> int:
+    """Slots a row needs so that any group of these prompts fits: the longest prompt plus
+    the largest budget, less the last sampled token, which is never fed."""
+    return max(len(p) for p in prompts) + max(max(budgets) - 1, 0)
 
 
 def _split_lines(text: str) -> list[str]:
@@ -100,16 +116,17 @@ def _split_lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
-def read_prompts_file(path: str) -> list[str]:
-    """The prompts of a `.txt` (one per non-blank line) or `.jsonl` (a JSON string or
-    `{"prompt": ...}` per non-blank line) file; raises PromptError naming the file and line."""
+def read_prompts_file(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """The prompts of a `.txt` (one per non-blank line) or `.jsonl` (a JSON string, or
+    `{"prompt": ..., <generation settings>}` per non-blank line) file, each with its own
+    settings; raises PromptError naming the file and line."""
     file = Path(path)
     try:
-        lines = _split_lines(file.read_bytes().decode("utf-8"))
+        lines = _split_lines(file.read_bytes().decode("utf-8-sig"))
     except (OSError, UnicodeDecodeError) as exc:
         raise PromptError(f"prompts_file={path}: cannot read it ({exc})") from exc
     if file.suffix != ".jsonl":
-        return [line for line in lines if line.strip()]
+        return [(line, {}) for line in lines if line.strip()]
     prompts = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -118,25 +135,38 @@ def read_prompts_file(path: str) -> list[str]:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PromptError(f"prompts_file={path}: line {number} is not valid JSON ({exc.msg})") from exc
+        settings: dict[str, Any] = {}
         if isinstance(value, dict) and isinstance(value.get("prompt"), str):
+            settings = {k: v for k, v in value.items() if k != "prompt"}
             value = value["prompt"]
         if not isinstance(value, str):
             raise PromptError(f'prompts_file={path}: line {number} must be a JSON string or {{"prompt": "..."}}')
-        prompts.append(value)
+        prompts.append((value, settings))
     return prompts
 
 
-def _prompt_texts(cfg: Any) -> list[str]:
+def _prompt_texts(cfg: Any, defaults: GenerationParams) -> tuple[list[str], list[GenerationParams], list[int]]:
+    """The prompts to continue, each one's settings (`generation.*` unless its `.jsonl` line
+    says otherwise) and the seed of its random stream: from `generation.seed` and its index,
+    or from its own `seed` alone (as a server request's), so that it samples the same tokens
+    wherever it sits in the file."""
     if cfg.prompts_file is not None:
-        texts = read_prompts_file(cfg.prompts_file)
+        lines = read_prompts_file(cfg.prompts_file)
         source = f"prompts_file={cfg.prompts_file}"
     elif cfg.prompts is not None:
-        texts, source = [str(p) for p in cfg.prompts], "prompts"
+        lines, source = [(str(p), {}) for p in cfg.prompts], "prompts"
     else:
-        return list(DEFAULT_PROMPTS)
-    if not texts:
+        lines, source = [(p, {}) for p in DEFAULT_PROMPTS], "prompts"
+    if not lines:
         raise PromptError(f"{source}: no prompts given")
-    return texts
+    params = []
+    for i, (_, settings) in enumerate(lines):
+        try:
+            params.append(defaults.updated(settings) if settings else defaults)
+        except ValueError as exc:
+            raise PromptError(f"{source}: prompt {i}: {exc}") from exc
+    seeds = [stream_seed(p.seed or 0, 0 if "seed" in settings else i) for i, (p, (_, settings)) in enumerate(zip(params, lines))]
+    return [text for text, _ in lines], params, seeds
 
 
 def encode_prompt(tok: Tokenizer, text: str, chat: bool) -> list[int]:
@@ -152,7 +182,9 @@ def encode_prompt(tok: Tokenizer, text: str, chat: bool) -> list[int]:
     return tok.encode(text)
 
 
-def _encode_prompts(cfg: Any, tok: Tokenizer, hp: HParams) -> tuple[list[str], list[list[int]]]:
+def _encode_prompts(
+    cfg: Any, tok: Tokenizer, hp: HParams
+) -> tuple[list[str], list[list[int]], list[GenerationParams], list[int]]:
     if cfg.task == "score":
         if cfg.input.token_ids is not None:
             ids = [int(i) for i in cfg.input.token_ids]
@@ -167,30 +199,33 @@ def _encode_prompts(cfg: Any, tok: Tokenizer, hp: HParams) -> tuple[list[str], l
             raise PromptError("input: nothing to score (0 tokens)")
         if len(ids) > hp.n_ctx:
             raise PromptError(f"input: {len(ids)} tokens exceed the model's context of {hp.n_ctx}")
-        return [text], [ids]
-    texts = _prompt_texts(cfg)
+        return [text], [ids], [GenerationParams()], [0]
+    defaults = _generation_defaults(cfg)
+    texts, params, seeds = _prompt_texts(cfg, defaults)
     if cfg.chat:
         texts = [
             tok.apply_chat_template([{"role": "user", "content": t}], template=cfg.model.chat_template)
             for t in texts
         ]
     prompts = []
-    limit = hp.n_ctx - cfg.generation.max_new_tokens
-    for i, text in enumerate(texts):
+    for i, (text, p) in enumerate(zip(texts, params)):
         ids = encode_prompt(tok, text, cfg.chat)
         if not ids:
             raise PromptError(f"prompt {i} ({text!r}) is empty after tokenization")
-        if len(ids) > limit:
+        if len(ids) + p.max_new_tokens > hp.n_ctx:
+            # The config's key, unless the prompt's own line set another budget.
+            key = "generation.max_new_tokens" if p.max_new_tokens == defaults.max_new_tokens else "max_new_tokens"
             raise PromptError(
-                f"prompt {i} has {len(ids)} tokens; with generation.max_new_tokens="
-                f"{cfg.generation.max_new_tokens} it exceeds the context of {hp.n_ctx}"
+                f"prompt {i} has {len(ids)} tokens; with {key}={p.max_new_tokens} it "
+                f"exceeds the context of {hp.n_ctx}"
             )
         prompts.append(ids)
-    return texts, prompts
+    return texts, prompts, params, seeds
 
 
-def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool) -> Job:
-    """Validate and resolve everything; raises a PPInferError naming the bad value."""
+def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool, serve: bool = False) -> Job:
+    """Validate and resolve everything; raises a PPInferError naming the bad value. With
+    `serve`, there are no prompts: sequences arrive over HTTP (`launch/serve.py`)."""
     validate_config(cfg, env.world, cuda_available)
     problem = output_dir_problem(Path(cfg.output.dir))
     if problem is not None:
@@ -207,15 +242,23 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool) ->
         )
     hp = read_hparams(gf, get_spec(gf.architecture, str(model_path)))
     tokenizer = load_tokenizer(model_path)
-    texts, prompts = _encode_prompts(cfg, tokenizer, hp)
-    lanes = resolve_lanes(cfg, env.world, len(prompts))
-    batches = make_batches(prompts, lanes.lane_size)
-    prefill_chunk = min(cfg.pipeline.prefill_chunk, max(b.width for b in batches))
-    kv_tokens = sum(b.size * (b.width + cfg.generation.max_new_tokens) for b in batches[: lanes.microbatches])
+    if serve:
+        texts, prompts, params, seeds = [], [], [_generation_defaults(cfg)], []
+        capacity = _server_context(cfg, hp)
+        n_lanes = cfg.pipeline.microbatches or env.world
+        lane_size = cfg.pipeline.lane_size or cfg.server.lane_size
+        prefill_chunk = min(cfg.pipeline.prefill_chunk, capacity)
+    else:
+        texts, prompts, params, seeds = _encode_prompts(cfg, tokenizer, hp)
+        lanes = resolve_lanes(cfg, env.world, len(prompts))
+        lane_size = lanes.lane_size
+        n_lanes = min(lanes.microbatches, math.ceil(len(prompts) / lane_size))
+        prefill_chunk = min(cfg.pipeline.prefill_chunk, max(len(p) for p in prompts))
+        capacity = row_capacity(prompts, [0 if cfg.task == "score" else p.max_new_tokens for p in params])
     stored = block_backend(device).types if cfg.runtime.weights == "quantized" else frozenset()
     costs = layer_costs(
-        str(model_path), torch.finfo(dtype).bits // 8, kv_tokens, reader=gf, step_tokens=lanes.lane_size,
-        stored_types=stored,
+        str(model_path), torch.finfo(dtype).bits // 8, n_lanes * lane_size * capacity, reader=gf,
+        step_tokens=lane_size, stored_types=stored,
     )
     layers = allocate(cfg.pipeline.layers, env.world, costs)
     if env.rank == 0:
@@ -223,7 +266,27 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool) ->
     return Job(
         cfg=cfg, env=env, model_path=model_path, hparams=hp, tokenizer=tokenizer, device=device,
         dtype=dtype, threads=resolve_threads(cfg, env.local_world), layers=layers, texts=texts,
-        prompts=prompts, batches=batches, n_lanes=min(lanes.microbatches, len(batches)),
-        lane_size=lanes.lane_size, prefill_chunk=prefill_chunk, out_dir=Path(cfg.output.dir),
+        prompts=prompts, params=params, stream_seeds=seeds, n_lanes=n_lanes, lane_size=lane_size,
+        prefill_chunk=prefill_chunk, capacity=capacity, out_dir=Path(cfg.output.dir),
     )
 
+
+SERVER_CONTEXT_CAP = 2048
+"""`server.context_length` when null: the model's context, capped (every slot of every lane
+preallocates this many KV slots)."""
+
+
+def _server_context(cfg: Any, hp: HParams) -> int:
+    wanted = cfg.server.context_length
+    if wanted is None:
+        return min(hp.n_ctx, SERVER_CONTEXT_CAP)
+    if not 1 <= wanted <= hp.n_ctx:
+        raise ConfigError(f"server.context_length={wanted}: must be in [1, {hp.n_ctx}] (the model's context)")
+    return int(wanted)
+
+
+def _generation_defaults(cfg: Any) -> GenerationParams:
+    try:
+        return GenerationParams.from_config(cfg.generation)
+    except ValueError as exc:
+        raise ConfigError(f"generation.{exc}") from exc

@@ -1,5 +1,5 @@
 """One rank's life: prepare (no process group), build the stage, join the group, claim
-`output.dir` (the last rank), run the loop, gather metrics, write results. Called by
+`output.dir` (the writing rank), run the loop, gather metrics, write results. Called by
 `launch/infer.py`; importable by tests."""
 
 from __future__ import annotations
@@ -10,15 +10,14 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping
+from typing import Sequence as Seq
 
 import torch
 import torch.distributed as dist
 
-from ppinfer.config import sampling_params, stop_strings
 from ppinfer.errors import PPInferError
-from ppinfer.generation.sampling import Sampler
-from ppinfer.generation.stopping import StopConditions
+from ppinfer.generation.stopping import StopState
 from ppinfer.model import PipelineStage, build_stage
 from ppinfer.pipeline.failures import (
     FoundElsewhere, describe_bug, is_peer_failure, report_bad_input, report_peer_failure, report_run_error,
@@ -27,8 +26,9 @@ from ppinfer.pipeline.job import DistEnv, Job, prepare
 from ppinfer.pipeline.loaded import log_loaded_stages
 from ppinfer.pipeline.outputs import METRICS, OutputDir, OutputDirError, ResultsWriter, write_json_atomic, writing
 from ppinfer.pipeline.runtime import StageClock, StageRunner, run_first, run_relay
-from ppinfer.pipeline.schedule import RingScheduler, run_order, simulate, stage_actions
-from ppinfer.pipeline.sinks import GenerateSink, ScoreSink, Sink, TokenCounts
+from ppinfer.pipeline.requests import Requests, Sequence, TokenCounts
+from ppinfer.pipeline.schedule import Request, Scheduler, run_order, simulate, stage_actions
+from ppinfer.pipeline.sinks import SampleSink, ScoreSink, Sink
 from ppinfer.pipeline.transport import Transport
 from ppinfer.profiling.metrics import StageMetrics, current_rss_bytes, peak_rss_bytes
 from ppinfer.profiling.tensorboard import finish_profile, make_tracer
@@ -47,20 +47,48 @@ def setup_logging(env: DistEnv) -> None:
     log.setLevel(logging.INFO if env.rank in (0, env.world - 1) else logging.WARNING)
 
 
-def _make_sink(job: Job, counts: TokenCounts, tracer: Tracer) -> Sink:
+def _make_sink(job: Job, tracer: Tracer) -> Sink:
     if job.is_score:
-        return ScoreSink(job.batches, counts, tracer=tracer)
-    g = job.cfg.generation
-    params = sampling_params(g)
-    conditions = StopConditions(
-        max_new_tokens=g.max_new_tokens, eog_ids=job.tokenizer.eog_ids,
-        stop_strings=stop_strings(g), ignore_eos=g.ignore_eos,
-    )
-    return GenerateSink(
-        job.batches, job.texts, Sampler(params), conditions,
-        lambda ids: job.tokenizer.decode(ids, skip_special=True),
-        ResultsWriter(job.out_dir), g.repetition_penalty != 1.0, counts, tracer=tracer,
-    )
+        return ScoreSink(job.prompts[0], tracer=tracer)
+    return SampleSink(tracer=tracer)
+
+
+def batch_sequences(job: Job, emit_result: Callable[[Sequence], None]) -> tuple[Requests, list[Request]]:
+    """The first rank's sequences of a batch job, and their requests in prompt order."""
+    counts = TokenCounts()
+    requests = Requests(counts, emit_result)
+    eog = frozenset(job.tokenizer.eog_ids)
+    order = []
+    for i, (text, ids, params, seed) in enumerate(zip(job.texts, job.prompts, job.params, job.stream_seeds)):
+        stop = None if job.is_score else StopState(params.stop_conditions(eog), _decoder(job))
+        order.append(requests.add(Sequence(i, ids, params, seed, text=text, stop=stop)))
+    return requests, order
+
+
+def _decoder(job: Job) -> Callable[[list[int]], str]:
+    return lambda ids: job.tokenizer.decode(ids, skip_special=True)
+
+
+def result_writer(job: Job, writer: ResultsWriter) -> Callable[[Sequence], None]:
+    """Writes each finished sequence's results.jsonl line (in prompt order) and prints it."""
+
+    def emit(sequence: Sequence) -> None:
+        stop = sequence.stop
+        assert stop is not None
+        record: dict[str, Any] = {
+            "index": sequence.seq,
+            "prompt": sequence.text,
+            "prompt_ids": list(sequence.prompt),
+            "token_ids": stop.token_ids,
+            "text": stop.text,
+            "finish_reason": stop.finish_reason,
+        }
+        for rec in writer.add(sequence.seq, record):
+            # the run's product, on stdout (logs go to stderr)
+            sys.stdout.write(f"--- [{rec['index']}] {rec['prompt']!r}\n{rec['text']}\n")
+            sys.stdout.flush()
+
+    return emit
 
 
 def _init_process_group(job: Job) -> None:
@@ -84,11 +112,13 @@ def _gather(job: Job, mine: StageMetrics) -> list[StageMetrics]:
     return [StageMetrics.from_tensor(p.cpu()) for p in parts]
 
 
-def simulated_bubble(job: Job, decode_steps: dict[int, int]) -> float:
+def simulated_bubble(job: Job, sampled: dict[int, int]) -> float:
     """The largest per-stage idle fraction of this run's exact order of work items if every
     item cost the same: what the schedule alone costs, to compare with the measured bubble."""
-    scheduler = RingScheduler([b.width for b in job.batches], job.n_lanes, job.prefill_chunk, job.is_score)
-    order = list(run_order(scheduler, lambda b: decode_steps.get(b, 0) + 1))
+    budgets = [0 if job.is_score else p.max_new_tokens for p in job.params]
+    requests = [Request(i, len(ids), b) for i, (ids, b) in enumerate(zip(job.prompts, budgets))]
+    scheduler = Scheduler(job.n_lanes, job.lane_size, job.prefill_chunk, job.capacity)
+    order = list(run_order(scheduler, requests, lambda seq: sampled.get(seq, 1)))
     timeline = simulate(stage_actions(order, job.env.world), lambda stage, item: 1.0)
     return max(timeline.bubble_fraction(s) for s in range(job.env.world))
 
@@ -113,7 +143,7 @@ def _metrics(job: Job, stages: list[StageMetrics], counts: TokenCounts, clock: S
         "decode_tokens_per_s": counts.generated_tokens / counts.decode_s if counts.decode_s else 0.0,
         "time_to_first_token_s": (counts.first_token_at or clock.loop_end) - clock.loop_start,
         "wall_s": max(s.wall_s for s in stages),
-        "theoretical_bubble_fraction": simulated_bubble(job, counts.decode_steps),
+        "theoretical_bubble_fraction": simulated_bubble(job, counts.sampled),
         "per_stage": [
             s.as_dict(i, (starts[i], starts[i] + job.layers[i])) for i, s in enumerate(stages)
         ],
@@ -122,12 +152,12 @@ def _metrics(job: Job, stages: list[StageMetrics], counts: TokenCounts, clock: S
 
 
 def claim_output_dir(job: Job) -> OutputDir | None:
-    """The last rank, which writes the outputs, claims `output.dir` before anything is
-    written (`OutputDir.claim`); every rank learns whether it could, so that a refused run
-    ends everywhere at once: `OutputDirError` on the last rank, `FoundElsewhere` on the
-    others. A collective: every rank calls it."""
+    """The rank that writes the outputs (`Job.writer_rank`) claims `output.dir` before
+    anything is written (`OutputDir.claim`); every rank learns whether it could, so that a
+    refused run ends everywhere at once: `OutputDirError` on that rank, `FoundElsewhere` on
+    the others. A collective: every rank calls it."""
     claimed, error = None, None
-    if job.plan.is_last:
+    if job.env.rank == job.writer_rank:
         try:
             claimed = OutputDir.claim(job.out_dir)
         except OutputDirError as exc:
@@ -135,7 +165,7 @@ def claim_output_dir(job: Job) -> OutputDir | None:
     problem = str(error) if error is not None else None
     if job.env.world > 1:
         verdict = [problem]
-        dist.broadcast_object_list(verdict, src=job.env.world - 1)
+        dist.broadcast_object_list(verdict, src=job.writer_rank)
         problem = verdict[0]
     if error is not None:
         raise error
@@ -154,7 +184,7 @@ def score_summary(metrics: dict[str, Any]) -> str:
 
 def execute(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
     """Run this rank's part of the job (the process group, if any, is initialised), holding
-    `output.dir` on the last rank."""
+    `output.dir` on the writing rank."""
     claimed = claim_output_dir(job)
     try:
         _execute(job, stage, baseline_rss)
@@ -170,18 +200,24 @@ def _execute(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
     if job.env.world > 1:
         transport = Transport(job.env.rank, job.env.world, job.hparams.n_embd, job.lane_size,
                               job.prefill_chunk, job.dtype, job.device, tracer=tracer)
-    counts = TokenCounts()
-    sink = _make_sink(job, counts, tracer) if plan.is_last else None
-    runner = StageRunner(stage, job.batches, job.capacity(), job.n_lanes, sink=sink, tracer=tracer)
+    sink = _make_sink(job, tracer) if plan.is_last else None
+    runner = StageRunner(stage, job.n_lanes, job.lane_size, job.capacity, sink=sink, tracer=tracer)
+    requests = None
+    writes = job.env.rank == job.writer_rank
+    if plan.is_first:
+        emit = result_writer(job, ResultsWriter(job.out_dir)) if writes and not job.is_score else _ignore
+        requests, order = batch_sequences(job, emit)
     if job.env.world > 1:
         dist.barrier()
-    counts.last_done = time.perf_counter()
     gc.collect()
     gc.freeze()  # everything allocated so far lives for the whole run: keep it out of GC scans
     with torch.inference_mode():
-        if plan.is_first:
-            scheduler = RingScheduler([b.width for b in job.batches], job.n_lanes, job.prefill_chunk, job.is_score)
-            run_first(runner, scheduler, transport)
+        if requests is not None:
+            scheduler = Scheduler(job.n_lanes, job.lane_size, job.prefill_chunk, job.capacity)
+            for request in order:
+                scheduler.add(request)
+            requests.counts.last_done = time.perf_counter()
+            run_first(runner, scheduler, requests, transport)
         else:
             assert transport is not None
             run_relay(runner, transport)
@@ -195,9 +231,10 @@ def _execute(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
         baseline_rss_bytes=baseline_rss, decode_idle_fraction=clock.decode_idle_fraction(),
     )
     stages = _gather(job, mine)
+    counts = _gathered_counts(job, requests.counts if requests is not None else None)
     finish_profile(tracer, job, runner, stages, counts)
-    if sink is not None:
-        extra = sink.finish(job.out_dir)
+    if writes:
+        extra = sink.finish(job.out_dir) if sink is not None else {}
         metrics = _metrics(job, stages, counts, clock, extra)
         with writing(job.out_dir, METRICS):
             write_json_atomic(job.out_dir / METRICS, metrics)
@@ -215,7 +252,20 @@ def _execute(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
             )
 
 
-def run(cfg: Any, environ: Mapping[str, str] = os.environ, overrides: Sequence[str] = ()) -> int:
+def _ignore(sequence: Sequence) -> None:
+    """A first rank that does not write (score runs): finished sequences need no record."""
+
+
+def _gathered_counts(job: Job, mine: TokenCounts | None) -> TokenCounts:
+    """The first rank's token counts, on every rank (the writer may be the last)."""
+    if job.env.world == 1 or job.writer_rank == 0:
+        return mine if mine is not None else TokenCounts()
+    box = [mine]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run(cfg: Any, environ: Mapping[str, str] = os.environ, overrides: Seq[str] = ()) -> int:
     """The whole rank; returns the process exit code."""
     env = DistEnv.from_environ(dict(environ))
     setup_logging(env)
@@ -232,7 +282,7 @@ def run(cfg: Any, environ: Mapping[str, str] = os.environ, overrides: Sequence[s
             _init_process_group(job)
         log_loaded_stages(job, stage, baseline_rss)
         execute(job, stage, baseline_rss)
-    except PPInferError as exc:  # output.dir refused or failing, found by the last rank
+    except PPInferError as exc:  # output.dir refused or failing, found by the writing rank
         return report_run_error(exc, environ)
     except Exception as exc:
         if is_peer_failure(exc):

@@ -4,15 +4,17 @@ samples. With one stage the same code runs without any process group."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from ppinfer.model import PipelineStage, StageState
-from ppinfer.pipeline.batches import Batch
-from ppinfer.pipeline.schedule import AwaitTokens, Kind, RingScheduler, WorkItem
+from ppinfer.pipeline.requests import Requests
+from ppinfer.pipeline.schedule import AwaitTokens, Kind, Scheduler, WorkItem, item_positions
 from ppinfer.pipeline.sinks import Sink
-from ppinfer.pipeline.transport import Msg, Transport
+from ppinfer.pipeline.transport import Control, Msg, RowSampling, Transport
 from ppinfer.profiling.trace import NULL_TRACER, Tracer
 
 
@@ -54,99 +56,130 @@ class StageClock:
 
 
 class StageRunner:
-    """Runs work items through this rank's stage, owning one KV cache per lane; on the last
-    stage its `sink` (lm_head, sampling or scoring) runs inside the same timed span."""
+    """Runs work items through this rank's stage, owning one KV cache per lane (rows of
+    `lane_size` sequences, `capacity` slots each); on the last stage its `sink` (lm_head,
+    sampling or scoring) runs inside the same timed span."""
 
     def __init__(
         self,
         stage: PipelineStage,
-        batches: list[Batch],
-        capacity: dict[int, int],
         n_lanes: int,
+        lane_size: int,
+        capacity: int,
         sink: Sink | None = None,
         tracer: Tracer = NULL_TRACER,
     ) -> None:
-        self.stage, self.batches, self.capacity, self.sink, self.tracer = stage, batches, capacity, sink, tracer
+        self.stage, self.sink, self.tracer = stage, sink, tracer
+        self.lane_size, self.capacity = lane_size, capacity
         self.states: list[StageState | None] = [None] * n_lanes
         self.clock = StageClock()
 
     def state_for(self, item: WorkItem) -> StageState:
-        batch = self.batches[item.batch]
         state = self.states[item.lane]
-        if item.reset:
-            need = self.capacity[item.batch]
-            if state is None or state.batch != batch.size or state.max_len < need:
-                state = self.stage.new_state(batch.size, need)
-                self.states[item.lane] = state
-            state.reset()
-        if state is None or state.length != item.start:
-            raise RuntimeError(f"lane {item.lane}: cache at slot {state and state.length}, item starts at {item.start}")
+        if state is None:
+            state = self.states[item.lane] = self.stage.new_state(self.lane_size, self.capacity)
+        for i, step in enumerate(item.rows):
+            if step.reset:
+                state.reset(item.row0 + i, item.row0 + i + 1)
         return state
 
-    def run(self, item: WorkItem, hidden: torch.Tensor | None, ids: torch.Tensor | None = None) -> StepResult:
-        """Embed `ids` [B, T] (first stage) or take `hidden` [B, T, E]; run this stage's
-        layers, then the sink if this is the last stage."""
+    def run(
+        self, item: WorkItem, ids: torch.Tensor, hidden: torch.Tensor | None, sampling: tuple[RowSampling, ...]
+    ) -> StepResult:
+        """Embed `ids` [b, T] (first stage) or take `hidden` [b, T, E]; run this stage's
+        layers for the item's rows, then the sink if this is the last stage."""
         start = time.perf_counter()
         state = self.state_for(item)
-        positions = self.batches[item.batch].positions(item.start, item.length).to(self.stage.device)
-        if ids is not None:
+        positions = item_positions(item).to(self.stage.device)
+        if hidden is None:
             with self.tracer.range("embed"):
                 hidden = self.stage.embed(ids.to(self.stage.device))
-        assert hidden is not None
         with self.tracer.range("layers"):
-            out = self.stage.forward(hidden, positions, state)
+            out = self.stage.forward(hidden, positions, state, item.row0, [not s.idle for s in item.rows])
         result = StepResult(out)
         if self.sink is not None:
-            result.tokens, result.finished = self.sink.consume(self.stage, item, out)
+            result.tokens = self.sink.consume(self.stage, item, ids, out, sampling)
         end = time.perf_counter()
         self.clock.compute_s += end - start
         self.clock.spans.append(Span(start, end, item.lane, item.kind))
         return result
+
+    def busy(self, rank: int, upstream: tuple[float, ...], world: int) -> tuple[float, ...]:
+        """Every stage's busy seconds as known here: `upstream`'s, with this rank's own."""
+        busy = list(upstream) + [0.0] * (world - len(upstream))
+        busy[rank] = self.clock.compute_s
+        return tuple(busy)
 
 
 @dataclass
 class StepResult:
     """What one work item produced on this stage."""
 
-    hidden: torch.Tensor  # [B, T, E]
-    tokens: torch.Tensor | None = None  # last stage: sampled ids [B] after a sampling item
-    finished: bool = False  # last stage: the lane's batch is done
+    hidden: torch.Tensor  # [b, T, E]
+    tokens: torch.Tensor | None = None  # last stage: sampled ids [b] after a sampling item
 
 
-def _first_stage_ids(item: WorkItem, batch: Batch, last_tokens: dict[int, torch.Tensor]) -> torch.Tensor:
-    if item.kind is Kind.PREFILL:
-        return batch.prompt_tokens(item.start, item.length)
-    return last_tokens[item.lane][:, None]  # [B, 1]
+class Arrivals(Protocol):
+    """Where a server's requests come from (the batch command has none: its sequences are
+    all added before the loop)."""
+
+    def pull(self, scheduler: Scheduler, requests: Requests) -> None:
+        """Add newly submitted sequences and apply cancellations (never blocks)."""
+
+    def wait(self, scheduler: Scheduler, requests: Requests, transport: Transport | None) -> bool:
+        """Nothing to do: block until something arrives (keeping peers alive); False when
+        the server is shutting down and nothing is left."""
+
+    def busy(self, stages: tuple[float, ...]) -> None:
+        """Every stage's busy seconds, as the last ids reported them."""
 
 
-def run_first(runner: StageRunner, scheduler: RingScheduler, transport: Transport | None) -> None:
+def run_first(
+    runner: StageRunner,
+    scheduler: Scheduler,
+    requests: Requests,
+    transport: Transport | None,
+    arrivals: Arrivals | None = None,
+) -> None:
     """Rank 0: drive the ring. With `transport` None this rank is the whole pipeline: the
     runner's sink samples in place and the ids go straight back to the scheduler."""
-    last_tokens: dict[int, torch.Tensor] = {}
-    local: dict[int, tuple[torch.Tensor, bool]] = {}  # one-stage run: lane -> (ids, finished)
+    local: deque[torch.Tensor] = deque()  # one-stage run: sampled ids in issue order
+    world = transport.world if transport is not None else 1
     runner.clock.loop_start = time.perf_counter()
-    while (action := scheduler.next()) is not None:
+    while True:
+        if arrivals is not None:
+            arrivals.pull(scheduler, requests)
+        action = scheduler.next()
+        if action is None:
+            if arrivals is None or not arrivals.wait(scheduler, requests, transport):
+                break
+            continue
         if isinstance(action, AwaitTokens):
+            item = scheduler.in_flight(action.lane)
             if transport is None:
-                tokens, finished = local.pop(action.lane)
+                tokens = local.popleft()
+                busy = runner.busy(0, (), 1)
             else:
-                header, tokens = transport.recv_tokens()
-                if header.item is None or header.item.lane != action.lane:
-                    raise RuntimeError(f"expected tokens of lane {action.lane}, got {header}")
-                finished = header.finished
-            last_tokens[action.lane] = tokens
-            scheduler.tokens_arrived(action.lane, finished)
+                control, tokens = transport.recv_tokens()
+                if control.item != item:
+                    raise RuntimeError(f"expected the ids of {item}, got {control.item}")
+                busy = runner.busy(0, control.busy_s, world)
+            if arrivals is not None:
+                arrivals.busy(busy)
+            scheduler.tokens_arrived(action.lane, requests.tokens_arrived(item, tokens.tolist()))
             if transport is not None and scheduler.awaiting():
                 transport.expect_tokens()
             continue
         item = action
-        result = runner.run(item, None, _first_stage_ids(item, runner.batches[item.batch], last_tokens))
+        sampling = requests.sampling(item)
+        ids = requests.input_ids(item)
+        result = runner.run(item, ids, None, sampling)
         if transport is not None:
-            transport.send_item(item, result.hidden)
+            transport.send_item(Control(Msg.ITEM, item, sampling, runner.busy(0, (), world)), ids, result.hidden)
             if item.samples:
                 transport.expect_tokens()
         elif result.tokens is not None:
-            local[item.lane] = (result.tokens, result.finished)
+            local.append(result.tokens)
         runner.tracer.step()
     if transport is not None:
         transport.send_stop()
@@ -158,17 +191,22 @@ def run_relay(runner: StageRunner, transport: Transport) -> None:
     """Ranks 1..S-1: receive, compute, pass on (middle) or send sampled ids back (last)."""
     runner.clock.loop_start = time.perf_counter()
     while True:
-        header, hidden = transport.recv_item()
-        if header.msg is Msg.STOP:
+        control, ids, hidden = transport.recv_item()
+        if control.msg is Msg.STOP:
             transport.send_stop()
             break
-        item = header.item
-        assert item is not None and hidden is not None
-        result = runner.run(item, hidden)
+        if control.msg is Msg.PING:
+            transport.send_ping()
+            continue
+        item = control.item
+        assert item is not None and ids is not None and hidden is not None
+        result = runner.run(item, ids, hidden, control.sampling)
+        busy = runner.busy(transport.rank, control.busy_s, transport.world)
+        passed = Control(control.msg, item, control.sampling, busy)
         if runner.sink is None:
-            transport.send_item(item, result.hidden)
+            transport.send_item(passed, ids, result.hidden)
         elif result.tokens is not None:
-            transport.send_tokens(item, result.tokens, result.finished)
+            transport.send_tokens(passed, result.tokens)
         runner.tracer.step()
     transport.flush()
     runner.clock.loop_end = time.perf_counter()

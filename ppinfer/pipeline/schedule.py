@@ -1,19 +1,32 @@
-"""The schedule: lanes in a ring, as data.
+"""The schedule: lanes of slots in a ring, as data.
 
-Sequences are grouped into batches; each of M lanes holds one batch at a time. The first
-stage decides the order of work items (`RingScheduler`), every other stage processes items in
-the order it receives them, so each send meets its receive by construction:
+Each of M lanes holds up to `lane_size` sequences, one per row (slot) of its KV cache. The
+first stage decides the order of work items (`Scheduler`); every other stage processes items
+in the order it receives them, so each send meets its receive by construction:
 
-- prefill: a batch's left-padded prompt goes through in chunks of at most `chunk` tokens,
-  issued back to back (chunks of one lane pipeline behind each other);
-- decode: after an item that samples (a batch's last prefill chunk or a decode step), the last
-  stage sends the sampled ids back to the first stage; the lane's next step can only start
-  when they have arrived. Lanes take turns round-robin, so with M >= S every stage has work at
-  every tick after the fill (stage s works on lane (t - s) mod M at tick t);
-- a lane whose batch has finished takes the next batch; when none is left it goes idle.
+- admission: when a lane has free rows and sequences wait, the first run of consecutive free
+  rows takes the oldest waiting sequences, as one prefill group (prompts left-padded to the
+  group's longest); a row's cache is reset by the group's first chunk;
+- prefill: a group's prompts go through in chunks of at most `chunk` tokens. The last chunk
+  samples each member's first token;
+- decode: one step for every decoding row of the lane (rows between them that are free or
+  still in prefill ride along idle: masked, nothing written that any sequence reads). After a
+  sampling item the last stage sends the ids back to the first stage; the lane's next step can
+  only start when they have arrived;
+- a lane's turn issues its decode step and then its group's next prefill chunk, so a
+  newcomer's prompt is interleaved with its neighbours' decoding; a lane with nothing to
+  decode issues all of its group's chunks back to back;
+- a finished (or cancelled) sequence frees its row when its last ids arrive; the row is
+  refilled at the lane's next turn. Lanes take turns round-robin, so with M >= S every stage
+  has work at every tick after the fill (stage s works on lane (t - s) mod M at tick t).
 
-`stage_actions` and `simulate` turn the scheduler's decisions into per-stage action lists and a
-timeline without any process, for tests and for the theoretical bubble the runtime reports.
+Sampled ids come back in issue order (every stage is FIFO), and a lane's outstanding items
+are always the oldest in flight when its turn comes back, so `AwaitTokens(lane)` receives
+exactly that lane's ids.
+
+`run_order`, `stage_actions` and `simulate` turn the scheduler's decisions into per-stage
+action lists and a timeline without any process, for tests and for the theoretical bubble the
+runtime reports; `occupancy` measures how full the decode steps keep the slots.
 """
 
 from __future__ import annotations
@@ -21,7 +34,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
+
+import torch
 
 
 class Kind(IntEnum):
@@ -30,33 +45,77 @@ class Kind(IntEnum):
 
 
 @dataclass(frozen=True)
+class RowStep:
+    """What one cache row does in a work item."""
+
+    seq: int  # the sequence in the row; -1 when the row is idle in this item
+    first_pos: int  # rope position of the item's first token (negative: left padding)
+    reset: bool = False  # a new sequence starts here: forget the row's previous one
+
+    @property
+    def idle(self) -> bool:
+        return self.seq < 0
+
+
+IDLE = RowStep(-1, -1)
+
+
+@dataclass(frozen=True)
 class WorkItem:
-    """One forward of one lane through every stage."""
+    """One forward of consecutive rows `[row0, row0 + len(rows))` of one lane through every
+    stage, `length` tokens per row."""
 
     lane: int
-    batch: int  # index of the batch of sequences the lane holds
     kind: Kind
-    step: int  # prefill chunk index, or decode step index
-    start: int  # first cache slot written
-    length: int  # tokens per sequence in this item (T)
-    samples: bool  # the last stage samples next tokens after this item
-    reset: bool  # first item of a batch: every stage starts the lane's cache afresh
+    row0: int
+    rows: tuple[RowStep, ...]
+    length: int  # tokens per row in this item (T)
+    samples: bool  # the last stage samples next tokens of the non-idle rows after this item
+
+    @property
+    def seqs(self) -> list[int]:
+        """The sequences computed by this item (idle rows left out)."""
+        return [r.seq for r in self.rows if not r.idle]
 
 
 @dataclass(frozen=True)
 class AwaitTokens:
-    """The first stage must receive the lane's sampled ids before it can go on."""
+    """The first stage must receive the lane's oldest sampled ids before it can go on."""
 
     lane: int
 
 
+@dataclass(frozen=True)
+class Request:
+    """What the scheduler knows of a sequence: its id, prompt length and token budget."""
+
+    seq: int
+    prompt_len: int
+    max_new_tokens: int  # 0 for a scored sequence (prefill only)
+
+
+@dataclass
+class _Row:
+    seq: int
+    next_pos: int  # rope position of the next token fed to this row
+    decoding: bool = False  # prefill done: its first token has been sampled
+
+
+@dataclass
+class _Group:
+    """Sequences admitted together: rows [row0, row0 + len(pads)), left-padded to `width`."""
+
+    row0: int
+    seqs: list[int]
+    pads: list[int]
+    chunks: deque[tuple[int, int]]
+
+
 @dataclass
 class _Lane:
-    batch: int | None = None
-    width: int = 0  # left-padded prompt length of the batch
-    chunks: deque[tuple[int, int]] = field(default_factory=deque)  # prefill chunks still to issue
-    decode_step: int = 0
-    awaiting: bool = False
+    rows: list[_Row | None]
+    group: _Group | None = None
+    outstanding: deque[WorkItem] = field(default_factory=deque)  # sampling items in flight
 
 
 def prefill_chunks(width: int, chunk: int) -> list[tuple[int, int]]:
@@ -67,89 +126,204 @@ def prefill_chunks(width: int, chunk: int) -> list[tuple[int, int]]:
     return [(s, min(chunk, width - s)) for s in range(0, width, chunk)]
 
 
-@dataclass
-class RingScheduler:
-    """The first stage's order of work. Drive it with `next()`; after an `AwaitTokens`, report
-    the lane's sampled step with `tokens_arrived(lane, finished)` and call `next()` again."""
+class Scheduler:
+    """The first stage's order of work. `add` sequences, drive it with `next()`; after an
+    `AwaitTokens`, report the ids' arrival with `tokens_arrived(lane, finished_seqs)` and call
+    `next()` again. `next()` returns None when no lane has anything to do (more sequences may
+    still be added: the server does)."""
 
-    widths: list[int]  # left-padded prompt width of each batch, in batch order
-    n_lanes: int
-    chunk: int
-    score_only: bool = False  # prefill only: no decode steps (the score task)
-    _lanes: list[_Lane] = field(init=False)
-    _pending: deque[int] = field(init=False)  # batches not yet started
-    _turn: int = field(default=0, init=False)
+    def __init__(self, n_lanes: int, lane_size: int, chunk: int, capacity: int) -> None:
+        if n_lanes < 1 or lane_size < 1 or chunk < 1:
+            raise ValueError(f"need lanes, lane size and chunk >= 1, got {n_lanes}, {lane_size}, {chunk}")
+        self.n_lanes, self.lane_size, self.chunk = n_lanes, lane_size, chunk
+        self.capacity = capacity  # cache slots of one row
+        self._lanes = [_Lane([None] * lane_size) for _ in range(n_lanes)]
+        self._waiting: deque[Request] = deque()
+        self._ready: deque[WorkItem] = deque()  # items of the current turn not yet returned
+        self._turn = 0
 
-    def __post_init__(self) -> None:
-        if self.n_lanes < 1:
-            raise ValueError(f"need at least one lane, got {self.n_lanes}")
-        self._lanes = [_Lane() for _ in range(self.n_lanes)]
-        self._pending = deque(range(len(self.widths)))
+    # ---- sequences ------------------------------------------------------------------------
 
-    def next(self) -> WorkItem | AwaitTokens | None:
-        """The next action of the first stage, or None when every batch is done."""
-        for _ in range(self.n_lanes):
-            lane_id = self._turn
-            self._turn = (self._turn + 1) % self.n_lanes
-            action = self._lane_action(lane_id)
-            if action is not None:
-                if isinstance(action, AwaitTokens):
-                    self._turn = lane_id  # the same lane continues after the tokens arrive
-                return action
-        return None
+    def add(self, request: Request) -> None:
+        """Queue a sequence; it must fit one row (padding of a group included, see `_admit`)."""
+        if request.prompt_len < 1 or request.prompt_len + max(request.max_new_tokens - 1, 0) > self.capacity:
+            raise ValueError(
+                f"sequence {request.seq}: {request.prompt_len} prompt tokens + {request.max_new_tokens} "
+                f"new do not fit a row of {self.capacity} slots"
+            )
+        self._waiting.append(request)
 
-    def batch_of(self, lane_id: int) -> int | None:
-        """The batch lane `lane_id` holds (None when idle)."""
-        return self._lanes[lane_id].batch
+    def withdraw(self, seq: int) -> bool:
+        """Drop a sequence that is still waiting; False if it is not (a running sequence is
+        ended by reporting it finished when its next ids arrive)."""
+        for request in self._waiting:
+            if request.seq == seq:
+                self._waiting.remove(request)
+                return True
+        return False
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(row is not None for lane in self._lanes for row in lane.rows)
 
     def awaiting(self) -> bool:
         """Whether any lane waits for sampled ids (so more token messages will come)."""
-        return any(lane.awaiting for lane in self._lanes)
+        return any(lane.outstanding for lane in self._lanes)
 
-    def decode_steps_issued(self, lane_id: int) -> int:
-        return self._lanes[lane_id].decode_step
-
-    def tokens_arrived(self, lane_id: int, finished: bool) -> None:
+    def in_flight(self, lane_id: int) -> WorkItem:
+        """The lane's oldest sampling item whose ids have not arrived yet."""
         lane = self._lanes[lane_id]
-        if not lane.awaiting:
+        if not lane.outstanding:
             raise RuntimeError(f"lane {lane_id} was not waiting for tokens")
-        lane.awaiting = False
-        if finished or self.score_only:
-            lane.batch = None
+        return lane.outstanding[0]
 
-    def _lane_action(self, lane_id: int) -> WorkItem | AwaitTokens | None:
+    def idle(self) -> bool:
+        """Nothing running, nothing waiting, nothing in flight."""
+        return not self._waiting and not self._ready and self.running == 0 and not self.awaiting()
+
+    # ---- the order of work -----------------------------------------------------------------
+
+    def next(self) -> WorkItem | AwaitTokens | None:
+        """The next action of the first stage, or None when there is nothing to do now."""
+        if self._ready:
+            return self._ready.popleft()
+        for _ in range(self.n_lanes):
+            lane_id = self._turn
+            lane = self._lanes[lane_id]
+            if lane.outstanding:
+                return AwaitTokens(lane_id)  # the same lane continues once the ids arrive
+            self._turn = (self._turn + 1) % self.n_lanes
+            self._ready.extend(self._lane_turn(lane_id, lane))
+            if self._ready:
+                return self._ready.popleft()
+        return None
+
+    def tokens_arrived(self, lane_id: int, finished: Iterable[int] = ()) -> WorkItem:
+        """The ids of lane `lane_id`'s oldest sampling item arrived; `finished` are the
+        sequences that ended with them. Returns that item."""
+        item = self.in_flight(lane_id)
         lane = self._lanes[lane_id]
-        if lane.awaiting:
-            return AwaitTokens(lane_id)
-        if lane.batch is None:
-            if not self._pending:
-                return None
-            lane.batch = self._pending.popleft()
-            lane.width, lane.decode_step = self.widths[lane.batch], 0
-            lane.chunks = deque(prefill_chunks(lane.width, self.chunk))
-        if lane.chunks:
-            start, length = lane.chunks.popleft()
-            last = not lane.chunks
-            lane.awaiting = last
-            return WorkItem(lane_id, lane.batch, Kind.PREFILL, start // self.chunk, start, length, last, start == 0)
-        lane.awaiting = True
-        lane.decode_step += 1
-        start = lane.width + lane.decode_step - 1
-        return WorkItem(lane_id, lane.batch, Kind.DECODE, lane.decode_step - 1, start, 1, True, False)
+        lane.outstanding.popleft()
+        ended = set(finished)
+        for offset, step in enumerate(item.rows):
+            row = lane.rows[item.row0 + offset]
+            if step.idle or row is None or row.seq != step.seq:
+                continue
+            row.decoding = True
+            if step.seq in ended:
+                # A row is in at most one item in flight (a lane's decode step and its
+                # group's chunk hold different rows), so nothing of it is in flight now.
+                lane.rows[item.row0 + offset] = None
+        return item
+
+    def _lane_turn(self, lane_id: int, lane: _Lane) -> list[WorkItem]:
+        self._admit(lane)
+        items = []
+        decode = self._decode_item(lane_id, lane)
+        if decode is not None:
+            items.append(decode)
+        if lane.group is not None:
+            while lane.group is not None and (decode is None or len(items) < 2):
+                items.append(self._prefill_item(lane_id, lane))
+        for item in items:
+            if item.samples:
+                lane.outstanding.append(item)
+        return items
+
+    def _admit(self, lane: _Lane) -> None:
+        """Place the oldest waiting sequences into the lane's first run of free rows."""
+        if lane.group is not None or not self._waiting:
+            return
+        free = [r for r, row in enumerate(lane.rows) if row is None]
+        if not free:
+            return
+        row0 = free[0]
+        run = 1
+        while run < len(free) and free[run] == row0 + run:
+            run += 1
+        members: list[Request] = []
+        for request in self._waiting:
+            if len(members) == run:
+                break
+            width = max([m.prompt_len for m in members] + [request.prompt_len])
+            budget = max([m.max_new_tokens for m in members] + [request.max_new_tokens])
+            if members and width + max(budget - 1, 0) > self.capacity:
+                break  # the padded group would overflow a row: admit it with the next group
+            members.append(request)
+        for _ in members:
+            self._waiting.popleft()
+        width = max(m.prompt_len for m in members)
+        for offset, m in enumerate(members):
+            lane.rows[row0 + offset] = _Row(m.seq, next_pos=m.prompt_len)
+        lane.group = _Group(
+            row0, [m.seq for m in members], [width - m.prompt_len for m in members],
+            deque(prefill_chunks(width, self.chunk)),
+        )
+
+    def _prefill_item(self, lane_id: int, lane: _Lane) -> WorkItem:
+        group = lane.group
+        assert group is not None
+        start, length = group.chunks.popleft()
+        last = not group.chunks
+        rows = tuple(RowStep(seq, start - pad, reset=start == 0) for seq, pad in zip(group.seqs, group.pads))
+        if last:
+            lane.group = None
+        return WorkItem(lane_id, Kind.PREFILL, group.row0, rows, length, samples=last)
+
+    def _decode_item(self, lane_id: int, lane: _Lane) -> WorkItem | None:
+        decoding = [r for r, row in enumerate(lane.rows) if row is not None and row.decoding]
+        if not decoding:
+            return None
+        row0, row1 = decoding[0], decoding[-1] + 1
+        steps = []
+        for r in range(row0, row1):
+            row = lane.rows[r]
+            if row is None or not row.decoding:
+                steps.append(IDLE)
+                continue
+            steps.append(RowStep(row.seq, row.next_pos))
+            row.next_pos += 1
+        return WorkItem(lane_id, Kind.DECODE, row0, tuple(steps), 1, samples=True)
+
+
+def item_positions(item: WorkItem) -> torch.Tensor:
+    """Rope positions of `item`'s tokens: [b, T] int64, -1 on padding and idle rows."""
+    first = torch.tensor([-(1 << 40) if s.idle else s.first_pos for s in item.rows], dtype=torch.int64)
+    pos = first[:, None] + torch.arange(item.length, dtype=torch.int64)[None, :]  # [b, T]
+    return pos.masked_fill(pos < 0, -1)
 
 
 def run_order(
-    scheduler: RingScheduler, decode_steps: Callable[[int], int]
+    scheduler: Scheduler, requests: Iterable[Request], samples: Callable[[int], int]
 ) -> Iterator[WorkItem | AwaitTokens]:
-    """Drive `scheduler` offline: batch b finishes after `decode_steps(b)` decode steps
-    (a batch's first token comes from prefill, so 1 means it stops right after prefill)."""
+    """Drive `scheduler` offline over `requests`: sequence s finishes after `samples(s)`
+    sampled tokens (its first comes from prefill; a scored sequence (no budget) after
+    prefill)."""
+    for request in requests:
+        scheduler.add(request)
+    sampled: dict[int, int] = {}
     while (action := scheduler.next()) is not None:
         yield action
         if isinstance(action, AwaitTokens):
-            batch = scheduler.batch_of(action.lane)
-            assert batch is not None
-            done = scheduler.decode_steps_issued(action.lane) + 1 >= decode_steps(batch)
+            item = scheduler.in_flight(action.lane)
+            done = []
+            for seq in item.seqs:
+                sampled[seq] = sampled.get(seq, 0) + 1
+                if sampled[seq] >= samples(seq):
+                    done.append(seq)
             scheduler.tokens_arrived(action.lane, done)
+
+
+def occupancy(order: Iterable[WorkItem | AwaitTokens], lane_size: int) -> float:
+    """Mean share of a lane's slots that compute a sequence in its decode steps."""
+    steps = [a for a in order if isinstance(a, WorkItem) and a.kind is Kind.DECODE]
+    if not steps:
+        return 0.0
+    return sum(len(s.seqs) for s in steps) / (len(steps) * lane_size)
 
 
 @dataclass(frozen=True)
@@ -168,11 +342,11 @@ def stage_actions(order: list[WorkItem | AwaitTokens], n_stages: int) -> list[li
     items = [a for a in order if isinstance(a, WorkItem)]
     acts: list[list[Action]] = [[] for _ in range(n_stages)]
     last = n_stages - 1
-    outstanding: dict[int, int] = {}  # lane -> index of its sampling item awaiting receipt
+    outstanding: dict[int, deque[int]] = {}  # lane -> its sampling items awaiting receipt
     i = 0
     for action in order:
         if isinstance(action, AwaitTokens):
-            idx = outstanding.pop(action.lane)
+            idx = outstanding[action.lane].popleft()
             if n_stages > 1:
                 acts[0].append(Action("recv", last, idx))
             continue
@@ -180,7 +354,7 @@ def stage_actions(order: list[WorkItem | AwaitTokens], n_stages: int) -> list[li
         if n_stages > 1:
             acts[0].append(Action("send", 1, i))
         if action.samples:
-            outstanding[action.lane] = i
+            outstanding.setdefault(action.lane, deque()).append(i)
         i += 1
     for s in range(1, n_stages):
         for idx, item in enumerate(items):

@@ -1,167 +1,126 @@
-"""What the last stage does with its output: sample and stop (generate) or keep every
-position's logits (score)."""
+"""What the last stage does with its output: sample each row's next token (generate) or keep
+every position's logits (score)."""
 
 from __future__ import annotations
 
-import logging
 import math
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ppinfer.generation.sampling import Sampler, pad_history
-from ppinfer.generation.stopping import StopConditions, StopState
+from ppinfer.generation.sampling import pad_history, sample, stream_generator
 from ppinfer.model import PipelineStage
-from ppinfer.pipeline.batches import Batch
-from ppinfer.pipeline.outputs import LOGITS, ResultsWriter, write_logits, writing
+from ppinfer.pipeline.outputs import LOGITS, write_logits, writing
 from ppinfer.pipeline.schedule import Kind, WorkItem
+from ppinfer.pipeline.transport import RowSampling
 from ppinfer.profiling.trace import NULL_TRACER, Tracer
-
-log = logging.getLogger("ppinfer")
 
 
 @dataclass
-class TokenCounts:
-    """Token and time accounting at the last stage (for metrics and the progress line)."""
+class _Stream:
+    """The last stage's view of the sequence in one row: its random stream and, when its
+    repetition penalty needs it, every token it has seen."""
 
-    prompt_tokens: int = 0
-    generated_tokens: int = 0  # tokens sampled by decode steps, for active sequences only
-    first_tokens: int = 0  # tokens sampled right after prefill
-    prefill_s: float = 0.0  # time between item completions, attributed to each item's kind
-    decode_s: float = 0.0
-    first_token_at: float | None = None
-    decode_steps: dict[int, int] = field(default_factory=dict)  # batch index -> decode items
-    last_done: float = field(default_factory=time.perf_counter)
-
-    def account(self, item: WorkItem) -> None:
-        now = time.perf_counter()
-        if item.kind is Kind.PREFILL:
-            self.prefill_s += now - self.last_done
-        else:
-            self.decode_s += now - self.last_done
-            self.decode_steps[item.batch] = self.decode_steps.get(item.batch, 0) + 1
-        self.last_done = now
+    seq: int
+    generator: torch.Generator
+    history: list[int] | None
 
 
-class GenerateSink:
-    """Samples the next tokens of a lane, tracks stop conditions, writes finished sequences."""
+class SampleSink:
+    """Samples the next token of each computing row of a sampling item, each row with its own
+    settings and random stream (so a sequence gets the same tokens wherever it runs)."""
 
-    def __init__(
-        self,
-        batches: list[Batch],
-        texts: list[str],
-        sampler: Sampler,
-        conditions: StopConditions,
-        decode: Callable[[list[int]], str],
-        writer: ResultsWriter,
-        use_history: bool,
-        counts: TokenCounts,
-        tracer: Tracer = NULL_TRACER,
-    ) -> None:
+    def __init__(self, tracer: Tracer = NULL_TRACER) -> None:
         self.tracer = tracer
-        self.batches, self.texts, self.sampler = batches, texts, sampler
-        self.conditions, self.decode, self.writer = conditions, decode, writer
-        self.use_history, self.counts = use_history, counts
-        self._stops: dict[int, list[StopState]] = {}  # batch index -> per-sequence state
-        self._last_log = time.perf_counter()
+        self._streams: dict[tuple[int, int], _Stream] = {}  # (lane, row) -> the row's sequence
 
-    def consume(self, stage: PipelineStage, item: WorkItem, hidden: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
-        """hidden [B, T, E] of `item` -> (sampled ids [B] or None, whether the batch is done)."""
-        batch = self.batches[item.batch]
-        if item.kind is Kind.PREFILL:
-            self.counts.prompt_tokens += int((batch.positions(item.start, item.length) >= 0).sum())
+    def consume(
+        self, stage: PipelineStage, item: WorkItem, ids: torch.Tensor, hidden: torch.Tensor,
+        sampling: tuple[RowSampling, ...],
+    ) -> torch.Tensor | None:
+        """ids [b, T] and hidden [b, T, E] of `item` -> sampled ids [b] (0 for idle rows) after
+        a sampling item, else None."""
+        live = [i for i, step in enumerate(item.rows) if not step.idle]
+        for i in live:
+            self._track(item, i, ids[i], sampling[i])
         if not item.samples:
-            self.counts.account(item)
-            return None, False
-        stops = self._stops.setdefault(item.batch, [StopState(self.conditions, self.decode) for _ in batch.seq_ids])
+            return None
+        tokens = torch.zeros(len(item.rows), dtype=torch.int64)
+        if not live:
+            return tokens
         with self.tracer.range("lm_head"):
-            logits = stage.lm_head(hidden[:, -1:])[:, 0]  # [B, V]
+            logits = stage.lm_head(hidden[live, -1:])[:, 0]  # [n, V]
         with self.tracer.range("sample"):
-            history = None
-            if self.use_history:
-                history = pad_history([list(p) + s.token_ids for p, s in zip(batch.prompts, stops)]).to(logits.device)
-            tokens = self.sampler(logits, list(batch.seq_ids), history)  # [B]
-            active = 0
-            for stop, token in zip(stops, tokens.tolist()):
-                if not stop.finished:
-                    active += 1
-                    stop.append(token)
-        if item.kind is Kind.PREFILL:
-            self.counts.first_tokens += active
-            if self.counts.first_token_at is None:
-                self.counts.first_token_at = time.perf_counter()
-        else:
-            self.counts.generated_tokens += active
-        self.counts.account(item)
-        self._progress()
-        done = all(s.finished for s in stops)
-        if done:
-            self._emit(batch, self._stops.pop(item.batch))
-        return tokens, done
+            for group, settings in _same_settings(live, sampling):
+                streams = [self._streams[(item.lane, item.row0 + i)] for i in group]
+                rows = [live.index(i) for i in group]
+                history = None
+                if settings.repetition_penalty != 1.0:
+                    history = pad_history([s.history or [] for s in streams]).to(logits.device)
+                generators = None if settings.greedy else [s.generator for s in streams]
+                picked = sample(logits[rows], settings, generators, history).cpu()  # [len(group)]
+                tokens[group] = picked
+                for stream, token in zip(streams, picked.tolist()):
+                    if stream.history is not None:
+                        stream.history.append(token)
+        return tokens
 
-    def _emit(self, batch: Batch, stops: list[StopState]) -> None:
-        for seq, prompt_ids, stop in zip(batch.seq_ids, batch.prompts, stops):
-            self.sampler.release(seq)
-            record: dict[str, Any] = {
-                "index": seq,
-                "prompt": self.texts[seq],
-                "prompt_ids": list(prompt_ids),
-                "token_ids": stop.token_ids,
-                "text": stop.text,
-                "finish_reason": stop.finish_reason,
-            }
-            for rec in self.writer.add(seq, record):
-                # the run's product, on stdout (logs go to stderr)
-                sys.stdout.write(f"--- [{rec['index']}] {rec['prompt']!r}\n{rec['text']}\n")
-                sys.stdout.flush()
-
-    def _progress(self) -> None:
-        now = time.perf_counter()
-        if now - self._last_log < 2.0:
-            return
-        self._last_log = now
-        c = self.counts
-        rate = c.generated_tokens / c.decode_s if c.decode_s > 0 else 0.0
-        log.info("generated %d tokens, decode %.1f tokens/s", c.generated_tokens + c.first_tokens, rate)
+    def _track(self, item: WorkItem, i: int, ids: torch.Tensor, sampling: RowSampling) -> None:
+        """Start the row's stream on a new sequence; record the tokens it was fed."""
+        step, key = item.rows[i], (item.lane, item.row0 + i)
+        stream = self._streams.get(key)
+        if step.reset or stream is None or stream.seq != step.seq:
+            keeps = sampling.repetition_penalty != 1.0
+            stream = _Stream(step.seq, stream_generator(sampling.stream_seed), [] if keeps else None)
+            self._streams[key] = stream
+        if stream.history is not None and item.kind is Kind.PREFILL:
+            # the prompt's tokens, padding excluded (decode inputs were sampled here already)
+            stream.history.extend(ids[max(0, -step.first_pos):].tolist())
 
     def finish(self, out_dir: Path) -> dict[str, Any]:
-        """Nothing to add: results.jsonl was written as sequences completed."""
         return {}
+
+
+def _same_settings(live: list[int], sampling: tuple[RowSampling, ...]) -> list[tuple[list[int], RowSampling]]:
+    """Rows grouped by identical sampling settings (their streams differ, not their filters)."""
+    groups: dict[tuple[float, int, float, float, float], tuple[list[int], RowSampling]] = {}
+    for i in live:
+        s = sampling[i]
+        key = (s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty)
+        groups.setdefault(key, ([], s))[0].append(i)
+    return list(groups.values())
 
 
 class ScoreSink:
     """Keeps the logits at every position of the scored sequence; perplexity at the end."""
 
-    def __init__(self, batches: list[Batch], counts: TokenCounts, tracer: Tracer = NULL_TRACER) -> None:
-        self.batches, self.counts, self.tracer = batches, counts, tracer
+    def __init__(self, prompt: list[int], tracer: Tracer = NULL_TRACER) -> None:
+        self.prompt, self.tracer = prompt, tracer
         self._rows: list[torch.Tensor] = []
 
-    def consume(self, stage: PipelineStage, item: WorkItem, hidden: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    def consume(
+        self, stage: PipelineStage, item: WorkItem, ids: torch.Tensor, hidden: torch.Tensor,
+        sampling: tuple[RowSampling, ...],
+    ) -> torch.Tensor | None:
         with self.tracer.range("lm_head"):
             logits = stage.lm_head(hidden)[0]  # [T, V] (one sequence, no padding)
         self._rows.append(logits.cpu())
-        self.counts.prompt_tokens += item.length
-        if self.counts.first_token_at is None and item.samples:
-            self.counts.first_token_at = time.perf_counter()
-        self.counts.account(item)
         if not item.samples:
-            return None, False
-        return torch.zeros(hidden.shape[0], dtype=torch.int64, device=hidden.device), True
+            return None
+        return torch.zeros(len(item.rows), dtype=torch.int64)
 
     def finish(self, out_dir: Path) -> dict[str, Any]:
         """Write logits.npy; returns the perplexity fields for metrics.json."""
         logits = torch.cat(self._rows)  # [T, V]
         with writing(out_dir, LOGITS):
             write_logits(out_dir, logits.numpy())
-        ids = torch.tensor(self.batches[0].prompts[0], dtype=torch.int64)
+        ids = torch.tensor(self.prompt, dtype=torch.int64)
         if ids.numel() < 2:
             return {"scored_tokens": int(ids.numel())}
         nll = torch.nn.functional.cross_entropy(logits[:-1].double(), ids[1:], reduction="mean").item()
         return {"scored_tokens": int(ids.numel()), "nll": nll, "perplexity": math.exp(nll)}
 
 
-Sink = GenerateSink | ScoreSink
+Sink = SampleSink | ScoreSink

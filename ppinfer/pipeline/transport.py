@@ -1,16 +1,20 @@
-"""Point-to-point transport between neighbouring stages: a fixed int64 header, preallocated
-buffers, asynchronous sends; the same code for gloo and NCCL, no pickling.
+"""Point-to-point transport between neighbouring stages: a fixed int64 control block,
+preallocated buffers, asynchronous sends; the same code for gloo and NCCL, no pickling.
 
 Every message on a link has one fixed size, so the receiver can post its receive before
 the sender is ready (gloo then moves the bytes as soon as they are sent, instead of waiting
 for a ready-to-receive round trip between two busy processes, which costs milliseconds):
 
-- activation link (stage s -> s + 1): `[header | hidden]` bytes, sized for a decode step of
-  the largest lane (`max_batch x 1 x E`). A larger payload (a prefill chunk) goes as a second
-  message right after, announced by the header, into one receive buffer sized for the largest
-  prefill chunk of the largest lane (`max_batch x max_tokens x E`);
-- token link (last stage -> first): `[header | ids]` int64, sized for the largest lane;
-- stop: a header alone on the activation link, forwarded down the pipe when all work is done.
+- activation link (stage s -> s + 1): `[control | ids | hidden]`, sized for a decode step of
+  the largest lane. The control block (`Control`) says what the item is, row by row, with
+  each row's sampling settings (for the last stage) and every stage's busy time so far; `ids`
+  are the item's input token ids [b, T] (the last stage keeps them as the repetition
+  penalty's history). A larger payload (a prefill chunk) goes as a second message right
+  after, `[ids | hidden]` bytes, into one receive buffer sized for the largest prefill chunk;
+- token link (last stage -> first): `[control | ids]`, one sampled id per row;
+- ping: a control block alone that says "nothing to do yet" (an idle server keeps its
+  receivers inside their timeouts); stop: a control block alone, forwarded down the pipe when
+  all work is done.
 
 On gloo the next receive of each link is posted as soon as the previous one completes. NCCL
 serialises a peer pair's sends and receives on one stream, so there a receive is posted only
@@ -20,6 +24,7 @@ to it when the two are neighbours).
 
 from __future__ import annotations
 
+import struct
 import time
 from dataclasses import dataclass
 from enum import IntEnum
@@ -27,50 +32,97 @@ from enum import IntEnum
 import torch
 import torch.distributed as dist
 
-from ppinfer.pipeline.schedule import Kind, WorkItem
+from ppinfer.pipeline.schedule import Kind, RowStep, WorkItem
 from ppinfer.profiling.trace import NULL_TRACER, Tracer
 
-HEADER = 8  # int64 fields
-HEADER_BYTES = HEADER * 8
+HEADER = 8  # int64 fields before the per-stage and per-row parts of a control block
+ROW_FIELDS = 9  # int64 fields per row: seq, first_pos, reset, then `RowSampling`
 _SEND_BUFFERS = 4  # rotating send buffers per link; a buffer is reused 4 sends later
 
 
 class Msg(IntEnum):
     ITEM = 1  # hidden states inline
-    ITEM_FOLLOWS = 2  # hidden states in the next message
+    ITEM_FOLLOWS = 2  # ids and hidden states in the next message
     TOKENS = 3
     STOP = 4
+    PING = 5
 
 
 @dataclass(frozen=True)
-class Header:
-    """What travels in front of every message (8 int64)."""
+class RowSampling:
+    """How the last stage picks a row's next token: the sampling part of `GenerationParams`
+    and the seed of the sequence's random stream."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stream_seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def encode(self) -> list[int]:
+        return [_bits(self.temperature), self.top_k, _bits(self.top_p), _bits(self.min_p),
+                _bits(self.repetition_penalty), self.stream_seed]
+
+    @classmethod
+    def decode(cls, raw: list[int]) -> "RowSampling":
+        return cls(_float(raw[0]), raw[1], _float(raw[2]), _float(raw[3]), _float(raw[4]), raw[5])
+
+
+def _bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _float(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+GREEDY = RowSampling()
+
+
+@dataclass(frozen=True)
+class Control:
+    """A message's control block: the kind of message, the item (row by row, with each row's
+    sampling) and each stage's busy seconds when it passed the item on."""
 
     msg: Msg
     item: WorkItem | None = None
-    batch_size: int = 0
-    finished: bool = False  # TOKENS: every sequence of the lane's batch has stopped
+    sampling: tuple[RowSampling, ...] = ()
+    busy_s: tuple[float, ...] = ()
 
-    def encode(self) -> list[int]:
-        fields = [int(self.msg), 0, 0, 0, 0, 0, 0, self.batch_size]
+    @staticmethod
+    def words(stages: int, rows: int) -> int:
+        return HEADER + stages + rows * ROW_FIELDS
+
+    def encode(self, stages: int) -> list[int]:
+        fields = [int(self.msg), 0, 0, 0, 0, 0, 0, 0]
+        busy = [int(s * 1e6) for s in self.busy_s] + [0] * (stages - len(self.busy_s))
+        rows: list[int] = []
         it = self.item
         if it is not None:
-            flags = int(it.samples) | int(it.reset) << 1 | int(self.finished) << 2
-            fields[1:7] = [it.lane, it.batch, int(it.kind) * 1_000_000 + it.step, it.start, it.length, flags]
-        return fields
+            fields[1:7] = [it.lane, int(it.kind), it.row0, len(it.rows), it.length, int(it.samples)]
+            for step, sampling in zip(it.rows, self.sampling, strict=True):
+                rows += [step.seq, step.first_pos, int(step.reset), *sampling.encode()]
+        return fields + busy + rows
 
     @classmethod
-    def decode(cls, raw: list[int]) -> "Header":
+    def decode(cls, raw: list[int], stages: int) -> "Control":
         msg = Msg(raw[0])
-        if msg is Msg.STOP:
-            return cls(msg)
-        flags = raw[6]
-        kind, step = divmod(raw[3], 1_000_000)
-        item = WorkItem(
-            lane=raw[1], batch=raw[2], kind=Kind(kind), step=step, start=raw[4], length=raw[5],
-            samples=bool(flags & 1), reset=bool(flags & 2),
-        )
-        return cls(msg, item, batch_size=raw[7], finished=bool(flags & 4))
+        busy = tuple(v / 1e6 for v in raw[HEADER:HEADER + stages])
+        if msg in (Msg.STOP, Msg.PING):
+            return cls(msg, busy_s=busy)
+        n_rows, at = raw[4], HEADER + stages
+        steps, sampling = [], []
+        for r in range(n_rows):
+            row = raw[at + r * ROW_FIELDS: at + (r + 1) * ROW_FIELDS]
+            steps.append(RowStep(row[0], row[1], bool(row[2])))
+            sampling.append(RowSampling.decode(row[3:]))
+        item = WorkItem(raw[1], Kind(raw[2]), raw[3], tuple(steps), raw[5], bool(raw[6]))
+        return cls(msg, item, tuple(sampling), busy)
 
 
 @dataclass
@@ -145,25 +197,24 @@ class _Outbox:
 class LinkSizes:
     """What a rank preallocates per link, from the largest messages the run can send."""
 
-    item_bytes: int  # header + a decode step of the largest lane inline
-    token_bytes: int  # header + one sampled id per sequence of the largest lane
-    large_elements: int  # the largest prefill chunk of the largest lane: B x T x E values
+    control_words: int  # a control block for the largest lane
+    item_bytes: int  # control + ids + hidden of a decode step of the largest lane, inline
+    token_bytes: int  # control + one sampled id per row of the largest lane
+    large_bytes: int  # ids + hidden of the largest prefill chunk of the largest lane
 
     @classmethod
-    def of(cls, hidden_size: int, max_batch: int, max_tokens: int, dtype: torch.dtype) -> "LinkSizes":
-        """`max_batch`: sequences in the fullest lane; `max_tokens`: tokens per sequence in
-        the longest prefill chunk actually issued (not the configured chunk, which may be far
-        longer than every prompt)."""
+    def of(cls, hidden_size: int, max_batch: int, max_tokens: int, dtype: torch.dtype, stages: int) -> "LinkSizes":
+        """`max_batch`: rows of the fullest lane; `max_tokens`: tokens per row in the longest
+        prefill chunk actually issued (not the configured chunk, which may be far longer than
+        every prompt)."""
         esize = torch.finfo(dtype).bits // 8
+        words = Control.words(stages, max_batch)
         return cls(
-            item_bytes=HEADER_BYTES + max_batch * hidden_size * esize,
-            token_bytes=(HEADER + max_batch) * 8,
-            large_elements=max_batch * max_tokens * hidden_size,
+            control_words=words,
+            item_bytes=(words + max_batch) * 8 + max_batch * hidden_size * esize,
+            token_bytes=(words + max_batch) * 8,
+            large_bytes=max_batch * max_tokens * (8 + hidden_size * esize),
         )
-
-
-def _write_header(buf: torch.Tensor, header: Header) -> None:
-    buf[:HEADER_BYTES].view(torch.int64).copy_(torch.tensor(header.encode(), dtype=torch.int64))
 
 
 class Transport:
@@ -185,49 +236,69 @@ class Transport:
         self.hidden_size, self.dtype = hidden_size, dtype
         self.stats = CommStats()
         prepost = dist.get_backend() == "gloo"
-        sizes = LinkSizes.of(hidden_size, max_batch, max_tokens, dtype)
+        self.sizes = sizes = LinkSizes.of(hidden_size, max_batch, max_tokens, dtype, world)
         last = world - 1
         self._items_in = _Inbox(rank - 1, sizes.item_bytes, device, prepost) if rank > 0 else None
         self._items_out = _Outbox(rank + 1, sizes.item_bytes, device) if rank < last else None
         self._tokens_in = _Inbox(last, sizes.token_bytes, device, prepost) if rank == 0 else None
         self._tokens_out = _Outbox(0, sizes.token_bytes, device) if rank == last else None
         # Only a stage that receives activations needs room for a prefill chunk.
-        self._large_in = torch.empty(sizes.large_elements if rank > 0 else 0, dtype=dtype, device=device)
+        self._large_in = torch.empty(sizes.large_bytes if rank > 0 else 0, dtype=torch.uint8, device=device)
         if prepost and self._items_in is not None:
             self._items_in.post()
 
+    def _write_control(self, buf: torch.Tensor, control: Control) -> int:
+        """Write `control` at the start of `buf`; returns the byte offset after the block."""
+        words = control.encode(self.world)
+        buf[:len(words) * 8].view(torch.int64).copy_(torch.tensor(words, dtype=torch.int64))
+        return self.sizes.control_words * 8
+
+    def _read_control(self, buf: torch.Tensor) -> Control:
+        return Control.decode(buf[:self.sizes.control_words * 8].view(torch.int64).tolist(), self.world)
+
     # ---- sending (asynchronous) -------------------------------------------------------------
 
-    def send_item(self, item: WorkItem, hidden: torch.Tensor) -> None:
-        """hidden [B, T, E] to the next stage: inline when it fits, else right behind."""
-        assert self._items_out is not None
+    def send_item(self, control: Control, ids: torch.Tensor, hidden: torch.Tensor) -> None:
+        """The item of `control` with its input ids [b, T] int64 and hidden [b, T, E] to the
+        next stage: inline when it fits, else right behind."""
+        assert self._items_out is not None and control.item is not None
         start = time.perf_counter()
         with self.tracer.range("send"):
             buf = self._items_out.next_buffer()
+            id_bytes = ids.reshape(-1).to(torch.int64).view(torch.uint8)
             payload = hidden.reshape(-1).view(torch.uint8)
-            inline = HEADER_BYTES + payload.numel() <= buf.numel()
-            _write_header(buf, Header(Msg.ITEM if inline else Msg.ITEM_FOLLOWS, item, batch_size=hidden.shape[0]))
+            at = self.sizes.control_words * 8
+            inline = at + id_bytes.numel() + payload.numel() <= buf.numel()
+            self._write_control(buf, Control(Msg.ITEM if inline else Msg.ITEM_FOLLOWS, control.item, control.sampling, control.busy_s))
             if inline:
-                buf[HEADER_BYTES:HEADER_BYTES + payload.numel()].copy_(payload)
+                buf[at:at + id_bytes.numel()].copy_(id_bytes)
+                at += id_bytes.numel()
+                buf[at:at + payload.numel()].copy_(payload)
             self._items_out.send(buf)
             if not inline:
-                self._items_out.send_large(hidden.contiguous().view(-1))
+                self._items_out.send_large(torch.cat([id_bytes, payload]))
         self.stats.comm_s += time.perf_counter() - start
 
-    def send_stop(self) -> None:
+    def _send_bare(self, msg: Msg) -> None:
         if self._items_out is not None:
             buf = self._items_out.next_buffer()
-            _write_header(buf, Header(Msg.STOP))
+            self._write_control(buf, Control(msg))
             self._items_out.send(buf)
 
-    def send_tokens(self, item: WorkItem, tokens: torch.Tensor, finished: bool) -> None:
-        """Sampled ids [B] from the last stage to the first."""
+    def send_stop(self) -> None:
+        self._send_bare(Msg.STOP)
+
+    def send_ping(self) -> None:
+        self._send_bare(Msg.PING)
+
+    def send_tokens(self, control: Control, tokens: torch.Tensor) -> None:
+        """Sampled ids [b] of `control`'s item from the last stage to the first."""
         assert self._tokens_out is not None
         start = time.perf_counter()
         with self.tracer.range("send"):
             buf = self._tokens_out.next_buffer()
-            _write_header(buf, Header(Msg.TOKENS, item, batch_size=tokens.shape[0], finished=finished))
-            buf.view(torch.int64)[HEADER:HEADER + tokens.shape[0]].copy_(tokens)
+            at = self._write_control(buf, Control(Msg.TOKENS, control.item, control.sampling, control.busy_s))
+            buf[at:at + tokens.shape[0] * 8].view(torch.int64).copy_(tokens)
             self._tokens_out.send(buf)
         self.stats.comm_s += time.perf_counter() - start
 
@@ -239,32 +310,36 @@ class Transport:
 
     # ---- receiving --------------------------------------------------------------------------
 
-    def recv_item(self) -> tuple[Header, torch.Tensor | None]:
-        """The next activation message from the previous stage: (header, hidden [B, T, E])
-        or (STOP header, None). The hidden tensor is only valid until the next receive."""
+    def recv_item(self) -> tuple[Control, torch.Tensor | None, torch.Tensor | None]:
+        """The next activation message from the previous stage: (control, ids [b, T],
+        hidden [b, T, E]), or (STOP/PING control, None, None). The tensors are only valid until
+        the next receive."""
         assert self._items_in is not None
         with self.tracer.range("wait"):
             buf = self._items_in.take()
-        header = Header.decode(buf[:HEADER_BYTES].view(torch.int64).tolist())
+        control = self._read_control(buf)
         arrived = time.perf_counter()
-        if header.msg is Msg.STOP:
-            return header, None
-        assert header.item is not None
-        shape = (header.batch_size, header.item.length, self.hidden_size)
-        n = shape[0] * shape[1] * shape[2]
-        if header.msg is Msg.ITEM:
-            esize = torch.finfo(self.dtype).bits // 8
-            hidden = buf[HEADER_BYTES:HEADER_BYTES + n * esize].view(self.dtype)
+        if control.item is None:
+            if control.msg is Msg.PING and self._items_in.prepost:
+                self._items_in.post()
+            return control, None, None
+        item = control.item
+        b, t = len(item.rows), item.length
+        n_ids, n_hidden = b * t * 8, b * t * self.hidden_size * (torch.finfo(self.dtype).bits // 8)
+        if control.msg is Msg.ITEM:
+            data = buf[self.sizes.control_words * 8:]
         else:
-            # Received before the next header is posted: messages from one peer match the
-            # receives in the order they were posted.
-            hidden = self._large_in[:n]
+            # Received before the next control block is posted: messages from one peer match
+            # the receives in the order they were posted.
+            data = self._large_in[:n_ids + n_hidden]
             with self.tracer.range("recv"):
-                dist.irecv(hidden, self._items_in.peer).wait()
+                dist.irecv(data, self._items_in.peer).wait()
+        ids = data[:n_ids].view(torch.int64).view(b, t)
+        hidden = data[n_ids:n_ids + n_hidden].view(self.dtype).view(b, t, self.hidden_size)
         if self._items_in.prepost:
             self._items_in.post()
         self.stats.comm_s += time.perf_counter() - arrived
-        return header, hidden.view(shape)
+        return control, ids, hidden
 
     def expect_tokens(self) -> None:
         """Rank 0: a sampling item is in flight; on gloo, post the token receive now."""
@@ -272,10 +347,12 @@ class Transport:
         if self._tokens_in.prepost:
             self._tokens_in.post()
 
-    def recv_tokens(self) -> tuple[Header, torch.Tensor]:
-        """Sampled ids [B] from the last stage (rank 0 only)."""
+    def recv_tokens(self) -> tuple[Control, torch.Tensor]:
+        """Sampled ids [b] from the last stage (rank 0 only)."""
         assert self._tokens_in is not None
         with self.tracer.range("wait"):
-            buf = self._tokens_in.take().view(torch.int64)
-        header = Header.decode(buf[:HEADER].tolist())
-        return header, buf[HEADER:HEADER + header.batch_size].clone()
+            buf = self._tokens_in.take()
+        control = self._read_control(buf)
+        assert control.item is not None
+        at = self.sizes.control_words * 8
+        return control, buf[at:at + len(control.item.rows) * 8].view(torch.int64).clone()

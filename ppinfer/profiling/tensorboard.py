@@ -1,14 +1,14 @@
 """`profile=tensorboard`: a `Tracer` that records the runtime's named ranges with torch.profiler
 and times them per step, and the end of a profiled run: per-rank TensorBoard scalars, every
-rank's compute spans gathered on the last rank, and the pipeline timeline picture.
+rank's compute spans gathered on the rank that writes `output.dir`, and the pipeline timeline picture.
 
 What a profiled run leaves in the profile directory (`profile.dir`, default
 `<output.dir>/tensorboard`), each rank writing only its own files:
 
     rank<r>.<ns>.pt.trace.json       torch.profiler (Chrome) trace of rank r's active steps
-    rank<r>/events.out.tfevents.*    rank r's scalars; the last rank adds the timeline image
+    rank<r>/events.out.tfevents.*    rank r's scalars; the writing rank adds the timeline image
 
-and `timeline.png` in `output.dir` (last rank). With profiling off, `make_tracer` returns
+and `timeline.png` in `output.dir` (the writing rank). With profiling off, `make_tracer` returns
 `NULL_TRACER` and `finish_profile` returns at once: no profiler, no gather, no files.
 """
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ppinfer.model import StageState
     from ppinfer.pipeline.job import Job
     from ppinfer.pipeline.runtime import Span, StageRunner
-    from ppinfer.pipeline.sinks import TokenCounts
+    from ppinfer.pipeline.requests import TokenCounts
 
 log = logging.getLogger("ppinfer")
 
@@ -245,7 +245,7 @@ def kv_cache_use(states: Sequence[StageState | None]) -> dict[str, float]:
     """Bytes of KV cache allocated on this stage, and the bytes and fraction of it holding
     tokens at the end of the run (every lane's slots cost the same bytes within the lane)."""
     allocated = sum(s.nbytes for s in states if s is not None)
-    used = sum(s.nbytes * s.length / s.max_len for s in states if s is not None)
+    used = sum(s.used_bytes for s in states if s is not None)
     return {
         "memory/kv_cache_allocated_bytes": float(allocated),
         "memory/kv_cache_used_bytes": float(used),
@@ -283,7 +283,7 @@ def finish_profile(
     tracer: Tracer, job: Job, runner: StageRunner, stages: Sequence[StageMetrics], counts: TokenCounts
 ) -> None:
     """After the loop, on every rank (the span gather is a collective): stop the profiler,
-    write this rank's scalars, and on the last rank draw the timeline of every stage into
+    write this rank's scalars, and on the rank that writes `output.dir` draw the timeline of every stage into
     TensorBoard and `<output.dir>/timeline.png`. Returns at once when profiling is off."""
     if not isinstance(tracer, TensorBoardTracer):
         return
@@ -302,11 +302,11 @@ def finish_profile(
             for step, value in enumerate(values):
                 writer.add_scalar(tag, value, step)
         scalars = {**stage_summary(stages[rank]), **kv_cache_use(runner.states)}
-        if rank == job.env.world - 1:
+        if rank == job.writer_rank:
             scalars.update(throughput(counts, clock.loop_start, clock.loop_end))
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, 0)
-        if rank == job.env.world - 1:
+        if rank == job.writer_rank:
             image = render_timeline(tables)  # [H, W, 3]
             writer.add_image("pipeline/timeline", image, 0, dataformats="HWC")
             job.out_dir.mkdir(parents=True, exist_ok=True)

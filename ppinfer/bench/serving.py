@@ -1,0 +1,180 @@
+"""`python -m ppinfer.bench.serving`: issue 10's two throughput ratios, each from one run.
+
+1. Continuous batching: 64 chat prompts whose answers end by EOS (anywhere up to 128 tokens)
+   against a uniform run of the same prompts (EOS ignored, 48 tokens each), both through the
+   batch command on 2 stages x 1 thread, 2 lanes of 8: generated tokens per wall second.
+2. The server: 32 concurrent streaming clients (greedy, EOS ignored, `--tokens` each) against
+   `launch/serve.py` on the same ring, against the batch command on the same 32 prompts:
+   aggregate generated tokens per second, and each client's time to first token and
+   inter-token latency (p50 / p95).
+
+Both sides of each ratio run back to back on this machine; nothing else should be running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from ppinfer.bench.sweep import repo_root
+from ppinfer.hub import ensure_model
+
+SHORT = [
+    "What colour is the sky? Answer in one word.", "What is 2 + 2? Reply with the number only.",
+    "Name a fruit. One word.", "Is water wet? Answer yes or no.", "What is the capital of Italy? One word.",
+    "Say hello.", "Name a planet. One word.", "What day comes after Monday? One word.",
+]
+MEDIUM = [
+    "Give me a short tip for sleeping better.", "Describe a cat in two sentences.",
+    "Write a one-sentence summary of photosynthesis.",
+    "Suggest a name for a coffee shop and say why in one sentence.", "What is a prime number? One sentence.",
+    "Write a short greeting for a birthday card.", "Give one reason to learn Python.",
+    "Describe the ocean in one sentence.",
+]
+LONG = [
+    "Explain how a bicycle works.", "Write a short story about a robot who learns to paint.",
+    "Explain the water cycle to a child.", "List five tips for staying productive, with a sentence each.",
+    "Describe the history of the printing press.", "Write a poem about autumn leaves.",
+    "Explain what a neural network is.", "Give a recipe for pancakes.",
+]
+CHAT_PROMPTS = ((SHORT + MEDIUM + LONG) * 3)[:64]
+"""64 chat prompts with answers of every length: EOS comes after a word, a sentence or a page."""
+
+RING = ["pipeline.microbatches=2", "pipeline.lane_size=8", "runtime.threads=1", "chat=true"]
+
+
+def _torchrun(script: str, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(repo_root() / "launch" / script), *overrides]
+
+
+def batch_rate(model: Path, prompts: list[str], out: Path, extra: list[str]) -> tuple[float, dict]:
+    """Generated tokens per wall second of the batch command on `prompts`."""
+    file = out.with_suffix(".jsonl")
+    file.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    cmd = _torchrun("infer.py", [f"model.path={model}", f"prompts_file={file}", f"output.dir={out}", *RING, *extra])
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo_root())
+    metrics = json.loads((out / "metrics.json").read_text())
+    return metrics["generated_tokens"] / metrics["wall_s"], metrics
+
+
+class _Client(threading.Thread):
+    """One streaming chat request; records when each content chunk arrived."""
+
+    def __init__(self, url: str, model: str, prompt: str, tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.model, self.prompt, self.tokens = url, model, prompt, tokens
+        self.sent = 0.0
+        self.arrivals: list[float] = []
+        self.completion_tokens = 0
+        self.error: str | None = None
+
+    def run(self) -> None:
+        body = {
+            "model": self.model, "messages": [{"role": "user", "content": self.prompt}], "max_tokens": self.tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+        }
+        self.sent = time.perf_counter()
+        try:
+            with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, timeout=600) as response:
+                response.raise_for_status()
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        self.completion_tokens = chunk["usage"]["completion_tokens"]
+                    if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                        self.arrivals.append(time.perf_counter())
+        except (httpx.HTTPError, ValueError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+
+def _model_id(url: str) -> str:
+    return httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+
+def server_run(model: Path, prompts: list[str], tokens: int, port: int) -> dict:
+    """Start the server, stream `prompts` concurrently, stop it; rates and latencies."""
+    url = f"http://127.0.0.1:{port}"
+    cmd = _torchrun("serve.py", [f"model.path={model}", f"server.port={port}", "server.context_length=512",
+                                 *[o for o in RING if not o.startswith("chat")]])
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo_root(),
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the server did not come up")
+            time.sleep(0.5)
+        model_id = _model_id(url)
+        clients = [_Client(url, model_id, p, tokens) for p in prompts]
+        start = time.perf_counter()
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        wall = time.perf_counter() - start
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    errors = [c.error for c in clients if c.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} clients failed, first: {errors[0]}")
+    ttft = [c.arrivals[0] - c.sent for c in clients]
+    gaps = [b - a for c in clients for a, b in zip(c.arrivals, c.arrivals[1:])]
+    generated = sum(c.completion_tokens for c in clients)
+    return {
+        "model": model_id, "generated_tokens": generated, "wall_s": wall, "tokens_per_s": generated / wall,
+        "ttft_p50_s": statistics.median(ttft), "ttft_p95_s": _p95(ttft),
+        "itl_p50_s": statistics.median(gaps), "itl_p95_s": _p95(gaps),
+    }
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ppinfer.bench.serving", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per streaming client (default 64)")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent streaming clients (default 32)")
+    parser.add_argument("--port", type=int, default=8321)
+    args = parser.parse_args(argv)
+    model = ensure_model("smollm2-135m-instruct")
+    with tempfile.TemporaryDirectory(prefix="ppinfer-serving-bench-") as tmp:
+        work = Path(tmp)
+        eos, _ = batch_rate(model, CHAT_PROMPTS, work / "eos", ["generation.max_new_tokens=128"])
+        uniform, _ = batch_rate(model, CHAT_PROMPTS, work / "uniform",
+                                ["generation.max_new_tokens=48", "generation.ignore_eos=true"])
+        print(f"continuous batching: EOS workload {eos:.1f} tok/s, uniform {uniform:.1f} tok/s, "
+              f"ratio {eos / uniform:.2f} (target >= 0.85)")
+        prompts = CHAT_PROMPTS[: args.clients]
+        batch, _ = batch_rate(model, prompts, work / "batch32",
+                              [f"generation.max_new_tokens={args.tokens}", "generation.ignore_eos=true"])
+        served = server_run(model, prompts, args.tokens, args.port)
+        print(f"server: {args.clients} streaming clients {served['tokens_per_s']:.1f} tok/s, batch command "
+              f"{batch:.1f} tok/s, ratio {served['tokens_per_s'] / batch:.2f} (target >= 0.9); time to first "
+              f"token p50 {served['ttft_p50_s'] * 1e3:.0f} ms p95 {served['ttft_p95_s'] * 1e3:.0f} ms; inter-token "
+              f"p50 {served['itl_p50_s'] * 1e3:.1f} ms p95 {served['itl_p95_s'] * 1e3:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Generation parameters: the one definition shared by the config (`generation.*`), the
+per-request keys of a `.jsonl` prompts line and the HTTP requests of the server.
+
+`GenerationParams` is the Hydra schema of the `generation` group (so its field types are the
+ones OmegaConf accepts) and the validated value the scheduler carries per request. Values
+come from three places, each with its own spelling of strings:
+
+- the config: stop strings typed on a command line keep backslash escapes (`from_config`
+  decodes them, see `ppinfer.generation.stopping.unescape_stop_string`);
+- a `.jsonl` line or an HTTP body: JSON already decoded every escape (`updated` takes the
+  strings as they are).
+
+Every check raises `ValueError("key=value: why")`; callers prefix the key with where it came
+from (`generation.`, `prompts_file=F: line 3: `, an HTTP 400).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Mapping, Optional
+
+from ppinfer.generation.stopping import StopConditions, unescape_stop_string
+
+SEED_RANGE = (0, 2**63 - 1)
+
+
+@dataclass(kw_only=True)
+class GenerationParams:
+    """Sampling and stopping of one sequence (or, as the `generation` config group, of every
+    sequence that does not say otherwise)."""
+
+    max_new_tokens: int = 64
+    """Tokens to generate per prompt at most."""
+    temperature: float = 0.0
+    """Softmax temperature; 0 means greedy (argmax)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (ties with the k-th kept too); 0 disables the filter."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches p; 1 disables the filter."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one; 0 disables the filter."""
+    repetition_penalty: float = 1.0
+    """Divide positive (multiply negative) logits of already seen tokens by this; 1 disables."""
+    seed: Optional[int] = 0
+    """Seed of the sampler, so sampled runs are reproducible; each sequence's random stream is
+    derived from (seed, its index). Null (server requests without a seed) draws a fresh one."""
+    ignore_eos: bool = False
+    """Keep generating past end-of-generation tokens (useful for benchmarks)."""
+    stop: List[str] = field(default_factory=list)
+    r"""Strings that end a sequence when they appear in its generated text. Each must be
+    non-empty. On the command line, since Hydra passes backslashes through, these escapes are
+    decoded, and only these: `\n` newline, `\r` carriage return, `\t` tab, `\\` a backslash,
+    `\uXXXX` the character with that hex code point; any other backslash sequence is an
+    error. So `generation.stop='["\n\n"]'` stops at a blank line."""
+
+    @property
+    def greedy(self) -> bool:
+        """True when the next token is the argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_config(cls, node: Any) -> "GenerationParams":
+        """The validated parameters of a `generation` config node (stop escapes decoded)."""
+        values = {f.name: getattr(node, f.name) for f in dataclasses.fields(cls)}
+        stops = []
+        for i, raw in enumerate(str(s) for s in values["stop"]):
+            try:
+                stops.append(unescape_stop_string(raw))
+            except ValueError as exc:
+                # Shown as typed: repr would double every backslash (but keeps a newline on one line).
+                shown = f'"{raw}"' if raw.isprintable() else repr(raw)
+                raise ValueError(f"stop[{i}]={shown}: {exc}") from exc
+        values["stop"] = stops
+        return cls(**values).checked()
+
+    def updated(self, overrides: Mapping[str, Any]) -> "GenerationParams":
+        """A copy with `overrides` (JSON values: a `.jsonl` line, an HTTP body) applied and
+        checked; unknown keys and values of the wrong type are errors."""
+        known = {f.name: f for f in dataclasses.fields(self)}
+        values = dataclasses.asdict(self)
+        for key, value in overrides.items():
+            if key not in known:
+                raise ValueError(f"{key}={value!r}: unknown generation setting (known: {', '.join(known)})")
+            values[key] = _typed(key, value, known[key].type)
+        return GenerationParams(**values).checked()
+
+    def checked(self) -> "GenerationParams":
+        """Self, after checking every value; raises ValueError("key=value: why")."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            _bad("max_new_tokens", self.max_new_tokens, "must be an integer >= 1")
+        # `not (x >= 0)` rather than `x < 0` so that NaN is rejected too; infinity is a value no
+        # filter or softmax can use, so every float must also be finite.
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            _bad("temperature", self.temperature, "must be a finite number >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            _bad("top_k", self.top_k, "must be an integer >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            _bad("top_p", self.top_p, "must be in (0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            _bad("min_p", self.min_p, "must be in [0, 1]")
+        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
+            _bad("repetition_penalty", self.repetition_penalty, "must be a finite number > 0 (1 = off)")
+        if self.seed is not None and (not isinstance(self.seed, int) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            _bad("seed", self.seed, f"must be an integer in [0, 2**63 - 1]")
+        for i, stop in enumerate(self.stop):
+            if not isinstance(stop, str) or not stop:
+                _bad(f"stop[{i}]", stop, "a stop string needs at least one character")
+        return self
+
+    def stop_conditions(self, eog_ids: frozenset[int]) -> StopConditions:
+        """When a sequence with these parameters ends."""
+        return StopConditions(
+            max_new_tokens=self.max_new_tokens, eog_ids=eog_ids, stop_strings=tuple(self.stop),
+            ignore_eos=self.ignore_eos,
+        )
+
+
+def _bad(key: str, value: object, why: str) -> None:
+    raise ValueError(f"{key}={value!r}: {why}")
+
+
+def _typed(key: str, value: Any, annotation: Any) -> Any:
+    """`value` (from JSON) as the field's type: an int is a float where a float is wanted, but
+    a bool is never a number and a float never an int."""
+    kind = str(annotation)
+    if kind == "List[str]":
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            _bad(key, value, "must be a string or a list of strings")
+        return list(stops)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            _bad(key, value, "must be true or false")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _bad(key, value, "must be a number")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        if kind == "Optional[int]" and value is None:
+            return None
+        _bad(key, value, "must be an integer")
+    return value

@@ -1,0 +1,100 @@
+"""From the engine's thread to the event loop: one request's events (`RequestEvents`), and
+the requests in flight, which a shutdown drains (`LiveRequests`)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Callable
+
+from ppinfer.serving.engine import Event, Finished
+
+SHUTDOWN = "the server is shutting down"
+
+Observer = Callable[[Event, float], None]
+"""Sees every event the engine emits, with its arrival time (time.monotonic), on the engine's thread."""
+
+
+class RequestEvents:
+    """The `emit` of one request: events from the engine's thread are queued on the request
+    handler's event loop; the handler reads them with `next`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, observe: Observer) -> None:
+        self.request_id: int | None = None
+        self.engine_done = False
+        """The engine emitted its Finished: nothing left to cancel."""
+        self._loop, self._observe = loop, observe
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def emit(self, event: Event) -> None:
+        """The engine's callback (any thread). Events after `close` are observed, not queued."""
+        self._observe(event, time.monotonic())
+        if isinstance(event, Finished):
+            self.engine_done = True
+        self._put(event)
+
+    def abort(self, why: str) -> None:
+        """End the request now with an error event (any thread); the engine's later events are dropped."""
+        self._put(Finished("error", "", 0, 0, why))
+
+    async def next(self) -> Event:
+        event = await self._queue.get()
+        if isinstance(event, Finished):
+            self.close()
+        return event
+
+    def close(self) -> None:
+        """The handler reads no more: later events are not queued (its loop may be gone)."""
+        with self._lock:
+            self._closed = True
+
+    def _put(self, event: Event) -> None:
+        with self._lock:
+            if not self._closed:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+
+class LiveRequests:
+    """The requests being answered; once `drain` is called no new one is admitted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._live: set[RequestEvents] = set()
+        self._draining = False
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def drain(self) -> None:
+        with self._lock:
+            self._draining = True
+
+    def add(self, events: RequestEvents) -> bool:
+        """Admit a request; False once draining."""
+        with self._lock:
+            if self._draining:
+                return False
+            self._live.add(events)
+            return True
+
+    def remove(self, events: RequestEvents) -> None:
+        with self._lock:
+            self._live.discard(events)
+            self._lock.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight; False if some still are after `timeout_s`."""
+        with self._lock:
+            return self._lock.wait_for(lambda: not self._live, timeout_s)
+
+    def abort_all(self, why: str = SHUTDOWN) -> None:
+        """End every request in flight with an error event (their handlers then cancel them
+        in the engine)."""
+        with self._lock:
+            live = list(self._live)
+        for events in live:
+            events.abort(why)

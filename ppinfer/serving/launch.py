@@ -1,0 +1,148 @@
+"""One rank's life under `launch/serve.py`: prepare (no prompts), build the stage, join the
+group; the first rank then serves HTTP in a thread of its own while its main thread drives
+the ring, and every other rank relays until the first one sends stop.
+
+SIGTERM or SIGINT (torchrun passes both on to every rank): the first rank stops accepting,
+ends what is waiting or running with an error event, finishes the steps in flight and sends
+stop down the ring; the other ranks keep relaying until that stop arrives, and leave anyway
+after `STOP_DEADLINE_S`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ppinfer.errors import ConfigError, PPInferError
+from ppinfer.model import PipelineStage, build_stage
+from ppinfer.pipeline.failures import (
+    describe_bug, is_peer_failure, report_bad_input, report_peer_failure, report_run_error,
+)
+from ppinfer.pipeline.job import DistEnv, Job, prepare
+from ppinfer.pipeline.launch import _init_process_group, setup_logging
+from ppinfer.pipeline.loaded import log_loaded_stages
+from ppinfer.pipeline.requests import Requests, TokenCounts
+from ppinfer.pipeline.runtime import StageRunner, run_first, run_relay
+from ppinfer.pipeline.schedule import Scheduler
+from ppinfer.pipeline.sinks import SampleSink
+from ppinfer.pipeline.transport import Transport
+from ppinfer.profiling.metrics import current_rss_bytes
+from ppinfer.serving.app import create_app
+from ppinfer.serving.http import HttpServer
+from ppinfer.serving.metrics import ServerMetrics
+from ppinfer.serving.pipeline_engine import PipelineEngine
+
+log = logging.getLogger("ppinfer")
+
+STOP_DEADLINE_S = 15.0
+"""After SIGTERM, a relaying rank waits this long for the first rank's stop, then exits."""
+
+
+def serve(cfg: Any, environ: Mapping[str, str] = os.environ, overrides: Sequence[str] = ()) -> int:
+    """The whole rank; returns the process exit code."""
+    env = DistEnv.from_environ(dict(environ))
+    setup_logging(env)
+    baseline_rss = current_rss_bytes()
+    family_given = cfg.model.path is None or any(o.startswith("model.family=") for o in overrides)
+    try:
+        job = prepare(cfg, env, torch.cuda.is_available(), family_given, serve=True)
+        if env.rank == 0:
+            _check_port(cfg.server.host, cfg.server.port)
+        torch.set_num_threads(job.threads)
+        stage = build_stage(job.model_path, job.plan, job.dtype, job.device, weights=job.cfg.runtime.weights)
+    except PPInferError as exc:
+        return report_bad_input(env, str(exc), environ)
+    try:
+        if env.world > 1:
+            _init_process_group(job)
+        log_loaded_stages(job, stage, baseline_rss)
+        _serve(job, stage)
+    except PPInferError as exc:
+        return report_run_error(exc, environ)
+    except Exception as exc:
+        if is_peer_failure(exc):
+            return report_peer_failure(env, exc, environ)
+        describe_bug(exc, environ)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail before loading anything if the first rank cannot listen where it is told to."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"server.host={host} server.port={port}: cannot listen there ({exc.strerror or exc})") from exc
+
+
+def _serve(job: Job, stage: PipelineStage) -> None:
+    transport = None
+    if job.env.world > 1:
+        transport = Transport(job.env.rank, job.env.world, job.hparams.n_embd, job.lane_size,
+                              job.prefill_chunk, job.dtype, job.device)
+    sink = SampleSink() if job.plan.is_last else None
+    runner = StageRunner(stage, job.n_lanes, job.lane_size, job.capacity, sink=sink)
+    if job.env.world > 1:
+        dist.barrier()
+    with torch.inference_mode():
+        if job.plan.is_first:
+            _serve_first(job, runner, transport)
+        else:
+            assert transport is not None
+            _on_stop_signal(lambda: threading.Timer(STOP_DEADLINE_S, os._exit, (0,)).start())
+            run_relay(runner, transport)
+
+
+def _serve_first(job: Job, runner: StageRunner, transport: Transport | None) -> None:
+    cfg = job.cfg
+    engine = PipelineEngine(
+        job.model_path.stem, job.tokenizer, job.capacity, job.params[0], cfg.server.max_queue,
+        chat_template=cfg.model.chat_template,
+    )
+    server = HttpServer(create_app(engine, cfg.server.api_key, ServerMetrics()), cfg.server.host, cfg.server.port)
+
+    def stop() -> None:
+        server.drain()
+        engine.stop()
+
+    _on_stop_signal(stop)
+    server.start()
+    scheduler = Scheduler(job.n_lanes, job.lane_size, job.prefill_chunk, job.capacity)
+    requests = Requests(TokenCounts(), lambda sequence: None)
+    engine.started()
+    log.info(
+        "serving %s on http://%s:%d (%d lane(s) x %d sequences, %d tokens each)",
+        engine.model_id, cfg.server.host, cfg.server.port, job.n_lanes, job.lane_size, job.capacity,
+    )
+    try:
+        run_first(runner, scheduler, requests, transport, arrivals=engine)
+    except BaseException as exc:
+        engine.failed(f"the pipeline stopped ({type(exc).__name__})", requests)
+        raise
+    finally:
+        server.stop()
+    log.info("server stopped")
+
+
+def _on_stop_signal(action: Any) -> None:
+    """Run `action` once on the first SIGTERM or SIGINT (later ones are ignored)."""
+    fired = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if not fired.is_set():
+            fired.set()
+            action()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

@@ -1,0 +1,116 @@
+"""The server's Prometheus metrics (`GET /metrics`), each app with a registry of its own.
+
+Requests are counted by an ASGI middleware (`CountRequests`, the status the response
+started with); token latencies are measured from the arrival times of each request's
+events (`RequestTimer`); the engine's queue, running sequences and stage busy fractions are
+read from `Engine.stats()` at each scrape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ppinfer.serving.engine import Engine, Event, Finished
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("ppinfer_requests", "HTTP requests by endpoint and status code.",
+                                ["endpoint", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("ppinfer_prompt_tokens", "Prompt tokens of accepted requests.",
+                                     registry=self.registry)
+        self.generation_tokens = Counter("ppinfer_generation_tokens", "Tokens generated.", registry=self.registry)
+        self.time_to_first_token = Histogram(
+            "ppinfer_time_to_first_token_seconds", "From a request's arrival to its first generated text.",
+            buckets=TTFT_BUCKETS, registry=self.registry)
+        self.inter_token_latency = Histogram(
+            "ppinfer_inter_token_latency_seconds", "Between two generated tokens of one request.",
+            buckets=ITL_BUCKETS, registry=self.registry)
+
+    def watch(self, engine: Engine) -> None:
+        """Read the engine's gauges at every scrape."""
+        self.registry.register(_EngineGauges(engine))
+
+    def timer(self, arrived: float) -> "RequestTimer":
+        """The latency observer of a request that arrived at `arrived` (time.monotonic)."""
+        return RequestTimer(self, arrived)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Observes one request's events, in order, from the engine's thread (`bridge.Observer`).
+    A delta of k tokens after a gap of t counts as k inter-token latencies of t/k."""
+
+    def __init__(self, metrics: ServerMetrics, arrived: float) -> None:
+        self._metrics, self._last = metrics, arrived
+        self._first = True
+
+    def __call__(self, event: Event, now: float) -> None:
+        if isinstance(event, Finished):
+            self._metrics.generation_tokens.inc(event.completion_tokens)
+            return
+        if not event.token_ids:
+            return
+        if self._first:
+            self._metrics.time_to_first_token.observe(now - self._last)
+        else:
+            for _ in event.token_ids:
+                self._metrics.inter_token_latency.observe((now - self._last) / len(event.token_ids))
+        self._first, self._last = False, now
+
+
+class _EngineGauges(Collector):
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._engine.stats()
+        yield GaugeMetricFamily("ppinfer_queue_length", "Requests waiting for a slot.", value=stats.waiting)
+        yield GaugeMetricFamily("ppinfer_running_sequences", "Sequences being generated.", value=stats.running)
+        busy = GaugeMetricFamily("ppinfer_stage_busy_fraction",
+                                 "Fraction of the uptime each pipeline stage spent computing.", labels=["stage"])
+        for stage, seconds in enumerate(stats.stage_busy_seconds):
+            busy.add_metric([str(stage)], seconds / stats.uptime_s if stats.uptime_s > 0 else 0.0)
+        yield busy
+
+
+class CountRequests:
+    """ASGI middleware: counts each request to a /v1 route by its route and response status
+    (499 when the client left before a response started)."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 499
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        except Exception:
+            status = 500
+            raise
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "")
+            if endpoint.startswith("/v1/"):
+                self.metrics.requests.labels(endpoint, str(status)).inc()

@@ -1,0 +1,494 @@
+"""The HTTP layer against a scripted engine: uvicorn in a thread on a free port, driven by
+the official `openai` client (and httpx where status codes, headers or raw SSE lines matter).
+
+Expected texts and counts come from the fake engine's script (`SCRIPT`), never from the
+server's own output.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ppinfer.generation.params import GenerationParams
+from ppinfer.serving.app import create_app
+from ppinfer.serving.engine import EngineFull, EngineStats, EngineUnavailable, Finished, TokenDelta
+from ppinfer.serving.http import HttpServer
+from ppinfer.serving.metrics import ServerMetrics
+
+MODEL = "fake-model"
+CONTEXT = 64
+DEFAULT_MAX = 16
+SCRIPT = ["Hel", "lo", ",", " wor", "ld", "!", " ça", " va"]
+"""What the fake engine generates, one token each, then an end-of-generation token."""
+FULL = "".join(SCRIPT)
+STOP_TOKENS = len(SCRIPT) + 1
+"""Completion tokens of a request that runs to the script's end (its end token counted)."""
+ROLES = {"system", "user", "assistant"}
+
+
+@dataclass
+class FakeEngine:
+    """Emits `SCRIPT` from a thread per request; the last token's text comes in `Finished`
+    (as held-back text). `endless`: tokens "x" until cancelled; `fail_after`: an error after
+    that many tokens. Prompt ids: a BOS then one id per word."""
+
+    model_id: str = MODEL
+    context_length: int = CONTEXT
+    defaults: GenerationParams = field(default_factory=lambda: GenerationParams(max_new_tokens=DEFAULT_MAX))
+    interval_s: float = 0.002
+    is_ready: bool = True
+    failed: str | None = None
+    full: bool = False
+    endless: bool = False
+    fail_after: int | None = None
+    submitted: dict[int, tuple[list[int], GenerationParams]] = field(default_factory=dict)
+    cancelled: dict[int, float] = field(default_factory=dict)
+    """Request id -> when cancel() was called (time.monotonic)."""
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stops: dict[int, threading.Event] = {}
+        self._threads: list[threading.Thread] = []
+
+    def ready(self) -> bool:
+        return self.is_ready
+
+    def failure(self) -> str | None:
+        return self.failed
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return [1] + [2 + len(word) for word in text.split()]
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = [1]
+        for i, message in enumerate(messages):
+            if message["role"] not in ROLES:
+                raise ValueError(f"messages[{i}].role={message['role']!r}: unknown role")
+            ids += [0] + self.encode_prompt(message["content"])[1:]
+        return ids
+
+    def submit(self, prompt_ids, params, emit) -> int:
+        if len(prompt_ids) + params.max_new_tokens > self.context_length:
+            raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens={params.max_new_tokens} "
+                             f"exceed the context length of {self.context_length}")
+        if self.failed or not self.is_ready:
+            raise EngineUnavailable(self.failed or "loading")
+        if self.full:
+            raise EngineFull("8 requests are waiting already (server.max_queue)")
+        with self._lock:
+            request_id = len(self.submitted)
+            self.submitted[request_id] = (list(prompt_ids), params)
+            self._stops[request_id] = stop = threading.Event()
+        thread = threading.Thread(target=self._generate, args=(len(prompt_ids), params, emit, stop), daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return request_id
+
+    def cancel(self, request_id: int) -> None:
+        with self._lock:
+            self.cancelled.setdefault(request_id, time.monotonic())
+            self._stops[request_id].set()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(waiting=3, running=2, stage_busy_seconds=(1.0, 3.0), uptime_s=4.0)
+
+    def close(self) -> None:
+        for stop in self._stops.values():
+            stop.set()
+        for thread in self._threads:
+            thread.join(5.0)
+
+    def _generate(self, prompt: int, params: GenerationParams, emit, stop: threading.Event) -> None:
+        count = STOP_TOKENS if params.max_new_tokens >= STOP_TOKENS else params.max_new_tokens
+        texts = ["x"] * 10**6 if self.endless else SCRIPT[:count]
+        for n, text in enumerate(texts[:-1]):
+            if stop.wait(self.interval_s):
+                emit(Finished("cancelled", "", prompt, n))
+                return
+            if self.fail_after == n:
+                emit(Finished("error", "", prompt, n, error="rank 1 died"))
+                return
+            emit(TokenDelta(text, (100 + n,)))
+        reason = "stop" if count == STOP_TOKENS else "length"
+        emit(Finished(reason, texts[-1], prompt, count))
+
+
+@dataclass
+class Served:
+    server: HttpServer
+    engine: FakeEngine
+    url: str
+    app: object
+
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=10.0)
+
+
+@pytest.fixture
+def serve():
+    """Starts the app for an engine; every server is stopped at the end of the test."""
+    started: list[Served] = []
+
+    def start(engine: FakeEngine | None = None, api_key: str | None = None) -> Served:
+        engine = engine or FakeEngine()
+        app = create_app(engine, api_key, ServerMetrics())
+        server = HttpServer(app, "127.0.0.1", 0)
+        server.start()
+        started.append(Served(server, engine, f"http://127.0.0.1:{server.port}", app))
+        return started[-1]
+
+    yield start
+    for served in started:
+        served.server.stop(2.0)
+        served.engine.close()
+
+
+@pytest.fixture(scope="module")
+def shared():
+    """One server for the tests that leave its engine as it was."""
+    engine = FakeEngine()
+    server = HttpServer(create_app(engine, None, ServerMetrics()), "127.0.0.1", 0)
+    server.start()
+    yield Served(server, engine, f"http://127.0.0.1:{server.port}", None)
+    server.stop(2.0)
+    engine.close()
+
+
+def _words(n: int) -> str:
+    return " ".join(["word"] * n)
+
+
+def _post(served: Served, path: str, body: dict, **kwargs) -> httpx.Response:
+    return httpx.post(f"{served.url}{path}", json=body, timeout=10.0, **kwargs)
+
+
+def _sse_data(response: httpx.Response) -> list[str]:
+    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+# ---- answers ---------------------------------------------------------------------------------
+
+
+def test_completion_whole(serve):
+    client = serve().client()
+    reply = client.completions.create(model=MODEL, prompt="one two three")
+    assert reply.object == "text_completion" and reply.model == MODEL and reply.id
+    assert reply.choices[0].text == FULL
+    assert reply.choices[0].finish_reason == "stop"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (4, STOP_TOKENS)
+    assert reply.usage.total_tokens == 4 + STOP_TOKENS
+
+    short = client.completions.create(model=MODEL, prompt=["one"], max_tokens=3)
+    assert short.choices[0].text == "".join(SCRIPT[:3])
+    assert short.choices[0].finish_reason == "length"
+    assert short.usage.completion_tokens == 3
+
+
+def test_chat_whole(serve):
+    served = serve()
+    reply = served.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}],
+        max_completion_tokens=20,
+    )
+    assert reply.object == "chat.completion"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == FULL
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.prompt_tokens == 1 + (1 + 2) + (1 + 2)
+    assert served.engine.submitted[0][1].max_new_tokens == 20
+
+
+def test_completion_stream(serve):
+    served = serve()
+    chunks = list(served.client().completions.create(
+        model=MODEL, prompt="one two", stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == FULL
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["stop"]
+    assert chunks[-1].choices == []
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (3, STOP_TOKENS)
+
+    with httpx.stream("POST", f"{served.url}/v1/completions", json={"prompt": "a", "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        data = _sse_data(response)
+    assert data[-1] == "[DONE]"
+    assert "usage" not in json.loads(data[-2])
+    assert len(data) == (len(SCRIPT) - 1) + 1 + 1 + 1  # deltas, held-back text, final chunk, [DONE]
+
+
+def test_chat_stream(serve):
+    chunks = list(serve().client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=4))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "".join(SCRIPT[:4])
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_concurrent_streams(serve):
+    served = serve()
+    client = served.client()
+
+    def one(i: int) -> str:
+        n = 1 + i % len(SCRIPT)
+        if i % 2:
+            stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}],
+                                                    max_tokens=n, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in stream)
+        stream = client.completions.create(model=MODEL, prompt="q", max_tokens=n, stream=True)
+        return "".join(c.choices[0].text for c in stream)
+
+    with ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(one, range(16)))
+    assert texts == ["".join(SCRIPT[:1 + i % len(SCRIPT)]) for i in range(16)]
+    assert len(served.engine.submitted) == 16
+
+
+def test_settings_reach_the_engine(serve):
+    served = serve()
+    client = served.client()
+    client.completions.create(
+        model=MODEL, prompt="p", max_tokens=5, temperature=0.7, top_p=0.9, seed=42, stop=["\n\n", "END"],
+        extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True, "user": "ignored"},
+    )
+    client.completions.create(model=MODEL, prompt="p")
+    client.completions.create(model=MODEL, prompt=_words(58))
+    settings = [params for _, params in served.engine.submitted.values()]
+    assert settings[0] == GenerationParams(
+        max_new_tokens=5, temperature=0.7, top_p=0.9, seed=42, stop=["\n\n", "END"],
+        top_k=40, min_p=0.05, repetition_penalty=1.1, ignore_eos=True)
+    assert settings[1] == GenerationParams(max_new_tokens=DEFAULT_MAX, seed=None)  # no seed: a fresh stream
+    assert settings[2].max_new_tokens == CONTEXT - 59  # the rest of the context
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"temperature": -1}, "temperature"),
+    ({"n": 2}, "n"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"extra_body": {"top_k": -3}}, "top_k"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"echo": True}, "echo"),
+    ({"best_of": 2}, "best_of"),
+])
+def test_bad_settings(shared, kwargs, field):
+    with pytest.raises(openai.BadRequestError) as caught:
+        shared.client().completions.create(model=MODEL, prompt="p", **kwargs)
+    assert caught.value.status_code == 400
+    assert caught.value.body["message"].startswith(field)
+    assert caught.value.param == field
+
+
+def test_unknown_model(shared):
+    with pytest.raises(openai.NotFoundError) as caught:
+        shared.client().completions.create(model="gpt-4", prompt="p")
+    assert caught.value.code == "model_not_found"
+    assert "gpt-4" in caught.value.body["message"]
+
+
+@pytest.mark.parametrize("words, max_tokens", [(60, 10), (CONTEXT, None)])
+def test_prompt_too_long(shared, words, max_tokens):
+    client = shared.client()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt=_words(words), max_tokens=max_tokens)
+    assert caught.value.code == "context_length_exceeded"
+    assert str(CONTEXT) in caught.value.body["message"]
+
+
+@pytest.mark.parametrize("path, body, needle", [
+    ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {}, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role='robot'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+])
+def test_bad_bodies(shared, path, body, needle):
+    response = _post(shared, path, body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert needle in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_errors_have_openai_shape(serve):
+    served = serve()
+
+    def probe(n: int) -> dict:
+        return {"n": n}
+
+    served.app.add_api_route("/probe", probe)
+    bad_json = httpx.post(f"{served.url}/v1/completions", content=b"{not json", timeout=10.0)
+    unknown = httpx.get(f"{served.url}/v2/nothing", timeout=10.0)
+    validation = httpx.get(f"{served.url}/probe?n=abc", timeout=10.0)
+    assert (bad_json.status_code, unknown.status_code, validation.status_code) == (400, 404, 400)
+    for response in (bad_json, unknown, validation):
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert "JSON" in bad_json.json()["error"]["message"]
+    assert "/v2/nothing" in unknown.json()["error"]["message"]
+    assert "n" in validation.json()["error"]["message"]
+
+
+def test_engine_full_is_503_with_retry_after(serve):
+    served = serve(FakeEngine(full=True))
+    response = _post(served, "/v1/completions", {"prompt": "p"})
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) >= 1
+    assert "server.max_queue" in response.json()["error"]["message"]
+
+
+def test_failed_engine_is_503(serve):
+    served = serve(FakeEngine(failed="rank 2 died"))
+    response = _post(served, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 503
+    assert "rank 2 died" in response.json()["error"]["message"]
+
+
+def test_error_during_generation(serve):
+    served = serve(FakeEngine(fail_after=2))
+    whole = _post(served, "/v1/completions", {"prompt": "p"})
+    assert whole.status_code == 500
+    assert whole.json()["error"]["message"] == "rank 1 died"
+
+    with httpx.stream("POST", f"{served.url}/v1/completions", json={"prompt": "p", "stream": True}) as response:
+        data = _sse_data(response)
+    assert [json.loads(d)["choices"][0]["text"] for d in data[:-1]] == SCRIPT[:2]
+    assert json.loads(data[-1])["error"]["message"] == "rank 1 died"
+    with pytest.raises(openai.APIError, match="rank 1 died"):
+        list(served.client().completions.create(model=MODEL, prompt="p", stream=True))
+
+
+# ---- auth, health, metrics -------------------------------------------------------------------
+
+
+def test_api_key(serve):
+    served = serve(api_key="s3cret")
+    with pytest.raises(openai.AuthenticationError):
+        served.client(api_key="wrong").models.list()
+    no_key = httpx.get(f"{served.url}/v1/models", timeout=10.0)
+    assert no_key.status_code == 401
+    assert no_key.json()["error"]["code"] == "invalid_api_key"
+    assert _post(served, "/v1/completions", {"prompt": "p"}).status_code == 401
+    assert [m.id for m in served.client(api_key="s3cret").models.list()] == [MODEL]
+    assert served.client(api_key="s3cret").completions.create(model=MODEL, prompt="p").choices[0].text == FULL
+    assert httpx.get(f"{served.url}/health", timeout=10.0).status_code == 200
+    assert httpx.get(f"{served.url}/metrics", timeout=10.0).status_code == 200
+
+
+def test_health(serve):
+    engine = FakeEngine(is_ready=False)
+    served = serve(engine)
+    loading = httpx.get(f"{served.url}/health", timeout=10.0)
+    assert (loading.status_code, loading.json()["status"]) == (503, "loading")
+    assert _post(served, "/v1/completions", {"prompt": "p"}).status_code == 503
+    engine.is_ready = True
+    ok = httpx.get(f"{served.url}/health", timeout=10.0)
+    assert (ok.status_code, ok.json()) == (200, {"status": "ok"})
+    engine.failed = "rank 1 died"
+    failed = httpx.get(f"{served.url}/health", timeout=10.0)
+    assert (failed.status_code, failed.json()["status"], failed.json()["error"]) == (503, "failed", "rank 1 died")
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics(serve):
+    served = serve()
+    client = served.client()
+    client.completions.create(model=MODEL, prompt="a b c")
+    list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True))
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="p", temperature=-1)
+    samples = _samples(httpx.get(f"{served.url}/metrics", timeout=10.0).text)
+
+    def requests(endpoint: str, status: str) -> float:
+        return samples.get(("ppinfer_requests_total", (("endpoint", endpoint), ("status", status))), 0.0)
+
+    assert requests("/v1/completions", "200") == 1
+    assert requests("/v1/completions", "400") == 1
+    assert requests("/v1/chat/completions", "200") == 1
+    assert samples[("ppinfer_prompt_tokens_total", ())] == 4 + 3
+    assert samples[("ppinfer_generation_tokens_total", ())] == 2 * STOP_TOKENS
+    assert samples[("ppinfer_time_to_first_token_seconds_count", ())] == 2
+    # Every delta but the first carries one token; the last token's text comes in Finished.
+    assert samples[("ppinfer_inter_token_latency_seconds_count", ())] == 2 * (len(SCRIPT) - 2)
+    assert 0 < samples[("ppinfer_time_to_first_token_seconds_sum", ())] < 2
+    assert samples[("ppinfer_queue_length", ())] == 3
+    assert samples[("ppinfer_running_sequences", ())] == 2
+    assert samples[("ppinfer_stage_busy_fraction", (("stage", "0"),))] == 0.25
+    assert samples[("ppinfer_stage_busy_fraction", (("stage", "1"),))] == 0.75
+
+
+# ---- cancellation and shutdown ---------------------------------------------------------------
+
+
+def _wait_for(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_closed_stream_is_cancelled(serve):
+    engine = FakeEngine(endless=True)
+    served = serve(engine)
+    stream = served.client().completions.create(model=MODEL, prompt="p", stream=True)
+    assert next(iter(stream)).choices[0].text == "x"
+    stream.close()
+    closed = time.monotonic()
+    assert _wait_for(lambda: 0 in engine.cancelled, 1.0)
+    assert engine.cancelled[0] - closed < 1.0
+    engine.endless = False
+    assert served.client().completions.create(model=MODEL, prompt="p").choices[0].text == FULL
+
+
+def test_abandoned_request_is_cancelled(serve):
+    engine = FakeEngine(endless=True)
+    served = serve(engine)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{served.url}/v1/completions", json={"prompt": "p"}, timeout=0.3)
+    assert _wait_for(lambda: 0 in engine.cancelled, 1.0)
+
+
+def test_stop_drains(serve):
+    engine = FakeEngine(endless=True)
+    served = serve(engine)
+    bound_s = 2.0
+    with httpx.stream("POST", f"{served.url}/v1/completions", json={"prompt": "p", "stream": True},
+                      timeout=10.0) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        started = time.monotonic()
+        stopper = threading.Thread(target=served.server.stop, args=(bound_s,))
+        stopper.start()
+        assert _wait_for(lambda: served.server.draining, 1.0)
+        refused = _post(served, "/v1/completions", {"prompt": "p"})
+        assert refused.status_code == 503
+        assert "shutting down" in refused.json()["error"]["message"]
+        assert httpx.get(f"{served.url}/health", timeout=10.0).json()["status"] == "draining"
+        rest = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    assert "shutting down" in json.loads(rest[-1])["error"]["message"]
+    stopper.join(bound_s + 1.0)
+    assert not stopper.is_alive()
+    assert time.monotonic() - started < bound_s + 0.5
+    assert 0 in engine.cancelled
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{served.url}/health", timeout=2.0)

@@ -1,0 +1,203 @@
+"""The server as a user runs it: `torchrun --nproc_per_node=2 launch/serve.py`, spoken to with
+the official `openai` client. One server process group for the whole module (they are slow
+to start on 2 cores); the shutdown test ends it.
+
+References: the batch command's greedy text for the same prompt (in-process, one stage, a
+different lane layout), and the requests' own parameters (token budgets with EOS ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from hydra import compose, initialize_config_dir
+
+import ppinfer.config  # noqa: F401  registers the schema
+from ppinfer.pipeline.launch import run
+from torchrun_job import REPO, command, session_processes
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk-test-ppinfer"
+SHUTDOWN_BOUND_S = 20.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, tmp: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [
+            f"model.path={model}", f"server.port={self.port}", f"server.api_key={KEY}", "server.context_length=384",
+            "server.max_queue=128", "pipeline.microbatches=2", "pipeline.lane_size=4", "runtime.weights=dequantized",
+            f"output.dir={tmp}",
+        ]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.log = (tmp / "server.log").open("w")
+        self.proc = subprocess.Popen(
+            command(2, args, REPO / "launch" / "serve.py"), cwd=REPO, env=env, stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        deadline = time.monotonic() + 240
+        while not self._healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not come up: {(tmp / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        self.model = self.client.models.list().data[0].id
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    srv = Server(smollm2_path, tmp_path_factory.mktemp("server"))
+    yield srv
+    srv.stop()
+
+
+def _batch_text(model: Path, prompt: str, tokens: int, out: Path) -> str:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=[
+            f"model.path={model}", f"prompts={json.dumps([prompt])}", f"generation.max_new_tokens={tokens}",
+            "runtime.weights=dequantized", f"output.dir={out}",
+        ])
+    assert run(cfg, environ={}) == 0
+    return json.loads((out / "results.jsonl").read_text().splitlines()[0])["text"]
+
+
+def test_greedy_completion_equals_the_batch_command(server: Server, smollm2_path: Path, tmp_path: Path) -> None:
+    prompt = "The lighthouse keeper climbed the stairs and"
+    expected = _batch_text(smollm2_path, prompt, 24, tmp_path / "batch")
+    done = server.client.completions.create(model=server.model, prompt=prompt, max_tokens=24, temperature=0)
+    assert done.choices[0].text == expected
+    stream = server.client.completions.create(model=server.model, prompt=prompt, max_tokens=24, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == expected
+    assert done.usage.completion_tokens <= 24 and done.usage.prompt_tokens > 0
+
+
+def _one(server: Server, i: int, results: dict) -> None:
+    """One client of the load test: a random budget, EOS ignored, streamed or not."""
+    rng = random.Random(i)
+    tokens, streamed = rng.randint(1, 40), rng.random() < 0.5
+    extra = {"ignore_eos": True}
+    messages = [{"role": "user", "content": f"Tell me fact number {i} about the sea."}]
+    if streamed:
+        stream = server.client.chat.completions.create(
+            model=server.model, messages=messages, max_tokens=tokens, temperature=0.7, seed=i, stream=True,
+            stream_options={"include_usage": True}, extra_body=extra,
+        )
+        text, usage, reasons = "", None, []
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                if choice.finish_reason:
+                    reasons.append(choice.finish_reason)
+        results[i] = (tokens, usage.completion_tokens if usage else None, reasons)
+    else:
+        done = server.client.chat.completions.create(
+            model=server.model, messages=messages, max_tokens=tokens, temperature=0.7, seed=i, extra_body=extra,
+        )
+        results[i] = (tokens, done.usage.completion_tokens, [done.choices[0].finish_reason])
+
+
+def test_load_64_concurrent_clients_each_get_exactly_their_tokens(server: Server) -> None:
+    results: dict[int, tuple] = {}
+    threads = [threading.Thread(target=_one, args=(server, i, results)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(results) == list(range(64)), f"lost clients: {sorted(set(range(64)) - set(results))}"
+    for i, (wanted, got, reasons) in results.items():
+        assert got == wanted, f"client {i} asked for {wanted} tokens, got {got}"
+        assert reasons == ["length"], f"client {i}: finish reasons {reasons}"
+    after = server.client.completions.create(model=server.model, prompt="Hello", max_tokens=2, temperature=0)
+    assert after.usage.completion_tokens == 2
+
+
+def test_closing_a_stream_cancels_it_and_the_server_goes_on(server: Server) -> None:
+    stream = server.client.chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": "Count to a thousand."}], max_tokens=300,
+        temperature=0, stream=True, extra_body={"ignore_eos": True},
+    )
+    for _ in stream:
+        break
+    stream.close()
+    after = server.client.completions.create(model=server.model, prompt="Hi", max_tokens=3, temperature=0)
+    assert after.usage.completion_tokens >= 1
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert "ppinfer_" in metrics
+
+
+def test_auth_is_required(server: Server) -> None:
+    anonymous = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.models.list()
+
+
+def test_bad_parameters_are_400_and_the_server_answers_after(server: Server) -> None:
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        server.client.completions.create(model=server.model, prompt="x", max_tokens=2, temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        server.client.completions.create(model=server.model, prompt="word " * 500, max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        server.client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    assert server.client.completions.create(model=server.model, prompt="x", max_tokens=1).usage.completion_tokens == 1
+
+
+def test_sigterm_ends_every_rank_within_20_s(server: Server) -> None:
+    """Last: the shutdown ends the module's server. An open stream ends (an error event or its
+    last token), and no process of the job is left."""
+    events: list[str] = []
+
+    def long_stream() -> None:
+        body = {"model": server.model, "prompt": "Once", "max_tokens": 300, "stream": True, "ignore_eos": True}
+        try:
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60,
+                              headers={"Authorization": f"Bearer {KEY}"}) as response:
+                events.extend(line for line in response.iter_lines() if line)
+        except httpx.HTTPError as exc:
+            events.append(f"transport error: {exc}")
+
+    reader = threading.Thread(target=long_stream)
+    reader.start()
+    time.sleep(2.0)
+    start = time.monotonic()
+    os.killpg(server.proc.pid, signal.SIGTERM)
+    server.proc.wait(timeout=SHUTDOWN_BOUND_S + 10)
+    took = time.monotonic() - start
+    reader.join(timeout=10)
+    assert took < SHUTDOWN_BOUND_S, f"shutdown took {took:.1f} s"
+    assert session_processes(server.proc.pid) == []
+    assert events, "the open stream received nothing"
+    assert events[-1] == "data: [DONE]" or any('"error"' in e for e in events), events[-3:]

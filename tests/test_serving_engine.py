@@ -1,0 +1,159 @@
+"""The server's engine on one process, without HTTP: requests submitted from other threads
+while the ring runs, refilled into free slots, each with its own settings.
+
+References: the batch command's own results for the same prompts and settings (a different
+lane layout: every prompt in one wave), never the engine's own output of another run.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import ppinfer.config  # noqa: F401  registers the schema
+from ppinfer.generation.params import GenerationParams
+from ppinfer.model import build_stage
+from ppinfer.pipeline.job import DistEnv, prepare
+from ppinfer.pipeline.launch import run
+from ppinfer.pipeline.requests import Requests, TokenCounts
+from ppinfer.pipeline.runtime import StageRunner, run_first
+from ppinfer.pipeline.schedule import Scheduler
+from ppinfer.pipeline.sinks import SampleSink
+from ppinfer.serving.engine import EngineFull, Finished, TokenDelta
+from ppinfer.serving.pipeline_engine import PipelineEngine
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+PROMPTS = [
+    ("The capital of France is", {"max_new_tokens": 6}),
+    ("Once upon a time", {"max_new_tokens": 14, "temperature": 0.9, "seed": 5}),
+    ("def fibonacci(n):", {"max_new_tokens": 9, "repetition_penalty": 1.3}),
+    ("The three primary colours are", {"max_new_tokens": 11, "stop": [","]}),
+    ("A haiku about the sea:", {"max_new_tokens": 3, "top_k": 5, "temperature": 1.5, "seed": 1}),
+]
+ENV = DistEnv(0, 1, 0, 1)
+
+
+def _cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _batch_results(tmp_path: Path, smollm2_path: Path) -> list[dict]:
+    """The batch command on the same prompts: one lane holding all of them."""
+    lines = tmp_path / "prompts.jsonl"
+    lines.write_text("\n".join(json.dumps({"prompt": p, **s}) for p, s in PROMPTS) + "\n")
+    out = tmp_path / "batch"
+    cfg = _cfg([f"model.path={smollm2_path}", f"prompts_file={lines}", f"output.dir={out}",
+                "runtime.weights=dequantized", "pipeline.lane_size=5", "pipeline.microbatches=1"])
+    assert run(cfg, environ={}) == 0
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+class _Client:
+    """Collects one request's events, as the HTTP layer would."""
+
+    def __init__(self) -> None:
+        self.deltas: list[TokenDelta] = []
+        self.finished: Finished | None = None
+        self.done = threading.Event()
+
+    def __call__(self, event) -> None:
+        if isinstance(event, Finished):
+            self.finished = event
+            self.done.set()
+        else:
+            self.deltas.append(event)
+
+
+@pytest.fixture(scope="module")
+def served(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """An engine on a 2-lane x 2-slot ring in a background thread (so 5 prompts must refill)."""
+    cfg = _cfg([f"model.path={smollm2_path}", "runtime.weights=dequantized", "pipeline.microbatches=2",
+                "pipeline.lane_size=2", "server.context_length=256", "server.max_queue=8",
+                f"output.dir={tmp_path_factory.mktemp('serve')}"])
+    job = prepare(cfg, ENV, False, False, serve=True)
+    stage = build_stage(job.model_path, job.plan, job.dtype, job.device, weights="dequantized")
+    engine = PipelineEngine("smollm2", job.tokenizer, job.capacity, job.params[0], cfg.server.max_queue)
+    runner = StageRunner(stage, job.n_lanes, job.lane_size, job.capacity, sink=SampleSink())
+    scheduler = Scheduler(job.n_lanes, job.lane_size, job.prefill_chunk, job.capacity)
+    requests = Requests(TokenCounts(), lambda sequence: None)
+
+    def loop() -> None:
+        with torch.inference_mode():
+            run_first(runner, scheduler, requests, None, arrivals=engine)
+
+    engine.started()
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    yield engine
+    engine.stop()
+    thread.join(timeout=20)
+    assert not thread.is_alive(), "the engine loop did not end after stop()"
+
+
+def test_concurrent_requests_match_the_batch_command(served: PipelineEngine, tmp_path: Path, smollm2_path: Path) -> None:
+    expected = _batch_results(tmp_path, smollm2_path)
+    clients = []
+    for text, settings in PROMPTS:
+        client = _Client()
+        served.submit(served.encode_prompt(text), served.defaults.updated(settings), client)
+        clients.append(client)
+    for client, want in zip(clients, expected):
+        assert client.done.wait(60), "a request never finished"
+        assert client.finished is not None
+        streamed = "".join(d.text for d in client.deltas) + client.finished.text
+        assert streamed == want["text"]
+        assert client.finished.reason == want["finish_reason"]
+        assert client.finished.completion_tokens == len(want["token_ids"])
+        assert client.finished.prompt_tokens == len(want["prompt_ids"])
+        ids = [i for d in client.deltas for i in d.token_ids]
+        assert ids == want["token_ids"][: len(ids)]
+
+
+def test_stream_never_shows_a_stop_string_prefix_that_gets_cut(served: PipelineEngine) -> None:
+    client = _Client()
+    params = served.defaults.updated({"max_new_tokens": 40, "stop": [" the"]})
+    served.submit(served.encode_prompt("Write one sentence about the moon and the sun."), params, client)
+    assert client.done.wait(60)
+    streamed = "".join(d.text for d in client.deltas)
+    assert " the" not in streamed + client.finished.text
+    assert streamed == (streamed + client.finished.text)[: len(streamed)]
+
+
+def test_cancel_frees_the_slot_and_others_continue(served: PipelineEngine) -> None:
+    long_running = _Client()
+    rid = served.submit(served.encode_prompt("Count slowly:"), served.defaults.updated({"max_new_tokens": 200, "ignore_eos": True}), long_running)
+    served.cancel(rid)
+    assert long_running.done.wait(30)
+    assert long_running.finished.reason == "cancelled"
+    after = _Client()
+    served.submit(served.encode_prompt("Hello"), served.defaults.updated({"max_new_tokens": 3}), after)
+    assert after.done.wait(30) and after.finished.reason in ("stop", "length")
+
+
+def test_bad_requests_are_refused_before_they_queue(served: PipelineEngine) -> None:
+    with pytest.raises(ValueError, match="context length of 256"):
+        served.submit([1] * 250, served.defaults.updated({"max_new_tokens": 10}), _Client())
+    with pytest.raises(ValueError, match="empty"):
+        served.submit([], served.defaults, _Client())
+
+
+def test_queue_limit(smollm2_path: Path) -> None:
+    """A full queue refuses with EngineFull (no loop runs, so nothing drains it)."""
+    engine = PipelineEngine("m", _tokenizer(smollm2_path), 64, GenerationParams(), max_queue=2)
+    engine.started()
+    for _ in range(2):
+        engine.submit([1, 2], GenerationParams(max_new_tokens=2), _Client())
+    with pytest.raises(EngineFull, match="server.max_queue"):
+        engine.submit([1, 2], GenerationParams(max_new_tokens=2), _Client())
+
+
+def _tokenizer(path: Path):
+    from ppinfer.generation.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
