@@ -49,6 +49,13 @@ def test_kernels_know_no_layers_families_or_ranks() -> None:
         assert not bad, f"kernels/{name} imports {sorted(bad)}"
 
 
+def test_pipeline_knows_nothing_of_the_server() -> None:
+    """The HTTP layer sits on top of the pipeline, never the other way round."""
+    for name, imported in _imports("pipeline").items():
+        serving = {m for m in imported if m == "ppinfer.serving" or m.startswith("ppinfer.serving.")}
+        assert not serving, f"pipeline/{name} imports {sorted(serving)}"
+
+
 def test_the_checker_sees_imports() -> None:
     """Guard against a vacuous pass: the pipeline does import torch.distributed."""
     assert any("torch.distributed" in imported for imported in _imports("pipeline").values())

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -201,3 +202,24 @@ def test_sigterm_ends_every_rank_within_20_s(server: Server) -> None:
     assert session_processes(server.proc.pid) == []
     assert events, "the open stream received nothing"
     assert events[-1] == "data: [DONE]" or any('"error"' in e for e in events), events[-3:]
+
+
+def test_a_dead_rank_makes_the_server_answer_503_and_the_job_exit(smollm2_path: Path, tmp_path: Path) -> None:
+    srv = Server(smollm2_path, tmp_path)
+    try:
+        workers = [p for p in psutil.Process(srv.proc.pid).children(recursive=True) if "serve.py" in " ".join(p.cmdline())]
+        last = next(p for p in workers if p.environ().get("RANK") == "1")
+        last.kill()
+        statuses = set()
+        deadline = time.monotonic() + SHUTDOWN_BOUND_S
+        while srv.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                statuses.add(httpx.get(f"{srv.url}/health", timeout=1).status_code)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        assert srv.proc.poll() is not None, "the job outlived its dead rank"
+        assert 503 in statuses, f"/health answered {statuses}"
+        assert session_processes(srv.proc.pid) == []
+    finally:
+        srv.stop()

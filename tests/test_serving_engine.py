@@ -157,3 +157,15 @@ def _tokenizer(path: Path):
     from ppinfer.generation.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
+
+
+def test_a_port_in_use_is_a_one_line_config_error() -> None:
+    import socket
+
+    from ppinfer.errors import ConfigError
+    from ppinfer.serving.launch import check_port
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"server.port={port}: cannot listen there \\(Address already in use\\)"):
+            check_port("127.0.0.1", port)

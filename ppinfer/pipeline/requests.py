@@ -17,7 +17,7 @@ from ppinfer.generation.params import GenerationParams
 from ppinfer.generation.stopping import StopState
 from ppinfer.pipeline.schedule import Kind, Request, WorkItem
 from ppinfer.pipeline.transport import GREEDY, RowSampling
-from ppinfer.serving.engine import Emit, Finished, TokenDelta
+from ppinfer.pipeline.events import Emit, Finished, FinishReason, TokenDelta
 
 
 @dataclass
@@ -181,14 +181,14 @@ class Requests:
             sequence.emit(TokenDelta(text[sequence.sent:safe], ids))
             sequence.sent, sequence.sent_ids = safe, len(sequence.stop.token_ids)
 
-    def _end(self, sequence: Sequence, reason: str | None, error: str | None = None) -> None:
+    def _end(self, sequence: Sequence, reason: FinishReason | None, error: str | None = None) -> None:
+        """Tell the owner; `reason` None: the sequence finished by its stop conditions (or
+        was scored), and its result is handed to `finished`."""
         if sequence.emit is not None:
             stop = sequence.stop
+            final: FinishReason = reason or (stop.finish_reason if stop is not None and stop.finish_reason else "stop")
             text = stop.text if stop is not None else ""
-            final = reason or (stop.finish_reason if stop is not None else "stop") or "stop"
-            sequence.emit(Finished(
-                final, text[sequence.sent:], len(sequence.prompt),  # type: ignore[arg-type]
-                len(stop.token_ids) if stop is not None else 0, error,
-            ))
+            generated = len(stop.token_ids) if stop is not None else 0
+            sequence.emit(Finished(final, text[sequence.sent:], len(sequence.prompt), generated, error))
         if reason is None:
             self._finished(sequence)

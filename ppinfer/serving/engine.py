@@ -10,37 +10,15 @@ one `Finished`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Protocol
+from typing import Protocol
 
 from ppinfer.generation.params import GenerationParams
+from ppinfer.pipeline.events import Emit, Event, Finished, FinishReason, TokenDelta
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
-
-
-@dataclass(frozen=True)
-class TokenDelta:
-    """New tokens of a request and the text they add. `text` never ends inside a UTF-8
-    character or a possible beginning of a stop string (that text comes later or never)."""
-
-    text: str
-    token_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The request's end: the text not yet sent in deltas, why it ended, and its usage."""
-
-    reason: FinishReason
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    error: str | None = None
-    """For reason "error": what went wrong (a rank died, the server shuts down)."""
-
-
-Event = TokenDelta | Finished
-Emit = Callable[[Event], None]
-
+__all__ = [
+    "Emit", "Engine", "EngineFull", "EngineStats", "EngineUnavailable", "Event", "Finished", "FinishReason",
+    "TokenDelta",
+]
 
 class EngineFull(Exception):
     """The waiting queue holds `server.max_queue` requests already (HTTP 503)."""

@@ -54,7 +54,7 @@ def serve(cfg: Any, environ: Mapping[str, str] = os.environ, overrides: Sequence
     try:
         job = prepare(cfg, env, torch.cuda.is_available(), family_given, serve=True)
         if env.rank == 0:
-            _check_port(cfg.server.host, cfg.server.port)
+            check_port(cfg.server.host, cfg.server.port)
         torch.set_num_threads(job.threads)
         stage = build_stage(job.model_path, job.plan, job.dtype, job.device, weights=job.cfg.runtime.weights)
     except PPInferError as exc:
@@ -77,13 +77,14 @@ def serve(cfg: Any, environ: Mapping[str, str] = os.environ, overrides: Sequence
     return 0
 
 
-def _check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int) -> None:
     """Fail before loading anything if the first rank cannot listen where it is told to."""
     try:
         with socket.create_server((host, port)):
             pass
     except OSError as exc:
-        raise ConfigError(f"server.host={host} server.port={port}: cannot listen there ({exc.strerror or exc})") from exc
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"server.host={host} server.port={port}: cannot listen there ({why})") from exc
 
 
 def _serve(job: Job, stage: PipelineStage) -> None:
@@ -128,10 +129,12 @@ def _serve_first(job: Job, runner: StageRunner, transport: Transport | None) -> 
     try:
         run_first(runner, scheduler, requests, transport, arrivals=engine)
     except BaseException as exc:
+        # Requests in flight end with an error event; the server answers 503 until the
+        # process exits (after the failure is reported).
         engine.failed(f"the pipeline stopped ({type(exc).__name__})", requests)
+        server.drain()
         raise
-    finally:
-        server.stop()
+    server.stop()
     log.info("server stopped")
 
 
