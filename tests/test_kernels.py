@@ -55,7 +55,10 @@ CODE_BYTES: dict[Q, tuple[tuple[int, int], ...]] = {
 }
 # fp16 scales for the random-byte blocks: zero, subnormal, tiny, ordinary, huge, both signs.
 SCALES = np.array([0.0, 6e-8, -6e-8, 1e-5, 0.01, -0.01, 0.3, -2.0, 3e4, -65504.0], dtype=np.float16)
-DECODE_ROWS = (1, 3, 16)
+# x rows through the decode path, one of each way it splits them (ops.cpp's RowSplit): 1 and 2
+# one at a time, 5 as 4 paired + 1, 13 as 8 + 4 paired + 1, 23 as 3 groups of 8 (the last padded),
+# 36 as 4 groups (two tile calls) + 4 paired.
+DECODE_ROWS = (1, 2, 5, 13, 23, 36)
 GEMM_ROWS = 40
 
 
@@ -317,7 +320,7 @@ def test_avx2_agrees_with_scalar(ops, path, qtype: Q) -> None:
     assert (np.abs(results["auto"] - results["scalar"]) <= 2 * accum_bound(x, w, o)).all()
 
 
-@pytest.mark.parametrize("rows", [1, 3])  # one x row takes the four-weight-rows kernel
+@pytest.mark.parametrize("rows", [1, 5, 16, 23])
 def test_row_split_over_threads_changes_nothing(ops, path, rows: int) -> None:
     path("auto", "vec")
     raw = weight_cases(Q.Q4_0, 301, 512)[0]
@@ -337,15 +340,18 @@ def test_row_split_over_threads_changes_nothing(ops, path, rows: int) -> None:
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_result_of_a_row_does_not_depend_on_its_batch(ops, path, qtype: Q, k: int) -> None:
     """Lanes of different sizes must compute the same row identically (a pipeline with other
-    lane sizes gives the same tokens): k = 8192 spans several k-chunks; M = 7 runs the
-    four-row kernel, then the three-row one."""
+    lane sizes gives the same tokens): every M up to 23 and two larger ones, so every way the
+    decode path splits x rows (groups of 8 x rows against one weight row, 4 x rows against two,
+    one x row against 8 weight rows) meets every other; k = 8192 spans several k-chunks; 9
+    weight rows leave a short group of weight rows (and an odd one out of a pair)."""
     path("auto", "vec")
     rng = np.random.default_rng(5)
     raw = torch.from_numpy(random_byte_blocks(qtype, 9, k, rng))
-    x = torch.randn(7, k, generator=torch.Generator().manual_seed(5))
-    together = ops.block_matmul(x, raw, int(qtype), k)
-    alone = torch.cat([ops.block_matmul(x[m : m + 1], raw, int(qtype), k) for m in range(7)])
-    assert torch.equal(together, alone)
+    x = torch.randn(36, k, generator=torch.Generator().manual_seed(5))
+    alone = torch.cat([ops.block_matmul(x[m : m + 1], raw, int(qtype), k) for m in range(36)])
+    for rows in [*range(2, 24), 29, 36]:
+        together = ops.block_matmul(x[:rows], raw, int(qtype), k)
+        assert torch.equal(together, alone[:rows]), f"M={rows}"
 
 
 # ---- BlockLinear ----

@@ -7,11 +7,11 @@ tests/test_kernels.py, which runs every supported type on random blocks, leaves 
     values bit for bit and multiply activations that quantize to +-127 everywhere, so the
     SIMD code meets its largest integer partial sums (an int16 overflow or saturation in
     them would show far above the bound);
-(c) rows long enough that the decode path splits k into several chunks, at 1 and at 16 x
-    rows (with ops.cpp's 16 KiB of activation blocks per chunk: 51 super-blocks per chunk
-    at 1 row, 3 at 16 rows), which must fall on super-block boundaries;
-(d) an x row's result does not depend on the x rows beside it: the AVX2 kernel that takes
-    several x rows at once sums each in the same order as the one-row kernel.
+(c) rows long enough that the decode path splits k into several chunks (ops.cpp: 32
+    activation blocks, 4 super-blocks, per chunk where x rows go to the tile kernels; whole
+    rows for one x row), which must fall on super-block boundaries, at 1 and at 16 x rows.
+(d) (in tests/test_kernels.py, for every type) an x row's result does not depend on the x rows
+    beside it: every AVX2 kernel forms each output's float chain in the same order.
 
 Activations are 2^e * q with integer |q| <= 127 and a 127 in each 32-value block: they
 quantize exactly, so the only error left is the float accumulation, `accum` in the

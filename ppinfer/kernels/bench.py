@@ -1,7 +1,8 @@
 """Times the CPU block kernels against float32 F.linear on the dequantized weight.
 
     python -m ppinfer.kernels.bench [--threads 1 2] [--rows 1 16] [--types Q4_0 Q4_1 Q8_0]
-    python -m ppinfer.kernels.bench --crossover [--threads 1]
+                                    [--shapes 11008x4096 2048x2048 5632x2048]
+    python -m ppinfer.kernels.bench --crossover [--threads 1] [--shapes 2048x2048 5632x2048]
 
 Prints a markdown table (the one in docs/kernels.md): best-of-N milliseconds per product,
 and the weight bytes each product reads per second. Weights are random blocks with sane
@@ -25,6 +26,8 @@ from ppinfer.kernels import build
 from ppinfer.kernels.blocks import SCALE_OFFSETS
 
 SHAPES = ((11008, 4096), (2048, 2048), (5632, 2048))  # (out_features, in_features)
+CROSSOVER_SHAPES = SHAPES[1:]
+CROSSOVER_ROWS = (4, 8, 16, 24, 32, 48, 64, 96)
 
 
 def best_ms(fn, min_seconds: float = 0.3, min_runs: int = 5) -> float:
@@ -58,15 +61,17 @@ def bandwidth_lines() -> list[str]:
     return [f"single-thread read (sum of 256 MiB): {read:.1f} GB/s; copy: {copy:.1f} GB/s copied"]
 
 
-def table(threads: list[int], rows: list[int], types: list[GGMLQuantizationType]) -> list[str]:
+def table(threads: list[int], rows: list[int], types: list[GGMLQuantizationType], shapes=SHAPES) -> list[str]:
     ops = build.ops()
     rng = np.random.default_rng(0)
     lines = [
         "| W (N x k) | type | M | threads | block_matmul ms | GB/s (weights) | F.linear f32 ms | speedup |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for n, k in SHAPES:
+    for n, k in shapes:
         for qtype in types:
+            if k % GGML_QUANT_SIZES[qtype][0]:
+                continue
             w = random_blocks(qtype, n, k, rng)
             dense = ops.dequantize(w, int(qtype), k)  # [n, k]
             for m in rows:
@@ -82,18 +87,20 @@ def table(threads: list[int], rows: list[int], types: list[GGMLQuantizationType]
     return lines
 
 
-def crossover(threads: list[int], types: list[GGMLQuantizationType]) -> list[str]:
+def crossover(threads: list[int], types: list[GGMLQuantizationType], shapes=CROSSOVER_SHAPES) -> list[str]:
     ops = build.ops()
     default = ops.gemm_min_rows()
     rng = np.random.default_rng(0)
-    rows = (4, 8, 16, 24, 32, 48)
+    rows = CROSSOVER_ROWS
     lines = [
         "| W (N x k) | type | threads | " + " | ".join(f"M={m} dots / GEMM ms" for m in rows) + " |",
         "|---|---|---|" + "---|" * len(rows),
     ]
     try:
-        for n, k in SHAPES[1:]:
+        for n, k in shapes:
             for qtype in types:
+                if k % GGML_QUANT_SIZES[qtype][0]:
+                    continue
                 w = random_blocks(qtype, n, k, rng)
                 for t in threads:
                     torch.set_num_threads(t)
@@ -111,16 +118,29 @@ def crossover(threads: list[int], types: list[GGMLQuantizationType]) -> list[str
     return lines
 
 
+def shape(text: str) -> tuple[int, int]:
+    """"2048x5632" -> (2048, 5632)."""
+    try:
+        n, k = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NxK (e.g. 2048x5632), got {text!r}") from None
+    return n, k
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--types", nargs="+", default=["Q4_0", "Q4_1", "Q8_0"])
+    parser.add_argument("--shapes", type=shape, nargs="+", help="weights as NxK (out x in features)")
     parser.add_argument("--crossover", action="store_true", help="time both paths over a range of M")
     args = parser.parse_args()
     types = [GGMLQuantizationType[name] for name in args.types]
     print(f"isa: {build.isa()}, gemm_min_rows: {build.ops().gemm_min_rows()}")
-    lines = crossover(args.threads, types) if args.crossover else bandwidth_lines() + table(args.threads, args.rows, types)
+    if args.crossover:
+        lines = crossover(args.threads, types, args.shapes or CROSSOVER_SHAPES)
+    else:
+        lines = bandwidth_lines() + table(args.threads, args.rows, types, args.shapes or SHAPES)
     for line in lines:
         print(line, flush=True)
 

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "avx2.h"
 #include "qtypes.h"
 
 
@@ -198,32 +199,27 @@ void dequant_q6_k(const uint8_t* w, float* out, int k) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// AVX2 kernels. Each activation block's integer sum becomes 8 int32 lanes, is converted to
-// float once and scaled by that block's d; the weight's fp16 d is applied once per super-block.
-// They take one weight row against 1 to kMaxDotRows activation rows, decoding each super-block
-// once for all of them.
+// AVX2 kernels. One output's chain (qtypes.h), per super-block, with f_j = float(the integer dot
+// of 32-value block j, scales included: Q4_K / Q5_K sc_j * sum(q qx), Q6_K
+// sum over its two halves of sc * sum((q - 32) qx)), dx_j and s_j activation block j's d and s:
+//   inner = dx_0 * f_0, then inner = fma(dx_j, f_j, inner) for j = 1..7
+//   Q4_K / Q5_K: mins = m_0 * s_0, then mins = fma(m_j, s_j, mins) for j = 1..7;
+//                acc = fma(d, inner, acc), then acc = fnmadd(dmin, mins, acc)
+//   Q6_K:        acc = fma(d, inner, acc)
+// The integer dots stay within float's 24 bits (Q6_K: at most 32 * 32 * 127 * 128 < 2^24).
 
 #if defined(PPINFER_X86)
 
-PPINFER_AVX2 inline float hsum_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using avx2::load256;
 
-PPINFER_AVX2 inline __m256i load256(const void* p) {
-  return _mm256_loadu_si256(static_cast<const __m256i*>(p));
-}
+// How weight_rows loads code bytes: 32 at a time, in value order (tiles: avx2::Bytes16).
+struct Load32 {
+  PPINFER_AVX2 __m256i operator()(const uint8_t* p) const { return load256(p); }
+};
 
-// acc += float(int32 lanes) * x.d
-PPINFER_AVX2 inline __m256 fma_block(__m256i isum, const Q8Block& x, __m256 acc) {
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_broadcast_ss(&x.d), acc);
-}
-
-// [x[0].s, ..., x[7].s]: the 8 activation sums of one super-block.
-PPINFER_AVX2 inline __m256 act_sums(const Q8Block* x) {
-  return _mm256_setr_ps(x[0].s, x[1].s, x[2].s, x[3].s, x[4].s, x[5].s, x[6].s, x[7].s);
+// The first block of each chain: inner = dx * f (and mins = m * s), later ones fma.
+PPINFER_AVX2 inline __m256 chain(bool first, __m256 a, __m256 b, __m256 sum) {
+  return first ? _mm256_mul_ps(a, b) : _mm256_fmadd_ps(a, b, sum);
 }
 
 // Byte shuffle tables, built at compile time (loading a pattern is cheaper than building it).
@@ -260,7 +256,8 @@ struct ScaleMinAvx2 {
   __m256 mins;   // float lanes 0-7: m[0..7]
 };
 
-PPINFER_AVX2 inline ScaleMinAvx2 unpack_scale_min_avx2(const uint8_t* packed) {
+// Bytes [sc0-3, m0-3, sc4-7, m4-7] in each 128-bit lane.
+PPINFER_AVX2 inline __m256i scale_min_bytes(const uint8_t* packed) {
   const __m256i six = _mm256_set1_epi8(0x3f), four = _mm256_set1_epi8(0x0f);
   const __m256i bits45 = _mm256_set1_epi8(0x30);
   // The 16 bytes from `packed` (the last 4 are the block's first codes, unused) in both lanes.
@@ -269,142 +266,276 @@ PPINFER_AVX2 inline ScaleMinAvx2 unpack_scale_min_avx2(const uint8_t* packed) {
   const __m256i hi_hi = _mm256_shuffle_epi32(u, 0xa4);   // dwords [., ., hi, hi]
   const __m256i low_nibbles = _mm256_and_si256(_mm256_srlv_epi32(hi_hi, _mm256_setr_epi32(0, 0, 0, 4, 0, 0, 0, 4)), four);
   const __m256i top_bits = _mm256_and_si256(_mm256_srli_epi32(lo_mid, 2), bits45);
-  // bytes [sc0-3, m0-3, sc4-7, m4-7] in each lane
-  const __m256i all = _mm256_blend_epi32(_mm256_and_si256(lo_mid, six), _mm256_or_si256(low_nibbles, top_bits), 0xcc);
+  return _mm256_blend_epi32(_mm256_and_si256(lo_mid, six), _mm256_or_si256(low_nibbles, top_bits), 0xcc);
+}
+
+// The 8 bytes at `at` (0: scales, 4: mins) of each 4 of scale_min_bytes, as 8 int32 lanes.
+PPINFER_AVX2 inline __m256i scale_min_ints(__m256i all, int at) {
+  const __m256i pick = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
+                                        8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11, -1, -1, -1);
+  return _mm256_shuffle_epi8(all, _mm256_add_epi32(pick, _mm256_set1_epi32(at)));
+}
+
+PPINFER_AVX2 inline ScaleMinAvx2 unpack_scale_min_avx2(const uint8_t* packed) {
+  const __m256i all = scale_min_bytes(packed);
   const __m256i pick_sc = _mm256_setr_epi8(0, -1, 1, -1, 2, -1, 3, -1, 8, -1, 9, -1, 10, -1, 11, -1,
                                            0, -1, 1, -1, 2, -1, 3, -1, 8, -1, 9, -1, 10, -1, 11, -1);
-  const __m256i pick_m = _mm256_setr_epi8(4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1,
-                                          12, -1, -1, -1, 13, -1, -1, -1, 14, -1, -1, -1, 15, -1, -1, -1);
-  return {_mm256_shuffle_epi8(all, pick_sc), _mm256_cvtepi32_ps(_mm256_shuffle_epi8(all, pick_m))};
+  return {_mm256_shuffle_epi8(all, pick_sc), _mm256_cvtepi32_ps(scale_min_ints(all, 4))};
 }
 
-// madd(maddubs(q, x.q), sc): 8 int32 lanes summing to sc * sum_l q[l] * x.q[l], `sc` being one
-// scale in all 16 int16 lanes.
-PPINFER_AVX2 inline __m256i scaled_isum(__m256i q, const Q8Block& x, __m256i sc) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, load256(x.q)), sc);
+// Bit j of each byte of v moved to bit 4 (other bits left for the caller's mask).
+PPINFER_AVX2 inline __m256i bit_to_4(__m256i v, int j) {
+  return j <= 4 ? _mm256_slli_epi16(v, 4 - j) : _mm256_srli_epi16(v, j - 4);
 }
 
-// Q4_K and Q5_K (kFifthBit), one weight row against kRows activation rows (row r's blocks
-// start at x + r * x_stride): each super-block is decoded once for all rows.
-template <bool kFifthBit, int kRows>
-PPINFER_AVX2 inline void dot_k_scale_min_avx2(const uint8_t* w, const Q8Block* x, int64_t x_stride,
-                                              int k, float* out) {
-  constexpr int kBlockBytes = kFifthBit ? kQ5KBytes : kQ4KBytes;
-  constexpr int kQsAt = kFifthBit ? kQ5KQsAt : kQ4KQsAt;
-  const __m256i low4 = _mm256_set1_epi8(0x0f);
-  const __m256i bit4 = _mm256_set1_epi8(0x10);
-  __m256 acc[kRows];
-  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
-  for (int i = 0; i < k / kSuperElems; ++i, w += kBlockBytes) {
-    const Q8Block* xs = x + i * kActPerSuper;
-    const ScaleMinAvx2 sm = unpack_scale_min_avx2(w + kKScalesAt);
-    __m256i qh = kFifthBit ? load256(w + kQ5KQhAt) : _mm256_setzero_si256();
-    // Per row, two independent chains (the FMA latency would bound one), each summed in the
-    // same order for any kRows: a row's result does not depend on the rows beside it.
-    __m256 sums[kRows][2];
-    for (auto& row_sums : sums) row_sums[0] = row_sums[1] = _mm256_setzero_ps();
-#pragma GCC unroll 4
-    for (int g = 0; g < kActPerSuper / 2; ++g) {
-      const __m256i packed = load256(w + kQsAt + 32 * g);
-      __m256i q_even = _mm256_and_si256(packed, low4);
-      __m256i q_odd = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
-      if constexpr (kFifthBit) {  // bits 2g and 2g+1 of qh, moved to bit 4
-        q_even = _mm256_or_si256(q_even, _mm256_and_si256(_mm256_slli_epi16(qh, 4), bit4));
-        q_odd = _mm256_or_si256(q_odd, _mm256_and_si256(_mm256_slli_epi16(qh, 3), bit4));
-        qh = _mm256_srli_epi16(qh, 2);
-      }
-      const __m256i sc_even = _mm256_shuffle_epi8(sm.sc16, load256(kScalePicks.pick[2 * g]));
-      const __m256i sc_odd = _mm256_shuffle_epi8(sm.sc16, load256(kScalePicks.pick[2 * g + 1]));
-      for (int r = 0; r < kRows; ++r) {
-        const Q8Block* xr = xs + r * x_stride;
-        sums[r][0] = fma_block(scaled_isum(q_even, xr[2 * g], sc_even), xr[2 * g], sums[r][0]);
-        sums[r][1] = fma_block(scaled_isum(q_odd, xr[2 * g + 1], sc_odd), xr[2 * g + 1], sums[r][1]);
-      }
+// Q4_K and Q5_K (kFifthBit): codes of 32-value block j are the low (even j) or high (odd j)
+// nibbles of qs[32 (j / 2) + l], Q5_K's fifth bit bit j of qh[l].
+template <bool kFifthBit>
+struct ScaleMinKernel : avx2::TileEntries<ScaleMinKernel<kFifthBit>> {
+  static constexpr int kBlockBytes = kFifthBit ? kQ5KBytes : kQ4KBytes;
+  static constexpr int kQsAt = kFifthBit ? kQ5KQsAt : kQ4KQsAt;
+
+  // Block j's codes from `at` (0: values 0..15, 16: values 16..31) of its 32 code bytes, loaded by `load`.
+  template <class Load>
+  PPINFER_AVX2 static __m256i codes(const uint8_t* blk, int j, int at, Load load) {
+    const __m256i packed = load(blk + kQsAt + 32 * (j / 2) + at);
+    __m256i q = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(packed, 4) : packed, _mm256_set1_epi8(0x0f));
+    if constexpr (kFifthBit) {
+      q = _mm256_or_si256(q, _mm256_and_si256(bit_to_4(load(blk + kQ5KQhAt + at), j), _mm256_set1_epi8(0x10)));
     }
-    // fp16 d and dmin, converted together: [d, dmin, d, dmin, ...]
-    int32_t d_dmin_bits;
-    std::memcpy(&d_dmin_bits, w, sizeof d_dmin_bits);
-    const __m256 d_dmin = _mm256_cvtph_ps(_mm_set1_epi32(d_dmin_bits));
-    const __m256 d = _mm256_moveldup_ps(d_dmin);
-    const __m256 dmin_m = _mm256_mul_ps(_mm256_movehdup_ps(d_dmin), sm.mins);  // dmin * m[j]
-    for (int r = 0; r < kRows; ++r) {
-      acc[r] = _mm256_fmadd_ps(d, _mm256_add_ps(sums[r][0], sums[r][1]), acc[r]);
-      acc[r] = _mm256_fnmadd_ps(dmin_m, act_sums(xs + r * x_stride), acc[r]);
-    }
+    return q;
   }
-  for (int r = 0; r < kRows; ++r) out[r] = hsum_avx2(acc[r]);
-}
 
-// 8 int32 lanes summing to sc_lo * sum_{l<16} (q[l]-32) x.q[l] + sc_hi * sum_{l>=16} ...,
-// with `scales` holding sc_lo in int16 lanes 0-7 and sc_hi in lanes 8-15.
-PPINFER_AVX2 inline __m256i q6_scaled_isum(__m256i q, const Q8Block& x, __m256i scales) {
-  const __m256i xq = load256(x.q);
-  const __m256i q_x = _mm256_maddubs_epi16(q, xq);
-  const __m256i bias = _mm256_maddubs_epi16(_mm256_set1_epi8(32), xq);
-  return _mm256_madd_epi16(_mm256_sub_epi16(q_x, bias), scales);
-}
-
-// Q6_K, one weight row against kRows activation rows, as above.
-template <int kRows>
-PPINFER_AVX2 inline void dot_q6_k_rows(const uint8_t* w, const Q8Block* x, int64_t x_stride, int k,
-                                       float* out) {
-  const __m256i low4 = _mm256_set1_epi8(0x0f);
-  const __m256i bits45 = _mm256_set1_epi8(0x30);
-  __m256 acc[kRows];
-  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
-  for (int i = 0; i < k / kSuperElems; ++i, w += kQ6KBytes) {
-    const Q8Block* xs = x + i * kActPerSuper;
-    // The 16 scales as int16; each half of the super-block takes its 8 into both lanes.
-    const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kQ6KScAt)));
-    const __m256i half_scales[2] = {_mm256_permute2x128_si256(sc16, sc16, 0x00),
-                                    _mm256_permute2x128_si256(sc16, sc16, 0x11)};
-    // Per row, two independent chains (the FMA latency would bound one), each summed in the
-    // same order for any kRows: a row's result does not depend on the rows beside it.
-    __m256 sums[kRows][2];
-    for (auto& row_sums : sums) row_sums[0] = row_sums[1] = _mm256_setzero_ps();
-#pragma GCC unroll 2
-    for (int half = 0; half < 2; ++half) {
-      const __m256i ql0 = load256(w + 64 * half);
-      const __m256i ql1 = load256(w + 64 * half + 32);
-      const __m256i qh = load256(w + kQ6KQhAt + 32 * half);
-      const __m256i q[4] = {
-          _mm256_or_si256(_mm256_and_si256(ql0, low4),
-                          _mm256_and_si256(_mm256_slli_epi16(qh, 4), bits45)),
-          _mm256_or_si256(_mm256_and_si256(ql1, low4),
-                          _mm256_and_si256(_mm256_slli_epi16(qh, 2), bits45)),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
-                          _mm256_and_si256(qh, bits45)),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
-                          _mm256_and_si256(_mm256_srli_epi16(qh, 2), bits45)),
-      };
-#pragma GCC unroll 4
-      for (int t = 0; t < 4; ++t) {
-        const __m256i scales = _mm256_shuffle_epi8(half_scales[half], load256(kQ6ScalePicks.pick[t]));
-        for (int r = 0; r < kRows; ++r) {
-          const Q8Block& xb = xs[r * x_stride + 4 * half + t];
-          sums[r][t % 2] = fma_block(q6_scaled_isum(q[t], xb, scales), xb, sums[r][t % 2]);
+  // 8 weight rows against kXRows x rows (x row m's blocks at x + m * x_stride), each block
+  // decoded once for all. f_j is float(sum(q qx)) * float(sc_j): exact, as in tile (both
+  // integers, their product below 2^24), so the scales apply after the lanes are summed.
+  template <int kXRows>
+  PPINFER_AVX2 static void weight_rows(const uint8_t* const* rows, const Q8Block* x, int64_t x_stride, int k,
+                                       float* acc_io, int64_t ahead) {
+    __m256 acc[kXRows];
+    for (int m = 0; m < kXRows; ++m) acc[m] = _mm256_loadu_ps(acc_io + m * kLanes);
+    for (int i = 0; i < k / kSuperElems; ++i) {
+      const int64_t at = int64_t{i} * kBlockBytes;
+      __m256 scales[kLanes], mins[kLanes];  // [row], lanes j; transposed below to [j], lanes rows
+      for (int r = 0; r < kLanes; ++r) {
+        avx2::prefetch_block<kBlockBytes>(rows[r] + at, ahead);
+        const __m256i all = scale_min_bytes(rows[r] + at + kKScalesAt);
+        scales[r] = _mm256_cvtepi32_ps(scale_min_ints(all, 0));
+        mins[r] = _mm256_cvtepi32_ps(scale_min_ints(all, 4));
+      }
+      avx2::transpose8(scales);
+      avx2::transpose8(mins);
+      __m256 inner[kXRows], mn[kXRows];
+#pragma GCC unroll 8
+      for (int j = 0; j < kActPerSuper; ++j) {
+        __m256i y[kXRows], p[kXRows][kLanes];  // p: int16 products, at most 2 * 31 * 127
+        for (int m = 0; m < kXRows; ++m) y[m] = load256(x[m * x_stride + i * kActPerSuper + j].q);
+        for (int r = 0; r < kLanes; ++r) {
+          const __m256i q = codes(rows[r] + at, j, 0, Load32{});
+          for (int m = 0; m < kXRows; ++m) p[m][r] = _mm256_maddubs_epi16(q, y[m]);
+        }
+        for (int m = 0; m < kXRows; ++m) {
+          const Q8Block& xb = x[m * x_stride + i * kActPerSuper + j];
+          const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(avx2::lane_sums8_16(p[m])), scales[j]);
+          inner[m] = chain(j == 0, _mm256_set1_ps(xb.d), f, inner[m]);
+          mn[m] = chain(j == 0, mins[j], _mm256_set1_ps(xb.s), mn[m]);
         }
       }
+      const __m256 d = avx2::halves8(rows, at), dmin = avx2::halves8(rows, at + 2);
+      for (int m = 0; m < kXRows; ++m) {
+        acc[m] = _mm256_fmadd_ps(d, inner[m], acc[m]);
+        acc[m] = _mm256_fnmadd_ps(dmin, mn[m], acc[m]);
+      }
     }
-    uint16_t d_bits;
-    std::memcpy(&d_bits, w + kQ6KDAt, sizeof d_bits);
-    const __m256 d = _mm256_set1_ps(_cvtsh_ss(d_bits));
-    for (int r = 0; r < kRows; ++r) acc[r] = _mm256_fmadd_ps(d, _mm256_add_ps(sums[r][0], sums[r][1]), acc[r]);
+    for (int m = 0; m < kXRows; ++m) _mm256_storeu_ps(acc_io + m * kLanes, acc[m]);
   }
-  for (int r = 0; r < kRows; ++r) out[r] = hsum_avx2(acc[r]);
-}
 
-// One weight row against kRows activation rows, per GGML type (the table's AVX2 entries
-// come from qtypes.h's dot_avx2 / dot_rows_avx2).
-template <int kType>
-struct Rows {
-  template <int kRows>
-  PPINFER_AVX2 static void rows(const uint8_t* w, const Q8Block* x, int64_t x_stride, int k, float* out) {
-    if constexpr (kType == kQ6KType) {
-      dot_q6_k_rows<kRows>(w, x, x_stride, k, out);
-    } else {
-      dot_k_scale_min_avx2<kType == kQ5KType, kRows>(w, x, x_stride, k, out);
+  // Tiles (qtypes.h): one weight row against kGroups groups of 8 x rows, or two against 4.
+  template <int kGroups, class XTile>
+  PPINFER_AVX2 static void run(const avx2::Layout<XTile>& layout, const uint8_t* w, const XTile* x, int64_t stride,
+                               int k, float* acc_io, int64_t ahead) {
+    using L = avx2::Layout<XTile>;
+    const avx2::Bytes16<XTile> bytes16{layout};
+    __m256 acc[kGroups];
+    for (int g = 0; g < kGroups; ++g) acc[g] = _mm256_loadu_ps(acc_io + g * kLanes);
+    for (int i = 0; i < k / kSuperElems; ++i, w += kBlockBytes) {
+      const XTile* xs = x + i * kActPerSuper;
+      __m256i sc16[L::kWeightRows];
+      alignas(32) float mins[L::kWeightRows][kActPerSuper];
+      for (int r = 0; r < L::kWeightRows; ++r) {
+        avx2::prefetch_block<kBlockBytes>(w + r * layout.delta, ahead);
+        const ScaleMinAvx2 sm = unpack_scale_min_avx2(w + r * layout.delta + kKScalesAt);
+        sc16[r] = sm.sc16;
+        _mm256_store_ps(mins[r], sm.mins);
+      }
+      const __m256i scales16 = L::mix(sc16);
+      __m256 inner[kGroups], mn[kGroups];
+#pragma GCC unroll 8
+      for (int j = 0; j < kActPerSuper; ++j) {
+        const __m256i lo = codes(w, j, 0, bytes16);
+        const __m256i hi = codes(w, j, 16, bytes16);
+        const __m256i sc = _mm256_shuffle_epi8(scales16, load256(kScalePicks.pick[j]));
+        __m256 row_m[L::kWeightRows];
+        for (int r = 0; r < L::kWeightRows; ++r) row_m[r] = _mm256_broadcast_ss(&mins[r][j]);
+        const __m256 m = L::mix(row_m);
+        for (int g = 0; g < kGroups; ++g) {
+          const XTile& xt = xs[g * stride + j];
+          __m256i isum;
+          if constexpr (kFifthBit) {  // codes <= 31: int16 holds 4 groups' products
+            isum = _mm256_add_epi32(_mm256_madd_epi16(avx2::tile_products16<0, 4>(lo, hi, xt), sc),
+                                    _mm256_madd_epi16(avx2::tile_products16<4, 8>(lo, hi, xt), sc));
+          } else {
+            isum = _mm256_madd_epi16(avx2::tile_products16<0, 8>(lo, hi, xt), sc);
+          }
+          inner[g] = chain(j == 0, L::d(xt), _mm256_cvtepi32_ps(isum), inner[g]);
+          mn[g] = chain(j == 0, m, L::s(xt), mn[g]);
+        }
+      }
+      const __m256 d = layout.half(w), dmin = layout.half(w + 2);
+      for (int g = 0; g < kGroups; ++g) {
+        acc[g] = _mm256_fmadd_ps(d, inner[g], acc[g]);
+        acc[g] = _mm256_fnmadd_ps(dmin, mn[g], acc[g]);
+      }
     }
+    for (int g = 0; g < kGroups; ++g) _mm256_storeu_ps(acc_io + g * kLanes, acc[g]);
+  }
+};
+
+// Q6_K: 32-value block b = 4 half + t of a super-block takes its low nibbles from
+// ql[64 half + 32 (t % 2) + l] (high nibbles for t >= 2) and its top two bits from bits 2t, 2t+1
+// of qh[32 half + l]; its codes are q - 32 with q in 0..63, scales sc[2b] (values 0..15) and
+// sc[2b + 1] (16..31).
+struct Q6KKernel : avx2::TileEntries<Q6KKernel> {
+  // Block b's codes q (0..63) from `at` (0 or 16) of its 32 values, loaded by `load`.
+  template <class Load>
+  PPINFER_AVX2 static __m256i codes(const uint8_t* blk, int b, int at, Load load) {
+    const int half = b / 4, t = b % 4;
+    const __m256i ql = load(blk + 64 * half + 32 * (t % 2) + at);
+    const __m256i qh = load(blk + kQ6KQhAt + 32 * half + at);
+    const __m256i low = _mm256_and_si256(t >= 2 ? _mm256_srli_epi16(ql, 4) : ql, _mm256_set1_epi8(0x0f));
+    const __m256i top = 2 * t <= 4 ? _mm256_slli_epi16(qh, 4 - 2 * t) : _mm256_srli_epi16(qh, 2 * t - 4);
+    return _mm256_or_si256(low, _mm256_and_si256(top, _mm256_set1_epi8(0x30)));
+  }
+
+  // The codes q (0..63) of one half super-block's 4 blocks (value order), from its ql and qh.
+  PPINFER_AVX2 static void half_codes(const uint8_t* blk, int half, __m256i* q) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f), bits45 = _mm256_set1_epi8(0x30);
+    const __m256i ql0 = load256(blk + 64 * half), ql1 = load256(blk + 64 * half + 32);
+    const __m256i qh = load256(blk + kQ6KQhAt + 32 * half);
+    q[0] = _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), bits45));
+    q[1] = _mm256_or_si256(_mm256_and_si256(ql1, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), bits45));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4), _mm256_and_si256(qh, bits45));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
+                           _mm256_and_si256(_mm256_srli_epi16(qh, 2), bits45));
+  }
+
+  // Per-(block, 16 values) sums of 4 blocks' int16 lanes: [block 0..3 values 0..15 | block 0..3
+  // values 16..31] in int32 (each lane pair must add up within int16).
+  PPINFER_AVX2 static __m256i half_sums(const __m256i* p) {
+    return avx2::quad_sums(avx2::pair_sums16(p[0], p[1]), avx2::pair_sums16(p[2], p[3]));
+  }
+
+  // 8 weight rows against kXRows x rows (x row m's blocks at x + m * x_stride). Per row and half
+  // super-block, the 4 blocks' sums of q qx per 16 values less 32 times x's (shared by the
+  // rows), times their scales, then the two halves of each block added: f exactly (all integers
+  // below 2^24), as tile's; the rows' f are then transposed to lanes = rows for the chain.
+  template <int kXRows>
+  PPINFER_AVX2 static void weight_rows(const uint8_t* const* rows, const Q8Block* x, int64_t x_stride, int k,
+                                       float* acc_io, int64_t ahead) {
+    // Scale byte 2t + h of a half's 8 for lane t + 4h (the layout of half_sums).
+    const __m128i scale_order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, -1, -1, -1, -1, -1, -1, -1, -1);
+    __m256 acc[kXRows];
+    for (int m = 0; m < kXRows; ++m) acc[m] = _mm256_loadu_ps(acc_io + m * kLanes);
+    for (int i = 0; i < k / kSuperElems; ++i) {
+      const int64_t at = int64_t{i} * kQ6KBytes;
+      __m256i y[kXRows][kActPerSuper], offsets[kXRows][2];  // offsets: 32 sum(qx) per block and 16 values
+      for (int m = 0; m < kXRows; ++m) {
+        const Q8Block* xs = x + m * x_stride + i * kActPerSuper;
+        for (int half = 0; half < 2; ++half) {
+          __m256i p[4];
+          for (int t = 0; t < 4; ++t) {
+            y[m][4 * half + t] = load256(xs[4 * half + t].q);
+            p[t] = _mm256_maddubs_epi16(_mm256_set1_epi8(32), y[m][4 * half + t]);
+          }
+          offsets[m][half] = half_sums(p);
+        }
+      }
+      __m256 f[kXRows][kLanes];  // [x row][weight row], lanes: blocks 0..7
+      for (int r = 0; r < kLanes; ++r) {
+        avx2::prefetch_block<kQ6KBytes>(rows[r] + at, ahead);
+        __m256 block_sums[kXRows][2];
+        for (int half = 0; half < 2; ++half) {
+          __m256i q[4];
+          half_codes(rows[r] + at, half, q);
+          const __m128i sc8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[r] + at + kQ6KScAt + 8 * half));
+          const __m256 scales = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_shuffle_epi8(sc8, scale_order)));
+          for (int m = 0; m < kXRows; ++m) {
+            __m256i p[4];  // int16, at most 2 * 63 * 127
+            for (int t = 0; t < 4; ++t) p[t] = _mm256_maddubs_epi16(q[t], y[m][4 * half + t]);
+            const __m256 scaled =
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(half_sums(p), offsets[m][half])), scales);
+            block_sums[m][half] = _mm256_add_ps(scaled, _mm256_permute2f128_ps(scaled, scaled, 0x01));
+          }
+        }
+        for (int m = 0; m < kXRows; ++m) f[m][r] = _mm256_blend_ps(block_sums[m][0], block_sums[m][1], 0xF0);
+      }
+      const __m256 d = avx2::halves8(rows, at + kQ6KDAt);
+      for (int m = 0; m < kXRows; ++m) {
+        avx2::transpose8(f[m]);  // f[m][b], lanes rows
+        const Q8Block* xs = x + m * x_stride + i * kActPerSuper;
+        __m256 inner = _mm256_setzero_ps();
+        for (int b = 0; b < kActPerSuper; ++b) inner = chain(b == 0, _mm256_set1_ps(xs[b].d), f[m][b], inner);
+        acc[m] = _mm256_fmadd_ps(d, inner, acc[m]);
+      }
+    }
+    for (int m = 0; m < kXRows; ++m) _mm256_storeu_ps(acc_io + m * kLanes, acc[m]);
+  }
+
+  // Tiles (qtypes.h): one weight row against kGroups groups of 8 x rows, or two against 4.
+  // Products with q (<= 63) two groups of 4 at a time in int16, scaled, less 32 sc times x's
+  // half sums.
+  template <int kGroups, class XTile>
+  PPINFER_AVX2 static void run(const avx2::Layout<XTile>& layout, const uint8_t* w, const XTile* x, int64_t stride,
+                               int k, float* acc_io, int64_t ahead) {
+    using L = avx2::Layout<XTile>;
+    const avx2::Bytes16<XTile> bytes16{layout};
+    __m256 acc[kGroups];
+    for (int g = 0; g < kGroups; ++g) acc[g] = _mm256_loadu_ps(acc_io + g * kLanes);
+    for (int i = 0; i < k / kSuperElems; ++i, w += kQ6KBytes) {
+      const XTile* xs = x + i * kActPerSuper;
+      for (int r = 0; r < L::kWeightRows; ++r) avx2::prefetch_block<kQ6KBytes>(w + r * layout.delta, ahead);
+      __m256 inner[kGroups];
+#pragma GCC unroll 8
+      for (int b = 0; b < kActPerSuper; ++b) {
+        const __m256i lo = codes(w, b, 0, bytes16);
+        const __m256i hi = codes(w, b, 16, bytes16);
+        __m256i sc_lo[L::kWeightRows], sc_hi[L::kWeightRows], offset_scales[L::kWeightRows];
+        for (int r = 0; r < L::kWeightRows; ++r) {
+          const int8_t* sc = reinterpret_cast<const int8_t*>(w + r * layout.delta + kQ6KScAt);
+          sc_lo[r] = _mm256_set1_epi16(sc[2 * b]);
+          sc_hi[r] = _mm256_set1_epi16(sc[2 * b + 1]);
+          offset_scales[r] =  // int16 pairs [32 sc_lo, 32 sc_hi]
+              _mm256_set1_epi32(static_cast<int32_t>((static_cast<uint32_t>(32 * sc[2 * b]) & 0xffffu) |
+                                                     (static_cast<uint32_t>(32 * sc[2 * b + 1]) << 16)));
+        }
+        const __m256i scale_lo = L::mix(sc_lo), scale_hi = L::mix(sc_hi), offset_scale = L::mix(offset_scales);
+        for (int g = 0; g < kGroups; ++g) {
+          const XTile& xt = xs[g * stride + b];
+          const __m256i low_half =
+              _mm256_add_epi32(_mm256_madd_epi16(avx2::tile_products16<0, 2>(lo, hi, xt), scale_lo),
+                               _mm256_madd_epi16(avx2::tile_products16<2, 4>(lo, hi, xt), scale_lo));
+          const __m256i high_half =
+              _mm256_add_epi32(_mm256_madd_epi16(avx2::tile_products16<4, 6>(lo, hi, xt), scale_hi),
+                               _mm256_madd_epi16(avx2::tile_products16<6, 8>(lo, hi, xt), scale_hi));
+          const __m256i offset = _mm256_madd_epi16(L::half_sums(xt), offset_scale);
+          const __m256i isum = _mm256_sub_epi32(_mm256_add_epi32(low_half, high_half), offset);
+          inner[g] = chain(b == 0, L::d(xt), _mm256_cvtepi32_ps(isum), inner[g]);
+        }
+      }
+      const __m256 d = layout.half(w + kQ6KDAt);
+      for (int g = 0; g < kGroups; ++g) acc[g] = _mm256_fmadd_ps(d, inner[g], acc[g]);
+    }
+    for (int g = 0; g < kGroups; ++g) _mm256_storeu_ps(acc_io + g * kLanes, acc[g]);
   }
 };
 
@@ -412,13 +543,14 @@ struct Rows {
 
 }  // namespace
 
+#define PPINFER_KQUANT_AVX2(Kernel)                                                   \
+  PPINFER_AVX2_FN(dot_weight_rows_avx2<Kernel>), PPINFER_AVX2_FN(dot_tile_avx2<Kernel>), \
+      PPINFER_AVX2_FN(dot_pair_tile_avx2<Kernel>)
+
 const QTypeKernels kKQuantKernels[] = {
-    {kQ4KType, kSuperElems, kQ4KBytes, dot_q4_k_scalar, PPINFER_AVX2_FN(dot_avx2<Rows<kQ4KType>>), dequant_q4_k,
-     PPINFER_AVX2_FN(dot_rows_avx2<Rows<kQ4KType>>)},
-    {kQ5KType, kSuperElems, kQ5KBytes, dot_q5_k_scalar, PPINFER_AVX2_FN(dot_avx2<Rows<kQ5KType>>), dequant_q5_k,
-     PPINFER_AVX2_FN(dot_rows_avx2<Rows<kQ5KType>>)},
-    {kQ6KType, kSuperElems, kQ6KBytes, dot_q6_k_scalar, PPINFER_AVX2_FN(dot_avx2<Rows<kQ6KType>>), dequant_q6_k,
-     PPINFER_AVX2_FN(dot_rows_avx2<Rows<kQ6KType>>)},
+    {kQ4KType, kSuperElems, kQ4KBytes, dot_q4_k_scalar, dequant_q4_k, PPINFER_KQUANT_AVX2(ScaleMinKernel<false>)},
+    {kQ5KType, kSuperElems, kQ5KBytes, dot_q5_k_scalar, dequant_q5_k, PPINFER_KQUANT_AVX2(ScaleMinKernel<true>)},
+    {kQ6KType, kSuperElems, kQ6KBytes, dot_q6_k_scalar, dequant_q6_k, PPINFER_KQUANT_AVX2(Q6KKernel)},
 };
 const int kKQuantKernelCount = sizeof(kKQuantKernels) / sizeof(kKQuantKernels[0]);
 

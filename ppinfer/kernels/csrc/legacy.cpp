@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "avx2.h"
 #include "qtypes.h"
 
 
@@ -129,174 +130,230 @@ void dequant_q8_0(const uint8_t* w, float* out, int k) {
 // ---- AVX2 ----------------------------------------------------------------------------------
 #ifdef PPINFER_X86
 
-// The fp16 at p, in all 8 lanes.
-PPINFER_AVX2 inline __m256 broadcast_half(const uint8_t* p) {
-  int16_t h;
-  std::memcpy(&h, p, sizeof h);
-  return _mm256_cvtph_ps(_mm_set1_epi16(h));
-}
+// One output's chain (qtypes.h), per block with f = float(sum(q * qx)), x ~= dx * qx and
+// s = dx * sum(qx):
+//   Q4_0 / Q5_0 (w = d (q - o), o = 8 / 16):  acc = fma(d, fma(dx, f, -(o s)), acc)  (o s is exact)
+//   Q4_1 / Q5_1 (w = d q + m):                acc = fma(m, s, fma(d * dx, f, acc))
+//   Q8_0 (w = d q):                           acc = fma(d, dx * f, acc)
+// Each kind of block below has row_codes (a block's codes in value order) and row_products
+// (lanes summing to their integer dot with one activation block: int16 where kNarrowProducts,
+// else int32), the block's decoding for tiles (its codes twice over, see avx2::dword) and
+// tile_isum (x row r's integer dot in lane r), and the two forms of its update: rows (lanes =
+// weight rows, scales gathered by row_scales) and tile (lanes = x rows, see avx2::Layout).
 
-// The two fp16 at p (a block's d and m) in lanes 0 and 1.
-PPINFER_AVX2 inline __m128 two_halves(const uint8_t* p) {
-  int32_t dm;
-  std::memcpy(&dm, p, sizeof dm);
-  return _mm_cvtph_ps(_mm_cvtsi32_si128(dm));
-}
+using avx2::load256;
 
-// The 32 four-bit codes of a block as bytes 0..15, in value order: qs in both 128-bit lanes,
-// the upper lane shifted right by 4 (a 64-bit shift: the bits it pulls in are masked off).
+// 32 four-bit codes from 16 bytes qs (low nibbles: values 0..15), in value order.
 PPINFER_AVX2 inline __m256i nibbles(const uint8_t* qs) {
   const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
   const __m256i shifted = _mm256_srlv_epi64(both, _mm256_set_epi64x(4, 4, 0, 0));
   return _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F));
 }
 
-// 16 in byte j where bit j of the block's qh is set, else 0.
-PPINFER_AVX2 inline __m256i fifth_bits(const uint8_t* qh) {
+// Which of the 4 qh bytes each byte of fifth_bits reads, 8 bytes per qh byte: values 0..31 in
+// value order, or values 0..15 (16..31) in both halves.
+enum class FifthBits { kInOrder, kLowTwice, kHighTwice };
+
+// 16 in each byte whose value's fifth bit (bit j of qh for value j) is set, else 0.
+PPINFER_AVX2 inline __m256i fifth_bits(const uint8_t* qh, FifthBits order) {
   uint32_t bits;
   std::memcpy(&bits, qh, sizeof bits);
-  // byte j takes qh byte j / 8, then keeps only bit j % 8.
-  const __m256i spread = _mm256_shuffle_epi8(
-      _mm256_set1_epi32(static_cast<int>(bits)),
-      _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0));
+  constexpr int64_t k0 = 0, k1 = 0x0101010101010101LL, k2 = 0x0202020202020202LL, k3 = 0x0303030303030303LL;
+  const __m256i pick = order == FifthBits::kInOrder    ? _mm256_set_epi64x(k3, k2, k1, k0)
+                       : order == FifthBits::kLowTwice ? _mm256_set_epi64x(k1, k0, k1, k0)
+                                                       : _mm256_set_epi64x(k3, k2, k3, k2);
+  // byte j takes the qh byte holding its bit, then keeps only bit j % 8 of it.
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), pick);
   const __m256i other_bits = _mm256_set1_epi64x(0x7FBFDFEFF7FBFDFELL);
   const __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, other_bits), _mm256_set1_epi8(-1));
   return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
-// Codes of block `w` of a 4- or 5-bit type whose qs are its last 16 bytes and qh (if any)
-// start at byte kQhAt.
-template <int kBytes, int kQhAt>
-PPINFER_AVX2 inline __m256i codes(const uint8_t* w) {
-  const __m256i low = nibbles(w + kBytes - kHalf);
-  if constexpr (kQhAt < 0) {
-    return low;
-  } else {
-    return _mm256_or_si256(low, fifth_bits(w + kQhAt));
-  }
-}
-
-// sum(q * qx) in 8 int32 lanes, as floats, for unsigned codes q (0..31) and activations qx.
-PPINFER_AVX2 inline __m256 unsigned_dot(__m256i q, const int8_t* qx) {
-  const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx));
-  const __m256i pairs = _mm256_maddubs_epi16(q, y);  // 16 x int16, |.| <= 2 * 31 * 127
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
-// The same for signed codes q (-128..127): |q| against qx with q's sign.
-PPINFER_AVX2 inline __m256 signed_dot(__m256i q, const int8_t* qx) {
-  const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx));
-  const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(y, q));
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
-PPINFER_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// Each kind of block below has decode(w), which reads one weight block, and add(), which adds
-// its product with one activation block to that activation row's accumulators: an 8-lane
-// acc, and a 4-lane offset for kinds whose offset term needs one. finish() makes the sum.
-
-// Q4_0 / Q5_0: w = d * (q - kOffset). Adds d * (dx * sum(q * qx) - kOffset * s); the offset is
-// spread over the 8 lanes (kOffset / 8 * s each), so it costs no scalar work.
-template <int kBytes_, int kOffset, int kQhAt>
-struct SymmetricBlock {
-  static constexpr int kBytes = kBytes_;
-  __m256i q;  // codes 0..31
-  __m256 d;
-
-  PPINFER_AVX2 static SymmetricBlock decode(const uint8_t* w) {
-    return {codes<kBytes, kQhAt>(w), broadcast_half(w)};
-  }
-  PPINFER_AVX2 __m256 add(const Q8Block& x, __m256 acc, __m128&) const {
-    __m256 s = _mm256_broadcast_ss(&x.s);
-    if constexpr (kOffset != 8) s = _mm256_mul_ps(s, _mm256_set1_ps(kOffset / 8.0f));
-    return _mm256_fmadd_ps(d, _mm256_fmsub_ps(_mm256_broadcast_ss(&x.d), unsigned_dot(q, x.q), s), acc);
-  }
-  PPINFER_AVX2 static float finish(__m256 acc, __m128) { return hsum(acc); }
+// The fp16 scales of block b of 8 weight rows, lane j for row j: d, and m where the type has it.
+struct RowScales {
+  __m256 d, m;
 };
 
-// Q4_1 / Q5_1: w = d * q + m. Adds d * dx * sum(q * qx) to acc and m * s to lane 1 of offset.
+// A decoded weight block for tiles: codes 0..15 (lo) and 16..31 (hi), each in both halves
+// (with two weight rows, row a's in the low halves, b's in the high ones: avx2::Layout).
+struct TwiceCodes {
+  __m256i lo, hi;
+};
+
+// The 4- and 5-bit kinds: qs are the block's last 16 bytes, qh (5-bit) starts at kQhAt.
 template <int kBytes_, int kQhAt>
-struct OffsetBlock {
+struct UnsignedCodes {
   static constexpr int kBytes = kBytes_;
-  __m256i q;  // codes 0..31
-  __m128 dm;  // [d, m, 0, 0]
+  static constexpr int kQsAt = kBytes - kHalf;
 
-  PPINFER_AVX2 static OffsetBlock decode(const uint8_t* w) { return {codes<kBytes, kQhAt>(w), two_halves(w)}; }
-  PPINFER_AVX2 __m256 add(const Q8Block& x, __m256 acc, __m128& offset) const {
-    const __m128 scale = _mm_mul_ss(dm, _mm_load_ss(&x.d));  // [d * dx, m, 0, 0]
-    offset = _mm_fmadd_ps(dm, _mm_broadcast_ss(&x.s), offset);
-    return _mm256_fmadd_ps(_mm256_broadcastss_ps(scale), unsigned_dot(q, x.q), acc);
+  PPINFER_AVX2 static __m256i row_codes(const uint8_t* w) {
+    const __m256i q = nibbles(w + kQsAt);
+    if constexpr (kQhAt >= 0) return _mm256_or_si256(q, fifth_bits(w + kQhAt, FifthBits::kInOrder));
+    return q;
   }
-  PPINFER_AVX2 static float finish(__m256 acc, __m128 offset) {
-    return hsum(acc) + _mm_cvtss_f32(_mm_movehdup_ps(offset));
+  // int16 lanes, at most 2 * 31 * 127: two of them add up within int16.
+  static constexpr bool kNarrowProducts = true;
+  PPINFER_AVX2 static __m256i row_products(__m256i q, __m256i y) { return _mm256_maddubs_epi16(q, y); }
+  template <class XTile>
+  PPINFER_AVX2 static TwiceCodes decode(const avx2::Layout<XTile>& layout, const uint8_t* w) {
+    const __m256i both = layout.bytes16(w + kQsAt);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    TwiceCodes c{_mm256_and_si256(both, low4), _mm256_and_si256(_mm256_srli_epi16(both, 4), low4)};
+    if constexpr (kQhAt >= 0) {
+      __m256i lo[avx2::Layout<XTile>::kWeightRows], hi[avx2::Layout<XTile>::kWeightRows];
+      for (int i = 0; i < avx2::Layout<XTile>::kWeightRows; ++i) {
+        lo[i] = fifth_bits(w + i * layout.delta + kQhAt, FifthBits::kLowTwice);
+        hi[i] = fifth_bits(w + i * layout.delta + kQhAt, FifthBits::kHighTwice);
+      }
+      c.lo = _mm256_or_si256(c.lo, layout.mix(lo));
+      c.hi = _mm256_or_si256(c.hi, layout.mix(hi));
+    }
+    return c;
+  }
+  // Products with codes <= 15 stay within int16 for all 8 groups of 4, with codes <= 31 for 4.
+  template <class XTile>
+  PPINFER_AVX2 static __m256i tile_isum(const TwiceCodes& c, const XTile& x) {
+    if constexpr (kQhAt < 0) {
+      return _mm256_madd_epi16(avx2::tile_products16<0, 8>(c.lo, c.hi, x), avx2::ones16());
+    } else {
+      return _mm256_add_epi32(_mm256_madd_epi16(avx2::tile_products16<0, 4>(c.lo, c.hi, x), avx2::ones16()),
+                              _mm256_madd_epi16(avx2::tile_products16<4, 8>(c.lo, c.hi, x), avx2::ones16()));
+    }
   }
 };
 
-// Q8_0: w = d * q. Adds d * dx * sum(q * qx), as |q| against qx with q's sign.
+// Q4_0 / Q5_0: w = d (q - kOffset).
+template <int kBytes_, int kOffset, int kQhAt>
+struct SymmetricBlock : UnsignedCodes<kBytes_, kQhAt> {
+  PPINFER_AVX2 static RowScales row_scales(const uint8_t* const* rows, int64_t at) {
+    return {avx2::halves8(rows, at), _mm256_setzero_ps()};
+  }
+  PPINFER_AVX2 static __m256 update_rows(const RowScales& w, __m256 f, const Q8Block& x, __m256 acc) {
+    const __m256 t = _mm256_fmsub_ps(_mm256_set1_ps(x.d), f, _mm256_set1_ps(x.s * kOffset));
+    return _mm256_fmadd_ps(w.d, t, acc);
+  }
+  template <class XTile>
+  PPINFER_AVX2 static __m256 update_tile(const avx2::Layout<XTile>& layout, const uint8_t* w, __m256 f,
+                                         const XTile& x, __m256 acc) {
+    using L = avx2::Layout<XTile>;
+    const __m256 os = _mm256_mul_ps(L::s(x), _mm256_set1_ps(kOffset));
+    return _mm256_fmadd_ps(layout.half(w), _mm256_fmsub_ps(L::d(x), f, os), acc);
+  }
+};
+
+// Q4_1 / Q5_1: w = d q + m (d, m: the block's first two fp16).
+template <int kBytes_, int kQhAt>
+struct OffsetBlock : UnsignedCodes<kBytes_, kQhAt> {
+  PPINFER_AVX2 static RowScales row_scales(const uint8_t* const* rows, int64_t at) {
+    RowScales w;
+    avx2::half_pairs8(rows, at, &w.d, &w.m);
+    return w;
+  }
+  PPINFER_AVX2 static __m256 update_rows(const RowScales& w, __m256 f, const Q8Block& x, __m256 acc) {
+    const __m256 ddx = _mm256_mul_ps(w.d, _mm256_set1_ps(x.d));
+    return _mm256_fmadd_ps(w.m, _mm256_set1_ps(x.s), _mm256_fmadd_ps(ddx, f, acc));
+  }
+  template <class XTile>
+  PPINFER_AVX2 static __m256 update_tile(const avx2::Layout<XTile>& layout, const uint8_t* w, __m256 f,
+                                         const XTile& x, __m256 acc) {
+    using L = avx2::Layout<XTile>;
+    const __m256 ddx = _mm256_mul_ps(layout.half(w), L::d(x));
+    return _mm256_fmadd_ps(layout.half(w + 2), L::s(x), _mm256_fmadd_ps(ddx, f, acc));
+  }
+};
+
+// Q8_0: w = d q, q signed: |q| against qx with q's sign (|pair sums| <= 2 * 128 * 127, so
+// each group of 4 goes to int32 on its own).
 struct Q8_0Block {
   static constexpr int kBytes = kQ8_0Bytes;
-  __m256i q;      // codes -128..127
-  __m256i abs_q;  // |q| as unsigned bytes
-  __m256 d;
+  struct Codes {
+    TwiceCodes q, abs_q;
+  };
 
-  PPINFER_AVX2 static Q8_0Block decode(const uint8_t* w) {
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
-    return {q, _mm256_abs_epi8(q), broadcast_half(w)};
+  PPINFER_AVX2 static __m256i row_codes(const uint8_t* w) { return load256(w + 2); }
+  static constexpr bool kNarrowProducts = false;  // int32 lanes
+  PPINFER_AVX2 static __m256i row_products(__m256i q, __m256i y) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(y, q)), avx2::ones16());
   }
-  PPINFER_AVX2 __m256 add(const Q8Block& x, __m256 acc, __m128&) const {
-    const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q));
-    const __m256i pairs = _mm256_maddubs_epi16(abs_q, _mm256_sign_epi8(y, q));  // |.| <= 2 * 128 * 127
-    const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-    return _mm256_fmadd_ps(d, _mm256_mul_ps(_mm256_broadcast_ss(&x.d), p), acc);
+  template <class XTile>
+  PPINFER_AVX2 static Codes decode(const avx2::Layout<XTile>& layout, const uint8_t* w) {
+    const TwiceCodes q{layout.bytes16(w + 2), layout.bytes16(w + 2 + kHalf)};
+    return {q, {_mm256_abs_epi8(q.lo), _mm256_abs_epi8(q.hi)}};
   }
-  PPINFER_AVX2 static float finish(__m256 acc, __m128) { return hsum(acc); }
+  template <int kT, class XTile>
+  PPINFER_AVX2 static __m256i group_isum(const Codes& c, const XTile& x) {
+    const __m256i q = avx2::dword<kT>(c.q.lo, c.q.hi);
+    const __m256i signed_x = _mm256_sign_epi8(avx2::Layout<XTile>::q(x, kT), q);
+    const __m256i pairs = _mm256_maddubs_epi16(avx2::dword<kT>(c.abs_q.lo, c.abs_q.hi), signed_x);
+    const __m256i sum = _mm256_madd_epi16(pairs, avx2::ones16());
+    if constexpr (kT + 1 < kQ8Elems / 4) return _mm256_add_epi32(sum, group_isum<kT + 1>(c, x));
+    return sum;
+  }
+  template <class XTile>
+  PPINFER_AVX2 static __m256i tile_isum(const Codes& c, const XTile& x) { return group_isum<0>(c, x); }
+  PPINFER_AVX2 static RowScales row_scales(const uint8_t* const* rows, int64_t at) {
+    return {avx2::halves8(rows, at), _mm256_setzero_ps()};
+  }
+  PPINFER_AVX2 static __m256 update_rows(const RowScales& w, __m256 f, const Q8Block& x, __m256 acc) {
+    return _mm256_fmadd_ps(w.d, _mm256_mul_ps(_mm256_set1_ps(x.d), f), acc);
+  }
+  template <class XTile>
+  PPINFER_AVX2 static __m256 update_tile(const avx2::Layout<XTile>& layout, const uint8_t* w, __m256 f,
+                                         const XTile& x, __m256 acc) {
+    return _mm256_fmadd_ps(layout.half(w), _mm256_mul_ps(avx2::Layout<XTile>::d(x), f), acc);
+  }
 };
 
-// One weight row against kRows activation rows: each block decoded once, one chain per row.
-// A row's sum is formed the same way for every kRows, so its result does not depend on how
-// many rows share the call (or on the batch it came in).
+// 8 weight rows against kXRows x rows: lane j of x row m's vector is weight row j's chain.
+// Each weight block is decoded once for all of them.
 template <class Block>
-struct Rows {
-  template <int kRows>
-  PPINFER_AVX2 static void rows(const uint8_t* w, const Q8Block* x, int64_t x_stride, int k, float* out) {
-    __m256 acc[kRows];
-    __m128 off[kRows];
-    for (int r = 0; r < kRows; ++r) {
-      acc[r] = _mm256_setzero_ps();
-      off[r] = _mm_setzero_ps();
+struct WeightRows {
+  template <int kXRows>
+  PPINFER_AVX2 static void weight_rows(const uint8_t* const* rows, const Q8Block* x, int64_t x_stride, int k,
+                                       float* acc_io, int64_t ahead) {
+    __m256 acc[kXRows];
+    for (int m = 0; m < kXRows; ++m) acc[m] = _mm256_loadu_ps(acc_io + m * kLanes);
+    for (int b = 0; b < k / kBlock; ++b) {
+      const int64_t at = int64_t{b} * Block::kBytes;
+      __m256i y[kXRows], p[kXRows][kLanes];
+      for (int m = 0; m < kXRows; ++m) y[m] = load256(x[m * x_stride + b].q);
+      for (int j = 0; j < kLanes; ++j) {
+        avx2::prefetch_block<Block::kBytes>(rows[j] + at, ahead);
+        const __m256i q = Block::row_codes(rows[j] + at);
+        for (int m = 0; m < kXRows; ++m) p[m][j] = Block::row_products(q, y[m]);
+      }
+      const RowScales scales = Block::row_scales(rows, at);
+      for (int m = 0; m < kXRows; ++m) {
+        const __m256i isum = Block::kNarrowProducts ? avx2::lane_sums8_16(p[m]) : avx2::lane_sums8(p[m]);
+        acc[m] = Block::update_rows(scales, _mm256_cvtepi32_ps(isum), x[m * x_stride + b], acc[m]);
+      }
     }
+    for (int m = 0; m < kXRows; ++m) _mm256_storeu_ps(acc_io + m * kLanes, acc[m]);
+  }
+};
+
+// Tiles: one weight row against kGroups groups of 8 x rows (lane r of acc[g]: x row 8g + r), or
+// two weight rows against 4 x rows (pair_tile). Each weight block is decoded once for all of them.
+template <class Block>
+struct Tile : avx2::TileEntries<Tile<Block>> {
+  template <int kGroups, class XTile>
+  PPINFER_AVX2 static void run(const avx2::Layout<XTile>& layout, const uint8_t* w, const XTile* x, int64_t stride,
+                               int k, float* acc_io, int64_t ahead) {
+    __m256 acc[kGroups];
+    for (int g = 0; g < kGroups; ++g) acc[g] = _mm256_loadu_ps(acc_io + g * kLanes);
     for (int b = 0; b < k / kBlock; ++b, w += Block::kBytes) {
-      const Block block = Block::decode(w);
-      for (int r = 0; r < kRows; ++r) acc[r] = block.add(x[r * x_stride + b], acc[r], off[r]);
+      for (int i = 0; i < avx2::Layout<XTile>::kWeightRows; ++i) {
+        avx2::prefetch_block<Block::kBytes>(w + i * layout.delta, ahead);
+      }
+      const auto codes = Block::decode(layout, w);
+      for (int g = 0; g < kGroups; ++g) {
+        const XTile& xt = x[g * stride + b];
+        acc[g] = Block::update_tile(layout, w, _mm256_cvtepi32_ps(Block::tile_isum(codes, xt)), xt, acc[g]);
+      }
     }
-    for (int r = 0; r < kRows; ++r) out[r] = Block::finish(acc[r], off[r]);
+    for (int g = 0; g < kGroups; ++g) _mm256_storeu_ps(acc_io + g * kLanes, acc[g]);
   }
 };
-
-// kDotWeightRows weight rows (row r at w + r * w_stride) against one activation row. Each row
-// keeps its own chain, formed exactly as Rows<Block>::rows<1> forms it (same blocks, same
-// order, same finish), so a row's result does not depend on which kernel computed it; the
-// independent chains let the CPU overlap one row's decode and FMAs with the others'.
-template <class Block>
-PPINFER_AVX2 void dot_weight_rows_avx2(const uint8_t* w, int64_t w_stride, const Q8Block* x, int k,
-                                              float* out) {
-  __m256 acc[kDotWeightRows];
-  __m128 off[kDotWeightRows];
-  for (int r = 0; r < kDotWeightRows; ++r) {
-    acc[r] = _mm256_setzero_ps();
-    off[r] = _mm_setzero_ps();
-  }
-  for (int b = 0; b < k / kBlock; ++b, w += Block::kBytes) {
-    for (int r = 0; r < kDotWeightRows; ++r) acc[r] = Block::decode(w + r * w_stride).add(x[b], acc[r], off[r]);
-  }
-  for (int r = 0; r < kDotWeightRows; ++r) out[r] = Block::finish(acc[r], off[r]);
-}
 
 using Q4_0Block = SymmetricBlock<kQ4_0Bytes, 8, -1>;
 using Q5_0Block = SymmetricBlock<kQ5_0Bytes, 16, 2>;
@@ -307,22 +364,20 @@ using Q5_1Block = OffsetBlock<kQ5_1Bytes, 4>;
 
 }  // namespace
 
+#define PPINFER_LEGACY_AVX2(Block)                                                   \
+  PPINFER_AVX2_FN(dot_weight_rows_avx2<WeightRows<Block>>), PPINFER_AVX2_FN(dot_tile_avx2<Tile<Block>>), \
+      PPINFER_AVX2_FN(dot_pair_tile_avx2<Tile<Block>>)
+
 const QTypeKernels kLegacyKernels[] = {
-    {2, kBlock, kQ4_0Bytes, dot_symmetric_scalar<kQ4_0Bytes, 8, false>, PPINFER_AVX2_FN(dot_avx2<Rows<Q4_0Block>>),
-     dequant_symmetric<kQ4_0Bytes, 8, false>, PPINFER_AVX2_FN(dot_rows_avx2<Rows<Q4_0Block>>),
-     PPINFER_AVX2_FN(dot_weight_rows_avx2<Q4_0Block>)},
-    {3, kBlock, kQ4_1Bytes, dot_offset_scalar<kQ4_1Bytes, false>, PPINFER_AVX2_FN(dot_avx2<Rows<Q4_1Block>>),
-     dequant_offset<kQ4_1Bytes, false>, PPINFER_AVX2_FN(dot_rows_avx2<Rows<Q4_1Block>>),
-     PPINFER_AVX2_FN(dot_weight_rows_avx2<Q4_1Block>)},
-    {6, kBlock, kQ5_0Bytes, dot_symmetric_scalar<kQ5_0Bytes, 16, true>, PPINFER_AVX2_FN(dot_avx2<Rows<Q5_0Block>>),
-     dequant_symmetric<kQ5_0Bytes, 16, true>, PPINFER_AVX2_FN(dot_rows_avx2<Rows<Q5_0Block>>),
-     PPINFER_AVX2_FN(dot_weight_rows_avx2<Q5_0Block>)},
-    {7, kBlock, kQ5_1Bytes, dot_offset_scalar<kQ5_1Bytes, true>, PPINFER_AVX2_FN(dot_avx2<Rows<Q5_1Block>>),
-     dequant_offset<kQ5_1Bytes, true>, PPINFER_AVX2_FN(dot_rows_avx2<Rows<Q5_1Block>>),
-     PPINFER_AVX2_FN(dot_weight_rows_avx2<Q5_1Block>)},
-    {8, kBlock, kQ8_0Bytes, dot_q8_0_scalar, PPINFER_AVX2_FN(dot_avx2<Rows<Q8_0Block>>), dequant_q8_0,
-     PPINFER_AVX2_FN(dot_rows_avx2<Rows<Q8_0Block>>),
-     PPINFER_AVX2_FN(dot_weight_rows_avx2<Q8_0Block>)},
+    {2, kBlock, kQ4_0Bytes, dot_symmetric_scalar<kQ4_0Bytes, 8, false>, dequant_symmetric<kQ4_0Bytes, 8, false>,
+     PPINFER_LEGACY_AVX2(Q4_0Block)},
+    {3, kBlock, kQ4_1Bytes, dot_offset_scalar<kQ4_1Bytes, false>, dequant_offset<kQ4_1Bytes, false>,
+     PPINFER_LEGACY_AVX2(Q4_1Block)},
+    {6, kBlock, kQ5_0Bytes, dot_symmetric_scalar<kQ5_0Bytes, 16, true>, dequant_symmetric<kQ5_0Bytes, 16, true>,
+     PPINFER_LEGACY_AVX2(Q5_0Block)},
+    {7, kBlock, kQ5_1Bytes, dot_offset_scalar<kQ5_1Bytes, true>, dequant_offset<kQ5_1Bytes, true>,
+     PPINFER_LEGACY_AVX2(Q5_1Block)},
+    {8, kBlock, kQ8_0Bytes, dot_q8_0_scalar, dequant_q8_0, PPINFER_LEGACY_AVX2(Q8_0Block)},
 };
 const int kLegacyKernelCount = sizeof(kLegacyKernels) / sizeof(kLegacyKernels[0]);
 

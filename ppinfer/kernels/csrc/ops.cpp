@@ -3,11 +3,13 @@
 //
 // block_matmul(x [..., k], w [N, row_bytes]) = x @ dequant(w).T, two ways:
 //   - fewer than gemm_min_rows() rows of x (decode): each x row is quantized once to
-//     Q8Blocks, then torch's intra-op threads split the weight rows and dot each one with
-//     every x row while it is in cache (the weights are read once, in their stored size; a
-//     type's multi-row kernel decodes each weight block once for up to kMaxDotRows x rows; with
-//     one x row, its weight-rows kernel dots kDotWeightRows weight rows per call instead, and
-//     the weights are prefetched ahead of the dots);
+//     Q8Blocks, then torch's intra-op threads split the weight rows, 8 at a time, and dot them
+//     with every x row while they are in cache (the weights are read once, in their stored
+//     size, and prefetched ahead of the dots). The AVX2 kernels keep one output's float chain
+//     per vector lane (qtypes.h): groups of 8 x rows go to the type's tile kernel, which decodes
+//     each weight block once for all of them, 4 x rows left over to its pair tile kernel (two
+//     weight rows per vector), and the rest (all x rows when there are few) to its weight-rows
+//     kernel, 8 weight rows against one or two x rows;
 //   - more rows (prefill): tiles of weight rows are dequantized into one reused float buffer
 //     and multiplied by torch's float GEMM, so the cost is the float GEMM's plus one pass of
 //     dequantization, with memory bounded by the tile.
@@ -21,6 +23,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -32,23 +35,27 @@ namespace ppinfer {
 namespace {
 
 // Rows of x from which block_matmul uses the tile-dequant GEMM (measured: docs/kernels.md).
-constexpr int64_t kDefaultGemmMinRows = 24;
+constexpr int64_t kDefaultGemmMinRows = 48;
 // Float values per dequantized weight tile (4 MiB), and the fewest rows a tile holds.
 constexpr int64_t kTileValues = int64_t{1} << 20;
 constexpr int64_t kMinTileRows = 16;
 // Multiply-adds below which a chunk of work is not split further between threads.
 constexpr int64_t kGrainMacs = int64_t{1} << 15;
-// Activation blocks per k-chunk of the decode path (1024 values: 1.25 KB a row of x, so the
-// chunks of up to kDefaultGemmMinRows rows stay in L1), and the weight rows sharing each chunk.
-// The chunk does not depend on the number of x rows, so a row's result is the same whatever
-// batch it is computed in (pipelines with different lane sizes give identical outputs).
+// Activation blocks per k-chunk of the decode path where x has groups of 8 rows (1024 values:
+// 11 KB a group in Q8Tiles, so the up to kMaxTileGroups groups of one tile call stay in L1), and
+// the weight rows sharing each chunk. The scalar path sums a row's chunks in order whatever the
+// batch; the AVX2 path carries each output's chain from chunk to chunk, so neither the chunk nor
+// the number of x rows changes a row's result (pipelines with different lane sizes give
+// identical outputs).
 constexpr int64_t kXChunkBlocks = 32;
-constexpr int64_t kRowGroup = 8;
-// How far ahead of the rows being dotted decode prefetches weights, in bytes. A decode product
-// streams its weights from L3 or memory once; the rows are short, so the hardware prefetcher
-// alone leaves the dots waiting on loads (measured: docs/kernels.md, "One x row").
-constexpr int64_t kPrefetchAhead = 8192;
-constexpr int64_t kCacheLine = 64;
+constexpr int64_t kRowGroup = kLanes;
+// What happens to the x rows left over after the full groups of kLanes: from kMinGroupRows on
+// they make one more group, padded with zero rows; else from kMinPairRows on the first (up to)
+// 4 of them go to the pair tile kernel (two weight rows against 4 x rows per vector); the rest
+// go to the weight-rows kernel (measured: docs/kernels.md).
+constexpr int64_t kMinGroupRows = 6;
+constexpr int64_t kMinPairRows = 3;
+constexpr int64_t kPairRows = kLanes / 2;
 
 bool cpu_has_avx2() {
 #if defined(PPINFER_X86) && (defined(__GNUC__) || defined(__clang__))
@@ -79,30 +86,9 @@ const QTypeKernels* find_kernels(int64_t qtype) {
   return nullptr;
 }
 
-// The dot products for the selected ISA: one weight row against x rows, up to kMaxDotRows at a
-// time where the type has a multi-row kernel, else one at a time.
-struct Dots {
-  VecDotFn one;
-  VecDotRowsFn rows;                // nullptr: call `one` per row
-  VecDotWeightRowsFn weight_rows;  // nullptr: call `one` per weight row
-
-  void run(const uint8_t* w, const Q8Block* x, int64_t x_stride, int64_t count, int k, float* out) const {
-    if (rows != nullptr && count > 1) {
-      for (int64_t m = 0; m < count; m += kMaxDotRows) {
-        const int n = static_cast<int>(std::min<int64_t>(kMaxDotRows, count - m));
-        rows(w, x + m * x_stride, x_stride, n, k, out + m);
-      }
-      return;
-    }
-    for (int64_t m = 0; m < count; ++m) out[m] = one(w, x + m * x_stride, k);
-  }
-};
-
-Dots dots_for(const QTypeKernels& t) {
-  if (avx2_enabled().load(std::memory_order_relaxed) && t.dot_avx2 != nullptr) {
-    return {t.dot_avx2, t.dot_rows_avx2, t.dot_weight_rows_avx2};
-  }
-  return {t.dot_scalar, nullptr, nullptr};
+bool use_avx2(const QTypeKernels& t) {
+  return avx2_enabled().load(std::memory_order_relaxed) && t.dot_weight_rows_avx2 != nullptr &&
+         t.dot_tile_avx2 != nullptr && t.dot_pair_tile_avx2 != nullptr;
 }
 
 // ---- activation quantization: 32 floats -> Q8Block (d = max|x| / 127, q = round(x / d)) ----
@@ -243,78 +229,38 @@ void dequantize_rows(const QTypeKernels& t, const uint8_t* w, int64_t row_bytes,
   });
 }
 
-// Asks for the weight rows kPrefetchAhead bytes past rows [j, j + count) to be loaded (not
-// past row j1), without waiting for them.
-inline void prefetch_ahead(const uint8_t* w, int64_t row_bytes, int64_t j, int64_t count, int64_t j1) {
-#if defined(__GNUC__) || defined(__clang__)
-  const int64_t begin = j * row_bytes + kPrefetchAhead;
-  const int64_t end = std::min(j1 * row_bytes, begin + count * row_bytes);
-  for (int64_t i = begin; i < end; i += kCacheLine) __builtin_prefetch(w + i);
-#endif
-}
-
-// How k is cut into chunks: a row's dot is the float sum, in order, of its chunks' dots (each
-// starting from zero), on every path, so that all paths give the same bits.
+// How k is cut into chunks of about `blocks` x blocks (whole weight blocks).
 struct KChunks {
   int64_t nb;           // x blocks per row
   int64_t chunk;        // x blocks per chunk
   int64_t chunk_bytes;  // stored weight bytes per chunk
 
-  explicit KChunks(const QTypeKernels& t, int64_t k) : nb(k / kQ8Elems) {
+  KChunks(const QTypeKernels& t, int64_t k, int64_t blocks = kXChunkBlocks) : nb(k / kQ8Elems) {
     const int64_t unit = t.block_elems / kQ8Elems;  // x blocks per weight block
-    chunk = std::max(unit, kXChunkBlocks / unit * unit);
+    chunk = std::max(unit, blocks / unit * unit);
     chunk_bytes = chunk / unit * t.block_bytes;
   }
   int values(int64_t c0) const { return static_cast<int>(std::min(chunk, nb - c0) * kQ8Elems); }
 };
 
-// out[j] for one x row (decode), weight rows [j0, j1): kDotWeightRows weight rows per call
-// where the type has that kernel, so the per-call and per-sum costs, which dominate short
-// rows, are shared by several rows. Sums each chunk like vec_dot_rows: the same bits.
+// The portable path: out[m, j] = dot(weight row j, x row m) (+ bias[j]) for the weight rows
+// [j0, j1), a row's dot the float sum, in order, of its chunks' dots (each starting from zero).
+// The dots run for kRowGroup weight rows at a time, so each x block is read from L1 by every
+// row of the group.
 template <typename Out>
-void vec_dot_one_x_row(const Shape& s, const Dots& dots, const uint8_t* w, const Q8Block* xq, const KChunks& kc,
-                       const float* bias, int64_t j0, int64_t j1, Out* out) {
-  int64_t j = j0;
-  for (; dots.weight_rows != nullptr && j + kDotWeightRows <= j1; j += kDotWeightRows) {
-    prefetch_ahead(w, s.row_bytes, j, kDotWeightRows, j1);
-    float acc[kDotWeightRows] = {};
-    float part[kDotWeightRows];
-    for (int64_t c0 = 0, c = 0; c0 < kc.nb; c0 += kc.chunk, ++c) {
-      dots.weight_rows(w + j * s.row_bytes + c * kc.chunk_bytes, s.row_bytes, xq + c0, kc.values(c0), part);
-      for (int r = 0; r < kDotWeightRows; ++r) acc[r] += part[r];
-    }
-    for (int r = 0; r < kDotWeightRows; ++r) {
-      out[j + r] = static_cast<Out>(acc[r] + (bias != nullptr ? bias[j + r] : 0.0f));
-    }
-  }
-  for (; j < j1; ++j) {
-    prefetch_ahead(w, s.row_bytes, j, 1, j1);
-    float acc = 0.0f;
-    for (int64_t c0 = 0, c = 0; c0 < kc.nb; c0 += kc.chunk, ++c) {
-      acc += dots.one(w + j * s.row_bytes + c * kc.chunk_bytes, xq + c0, kc.values(c0));
-    }
-    out[j] = static_cast<Out>(acc + (bias != nullptr ? bias[j] : 0.0f));
-  }
-}
-
-// out[m, j] = dot(weight row j, x row m) (+ bias[j]) for the weight rows [j0, j1). The dots run
-// over k in chunks of kXChunkBlocks, for kRowGroup weight rows at a time, so each x block is
-// read from L1 by every row of the group.
-template <typename Out>
-void vec_dot_rows(const Shape& s, const Dots& dots, const uint8_t* w, const Q8Block* xq, int64_t rows, int64_t k,
-                  const float* bias, int64_t j0, int64_t j1, Out* out) {
+void scalar_dot_rows(const Shape& s, const uint8_t* w, const Q8Block* xq, int64_t rows, int64_t k, const float* bias,
+                     int64_t j0, int64_t j1, Out* out) {
+  const VecDotFn dot = s.kernels->dot_scalar;
   const KChunks kc(*s.kernels, k);
-  if (rows == 1) return vec_dot_one_x_row(s, dots, w, xq, kc, bias, j0, j1, out);
   std::vector<float> acc(static_cast<size_t>(kRowGroup * rows));  // [group row, m]
-  std::vector<float> part(static_cast<size_t>(rows));              // [m]: one chunk's dots
   for (int64_t g0 = j0; g0 < j1; g0 += kRowGroup) {
     const int64_t g1 = std::min(j1, g0 + kRowGroup);
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t c0 = 0, c = 0; c0 < kc.nb; c0 += kc.chunk, ++c) {
       for (int64_t j = g0; j < g1; ++j) {
-        dots.run(w + j * s.row_bytes + c * kc.chunk_bytes, xq + c0, kc.nb, rows, kc.values(c0), part.data());
+        const uint8_t* wj = w + j * s.row_bytes + c * kc.chunk_bytes;
         float* a = acc.data() + (j - g0) * rows;
-        for (int64_t m = 0; m < rows; ++m) a[m] += part[m];
+        for (int64_t m = 0; m < rows; ++m) a[m] += dot(wj, xq + m * kc.nb + c0, kc.values(c0));
       }
     }
     for (int64_t j = g0; j < g1; ++j) {
@@ -324,13 +270,129 @@ void vec_dot_rows(const Shape& s, const Dots& dots, const uint8_t* w, const Q8Bl
   }
 }
 
+// How the AVX2 path takes the x rows: rows [0, tiled) in `groups` groups of kLanes (the last
+// one may be padded with zero rows), rows [tiled, tiled + paired) as one (padded) group of
+// kPairRows, the others up to kMaxWeightRowsX at a time by the weight-rows kernel.
+struct RowSplit {
+  int64_t groups;
+  int64_t tiled;
+  int64_t paired;
+
+  explicit RowSplit(int64_t rows) {
+    const int64_t left = rows % kLanes;
+    groups = rows / kLanes + (left >= kMinGroupRows ? 1 : 0);
+    tiled = std::min(rows, groups * kLanes);
+    paired = left >= kMinPairRows && left < kMinGroupRows ? std::min(left, kPairRows) : 0;
+  }
+};
+
+// Lane r of tile t: activation block x.
+template <class XTile>
+void set_lane(XTile& t, int64_t r, const Q8Block& x) {
+  for (int i = 0; i < kQ8Elems / 4; ++i) std::memcpy(t.q[i][r], x.q + 4 * i, 4);
+  t.d[r] = x.d;
+  t.s[r] = x.s;
+  int32_t lo = 0, hi = 0;
+  for (int i = 0; i < kQ8Elems / 2; ++i) {
+    lo += x.q[i];
+    hi += x.q[i + kQ8Elems / 2];
+  }
+  t.half_sums[r][0] = static_cast<int16_t>(lo);
+  t.half_sums[r][1] = static_cast<int16_t>(hi);
+}
+
+// `rows` rows of xq ([rows, nb] blocks) as tiles of `lanes` rows each, [ceil(rows / lanes), nb],
+// in `tiles` (resized; padding lanes are zero).
+template <class XTile>
+const XTile* tile_activations(const Q8Block* xq, int64_t rows, int64_t nb, int64_t lanes, std::vector<XTile>& tiles) {
+  tiles.assign(static_cast<size_t>((rows + lanes - 1) / lanes * nb), XTile{});
+  for (int64_t m = 0; m < rows; ++m) {
+    XTile* row_tiles = tiles.data() + m / lanes * nb;
+    for (int64_t b = 0; b < nb; ++b) set_lane(row_tiles[b], m % lanes, xq[m * nb + b]);
+  }
+  return tiles.data();
+}
+
+// The AVX2 path for the weight rows [j0, j1) (see block_matmul): each output's chain runs over
+// the k-chunks, kRowGroup weight rows sharing each chunk of x.
+template <typename Out>
+void avx2_dot_rows(const Shape& s, const uint8_t* w, const Q8Block* xq, const Q8Tile* xt, const Q8Tile4* xp,
+                   const RowSplit& split, int64_t rows, int64_t k, const float* bias, int64_t j0, int64_t j1,
+                   Out* out) {
+  const QTypeKernels& t = *s.kernels;
+  // With no groups, x is a few rows: whole rows per call cost the fewest calls.
+  const KChunks kc(t, k, split.groups > 0 ? kXChunkBlocks : k / kQ8Elems);
+  // Each weight block read prefetches the next row group's (the hardware prefetchers alone
+  // leave the dots waiting on short rows; measured: docs/kernels.md).
+  const int64_t ahead = kRowGroup * s.row_bytes;
+  const int64_t first_single = split.tiled + split.paired;
+  const int64_t singles = rows - first_single;
+  std::vector<float> tile_acc(static_cast<size_t>(kRowGroup * split.groups * kLanes));  // [group row, m < tiled]
+  std::vector<float> pair_acc(static_cast<size_t>((kRowGroup + 1) * kPairRows));  // [group row, m - tiled]
+  std::vector<float> single_acc(static_cast<size_t>(singles * kLanes));  // [m - first_single, group row]
+  for (int64_t g0 = j0; g0 < j1; g0 += kRowGroup) {
+    const int64_t count = std::min(j1 - g0, kRowGroup);
+    std::fill(tile_acc.begin(), tile_acc.end(), 0.0f);
+    std::fill(pair_acc.begin(), pair_acc.end(), 0.0f);
+    std::fill(single_acc.begin(), single_acc.end(), 0.0f);
+    for (int64_t c0 = 0, c = 0; c0 < kc.nb; c0 += kc.chunk, ++c) {
+      const int values = kc.values(c0);
+      const uint8_t* chunk = w + g0 * s.row_bytes + c * kc.chunk_bytes;
+      for (int64_t i = 0; i < count; ++i) {
+        for (int64_t g = 0; g < split.groups; g += kMaxTileGroups) {
+          const int groups = static_cast<int>(std::min<int64_t>(kMaxTileGroups, split.groups - g));
+          t.dot_tile_avx2(chunk + i * s.row_bytes, xt + g * kc.nb + c0, kc.nb, groups, values,
+                          tile_acc.data() + (i * split.groups + g) * kLanes, ahead);
+        }
+      }
+      if (split.paired > 0) {
+        for (int64_t i = 0; i < count; i += 2) {  // a last row without a pair is paired with itself
+          t.dot_pair_tile_avx2(chunk + i * s.row_bytes, i + 1 < count ? s.row_bytes : 0, xp + c0, values,
+                               pair_acc.data() + i * kPairRows, ahead);
+        }
+      }
+      if (singles == 0) continue;
+      const uint8_t* lanes[kLanes];  // a short group repeats its last row
+      for (int64_t i = 0; i < kLanes; ++i) lanes[i] = chunk + std::min(i, count - 1) * s.row_bytes;
+      for (int64_t m = first_single; m < rows; m += kMaxWeightRowsX) {
+        const int x_rows = static_cast<int>(std::min<int64_t>(kMaxWeightRowsX, rows - m));
+        const bool first_read = m == 0;  // the others prefetch nothing new
+        t.dot_weight_rows_avx2(lanes, xq + m * kc.nb + c0, kc.nb, x_rows, values,
+                               single_acc.data() + (m - first_single) * kLanes, first_read ? ahead : 0);
+      }
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const float b = bias != nullptr ? bias[g0 + i] : 0.0f;
+      for (int64_t m = 0; m < rows; ++m) {
+        const float acc = m < split.tiled     ? tile_acc[(i * split.groups) * kLanes + m]
+                          : m < first_single ? pair_acc[i * kPairRows + m - split.tiled]
+                                             : single_acc[(m - first_single) * kLanes + i];
+        out[m * s.n + g0 + i] = static_cast<Out>(acc + b);
+      }
+    }
+  }
+}
+
 template <typename Out>
 void vec_dot_matmul(const Shape& s, const uint8_t* w, const Q8Block* xq, int64_t rows, int64_t k, const float* bias,
                     Out* out) {
-  const Dots dots = dots_for(*s.kernels);
-  const int64_t grain = std::max<int64_t>(1, kGrainMacs / (k * rows));
-  at::parallel_for(0, s.n, grain, [&](int64_t j0, int64_t j1) {
-    vec_dot_rows(s, dots, w, xq, rows, k, bias, j0, j1, out);
+  // Threads take whole groups of kRowGroup weight rows.
+  const int64_t row_groups = (s.n + kRowGroup - 1) / kRowGroup;
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / (k * rows * kRowGroup));
+  if (!use_avx2(*s.kernels)) {
+    at::parallel_for(0, row_groups, grain, [&](int64_t g0, int64_t g1) {
+      scalar_dot_rows(s, w, xq, rows, k, bias, g0 * kRowGroup, std::min(s.n, g1 * kRowGroup), out);
+    });
+    return;
+  }
+  const RowSplit split(rows);
+  const int64_t nb = k / kQ8Elems;
+  thread_local std::vector<Q8Tile> tiles;
+  thread_local std::vector<Q8Tile4> pair_tiles;
+  const Q8Tile* xt = tile_activations(xq, split.tiled, nb, kLanes, tiles);
+  const Q8Tile4* xp = tile_activations(xq + split.tiled * nb, split.paired, nb, kPairRows, pair_tiles);
+  at::parallel_for(0, row_groups, grain, [&](int64_t g0, int64_t g1) {
+    avx2_dot_rows(s, w, xq, xt, xp, split, rows, k, bias, g0 * kRowGroup, std::min(s.n, g1 * kRowGroup), out);
   });
 }
 

@@ -40,54 +40,98 @@ struct Q8Block {
 using VecDotFn = float (*)(const uint8_t* w_row, const Q8Block* x, int k);
 // One stored row of `k` values to float32.
 using DequantRowFn = void (*)(const uint8_t* w_row, float* out, int k);
-// out[r] = sum_i w[i] * x_r[i] for r < rows <= kMaxDotRows, x_r = x + r * x_stride (in blocks):
-// one weight row against several activation rows, each weight block decoded once.
-constexpr int kMaxDotRows = 4;
-using VecDotRowsFn = void (*)(const uint8_t* w_row, const Q8Block* x, int64_t x_stride, int rows, int k, float* out);
-// out[r] = sum_i w_r[i] * x[i] for r < kDotWeightRows, w_r = w + r * w_stride (in bytes): several
-// weight rows against one activation row, one independent sum per weight row, so decode (one
-// activation row) pays one call per kDotWeightRows rows and the rows' sums overlap in the CPU.
-constexpr int kDotWeightRows = 4;
-using VecDotWeightRowsFn = void (*)(const uint8_t* w, int64_t w_stride, const Q8Block* x, int k, float* out);
+
+// ---- the AVX2 dots: one float chain per output ----
+//
+// Every output y[m][n] (x row m, weight row n) is one float chain over its 32-value blocks b, in
+// order: the block's exact integer dot isum_b = sum q * qx becomes one float, f_b, and the
+// type's update (written next to each type's kernels) folds f_b and the block's scales into the
+// output's accumulator `acc`, with the same float operations (fma where it says fma) for every
+// output. The kernels hold one output's chain in each lane of a vector: the lanes are 8 weight
+// rows against one x row (dot_weight_rows), one weight row against 8 x rows (dot_tile) or two
+// weight rows against 4 x rows (dot_pair_tile), and the chain of an output is the same in each:
+// a row's result does not depend on the number of x rows in the product, on which kernel
+// computed it, on how the weight rows were split between threads or on how k was cut into
+// chunks (the caller passes acc from one chunk to the next). Reusing a decoded weight block for
+// several x rows changes only integer work, which is exact.
+constexpr int kLanes = 8;
+
+// 8 x rows' activation blocks b, interleaved for dot_tile: lane r of each vector is x row r.
+struct alignas(32) Q8Tile {
+  int8_t q[kQ8Elems / 4][kLanes][4];  // q[t][r]: values 4t .. 4t+3 of x row r
+  float d[kLanes];
+  float s[kLanes];
+  int16_t half_sums[kLanes][2];  // x row r's sum(q) over values 0..15 and 16..31 (Q6_K)
+};
+
+// The same for 4 x rows (dot_pair_tile: lanes r and 4 + r are x row r against two weight rows).
+struct alignas(16) Q8Tile4 {
+  int8_t q[kQ8Elems / 4][kLanes / 2][4];
+  float d[kLanes / 2];
+  float s[kLanes / 2];
+  int16_t half_sums[kLanes / 2][2];
+};
+
+// acc[m * kLanes + j] (in / out): chains of the weight rows rows[j] (j < kLanes; the same row may
+// repeat) against x_rows (1 or kMaxWeightRowsX) x rows, x row m's blocks at x + m * x_stride,
+// over this chunk's `k` values (the rows point at the chunk's first block). Each weight block
+// read also prefetches the one `ahead` bytes past it (0: none).
+constexpr int kMaxWeightRowsX = 2;
+using DotWeightRowsFn = void (*)(const uint8_t* const* rows, const Q8Block* x, int64_t x_stride, int x_rows, int k,
+                                 float* acc, int64_t ahead);
+// acc[g * kLanes + r] (in / out): the chains of one weight row (at the chunk's first block)
+// against `groups` (1 to kMaxTileGroups) groups of 8 x rows, group g's tiles at x + g * stride;
+// prefetching as above.
+constexpr int kMaxTileGroups = 3;
+using DotTileFn = void (*)(const uint8_t* w, const Q8Tile* x, int64_t stride, int groups, int k, float* acc,
+                           int64_t ahead);
+
+// acc[i * 4 + r] (in / out): the chains of the weight rows w (i = 0) and w + w_stride (i = 1)
+// against 4 x rows; prefetching as above.
+using DotPairTileFn = void (*)(const uint8_t* w, int64_t w_stride, const Q8Tile4* x, int k, float* acc,
+                               int64_t ahead);
 
 struct QTypeKernels {
   int ggml_type;        // GGMLQuantizationType value (Q4_0 = 2, ..., Q6_K = 14)
   int block_elems;      // values per stored block (32, or 256 for K-quants)
   int block_bytes;      // bytes per stored block
-  VecDotFn dot_scalar;  // portable C++: runs on any CPU, and is the reference for the SIMD one
-  VecDotFn dot_avx2;    // compiled with __attribute__((target("avx2,fma,f16c"))); nullptr if none
+  VecDotFn dot_scalar;  // portable C++: runs on any CPU, and is the reference for the SIMD ones
   DequantRowFn dequant; // portable C++ (the compiler may vectorize it)
-  // Optional (may be left out of an initializer, then nullptr): AVX2 like dot_avx2, for
-  // several activation rows; ops.cpp calls dot_avx2 once per row where it is missing.
-  VecDotRowsFn dot_rows_avx2;
-  // Optional: AVX2 like dot_avx2, for kDotWeightRows weight rows against one activation row;
-  // each row's sum must be dot_avx2's bit for bit. ops.cpp calls dot_avx2 per row where missing.
-  VecDotWeightRowsFn dot_weight_rows_avx2;
+  // Compiled with __attribute__((target("avx2,fma,f16c"))); nullptr where there are none.
+  DotWeightRowsFn dot_weight_rows_avx2;
+  DotTileFn dot_tile_avx2;
+  DotPairTileFn dot_pair_tile_avx2;
 };
 
 #if defined(PPINFER_X86)
-// A table's dot_avx2 and dot_rows_avx2 entries from one kernel: `Kernel::template
-// rows<kRows>(w, x, x_stride, k, out)` dots one weight row with kRows activation rows, each
-// row's sum formed the same way for every kRows (so a row's result never depends on its batch).
+// A table's dot_weight_rows_avx2 entry from `Kernel::template weight_rows<kXRows>(rows, x,
+// x_stride, k, acc, ahead)`.
 template <class Kernel>
-PPINFER_AVX2 float dot_avx2(const uint8_t* w, const Q8Block* x, int k) {
-  float out;
-  Kernel::template rows<1>(w, x, 0, k, &out);
-  return out;
+PPINFER_AVX2 void dot_weight_rows_avx2(const uint8_t* const* rows, const Q8Block* x, int64_t x_stride, int x_rows,
+                                       int k, float* acc, int64_t ahead) {
+  if (x_rows == 1) return Kernel::template weight_rows<1>(rows, x, x_stride, k, acc, ahead);
+  return Kernel::template weight_rows<kMaxWeightRowsX>(rows, x, x_stride, k, acc, ahead);
 }
 
+// A table's dot_tile_avx2 entry from `Kernel::template tile<kGroups>(w, x, stride, k, acc, ahead)`.
 template <class Kernel>
-PPINFER_AVX2 void dot_rows_avx2(const uint8_t* w, const Q8Block* x, int64_t x_stride, int rows, int k, float* out) {
-  switch (rows) {
+PPINFER_AVX2 void dot_tile_avx2(const uint8_t* w, const Q8Tile* x, int64_t stride, int groups, int k, float* acc,
+                                int64_t ahead) {
+  switch (groups) {
     case 1:
-      return Kernel::template rows<1>(w, x, x_stride, k, out);
+      return Kernel::template tile<1>(w, x, stride, k, acc, ahead);
     case 2:
-      return Kernel::template rows<2>(w, x, x_stride, k, out);
-    case 3:
-      return Kernel::template rows<3>(w, x, x_stride, k, out);
+      return Kernel::template tile<2>(w, x, stride, k, acc, ahead);
     default:
-      return Kernel::template rows<kMaxDotRows>(w, x, x_stride, k, out);
+      return Kernel::template tile<kMaxTileGroups>(w, x, stride, k, acc, ahead);
   }
+}
+
+// A table's dot_pair_tile_avx2 entry from the same kernel's `pair_tile(w, w_stride, x, k, acc, ahead)`.
+template <class Kernel>
+PPINFER_AVX2 void dot_pair_tile_avx2(const uint8_t* w, int64_t w_stride, const Q8Tile4* x, int k, float* acc,
+                                     int64_t ahead) {
+  Kernel::pair_tile(w, w_stride, x, k, acc, ahead);
 }
 #endif
 
