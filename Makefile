@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 NPROC ?= 4
 ARGS ?=
 
-.PHONY: install model run test bench clean
+.PHONY: install model run serve test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ model: install
 
 run: model
 	$(BIN)/torchrun --nproc_per_node=$(NPROC) launch/infer.py $(ARGS)
+
+serve: model
+	$(BIN)/torchrun --nproc_per_node=$(NPROC) launch/serve.py $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q
