@@ -59,7 +59,8 @@ class PipelineConfig:
     microbatches: Optional[int] = None
     """Lanes in flight; null means as many as stages, capped by the number of sequences."""
     lane_size: Optional[int] = None
-    """Max sequences per lane; null means ceil(sequences / lanes). Extra sequences run in waves."""
+    """Max sequences per lane; null means ceil(sequences / lanes). Extra sequences wait and take
+    a lane's row as soon as one frees."""
     prefill_chunk: int = 128
     """Prompt tokens per prefill step, so long prompts pipeline too and shapes stay static.
     A chunk longer than the longest prompt costs nothing: each prompt then goes in one step."""
@@ -344,11 +345,10 @@ def _usable_cpus() -> int:
 
 
 class LaneLayout(NamedTuple):
-    """How sequences are grouped: `microbatches` lanes of up to `lane_size`, in `waves` rounds."""
+    """How sequences are placed: `microbatches` lanes of up to `lane_size` rows."""
 
     microbatches: int
     lane_size: int
-    waves: int
 
 
 def resolve_lanes(cfg: AnyConfig, n_stages: int, n_sequences: int) -> LaneLayout:
@@ -356,7 +356,7 @@ def resolve_lanes(cfg: AnyConfig, n_stages: int, n_sequences: int) -> LaneLayout
 
     Lanes default to one per stage (a full ring) but never exceed the sequences, since an
     empty lane would only add bubbles. The lane size defaults to fitting every sequence in
-    one wave; a smaller explicit size serves the rest in further waves. A larger explicit size
+    one wave; with a smaller explicit size the rest wait for free rows. A larger explicit size
     is capped by the sequences: a lane never holds more than there are, and everything sized
     per lane (the cost model, buffers) must see what it really holds.
     """
@@ -370,5 +370,4 @@ def resolve_lanes(cfg: AnyConfig, n_stages: int, n_sequences: int) -> LaneLayout
     if lane_size is None:
         lane_size = math.ceil(n_sequences / microbatches)
     lane_size = min(int(lane_size), n_sequences)
-    waves = math.ceil(n_sequences / (microbatches * lane_size))
-    return LaneLayout(microbatches=microbatches, lane_size=lane_size, waves=waves)
+    return LaneLayout(microbatches=microbatches, lane_size=lane_size)

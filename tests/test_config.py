@@ -279,12 +279,12 @@ def test_resolve_threads() -> None:
 @pytest.mark.parametrize(
     "microbatches, lane_size, stages, sequences, want",
     [
-        (None, None, 4, 2, LaneLayout(2, 1, 1)),  # lanes capped by the sequences
-        (None, None, 2, 5, LaneLayout(2, 3, 1)),  # ceil(5 / 2) per lane, one wave
-        (None, None, 4, 8, LaneLayout(4, 2, 1)),
-        (2, 1, 4, 5, LaneLayout(2, 1, 3)),  # 2 lanes x 1 sequence: 5 sequences in 3 waves
-        (3, None, 2, 7, LaneLayout(3, 3, 1)),
-        (8, None, 2, 3, LaneLayout(3, 1, 1)),
+        (None, None, 4, 2, LaneLayout(2, 1)),  # lanes capped by the sequences
+        (None, None, 2, 5, LaneLayout(2, 3)),  # ceil(5 / 2) per lane: every sequence placed at once
+        (None, None, 4, 8, LaneLayout(4, 2)),
+        (2, 1, 4, 5, LaneLayout(2, 1)),  # 2 lanes x 1 row: 3 sequences wait for a free row
+        (3, None, 2, 7, LaneLayout(3, 3)),
+        (8, None, 2, 3, LaneLayout(3, 1)),
     ],
 )
 def test_resolve_lanes(

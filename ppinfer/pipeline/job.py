@@ -1,5 +1,5 @@
 """Everything decided before any process group exists: the validated config, the model file,
-the prompts as token ids, the layer allocation and the batches. Every rank computes the same
+the prompts as token ids with their settings, the layer allocation and the lanes. Every rank computes the same
 `Job`, so a bad input fails identically (and quickly) everywhere."""
 
 from __future__ import annotations
