@@ -41,13 +41,13 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, tmp: Path) -> None:
+    def __init__(self, model: Path, tmp: Path, extra: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [
             f"model.path={model}", f"server.port={self.port}", f"server.api_key={KEY}", "server.context_length=384",
             "server.max_queue=128", "pipeline.microbatches=2", "pipeline.lane_size=4", "runtime.weights=dequantized",
-            f"output.dir={tmp}",
+            f"output.dir={tmp}", *extra,
         ]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.log = (tmp / "server.log").open("w")
@@ -221,5 +221,18 @@ def test_a_dead_rank_makes_the_server_answer_503_and_the_job_exit(smollm2_path: 
         assert srv.proc.poll() is not None, "the job outlived its dead rank"
         assert 503 in statuses, f"/health answered {statuses}"
         assert session_processes(srv.proc.pid) == []
+    finally:
+        srv.stop()
+
+
+def test_an_idle_server_outlives_the_ranks_timeout(smollm2_path: Path, tmp_path: Path) -> None:
+    """With nothing to do, the first rank pings the ring, so the other ranks' receives
+    (bounded by runtime.timeout_s) never expire."""
+    srv = Server(smollm2_path, tmp_path, ("runtime.timeout_s=1",))
+    try:
+        time.sleep(6)
+        done = srv.client.completions.create(model=srv.model, prompt="Hello", max_tokens=3, temperature=0)
+        assert done.usage.completion_tokens == 3 or done.choices[0].finish_reason == "stop"
+        assert srv.proc.poll() is None
     finally:
         srv.stop()

@@ -109,7 +109,7 @@ def _serve_first(job: Job, runner: StageRunner, transport: Transport | None) -> 
     cfg = job.cfg
     engine = PipelineEngine(
         job.model_path.stem, job.tokenizer, job.capacity, job.params[0], cfg.server.max_queue,
-        chat_template=cfg.model.chat_template,
+        chat_template=cfg.model.chat_template, peer_timeout_s=cfg.runtime.timeout_s,
     )
     server = HttpServer(create_app(engine, cfg.server.api_key, ServerMetrics()), cfg.server.host, cfg.server.port)
 

@@ -20,8 +20,8 @@ from ppinfer.pipeline.transport import Transport
 from ppinfer.serving.engine import Emit, EngineFull, EngineStats, EngineUnavailable
 
 PING_INTERVAL_S = 1.0
-"""An idle first rank pings the ring this often, so the other ranks' receives (bounded by
-`runtime.timeout_s`) never expire while the server waits for requests."""
+"""An idle first rank pings the ring this often (or 4 times per `runtime.timeout_s` when that
+is shorter), so the other ranks' receives never expire while the server waits for requests."""
 
 SHUTDOWN = "the server is shutting down"
 
@@ -37,9 +37,11 @@ class PipelineEngine:
         defaults: GenerationParams,
         max_queue: int,
         chat_template: str | None = None,
+        peer_timeout_s: float = float("inf"),
     ) -> None:
         self.model_id, self.tokenizer, self.context_length = model_id, tokenizer, context_length
         self.defaults, self.max_queue, self.chat_template = defaults, max_queue, chat_template
+        self._ping_s = min(PING_INTERVAL_S, peer_timeout_s / 4)
         self._eog = frozenset(tokenizer.eog_ids)
         self._lock = threading.Condition()
         self._incoming: deque[Sequence] = deque()
@@ -145,7 +147,7 @@ class PipelineEngine:
             if self._stopping and scheduler.idle():
                 return False
             if not self._incoming and not self._cancels and not self._stopping:
-                if not self._lock.wait(PING_INTERVAL_S) and transport is not None:
+                if not self._lock.wait(self._ping_s) and transport is not None:
                     transport.send_ping()
         return True
 
