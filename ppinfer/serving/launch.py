@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import threading
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -138,7 +138,7 @@ def _serve_first(job: Job, runner: StageRunner, transport: Transport | None) -> 
     log.info("server stopped")
 
 
-def _on_stop_signal(action: Any) -> None:
+def _on_stop_signal(action: Callable[[], None]) -> None:
     """Run `action` once on the first SIGTERM or SIGINT (later ones are ignored)."""
     fired = threading.Event()
 
