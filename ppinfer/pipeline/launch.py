@@ -266,13 +266,34 @@ def _gathered_counts(job: Job, mine: TokenCounts | None) -> TokenCounts:
 
 
 def run(cfg: Any, environ: Mapping[str, str] = os.environ, overrides: Seq[str] = ()) -> int:
-    """The whole rank; returns the process exit code."""
+    """The whole rank of the batch command; returns the process exit code."""
+    return run_rank(cfg, environ, overrides, execute)
+
+
+RankBody = Callable[[Job, PipelineStage, int], None]
+"""What a rank does once its stage is built and the process group exists (job, stage, the
+RSS before loading)."""
+
+
+def run_rank(
+    cfg: Any,
+    environ: Mapping[str, str],
+    overrides: Seq[str],
+    body: RankBody,
+    serve: bool = False,
+    check: Callable[[Job], None] | None = None,
+) -> int:
+    """One rank's life around `body`: prepare (`serve`: no prompts) and `check` the job,
+    build the stage, join the group, run `body`, and report any failure the one way each
+    kind is reported (see `ppinfer.pipeline.failures`); returns the process exit code."""
     env = DistEnv.from_environ(dict(environ))
     setup_logging(env)
     baseline_rss = current_rss_bytes()
     family_given = cfg.model.path is None or any(o.startswith("model.family=") for o in overrides)
     try:
-        job = prepare(cfg, env, torch.cuda.is_available(), family_given)
+        job = prepare(cfg, env, torch.cuda.is_available(), family_given, serve=serve)
+        if check is not None:
+            check(job)
         torch.set_num_threads(job.threads)
         stage = build_stage(job.model_path, job.plan, job.dtype, job.device, weights=job.cfg.runtime.weights)
     except PPInferError as exc:
@@ -281,7 +302,7 @@ def run(cfg: Any, environ: Mapping[str, str] = os.environ, overrides: Seq[str] =
         if env.world > 1:
             _init_process_group(job)
         log_loaded_stages(job, stage, baseline_rss)
-        execute(job, stage, baseline_rss)
+        body(job, stage, baseline_rss)
     except PPInferError as exc:  # output.dir refused or failing, found by the writing rank
         return report_run_error(exc, environ)
     except Exception as exc:
@@ -293,4 +314,3 @@ def run(cfg: Any, environ: Mapping[str, str] = os.environ, overrides: Seq[str] =
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
-

@@ -20,20 +20,15 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from ppinfer.errors import ConfigError, PPInferError
-from ppinfer.model import PipelineStage, build_stage
-from ppinfer.pipeline.failures import (
-    describe_bug, is_peer_failure, report_bad_input, report_peer_failure, report_run_error,
-)
-from ppinfer.pipeline.job import DistEnv, Job, prepare
-from ppinfer.pipeline.launch import _init_process_group, setup_logging
-from ppinfer.pipeline.loaded import log_loaded_stages
+from ppinfer.errors import ConfigError
+from ppinfer.model import PipelineStage
+from ppinfer.pipeline.job import Job
+from ppinfer.pipeline.launch import run_rank
 from ppinfer.pipeline.requests import Requests, TokenCounts
 from ppinfer.pipeline.runtime import StageRunner, run_first, run_relay
 from ppinfer.pipeline.schedule import Scheduler
 from ppinfer.pipeline.sinks import SampleSink
 from ppinfer.pipeline.transport import Transport
-from ppinfer.profiling.metrics import current_rss_bytes
 from ppinfer.serving.app import create_app
 from ppinfer.serving.http import HttpServer
 from ppinfer.serving.metrics import ServerMetrics
@@ -46,35 +41,13 @@ STOP_DEADLINE_S = 15.0
 
 
 def serve(cfg: Any, environ: Mapping[str, str] = os.environ, overrides: Sequence[str] = ()) -> int:
-    """The whole rank; returns the process exit code."""
-    env = DistEnv.from_environ(dict(environ))
-    setup_logging(env)
-    baseline_rss = current_rss_bytes()
-    family_given = cfg.model.path is None or any(o.startswith("model.family=") for o in overrides)
-    try:
-        job = prepare(cfg, env, torch.cuda.is_available(), family_given, serve=True)
-        if env.rank == 0:
-            check_port(cfg.server.host, cfg.server.port)
-        torch.set_num_threads(job.threads)
-        stage = build_stage(job.model_path, job.plan, job.dtype, job.device, weights=job.cfg.runtime.weights)
-    except PPInferError as exc:
-        return report_bad_input(env, str(exc), environ)
-    try:
-        if env.world > 1:
-            _init_process_group(job)
-        log_loaded_stages(job, stage, baseline_rss)
-        _serve(job, stage)
-    except PPInferError as exc:
-        return report_run_error(exc, environ)
-    except Exception as exc:
-        if is_peer_failure(exc):
-            return report_peer_failure(env, exc, environ)
-        describe_bug(exc, environ)
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    """The whole rank of the server; returns the process exit code."""
+    return run_rank(cfg, environ, overrides, _serve, serve=True, check=_check_listen)
+
+
+def _check_listen(job: Job) -> None:
+    if job.env.rank == 0:
+        check_port(job.cfg.server.host, job.cfg.server.port)
 
 
 def check_port(host: str, port: int) -> None:
@@ -87,7 +60,7 @@ def check_port(host: str, port: int) -> None:
         raise ConfigError(f"server.host={host} server.port={port}: cannot listen there ({why})") from exc
 
 
-def _serve(job: Job, stage: PipelineStage) -> None:
+def _serve(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
     transport = None
     if job.env.world > 1:
         transport = Transport(job.env.rank, job.env.world, job.hparams.n_embd, job.lane_size,
