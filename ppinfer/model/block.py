@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ppinfer.families.spec import Mlp
+from ppinfer.kernels import fused as fused_ops
+from ppinfer.model.cache import LayerKV
 from ppinfer.model.layers import Linear, RotaryEmbedding, apply_rope
 
 
@@ -17,20 +18,16 @@ from ppinfer.model.layers import Linear, RotaryEmbedding, apply_rope
 class LayerInputs:
     """Per-forward values shared by the layers of a stage."""
 
-    rope: dict[int, torch.Tensor]  # id(RotaryEmbedding) -> rotations [B, T, 1, n_rot/2] complex
+    rope: dict[int, torch.Tensor]  # id(RotaryEmbedding) -> rotations [B, T, n_rot/2, 2] (cos, sin)
     masks: dict[int, torch.Tensor]  # sliding window (0 = global) -> [B, 1, T, n] bool
-
-
-KVWrite = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""Stores a layer's new k, v [B, T, Hkv, D] in its cache; returns the keys and values to
-attend to, [B, Hkv, n, D] each (`RowsView.write` bound to the layer)."""
 
 
 class Attention(nn.Module):
     """Grouped-query attention over fused qkv, with optional q/k norm and score softcap.
 
     q and k heads are normalised and rotated together as one `[B, T, H + Hkv, D]` view of
-    the fused projection (fewer, larger kernels than per-tensor work)."""
+    the fused projection (fewer, larger kernels than per-tensor work). With `fused` (float32 on
+    the CPU), a decode step's rotation, cache write and attention are one op."""
 
     def __init__(
         self,
@@ -44,25 +41,33 @@ class Attention(nn.Module):
         window: int,
         softcap: float | None,
         qk_norm: nn.Module | None,  # RMSNorm over D with weight [H + Hkv, D] (q rows, then k)
+        fused: bool = False,
     ) -> None:
         super().__init__()
         self.qkv, self.out = qkv, out
         self.n_head, self.n_head_kv, self.head_dim = n_head, n_head_kv, head_dim
         self.scale, self.rope, self.window, self.softcap = scale, rope, window, softcap
         self.qk_norm = qk_norm
+        self._attend = fused_ops.attend_op() if fused else None
 
-    def forward(self, x: torch.Tensor, kv: KVWrite, io: LayerInputs) -> torch.Tensor:
-        """x [B, T, E] -> [B, T, E]; this step's keys and values go through `kv`."""
+    def forward(self, x: torch.Tensor, kv: LayerKV, io: LayerInputs) -> torch.Tensor:
+        """x [B, T, E] -> [B, T, E]; this step's keys and values go into `kv`."""
         b, t, _ = x.shape
         d, h, hkv = self.head_dim, self.n_head, self.n_head_kv
         qkv = self.qkv(x).view(b, t, h + 2 * hkv, d)  # [B, T, H + 2 Hkv, D]
         qk, v = qkv[:, :, : h + hkv], qkv[:, :, h + hkv :]
         if self.qk_norm is not None:
             qk = self.qk_norm(qk)
-        qk = apply_rope(qk, io.rope[id(self.rope)], self.rope.n_rot)  # [B, T, H + Hkv, D]
-        q, k = qk[:, :, :h], qk[:, :, h:]
-        keys, values = kv(k, v)  # [B, Hkv, n, D] each
         mask = io.masks[self.window]  # [B, 1, T, n]
+        rotations = io.rope[id(self.rope)]  # [B, T, n_rot/2, 2]
+        if self._attend is not None and t == 1:
+            y = self._attend(
+                qk, v, rotations, kv.k, kv.v, kv.cols, mask, h, self.rope.n_rot, self.scale, self.softcap or 0.0
+            )  # [B, 1, H D]
+            return self.out(y)
+        qk = apply_rope(qk, rotations, self.rope.n_rot)  # [B, T, H + Hkv, D]
+        q, k = qk[:, :, :h], qk[:, :, h:]
+        keys, values = kv.write(k, v)  # [B, Hkv, n, D] each
         q = q.transpose(1, 2)  # [B, H, T, D]
         if self.softcap is None:
             y = F.scaled_dot_product_attention(
@@ -119,7 +124,7 @@ class DecoderBlock(nn.Module):
         self.attn_norm, self.attn, self.mlp = attn_norm, attn, mlp
         self.ffn_norm, self.post_attn_norm, self.post_ffn_norm = ffn_norm, post_attn_norm, post_ffn_norm
 
-    def forward(self, x: torch.Tensor, kv: KVWrite, io: LayerInputs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: LayerKV, io: LayerInputs) -> torch.Tensor:
         """x [B, T, E] -> [B, T, E]."""
         h = self.attn_norm(x)
         a = self.attn(h, kv, io)

@@ -123,17 +123,31 @@ class RowsView:
         own = slots[None, None, :] == self.cols[:, :, None]  # [b, T, n]
         return (visible | own)[:, None]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [b, T, Hkv, D] of `layer`; returns the keys and values to attend to,
-        [b, Hkv, end, D] each (views of the cache)."""
+    def layer(self, layer: int) -> "LayerKV":
+        """The slots of `layer`: where its new keys and values go."""
         rows = slice(self.row0, self.row0 + self.b)
-        k_cache, v_cache = self.state.k[layer][rows], self.state.v[layer][rows]  # [b, Hkv, L + 1, D]
+        return LayerKV(self.state.k[layer][rows], self.state.v[layer][rows], self.cols, self.start, self.end)
+
+
+@dataclass
+class LayerKV:
+    """One layer's cache rows in a forward, and the slots its new tokens take."""
+
+    k: torch.Tensor  # [b, Hkv, L + 1, D] (a view of the cache)
+    v: torch.Tensor  # [b, Hkv, L + 1, D]
+    cols: torch.Tensor  # [b, T] int64
+    start: int | None  # the common first column when every row writes the same ones
+    end: int  # keys are read from columns [0, end)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [b, T, Hkv, D]; returns the keys and values to attend to, [b, Hkv, end, D]
+        each (views of the cache)."""
         if self.start is not None:
             t = k.shape[1]
-            k_cache[:, :, self.start:self.start + t] = k.transpose(1, 2)
-            v_cache[:, :, self.start:self.start + t] = v.transpose(1, 2)
+            self.k[:, :, self.start:self.start + t] = k.transpose(1, 2)
+            self.v[:, :, self.start:self.start + t] = v.transpose(1, 2)
         else:
-            batch_idx = torch.arange(self.b, device=k.device)[:, None]  # [b, 1]
-            k_cache[batch_idx, :, self.cols] = k  # indexed view is [b, T, Hkv, D]
-            v_cache[batch_idx, :, self.cols] = v
-        return k_cache[:, :, : self.end], v_cache[:, :, : self.end]
+            batch_idx = torch.arange(k.shape[0], device=k.device)[:, None]  # [b, 1]
+            self.k[batch_idx, :, self.cols] = k  # indexed view is [b, T, Hkv, D]
+            self.v[batch_idx, :, self.cols] = v
+        return self.k[:, :, : self.end], self.v[:, :, : self.end]

@@ -16,6 +16,7 @@ from torch import nn
 
 from ppinfer.families.hparams import RopeParams
 from ppinfer.gguf.reader import dequantize
+from ppinfer.kernels import fused as fused_ops
 
 
 def frozen(t: torch.Tensor) -> nn.Parameter:
@@ -86,12 +87,15 @@ class ConcatLinear(nn.Module):
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) * w, reduced in float32 (gemma's weights already hold the +1)."""
 
-    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+    def __init__(self, weight: torch.Tensor, eps: float, fused: bool = False) -> None:
         super().__init__()
         self.weight = frozen(weight)
         self.eps = eps
+        self._fused = fused_ops.rms_norm_op() if fused else None  # float32 CPU stages only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None:
+            return self._fused(x, self.weight, self.eps)
         if x.dtype == torch.float32:  # fused (the same arithmetic) where no cast is needed
             if self.weight.dim() == 1:
                 return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
@@ -131,15 +135,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rotations(self, positions: torch.Tensor) -> torch.Tensor:
-        """positions [B, T] -> unit complex rotations [B, T, 1, n_rot/2]."""
+        """positions [B, T] -> (cos, sin) of each pair's angle, [B, T, n_rot/2, 2] float32."""
         angles = positions.float()[..., None] * self.inv_freq  # [B, T, n_rot/2]
-        return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
+        return torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor, n_rot: int) -> torch.Tensor:
-    """x [B, T, H, D]: pairs of dims [0, n_rot) rotated; dims >= n_rot pass through."""
+    """x [B, T, H, D]: pairs of dims [0, n_rot) rotated by `rotations` [B, T, n_rot/2, 2];
+    dims >= n_rot pass through."""
     pairs = x[..., :n_rot].float().reshape(*x.shape[:-1], n_rot // 2, 2)  # [B, T, H, n_rot/2, 2]
-    rotated = torch.view_as_real(torch.view_as_complex(pairs) * rotations).flatten(-2).to(x.dtype)
+    turn = torch.view_as_complex(rotations)[:, :, None]  # [B, T, 1, n_rot/2]
+    rotated = torch.view_as_real(torch.view_as_complex(pairs) * turn).flatten(-2).to(x.dtype)
     if n_rot == x.shape[-1]:
         return rotated
     return torch.cat((rotated, x[..., n_rot:]), dim=-1)

@@ -23,6 +23,7 @@ from ppinfer.families.registry import get_spec
 from ppinfer.families.spec import FamilySpec, Mlp, Norm, Rope, Tying
 from ppinfer.gguf.reader import GGUFFile
 from ppinfer.kernels.blocks import nonfinite_scale_block
+from ppinfer.kernels import fused as fused_ops
 from ppinfer.kernels.capabilities import cpu_capabilities
 from ppinfer.kernels.select import BlockBackend, block_backend
 from ppinfer.model.block import Attention, DecoderBlock, FeedForward
@@ -75,6 +76,7 @@ class _Weights:
     ) -> None:
         self.gf, self.dtype, self.device, self.packed = gf, dtype, device, packed
         self.blocks, self.report = blocks, report
+        self.fused = fused_ops.available(device, dtype)  # norms and decode attention in one op each
         self.used: set[str] = set()
 
     def has(self, name: str) -> bool:
@@ -179,7 +181,7 @@ class _Weights:
         weight = self.get(f"{prefix}.weight", (size,))
         if spec.norm is Norm.LAYER:
             return LayerNorm(weight, self.get(f"{prefix}.bias", (size,)), eps)
-        return RMSNorm(weight, eps)
+        return RMSNorm(weight, eps, self.fused)
 
 
 def _reorder_parts(rows: np.ndarray, sizes: tuple[int, ...], order: list[RowTransform]) -> np.ndarray:
@@ -223,10 +225,10 @@ def _attention(
         if spec.rope is Rope.NEOX:  # the norm acts per dim, so its weight follows the rows
             q_w, k_w = pair_order(q_w, 1, rope.n_rot), pair_order(k_w, 1, rope.n_rot)
         per_head = np.concatenate([np.broadcast_to(q_w, (lp.n_head, d)), np.broadcast_to(k_w, (lp.n_head_kv, d))])
-        qk_norm = RMSNorm(w.tensor(per_head), hp.norm_eps)  # weight [H + Hkv, D]
+        qk_norm = RMSNorm(w.tensor(per_head), hp.norm_eps, w.fused)  # weight [H + Hkv, D]
     return Attention(
         qkv, out, lp.n_head, lp.n_head_kv, d, hp.attn_scale, rope,
-        lp.sliding_window, hp.attn_softcap, qk_norm,
+        lp.sliding_window, hp.attn_softcap, qk_norm, w.fused,
     )
 
 

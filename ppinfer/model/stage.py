@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 
 import torch
 from torch import nn
@@ -73,7 +72,7 @@ class PipelineStage(nn.Module):
             masks={w: slots.mask(w) for w in windows},
         )
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, partial(slots.write, i), io)
+            hidden = layer(hidden, slots.layer(i), io)
         return hidden
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:

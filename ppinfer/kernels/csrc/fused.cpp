@@ -1,0 +1,208 @@
+// Fused float32 CPU ops for a decoder layer's small steps (namespace ppinfer_kernels), so that
+// a decode step costs a few op calls per layer instead of dozens of tiny torch ops:
+//
+// rms_norm(x [..., D], w, eps): x * (1 / sqrt(mean(x^2) + eps)) * w, the sum of squares in
+//   double as llama.cpp takes it (and the scale too, so that no square overflows); w is [D] or [P, D] for per-head weights over x's last two
+//   dims [..., P, D].
+// attend(qk, v, rot, k_cache, v_cache, cols, mask, n_head, n_rot, scale, softcap): rotary
+//   embedding of q and k, the new keys and values written into the cache at `cols`, and
+//   grouped-query attention over the cache under `mask`, with an optional tanh softcap on the
+//   scores; returns [b, T, H * D], the layout the output projection takes.
+//
+// Portable C++ (the compiler vectorizes the eight-lane partial sums), so they run on any CPU.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace ppinfer {
+namespace {
+
+// Work (multiply-adds) below which a range of rows or heads is not split between threads.
+constexpr int64_t kGrainMacs = int64_t{1} << 14;
+
+// sum a[i] * b[i] over eight independent partial sums (vectorizable without reassociation).
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
+  }
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y += p * x over n values.
+inline void axpy(float p, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += p * x[i];
+}
+
+// y = x with pairs (x[2i], x[2i+1]) of the first n_rot values rotated by (cos, sin) = rot[i].
+inline void rotate(const float* x, const float* rot, int64_t n_rot, int64_t d, float* y) {
+  for (int64_t i = 0; i < n_rot / 2; ++i) {
+    const float a = x[2 * i], b = x[2 * i + 1], c = rot[2 * i], s = rot[2 * i + 1];
+    y[2 * i] = a * c - b * s;
+    y[2 * i + 1] = a * s + b * c;
+  }
+  for (int64_t i = n_rot; i < d; ++i) y[i] = x[i];
+}
+
+void check_float_cpu(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, op, ": ", name,
+              " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dims, got ", t.sizes());
+  TORCH_CHECK(t.stride(dim - 1) == 1, op, ": ", name, "'s last dim must be contiguous");
+}
+
+at::Tensor rms_norm(const at::Tensor& x_in, const std::optional<at::Tensor>& w_in, double eps) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() >= 1,
+              "rms_norm: x must be a float32 CPU tensor, got ", x_in.scalar_type(), " on ", x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t d = x.size(-1);
+  const int64_t rows = d == 0 ? 0 : x.numel() / d;
+  at::Tensor w;
+  int64_t w_rows = 1;
+  if (w_in.has_value()) {
+    w = w_in->contiguous();
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.size(-1) == d && w.dim() <= 2,
+                "rms_norm: w must be float32 [", d, "] or [P, ", d, "], got ", w.scalar_type(), " ", w.sizes());
+    w_rows = w.numel() / std::max<int64_t>(d, 1);
+    TORCH_CHECK(w.dim() == 1 || (x.dim() >= 2 && x.size(-2) == w_rows), "rms_norm: per-head w ", w.sizes(),
+                " does not match x ", x.sizes());
+  }
+  at::Tensor out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * d;
+      double sum = 0.0;
+      for (int64_t i = 0; i < d; ++i) sum += static_cast<double>(xr[i]) * xr[i];
+      const float scale = static_cast<float>(1.0 / std::sqrt(sum / d + eps));
+      float* yr = op + r * d;
+      if (wp == nullptr) {
+        for (int64_t i = 0; i < d; ++i) yr[i] = xr[i] * scale;
+      } else {
+        const float* wr = wp + (r % w_rows) * d;
+        for (int64_t i = 0; i < d; ++i) yr[i] = (xr[i] * scale) * wr[i];
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rot_in, const at::Tensor& k_cache,
+                  const at::Tensor& v_cache, const at::Tensor& cols_in, const at::Tensor& mask_in, int64_t n_head,
+                  int64_t n_rot, double scale, double softcap) {
+  constexpr const char* op = "attend";
+  check_float_cpu(op, "qk", qk, 4);  // [b, T, H + Hkv, D]
+  check_float_cpu(op, "v", v, 4);  // [b, T, Hkv, D]
+  check_float_cpu(op, "k_cache", k_cache, 4);  // [b, Hkv, S, D]
+  check_float_cpu(op, "v_cache", v_cache, 4);
+  const int64_t b = qk.size(0), t = qk.size(1), d = qk.size(3);
+  const int64_t hkv = k_cache.size(1), slots = k_cache.size(2), h = n_head;
+  TORCH_CHECK(h > 0 && hkv > 0 && h % hkv == 0 && qk.size(2) == h + hkv, op, ": qk ", qk.sizes(), " for ", h,
+              " query heads and a cache of ", hkv, " kv heads");
+  TORCH_CHECK(v.sizes() == at::IntArrayRef({b, t, hkv, d}), op, ": v ", v.sizes(), " does not match qk ", qk.sizes());
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == b && k_cache.size(3) == d &&
+                  k_cache.stride(2) == d && v_cache.stride(2) == d,
+              op, ": caches ", k_cache.sizes(), " / ", v_cache.sizes(), " do not match qk ", qk.sizes());
+  TORCH_CHECK(n_rot >= 0 && n_rot <= d && n_rot % 2 == 0, op, ": n_rot ", n_rot, " for head dim ", d);
+  const at::Tensor rot = rot_in.contiguous();  // [b, T, n_rot/2, 2] (cos, sin)
+  TORCH_CHECK(rot.scalar_type() == at::kFloat && rot.numel() == b * t * n_rot, op, ": rot must be float32 [b, T, ",
+              n_rot / 2, ", 2], got ", rot.scalar_type(), " ", rot.sizes());
+  const at::Tensor cols = cols_in.contiguous();  // [b, T] int64
+  TORCH_CHECK(cols.scalar_type() == at::kLong && cols.sizes() == at::IntArrayRef({b, t}), op, ": cols must be int64 [",
+              b, ", ", t, "], got ", cols.scalar_type(), " ", cols.sizes());
+  const at::Tensor mask = mask_in.contiguous();  // [b, 1, T, n] bool
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && mask.size(0) == b && mask.size(1) == 1 &&
+                  mask.size(2) == t && mask.size(3) <= slots,
+              op, ": mask must be bool [", b, ", 1, ", t, ", n <= ", slots, "], got ", mask.scalar_type(), " ",
+              mask.sizes());
+  const int64_t n = mask.size(3);
+  const int64_t* cp = cols.data_ptr<int64_t>();
+  for (int64_t i = 0; i < b * t; ++i) {
+    TORCH_CHECK(cp[i] >= 0 && cp[i] < slots, op, ": slot ", cp[i], " outside a cache of ", slots);
+  }
+
+  const float* rp = rot.data_ptr<float>();
+  const float* qkp = qk.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const auto at_qk = [&](int64_t i, int64_t j, int64_t head) {
+    return qkp + i * qk.stride(0) + j * qk.stride(1) + head * qk.stride(2);
+  };
+  const auto key = [&](float* cache, const at::Tensor& c, int64_t i, int64_t g, int64_t slot) {
+    return cache + i * c.stride(0) + g * c.stride(1) + slot * d;
+  };
+
+  // The new tokens' keys (rotated) and values into their slots.
+  for (int64_t i = 0; i < b; ++i) {
+    for (int64_t j = 0; j < t; ++j) {
+      const float* r = rp + (i * t + j) * n_rot;
+      const int64_t slot = cp[i * t + j];
+      for (int64_t g = 0; g < hkv; ++g) {
+        rotate(at_qk(i, j, h + g), r, n_rot, d, key(kc, k_cache, i, g, slot));
+        const float* src = vp + i * v.stride(0) + j * v.stride(1) + g * v.stride(2);
+        std::copy(src, src + d, key(vc, v_cache, i, g, slot));
+      }
+    }
+  }
+
+  at::Tensor out = at::empty({b, t, h * d}, qk.options());  // [b, T, H * D]
+  float* outp = out.data_ptr<float>();
+  const bool* mp = mask.data_ptr<bool>();
+  const int64_t group = h / hkv;
+  const float scalef = static_cast<float>(scale), cap = static_cast<float>(softcap);
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, 2 * n * d));
+  // One task per (row, query token, head).
+  at::parallel_for(0, b * t * h, grain, [&](int64_t task0, int64_t task1) {
+    std::vector<float> q(d), scores(n);
+    for (int64_t task = task0; task < task1; ++task) {
+      const int64_t i = task / (t * h), j = task / h % t, head = task % h, g = head / group;
+      rotate(at_qk(i, j, head), rp + (i * t + j) * n_rot, n_rot, d, q.data());
+      const bool* visible = mp + (i * t + j) * n;
+      float best = -std::numeric_limits<float>::infinity();
+      for (int64_t s = 0; s < n; ++s) {
+        if (!visible[s]) continue;
+        float score = dot(q.data(), key(kc, k_cache, i, g, s), d) * scalef;
+        if (cap > 0) score = std::tanh(score / cap) * cap;
+        scores[s] = score;
+        best = std::max(best, score);
+      }
+      float* y = outp + ((i * t + j) * h + head) * d;
+      std::fill(y, y + d, 0.0f);
+      if (best == -std::numeric_limits<float>::infinity()) continue;  // no visible key
+      float total = 0.0f;
+      for (int64_t s = 0; s < n; ++s) {
+        if (!visible[s]) continue;
+        const float p = std::exp(scores[s] - best);
+        total += p;
+        axpy(p, key(vc, v_cache, i, g, s), y, d);
+      }
+      const float inv = 1.0f / total;
+      for (int64_t e = 0; e < d; ++e) y[e] *= inv;
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace ppinfer
+
+TORCH_LIBRARY_FRAGMENT(ppinfer_kernels, m) {
+  m.def("rms_norm(Tensor x, Tensor? w, float eps) -> Tensor", &ppinfer::rms_norm);
+  m.def(
+      "attend(Tensor qk, Tensor v, Tensor rot, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cols, Tensor mask, "
+      "int n_head, int n_rot, float scale, float softcap) -> Tensor",
+      &ppinfer::attend);
+}

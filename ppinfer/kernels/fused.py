@@ -1,0 +1,32 @@
+"""Fused float32 CPU ops for a decoder layer's small steps (csrc/fused.cpp).
+
+A decode step of a small model is bound by per-op host cost, not arithmetic: RMSNorm is five
+torch ops, and rotary embedding, the KV cache write and attention a dozen more per layer. These
+ops do each in one call. They are portable C++, so they serve any CPU wherever the kernel
+library builds; `available` says where a stage uses them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ppinfer.kernels import build
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused ops serve a stage on `device` in `dtype` (float32 on the CPU, with
+    the kernel library built)."""
+    return device.type == "cpu" and dtype == torch.float32 and build.unavailable_reason() is None
+
+
+def rms_norm_op():
+    """rms_norm(x [..., D], w [D] | [P, D] | None, eps) -> x / sqrt(mean(x^2) + eps) * w."""
+    return build.ops().rms_norm.default
+
+
+def attend_op():
+    """attend(qk [b, T, H + Hkv, D], v [b, T, Hkv, D], rot [b, T, n_rot/2, 2], k_cache,
+    v_cache [b, Hkv, S, D], cols [b, T], mask [b, 1, T, n], n_head, n_rot, scale, softcap)
+    -> [b, T, H * D]: rotates q and k, writes k and v into the caches at `cols`, and attends
+    over slots [0, n) under `mask` (softcap 0: none)."""
+    return build.ops().attend.default

@@ -1,0 +1,159 @@
+"""The fused float32 CPU ops (ppinfer.kernels.fused) against float64 references written here.
+
+rms_norm: x / sqrt(mean(x^2) + eps) * w. attend: rotary embedding of q and k (pairs (x[2i],
+x[2i+1]) turned by (cos, sin)), the new keys and values stored at their slots, then softmax
+attention under a boolean mask, each query head reading kv head h // (H / Hkv), with
+tanh(s / c) * c on the scores when a softcap c is given.
+
+Bound: float32 arithmetic on values of order 1 over at most a few hundred terms, against
+float64: 1e-5 absolute is loose by two orders of magnitude and would catch any wrong index,
+sign or scale.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ppinfer.kernels import build, fused
+
+TOL = 1e-5
+
+pytestmark = pytest.mark.skipif(build.unavailable_reason() is not None, reason="no kernel library here")
+
+
+def reference_rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    x = x.double()
+    y = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+    return y if w is None else y * w.double()
+
+
+@pytest.mark.parametrize(
+    "shape, w_shape",
+    [((3, 5, 64), (64,)), ((1, 1, 576), (576,)), ((2, 3, 4, 16), (4, 16)), ((7, 24), None), ((0, 8), (8,))],
+)
+def test_rms_norm_matches_float64(shape, w_shape) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g) * 3
+    w = torch.randn(*w_shape, generator=g) if w_shape is not None else None
+    got = fused.rms_norm_op()(x, w, 1e-6)
+    assert got.shape == x.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), reference_rms_norm(x, w, 1e-6), atol=TOL, rtol=TOL)
+
+
+def test_rms_norm_of_a_strided_view_and_of_huge_and_zero_rows() -> None:
+    base = torch.randn(4, 2, 32)
+    x = base[:, 1]  # [4, 32], not contiguous
+    x[0] = 0.0  # sqrt(eps) keeps it finite: zeros
+    x[1] *= 1e30  # squares overflow float32, not the double sum
+    w = torch.randn(32)
+    got = fused.rms_norm_op()(x, w, 1e-5)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), reference_rms_norm(x, w, 1e-5), atol=TOL, rtol=TOL)
+
+
+def rotate(x: torch.Tensor, rot: torch.Tensor, n_rot: int) -> torch.Tensor:
+    """x [b, T, heads, D] float64, rot [b, T, n_rot/2, 2] (cos, sin)."""
+    cos, sin = rot[..., 0].double()[:, :, None], rot[..., 1].double()[:, :, None]  # [b, T, 1, n_rot/2]
+    y = x.clone()
+    even, odd = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+    y[..., 0:n_rot:2] = even * cos - odd * sin
+    y[..., 1:n_rot:2] = even * sin + odd * cos
+    return y
+
+
+def reference_attend(qk, v, rot, k_cache, v_cache, cols, mask, n_head, n_rot, scale, softcap):
+    """Output [b, T, H D] and the caches after the write, in float64."""
+    b, t, _, d = qk.shape
+    hkv = k_cache.shape[1]
+    turned = rotate(qk.double(), rot, n_rot)
+    kc, vc = k_cache.double().clone(), v_cache.double().clone()
+    for i in range(b):
+        for j in range(t):
+            kc[i, :, cols[i, j]] = turned[i, j, n_head:]
+            vc[i, :, cols[i, j]] = v[i, j].double()
+    n = mask.shape[-1]
+    group = n_head // hkv
+    keys = kc[:, :, :n].repeat_interleave(group, dim=1)  # [b, H, n, D]
+    values = vc[:, :, :n].repeat_interleave(group, dim=1)
+    q = turned[:, :, :n_head].transpose(1, 2)  # [b, H, T, D]
+    scores = q @ keys.transpose(-1, -2) * scale  # [b, H, T, n]
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.nan_to_num(scores.softmax(-1))  # a query with no visible key: zeros
+    y = (probs @ values).transpose(1, 2).reshape(b, t, n_head * d)
+    return y, kc, vc
+
+
+CASES = {
+    # b, T, H, Hkv, D, n_rot, softcap, ragged (rows write different columns)
+    "decode one row": (1, 1, 9, 3, 64, 64, 0.0, False),
+    "decode a lane, ragged": (5, 1, 4, 2, 16, 16, 0.0, True),
+    "multi-head, partial rotary": (2, 1, 4, 4, 16, 6, 0.0, False),
+    "prefill chunk, softcap": (3, 4, 8, 2, 16, 16, 5.0, True),
+    "one kv head, odd dims": (2, 3, 3, 1, 10, 4, 0.0, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_attend_matches_float64(case: str) -> None:
+    b, t, h, hkv, d, n_rot, softcap, ragged = CASES[case]
+    g = torch.Generator().manual_seed(list(CASES).index(case))
+    slots = 12
+    qkv = torch.randn(b, t, h + 2 * hkv, d, generator=g)  # as the fused projection leaves it
+    qk, v = qkv[:, :, : h + hkv], qkv[:, :, h + hkv :]
+    angles = torch.rand(b, t, n_rot // 2, generator=g) * 6.3
+    rot = torch.stack([angles.cos(), angles.sin()], dim=-1)  # [b, T, n_rot/2, 2]
+    lane_k = torch.randn(b + 1, hkv, slots, d, generator=g)  # the stage's cache; this forward's rows 1..b
+    lane_v = torch.randn(b + 1, hkv, slots, d, generator=g)
+    k_cache, v_cache = lane_k[1:], lane_v[1:]
+    starts = torch.randint(0, slots - t - 2, (b,), generator=g) if ragged else torch.full((b,), 3)
+    cols = starts[:, None] + torch.arange(t)  # [b, T]
+    n = int(cols.max()) + 1
+    mask = torch.rand(b, 1, t, n, generator=g) < 0.6
+    mask.scatter_(3, cols[:, None, :, None], True)  # a query always sees its own slot
+    expected, k_after, v_after = reference_attend(qk, v, rot, k_cache, v_cache, cols, mask, h, n_rot, 0.3, softcap)
+    before = lane_k.clone(), lane_v.clone()
+
+    got = fused.attend_op()(qk, v, rot, k_cache, v_cache, cols, mask, h, n_rot, 0.3, softcap)
+
+    assert got.shape == (b, t, h * d)
+    torch.testing.assert_close(got.double(), expected, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(k_cache.double(), k_after, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(v_cache.double(), v_after, atol=0.0, rtol=0.0)
+    torch.testing.assert_close(lane_k[0], before[0][0], atol=0.0, rtol=0.0)  # the other row untouched
+    written = torch.zeros(b, slots, dtype=torch.bool).scatter_(1, cols, True)  # [b, slots]
+    assert torch.equal(k_cache.transpose(1, 2)[~written], before[0][1:].transpose(1, 2)[~written])
+
+
+def test_attend_query_with_no_visible_key_gives_zeros() -> None:
+    qk, v = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 1, 8)
+    k_cache, v_cache = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
+    rot = torch.tensor([[[[1.0, 0.0]] * 4]])  # [1, 1, 4, 2]: no rotation
+    mask = torch.zeros(1, 1, 1, 4, dtype=torch.bool)
+    got = fused.attend_op()(qk, v, rot, k_cache, v_cache, torch.tensor([[2]]), mask, 2, 8, 1.0, 0.0)
+    assert torch.equal(got, torch.zeros(1, 1, 16))
+
+
+def test_bad_inputs_are_one_line_errors() -> None:
+    norm, attend = fused.rms_norm_op(), fused.attend_op()
+    with pytest.raises(RuntimeError, match="rms_norm: x must be a float32 CPU tensor, got BFloat16"):
+        norm(torch.randn(2, 8, dtype=torch.bfloat16), None, 1e-5)
+    with pytest.raises(RuntimeError, match=r"rms_norm: w must be float32 \[8\]"):
+        norm(torch.randn(2, 8), torch.randn(4), 1e-5)
+    qk, v = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 1, 8)
+    k_cache, v_cache = torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8)
+    rot, mask = torch.ones(1, 1, 4, 2), torch.ones(1, 1, 1, 4, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="attend: slot 9 outside a cache of 4"):
+        attend(qk, v, rot, k_cache, v_cache, torch.tensor([[9]]), mask, 2, 8, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"attend: qk \[1, 1, 3, 8\] for 3 query heads"):
+        attend(qk, v, rot, k_cache, v_cache, torch.tensor([[0]]), mask, 3, 8, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="attend: mask must be bool"):
+        attend(qk, v, rot, k_cache, v_cache, torch.tensor([[0]]), mask.float(), 2, 8, 1.0, 0.0)
+
+
+def test_available_only_for_float32_on_the_cpu() -> None:
+    assert fused.available(torch.device("cpu"), torch.float32)
+    assert not fused.available(torch.device("cpu"), torch.bfloat16)
+    assert not fused.available(torch.device("cuda"), torch.float32)
