@@ -11,7 +11,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
 
-from ggufgen import RawTensor, TinySpec, encoded_tensors, write_gguf, write_tiny_gguf
+from ggufgen import RawTensor, TinySpec, encoded_tensors, with_changes, write_gguf, write_tiny_gguf
 from ppinfer.errors import ModelFileError
 from stage_runner import whole
 
@@ -59,6 +59,15 @@ def test_wrong_shape(tmp_path: Path) -> None:
     tensors = encoded_tensors(SPEC)
     tensors["blk.0.attn_k.weight"] = np.zeros((SPEC.kv_width + 16, SPEC.n_embd), np.float32)
     _fails(write_gguf(tmp_path / "shape.gguf", SPEC, tensors), "blk.0.attn_k.weight")
+
+
+@pytest.mark.parametrize("head_dim", [24, 1 << 28])
+def test_head_size_that_does_not_match_the_tensors(tmp_path: Path, head_dim: int) -> None:
+    """A corrupt attention.key_length fails before anything is sized by it (a 2^28 head once
+    sized a 512 MB rotary table before any shape was checked)."""
+    header = with_changes(SPEC, head_dim=head_dim)
+    path = write_gguf(tmp_path / "heads.gguf", header, encoded_tensors(SPEC))
+    _fails(path, f"llama.attention.key_length={head_dim}", "blk.0.attn_q.weight")
 
 
 def test_q8_1_tensor_unsupported(tmp_path: Path) -> None:

@@ -61,6 +61,23 @@ def per_layer_values(value: Any, n_layer: int, key: str, path: str) -> list[int]
     return [int(value)] * n_layer
 
 
+def _check_head_dim(gf: GGUFFile, head_dim: int, n_head: int, n_head_kv: int, name: str) -> None:
+    """The head size must match layer 0's query projection (checked before anything is sized
+    by it: a corrupt value would otherwise size rotary tables and caches)."""
+    q, qkv = gf.tensors.get("blk.0.attn_q.weight"), gf.tensors.get("blk.0.attn_qkv.weight")
+    if q is not None:
+        expected, tensor = n_head * head_dim, q
+    elif qkv is not None:
+        expected, tensor = (n_head + 2 * n_head_kv) * head_dim, qkv
+    else:
+        return
+    if head_dim < 1 or tensor.shape[0] != expected:
+        raise ModelFileError(
+            f"{gf.path}: {name}={head_dim} does not match tensor {tensor.name!r} of shape {list(tensor.shape)} "
+            f"({n_head} heads)"
+        )
+
+
 def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
     """Read and check the header of `gf` (spec looked up from general.architecture if None)."""
     arch = gf.architecture
@@ -87,6 +104,7 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
         if h % hkv:
             raise ModelFileError(f"{path}: head_count {h} is not a multiple of head_count_kv {hkv}")
     head_dim = int(gf.get(key("attention.key_length"), n_embd // n_head[0]))
+    _check_head_dim(gf, head_dim, n_head[0], n_head_kv[0], key("attention.key_length"))
     head_dim_v = int(gf.get(key("attention.value_length"), head_dim))
     if head_dim_v != head_dim:
         raise ModelFileError(f"{path}: key_length {head_dim} != value_length {head_dim_v} is unsupported")
