@@ -372,12 +372,12 @@ def test_huge_prefill_chunk_is_capped_by_the_longest_prompt(tiny_model: Path, tm
     longest = max(len(p) for p in job.prompts)
     assert job.prefill_chunk == longest < 100
     sizes = LinkSizes.of(TINY.n_embd, job.lane_size, job.prefill_chunk, job.dtype, stages=2)
-    # Control block: 8 header words, 1 busy word per stage, 9 words per row (seq, first_pos,
-    # reset and 6 of sampling) = 8 + 2 + 2 * 9 = 28 int64 words.
-    assert sizes.control_words == 28
+    # Control block: 8 header words, 1 busy word per stage, 10 words per row (row, seq,
+    # first_pos, reset and 6 of sampling) = 8 + 2 + 2 * 10 = 30 int64 words.
+    assert sizes.control_words == 30
     # A decode step inline: control, 2 x 1 input ids, 2 x 1 x E float32 values.
-    assert sizes.item_bytes == (28 + 2) * 8 + 2 * TINY.n_embd * 4
-    assert sizes.token_bytes == (28 + 2) * 8
+    assert sizes.item_bytes == (30 + 2) * 8 + 2 * TINY.n_embd * 4
+    assert sizes.token_bytes == (30 + 2) * 8
     # 2 rows x the longest prompt, each token an int64 id and E float32 values.
     assert sizes.large_bytes == 2 * longest * (8 + TINY.n_embd * 4)
     # A chunk shorter than the prompts is kept as configured.
@@ -399,13 +399,13 @@ def test_control_block_fits_its_words_and_round_trips() -> None:
     """A control block of a full lane encodes to exactly `control_words` int64 words (the
     buffers hold no more), and decodes to the same item, sampling settings (floats bit-exact,
     a 63-bit stream seed intact) and busy times."""
-    rows = (RowStep(7, -2, reset=True), RowStep(-1, -1), RowStep(9, 5))
+    rows = (RowStep(0, 7, -2, reset=True), RowStep(2, 8, -1), RowStep(5, 9, 5))
     sampling = (
         RowSampling(0.7, 40, 0.95, 0.05, 1.1, 2**63 - 1),
         RowSampling(),
         RowSampling(1e-40, 0, 1.0, 0.0, 1.0, 12345),
     )
-    control = Control(Msg.ITEM, WorkItem(1, Kind.PREFILL, 2, rows, 4, True), sampling, (0.25, 1.5, 0.0))
+    control = Control(Msg.ITEM, WorkItem(1, Kind.PREFILL, rows, 4, True), sampling, (0.25, 1.5, 0.0))
     words = control.encode(3)
-    assert len(words) == LinkSizes.of(16, 3, 4, torch.float32, stages=3).control_words == 8 + 3 + 3 * 9
+    assert len(words) == LinkSizes.of(16, 3, 4, torch.float32, stages=3).control_words == 8 + 3 + 3 * 10
     assert Control.decode(words, 3) == control

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ppinfer.pipeline.runtime import StageRunner
-from ppinfer.pipeline.schedule import Request, Scheduler, WorkItem, run_order
+from ppinfer.pipeline.schedule import Kind, Request, Scheduler, WorkItem, run_order
 from stage_runner import arange_positions, full_logits, step, whole
 from tiny_cases import ALL_CASES, TinyFiles, tiny_files, token_batch  # noqa: F401  (fixture)
 
@@ -102,11 +102,11 @@ def test_refilled_lane_equals_each_sequence_alone(tiny_files: TinyFiles, case: s
     """One lane of 3 rows run in the scheduler's own order: groups left-padded together, rows
     freed and refilled (the cache row reset by the newcomer's first chunk), a newcomer's
     chunks interleaved with its neighbours' decode steps, rows of different lengths in one
-    step and idle rows riding along. Every sequence's logits at every position it is fed
-    equal those of the sequence alone."""
+    step, steps over rows that are not consecutive and a group admitted into rows apart. Every
+    sequence's logits at every position it is fed equal those of the sequence alone."""
     spec, path = ALL_CASES[case], tiny_files.path(case)
     stage = whole(path, spec.n_layer)
-    prompts, samples = [3, 9, 2, 6, 5], [6, 2, 3, 5, 4]
+    prompts, samples = [2, 7, 6, 4, 5, 3], [2, 7, 2, 1, 5, 6]
     capacity = max(prompts) + max(samples) - 1
     rng = np.random.default_rng(5)
     seqs = [rng.integers(0, spec.n_vocab, p + n - 1, dtype=np.int64) for p, n in zip(prompts, samples)]
@@ -114,26 +114,28 @@ def test_refilled_lane_equals_each_sequence_alone(tiny_files: TinyFiles, case: s
     requests = [Request(i, p, n) for i, (p, n) in enumerate(zip(prompts, samples))]
     order = list(run_order(Scheduler(1, 3, 4, capacity), requests, lambda s: samples[s]))
     runner = StageRunner(stage, n_lanes=1, lane_size=3, capacity=capacity)
-    seen = {"idle": 0, "reused": 0, "uneven": 0, "padded": 0}
+    seen = {"rows apart": 0, "group apart": 0, "reused": 0, "uneven": 0, "padded": 0}
     used: set[int] = set()
     for item in (a for a in order if isinstance(a, WorkItem)):
         ids = torch.zeros(len(item.rows), item.length, dtype=torch.int64)  # [b, T], 0 on padding
         for i, row in enumerate(item.rows):
-            for t in range(max(0, -row.first_pos) if not row.idle else item.length, item.length):
+            for t in range(max(0, -row.first_pos), item.length):
                 ids[i, t] = int(seqs[row.seq][row.first_pos + t])
         state = runner.states[0]
-        rows = range(item.row0, item.row0 + len(item.rows))
+        rows = item.row_ids
         if state is not None and len({state.lengths[r] for r in rows}) > 1:
             seen["uneven"] += 1
-        seen["idle"] += sum(row.idle for row in item.rows)
-        seen["reused"] += sum(row.reset and item.row0 + i in used for i, row in enumerate(item.rows))
-        seen["padded"] += sum(not row.idle and row.first_pos < 0 for row in item.rows)
+        apart = rows[-1] - rows[0] >= len(rows)
+        seen["rows apart"] += apart and item.kind is Kind.DECODE
+        seen["group apart"] += apart and item.kind is Kind.PREFILL
+        seen["reused"] += sum(row.reset and row.row in used for row in item.rows)
+        seen["padded"] += sum(row.first_pos < 0 for row in item.rows)
         used.update(rows)
         logits = stage.lm_head(runner.run(item, ids, None, ()).hidden)  # [b, T, V]
         for i, row in enumerate(item.rows):
             for t in range(item.length):
                 pos = row.first_pos + t
-                if row.idle or pos < 0:
+                if pos < 0:
                     continue
                 gap = _gap(logits[i, t].numpy(), alone[row.seq][pos])
                 assert gap <= TOLERANCE, f"{case}: sequence {row.seq} at position {pos} ({item}) differs by {gap:.3g}"

@@ -181,15 +181,15 @@ def test_step_series_hand_derived() -> None:
 
 
 def test_kv_cache_use() -> None:
-    """2 layers x (k, v) x [B=1, Hkv=2, 8 + 1 spare slots, D=4] x 4 bytes = 4 x 288 bytes;
-    2 tokens written: 2 slots x 4 x 32 bytes = 256 bytes, 2 of the 9 slots."""
+    """2 layers x (k, v) x [B=1, Hkv=2, 8 slots, D=4] x 4 bytes = 4 x 256 bytes; 2 tokens
+    written: 2 slots x 4 x 32 bytes = 256 bytes, 2 of the 8 slots."""
     state = StageState(2, [2, 2], 4, 1, 8, torch.float32, torch.device("cpu"))
-    state.rows(0, torch.tensor([[0, 1]]), [True])
+    state.rows([0], torch.tensor([[0, 1]]))
     use = kv_cache_use([state, None])
     assert use == {
-        "memory/kv_cache_allocated_bytes": 1152.0,
+        "memory/kv_cache_allocated_bytes": 1024.0,
         "memory/kv_cache_used_bytes": 256.0,
-        "memory/kv_cache_used_fraction": pytest.approx(2 / 9),
+        "memory/kv_cache_used_fraction": pytest.approx(2 / 8),
     }
     assert kv_cache_use([None])["memory/kv_cache_used_fraction"] == 0.0
 

@@ -30,7 +30,6 @@ from collections import Counter, defaultdict, deque
 import pytest
 
 from ppinfer.pipeline.schedule import (
-    IDLE,
     Action,
     AwaitTokens,
     Kind,
@@ -86,8 +85,8 @@ def unit_cost(stage: int, item: int) -> float:
     return 1.0
 
 
-def step(seq: int, first_pos: int, reset: bool = False) -> RowStep:
-    return RowStep(seq, first_pos, reset)
+def step(row: int, seq: int, first_pos: int, reset: bool = False) -> RowStep:
+    return RowStep(row, seq, first_pos, reset)
 
 
 # ---- prefill_chunks ------------------------------------------------------------------------
@@ -173,8 +172,8 @@ def check_order(
                     del holder[place[seq]]
             continue
         item = action
-        assert 0 <= item.lane < lanes and 0 <= item.row0 and item.row0 + len(item.rows) <= lane_size, item
-        assert item.seqs and not item.rows[0].idle and not item.rows[-1].idle, f"{item} computes idle edges"
+        assert 0 <= item.lane < lanes and item.rows and all(0 <= r < lane_size for r in item.row_ids), item
+        assert item.row_ids == sorted(set(item.row_ids)), f"{item}: rows not increasing"
         if item.kind is D:
             decoding = {s for (lane, _), s in holder.items() if lane == item.lane and received[s] >= 1}
             assert set(item.seqs) == decoding, f"{item} is not one step of every decoding row"
@@ -183,10 +182,8 @@ def check_order(
             assert item.kind is P and newcomers == item.seqs, f"{item} mixes a new group with running rows"
             admitted += newcomers
         waiting_ids = {s for it in in_flight[item.lane] for s in it.seqs}
-        for i, row in enumerate(item.rows):
-            if row.idle:
-                continue
-            here = (item.lane, item.row0 + i)
+        for row in item.rows:
+            here = (item.lane, row.row)
             if row.seq in newcomers:
                 assert here not in holder, f"sequence {row.seq} took {here} from sequence {holder.get(here)}"
                 holder[here], place[row.seq] = row.seq, here
@@ -255,10 +252,10 @@ def test_order_by_hand_two_lanes() -> None:
     """Two one-chunk prompts of 2 and 1 tokens, 2 and 1 sampled ids, on two lanes of one row."""
     order = make_order([2, 1], 2, 4, [2, 1])
     assert order == [
-        WorkItem(0, P, 0, (step(0, 0, True),), 2, True),
-        WorkItem(1, P, 0, (step(1, 0, True),), 1, True),
+        WorkItem(0, P, (step(0, 0, 0, True),), 2, True),
+        WorkItem(1, P, (step(0, 1, 0, True),), 1, True),
         AwaitTokens(0),
-        WorkItem(0, D, 0, (step(0, 2),), 1, True),
+        WorkItem(0, D, (step(0, 0, 2),), 1, True),
         AwaitTokens(1),  # sequence 1 is done after its first id; lane 1 goes idle
         AwaitTokens(0),
     ]
@@ -274,20 +271,20 @@ def test_freed_row_takes_the_oldest_waiting_sequence_and_restarts_it() -> None:
     takes 2 (the oldest waiting, not 3): 1's decode step, then 2's whole prompt (its first
     chunk resets the row; positions start at 0 again, not where sequence 0 stopped). Turn 4
     decodes both rows, 2 from its own prompt's end (3). Both end: turn 5 admits 3 into row 0,
-    the first of the free run."""
+    the first free row."""
     order = make_order([2, 2, 3, 1], 1, 8, [2, 4, 2, 1], lane_size=2)
     assert order == [
-        WorkItem(0, P, 0, (step(0, 0, True), step(1, 0, True)), 2, True),
+        WorkItem(0, P, (step(0, 0, 0, True), step(1, 1, 0, True)), 2, True),
         AwaitTokens(0),
-        WorkItem(0, D, 0, (step(0, 2), step(1, 2)), 1, True),
+        WorkItem(0, D, (step(0, 0, 2), step(1, 1, 2)), 1, True),
         AwaitTokens(0),  # 0 has its 2 ids: row 0 is free
-        WorkItem(0, D, 1, (step(1, 3),), 1, True),
-        WorkItem(0, P, 0, (step(2, 0, True),), 3, True),
+        WorkItem(0, D, (step(1, 1, 3),), 1, True),
+        WorkItem(0, P, (step(0, 2, 0, True),), 3, True),
         AwaitTokens(0),
         AwaitTokens(0),
-        WorkItem(0, D, 0, (step(2, 3), step(1, 4)), 1, True),
+        WorkItem(0, D, (step(0, 2, 3), step(1, 1, 4)), 1, True),
         AwaitTokens(0),  # 1 has 4 ids, 2 has 2: both rows free
-        WorkItem(0, P, 0, (step(3, 0, True),), 1, True),
+        WorkItem(0, P, (step(0, 3, 0, True),), 1, True),
         AwaitTokens(0),
     ]
 
@@ -301,39 +298,55 @@ def test_long_newcomer_takes_one_chunk_per_turn_while_its_neighbour_decodes() ->
     decodes both."""
     order = make_order([1, 1, 5], 1, 2, [5, 1, 2], lane_size=2)
     assert order == [
-        WorkItem(0, P, 0, (step(0, 0, True), step(1, 0, True)), 1, True),
+        WorkItem(0, P, (step(0, 0, 0, True), step(1, 1, 0, True)), 1, True),
         AwaitTokens(0),
-        WorkItem(0, D, 0, (step(0, 1),), 1, True),
-        WorkItem(0, P, 1, (step(2, 0, True),), 2, False),
+        WorkItem(0, D, (step(0, 0, 1),), 1, True),
+        WorkItem(0, P, (step(1, 2, 0, True),), 2, False),
         AwaitTokens(0),
-        WorkItem(0, D, 0, (step(0, 2),), 1, True),
-        WorkItem(0, P, 1, (step(2, 2),), 2, False),
+        WorkItem(0, D, (step(0, 0, 2),), 1, True),
+        WorkItem(0, P, (step(1, 2, 2),), 2, False),
         AwaitTokens(0),
-        WorkItem(0, D, 0, (step(0, 3),), 1, True),
-        WorkItem(0, P, 1, (step(2, 4),), 1, True),
+        WorkItem(0, D, (step(0, 0, 3),), 1, True),
+        WorkItem(0, P, (step(1, 2, 4),), 1, True),
         AwaitTokens(0),  # 0's 4th id
         AwaitTokens(0),  # 2's first id
-        WorkItem(0, D, 0, (step(0, 4), step(2, 5)), 1, True),
+        WorkItem(0, D, (step(0, 0, 4), step(1, 2, 5)), 1, True),
         AwaitTokens(0),
     ]
 
 
-def test_group_of_newcomers_is_left_padded_and_idle_rows_ride_along() -> None:
+def test_group_of_newcomers_is_left_padded_and_free_rows_are_left_out() -> None:
     """One lane of 3 rows, chunk 2; prompts 3, 1, 4 tokens; 2, 1, 2 sampled ids.
 
     The three form one group of width 4, padded by 1, 3 and 0: two chunks back to back
     (nothing decodes yet), first positions -1, -3, 0 then 1, -1, 2. Sequence 1 is done after
-    its first id; the decode step spans rows 0..2 with row 1 idle."""
+    its first id; the decode step computes rows 0 and 2 only."""
     order = make_order([3, 1, 4], 1, 2, [2, 1, 2], lane_size=3)
-    first = WorkItem(0, P, 0, (step(0, -1, True), step(1, -3, True), step(2, 0, True)), 2, False)
-    second = WorkItem(0, P, 0, (step(0, 1), step(1, -1), step(2, 2)), 2, True)
-    decode = WorkItem(0, D, 0, (step(0, 3), IDLE, step(2, 4)), 1, True)
+    first = WorkItem(0, P, (step(0, 0, -1, True), step(1, 1, -3, True), step(2, 2, 0, True)), 2, False)
+    second = WorkItem(0, P, (step(0, 0, 1), step(1, 1, -1), step(2, 2, 2)), 2, True)
+    decode = WorkItem(0, D, (step(0, 0, 3), step(2, 2, 4)), 1, True)
     assert order == [first, second, AwaitTokens(0), decode, AwaitTokens(0)]
-    # Rope positions, -1 on padding and idle rows: [b, T].
+    # Rope positions, -1 on padding: [b, T].
     assert item_positions(first).tolist() == [[-1, 0], [-1, -1], [0, 1]]
     assert item_positions(second).tolist() == [[1, 2], [-1, 0], [2, 3]]
-    assert item_positions(decode).tolist() == [[3], [-1], [4]]
-    assert decode.seqs == [0, 2]
+    assert item_positions(decode).tolist() == [[3], [4]]
+    assert decode.seqs == [0, 2] and decode.row_ids == [0, 2]
+
+
+def test_free_rows_apart_take_one_group() -> None:
+    """One lane of 3 rows; one-token prompts 0, 1, 2 sampling 2, 4, 2 ids, then 3 and 4
+    (prompts 2 and 1, one id each) waiting. After the first decode step rows 0 and 2 are free
+    and row 1 still decodes: 3 and 4 take rows 0 and 2 as one group (4 left-padded by one),
+    after row 1's step."""
+    order = make_order([1, 1, 1, 2, 1], 1, 4, [2, 4, 2, 1, 1], lane_size=3)
+    assert order[:6] == [
+        WorkItem(0, P, (step(0, 0, 0, True), step(1, 1, 0, True), step(2, 2, 0, True)), 1, True),
+        AwaitTokens(0),
+        WorkItem(0, D, (step(0, 0, 1), step(1, 1, 1), step(2, 2, 1)), 1, True),
+        AwaitTokens(0),  # 0 and 2 are done
+        WorkItem(0, D, (step(1, 1, 2),), 1, True),
+        WorkItem(0, P, (step(0, 3, 0, True), step(2, 4, -1, True)), 2, True),
+    ]
 
 
 def test_padded_group_that_would_overflow_a_row_splits() -> None:
@@ -342,7 +355,7 @@ def test_padded_group_that_would_overflow_a_row_splits() -> None:
     1 while 0 decodes."""
     order = make_order([4, 1], 1, 8, [2, 5], lane_size=2, capacity=5)
     prefills = [item for item in items_of(order) if item.kind is P]
-    assert [(item.row0, item.seqs, item.length) for item in prefills] == [(0, [0], 4), (1, [1], 1)]
+    assert [(item.row_ids, item.seqs, item.length) for item in prefills] == [([0], [0], 4), ([1], [1], 1)]
 
 
 def test_withdraw_drops_only_a_waiting_sequence() -> None:
@@ -352,7 +365,7 @@ def test_withdraw_drops_only_a_waiting_sequence() -> None:
     for seq in range(3):
         scheduler.add(Request(seq, 2, 2))
     first = scheduler.next()
-    assert first == WorkItem(0, P, 0, (step(0, 0, True),), 2, True)
+    assert first == WorkItem(0, P, (step(0, 0, 0, True),), 2, True)
     assert (scheduler.waiting, scheduler.running) == (2, 1)
     assert not scheduler.withdraw(0)
     assert scheduler.withdraw(1)
@@ -362,11 +375,11 @@ def test_withdraw_drops_only_a_waiting_sequence() -> None:
     rest = list(run_order(scheduler, [], lambda s: 2))
     assert rest == [
         AwaitTokens(0),
-        WorkItem(0, D, 0, (step(0, 2),), 1, True),
+        WorkItem(0, D, (step(0, 0, 2),), 1, True),
         AwaitTokens(0),
-        WorkItem(0, P, 0, (step(2, 0, True),), 2, True),
+        WorkItem(0, P, (step(0, 2, 0, True),), 2, True),
         AwaitTokens(0),
-        WorkItem(0, D, 0, (step(2, 2),), 1, True),
+        WorkItem(0, D, (step(0, 2, 2),), 1, True),
         AwaitTokens(0),
     ]
     assert scheduler.idle()
@@ -383,8 +396,8 @@ def test_finished_sequences_are_reported_by_id_and_free_their_rows() -> None:
     assert scheduler.next() == AwaitTokens(0)
     assert scheduler.tokens_arrived(0, finished=[1]) == group
     assert scheduler.running == 1
-    assert scheduler.next() == WorkItem(0, D, 0, (step(0, 1),), 1, True)
-    assert scheduler.next() == WorkItem(0, P, 1, (step(2, 0, True),), 1, True)
+    assert scheduler.next() == WorkItem(0, D, (step(0, 0, 1),), 1, True)
+    assert scheduler.next() == WorkItem(0, P, (step(1, 2, 0, True),), 1, True)
 
 
 def test_refill_keeps_more_slots_busy_than_fixed_batches() -> None:
@@ -406,10 +419,10 @@ def test_refill_keeps_more_slots_busy_than_fixed_batches() -> None:
 
 def test_occupancy_counts_live_rows_of_decode_steps_only() -> None:
     order: Order = [
-        WorkItem(0, P, 0, (step(0, 0, True), step(1, 0, True)), 4, True),
+        WorkItem(0, P, (step(0, 0, 0, True), step(1, 1, 0, True)), 4, True),
         AwaitTokens(0),
-        WorkItem(0, D, 0, (step(0, 4), IDLE, step(1, 4)), 1, True),
-        WorkItem(1, D, 0, (step(2, 4),), 1, True),
+        WorkItem(0, D, (step(0, 0, 4), step(2, 1, 4)), 1, True),
+        WorkItem(1, D, (step(0, 2, 4),), 1, True),
     ]
     assert occupancy(order, 4) == pytest.approx((2 + 1) / (2 * 4))
     assert occupancy(order[:2], 4) == 0.0
@@ -444,10 +457,10 @@ def refills(order: Order) -> int:
     seen: set[tuple[int, int]] = set()
     count = 0
     for item in items_of(order):
-        for i, row in enumerate(item.rows):
+        for row in item.rows:
             if row.reset:
-                count += (item.lane, item.row0 + i) in seen
-                seen.add((item.lane, item.row0 + i))
+                count += (item.lane, row.row) in seen
+                seen.add((item.lane, row.row))
     return count
 
 

@@ -26,7 +26,7 @@ def rms_norm_op():
 
 def attend_op():
     """attend(qk [b, T, H + Hkv, D], v [b, T, Hkv, D], rot [b, T, n_rot/2, 2], k_cache,
-    v_cache [b, Hkv, S, D], cols [b, T], mask [b, 1, T, n], n_head, n_rot, scale, softcap)
-    -> [b, T, H * D]: rotates q and k, writes k and v into the caches at `cols`, and attends
-    over slots [0, n) under `mask` (softcap 0: none)."""
+    v_cache [B, Hkv, S, D], rows [b], cols [b, T], mask [b, 1, T, n], n_head, n_rot, scale,
+    softcap) -> [b, T, H * D]: rotates q and k, writes k and v into cache rows `rows` at
+    `cols`, and attends over those rows' slots [0, n) under `mask` (softcap 0: none)."""
     return build.ops().attend.default

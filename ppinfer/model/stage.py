@@ -55,17 +55,12 @@ class PipelineStage(nn.Module):
         hidden: torch.Tensor,
         positions: torch.Tensor,
         state: StageState,
-        row0: int = 0,
-        advance: Sequence[bool] | None = None,
+        rows: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """hidden [b, T, E], positions [b, T] (rope positions, -1 = padding) -> [b, T, E] for
-        rows [row0, row0 + b) of `state`.
-
-        A row with `advance[i]` (every row by default) appends T slots for every layer of this
-        stage; the others are idle this step (see `StageState.rows`).
-        """
-        flags = [True] * hidden.shape[0] if advance is None else list(advance)
-        slots = state.rows(row0, positions, flags)
+        the cache rows `rows` of `state` (increasing; rows 0..b-1 by default), each of which
+        appends T slots for every layer of this stage."""
+        slots = state.rows(range(hidden.shape[0]) if rows is None else rows, positions)
         windows = {layer.attn.window for layer in self.layers}
         io = LayerInputs(
             rope={id(r): r.rotations(positions) for r in self.ropes},

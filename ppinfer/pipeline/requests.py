@@ -105,7 +105,7 @@ class Requests:
         """The last stage's settings for each row of `item`."""
         out = []
         for step in item.rows:
-            sequence = None if step.idle else self._live.get(step.seq)
+            sequence = self._live.get(step.seq)
             if sequence is None:
                 out.append(GREEDY)
                 continue
@@ -114,11 +114,9 @@ class Requests:
         return tuple(out)
 
     def input_ids(self, item: WorkItem) -> torch.Tensor:
-        """The ids `item` feeds: [b, T] int64 (0 on padding and idle rows)."""
+        """The ids `item` feeds: [b, T] int64 (0 on padding)."""
         ids = torch.zeros((len(item.rows), item.length), dtype=torch.int64)
         for i, step in enumerate(item.rows):
-            if step.idle:
-                continue
             sequence = self._live[step.seq]
             first = max(0, -step.first_pos)
             ids[i, first:] = torch.tensor([sequence.token_at(step.first_pos + t) for t in range(first, item.length)])
@@ -131,8 +129,6 @@ class Requests:
         self.counts.account(item, now)
         over = []
         for step, token in zip(item.rows, tokens):
-            if step.idle:
-                continue
             sequence = self._live[step.seq]
             self.counts.sampled[step.seq] = self.counts.sampled.get(step.seq, 0) + 1
             if item.kind is Kind.PREFILL:

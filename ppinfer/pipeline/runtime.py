@@ -78,9 +78,9 @@ class StageRunner:
         state = self.states[item.lane]
         if state is None:
             state = self.states[item.lane] = self.stage.new_state(self.lane_size, self.capacity)
-        for i, step in enumerate(item.rows):
+        for step in item.rows:
             if step.reset:
-                state.reset(item.row0 + i, item.row0 + i + 1)
+                state.reset(step.row, step.row + 1)
         return state
 
     def run(
@@ -95,7 +95,7 @@ class StageRunner:
             with self.tracer.range("embed"):
                 hidden = self.stage.embed(ids.to(self.stage.device))
         with self.tracer.range("layers"):
-            out = self.stage.forward(hidden, positions, state, item.row0, [not s.idle for s in item.rows])
+            out = self.stage.forward(hidden, positions, state, item.row_ids)
         result = StepResult(out)
         if self.sink is not None:
             result.tokens = self.sink.consume(self.stage, item, ids, out, sampling)

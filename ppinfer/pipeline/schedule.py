@@ -4,13 +4,13 @@ Each of M lanes holds up to `lane_size` sequences, one per row (slot) of its KV 
 first stage decides the order of work items (`Scheduler`); every other stage processes items
 in the order it receives them, so each send meets its receive by construction:
 
-- admission: when a lane has free rows and sequences wait, the first run of consecutive free
-  rows takes the oldest waiting sequences, as one prefill group (prompts left-padded to the
-  group's longest); a row's cache is reset by the group's first chunk;
+- admission: when a lane has free rows and sequences wait, its free rows take the oldest
+  waiting sequences, as one prefill group (prompts left-padded to the group's longest); a
+  row's cache is reset by the group's first chunk;
 - prefill: a group's prompts go through in chunks of at most `chunk` tokens. The last chunk
   samples each member's first token;
-- decode: one step for every decoding row of the lane (rows between them that are free or
-  still in prefill ride along idle: masked, nothing written that any sequence reads). After a
+- decode: one step for every decoding row of the lane, and only those (rows between them that
+  are free or still in prefill are left out: an item's rows need not be consecutive). After a
   sampling item the last stage sends the ids back to the first stage; the lane's next step can
   only start when they have arrived;
 - a lane's turn issues its decode step and then its group's next prefill chunk, so a
@@ -48,34 +48,32 @@ class Kind(IntEnum):
 class RowStep:
     """What one cache row does in a work item."""
 
-    seq: int  # the sequence in the row; -1 when the row is idle in this item
+    row: int  # the row of the lane's cache
+    seq: int  # the sequence in the row
     first_pos: int  # rope position of the item's first token (negative: left padding)
     reset: bool = False  # a new sequence starts here: forget the row's previous one
-
-    @property
-    def idle(self) -> bool:
-        return self.seq < 0
-
-
-IDLE = RowStep(-1, -1)
 
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One forward of consecutive rows `[row0, row0 + len(rows))` of one lane through every
-    stage, `length` tokens per row."""
+    """One forward of some rows of one lane (in increasing row order) through every stage,
+    `length` tokens per row."""
 
     lane: int
     kind: Kind
-    row0: int
     rows: tuple[RowStep, ...]
     length: int  # tokens per row in this item (T)
-    samples: bool  # the last stage samples next tokens of the non-idle rows after this item
+    samples: bool  # the last stage samples each row's next token after this item
 
     @property
     def seqs(self) -> list[int]:
-        """The sequences computed by this item (idle rows left out)."""
-        return [r.seq for r in self.rows if not r.idle]
+        """The sequences computed by this item, one per row."""
+        return [r.seq for r in self.rows]
+
+    @property
+    def row_ids(self) -> list[int]:
+        """The lane's cache rows this item computes."""
+        return [r.row for r in self.rows]
 
 
 @dataclass(frozen=True)
@@ -103,9 +101,9 @@ class _Row:
 
 @dataclass
 class _Group:
-    """Sequences admitted together: rows [row0, row0 + len(pads)), left-padded to `width`."""
+    """Sequences admitted together into `rows`, left-padded to the longest prompt."""
 
-    row0: int
+    rows: list[int]
     seqs: list[int]
     pads: list[int]
     chunks: deque[tuple[int, int]]
@@ -209,15 +207,15 @@ class Scheduler:
         lane = self._lanes[lane_id]
         lane.outstanding.popleft()
         ended = set(finished)
-        for offset, step in enumerate(item.rows):
-            row = lane.rows[item.row0 + offset]
-            if step.idle or row is None or row.seq != step.seq:
+        for step in item.rows:
+            row = lane.rows[step.row]
+            if row is None or row.seq != step.seq:
                 continue
             row.decoding = True
             if step.seq in ended:
                 # A row is in at most one item in flight (a lane's decode step and its
                 # group's chunk hold different rows), so nothing of it is in flight now.
-                lane.rows[item.row0 + offset] = None
+                lane.rows[step.row] = None
         return item
 
     def _lane_turn(self, lane_id: int, lane: _Lane) -> list[WorkItem]:
@@ -235,19 +233,15 @@ class Scheduler:
         return items
 
     def _admit(self, lane: _Lane) -> None:
-        """Place the oldest waiting sequences into the lane's first run of free rows."""
+        """Place the oldest waiting sequences into the lane's free rows."""
         if lane.group is not None or not self._waiting:
             return
         free = [r for r, row in enumerate(lane.rows) if row is None]
         if not free:
             return
-        row0 = free[0]
-        run = 1
-        while run < len(free) and free[run] == row0 + run:
-            run += 1
         members: list[Request] = []
         for request in self._waiting:
-            if len(members) == run:
+            if len(members) == len(free):
                 break
             width = max([m.prompt_len for m in members] + [request.prompt_len])
             budget = max([m.max_new_tokens for m in members] + [request.max_new_tokens])
@@ -257,10 +251,11 @@ class Scheduler:
         for _ in members:
             self._waiting.popleft()
         width = max(m.prompt_len for m in members)
-        for offset, m in enumerate(members):
-            lane.rows[row0 + offset] = _Row(m.seq, next_pos=m.prompt_len)
+        rows = free[: len(members)]
+        for r, m in zip(rows, members):
+            lane.rows[r] = _Row(m.seq, next_pos=m.prompt_len)
         lane.group = _Group(
-            row0, [m.seq for m in members], [width - m.prompt_len for m in members],
+            rows, [m.seq for m in members], [width - m.prompt_len for m in members],
             deque(prefill_chunks(width, self.chunk)),
         )
 
@@ -269,30 +264,27 @@ class Scheduler:
         assert group is not None
         start, length = group.chunks.popleft()
         last = not group.chunks
-        rows = tuple(RowStep(seq, start - pad, reset=start == 0) for seq, pad in zip(group.seqs, group.pads))
+        rows = tuple(
+            RowStep(r, seq, start - pad, reset=start == 0) for r, seq, pad in zip(group.rows, group.seqs, group.pads)
+        )
         if last:
             lane.group = None
-        return WorkItem(lane_id, Kind.PREFILL, group.row0, rows, length, samples=last)
+        return WorkItem(lane_id, Kind.PREFILL, rows, length, samples=last)
 
     def _decode_item(self, lane_id: int, lane: _Lane) -> WorkItem | None:
-        decoding = [r for r, row in enumerate(lane.rows) if row is not None and row.decoding]
-        if not decoding:
-            return None
-        row0, row1 = decoding[0], decoding[-1] + 1
         steps = []
-        for r in range(row0, row1):
-            row = lane.rows[r]
-            if row is None or not row.decoding:
-                steps.append(IDLE)
-                continue
-            steps.append(RowStep(row.seq, row.next_pos))
-            row.next_pos += 1
-        return WorkItem(lane_id, Kind.DECODE, row0, tuple(steps), 1, samples=True)
+        for r, row in enumerate(lane.rows):
+            if row is not None and row.decoding:
+                steps.append(RowStep(r, row.seq, row.next_pos))
+                row.next_pos += 1
+        if not steps:
+            return None
+        return WorkItem(lane_id, Kind.DECODE, tuple(steps), 1, samples=True)
 
 
 def item_positions(item: WorkItem) -> torch.Tensor:
-    """Rope positions of `item`'s tokens: [b, T] int64, -1 on padding and idle rows."""
-    first = torch.tensor([-(1 << 40) if s.idle else s.first_pos for s in item.rows], dtype=torch.int64)
+    """Rope positions of `item`'s tokens: [b, T] int64, -1 on left padding."""
+    first = torch.tensor([s.first_pos for s in item.rows], dtype=torch.int64)
     pos = first[:, None] + torch.arange(item.length, dtype=torch.int64)[None, :]  # [b, T]
     return pos.masked_fill(pos < 0, -1)
 

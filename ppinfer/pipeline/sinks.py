@@ -40,28 +40,24 @@ class SampleSink:
         self, stage: PipelineStage, item: WorkItem, ids: torch.Tensor, hidden: torch.Tensor,
         sampling: tuple[RowSampling, ...],
     ) -> torch.Tensor | None:
-        """ids [b, T] and hidden [b, T, E] of `item` -> sampled ids [b] (0 for idle rows) after
-        a sampling item, else None."""
-        live = [i for i, step in enumerate(item.rows) if not step.idle]
-        for i in live:
+        """ids [b, T] and hidden [b, T, E] of `item` -> sampled ids [b] after a sampling item,
+        else None."""
+        for i in range(len(item.rows)):
             self._track(item, i, ids[i], sampling[i])
         if not item.samples:
             return None
         tokens = torch.zeros(len(item.rows), dtype=torch.int64)
-        if not live:
-            return tokens
         with self.tracer.range("lm_head"):
-            logits = stage.lm_head(hidden[live, -1:])[:, 0]  # [n, V]
+            logits = stage.lm_head(hidden[:, -1:])[:, 0]  # [b, V]
         with self.tracer.range("sample"):
-            for group, settings in _same_settings(live, sampling):
-                streams = [self._streams[(item.lane, item.row0 + i)] for i in group]
-                rows = [live.index(i) for i in group]
+            for rows, settings in _same_settings(sampling):
+                streams = [self._streams[(item.lane, item.rows[i].row)] for i in rows]
                 history = None
                 if settings.repetition_penalty != 1.0:
                     history = pad_history([s.history or [] for s in streams]).to(logits.device)
                 generators = None if settings.greedy else [s.generator for s in streams]
-                picked = sample(logits[rows], settings, generators, history).cpu()  # [len(group)]
-                tokens[group] = picked
+                picked = sample(logits[rows], settings, generators, history).cpu()  # [len(rows)]
+                tokens[rows] = picked
                 for stream, token in zip(streams, picked.tolist()):
                     if stream.history is not None:
                         stream.history.append(token)
@@ -69,7 +65,8 @@ class SampleSink:
 
     def _track(self, item: WorkItem, i: int, ids: torch.Tensor, sampling: RowSampling) -> None:
         """Start the row's stream on a new sequence; record the tokens it was fed."""
-        step, key = item.rows[i], (item.lane, item.row0 + i)
+        step = item.rows[i]
+        key = (item.lane, step.row)
         stream = self._streams.get(key)
         if step.reset or stream is None or stream.seq != step.seq:
             keeps = sampling.repetition_penalty != 1.0
@@ -83,11 +80,10 @@ class SampleSink:
         return {}
 
 
-def _same_settings(live: list[int], sampling: tuple[RowSampling, ...]) -> list[tuple[list[int], RowSampling]]:
+def _same_settings(sampling: tuple[RowSampling, ...]) -> list[tuple[list[int], RowSampling]]:
     """Rows grouped by identical sampling settings (their streams differ, not their filters)."""
     groups: dict[tuple[float, int, float, float, float], tuple[list[int], RowSampling]] = {}
-    for i in live:
-        s = sampling[i]
+    for i, s in enumerate(sampling):
         key = (s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty)
         groups.setdefault(key, ([], s))[0].append(i)
     return list(groups.values())

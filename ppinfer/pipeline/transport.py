@@ -36,7 +36,7 @@ from ppinfer.pipeline.schedule import Kind, RowStep, WorkItem
 from ppinfer.profiling.trace import NULL_TRACER, Tracer
 
 HEADER = 8  # int64 fields before the per-stage and per-row parts of a control block
-ROW_FIELDS = 9  # int64 fields per row: seq, first_pos, reset, then `RowSampling`
+ROW_FIELDS = 10  # int64 fields per row: row, seq, first_pos, reset, then `RowSampling`
 _SEND_BUFFERS = 4  # rotating send buffers per link; a buffer is reused 4 sends later
 
 
@@ -104,9 +104,9 @@ class Control:
         rows: list[int] = []
         it = self.item
         if it is not None:
-            fields[1:7] = [it.lane, int(it.kind), it.row0, len(it.rows), it.length, int(it.samples)]
+            fields[1:6] = [it.lane, int(it.kind), len(it.rows), it.length, int(it.samples)]
             for step, sampling in zip(it.rows, self.sampling, strict=True):
-                rows += [step.seq, step.first_pos, int(step.reset), *sampling.encode()]
+                rows += [step.row, step.seq, step.first_pos, int(step.reset), *sampling.encode()]
         return fields + busy + rows
 
     @classmethod
@@ -115,13 +115,13 @@ class Control:
         busy = tuple(v / 1e6 for v in raw[HEADER:HEADER + stages])
         if msg in (Msg.STOP, Msg.PING):
             return cls(msg, busy_s=busy)
-        n_rows, at = raw[4], HEADER + stages
+        n_rows, at = raw[3], HEADER + stages
         steps, sampling = [], []
         for r in range(n_rows):
             row = raw[at + r * ROW_FIELDS: at + (r + 1) * ROW_FIELDS]
-            steps.append(RowStep(row[0], row[1], bool(row[2])))
-            sampling.append(RowSampling.decode(row[3:]))
-        item = WorkItem(raw[1], Kind(raw[2]), raw[3], tuple(steps), raw[5], bool(raw[6]))
+            steps.append(RowStep(row[0], row[1], row[2], bool(row[3])))
+            sampling.append(RowSampling.decode(row[4:]))
+        item = WorkItem(raw[1], Kind(raw[2]), tuple(steps), raw[4], bool(raw[5]))
         return cls(msg, item, tuple(sampling), busy)
 
 

@@ -4,10 +4,10 @@
 // rms_norm(x [..., D], w, eps): x * (1 / sqrt(mean(x^2) + eps)) * w, the sum of squares in
 //   double as llama.cpp takes it (and the scale too, so that no square overflows); w is [D] or [P, D] for per-head weights over x's last two
 //   dims [..., P, D].
-// attend(qk, v, rot, k_cache, v_cache, cols, mask, n_head, n_rot, scale, softcap): rotary
-//   embedding of q and k, the new keys and values written into the cache at `cols`, and
-//   grouped-query attention over the cache under `mask`, with an optional tanh softcap on the
-//   scores; returns [b, T, H * D], the layout the output projection takes.
+// attend(qk, v, rot, k_cache, v_cache, rows, cols, mask, n_head, n_rot, scale, softcap): rotary
+//   embedding of q and k, the new keys and values written into cache rows `rows` at `cols`,
+//   and grouped-query attention over those rows under `mask`, with an optional tanh softcap on
+//   the scores; returns [b, T, H * D], the layout the output projection takes.
 //
 // Portable C++ (the compiler vectorizes the eight-lane partial sums), so they run on any CPU.
 #include <ATen/ATen.h>
@@ -100,21 +100,29 @@ at::Tensor rms_norm(const at::Tensor& x_in, const std::optional<at::Tensor>& w_i
 }
 
 at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rot_in, const at::Tensor& k_cache,
-                  const at::Tensor& v_cache, const at::Tensor& cols_in, const at::Tensor& mask_in, int64_t n_head,
-                  int64_t n_rot, double scale, double softcap) {
+                  const at::Tensor& v_cache, const at::Tensor& rows_in, const at::Tensor& cols_in,
+                  const at::Tensor& mask_in, int64_t n_head, int64_t n_rot, double scale, double softcap) {
   constexpr const char* op = "attend";
   check_float_cpu(op, "qk", qk, 4);  // [b, T, H + Hkv, D]
   check_float_cpu(op, "v", v, 4);  // [b, T, Hkv, D]
-  check_float_cpu(op, "k_cache", k_cache, 4);  // [b, Hkv, S, D]
+  check_float_cpu(op, "k_cache", k_cache, 4);  // [B, Hkv, S, D]
   check_float_cpu(op, "v_cache", v_cache, 4);
   const int64_t b = qk.size(0), t = qk.size(1), d = qk.size(3);
   const int64_t hkv = k_cache.size(1), slots = k_cache.size(2), h = n_head;
   TORCH_CHECK(h > 0 && hkv > 0 && h % hkv == 0 && qk.size(2) == h + hkv, op, ": qk ", qk.sizes(), " for ", h,
               " query heads and a cache of ", hkv, " kv heads");
   TORCH_CHECK(v.sizes() == at::IntArrayRef({b, t, hkv, d}), op, ": v ", v.sizes(), " does not match qk ", qk.sizes());
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == b && k_cache.size(3) == d &&
-                  k_cache.stride(2) == d && v_cache.stride(2) == d,
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == d && k_cache.stride(2) == d &&
+                  v_cache.stride(2) == d,
               op, ": caches ", k_cache.sizes(), " / ", v_cache.sizes(), " do not match qk ", qk.sizes());
+  const at::Tensor rows = rows_in.contiguous();  // [b] int64: the cache row of each batch row
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.size(0) == b, op,
+              ": rows must be int64 [", b, "], got ", rows.scalar_type(), " ", rows.sizes());
+  const int64_t* row_of = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < b; ++i) {
+    TORCH_CHECK(row_of[i] >= 0 && row_of[i] < k_cache.size(0), op, ": row ", row_of[i], " outside a cache of ",
+                k_cache.size(0), " rows");
+  }
   TORCH_CHECK(n_rot >= 0 && n_rot <= d && n_rot % 2 == 0, op, ": n_rot ", n_rot, " for head dim ", d);
   const at::Tensor rot = rot_in.contiguous();  // [b, T, n_rot/2, 2] (cos, sin)
   TORCH_CHECK(rot.scalar_type() == at::kFloat && rot.numel() == b * t * n_rot, op, ": rot must be float32 [b, T, ",
@@ -142,7 +150,7 @@ at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
     return qkp + i * qk.stride(0) + j * qk.stride(1) + head * qk.stride(2);
   };
   const auto key = [&](float* cache, const at::Tensor& c, int64_t i, int64_t g, int64_t slot) {
-    return cache + i * c.stride(0) + g * c.stride(1) + slot * d;
+    return cache + row_of[i] * c.stride(0) + g * c.stride(1) + slot * d;
   };
 
   // The new tokens' keys (rotated) and values into their slots.
@@ -202,7 +210,8 @@ at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
 TORCH_LIBRARY_FRAGMENT(ppinfer_kernels, m) {
   m.def("rms_norm(Tensor x, Tensor? w, float eps) -> Tensor", &ppinfer::rms_norm);
   m.def(
-      "attend(Tensor qk, Tensor v, Tensor rot, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cols, Tensor mask, "
+      "attend(Tensor qk, Tensor v, Tensor rot, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, Tensor cols, "
+      "Tensor mask, "
       "int n_head, int n_rot, float scale, float softcap) -> Tensor",
       &ppinfer::attend);
 }
