@@ -22,6 +22,15 @@ TOL = 1e-5
 pytestmark = pytest.mark.skipif(build.unavailable_reason() is not None, reason="no kernel library here")
 
 
+@pytest.fixture(params=["auto", "scalar"])
+def isa(request):
+    """Attention's dots run with AVX2 and FMA where the CPU has them ("auto") or portable
+    ("scalar", what a CPU without AVX2 runs); restored afterwards."""
+    build.set_isa(request.param)
+    yield build.isa()
+    build.set_isa("auto")
+
+
 def reference_rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
     x = x.double()
     y = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
@@ -98,7 +107,7 @@ LANE = 7  # rows of the cache; a forward computes some of them
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_attend_matches_float64(case: str) -> None:
+def test_attend_matches_float64(case: str, isa: str) -> None:
     b, t, h, hkv, d, n_rot, softcap, ragged, row_list = CASES[case]
     rows = torch.tensor(row_list)
     g = torch.Generator().manual_seed(list(CASES).index(case))
@@ -130,7 +139,7 @@ def test_attend_matches_float64(case: str) -> None:
     assert torch.equal(k_cache.transpose(1, 2)[~written], k_before.transpose(1, 2)[~written])
 
 
-def test_attend_query_with_no_visible_key_gives_zeros() -> None:
+def test_attend_query_with_no_visible_key_gives_zeros(isa: str) -> None:
     qk, v = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 1, 8)
     k_cache, v_cache = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
     rot = torch.tensor([[[[1.0, 0.0]] * 4]])  # [1, 1, 4, 2]: no rotation

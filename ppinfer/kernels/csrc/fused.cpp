@@ -9,7 +9,8 @@
 //   and grouped-query attention over those rows under `mask`, with an optional tanh softcap on
 //   the scores; returns [b, T, H * D], the layout the output projection takes.
 //
-// Portable C++ (the compiler vectorizes the eight-lane partial sums), so they run on any CPU.
+// Portable C++ (the compiler vectorizes the eight-lane partial sums), so they run on any CPU;
+// attention's dots and sums use AVX2 and FMA where the block kernels do (`set_isa`).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,6 +21,8 @@
 #include <limits>
 #include <optional>
 #include <vector>
+
+#include "qtypes.h"
 
 namespace ppinfer {
 namespace {
@@ -99,6 +102,93 @@ at::Tensor rms_norm(const at::Tensor& x_in, const std::optional<at::Tensor>& w_i
   return out;
 }
 
+// One query token's attention for the `group` query heads that read one kv head.
+struct GroupTask {
+  const float* q;        // [group, d] rotated queries
+  const float* keys;     // slot s's key at keys + s * d
+  const float* values;   // slot s's value at values + s * d
+  const bool* visible;   // [n]
+  int64_t n, d, group;
+  float scale, cap;      // cap 0: no softcap
+  float* scratch;        // [group * (n + 2)]: scores, then each head's max and sum
+  float* out;            // [group, d]
+};
+
+struct ScalarVec {
+  static float dot(const float* a, const float* b, int64_t n) { return ppinfer::dot(a, b, n); }
+  static void axpy(float p, const float* x, float* y, int64_t n) { ppinfer::axpy(p, x, y, n); }
+};
+
+// Scores of every visible slot for every head (keys read once for the group), softmax, then
+// the values' weighted sum (values read once).
+template <class Vec>
+inline __attribute__((always_inline)) void attend_group(const GroupTask& a) {
+  float* scores = a.scratch;  // [group, n]
+  float* best = scores + a.group * a.n;
+  float* total = best + a.group;
+  const float none = -std::numeric_limits<float>::infinity();
+  std::fill(best, best + a.group, none);
+  for (int64_t s = 0; s < a.n; ++s) {
+    if (!a.visible[s]) continue;
+    const float* k = a.keys + s * a.d;
+    for (int64_t e = 0; e < a.group; ++e) {
+      float score = Vec::dot(a.q + e * a.d, k, a.d) * a.scale;
+      if (a.cap > 0) score = std::tanh(score / a.cap) * a.cap;
+      scores[e * a.n + s] = score;
+      best[e] = std::max(best[e], score);
+    }
+  }
+  std::fill(a.out, a.out + a.group * a.d, 0.0f);
+  if (best[0] == none) return;  // no visible key (never for a real query: it sees its own slot)
+  std::fill(total, total + a.group, 0.0f);
+  for (int64_t s = 0; s < a.n; ++s) {
+    if (!a.visible[s]) continue;
+    const float* v = a.values + s * a.d;
+    for (int64_t e = 0; e < a.group; ++e) {
+      const float p = std::exp(scores[e * a.n + s] - best[e]);
+      total[e] += p;
+      Vec::axpy(p, v, a.out + e * a.d, a.d);
+    }
+  }
+  for (int64_t e = 0; e < a.group; ++e) {
+    const float inv = 1.0f / total[e];
+    for (int64_t x = 0; x < a.d; ++x) a.out[e * a.d + x] *= inv;
+  }
+}
+
+void attend_group_scalar(const GroupTask& a) { attend_group<ScalarVec>(a); }
+
+#ifdef PPINFER_X86
+struct Avx2Vec {
+  PPINFER_AVX2 static inline float dot(const float* a, const float* b, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    const __m256 acc = _mm256_add_ps(acc0, acc1);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+    float s = _mm_cvtss_f32(s4);
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+  }
+  PPINFER_AVX2 static inline void axpy(float p, const float* x, float* y, int64_t n) {
+    const __m256 pv = _mm256_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; ++i) y[i] += p * x[i];
+  }
+};
+
+PPINFER_AVX2 void attend_group_avx2(const GroupTask& a) { attend_group<Avx2Vec>(a); }
+#else
+void attend_group_avx2(const GroupTask& a) { attend_group<ScalarVec>(a); }
+#endif
+
 at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rot_in, const at::Tensor& k_cache,
                   const at::Tensor& v_cache, const at::Tensor& rows_in, const at::Tensor& cols_in,
                   const at::Tensor& mask_in, int64_t n_head, int64_t n_rot, double scale, double softcap) {
@@ -171,34 +261,19 @@ at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
   const bool* mp = mask.data_ptr<bool>();
   const int64_t group = h / hkv;
   const float scalef = static_cast<float>(scale), cap = static_cast<float>(softcap);
-  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, 2 * n * d));
-  // One task per (row, query token, head).
-  at::parallel_for(0, b * t * h, grain, [&](int64_t task0, int64_t task1) {
-    std::vector<float> q(d), scores(n);
+  const auto run_group = avx2_active() ? attend_group_avx2 : attend_group_scalar;
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, 2 * n * d * group));
+  // One task per (row, query token, kv head): the group of query heads reading that kv head.
+  at::parallel_for(0, b * t * hkv, grain, [&](int64_t task0, int64_t task1) {
+    std::vector<float> q(group * d), scratch(group * (n + 2));
     for (int64_t task = task0; task < task1; ++task) {
-      const int64_t i = task / (t * h), j = task / h % t, head = task % h, g = head / group;
-      rotate(at_qk(i, j, head), rp + (i * t + j) * n_rot, n_rot, d, q.data());
-      const bool* visible = mp + (i * t + j) * n;
-      float best = -std::numeric_limits<float>::infinity();
-      for (int64_t s = 0; s < n; ++s) {
-        if (!visible[s]) continue;
-        float score = dot(q.data(), key(kc, k_cache, i, g, s), d) * scalef;
-        if (cap > 0) score = std::tanh(score / cap) * cap;
-        scores[s] = score;
-        best = std::max(best, score);
+      const int64_t i = task / (t * hkv), j = task / hkv % t, g = task % hkv;
+      for (int64_t e = 0; e < group; ++e) {
+        rotate(at_qk(i, j, g * group + e), rp + (i * t + j) * n_rot, n_rot, d, q.data() + e * d);
       }
-      float* y = outp + ((i * t + j) * h + head) * d;
-      std::fill(y, y + d, 0.0f);
-      if (best == -std::numeric_limits<float>::infinity()) continue;  // no visible key
-      float total = 0.0f;
-      for (int64_t s = 0; s < n; ++s) {
-        if (!visible[s]) continue;
-        const float p = std::exp(scores[s] - best);
-        total += p;
-        axpy(p, key(vc, v_cache, i, g, s), y, d);
-      }
-      const float inv = 1.0f / total;
-      for (int64_t e = 0; e < d; ++e) y[e] *= inv;
+      const GroupTask work{q.data(), key(kc, k_cache, i, g, 0), key(vc, v_cache, i, g, 0), mp + (i * t + j) * n,
+                           n, d, group, scalef, cap, scratch.data(), outp + ((i * t + j) * h + g * group) * d};
+      run_group(work);
     }
   });
   return out;

@@ -479,6 +479,9 @@ void set_gemm_min_rows(int64_t rows) {
 }
 
 }  // namespace
+
+bool avx2_active() { return avx2_enabled().load(std::memory_order_relaxed); }
+
 }  // namespace ppinfer
 
 TORCH_LIBRARY(ppinfer_kernels, m) {

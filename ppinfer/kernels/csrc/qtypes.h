@@ -27,6 +27,10 @@
 
 namespace ppinfer {
 
+// Whether the AVX2 code runs now: the CPU has AVX2, FMA and F16C and set_isa did not force
+// the portable code (ops.cpp).
+bool avx2_active();
+
 constexpr int kQ8Elems = 32;
 
 // 32 activations x[i] ~= d * q[i]; s = d * sum(q) serves types whose blocks carry an offset.
