@@ -8,7 +8,8 @@
    aggregate generated tokens per second, and each client's time to first token and
    inter-token latency (p50 / p95).
 
-Both sides of each ratio run back to back on this machine; nothing else should be running.
+Both sides of each ratio run back to back on this machine, `--repeat` times (the median ratio
+is the result); nothing else should be running.
 """
 
 from __future__ import annotations
@@ -157,28 +158,50 @@ def _p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
+def _pairs(label: str, target: float, repeat: int, measure_pair) -> None:
+    """Measure (ppinfer, reference) `repeat` times, each pair back to back, and print every
+    pair and the median of their ratios (this VM's speed drifts between runs; a ratio of two
+    neighbouring runs drifts less)."""
+    ratios = []
+    for i in range(repeat):
+        ours, ref, detail = measure_pair()
+        ratios.append(ours / ref)
+        print(f"{label} [{i + 1}/{repeat}]: {detail}, ratio {ours / ref:.2f}", flush=True)
+    print(f"{label}: median ratio {statistics.median(ratios):.2f} of {repeat} "
+          f"(min {min(ratios):.2f}, max {max(ratios):.2f}; target >= {target})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ppinfer.bench.serving", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=64, help="tokens per streaming client (default 64)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent streaming clients (default 32)")
+    parser.add_argument("--repeat", type=int, default=3, help="pairs measured per ratio (default 3)")
     parser.add_argument("--port", type=int, default=8321)
     args = parser.parse_args(argv)
     model = ensure_model("smollm2-135m-instruct")
+    prompts = CHAT_PROMPTS[: args.clients]
     with tempfile.TemporaryDirectory(prefix="ppinfer-serving-bench-") as tmp:
         work = Path(tmp)
-        eos, _ = batch_rate(model, CHAT_PROMPTS, work / "eos", ["generation.max_new_tokens=128"])
-        uniform, _ = batch_rate(model, CHAT_PROMPTS, work / "uniform",
-                                ["generation.max_new_tokens=48", "generation.ignore_eos=true"])
-        print(f"continuous batching: EOS workload {eos:.1f} tok/s, uniform {uniform:.1f} tok/s, "
-              f"ratio {eos / uniform:.2f} (target >= 0.85)")
-        prompts = CHAT_PROMPTS[: args.clients]
-        batch, _ = batch_rate(model, prompts, work / "batch32",
-                              [f"generation.max_new_tokens={args.tokens}", "generation.ignore_eos=true"])
-        served = server_run(model, prompts, args.tokens, args.port)
-        print(f"server: {args.clients} streaming clients {served['tokens_per_s']:.1f} tok/s, batch command "
-              f"{batch:.1f} tok/s, ratio {served['tokens_per_s'] / batch:.2f} (target >= 0.9); time to first "
-              f"token p50 {served['ttft_p50_s'] * 1e3:.0f} ms p95 {served['ttft_p95_s'] * 1e3:.0f} ms; inter-token "
-              f"p50 {served['itl_p50_s'] * 1e3:.1f} ms p95 {served['itl_p95_s'] * 1e3:.1f} ms")
+
+        def batching() -> tuple[float, float, str]:
+            eos, _ = batch_rate(model, CHAT_PROMPTS, work / "eos", ["generation.max_new_tokens=128"])
+            uniform, _ = batch_rate(model, CHAT_PROMPTS, work / "uniform",
+                                    ["generation.max_new_tokens=48", "generation.ignore_eos=true"])
+            return eos, uniform, f"EOS workload {eos:.1f} tok/s, uniform {uniform:.1f} tok/s"
+
+        def serving() -> tuple[float, float, str]:
+            batch, _ = batch_rate(model, prompts, work / "batch32",
+                                  [f"generation.max_new_tokens={args.tokens}", "generation.ignore_eos=true"])
+            served = server_run(model, prompts, args.tokens, args.port)
+            return served["tokens_per_s"], batch, (
+                f"{args.clients} streaming clients {served['tokens_per_s']:.1f} tok/s, batch command {batch:.1f} "
+                f"tok/s; time to first token p50 {served['ttft_p50_s'] * 1e3:.0f} ms p95 "
+                f"{served['ttft_p95_s'] * 1e3:.0f} ms; inter-token p50 {served['itl_p50_s'] * 1e3:.1f} ms p95 "
+                f"{served['itl_p95_s'] * 1e3:.1f} ms"
+            )
+
+        _pairs("continuous batching", 0.85, args.repeat, batching)
+        _pairs("server", 0.9, args.repeat, serving)
     return 0
 
 
