@@ -1,6 +1,6 @@
 """The fused float32 CPU ops (ppinfer.kernels.fused) against float64 references written here.
 
-rms_norm: x / sqrt(mean(x^2) + eps) * w. attend: rotary embedding of q and k (pairs (x[2i],
+rms_norm: x / sqrt(mean(x^2) + eps) * w. glu: act(gate) * up. attend: rotary embedding of q and k (pairs (x[2i],
 x[2i+1]) turned by (cos, sin)), the new keys and values stored at their slots, then softmax
 attention under a boolean mask, each query head reading kv head h // (H / Hkv), with
 tanh(s / c) * c on the scores when a softcap c is given.
@@ -11,6 +11,8 @@ sign or scale.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -59,6 +61,22 @@ def test_rms_norm_of_a_strided_view_and_of_huge_and_zero_rows() -> None:
     got = fused.rms_norm_op()(x, w, 1e-5)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), reference_rms_norm(x, w, 1e-5), atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("kind", [0, 1], ids=["silu", "gelu_tanh"])
+@pytest.mark.parametrize("shape", [(2, 3, 2 * 24), (1, 1, 2 * 1536), (5, 2 * 7), (0, 8)])
+def test_glu_matches_float64(kind: int, shape: tuple[int, ...]) -> None:
+    """act(gate) * up over [gate | up]: SiLU x / (1 + e^-x), GELU 0.5 x (1 + tanh(sqrt(2/pi)
+    (x + 0.044715 x^3))), values out to +-12 where both saturate."""
+    h = torch.randn(*shape, generator=torch.Generator().manual_seed(kind)) * 4
+    gate, up = h.double().chunk(2, dim=-1)
+    if kind == 0:
+        act = gate / (1 + torch.exp(-gate))
+    else:
+        act = 0.5 * gate * (1 + torch.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3)))
+    got = fused.glu_op()(h, kind)
+    assert got.shape == (*shape[:-1], shape[-1] // 2)
+    torch.testing.assert_close(got.double(), act * up, atol=TOL, rtol=TOL)
 
 
 def rotate(x: torch.Tensor, rot: torch.Tensor, n_rot: int) -> torch.Tensor:
@@ -154,6 +172,10 @@ def test_bad_inputs_are_one_line_errors() -> None:
         norm(torch.randn(2, 8, dtype=torch.bfloat16), None, 1e-5)
     with pytest.raises(RuntimeError, match=r"rms_norm: w must be float32 \[8\]"):
         norm(torch.randn(2, 8), torch.randn(4), 1e-5)
+    with pytest.raises(RuntimeError, match=r"glu: h must be a float32 CPU tensor \[..., 2F\], got Float \[2, 7\]"):
+        fused.glu_op()(torch.randn(2, 7), 0)
+    with pytest.raises(RuntimeError, match="glu: kind must be 0"):
+        fused.glu_op()(torch.randn(2, 8), 2)
     qk, v = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 1, 8)
     k_cache, v_cache = torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8)
     rot, mask = torch.ones(1, 1, 4, 2), torch.ones(1, 1, 1, 4, dtype=torch.bool)

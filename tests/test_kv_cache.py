@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from ppinfer.kernels import fused
 from ppinfer.pipeline.runtime import StageRunner
 from ppinfer.pipeline.schedule import Kind, Request, Scheduler, WorkItem, run_order
 from stage_runner import arange_positions, full_logits, step, whole
@@ -96,14 +97,22 @@ def test_left_padded_lane_equals_each_sequence_alone(tiny_files: TinyFiles, case
             assert gap <= TOLERANCE, f"{case}: decode step {k} of the {n}-token prompt differs by {gap:.3g}"
 
 
-@pytest.mark.parametrize("case", ["llama", "gemma2", "gemma3"])
+@pytest.mark.parametrize(
+    ("case", "fused_ops"), [("llama", True), ("gemma2", True), ("gemma3", True), ("llama", False), ("gemma3", False)]
+)
 @torch.no_grad()
-def test_refilled_lane_equals_each_sequence_alone(tiny_files: TinyFiles, case: str) -> None:
+def test_refilled_lane_equals_each_sequence_alone(
+    tiny_files: TinyFiles, case: str, fused_ops: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One lane of 3 rows run in the scheduler's own order: groups left-padded together, rows
     freed and refilled (the cache row reset by the newcomer's first chunk), a newcomer's
     chunks interleaved with its neighbours' decode steps, rows of different lengths in one
     step, steps over rows that are not consecutive and a group admitted into rows apart. Every
-    sequence's logits at every position it is fed equal those of the sequence alone."""
+    sequence's logits at every position it is fed equal those of the sequence alone. Decode
+    steps run through the fused attention op, and again through torch's ops (the path of other
+    dtypes and devices)."""
+    if not fused_ops:
+        monkeypatch.setattr(fused, "available", lambda device, dtype: False)
     spec, path = ALL_CASES[case], tiny_files.path(case)
     stage = whole(path, spec.n_layer)
     prompts, samples = [2, 7, 6, 4, 5, 3], [2, 7, 2, 1, 5, 6]

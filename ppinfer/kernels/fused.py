@@ -1,8 +1,8 @@
 """Fused float32 CPU ops for a decoder layer's small steps (csrc/fused.cpp).
 
 A decode step of a small model is bound by per-op host cost, not arithmetic: RMSNorm is five
-torch ops, and rotary embedding, the KV cache write and attention a dozen more per layer. These
-ops do each in one call. They are portable C++, so they serve any CPU wherever the kernel
+torch ops, rotary embedding, the KV cache write and attention a dozen more per layer, and the
+gated MLP's activation three. These ops do each in one call. They are portable C++, so they serve any CPU wherever the kernel
 library builds; `available` says where a stage uses them.
 """
 
@@ -22,6 +22,12 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 def rms_norm_op():
     """rms_norm(x [..., D], w [D] | [P, D] | None, eps) -> x / sqrt(mean(x^2) + eps) * w."""
     return build.ops().rms_norm.default
+
+
+def glu_op():
+    """glu(h [..., 2F], kind) -> act(gate) * up [..., F]: kind 0 SiLU, 1 tanh-approximated
+    GELU, over the fused [gate | up] projection."""
+    return build.ops().glu.default
 
 
 def attend_op():

@@ -62,7 +62,7 @@ class Attention(nn.Module):
         rotations = io.rope[id(self.rope)]  # [B, T, n_rot/2, 2]
         if self._attend is not None and t == 1:
             y = self._attend(
-                qk, v, rotations, kv.k, kv.v, kv.row_ids(), kv.cols, mask, h, self.rope.n_rot, self.scale,
+                qk, v, rotations, kv.k, kv.v, kv.row_ids, kv.cols, mask, h, self.rope.n_rot, self.scale,
                 self.softcap or 0.0,
             )  # [B, 1, H D]
             return self.out(y)
@@ -93,16 +93,21 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Gated (SwiGLU / GeGLU, gate and up fused as one matmul) or plain GELU MLP."""
+    """Gated (SwiGLU / GeGLU, gate and up fused as one matmul) or plain GELU MLP. With `fused`
+    (float32 on the CPU) the gated activation is one op."""
 
-    def __init__(self, kind: Mlp, up: Linear, down: Linear) -> None:
+    def __init__(self, kind: Mlp, up: Linear, down: Linear, fused: bool = False) -> None:
         super().__init__()
         self.kind, self.up, self.down = kind, up, down
+        self._glu = fused_ops.glu_op() if fused and kind is not Mlp.GELU else None
+        self._glu_kind = 0 if kind is Mlp.SWIGLU else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)  # [B, T, 2F] gated ([gate | up]) or [B, T, F]
         if self.kind is Mlp.GELU:
             return self.down(F.gelu(h, approximate="tanh"))
+        if self._glu is not None:
+            return self.down(self._glu(h, self._glu_kind))  # [B, T, F] -> [B, T, E]
         gate, up = h.chunk(2, dim=-1)
         act = F.silu(gate) if self.kind is Mlp.SWIGLU else F.gelu(gate, approximate="tanh")
         return self.down(act * up)

@@ -77,7 +77,8 @@ class StageState:
             self.lengths[r] = length + t
         device = self.positions.device
         consecutive = rows[-1] - rows[0] == b - 1
-        index = slice(rows[0], rows[0] + b) if consecutive else torch.tensor(rows, device=device)
+        row_ids = torch.tensor(list(rows), device=device)  # [b]
+        index = slice(rows[0], rows[0] + b) if consecutive else row_ids
         uniform = all(s == starts[0] for s in starts)
         if uniform:
             cols = torch.arange(starts[0], starts[0] + t, device=device).expand(b, t)  # [b, T]
@@ -86,10 +87,9 @@ class StageState:
         if uniform and consecutive:
             self.positions[index, starts[0]:starts[0] + t] = positions
         else:
-            row_ids = torch.tensor(rows, device=device)[:, None]  # [b, 1]
-            self.positions[row_ids, cols] = positions
+            self.positions[row_ids[:, None], cols] = positions
         end = max(starts) + t
-        return RowsView(self, index, positions, cols, starts[0] if uniform else None, end)
+        return RowsView(self, index, row_ids, positions, cols, starts[0] if uniform else None, end)
 
 
 @dataclass
@@ -100,6 +100,7 @@ class RowsView:
 
     state: StageState
     index: slice | torch.Tensor
+    row_ids: torch.Tensor  # [b] int64
     positions: torch.Tensor  # [b, T] the queries' rope positions
     cols: torch.Tensor  # [b, T] int64
     start: int | None
@@ -123,7 +124,9 @@ class RowsView:
 
     def layer(self, layer: int) -> "LayerKV":
         """The slots of `layer`: where its new keys and values go."""
-        return LayerKV(self.state.k[layer], self.state.v[layer], self.index, self.cols, self.start, self.end)
+        return LayerKV(
+            self.state.k[layer], self.state.v[layer], self.index, self.row_ids, self.cols, self.start, self.end
+        )
 
 
 @dataclass
@@ -133,15 +136,10 @@ class LayerKV:
     k: torch.Tensor  # [B, Hkv, max_len, D]: the lane's whole cache of this layer
     v: torch.Tensor  # [B, Hkv, max_len, D]
     index: slice | torch.Tensor  # this forward's rows
+    row_ids: torch.Tensor  # [b] int64, the same rows
     cols: torch.Tensor  # [b, T] int64
     start: int | None  # the common first column when every row writes the same ones
     end: int  # keys are read from columns [0, end)
-
-    def row_ids(self) -> torch.Tensor:
-        """This forward's rows as a tensor [b] int64."""
-        if isinstance(self.index, torch.Tensor):
-            return self.index
-        return torch.arange(self.index.start, self.index.stop, device=self.k.device)
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [b, T, Hkv, D]; returns the keys and values to attend to, [b, Hkv, end, D]
@@ -151,7 +149,7 @@ class LayerKV:
             self.k[self.index, :, self.start:self.start + t] = k.transpose(1, 2)
             self.v[self.index, :, self.start:self.start + t] = v.transpose(1, 2)
         else:
-            rows = self.row_ids()[:, None]  # [b, 1]
+            rows = self.row_ids[:, None]  # [b, 1]
             self.k[rows, :, self.cols] = k  # indexed view is [b, T, Hkv, D]
             self.v[rows, :, self.cols] = v
         return self.k[self.index, :, : self.end], self.v[self.index, :, : self.end]

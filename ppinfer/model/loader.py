@@ -241,7 +241,7 @@ def _feed_forward(w: _Weights, spec: FamilySpec, hp: HParams, il: int) -> FeedFo
     else:
         up = w.fused_linear([(p + "ffn_gate.weight", (f, e), None), (p + "ffn_up.weight", (f, e), None)])
     down = w.linear(p + "ffn_down.weight", (e, f), w.optional(p + "ffn_down.bias", (e,)))
-    return FeedForward(spec.mlp, up, down)
+    return FeedForward(spec.mlp, up, down, w.fused)
 
 
 def _block(w: _Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbedding) -> DecoderBlock:

@@ -8,6 +8,8 @@
 //   embedding of q and k, the new keys and values written into cache rows `rows` at `cols`,
 //   and grouped-query attention over those rows under `mask`, with an optional tanh softcap on
 //   the scores; returns [b, T, H * D], the layout the output projection takes.
+// glu(h [..., 2F], kind): act(gate) * up for the fused [gate | up] projection, act SiLU
+//   (kind 0) or tanh-approximated GELU (kind 1); returns [..., F].
 //
 // Portable C++ (the compiler vectorizes the eight-lane partial sums), so they run on any CPU;
 // attention's dots and sums use AVX2 and FMA where the block kernels do (`set_isa`).
@@ -96,6 +98,37 @@ at::Tensor rms_norm(const at::Tensor& x_in, const std::optional<at::Tensor>& w_i
       } else {
         const float* wr = wp + (r % w_rows) * d;
         for (int64_t i = 0; i < d; ++i) yr[i] = (xr[i] * scale) * wr[i];
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor glu(const at::Tensor& h_in, int64_t kind) {
+  TORCH_CHECK(h_in.device().is_cpu() && h_in.scalar_type() == at::kFloat && h_in.dim() >= 1 && h_in.size(-1) % 2 == 0,
+              "glu: h must be a float32 CPU tensor [..., 2F], got ", h_in.scalar_type(), " ", h_in.sizes());
+  TORCH_CHECK(kind == 0 || kind == 1, "glu: kind must be 0 (SiLU) or 1 (GELU, tanh), got ", kind);
+  const at::Tensor h = h_in.contiguous();
+  const int64_t f = h.size(-1) / 2;
+  const int64_t rows = f == 0 ? 0 : h.numel() / (2 * f);
+  std::vector<int64_t> sizes(h.sizes().begin(), h.sizes().end());
+  sizes.back() = f;
+  at::Tensor out = at::empty(sizes, h.options());  // [..., F]
+  const float* hp = h.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float k0 = 0.7978845608028654f, k1 = 0.044715f;  // sqrt(2 / pi), GELU's cubic term
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(f, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* gate = hp + r * 2 * f;
+      const float* up = gate + f;
+      float* y = op + r * f;
+      if (kind == 0) {
+        for (int64_t i = 0; i < f; ++i) y[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+      } else {
+        for (int64_t i = 0; i < f; ++i) {
+          const float x = gate[i];
+          y[i] = 0.5f * x * (1.0f + std::tanh(k0 * (x + k1 * x * x * x))) * up[i];
+        }
       }
     }
   });
@@ -292,6 +325,7 @@ at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
 
 TORCH_LIBRARY_FRAGMENT(ppinfer_kernels, m) {
   m.def("rms_norm(Tensor x, Tensor? w, float eps) -> Tensor", &ppinfer::rms_norm);
+  m.def("glu(Tensor h, int kind) -> Tensor", &ppinfer::glu);
   m.def(
       "attend(Tensor qk, Tensor v, Tensor rot, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, Tensor cols, "
       "Tensor mask, "
