@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
@@ -145,6 +146,8 @@ def wait_command(proc: subprocess.Popen[str], timeout_s: float) -> Finished:
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children(recursive=True):  # torchrun's workers have sessions of their own
+            child.kill()
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         return Finished(-signal.SIGKILL, f"{out}\n[killed after {timeout_s:.0f} s]")

@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 
 import ppinfer.config  # noqa: F401  registers the schema
 from ppinfer.pipeline.launch import run
-from torchrun_job import REPO, command, session_processes
+from torchrun_job import REPO, ProcessTree, command, describe
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +55,7 @@ class Server:
             command(2, args, REPO / "launch" / "serve.py"), cwd=REPO, env=env, stdout=self.log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
+        self.tree = ProcessTree(self.proc.pid)
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=120)
         deadline = time.monotonic() + 240
         while not self._healthy():
@@ -71,8 +72,9 @@ class Server:
             return False
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """Kill the agent and its workers (each in a session of its own), whatever state they
+        are in."""
+        self.tree.kill()
         self.proc.wait(timeout=30)
         self.log.close()
 
@@ -199,7 +201,7 @@ def test_sigterm_ends_every_rank_within_20_s(server: Server) -> None:
     took = time.monotonic() - start
     reader.join(timeout=10)
     assert took < SHUTDOWN_BOUND_S, f"shutdown took {took:.1f} s"
-    assert session_processes(server.proc.pid) == []
+    assert len(server.tree.alive()) == 0, describe(server.tree.alive())
     assert events, "the open stream received nothing"
     assert events[-1] == "data: [DONE]" or any('"error"' in e for e in events), events[-3:]
 
@@ -220,7 +222,7 @@ def test_a_dead_rank_makes_the_server_answer_503_and_the_job_exit(smollm2_path: 
             time.sleep(0.2)
         assert srv.proc.poll() is not None, "the job outlived its dead rank"
         assert 503 in statuses, f"/health answered {statuses}"
-        assert session_processes(srv.proc.pid) == []
+        assert len(srv.tree.alive()) == 0, describe(srv.tree.alive())
     finally:
         srv.stop()
 

@@ -1,16 +1,19 @@
 """Runs `launch/infer.py` under torchrun the way a user does, for the reliability tests.
 
-Each job gets its own process session, so the test can see whether any of its processes (the
-agent and every worker) outlive it, and can kill the whole session when a job hangs.
-`--standalone` makes torchrun pick a free port, so jobs of concurrent test runs never meet.
+torchrun starts each worker in a session of its own, so neither the agent's session nor its
+process group holds the workers, and a worker whose agent is gone is nobody's child. A
+`ProcessTree` therefore records the agent's descendants while it runs: the test can see
+whether any of them (the agent and every worker) outlive the job, and kill them all when a job
+hangs. `--standalone` makes torchrun pick a free port, so jobs of concurrent test runs never
+meet.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ class JobResult:
     returncode: int
     output: str  # stdout and stderr, interleaved as written
     seconds: float
-    leftovers: list[str]  # processes of the job's session still alive after it ended
+    leftovers: list[str]  # processes of the job (agent, workers) still alive after it ended
 
     def error_lines(self) -> list[str]:
         """ppinfer's own error lines (`[ppinfer rank R] error: ...`)."""
@@ -43,16 +46,56 @@ class JobResult:
         ]
 
 
-def session_processes(session: int) -> list[psutil.Process]:
-    """Live processes of a session (zombies are already dead, only not yet reaped)."""
-    alive = []
-    for proc in psutil.process_iter(["pid", "status"]):
+class ProcessTree:
+    """Every process started under `root` (the torchrun agent), recorded every 50 ms while the
+    root lives, so that its workers can be found after it is gone."""
+
+    def __init__(self, root: int) -> None:
+        self._root = psutil.Process(root)
+        self._seen: dict[int, psutil.Process] = {}
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for child in self._root.children(recursive=True):
+                    self._seen.setdefault(child.pid, child)
+            except psutil.NoSuchProcess:
+                return
+            self._stop.wait(0.05)
+
+    def alive(self) -> list[psutil.Process]:
+        """The recorded processes still running (psutil checks a pid still names the same
+        process), the root included; zombies are dead, only not yet reaped."""
+        alive = []
+        for proc in [self._root, *self._seen.values()]:
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.NoSuchProcess:
+                continue
+        return alive
+
+    def kill(self) -> None:
+        """SIGKILL the root and every recorded process still running."""
+        self._stop.set()
+        for proc in self.alive():
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                continue
+
+
+def describe(procs: list[psutil.Process]) -> list[str]:
+    described = []
+    for proc in procs:
         try:
-            if os.getsid(proc.pid) == session and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            described.append(f"{proc.pid} {' '.join(proc.cmdline()[:4])}")
+        except psutil.NoSuchProcess:
             continue
-    return alive
+    return described
 
 
 def command(world: int, args: list[str], script: Path) -> list[str]:
@@ -79,19 +122,19 @@ def run_job(
         command(world, args, script), cwd=REPO, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
+    tree = ProcessTree(proc.pid)
     try:
         if while_running is not None:
             while_running(proc)
         output, _ = proc.communicate(timeout=max(timeout_s - (time.monotonic() - start), 1.0))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        tree.kill()
         output, _ = proc.communicate()
         output += f"\n[test] job killed after {timeout_s} s\n"
     seconds = time.monotonic() - start
     time.sleep(0.5)  # let the kernel finish tearing down workers the agent just killed
-    leftovers = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in session_processes(proc.pid)]
-    for p in session_processes(proc.pid):
-        p.kill()
+    leftovers = describe(tree.alive())
+    tree.kill()
     return JobResult(proc.returncode, output, seconds, leftovers)
 
 
