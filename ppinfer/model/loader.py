@@ -22,8 +22,8 @@ from ppinfer.families.hparams import HParams, RopeParams, read_hparams
 from ppinfer.families.registry import get_spec
 from ppinfer.families.spec import FamilySpec, Mlp, Norm, Rope, Tying
 from ppinfer.gguf.reader import GGUFFile
-from ppinfer.kernels.blocks import nonfinite_scale_block
 from ppinfer.kernels import fused as fused_ops
+from ppinfer.kernels.blocks import nonfinite_scale_block
 from ppinfer.kernels.capabilities import cpu_capabilities
 from ppinfer.kernels.select import BlockBackend, block_backend
 from ppinfer.model.block import Attention, DecoderBlock, FeedForward
