@@ -26,6 +26,14 @@
 
 #include "qtypes.h"
 
+#if defined(__GNUC__) || defined(__clang__)
+#define PPINFER_ALWAYS_INLINE inline __attribute__((always_inline))
+#define PPINFER_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define PPINFER_ALWAYS_INLINE inline
+#define PPINFER_PREFETCH(p) ((void)(p))
+#endif
+
 namespace ppinfer {
 namespace {
 
@@ -161,7 +169,7 @@ struct ScalarVec {
 // Scores of every visible slot for every head (keys read once for the group), softmax, then
 // the values' weighted sum (values read once).
 template <class Vec>
-inline __attribute__((always_inline)) void attend_group(const GroupTask& a) {
+PPINFER_ALWAYS_INLINE void attend_group(const GroupTask& a) {
   float* scores = a.scratch;  // [group, n]
   float* best = scores + a.group * a.n;
   float* total = best + a.group;
@@ -170,7 +178,7 @@ inline __attribute__((always_inline)) void attend_group(const GroupTask& a) {
   for (int64_t s = 0; s < a.n; ++s) {
     if (!a.visible[s]) continue;
     const float* k = a.keys + s * a.d;
-    for (int64_t x = 0; x < a.d; x += 16) __builtin_prefetch(k + kAhead * a.d + x);
+    for (int64_t x = 0; x < a.d; x += 16) PPINFER_PREFETCH(k + kAhead * a.d + x);
     for (int64_t e = 0; e < a.group; ++e) {
       float score = Vec::dot(a.q + e * a.d, k, a.d) * a.scale;
       if (a.cap > 0) score = std::tanh(score / a.cap) * a.cap;
@@ -184,7 +192,7 @@ inline __attribute__((always_inline)) void attend_group(const GroupTask& a) {
   for (int64_t s = 0; s < a.n; ++s) {
     if (!a.visible[s]) continue;
     const float* v = a.values + s * a.d;
-    for (int64_t x = 0; x < a.d; x += 16) __builtin_prefetch(v + kAhead * a.d + x);
+    for (int64_t x = 0; x < a.d; x += 16) PPINFER_PREFETCH(v + kAhead * a.d + x);
     for (int64_t e = 0; e < a.group; ++e) {
       const float p = std::exp(scores[e * a.n + s] - best[e]);
       total[e] += p;
