@@ -183,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ppinfer-serving-bench-") as tmp:
         work = Path(tmp)
 
-        def batching() -> tuple[float, float, str]:
+        def batching_pair() -> tuple[float, float, str]:
             eos, _ = batch_rate(model, CHAT_PROMPTS, work / "eos", ["generation.max_new_tokens=128"])
             uniform, _ = batch_rate(model, CHAT_PROMPTS, work / "uniform",
                                     ["generation.max_new_tokens=48", "generation.ignore_eos=true"])
             return eos, uniform, f"EOS workload {eos:.1f} tok/s, uniform {uniform:.1f} tok/s"
 
-        def serving() -> tuple[float, float, str]:
+        def server_pair() -> tuple[float, float, str]:
             batch, _ = batch_rate(model, prompts, work / "batch32",
                                   [f"generation.max_new_tokens={args.tokens}", "generation.ignore_eos=true"])
             served = server_run(model, prompts, args.tokens, args.port)
@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{served['itl_p95_s'] * 1e3:.1f} ms"
             )
 
-        _pairs("continuous batching", 0.85, args.repeat, batching)
-        _pairs("server", 0.9, args.repeat, serving)
+        _pairs("continuous batching", 0.85, args.repeat, batching_pair)
+        _pairs("server", 0.9, args.repeat, server_pair)
     return 0
 
 

@@ -40,23 +40,6 @@ namespace {
 // Work (multiply-adds) below which a range of rows or heads is not split between threads.
 constexpr int64_t kGrainMacs = int64_t{1} << 14;
 
-// sum a[i] * b[i] over eight independent partial sums (vectorizable without reassociation).
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
-  }
-  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// y += p * x over n values.
-inline void axpy(float p, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += p * x[i];
-}
-
 // y = x with pairs (x[2i], x[2i+1]) of the first n_rot values rotated by (cos, sin) = rot[i].
 inline void rotate(const float* x, const float* rot, int64_t n_rot, int64_t d, float* y) {
   for (int64_t i = 0; i < n_rot / 2; ++i) {
@@ -161,9 +144,23 @@ struct GroupTask {
   float* out;            // [group, d]
 };
 
+// The portable dots and sums (the compiler vectorizes the eight independent partial sums).
 struct ScalarVec {
-  static float dot(const float* a, const float* b, int64_t n) { return ppinfer::dot(a, b, n); }
-  static void axpy(float p, const float* x, float* y, int64_t n) { ppinfer::axpy(p, x, y, n); }
+  // sum a[i] * b[i]
+  static float dot(const float* a, const float* b, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
+    }
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+  }
+  // y += p * x
+  static void axpy(float p, const float* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) y[i] += p * x[i];
+  }
 };
 
 // Scores of every visible slot for every head (keys read once for the group), softmax, then
