@@ -64,6 +64,10 @@ class PipelineConfig:
     prefill_chunk: int = 128
     """Prompt tokens per prefill step, so long prompts pipeline too and shapes stay static.
     A chunk longer than the longest prompt costs nothing: each prompt then goes in one step."""
+    refill_chunk: Optional[int] = None
+    """Prompt tokens per prefill step for sequences admitted next to rows that are decoding
+    (at most `prefill_chunk`); null means twice the lane size. Short refill chunks keep the
+    ring moving while a newcomer's prompt goes through (docs/serving.md)."""
 
 
 @dataclass(kw_only=True)
@@ -228,6 +232,8 @@ def _validate_pipeline(p: Any, world_size: int) -> None:
             _fail(f"pipeline.{key}", value, "must be at least 1 (or null for automatic)")
     if p.prefill_chunk < 1:
         _fail("pipeline.prefill_chunk", p.prefill_chunk, "must be at least 1")
+    if p.refill_chunk is not None and p.refill_chunk < 1:
+        _fail("pipeline.refill_chunk", p.refill_chunk, "must be at least 1 (or null for twice the lane size)")
     parse_layers(p.layers)
 
 

@@ -88,7 +88,7 @@ def test_defaults_and_hydra_settings(hydra_ctx: None) -> None:
     assert cfg.model.name == "smollm2-135m-instruct" and cfg.model.family == "llama"
     assert cfg.model.path is None
     assert cfg.pipeline.layers == "balanced" and cfg.pipeline.stages is None
-    assert cfg.pipeline.prefill_chunk == 128
+    assert cfg.pipeline.prefill_chunk == 128 and cfg.pipeline.refill_chunk is None
     assert cfg.task == "generate" and cfg.chat is False
     assert cfg.generation.temperature == 0.0 and list(cfg.generation.stop) == []
     assert cfg.runtime.device == "auto" and cfg.runtime.dtype is None
@@ -148,6 +148,7 @@ BAD_VALUES = [
     (["pipeline.microbatches=0"], 1, False, "pipeline.microbatches", "0"),
     (["pipeline.lane_size=-1"], 1, False, "pipeline.lane_size", "-1"),
     (["pipeline.prefill_chunk=0"], 1, False, "pipeline.prefill_chunk", "0"),
+    (["pipeline.refill_chunk=0"], 1, False, "pipeline.refill_chunk", "0"),
     (["pipeline.stages=3"], 2, False, "pipeline.stages", "3"),
     (["pipeline.layers=balance"], 1, False, "pipeline.layers", "balance"),
     (["pipeline.layers=[4,x]"], 1, False, "pipeline.layers", "x"),

@@ -61,6 +61,7 @@ def make_order(
     lane_size: int = 1,
     budgets: list[int] | None = None,
     capacity: int | None = None,
+    refill_chunk: int | None = None,
 ) -> Order:
     """The scheduler's full order when sequence s (prompt of `prompts[s]` tokens, budget
     `budgets[s]`, by default `samples[s]`) ends after `samples[s]` sampled ids. The default
@@ -69,7 +70,8 @@ def make_order(
     if capacity is None:
         capacity = max(prompts) + max(max(budgets) - 1, 0)
     requests = [Request(s, p, b) for s, (p, b) in enumerate(zip(prompts, budgets))]
-    return list(run_order(Scheduler(lanes, lane_size, chunk, capacity), requests, lambda s: samples[s]))
+    scheduler = Scheduler(lanes, lane_size, chunk, capacity, refill_chunk)
+    return list(run_order(scheduler, requests, lambda s: samples[s]))
 
 
 def score_order(prompts: list[int], lanes: int, chunk: int, lane_size: int = 1) -> Order:
@@ -122,10 +124,10 @@ def test_chunk_capped_by_the_longest_prompt_changes_no_item(lane_size: int) -> N
     assert max(i.length for i in items_of(capped)) == max(prompts)
 
 
-@pytest.mark.parametrize(("lanes", "lane_size", "chunk"), [(0, 1, 2), (1, 0, 2), (1, 1, 0)])
-def test_scheduler_rejects_empty_lanes_and_chunks(lanes: int, lane_size: int, chunk: int) -> None:
-    with pytest.raises(ValueError, match=f"{lanes}, {lane_size}, {chunk}"):
-        Scheduler(lanes, lane_size, chunk, 10)
+@pytest.mark.parametrize(("lanes", "lane_size", "chunk", "refill"), [(0, 1, 2, 1), (1, 0, 2, 1), (1, 1, 0, 1), (1, 1, 2, 0)])
+def test_scheduler_rejects_empty_lanes_and_chunks(lanes: int, lane_size: int, chunk: int, refill: int) -> None:
+    with pytest.raises(ValueError, match=f"{lanes}, {lane_size}, {chunk}, {refill}"):
+        Scheduler(lanes, lane_size, chunk, 10, refill)
 
 
 @pytest.mark.parametrize(("prompt", "budget"), [(9, 3), (0, 1), (11, 0)])
@@ -153,9 +155,19 @@ def test_tokens_for_a_lane_that_is_not_waiting_is_an_error() -> None:
 
 
 def check_order(
-    order: Order, prompts: list[int], lanes: int, lane_size: int, chunk: int, samples: list[int], capacity: int
+    order: Order,
+    prompts: list[int],
+    lanes: int,
+    lane_size: int,
+    chunk: int,
+    samples: list[int],
+    capacity: int,
+    refill_chunk: int | None = None,
 ) -> None:
-    """Assert the scheduling contract on a whole order (see the module docstring)."""
+    """Assert the scheduling contract on a whole order (see the module docstring); a group
+    that joins decoding rows goes in chunks of `refill_chunk` (None: `chunk`)."""
+    refill_chunk = chunk if refill_chunk is None else min(refill_chunk, chunk)
+    chunk_of: dict[int, int] = {}  # sequence -> the chunk its group was split by
     place: dict[int, tuple[int, int]] = {}  # sequence -> (lane, row) it was admitted to
     holder: dict[tuple[int, int], int] = {}  # (lane, row) -> sequence, until its last ids arrive
     in_flight: dict[int, deque[WorkItem]] = defaultdict(deque)  # lane -> sampling items, oldest first
@@ -181,6 +193,8 @@ def check_order(
         if newcomers:
             assert item.kind is P and newcomers == item.seqs, f"{item} mixes a new group with running rows"
             admitted += newcomers
+            refill = any(lane == item.lane and received[s] >= 1 for (lane, _), s in holder.items())
+            chunk_of.update(dict.fromkeys(newcomers, refill_chunk if refill else chunk))
         waiting_ids = {s for it in in_flight[item.lane] for s in it.seqs}
         for row in item.rows:
             here = (item.lane, row.row)
@@ -198,7 +212,7 @@ def check_order(
     assert admitted == list(range(len(prompts))), "sequences must be admitted once each, oldest first"
     for s, prompt in enumerate(prompts):
         assert width[s] + samples[s] - 1 <= capacity, f"sequence {s} overflows its row"
-        assert got[s] == expected_items(prompt, width[s], chunk, samples[s]), f"sequence {s}"
+        assert got[s] == expected_items(prompt, width[s], chunk_of[s], samples[s]), f"sequence {s}"
 
 
 def expected_items(prompt: int, width: int, chunk: int, samples: int) -> list[tuple[Kind, int, int, bool, bool]]:
@@ -231,11 +245,12 @@ def scenario(lanes: int, lane_size: int, seed: int, tight: bool) -> tuple[list[i
 @pytest.mark.parametrize("lanes", LANES)
 @pytest.mark.parametrize("lane_size", [1, 2, 3])
 @pytest.mark.parametrize("tight", [False, True], ids=["roomy", "tight"])
-def test_order_honours_the_contract(lanes: int, lane_size: int, tight: bool) -> None:
+@pytest.mark.parametrize("refill", [None, 1, 2], ids=["refill-as-chunk", "refill-1", "refill-2"])
+def test_order_honours_the_contract(lanes: int, lane_size: int, tight: bool, refill: int | None) -> None:
     for seed in range(5):
         prompts, samples, budgets, capacity = scenario(lanes, lane_size, seed, tight)
-        order = make_order(prompts, lanes, 3, samples, lane_size, budgets, capacity)
-        check_order(order, prompts, lanes, lane_size, 3, samples, capacity)
+        order = make_order(prompts, lanes, 3, samples, lane_size, budgets, capacity, refill)
+        check_order(order, prompts, lanes, lane_size, 3, samples, capacity, refill)
 
 
 @pytest.mark.parametrize("lanes", LANES)
@@ -312,6 +327,27 @@ def test_long_newcomer_takes_one_chunk_per_turn_while_its_neighbour_decodes() ->
         AwaitTokens(0),  # 2's first id
         WorkItem(0, D, (step(0, 0, 4), step(1, 2, 5)), 1, True),
         AwaitTokens(0),
+    ]
+
+
+def test_refill_goes_in_refill_chunks_and_a_group_into_an_idle_lane_in_prefill_chunks() -> None:
+    """One lane of 2 rows, chunk 4, refill chunk 2; prompts 5, 5, 3 tokens; 3, 1, 1 sampled ids.
+
+    0 and 1 fill the idle lane: their 5-token prompts go in chunks of 4, back to back (nothing
+    decodes yet). 1 is done at its first id; 2 takes row 1 next to 0, which decodes, so its
+    3-token prompt goes in chunks of 2: (0, 2) then (2, 1), one per turn after 0's step."""
+    order = make_order([5, 5, 3], 1, 4, [3, 1, 1], lane_size=2, refill_chunk=2)
+    assert order == [
+        WorkItem(0, P, (step(0, 0, 0, True), step(1, 1, 0, True)), 4, False),
+        WorkItem(0, P, (step(0, 0, 4), step(1, 1, 4)), 1, True),
+        AwaitTokens(0),
+        WorkItem(0, D, (step(0, 0, 5),), 1, True),
+        WorkItem(0, P, (step(1, 2, 0, True),), 2, False),
+        AwaitTokens(0),
+        WorkItem(0, D, (step(0, 0, 6),), 1, True),
+        WorkItem(0, P, (step(1, 2, 2),), 1, True),
+        AwaitTokens(0),  # 0's 3rd id: done
+        AwaitTokens(0),  # 2's first id: done
     ]
 
 

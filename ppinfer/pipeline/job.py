@@ -26,6 +26,7 @@ from ppinfer.model import StagePlan
 from ppinfer.pipeline.allocation import allocate, plan_table
 from ppinfer.pipeline.costs import layer_costs
 from ppinfer.pipeline.outputs import output_dir_problem
+from ppinfer.pipeline.schedule import Scheduler
 
 log = logging.getLogger("ppinfer")
 
@@ -80,6 +81,9 @@ class Job:
     """Sequences in the fullest lane (at most the prompts, whatever `pipeline.lane_size` says)."""
     prefill_chunk: int
     """The longest prefill chunk issued: `pipeline.prefill_chunk` capped by the longest prompt."""
+    refill_chunk: int
+    """The chunk of a group admitted next to decoding rows: `pipeline.refill_chunk`, or twice
+    the lane size, at most `prefill_chunk`."""
     capacity: int
     """KV slots of one cache row: the longest prompt (a group pads to its longest) plus the
     largest token budget (for the server, `server.context_length`)."""
@@ -88,6 +92,10 @@ class Job:
     @property
     def plan(self) -> StagePlan:
         return StagePlan.from_counts(self.layers, self.env.rank)
+
+    def scheduler(self) -> Scheduler:
+        """An empty scheduler for this job's lanes, chunks and rows."""
+        return Scheduler(self.n_lanes, self.lane_size, self.prefill_chunk, self.capacity, self.refill_chunk)
 
     @property
     def is_score(self) -> bool:
@@ -255,6 +263,7 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool, se
         n_lanes = min(lanes.microbatches, math.ceil(len(prompts) / lane_size))
         prefill_chunk = min(cfg.pipeline.prefill_chunk, max(len(p) for p in prompts))
         capacity = row_capacity(prompts, [0 if cfg.task == "score" else p.max_new_tokens for p in params])
+    refill_chunk = min(cfg.pipeline.refill_chunk or 2 * lane_size, prefill_chunk)
     stored = block_backend(device).types if cfg.runtime.weights == "quantized" else frozenset()
     costs = layer_costs(
         str(model_path), torch.finfo(dtype).bits // 8, n_lanes * lane_size * capacity, reader=gf,
@@ -267,7 +276,7 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool, se
         cfg=cfg, env=env, model_path=model_path, hparams=hp, tokenizer=tokenizer, device=device,
         dtype=dtype, threads=resolve_threads(cfg, env.local_world), layers=layers, texts=texts,
         prompts=prompts, params=params, stream_seeds=seeds, n_lanes=n_lanes, lane_size=lane_size,
-        prefill_chunk=prefill_chunk, capacity=capacity, out_dir=Path(cfg.output.dir),
+        prefill_chunk=prefill_chunk, refill_chunk=refill_chunk, capacity=capacity, out_dir=Path(cfg.output.dir),
     )
 
 

@@ -27,7 +27,7 @@ from ppinfer.pipeline.loaded import log_loaded_stages
 from ppinfer.pipeline.outputs import METRICS, OutputDir, OutputDirError, ResultsWriter, write_json_atomic, writing
 from ppinfer.pipeline.runtime import StageClock, StageRunner, run_first, run_relay
 from ppinfer.pipeline.requests import Requests, Sequence, TokenCounts
-from ppinfer.pipeline.schedule import Request, Scheduler, run_order, simulate, stage_actions
+from ppinfer.pipeline.schedule import Request, run_order, simulate, stage_actions
 from ppinfer.pipeline.sinks import SampleSink, ScoreSink, Sink
 from ppinfer.pipeline.transport import Transport
 from ppinfer.profiling.metrics import StageMetrics, current_rss_bytes, peak_rss_bytes
@@ -117,7 +117,7 @@ def simulated_bubble(job: Job, sampled: dict[int, int]) -> float:
     item cost the same: what the schedule alone costs, to compare with the measured bubble."""
     budgets = [0 if job.is_score else p.max_new_tokens for p in job.params]
     requests = [Request(i, len(ids), b) for i, (ids, b) in enumerate(zip(job.prompts, budgets))]
-    scheduler = Scheduler(job.n_lanes, job.lane_size, job.prefill_chunk, job.capacity)
+    scheduler = job.scheduler()
     order = list(run_order(scheduler, requests, lambda seq: sampled.get(seq, 1)))
     timeline = simulate(stage_actions(order, job.env.world), lambda stage, item: 1.0)
     return max(timeline.bubble_fraction(s) for s in range(job.env.world))
@@ -213,7 +213,7 @@ def _execute(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
     gc.freeze()  # everything allocated so far lives for the whole run: keep it out of GC scans
     with torch.inference_mode():
         if requests is not None:
-            scheduler = Scheduler(job.n_lanes, job.lane_size, job.prefill_chunk, job.capacity)
+            scheduler = job.scheduler()
             for request in order:
                 scheduler.add(request)
             requests.counts.last_done = time.perf_counter()

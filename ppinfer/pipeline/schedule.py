@@ -7,8 +7,10 @@ in the order it receives them, so each send meets its receive by construction:
 - admission: when a lane has free rows and sequences wait, its free rows take the oldest
   waiting sequences, as one prefill group (prompts left-padded to the group's longest); a
   row's cache is reset by the group's first chunk;
-- prefill: a group's prompts go through in chunks of at most `chunk` tokens. The last chunk
-  samples each member's first token;
+- prefill: a group's prompts go through in chunks of at most `chunk` tokens, or of at most
+  `refill_chunk` when the group joins rows that are decoding (a refill): a lane's turn then
+  costs about its neighbours', so the ring does not stall behind one long prompt while the
+  other lanes' rows wait for their ids. The last chunk samples each member's first token;
 - decode: one step for every decoding row of the lane, and only those (rows between them that
   are free or still in prefill are left out: an item's rows need not be consecutive). After a
   sampling item the last stage sends the ids back to the first stage; the lane's next step can
@@ -130,10 +132,16 @@ class Scheduler:
     `next()` again. `next()` returns None when no lane has anything to do (more sequences may
     still be added: the server does)."""
 
-    def __init__(self, n_lanes: int, lane_size: int, chunk: int, capacity: int) -> None:
-        if n_lanes < 1 or lane_size < 1 or chunk < 1:
-            raise ValueError(f"need lanes, lane size and chunk >= 1, got {n_lanes}, {lane_size}, {chunk}")
+    def __init__(
+        self, n_lanes: int, lane_size: int, chunk: int, capacity: int, refill_chunk: int | None = None
+    ) -> None:
+        refill_chunk = chunk if refill_chunk is None else refill_chunk
+        if n_lanes < 1 or lane_size < 1 or chunk < 1 or refill_chunk < 1:
+            raise ValueError(
+                f"need lanes, lane size, chunk and refill chunk >= 1, got {n_lanes}, {lane_size}, {chunk}, {refill_chunk}"
+            )
         self.n_lanes, self.lane_size, self.chunk = n_lanes, lane_size, chunk
+        self.refill_chunk = min(refill_chunk, chunk)
         self.capacity = capacity  # cache slots of one row
         self._lanes = [_Lane([None] * lane_size) for _ in range(n_lanes)]
         self._waiting: deque[Request] = deque()
@@ -251,12 +259,13 @@ class Scheduler:
         for _ in members:
             self._waiting.popleft()
         width = max(m.prompt_len for m in members)
+        refill = any(row is not None and row.decoding for row in lane.rows)
         rows = free[: len(members)]
         for r, m in zip(rows, members):
             lane.rows[r] = _Row(m.seq, next_pos=m.prompt_len)
         lane.group = _Group(
             rows, [m.seq for m in members], [width - m.prompt_len for m in members],
-            deque(prefill_chunks(width, self.chunk)),
+            deque(prefill_chunks(width, self.refill_chunk if refill else self.chunk)),
         )
 
     def _prefill_item(self, lane_id: int, lane: _Lane) -> WorkItem:

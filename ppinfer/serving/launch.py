@@ -26,7 +26,6 @@ from ppinfer.pipeline.job import Job
 from ppinfer.pipeline.launch import run_rank
 from ppinfer.pipeline.requests import Requests, TokenCounts
 from ppinfer.pipeline.runtime import StageRunner, run_first, run_relay
-from ppinfer.pipeline.schedule import Scheduler
 from ppinfer.pipeline.sinks import SampleSink
 from ppinfer.pipeline.transport import Transport
 from ppinfer.serving.app import create_app
@@ -92,7 +91,7 @@ def _serve_first(job: Job, runner: StageRunner, transport: Transport | None) -> 
 
     _on_stop_signal(stop)
     server.start()
-    scheduler = Scheduler(job.n_lanes, job.lane_size, job.prefill_chunk, job.capacity)
+    scheduler = job.scheduler()
     requests = Requests(TokenCounts(), lambda sequence: None)
     engine.started()
     log.info(
