@@ -23,6 +23,7 @@ from ppinfer.bench.report import evaluate, markdown_report, markdown_table, run_
 from ppinfer.bench.scenarios import (
     FULL, MODEL_1B, MODEL_7B, QUICK, SCENARIOS, SUITES, LlamaCppRun, PeerRun, PipelineRun, Sizes, plan,
 )
+from ppinfer.bench.serving import _in_order
 from ppinfer.bench.sweep import PromptBook, RunResult, SweepSettings, hydra_value, pipeline_command, run_llamacpp
 from ppinfer.families.hparams import read_hparams
 from ppinfer.generation.tokenizer import load_tokenizer
@@ -537,3 +538,16 @@ def test_llamacpp_batched_greedy_matches_ppinfer_on_the_real_model(smollm2_path:
         assert got[:clear] == expected[:clear]
         compared += clear
     assert compared >= new  # at least a sequence's worth of tokens was decisive
+
+
+@pytest.mark.parametrize("reference_first", [False, True])
+def test_serving_pairs_alternate_which_side_runs_first(reference_first: bool) -> None:
+    """The serving bench's pairs run the reference first every other pair (on the development
+    VM the first run of a pair tends to be the faster), and still return (ours, reference)."""
+    calls: list[str] = []
+
+    def side(name: str, value: float):
+        return lambda: calls.append(name) or value
+
+    assert _in_order(side("ours", 1.0), side("reference", 2.0), reference_first) == (1.0, 2.0)
+    assert calls == (["reference", "ours"] if reference_first else ["ours", "reference"])
