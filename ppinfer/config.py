@@ -64,10 +64,10 @@ class PipelineConfig:
     prefill_chunk: int = 128
     """Prompt tokens per prefill step, so long prompts pipeline too and shapes stay static.
     A chunk longer than the longest prompt costs nothing: each prompt then goes in one step."""
-    refill_chunk: Optional[int] = None
+    refill_chunk: int = 16
     """Prompt tokens per prefill step for sequences admitted next to rows that are decoding
-    (at most `prefill_chunk`); null means twice the lane size. Short refill chunks keep the
-    ring moving while a newcomer's prompt goes through (docs/serving.md)."""
+    (at most `prefill_chunk`). Short refill chunks keep the ring moving while a newcomer's
+    prompt goes through; 16 measured best or tied for lanes of 2 to 16 (docs/benchmarks.md)."""
 
 
 @dataclass(kw_only=True)
@@ -232,8 +232,8 @@ def _validate_pipeline(p: Any, world_size: int) -> None:
             _fail(f"pipeline.{key}", value, "must be at least 1 (or null for automatic)")
     if p.prefill_chunk < 1:
         _fail("pipeline.prefill_chunk", p.prefill_chunk, "must be at least 1")
-    if p.refill_chunk is not None and p.refill_chunk < 1:
-        _fail("pipeline.refill_chunk", p.refill_chunk, "must be at least 1 (or null for twice the lane size)")
+    if p.refill_chunk < 1:
+        _fail("pipeline.refill_chunk", p.refill_chunk, "must be at least 1")
     parse_layers(p.layers)
 
 

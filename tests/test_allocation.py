@@ -384,14 +384,11 @@ def test_huge_prefill_chunk_is_capped_by_the_longest_prompt(tiny_model: Path, tm
     assert _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS, "pipeline.prefill_chunk=3").prefill_chunk == 3
 
 
-def test_refill_chunk_is_twice_the_lane_or_as_set_and_never_above_the_prefill_chunk(
-    tiny_model: Path, tmp_path: Path
-) -> None:
-    """A group admitted next to decoding rows goes in chunks of `pipeline.refill_chunk`; null
-    means twice the lane size. Neither may exceed the prefill chunk (the link sizes its buffers
-    for that one)."""
+def test_refill_chunk_as_set_and_never_above_the_prefill_chunk(tiny_model: Path, tmp_path: Path) -> None:
+    """A group admitted next to decoding rows goes in chunks of `pipeline.refill_chunk` (16 by
+    default), never longer than the prefill chunk (the link sizes its buffers for that one)."""
     lanes = ("pipeline.lane_size=2", "pipeline.prefill_chunk=100")
-    assert _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS, *lanes).refill_chunk == 4
+    assert _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS, *lanes).refill_chunk == 16
     assert _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS, *lanes, "pipeline.refill_chunk=3").refill_chunk == 3
     job = _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS, "pipeline.lane_size=2", "pipeline.prefill_chunk=3",
                     "pipeline.refill_chunk=50")

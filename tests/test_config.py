@@ -88,7 +88,7 @@ def test_defaults_and_hydra_settings(hydra_ctx: None) -> None:
     assert cfg.model.name == "smollm2-135m-instruct" and cfg.model.family == "llama"
     assert cfg.model.path is None
     assert cfg.pipeline.layers == "balanced" and cfg.pipeline.stages is None
-    assert cfg.pipeline.prefill_chunk == 128 and cfg.pipeline.refill_chunk is None
+    assert cfg.pipeline.prefill_chunk == 128 and cfg.pipeline.refill_chunk == 16
     assert cfg.task == "generate" and cfg.chat is False
     assert cfg.generation.temperature == 0.0 and list(cfg.generation.stop) == []
     assert cfg.runtime.device == "auto" and cfg.runtime.dtype is None

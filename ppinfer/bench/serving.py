@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import httpx
 
@@ -172,13 +173,12 @@ def _pairs(label: str, target: float, repeat: int, measure_pair) -> None:
           f"(min {min(ratios):.2f}, max {max(ratios):.2f}; target >= {target})", flush=True)
 
 
-def _in_order(ours, reference, reference_first: bool) -> tuple:
+def _in_order(ours: Callable[[], Any], reference: Callable[[], Any], reference_first: bool) -> tuple[Any, Any]:
     """(ours(), reference()), the reference called first when `reference_first`."""
     if reference_first:
         ref = reference()
         return ours(), ref
-    mine = ours()
-    return mine, reference()
+    return ours(), reference()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,8 +82,8 @@ class Job:
     prefill_chunk: int
     """The longest prefill chunk issued: `pipeline.prefill_chunk` capped by the longest prompt."""
     refill_chunk: int
-    """The chunk of a group admitted next to decoding rows: `pipeline.refill_chunk`, or twice
-    the lane size, at most `prefill_chunk`."""
+    """The chunk of a group admitted next to decoding rows: `pipeline.refill_chunk`, at most
+    `prefill_chunk`."""
     capacity: int
     """KV slots of one cache row: the longest prompt (a group pads to its longest) plus the
     largest token budget (for the server, `server.context_length`)."""
@@ -263,7 +263,7 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool, se
         n_lanes = min(lanes.microbatches, math.ceil(len(prompts) / lane_size))
         prefill_chunk = min(cfg.pipeline.prefill_chunk, max(len(p) for p in prompts))
         capacity = row_capacity(prompts, [0 if cfg.task == "score" else p.max_new_tokens for p in params])
-    refill_chunk = min(cfg.pipeline.refill_chunk or 2 * lane_size, prefill_chunk)
+    refill_chunk = min(cfg.pipeline.refill_chunk, prefill_chunk)
     stored = block_backend(device).types if cfg.runtime.weights == "quantized" else frozenset()
     costs = layer_costs(
         str(model_path), torch.finfo(dtype).bits // 8, n_lanes * lane_size * capacity, reader=gf,
