@@ -107,8 +107,9 @@ def case_overrides(model: str, kind: str, stages: int) -> dict[str, str]:
         "balanced": {"pipeline.layers": "balanced", "pipeline.prefill_chunk": "100000000"},
         "uniform-chunk3": {"pipeline.layers": "uniform", "pipeline.microbatches": "2", "pipeline.prefill_chunk": "3"},
         "explicit-m5-eos": {"pipeline.layers": explicit, "pipeline.microbatches": "5"},
+        # Refills (7 prompts, 4 rows) go one token per chunk next to their decoding neighbour.
         "waves-eos": {"pipeline.layers": "uniform", "pipeline.microbatches": "2", "pipeline.lane_size": "2",
-                      "pipeline.prefill_chunk": "4", "prompts": hydra_list(WAVE_PROMPTS)},
+                      "pipeline.prefill_chunk": "4", "pipeline.refill_chunk": "1", "prompts": hydra_list(WAVE_PROMPTS)},
         "m1": {"pipeline.layers": "balanced", "pipeline.microbatches": "1", "pipeline.prefill_chunk": "1"},
         "sampled-m3": {**SAMPLING, "pipeline.layers": "uniform", "pipeline.microbatches": "3"},
         "sampled-m1": {**SAMPLING, "pipeline.layers": explicit, "pipeline.microbatches": "1", "pipeline.prefill_chunk": "3"},

@@ -124,7 +124,9 @@ def test_chunk_capped_by_the_longest_prompt_changes_no_item(lane_size: int) -> N
     assert max(i.length for i in items_of(capped)) == max(prompts)
 
 
-@pytest.mark.parametrize(("lanes", "lane_size", "chunk", "refill"), [(0, 1, 2, 1), (1, 0, 2, 1), (1, 1, 0, 1), (1, 1, 2, 0)])
+@pytest.mark.parametrize(
+    ("lanes", "lane_size", "chunk", "refill"), [(0, 1, 2, 1), (1, 0, 2, 1), (1, 1, 0, 1), (1, 1, 2, 0)]
+)
 def test_scheduler_rejects_empty_lanes_and_chunks(lanes: int, lane_size: int, chunk: int, refill: int) -> None:
     with pytest.raises(ValueError, match=f"{lanes}, {lane_size}, {chunk}, {refill}"):
         Scheduler(lanes, lane_size, chunk, 10, refill)

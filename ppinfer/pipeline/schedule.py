@@ -8,9 +8,9 @@ in the order it receives them, so each send meets its receive by construction:
   waiting sequences, as one prefill group (prompts left-padded to the group's longest); a
   row's cache is reset by the group's first chunk;
 - prefill: a group's prompts go through in chunks of at most `chunk` tokens, or of at most
-  `refill_chunk` when the group joins rows that are decoding (a refill): a lane's turn then
-  costs about its neighbours', so the ring does not stall behind one long prompt while the
-  other lanes' rows wait for their ids. The last chunk samples each member's first token;
+  `refill_chunk` when the group joins rows that are decoding (a refill): spread over several
+  turns, a newcomer's prompt never holds one stage long while the others run out of work.
+  The last chunk samples each member's first token;
 - decode: one step for every decoding row of the lane, and only those (rows between them that
   are free or still in prefill are left out: an item's rows need not be consecutive). After a
   sampling item the last stage sends the ids back to the first stage; the lane's next step can
@@ -138,7 +138,8 @@ class Scheduler:
         refill_chunk = chunk if refill_chunk is None else refill_chunk
         if n_lanes < 1 or lane_size < 1 or chunk < 1 or refill_chunk < 1:
             raise ValueError(
-                f"need lanes, lane size, chunk and refill chunk >= 1, got {n_lanes}, {lane_size}, {chunk}, {refill_chunk}"
+                "need lanes, lane size, chunk and refill chunk >= 1, "
+                f"got {n_lanes}, {lane_size}, {chunk}, {refill_chunk}"
             )
         self.n_lanes, self.lane_size, self.chunk = n_lanes, lane_size, chunk
         self.refill_chunk = min(refill_chunk, chunk)
