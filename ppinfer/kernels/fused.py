@@ -2,8 +2,9 @@
 
 A decode step of a small model is bound by per-op host cost, not arithmetic: RMSNorm is five
 torch ops, rotary embedding, the KV cache write and attention a dozen more per layer, and the
-gated MLP's activation three. These ops do each in one call. They are portable C++, so they serve any CPU wherever the kernel
-library builds; `available` says where a stage uses them.
+gated MLP's activation three. These ops do each in one call. They are portable C++ (AVX2 where
+the CPU has it), so they serve any CPU wherever the kernel library builds; `available` says
+where a stage uses them.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 // a decode step costs a few op calls per layer instead of dozens of tiny torch ops:
 //
 // rms_norm(x [..., D], w, eps): x * (1 / sqrt(mean(x^2) + eps)) * w, the sum of squares in
-//   double as llama.cpp takes it (and the scale too, so that no square overflows); w is [D] or [P, D] for per-head weights over x's last two
-//   dims [..., P, D].
+//   double as llama.cpp takes it (and the scale too, so that no square overflows); w is [D],
+//   or [P, D] for per-head weights over x's last two dims [..., P, D].
 // attend(qk, v, rot, k_cache, v_cache, rows, cols, mask, n_head, n_rot, scale, softcap): rotary
 //   embedding of q and k, the new keys and values written into cache rows `rows` at `cols`,
 //   and grouped-query attention over those rows under `mask`, with an optional tanh softcap on
@@ -333,7 +333,6 @@ TORCH_LIBRARY_FRAGMENT(ppinfer_kernels, m) {
   m.def("glu(Tensor h, int kind) -> Tensor", &ppinfer::glu);
   m.def(
       "attend(Tensor qk, Tensor v, Tensor rot, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, Tensor cols, "
-      "Tensor mask, "
-      "int n_head, int n_rot, float scale, float softcap) -> Tensor",
+      "Tensor mask, int n_head, int n_rot, float scale, float softcap) -> Tensor",
       &ppinfer::attend);
 }
