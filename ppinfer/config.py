@@ -28,6 +28,8 @@ from ppinfer.pipeline.allocation import parse_layers
 TASKS = ("generate", "score")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIN_REQUEST_BYTES = 1024
+"""The smallest `server.max_request_bytes`: room for a request's JSON fields."""
 TIMEOUT_RANGE_S = (1.0, 86400.0)
 """Allowed `runtime.timeout_s`: below 1 s healthy ranks give up on each other while a peer is
 still loading or computing a step; above a day is a hang, not a timeout (and `inf` overflows
@@ -119,7 +121,17 @@ class ServerConfig:
     api_key: Optional[str] = None
     """When set, every /v1 request needs `Authorization: Bearer <api_key>` (401 otherwise)."""
     max_queue: int = 256
-    """Requests waiting for a slot at most; beyond, 503 with Retry-After."""
+    """Requests waiting for a free row at most; beyond, 503 with Retry-After."""
+    max_request_bytes: int = 8 * 2**20
+    """Largest request body in bytes; a larger one is refused with 413 before it is parsed."""
+    header_timeout_s: float = 10.0
+    """A connection whose request headers have not all arrived this many seconds after it
+    opened (or after its previous response) is closed."""
+    max_connections: int = 1000
+    """Open connections at most: beyond, new ones are closed as they open."""
+    stall_timeout_s: float = 30.0
+    """`/health` says `stalled` (503) when sequences run but no sampled token has come back
+    for this many seconds."""
     context_length: Optional[int] = None
     """KV slots of one sequence (prompt plus generated); null means the model's context,
     capped at 2048 (every row of every lane preallocates this many KV slots)."""
@@ -215,8 +227,16 @@ def validate_config(cfg: AnyConfig, world_size: int, cuda_available: bool) -> No
 def _validate_server(s: Any) -> None:
     if not 1 <= s.port <= 65535:
         _fail("server.port", s.port, "must be a TCP port in [1, 65535]")
-    if s.max_queue < 0:
-        _fail("server.max_queue", s.max_queue, "must be >= 0")
+    if s.max_queue < 1:
+        _fail("server.max_queue", s.max_queue, "must be >= 1 (requests waiting for a free row)")
+    if s.max_request_bytes < MIN_REQUEST_BYTES:
+        _fail("server.max_request_bytes", s.max_request_bytes, f"must be >= {MIN_REQUEST_BYTES}")
+    if s.max_connections < 1:
+        _fail("server.max_connections", s.max_connections, "must be >= 1")
+    for key in ("header_timeout_s", "stall_timeout_s"):
+        value = getattr(s, key)
+        if not 0 < value <= TIMEOUT_RANGE_S[1]:  # NaN fails too
+            _fail(f"server.{key}", value, f"must be in (0, {TIMEOUT_RANGE_S[1]:g}] seconds")
     if s.lane_size < 1:
         _fail("server.lane_size", s.lane_size, "must be >= 1")
     if s.api_key is not None and not str(s.api_key).strip():

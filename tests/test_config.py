@@ -193,6 +193,14 @@ BAD_VALUES = [
     (["task=score", "input.token_ids=[1]", "input.text=hi"], 1, False, "input.text", "hi"),
     (["task=score", "input.token_ids=[]"], 1, False, "input.token_ids", "[]"),
     (["profile.active=0"], 1, False, "profile.active", "0"),
+    (["generation.repetition_penalty=1e30"], 1, False, "generation.repetition_penalty", "1e+30"),
+    (["generation.repetition_penalty=1e-300"], 1, False, "generation.repetition_penalty", "1e-300"),
+    (["generation.top_k=9223372036854775807"], 1, False, "generation.top_k", "9223372036854775807"),
+    (["server.max_queue=0"], 1, False, "server.max_queue", "0"),
+    (["server.max_request_bytes=10"], 1, False, "server.max_request_bytes", "10"),
+    (["server.max_connections=0"], 1, False, "server.max_connections", "0"),
+    (["server.header_timeout_s=0"], 1, False, "server.header_timeout_s", "0"),
+    (["server.stall_timeout_s=nan"], 1, False, "server.stall_timeout_s", "nan"),
 ]
 
 
@@ -216,7 +224,7 @@ def test_validation_names_key_and_value(
         (["prompts_file=p.txt", "generation.temperature=0.7", "generation.top_p=1.0"], 1, False),
         (["pipeline.lane_size=1", "pipeline.microbatches=3", "runtime.threads=1"], 3, False),
         (["generation.temperature=1e-40", "generation.top_k=40"], 1, False),
-        (["runtime.timeout_s=1", "generation.repetition_penalty=1e30"], 1, False),
+        (["runtime.timeout_s=1", "generation.repetition_penalty=1000", "generation.top_k=2147483647"], 1, False),
         (["runtime.timeout_s=86400"], 1, False),
         (["task=score", "input.token_ids=[5]", "generation.stop=[x]"], 1, False),
     ],

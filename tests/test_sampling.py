@@ -55,6 +55,9 @@ def _logits_from_probs(probs: list[float]) -> torch.Tensor:
         ("min_p", -0.1),
         ("min_p", 1.2),
         ("repetition_penalty", 0.0),
+        ("repetition_penalty", 1e-300),
+        ("repetition_penalty", 1e300),
+        ("top_k", 2**63),
         ("repetition_penalty", -1.0),
         ("repetition_penalty", float("inf")),
         ("repetition_penalty", float("nan")),
@@ -300,3 +303,25 @@ def test_sampled_tokens_always_survive_the_filters() -> None:
         allowed = min_p_mask(masked, 0.05) & torch.isfinite(masked)  # [B, V]
         tokens = sample(logits, params, [make_generator(trial, i) for i in range(4)])
         assert allowed.gather(1, tokens.unsqueeze(1)).all()
+
+
+@pytest.mark.parametrize("settings", [
+    {"top_p": 1e-300},
+    {"top_p": 5e-324, "top_k": 1},
+    {"min_p": 1.0},
+    {"top_p": 1e-300, "min_p": 1.0, "top_k": 2**31 - 1},
+    {"repetition_penalty": 1e-3, "top_p": 1e-45},
+    {"repetition_penalty": 1e3, "temperature": 1e-300},
+    {"temperature": 1e300},
+])
+def test_the_most_extreme_valid_settings_always_leave_a_token(settings: dict) -> None:
+    """Every value the bounds admit samples some token: the filters never drop them all."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 40, generator=generator) * 8.0  # [B, V]
+    history = torch.tensor([[int(logits[0].argmax()), 1], [2, 3], [4, -1]])  # [B, L]
+    params = GenerationParams(**{"temperature": 1.0, **settings}).checked()
+    tokens = sample(logits, params, [make_generator(0, i) for i in range(3)], history)
+    assert tokens.shape == (3,) and ((tokens >= 0) & (tokens < 40)).all()
+    only_the_top = params.top_p < 1e-40 or params.min_p == 1.0
+    if only_the_top and params.repetition_penalty == 1.0:
+        assert torch.equal(tokens, logits.argmax(dim=-1))

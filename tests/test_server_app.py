@@ -8,6 +8,7 @@ server's own output.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ppinfer.generation.params import GenerationParams
 from ppinfer.serving.app import create_app
 from ppinfer.serving.engine import EngineFull, EngineStats, EngineUnavailable, Finished, TokenDelta
-from ppinfer.serving.http import HttpServer
+from ppinfer.serving.http import ConnectionLimits, HttpServer
 from ppinfer.serving.metrics import ServerMetrics
 
 MODEL = "fake-model"
@@ -33,6 +34,8 @@ FULL = "".join(SCRIPT)
 STOP_TOKENS = len(SCRIPT) + 1
 """Completion tokens of a request that runs to the script's end (its end token counted)."""
 ROLES = {"system", "user", "assistant"}
+MAX_BYTES = 64 * 1024
+"""The servers' request body limit (`server.max_request_bytes`)."""
 
 
 @dataclass
@@ -47,6 +50,7 @@ class FakeEngine:
     interval_s: float = 0.002
     is_ready: bool = True
     failed: str | None = None
+    stalled: str | None = None
     full: bool = False
     endless: bool = False
     fail_after: int | None = None
@@ -65,8 +69,13 @@ class FakeEngine:
     def failure(self) -> str | None:
         return self.failed
 
+    def stall(self) -> str | None:
+        return self.stalled
+
     def encode_prompt(self, text: str) -> list[int]:
-        return [1] + [2 + len(word) for word in text.split()]
+        text.encode("utf-8")  # a lone surrogate raises, as the real tokenizer does
+        words = [2 + len(word) for word in text.split()]
+        return [1] + words if words else []
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         ids = [1]
@@ -77,6 +86,8 @@ class FakeEngine:
         return ids
 
     def submit(self, prompt_ids, params, emit) -> int:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty after tokenization")
         if len(prompt_ids) + params.max_new_tokens > self.context_length:
             raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens={params.max_new_tokens} "
                              f"exceed the context length of {self.context_length}")
@@ -138,10 +149,11 @@ def serve():
     """Starts the app for an engine; every server is stopped at the end of the test."""
     started: list[Served] = []
 
-    def start(engine: FakeEngine | None = None, api_key: str | None = None) -> Served:
+    def start(engine: FakeEngine | None = None, api_key: str | None = None,
+              limits: ConnectionLimits = ConnectionLimits()) -> Served:
         engine = engine or FakeEngine()
-        app = create_app(engine, api_key, ServerMetrics())
-        server = HttpServer(app, "127.0.0.1", 0)
+        app = create_app(engine, api_key, ServerMetrics(), max_request_bytes=MAX_BYTES)
+        server = HttpServer(app, "127.0.0.1", 0, limits)
         server.start()
         started.append(Served(server, engine, f"http://127.0.0.1:{server.port}", app))
         return started[-1]
@@ -156,7 +168,7 @@ def serve():
 def shared():
     """One server for the tests that leave its engine as it was."""
     engine = FakeEngine()
-    server = HttpServer(create_app(engine, None, ServerMetrics()), "127.0.0.1", 0)
+    server = HttpServer(create_app(engine, None, ServerMetrics(), max_request_bytes=MAX_BYTES), "127.0.0.1", 0)
     server.start()
     yield Served(server, engine, f"http://127.0.0.1:{server.port}", None)
     server.stop(2.0)
@@ -276,6 +288,13 @@ def test_settings_reach_the_engine(serve):
 @pytest.mark.parametrize("kwargs, field", [
     ({"temperature": -1}, "temperature"),
     ({"n": 2}, "n"),
+    ({"n": True}, "n"),
+    ({"best_of": True}, "best_of"),
+    ({"frequency_penalty": False}, "frequency_penalty"),
+    ({"echo": 0}, "echo"),
+    ({"extra_body": {"top_k": 2**64}}, "top_k"),
+    ({"extra_body": {"repetition_penalty": 1e-300}}, "repetition_penalty"),
+    ({"temperature": 10**400}, "temperature"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"extra_body": {"top_k": -3}}, "top_k"),
@@ -289,6 +308,16 @@ def test_bad_settings(shared, kwargs, field):
     assert caught.value.status_code == 400
     assert caught.value.body["message"].startswith(field)
     assert caught.value.param == field
+
+
+def test_neutral_values_of_the_right_type_are_accepted(shared):
+    done = shared.client().completions.create(
+        model=MODEL, prompt="p", n=1, best_of=1, frequency_penalty=0, presence_penalty=0.0, echo=False,
+        stream_options=None, extra_body={"logit_bias": {}},
+    )
+    assert done.choices[0].text == FULL
+    streamed = _post(shared, "/v1/completions", {"prompt": "p", "stream": True, "stream_options": {"include_usage": None}})
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("[DONE]")
 
 
 def test_unknown_model(shared):
@@ -323,6 +352,46 @@ def test_bad_bodies(shared, path, body, needle):
     error = response.json()["error"]
     assert needle in error["message"]
     assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body, field", [({"prompt": ""}, "prompt"), ({"prompt": "a\ud800"}, "prompt")])
+def test_unusable_prompts_name_the_prompt(shared, body, field):
+    """An empty prompt is the prompt's fault (not max_tokens'); one the tokenizer cannot
+    take (a lone surrogate, which JSON can carry) is a 400, not a 500."""
+    raw = json.dumps(body | {"max_tokens": 2}).encode()  # ASCII: the surrogate stays an escape
+    response = httpx.post(f"{shared.url}/v1/completions", content=raw, timeout=10.0)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == field
+
+
+def test_deeply_nested_json_is_a_400(shared):
+    body = b'{"prompt": "p", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    response = httpx.post(f"{shared.url}/v1/completions", content=body, timeout=10.0)
+    assert response.status_code == 400
+    assert "nested" in response.json()["error"]["message"]
+
+
+def test_bodies_over_the_limit_are_413(shared):
+    declared = httpx.post(f"{shared.url}/v1/completions", json={"prompt": "a " * MAX_BYTES}, timeout=10.0)
+    assert declared.status_code == 413
+    assert "server.max_request_bytes" in declared.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit applies as the body is read
+        yield b'{"prompt": "'
+        for _ in range(MAX_BYTES // 1024 + 2):
+            yield b"a" * 1024
+        yield b'"}'
+
+    streamed = httpx.post(f"{shared.url}/v1/completions", content=chunks(), timeout=10.0)
+    assert streamed.status_code == 413
+    assert _post(shared, "/v1/completions", {"prompt": "p"}).status_code == 200
+
+
+def test_a_trailing_slash_is_the_same_route(shared):
+    response = httpx.get(f"{shared.url}/v1/models/", headers={"Host": "evil.example"}, timeout=10.0)
+    assert response.status_code == 200
+    assert response.json()["data"][0]["id"] == MODEL
+    assert "location" not in response.headers
 
 
 def test_errors_have_openai_shape(serve):
@@ -398,7 +467,12 @@ def test_health(serve):
     engine.is_ready = True
     ok = httpx.get(f"{served.url}/health", timeout=10.0)
     assert (ok.status_code, ok.json()) == (200, {"status": "ok"})
+    engine.stalled = "no sampled token has come back for 31 s"
+    stalled = httpx.get(f"{served.url}/health", timeout=10.0)
+    assert (stalled.status_code, stalled.json()["status"]) == (503, "stalled")
+    assert "31 s" in stalled.json()["error"]
     engine.failed = "rank 1 died"
+    served.server.drain()  # a failed pipeline drains the server too: "failed" is what /health says
     failed = httpx.get(f"{served.url}/health", timeout=10.0)
     assert (failed.status_code, failed.json()["status"], failed.json()["error"]) == (503, "failed", "rank 1 died")
 
@@ -426,13 +500,65 @@ def test_metrics(serve):
     assert samples[("ppinfer_prompt_tokens_total", ())] == 4 + 3
     assert samples[("ppinfer_generation_tokens_total", ())] == 2 * STOP_TOKENS
     assert samples[("ppinfer_time_to_first_token_seconds_count", ())] == 2
-    # Every delta but the first carries one token; the last token's text comes in Finished.
-    assert samples[("ppinfer_inter_token_latency_seconds_count", ())] == 2 * (len(SCRIPT) - 2)
+    # Every token but a request's first is one inter-token latency, the ones only Finished
+    # reports (the last token's text and the end-of-generation token) included.
+    assert samples[("ppinfer_inter_token_latency_seconds_count", ())] == 2 * (STOP_TOKENS - 1)
     assert 0 < samples[("ppinfer_time_to_first_token_seconds_sum", ())] < 2
     assert samples[("ppinfer_queue_length", ())] == 3
     assert samples[("ppinfer_running_sequences", ())] == 2
     assert samples[("ppinfer_stage_busy_fraction", (("stage", "0"),))] == 0.25
     assert samples[("ppinfer_stage_busy_fraction", (("stage", "1"),))] == 0.75
+
+
+def test_a_request_ending_on_its_first_token_is_timed(serve):
+    served = serve()
+    served.client().completions.create(model=MODEL, prompt="p", max_tokens=1)
+    samples = _samples(httpx.get(f"{served.url}/metrics", timeout=10.0).text)
+    assert samples[("ppinfer_time_to_first_token_seconds_count", ())] == 1
+    assert samples[("ppinfer_inter_token_latency_seconds_count", ())] == 0
+
+
+def test_clients_that_leave_count_as_499(serve, caplog):
+    """A client gone before its body arrived, and one that left a stream, are 499s (nobody
+    read an answer), with no traceback in the log."""
+    served = serve(FakeEngine(endless=True))
+    with socket.create_connection(("127.0.0.1", served.server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"prompt\"")
+    stream = served.client().completions.create(model=MODEL, prompt="p", stream=True)
+    next(iter(stream))
+    stream.close()
+
+    def counted() -> float:
+        samples = _samples(httpx.get(f"{served.url}/metrics", timeout=10.0).text)
+        return samples.get(("ppinfer_requests_total", (("endpoint", "/v1/completions"), ("status", "499"))), 0.0)
+
+    assert _wait_for(lambda: counted() == 2, 2.0), counted()
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+
+
+def _closed_by_server(sock: socket.socket, timeout_s: float = 5.0) -> bool:
+    """Whether the server closes `sock` within `timeout_s` (an orderly close or a reset)."""
+    sock.settimeout(timeout_s)
+    try:
+        return sock.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_idle_connections_are_closed_and_capped(serve):
+    served = serve(limits=ConnectionLimits(header_timeout_s=0.5, max_connections=20))
+    idle = [socket.create_connection(("127.0.0.1", served.server.port)) for _ in range(30)]
+    slow = socket.create_connection(("127.0.0.1", served.server.port))
+    slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+    try:
+        assert all(_closed_by_server(sock) for sock in idle + [slow]), "the server kept an idle connection open"
+    finally:
+        for sock in idle + [slow]:
+            sock.close()
+    assert httpx.get(f"{served.url}/health", timeout=10.0).status_code == 200
 
 
 # ---- cancellation and shutdown ---------------------------------------------------------------

@@ -31,7 +31,12 @@ from torchrun_job import REPO, ProcessTree, command, describe
 pytestmark = pytest.mark.slow
 
 KEY = "sk-test-ppinfer"
-SHUTDOWN_BOUND_S = 20.0
+SHUTDOWN_BOUND_S = 5.0
+DEAD_RANK_BOUND_S = 10.0
+"""A survivor of a dead rank waits `REPORT_GRACE_S` (5 s) before it reports and exits, so
+that torchrun names the dead rank as the root cause."""
+HEADER_TIMEOUT_S = 2.0
+STALL_TIMEOUT_S = 3.0
 
 
 def _free_port() -> int:
@@ -47,6 +52,7 @@ class Server:
         args = [
             f"model.path={model}", f"server.port={self.port}", f"server.api_key={KEY}", "server.context_length=384",
             "server.max_queue=128", "pipeline.microbatches=2", "pipeline.lane_size=4", "runtime.weights=dequantized",
+            f"server.header_timeout_s={HEADER_TIMEOUT_S}", f"server.stall_timeout_s={STALL_TIMEOUT_S}",
             f"output.dir={tmp}", *extra,
         ]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -64,6 +70,20 @@ class Server:
                 raise RuntimeError(f"the server did not come up: {(tmp / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
         self.model = self.client.models.list().data[0].id
+
+    def worker(self, rank: int) -> psutil.Process:
+        """The process of `rank` (a torchrun worker)."""
+        workers = [p for p in psutil.Process(self.proc.pid).children(recursive=True) if "serve.py" in " ".join(p.cmdline())]
+        return next(p for p in workers if p.environ().get("RANK") == str(rank))
+
+    def post(self, body: bytes, timeout_s: float = 30.0) -> httpx.Response:
+        """A completion request whose body is sent as given (JSON that a client library would
+        not write, say)."""
+        return httpx.post(f"{self.url}/v1/completions", content=body, timeout=timeout_s,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+
+    def health(self) -> str:
+        return httpx.get(f"{self.url}/health", timeout=5).json()["status"]
 
     def _healthy(self) -> bool:
         try:
@@ -178,7 +198,94 @@ def test_bad_parameters_are_400_and_the_server_answers_after(server: Server) -> 
     assert server.client.completions.create(model=server.model, prompt="x", max_tokens=1).usage.completion_tokens == 1
 
 
-def test_sigterm_ends_every_rank_within_20_s(server: Server) -> None:
+def test_requests_that_used_to_end_the_job_are_answered(server: Server) -> None:
+    """Values a JSON number or string can carry, each of which once killed every rank."""
+    nucleus_of_nothing = server.client.completions.create(
+        model=server.model, prompt="Hi", max_tokens=1, temperature=1, top_p=1e-300)
+    assert nucleus_of_nothing.usage.completion_tokens == 1
+    for extra, field in (({"top_k": 2**64}, "top_k"), ({"repetition_penalty": 1e-300}, "repetition_penalty")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            server.client.completions.create(model=server.model, prompt="Hi", max_tokens=2, temperature=1, extra_body=extra)
+        assert caught.value.param == field
+    surrogate = server.post(json.dumps({"model": server.model, "prompt": "a\ud800", "max_tokens": 2}).encode())
+    nested = server.post(b'{"prompt": ' + b"[" * 1000 + b"]" * 1000 + b"}")
+    assert (surrogate.status_code, nested.status_code) == (400, 400), (surrogate.text, nested.text)
+    assert server.client.completions.create(model=server.model, prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
+
+
+def _stream_tokens(server: Server, tokens: int, out: dict) -> None:
+    """A streamed completion of `tokens` tokens (EOS ignored); `out` gets its SSE lines."""
+    body = {"model": server.model, "prompt": "Once upon a time", "max_tokens": tokens, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        out["lines"] = [line for line in response.iter_lines() if line]
+
+
+def _status_of_declared_body(server: Server, size: int) -> tuple[int, float]:
+    """The status the server answers to headers announcing a `size`-byte body (none of which
+    is sent), and how long it took."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n".encode())
+        status_line = sock.recv(4096).split(b"\r\n", 1)[0]
+    return int(status_line.split()[1]), time.monotonic() - start
+
+
+def test_huge_prompts_are_refused_quickly_beside_a_running_stream(server: Server) -> None:
+    out: dict = {}
+    reader = threading.Thread(target=_stream_tokens, args=(server, 60, out))
+    reader.start()
+    time.sleep(1.0)
+    status, took = _status_of_declared_body(server, 100 * 2**20)
+    assert (status, took < 5) == (413, True), (status, took)
+    start = time.monotonic()
+    with pytest.raises(openai.BadRequestError) as caught:  # under the byte limit, far over the context
+        server.client.completions.create(model=server.model, prompt="word " * 400_000, max_tokens=2)
+    assert caught.value.code == "context_length_exceeded" and time.monotonic() - start < 5
+    reader.join(timeout=120)
+    lines = out["lines"]
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    assert json.loads(lines[-2][len("data: "):])["usage"]["completion_tokens"] == 60
+
+
+def test_800_idle_sockets_are_closed_by_the_server(server: Server) -> None:
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(800)]
+    try:
+        deadline = time.monotonic() + HEADER_TIMEOUT_S + 10
+        for sock in idle:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                assert sock.recv(16) == b"", "the server answered a request that was never sent"
+            except ConnectionResetError:
+                pass
+    finally:
+        for sock in idle:
+            sock.close()
+    assert server.client.completions.create(model=server.model, prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_a_stalled_ring_shows_on_health_and_recovers(server: Server) -> None:
+    out: dict = {}
+    reader = threading.Thread(target=_stream_tokens, args=(server, 80, out))
+    reader.start()
+    time.sleep(1.0)
+    last = server.worker(1)
+    last.suspend()
+    try:
+        deadline = time.monotonic() + STALL_TIMEOUT_S + 10
+        while server.health() != "stalled":
+            assert time.monotonic() < deadline, "/health never said stalled"
+            time.sleep(0.2)
+    finally:
+        last.resume()
+    reader.join(timeout=120)
+    assert out["lines"][-1] == "data: [DONE]"
+    assert server.health() == "ok"
+
+
+def test_sigterm_ends_every_rank_within_5_s(server: Server) -> None:
     """Last: the shutdown ends the module's server. An open stream ends (an error event or its
     last token), and no process of the job is left."""
     events: list[str] = []
@@ -209,11 +316,9 @@ def test_sigterm_ends_every_rank_within_20_s(server: Server) -> None:
 def test_a_dead_rank_makes_the_server_answer_503_and_the_job_exit(smollm2_path: Path, tmp_path: Path) -> None:
     srv = Server(smollm2_path, tmp_path)
     try:
-        workers = [p for p in psutil.Process(srv.proc.pid).children(recursive=True) if "serve.py" in " ".join(p.cmdline())]
-        last = next(p for p in workers if p.environ().get("RANK") == "1")
-        last.kill()
+        srv.worker(1).kill()
         statuses = set()
-        deadline = time.monotonic() + SHUTDOWN_BOUND_S
+        deadline = time.monotonic() + DEAD_RANK_BOUND_S
         while srv.proc.poll() is None and time.monotonic() < deadline:
             try:
                 statuses.add(httpx.get(f"{srv.url}/health", timeout=1).status_code)
@@ -236,5 +341,10 @@ def test_an_idle_server_outlives_the_ranks_timeout(smollm2_path: Path, tmp_path:
         done = srv.client.completions.create(model=srv.model, prompt="Hello", max_tokens=3, temperature=0)
         assert done.usage.completion_tokens == 3 or done.choices[0].finish_reason == "stop"
         assert srv.proc.poll() is None
+        start = time.monotonic()  # and an idle server ends within the bound
+        os.killpg(srv.proc.pid, signal.SIGTERM)
+        srv.proc.wait(timeout=SHUTDOWN_BOUND_S + 10)
+        assert time.monotonic() - start < SHUTDOWN_BOUND_S
+        assert len(srv.tree.alive()) == 0, describe(srv.tree.alive())
     finally:
         srv.stop()

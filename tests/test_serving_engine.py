@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from ppinfer.pipeline.requests import Requests, TokenCounts
 from ppinfer.pipeline.runtime import StageRunner, run_first
 from ppinfer.pipeline.schedule import Scheduler
 from ppinfer.pipeline.sinks import SampleSink
-from ppinfer.serving.engine import EngineFull, Finished, TokenDelta
+from ppinfer.serving.engine import EngineFull, Finished, PromptTooLong, TokenDelta
 from ppinfer.serving.pipeline_engine import PipelineEngine
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
@@ -78,7 +79,8 @@ def served(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
                 f"output.dir={tmp_path_factory.mktemp('serve')}"])
     job = prepare(cfg, ENV, False, False, serve=True)
     stage = build_stage(job.model_path, job.plan, job.dtype, job.device, weights="dequantized")
-    engine = PipelineEngine("smollm2", job.tokenizer, job.capacity, job.params[0], cfg.server.max_queue)
+    engine = PipelineEngine("smollm2", job.tokenizer, job.capacity, job.params[0], cfg.server.max_queue,
+                            rows=job.n_lanes * job.lane_size)
     runner = StageRunner(stage, job.n_lanes, job.lane_size, job.capacity, sink=SampleSink())
     scheduler = Scheduler(job.n_lanes, job.lane_size, job.prefill_chunk, job.capacity)
     requests = Requests(TokenCounts(), lambda sequence: None)
@@ -144,13 +146,43 @@ def test_bad_requests_are_refused_before_they_queue(served: PipelineEngine) -> N
 
 
 def test_queue_limit(smollm2_path: Path) -> None:
-    """A full queue refuses with EngineFull (no loop runs, so nothing drains it)."""
-    engine = PipelineEngine("m", _tokenizer(smollm2_path), 64, GenerationParams(), max_queue=2)
+    """A burst first fills the free rows; only what waits beyond them counts against
+    server.max_queue (no loop runs, so nothing drains it)."""
+    engine = PipelineEngine("m", _tokenizer(smollm2_path), 64, GenerationParams(), max_queue=2, rows=3)
     engine.started()
-    for _ in range(2):
+    for _ in range(3 + 2):
         engine.submit([1, 2], GenerationParams(max_new_tokens=2), _Client())
     with pytest.raises(EngineFull, match="server.max_queue"):
         engine.submit([1, 2], GenerationParams(max_new_tokens=2), _Client())
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(smollm2_path: Path) -> None:
+    tokenizer = _tokenizer(smollm2_path)
+    engine = PipelineEngine("m", tokenizer, 64, GenerationParams(), max_queue=2, rows=1)
+    fits = "x" * (63 * tokenizer.max_token_bytes)  # one token per longest entry still fits
+    assert len(engine.encode_prompt("Hello there")) == len(tokenizer.encode("Hello there"))
+    assert engine.encode_prompt(fits) == tokenizer.encode(fits)
+    for prompt in (fits + "x", [{"role": "user", "content": fits + "x"}]):
+        encode = engine.encode_prompt if isinstance(prompt, str) else engine.encode_chat
+        with pytest.raises(PromptTooLong, match="context length is 64"):
+            encode(prompt)
+
+
+def test_stall_is_reported_while_work_makes_no_progress(smollm2_path: Path) -> None:
+    engine = PipelineEngine("m", _tokenizer(smollm2_path), 64, GenerationParams(), max_queue=2, rows=2,
+                            stall_timeout_s=0.2)
+    engine.started()
+    scheduler = Scheduler(1, 2, 8, 64)
+    requests = Requests(TokenCounts(), lambda sequence: None)
+    time.sleep(0.3)
+    assert engine.stall() is None  # idle for a while: nothing is stuck
+    engine.submit([1, 2], GenerationParams(max_new_tokens=4), _Client())
+    engine.pull(scheduler, requests)
+    assert engine.stall() is None  # the clock starts when the work does
+    time.sleep(0.3)
+    assert "no sampled token" in engine.stall()
+    engine.busy((0.1,))
+    assert engine.stall() is None
 
 
 def _tokenizer(path: Path):

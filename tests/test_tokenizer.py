@@ -8,6 +8,8 @@ and hand-derived pre-tokenizer splits per llama.cpp regex set.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -343,3 +345,21 @@ def test_byte_table_matches_hf_byte_level() -> None:
     for ch in ["\x00", " ", "~", "\x7f", "é", "\u00ad", "€", "😀"]:
         mapped = "".join(piece for piece, _ in byte_level.pre_tokenize_str(ch))
         assert mapped == "".join(table[b] for b in ch.encode())
+
+
+# -- concurrency ---------------------------------------------------------------------
+
+
+def test_a_long_byte_level_encode_lets_other_threads_run(smollm2: Tokenizer) -> None:
+    """A server tokenizes in a worker thread while its main thread drives the ring: the BPE
+    step must release the GIL, or a long prompt stops the ring for as long as it takes."""
+    text = "The lighthouse keeper climbed the stairs, " * 12_000  # about 500 KB
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (smollm2.encode(text), done.set()))
+    worker.start()
+    turns = 0
+    while not done.is_set():
+        time.sleep(0.001)  # each wake-up needs the GIL
+        turns += 1
+    worker.join()
+    assert turns >= 50, f"the main thread ran {turns} times while the prompt was tokenized"

@@ -100,11 +100,9 @@ class BpeEncoder:
         self._tok.pre_tokenizer = build_pre_tokenizer(spec)
 
     def encode(self, fragment: str) -> list[int]:
-        return self._tok.encode(fragment, add_special_tokens=False).ids
-
-    def encode_batch(self, fragments: list[str]) -> list[list[int]]:
-        """Several fragments in one call (the Rust side may use its thread pool)."""
-        return [e.ids for e in self._tok.encode_batch(fragments, add_special_tokens=False)]
+        # Through encode_batch: unlike encode, it releases the GIL while it works, so a long
+        # prompt tokenized in a server thread does not stall the ring or the HTTP loop.
+        return self._tok.encode_batch([fragment], add_special_tokens=False)[0].ids
 
     def pre_tokenize(self, text: str) -> list[str]:
         """The byte-level pieces BPE sees (for tests and debugging)."""

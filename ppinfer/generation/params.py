@@ -24,6 +24,12 @@ from typing import Any, List, Mapping, Optional
 from ppinfer.generation.stopping import StopConditions, unescape_stop_string
 
 SEED_RANGE = (0, 2**63 - 1)
+TOP_K_MAX = 2**31 - 1
+"""Largest `top_k` (any k at least the vocabulary keeps every token; the bound keeps the value
+inside the int64 fields that carry it to the last stage)."""
+REPETITION_PENALTY_RANGE = (1e-3, 1e3)
+"""Allowed `repetition_penalty`: logits divided (or multiplied) by a value outside this range
+overflow float32 or underflow to zero, and the sampler would see inf or NaN."""
 
 
 @dataclass(kw_only=True)
@@ -94,16 +100,17 @@ class GenerationParams:
         # filter or softmax can use, so every float must also be finite.
         if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
             _bad("temperature", self.temperature, "must be a finite number >= 0 (0 = greedy)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            _bad("top_k", self.top_k, "must be an integer >= 0 (0 = off)")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k <= TOP_K_MAX:
+            _bad("top_k", self.top_k, f"must be an integer in [0, {TOP_K_MAX}] (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
             _bad("top_p", self.top_p, "must be in (0, 1]")
         if not 0.0 <= self.min_p <= 1.0:
             _bad("min_p", self.min_p, "must be in [0, 1]")
-        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
-            _bad("repetition_penalty", self.repetition_penalty, "must be a finite number > 0 (1 = off)")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:  # NaN fails too
+            _bad("repetition_penalty", self.repetition_penalty, f"must be in [{low:g}, {high:g}] (1 = off)")
         if self.seed is not None and (not isinstance(self.seed, int) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
-            _bad("seed", self.seed, f"must be an integer in [0, 2**63 - 1]")
+            _bad("seed", self.seed, "must be an integer in [0, 2**63 - 1]")
         for i, stop in enumerate(self.stop):
             if not isinstance(stop, str) or not stop:
                 _bad(f"stop[{i}]", stop, "a stop string needs at least one character")
@@ -137,7 +144,10 @@ def _typed(key: str, value: Any, annotation: Any) -> Any:
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _bad(key, value, "must be a number")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float (JSON allows 1e999 digits)
+            _bad(key, value, "is out of range")
     if isinstance(value, bool) or not isinstance(value, int):
         if kind == "Optional[int]" and value is None:
             return None

@@ -127,12 +127,15 @@ def _top_k_keep_sorted(sorted_logits: torch.Tensor, k: int) -> torch.Tensor:
 def _top_p_keep_sorted(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep mask for descending-sorted logits ``[B, V]``: the shortest prefix with mass >= p.
 
-    A token is kept when the mass strictly before it is < p, so the top token is always kept
-    and the token that crosses p is kept too (llama.cpp and transformers agree on this).
+    A token is kept when the mass strictly before it is < p, and the token that crosses p is
+    kept too (llama.cpp and transformers agree on this). The top token is kept whatever p is:
+    a p below float32's smallest value would otherwise compare as 0 and keep nothing.
     """
     probs = torch.softmax(sorted_logits, dim=-1)  # [B, V]
     mass_before = torch.cumsum(probs, dim=-1) - probs  # [B, V]
-    return mass_before < top_p
+    keep = mass_before < top_p  # [B, V]
+    keep[:, 0] = True
+    return keep
 
 
 def _min_p_keep_sorted(sorted_logits: torch.Tensor, min_p: float) -> torch.Tensor:

@@ -8,6 +8,7 @@ delegated to its module: `vocab` (metadata), `special` (partition), `spm` / `bpe
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,6 +142,13 @@ class Tokenizer:
     def stream(self, skip_special: bool = False) -> IncrementalDecoder:
         """A decoder fed one token at a time; its outputs concatenate to `decode(ids)`."""
         return IncrementalDecoder(self._pieces, skip_special, self._vocab.add_space_prefix)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """UTF-8 bytes of the longest vocabulary entry as stored: no token stands for more
+        bytes of text (a stored entry spells a space as "▁", a byte as "<0xXX>" or a byte-level
+        character of at least one byte)."""
+        return max(len(token.encode("utf-8")) for token in self._vocab.tokens)
 
     def token_text(self, token_id: int) -> str:
         """The vocabulary entry of `token_id` as stored in the file (e.g. 'Ġthe', '▁the', '<0x0A>')."""

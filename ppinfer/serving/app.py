@@ -20,25 +20,28 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ppinfer.generation.params import GenerationParams
 from ppinfer.serving.bridge import SHUTDOWN, LiveRequests, RequestEvents
-from ppinfer.serving.engine import Engine, EngineFull, EngineUnavailable, Finished, TokenDelta
-from ppinfer.serving.metrics import CONTENT_TYPE, CountRequests, ServerMetrics
+from ppinfer.serving.engine import Engine, EngineFull, EngineUnavailable, Finished, PromptTooLong, TokenDelta
+from ppinfer.serving.metrics import ABANDONED, CLIENT_GONE, CONTENT_TYPE, CountRequests, ServerMetrics
 from ppinfer.serving.protocol import ApiError, Kind, ParsedRequest, Reply, bad_request, error_body, parse_request
 
 RETRY_AFTER_S = 1
 """The Retry-After of a 503 when the engine's queue is full."""
 
-CLIENT_GONE = 499
-"""The status of a request whose client left before its answer (nobody reads it)."""
+MAX_REQUEST_BYTES = 8 * 2**20
+"""The default largest request body (`server.max_request_bytes`)."""
 
 
-def create_app(engine: Engine, api_key: str | None, metrics: ServerMetrics) -> FastAPI:
-    app = FastAPI(title="ppinfer", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(
+    engine: Engine, api_key: str | None, metrics: ServerMetrics, max_request_bytes: int = MAX_REQUEST_BYTES
+) -> FastAPI:
+    app = FastAPI(title="ppinfer", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.live = live = LiveRequests()
     metrics.watch(engine)
-    completions = _Completions(engine, live, metrics)
+    completions = _Completions(engine, live, metrics, max_request_bytes)
     created = int(time.time())
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorize(api_key))])
@@ -63,10 +66,9 @@ def create_app(engine: Engine, api_key: str | None, metrics: ServerMetrics) -> F
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        failure = engine.failure()
-        if live.draining or failure is not None or not engine.ready():
-            status = "draining" if live.draining else "failed" if failure is not None else "loading"
-            return JSONResponse({"status": status, "error": failure}, status_code=503)
+        status, error = _health(engine, live)
+        if status != "ok":
+            return JSONResponse({"status": status, "error": error}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -76,7 +78,37 @@ def create_app(engine: Engine, api_key: str | None, metrics: ServerMetrics) -> F
     app.include_router(v1)
     _add_error_handlers(app)
     app.add_middleware(CountRequests, metrics=metrics)
+    app.add_middleware(_OneTrailingSlash)
     return app
+
+
+def _health(engine: Engine, live: LiveRequests) -> tuple[str, str | None]:
+    """The server's state for /health, the most serious first, and why when not "ok"."""
+    failure = engine.failure()
+    if failure is not None:
+        return "failed", failure
+    if live.draining:
+        return "draining", SHUTDOWN
+    if not engine.ready():
+        return "loading", "the model is still loading"
+    stall = engine.stall()
+    if stall is not None:
+        return "stalled", stall
+    return "ok", None
+
+
+class _OneTrailingSlash:
+    """Routes `/v1/models/` as `/v1/models`: the same answer, rather than a redirect whose
+    Location would be built from the client's Host header."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = dict(scope, path=path[:-1], raw_path=scope.get("raw_path", b"/").removesuffix(b"/"))
+        await self.app(scope, receive, send)
 
 
 def _model_card(model_id: str, created: int) -> dict[str, Any]:
@@ -107,6 +139,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = {404: f"{where}: no such route", 405: f"{where}: method not allowed"}.get(exc.status_code, exc.detail)
         return JSONResponse(error_body(message, exc.status_code), status_code=exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=CLIENT_GONE)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -120,13 +156,14 @@ def _add_error_handlers(app: FastAPI) -> None:
 class _Completions:
     """POST /v1/completions and /v1/chat/completions."""
 
-    def __init__(self, engine: Engine, live: LiveRequests, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: Engine, live: LiveRequests, metrics: ServerMetrics, max_request_bytes: int) -> None:
         self.engine, self.live, self.metrics = engine, live, metrics
+        self.max_request_bytes = max_request_bytes
 
     async def __call__(self, request: Request, kind: Kind) -> Response:
         arrived = time.monotonic()
         self._check_open()
-        parsed = parse_request(kind, await _json_body(request), self.engine.model_id)
+        parsed = parse_request(kind, await _json_body(request, self.max_request_bytes), self.engine.model_id)
         prompt_ids = await self._encode(parsed)
         params = parsed.params(self.engine.defaults, len(prompt_ids), self.engine.context_length)
         events = RequestEvents(asyncio.get_running_loop(), self.metrics.timer(arrived))
@@ -135,7 +172,7 @@ class _Completions:
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         reply = Reply(kind, f"{prefix}-{secrets.token_hex(12)}", int(time.time()), self.engine.model_id)
         if parsed.stream:
-            return _EventStream(self._chunks(events, reply, parsed.include_usage), lambda: self._finish(events))
+            return _EventStream(self._chunks(events, reply, parsed.include_usage), lambda: self._finish(events), request)
         return await self._whole(request, events, reply)
 
     def _check_open(self) -> None:
@@ -147,13 +184,15 @@ class _Completions:
 
     async def _encode(self, parsed: ParsedRequest) -> list[int]:
         """The prompt's token ids (tokenized in a worker thread, off the event loop)."""
-        if parsed.kind == "completion":
-            return await run_in_threadpool(self.engine.encode_prompt, parsed.prompt)
+        field = parsed.prompt_field
+        encode = self.engine.encode_prompt if parsed.kind == "completion" else self.engine.encode_chat
         try:
-            return await run_in_threadpool(self.engine.encode_chat, parsed.prompt)
+            return await run_in_threadpool(encode, parsed.prompt)
+        except PromptTooLong as exc:
+            raise bad_request(str(exc), param=field, code="context_length_exceeded") from exc
         except ValueError as exc:
-            message = str(exc) if str(exc).startswith("messages") else f"messages: {exc}"
-            raise bad_request(message, param="messages") from exc
+            message = str(exc) if str(exc).startswith(field) else f"{field}: {exc}"
+            raise bad_request(message, param=field) from exc
 
     def _submit(self, events: RequestEvents, prompt_ids: list[int], params: GenerationParams,
                 parsed: ParsedRequest) -> None:
@@ -177,7 +216,7 @@ class _Completions:
         if isinstance(exc, EngineUnavailable):
             return ApiError(503, f"the engine is unavailable: {exc}")
         too_long = prompt_tokens + params.max_new_tokens > self.engine.context_length
-        field = "max_tokens" if parsed.max_tokens is not None else parsed.prompt_field
+        field = "max_tokens" if too_long and parsed.max_tokens is not None else parsed.prompt_field
         return bad_request(str(exc), param=field, code="context_length_exceeded" if too_long else None)
 
     def _finish(self, events: RequestEvents) -> None:
@@ -232,25 +271,51 @@ class _Completions:
 
 class _EventStream(StreamingResponse):
     """Server-sent events that call `on_close` however the response ends (also when the
-    client left before the first chunk)."""
+    client left before the first chunk); a stream its client left before the end is marked
+    `ABANDONED` in the request's state, for the request counter."""
 
-    def __init__(self, chunks: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(chunks, media_type="text/event-stream",
+    def __init__(self, chunks: AsyncIterator[str], on_close: Callable[[], None], request: Request) -> None:
+        super().__init__(self._to_the_end(chunks), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._on_close = on_close
+        self._on_close, self._request = on_close, request
+        self._ended = False
+
+    async def _to_the_end(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        async for chunk in chunks:
+            yield chunk
+        self._ended = True
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if not self._ended:
+                setattr(self._request.state, ABANDONED, True)
             self._on_close()
 
 
-async def _json_body(request: Request) -> Any:
+async def _json_body(request: Request, max_bytes: int) -> Any:
+    """The request's JSON body, read up to `max_bytes` (413 beyond); ClientDisconnect if the
+    client leaves before sending it."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise _too_large(max_bytes)
     try:
-        return await request.json()
+        return json.loads(body)
     except ValueError as exc:
         raise bad_request(f"the request body is not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise bad_request("the request body is not valid JSON (nested too deeply)") from exc
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {max_bytes} bytes (server.max_request_bytes)",
+                    code="request_too_large")
 
 
 async def _collect(events: RequestEvents) -> tuple[str, Finished]:

@@ -17,8 +17,12 @@ from ppinfer.pipeline.events import Emit, Event, Finished, FinishReason, TokenDe
 
 __all__ = [
     "Emit", "Engine", "EngineFull", "EngineStats", "EngineUnavailable", "Event", "Finished", "FinishReason",
-    "TokenDelta",
+    "PromptTooLong", "TokenDelta",
 ]
+
+class PromptTooLong(ValueError):
+    """The prompt cannot fit the context, found before it is tokenized (HTTP 400)."""
+
 
 class EngineFull(Exception):
     """The waiting queue holds `server.max_queue` requests already (HTTP 503)."""
@@ -52,11 +56,16 @@ class Engine(Protocol):
     def failure(self) -> str | None:
         """Why the engine stopped for good (a rank died), or None."""
 
+    def stall(self) -> str | None:
+        """Why the engine looks stuck (work in flight, no progress for a while), or None."""
+
     def encode_prompt(self, text: str) -> list[int]:
-        """Token ids of a plain completion prompt (BOS as the file says)."""
+        """Token ids of a plain completion prompt (BOS as the file says); PromptTooLong when
+        it cannot fit the context, ValueError when it cannot be tokenized."""
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a chat rendered with the model's template; ValueError on bad messages."""
+        """Token ids of a chat rendered with the model's template; PromptTooLong, or
+        ValueError on bad messages."""
 
     def submit(self, prompt_ids: list[int], params: GenerationParams, emit: Emit) -> int:
         """Queue a request; returns its id. Raises ValueError (prompt plus max_new_tokens

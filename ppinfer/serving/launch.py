@@ -5,7 +5,7 @@ the ring, and every other rank relays until the first one sends stop.
 SIGTERM or SIGINT (torchrun passes both on to every rank): the first rank stops accepting,
 ends what is waiting or running with an error event, finishes the steps in flight and sends
 stop down the ring; the other ranks keep relaying until that stop arrives, and leave anyway
-after `STOP_DEADLINE_S`.
+after `STOP_DEADLINE_S` (a daemon timer: it never holds up a rank that has finished).
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from ppinfer.pipeline.runtime import StageRunner, run_first, run_relay
 from ppinfer.pipeline.sinks import SampleSink
 from ppinfer.pipeline.transport import Transport
 from ppinfer.serving.app import create_app
-from ppinfer.serving.http import HttpServer
+from ppinfer.serving.http import ConnectionLimits, HttpServer
 from ppinfer.serving.metrics import ServerMetrics
 from ppinfer.serving.pipeline_engine import PipelineEngine
 
 log = logging.getLogger("ppinfer")
 
-STOP_DEADLINE_S = 15.0
+STOP_DEADLINE_S = 4.0
 """After SIGTERM, a relaying rank waits this long for the first rank's stop, then exits."""
 
 
@@ -73,17 +73,27 @@ def _serve(job: Job, stage: PipelineStage, baseline_rss: int) -> None:
             _serve_first(job, runner, transport)
         else:
             assert transport is not None
-            _on_stop_signal(lambda: threading.Timer(STOP_DEADLINE_S, os._exit, (0,)).start())
+            _on_stop_signal(_exit_later)
             run_relay(runner, transport)
+
+
+def _exit_later() -> None:
+    """Exit after `STOP_DEADLINE_S` unless the process has ended by then."""
+    timer = threading.Timer(STOP_DEADLINE_S, os._exit, (0,))
+    timer.daemon = True
+    timer.start()
 
 
 def _serve_first(job: Job, runner: StageRunner, transport: Transport | None) -> None:
     cfg = job.cfg
     engine = PipelineEngine(
         job.model_path.stem, job.tokenizer, job.capacity, job.params[0], cfg.server.max_queue,
-        chat_template=cfg.model.chat_template, peer_timeout_s=cfg.runtime.timeout_s,
+        rows=job.n_lanes * job.lane_size, chat_template=cfg.model.chat_template,
+        peer_timeout_s=cfg.runtime.timeout_s, stall_timeout_s=cfg.server.stall_timeout_s,
     )
-    server = HttpServer(create_app(engine, cfg.server.api_key, ServerMetrics()), cfg.server.host, cfg.server.port)
+    app = create_app(engine, cfg.server.api_key, ServerMetrics(), cfg.server.max_request_bytes)
+    limits = ConnectionLimits(cfg.server.header_timeout_s, cfg.server.max_connections)
+    server = HttpServer(app, cfg.server.host, cfg.server.port, limits)
 
     def stop() -> None:
         server.drain()

@@ -17,6 +17,10 @@ from prometheus_client.registry import Collector
 from ppinfer.serving.engine import Engine, Event, Finished
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+CLIENT_GONE = 499
+"""The status counted for a request whose client left before its answer was complete."""
+ABANDONED = "ppinfer_abandoned"
+"""Set in a request's state (`request.state`) when its client left a stream before its end."""
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -50,24 +54,34 @@ class ServerMetrics:
 
 class RequestTimer:
     """Observes one request's events, in order, from the engine's thread (`bridge.Observer`).
-    A delta of k tokens after a gap of t counts as k inter-token latencies of t/k."""
+    k tokens arriving together after a gap of t count as k inter-token latencies of t/k; the
+    first of a request counts as its time to first token instead (t). A `Finished` carries
+    the tokens no delta did (held-back text, or the token that ended the request)."""
 
     def __init__(self, metrics: ServerMetrics, arrived: float) -> None:
         self._metrics, self._last = metrics, arrived
-        self._first = True
+        self._seen = 0  # tokens observed so far
 
     def __call__(self, event: Event, now: float) -> None:
         if isinstance(event, Finished):
+            # The tokens no delta carried (held back, or the one that ended the request).
+            self._observe(event.completion_tokens - self._seen, now)
             self._metrics.generation_tokens.inc(event.completion_tokens)
-            return
-        if not event.token_ids:
-            return
-        if self._first:
-            self._metrics.time_to_first_token.observe(now - self._last)
         else:
-            for _ in event.token_ids:
-                self._metrics.inter_token_latency.observe((now - self._last) / len(event.token_ids))
-        self._first, self._last = False, now
+            self._observe(len(event.token_ids), now)
+
+    def _observe(self, tokens: int, now: float) -> None:
+        """`tokens` more arrived at `now`: the first of a request is its time to first token."""
+        if tokens <= 0:
+            return
+        gaps = tokens
+        if self._seen == 0:
+            self._metrics.time_to_first_token.observe(now - self._last)
+            gaps -= 1
+        for _ in range(gaps):
+            self._metrics.inter_token_latency.observe((now - self._last) / tokens)
+        self._seen += tokens
+        self._last = now
 
 
 class _EngineGauges(Collector):
@@ -87,7 +101,7 @@ class _EngineGauges(Collector):
 
 class CountRequests:
     """ASGI middleware: counts each request to a /v1 route by its route and response status
-    (499 when the client left before a response started)."""
+    (499 when the client left before a response started, or left a stream before its end)."""
 
     def __init__(self, app: Any, metrics: ServerMetrics) -> None:
         self.app, self.metrics = app, metrics
@@ -96,7 +110,7 @@ class CountRequests:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 499
+        status = CLIENT_GONE
 
         async def send_status(message: dict[str, Any]) -> None:
             nonlocal status
@@ -110,6 +124,8 @@ class CountRequests:
             status = 500
             raise
         finally:
+            if scope.get("state", {}).get(ABANDONED):
+                status = CLIENT_GONE
             route = scope.get("route")
             endpoint = getattr(route, "path", "")
             if endpoint.startswith("/v1/"):

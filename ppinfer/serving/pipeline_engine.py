@@ -17,7 +17,7 @@ from ppinfer.pipeline.job import encode_prompt
 from ppinfer.pipeline.requests import Requests, Sequence
 from ppinfer.pipeline.schedule import Scheduler
 from ppinfer.pipeline.transport import Transport
-from ppinfer.serving.engine import Emit, EngineFull, EngineStats, EngineUnavailable
+from ppinfer.serving.engine import Emit, EngineFull, EngineStats, EngineUnavailable, PromptTooLong
 
 PING_INTERVAL_S = 1.0
 """An idle first rank pings the ring this often (or 4 times per `runtime.timeout_s` when that
@@ -36,12 +36,16 @@ class PipelineEngine:
         context_length: int,
         defaults: GenerationParams,
         max_queue: int,
+        rows: int,
         chat_template: str | None = None,
         peer_timeout_s: float = float("inf"),
+        stall_timeout_s: float = float("inf"),
     ) -> None:
         self.model_id, self.tokenizer, self.context_length = model_id, tokenizer, context_length
         self.defaults, self.max_queue, self.chat_template = defaults, max_queue, chat_template
+        self.rows = rows  # sequences the lanes hold at once
         self._ping_s = min(PING_INTERVAL_S, peer_timeout_s / 4)
+        self._stall_s = stall_timeout_s
         self._eog = frozenset(tokenizer.eog_ids)
         self._lock = threading.Condition()
         self._incoming: deque[Sequence] = deque()
@@ -51,6 +55,7 @@ class PipelineEngine:
         self._running = 0
         self._busy: tuple[float, ...] = ()
         self._started = time.monotonic()
+        self._progress_at = time.monotonic()  # last sampled ids, or when work began
         self._ready = False
         self._stopping = False
         self._failure: str | None = None
@@ -63,12 +68,33 @@ class PipelineEngine:
     def failure(self) -> str | None:
         return self._failure
 
+    def stall(self) -> str | None:
+        with self._lock:
+            working = self._waiting + self._running > 0
+            quiet = time.monotonic() - self._progress_at
+        if working and quiet > self._stall_s:
+            return f"no sampled token has come back for {quiet:.0f} s while sequences run"
+        return None
+
     def encode_prompt(self, text: str) -> list[int]:
+        self._check_fits(text)
         return encode_prompt(self.tokenizer, text, chat=False)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        self._check_fits("".join(m["content"] for m in messages))
         text = self.tokenizer.apply_chat_template(messages, template=self.chat_template)
         return encode_prompt(self.tokenizer, text, chat=True)
+
+    def _check_fits(self, text: str) -> None:
+        """Refuse, before tokenizing it, text too long for the context whatever its tokens:
+        no token covers more bytes of text than the longest vocabulary entry holds."""
+        size = len(text.encode("utf-8", "surrogatepass"))
+        fewest = -(-size // self.tokenizer.max_token_bytes)
+        if fewest >= self.context_length:
+            raise PromptTooLong(
+                f"the prompt's {size} bytes make at least {fewest} tokens; the context length is "
+                f"{self.context_length}"
+            )
 
     def submit(self, prompt_ids: list[int], params: GenerationParams, emit: Emit) -> int:
         if not prompt_ids:
@@ -81,7 +107,9 @@ class PipelineEngine:
         with self._lock:
             if self._failure is not None or self._stopping or not self._ready:
                 raise EngineUnavailable(self._failure or (SHUTDOWN if self._stopping else "the model is still loading"))
-            if len(self._incoming) + self._waiting >= self.max_queue:
+            # Only requests that will not find a free row count as queued.
+            queued = len(self._incoming) + self._waiting - (self.rows - self._running)
+            if queued >= self.max_queue:
                 raise EngineFull(f"{self.max_queue} requests are waiting already (server.max_queue)")
             seq = self._next_id
             self._next_id += 1
@@ -140,6 +168,8 @@ class PipelineEngine:
             else:
                 requests.cancel(seq, SHUTDOWN if stopping else None)
         with self._lock:
+            if self._waiting + self._running == 0:
+                self._progress_at = time.monotonic()  # work starts now
             self._waiting, self._running = scheduler.waiting, scheduler.running
 
     def wait(self, scheduler: Scheduler, requests: Requests, transport: Transport | None) -> bool:
@@ -152,7 +182,9 @@ class PipelineEngine:
         return True
 
     def busy(self, stages: tuple[float, ...]) -> None:
-        self._busy = stages
+        with self._lock:
+            self._busy = stages
+            self._progress_at = time.monotonic()
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special=True)

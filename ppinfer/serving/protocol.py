@@ -42,6 +42,9 @@ class ApiError(Exception):
 
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     kind = "server_error" if status >= 500 else "invalid_request_error"
+    # A message may quote the client's text, which JSON lets hold lone surrogates: escape them
+    # so the body can be written as UTF-8.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -89,7 +92,7 @@ def parse_request(kind: Kind, body: Any, model_id: str) -> ParsedRequest:
     body = {key: value for key, value in body.items() if value is not None}
     _check_model(body.get("model", model_id), model_id)
     _check_unsupported(body)
-    if body.get("n", 1) != 1 or isinstance(body.get("n"), bool):
+    if "n" in body and not _is_value(body["n"], 1):
         raise bad_request(f"n={body['n']!r}: only n=1 is supported", param="n")
     stop = body.get("stop")
     if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
@@ -110,9 +113,18 @@ def _check_model(model: Any, model_id: str) -> None:
                        param="model", code="model_not_found")
 
 
+def _is_value(value: Any, expected: Any) -> bool:
+    """`value == expected` of the same kind: JSON's `true` is not the number 1, nor `0` false."""
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return value is expected
+    if isinstance(expected, (int, float)):
+        return isinstance(value, (int, float)) and value == expected
+    return type(value) is type(expected) and value == expected
+
+
 def _check_unsupported(body: dict[str, Any]) -> None:
     for key, off in UNSUPPORTED.items():
-        if key in body and body[key] not in off:
+        if key in body and not any(_is_value(body[key], value) for value in off):
             value = body[key]
             shown = f"={value!r}" if isinstance(value, (bool, int, float, str)) else ""
             raise bad_request(f"{key}{shown}: not supported by this server", param=key)
@@ -128,7 +140,8 @@ def _include_usage(body: dict[str, Any]) -> bool:
     options = body.get("stream_options", {})
     if not isinstance(options, dict):
         raise bad_request(f"stream_options={options!r}: must be an object", param="stream_options")
-    return _flag("stream_options.include_usage", options.get("include_usage", False))
+    include = options.get("include_usage")
+    return False if include is None else _flag("stream_options.include_usage", include)
 
 
 def _max_tokens(kind: Kind, body: dict[str, Any]) -> int | None:
