@@ -1,4 +1,4 @@
-# ppinfer: `make run` sets everything up and generates text; `make test` runs the suite.
+# ppinfer: `make run` sets everything up and generates text; `make test` runs the linter and the suite.
 #
 # The virtual environment is created on first use. torch is installed only when the venv
 # has none: TORCH_SPEC defaults to the CPU build pinned for these machines; a GPU user
@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 NPROC ?= 4
 ARGS ?=
 
-.PHONY: install model run serve test bench clean
+.PHONY: install model run serve lint test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,10 @@ run: model
 serve: model
 	$(BIN)/torchrun --nproc_per_node=$(NPROC) launch/serve.py $(ARGS)
 
-test: install
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 bench: model

@@ -1,6 +1,6 @@
 """torchrun entry point: `torchrun --nproc_per_node=N launch/infer.py key=value ...`.
 
-Composes the Hydra config and hands it to `ppinfer.pipeline.launch.run`; all logic lives in
+Composes the Hydra config and hands it to `ppinfer.pipeline.batch.run`; all logic lives in
 the package so that tests can import it. The command line is checked once before
 `@hydra.main` composes it: Hydra would print a bad override's multi-line message (or the
 traceback of a run directory it cannot create) on every rank, while `report_bad_input` prints
@@ -17,10 +17,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import ppinfer.config  # noqa: F401  registers the typed schema in Hydra's ConfigStore
+from ppinfer.config import register_configs
+from ppinfer.pipeline.batch import run
 from ppinfer.pipeline.failures import command_line_problem, interrupt_once, report_bad_input, report_interrupt
 from ppinfer.pipeline.job import DistEnv
-from ppinfer.pipeline.launch import run, setup_logging
+from ppinfer.pipeline.rank import setup_logging
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -33,6 +34,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_configs()
     signal.signal(signal.SIGINT, interrupt_once)
     env = DistEnv.from_environ(dict(os.environ))
     setup_logging(env)

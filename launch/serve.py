@@ -13,10 +13,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import ppinfer.config  # noqa: F401  registers the typed schema in Hydra's ConfigStore
+from ppinfer.config import register_configs
 from ppinfer.pipeline.failures import command_line_problem, report_bad_input
 from ppinfer.pipeline.job import DistEnv
-from ppinfer.pipeline.launch import setup_logging
+from ppinfer.pipeline.rank import setup_logging
 from ppinfer.serving.launch import serve
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -30,6 +30,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_configs()
     env = DistEnv.from_environ(dict(os.environ))
     setup_logging(env)
     problem = command_line_problem(CONFIG_DIR, "config", sys.argv[1:])

@@ -27,6 +27,7 @@ from unittest import mock
 import gguf
 import numpy as np
 import torch
+from ggufgen import GEMMA_LIKE, LLAMA_LIKE, TinySpec
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -43,8 +44,6 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from ggufgen import GEMMA_LIKE, LLAMA_LIKE, TinySpec
-
 GGUF_LOADER_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "starcoder2", "gemma2", "gemma3")
 """Families transformers' GGUF loader can read (reference page §7)."""
 
@@ -60,19 +59,19 @@ def _rope(spec: TinySpec, base: float, linear: float | None) -> dict[str, object
 
 def hf_config(spec: TinySpec) -> PretrainedConfig:
     """The transformers config equivalent to what llama.cpp reads from the tiny file."""
-    common: dict[str, object] = dict(
-        vocab_size=spec.n_vocab,
-        hidden_size=spec.n_embd,
-        intermediate_size=spec.n_ff,
-        num_hidden_layers=spec.n_layer,
-        num_attention_heads=spec.n_head,
-        num_key_value_heads=spec.n_head_kv,
-        max_position_embeddings=spec.n_ctx,
-        tie_word_embeddings=spec.tied,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
+    common: dict[str, object] = {
+        "vocab_size": spec.n_vocab,
+        "hidden_size": spec.n_embd,
+        "intermediate_size": spec.n_ff,
+        "num_hidden_layers": spec.n_layer,
+        "num_attention_heads": spec.n_head,
+        "num_key_value_heads": spec.n_head_kv,
+        "max_position_embeddings": spec.n_ctx,
+        "tie_word_embeddings": spec.tied,
+        "pad_token_id": None,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
     rope = _rope(spec, spec.rope_base, spec.rope_linear_factor)
     arch = spec.arch
     if arch in LLAMA_LIKE:

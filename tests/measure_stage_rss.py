@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ppinfer.model import StagePlan, build_stage
+from ppinfer.model import build_stage
+from ppinfer.plan import StagePlan
 
 
 def peak_rss_bytes() -> int:

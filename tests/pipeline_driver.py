@@ -5,7 +5,7 @@
 RUNS.json is a list of `{"name": ..., "overrides": ["key=value", ...]}`; every override list
 must set `output.dir`. Each rank joins the gloo group once, then for each run composes the
 config from `conf/` (exactly as `launch/infer.py` would with the same overrides), prepares the
-job, builds its stage and calls `ppinfer.pipeline.launch.execute`: the same code path as the
+job, builds its stage and calls `ppinfer.pipeline.rank.execute` with the batch front: the same code path as the
 real entry point minus the per-launch process start. `run_all` is importable, so the tests
 also use it for the single-process reference (world size 1, no process group).
 
@@ -32,10 +32,11 @@ import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 
-import ppinfer.config  # noqa: F401  registers the typed schema in Hydra's ConfigStore
+from ppinfer.config import register_configs
 from ppinfer.model import build_stage
+from ppinfer.pipeline.batch import BatchFront
 from ppinfer.pipeline.job import DistEnv, prepare
-from ppinfer.pipeline.launch import execute, setup_logging
+from ppinfer.pipeline.rank import execute, setup_logging
 from ppinfer.profiling.metrics import current_rss_bytes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,7 +76,7 @@ def run_all(runs: list[Run], env: DistEnv) -> None:
             job = prepare(cfg, env, cuda_available=False, family_given=False)
             torch.set_num_threads(job.threads)
             stage = build_stage(job.model_path, job.plan, job.dtype, job.device, weights=job.cfg.runtime.weights)
-            execute(job, stage, current_rss_bytes())
+            execute(job, stage, current_rss_bytes(), BatchFront())
     finally:
         torch.set_num_threads(threads)
 
@@ -92,6 +93,7 @@ def read_runs(path: Path) -> list[Run]:
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         raise SystemExit(f"usage: {argv[0]} RUNS.json")
+    register_configs()
     env = DistEnv.from_environ(dict(os.environ))
     setup_logging(env)
     runs = read_runs(Path(argv[1]))

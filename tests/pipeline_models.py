@@ -28,10 +28,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-
 from ggufgen import TinySpec, write_tiny_gguf
-from ppinfer.model import PipelineStage
 from stage_runner import full_logits, whole
+
+from ppinfer.model import PipelineStage
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -109,7 +109,9 @@ def _copy_with_tokenizer(src: Path, dst: Path, arch: str, choice: TokenizerChoic
     writer.add_eos_token_id(choice.eos_id)
     writer.add_add_bos_token(choice.add_bos)
     for tensor in reader.tensors:
-        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+        writer.add_tensor_info(
+            tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()

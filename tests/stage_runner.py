@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ppinfer.model import PipelineStage, StagePlan, StageState, build_stage
+from ppinfer.model import KVCache, PipelineStage, build_stage
+from ppinfer.plan import StagePlan
 
 
 def build(
@@ -43,7 +44,7 @@ def chained_logits(stages: list[PipelineStage], ids: np.ndarray) -> np.ndarray:
     positions = arange_positions(batch, length)
     hidden = stages[0].embed(tokens)  # [B, T, E]
     for stage in stages:
-        hidden = stage.forward(hidden, positions, stage.new_state(batch=batch, max_len=length))
+        hidden = stage.forward(hidden, positions, stage.new_cache(batch=batch, max_len=length))
     return stages[-1].lm_head(hidden).numpy()
 
 
@@ -53,7 +54,7 @@ def full_logits(stage: PipelineStage, ids: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def step(stage: PipelineStage, ids: torch.Tensor, positions: torch.Tensor, state: StageState) -> np.ndarray:
+def step(stage: PipelineStage, ids: torch.Tensor, positions: torch.Tensor, state: KVCache) -> np.ndarray:
     """One forward of the whole-model `stage` that appends ids [B, T] to `state`; logits [B, T, V]."""
     return stage.lm_head(stage.forward(stage.embed(ids), positions, state)).numpy()
 

@@ -9,31 +9,31 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as QType
 from gguf import GGMLQuantizationType, GGUFWriter
-
+from gguf import GGMLQuantizationType as QType
 from pipeline_driver import compose_config
 from pipeline_models import PIPELINE_SPECS, write_pipeline_model
-from ppinfer.gguf import GGUFFile
 
 from ppinfer.errors import ConfigError, ModelFileError
-from ppinfer.pipeline.allocation import LayerCosts, allocate, parse_layers, plan_table
-from ppinfer.pipeline.costs import layer_costs
+from ppinfer.gguf import GGUFFile
 from ppinfer.pipeline.job import DistEnv, Job, prepare
-from ppinfer.pipeline.schedule import Kind, RowStep, WorkItem
-from ppinfer.pipeline.transport import Control, LinkSizes, Msg, RowSampling
+from ppinfer.pipeline.wire import Admission, Control, LinkSizes, Msg, decode_admissions, encode_admissions
+from ppinfer.pipeline.work import ItemKind, RowStep, WorkItem
+from ppinfer.plan.allocation import LayerCosts, allocate, parse_layers, plan_table
+from ppinfer.plan.costs import layer_costs
+from ppinfer.sampling.params import GenerationParams
 
 MIB = 1024 * 1024
 
 
 def _costs(
-    weights: Sequence[int], embedding: int = 0, head: int = 0, kv: Optional[Sequence[int]] = None
+    weights: Sequence[int], embedding: int = 0, head: int = 0, kv: Sequence[int] | None = None
 ) -> LayerCosts:
     return LayerCosts(
         layer_weight_bytes=list(weights),
@@ -56,7 +56,7 @@ def _costs(
         (9, 3, [3, 3, 3]),
     ],
 )
-def test_uniform(n_layers: int, n_stages: int, want: List[int]) -> None:
+def test_uniform(n_layers: int, n_stages: int, want: list[int]) -> None:
     # Uniform ignores costs: a heavy head does not change it.
     assert allocate("uniform", n_stages, _costs([1] * n_layers, head=100)) == want
 
@@ -85,11 +85,11 @@ def test_uniform(n_layers: int, n_stages: int, want: List[int]) -> None:
         (_costs([5, 6, 7], embedding=3, head=9), 1, [3]),
     ],
 )
-def test_balanced_hand_derived(costs: LayerCosts, n_stages: int, want: List[int]) -> None:
+def test_balanced_hand_derived(costs: LayerCosts, n_stages: int, want: list[int]) -> None:
     assert allocate("balanced", n_stages, costs) == want
 
 
-def _stage_costs(split: Sequence[int], costs: LayerCosts) -> List[int]:
+def _stage_costs(split: Sequence[int], costs: LayerCosts) -> list[int]:
     """Stage costs computed directly from the definition, for the brute-force reference."""
     out, start = [], 0
     for s, n in enumerate(split):
@@ -103,11 +103,11 @@ def _stage_costs(split: Sequence[int], costs: LayerCosts) -> List[int]:
     return out
 
 
-def _all_splits(n_layers: int, n_stages: int) -> List[Tuple[int, ...]]:
+def _all_splits(n_layers: int, n_stages: int) -> list[tuple[int, ...]]:
     splits = []
     for cuts in itertools.combinations(range(1, n_layers), n_stages - 1):
         bounds = (0, *cuts, n_layers)
-        splits.append(tuple(b - a for a, b in zip(bounds, bounds[1:])))
+        splits.append(tuple(b - a for a, b in itertools.pairwise(bounds)))
     return splits
 
 
@@ -124,7 +124,7 @@ def test_balanced_matches_brute_force() -> None:
             kv=[rng.randint(0, 3) for _ in range(n_layers)],
         )
 
-        def rank(split: Tuple[int, ...]) -> Tuple[int, int, List[int]]:
+        def rank(split: tuple[int, ...], costs: list[int] = costs) -> tuple[int, int, list[int]]:
             stage = _stage_costs(split, costs)
             return max(stage), sum(c * c for c in stage), [-n for n in split]
 
@@ -149,7 +149,7 @@ def test_explicit_list_is_returned() -> None:
         ([7, -1], 2, ["[7, -1]", "sum 6", "6 layers", "at least one layer"]),
     ],
 )
-def test_explicit_list_errors(layers: List[int], n_stages: int, must_name: List[str]) -> None:
+def test_explicit_list_errors(layers: list[int], n_stages: int, must_name: list[str]) -> None:
     with pytest.raises(ConfigError) as info:
         allocate(layers, n_stages, _costs([1] * 6))
     for text in must_name:
@@ -164,7 +164,7 @@ def test_more_stages_than_layers(policy: object) -> None:
 
 @pytest.mark.parametrize("bad", ["balance", "", [], [1.0, 2.0], [True, False], 3, None, {"a": 1}])
 def test_parse_layers_rejects(bad: object) -> None:
-    with pytest.raises(ConfigError, match="pipeline.layers"):
+    with pytest.raises(ConfigError, match=r"pipeline.layers"):
         parse_layers(bad)
 
 
@@ -204,7 +204,7 @@ def _write_tiny(
     *,
     tied: bool,
     head_count_kv: object = 1,
-    key_length: Optional[int] = None,
+    key_length: int | None = None,
     extra_block: bool = False,
 ) -> None:
     """A 2-layer llama-shaped GGUF: E=8, 2 heads, vocab 16, token_embd stored as F16."""
@@ -261,11 +261,11 @@ def test_layer_costs_tiny_tied_per_layer_kv(tmp_path: Path) -> None:
 
 
 def test_layer_costs_errors(tmp_path: Path) -> None:
-    with pytest.raises(ModelFileError, match="not found.*missing.gguf"):
+    with pytest.raises(ModelFileError, match=r"not found.*missing.gguf"):
         layer_costs(str(tmp_path / "missing.gguf"), dtype_bytes=2, kv_tokens=1)
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all")
-    with pytest.raises(ModelFileError, match="junk.gguf"):
+    with pytest.raises(ModelFileError, match=r"junk.gguf"):
         layer_costs(str(junk), dtype_bytes=2, kv_tokens=1)
     extra = tmp_path / "extra.gguf"
     _write_tiny(extra, tied=True, extra_block=True)
@@ -372,12 +372,12 @@ def test_huge_prefill_chunk_is_capped_by_the_longest_prompt(tiny_model: Path, tm
     longest = max(len(p) for p in job.prompts)
     assert job.prefill_chunk == longest < 100
     sizes = LinkSizes.of(TINY.n_embd, job.lane_size, job.prefill_chunk, job.dtype, stages=2)
-    # Control block: 8 header words, 1 busy word per stage, 10 words per row (row, seq,
-    # first_pos, reset and 6 of sampling) = 8 + 2 + 2 * 10 = 30 int64 words.
-    assert sizes.control_words == 30
+    # Control block: 8 header words, 1 busy word per stage, 4 words per row (row, seq,
+    # first_pos, reset) = 8 + 2 + 2 * 4 = 18 int64 words.
+    assert sizes.control_words == 18
     # A decode step inline: control, 2 x 1 input ids, 2 x 1 x E float32 values.
-    assert sizes.item_bytes == (30 + 2) * 8 + 2 * TINY.n_embd * 4
-    assert sizes.token_bytes == (30 + 2) * 8
+    assert sizes.item_bytes == (18 + 2) * 8 + 2 * TINY.n_embd * 4
+    assert sizes.token_bytes == (18 + 2) * 8
     # 2 rows x the longest prompt, each token an int64 id and E float32 values.
     assert sizes.large_bytes == 2 * longest * (8 + TINY.n_embd * 4)
     # A chunk shorter than the prompts is kept as configured.
@@ -410,15 +410,24 @@ def test_score_sizes_for_its_one_long_sequence(tiny_model: Path, tmp_path: Path)
 
 def test_control_block_fits_its_words_and_round_trips() -> None:
     """A control block of a full lane encodes to exactly `control_words` int64 words (the
-    buffers hold no more), and decodes to the same item, sampling settings (floats bit-exact,
-    a 63-bit stream seed intact) and busy times."""
+    buffers hold no more), and decodes to the same item and busy times; an admission's block
+    carries its payload size."""
     rows = (RowStep(0, 7, -2, reset=True), RowStep(2, 8, -1), RowStep(5, 9, 5))
-    sampling = (
-        RowSampling(0.7, 40, 0.95, 0.05, 1.1, 2**63 - 1),
-        RowSampling(),
-        RowSampling(1e-40, 0, 1.0, 0.0, 1.0, 12345),
-    )
-    control = Control(Msg.ITEM, WorkItem(1, Kind.PREFILL, rows, 4, True), sampling, (0.25, 1.5, 0.0))
+    control = Control(Msg.ITEM, WorkItem(1, ItemKind.PREFILL, rows, 4, True), (0.25, 1.5, 0.0))
     words = control.encode(3)
-    assert len(words) == LinkSizes.of(16, 3, 4, torch.float32, stages=3).control_words == 8 + 3 + 3 * 10
+    assert len(words) == LinkSizes.of(16, 3, 4, torch.float32, stages=3).control_words == 8 + 3 + 3 * 4
     assert Control.decode(words, 3) == control
+    admit = Control(Msg.ADMIT, busy_s=(0.0, 0.0, 0.0), payload=1234)
+    assert Control.decode(admit.encode(3) + [0] * 12, 3) == admit
+
+
+def test_admissions_round_trip_exactly() -> None:
+    """Settings reach the last stage as they were made: floats bit-exact (1e-40, 0.1), a
+    63-bit stream seed and stop strings with any character intact."""
+    admissions = [
+        Admission(7, 2**63 - 1, GenerationParams(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05,
+                                                 repetition_penalty=1.1, stop=["\n\n", "é\u2028"])),
+        Admission(8, 0, GenerationParams()),
+        Admission(9, 12345, GenerationParams(temperature=1e-40, top_p=0.1, seed=None)),
+    ]
+    assert decode_admissions(encode_admissions(admissions)) == admissions

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
-
 from ggufgen import RawTensor, TinySpec, encoded_tensors, with_changes, write_gguf, write_tiny_gguf
-from ppinfer.errors import ModelFileError
 from stage_runner import whole
+
+from ppinfer.errors import ModelFileError
 
 SPEC = TinySpec("llama", seed=20)
 FAMILIES = ("llama", "mistral3", "qwen2", "qwen3", "phi2", "phi3", "starcoder2", "gemma", "gemma2", "gemma3")

@@ -14,6 +14,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from pipeline_models import PIPELINE_SPECS, write_pipeline_model
+from stage_runner import full_logits, whole
 
 from ppinfer.bench import synthetic
 from ppinfer.bench.llamacpp import Entry, context_size, prefill_entries, step_entries
@@ -21,15 +23,23 @@ from ppinfer.bench.peer import left_padded
 from ppinfer.bench.prompts import SHORT_PROMPTS, long_prompt, short_prompts
 from ppinfer.bench.report import evaluate, markdown_report, markdown_table, run_row, text_table
 from ppinfer.bench.scenarios import (
-    FULL, MODEL_1B, MODEL_7B, QUICK, SCENARIOS, SUITES, LlamaCppRun, PeerRun, PipelineRun, Sizes, plan,
+    FULL,
+    MODEL_1B,
+    MODEL_7B,
+    QUICK,
+    SCENARIOS,
+    SUITES,
+    LlamaCppRun,
+    PeerRun,
+    PipelineRun,
+    Sizes,
+    plan,
 )
 from ppinfer.bench.serving import _in_order
 from ppinfer.bench.sweep import PromptBook, RunResult, SweepSettings, hydra_value, pipeline_command, run_llamacpp
 from ppinfer.families.hparams import read_hparams
-from ppinfer.generation.tokenizer import load_tokenizer
 from ppinfer.gguf.reader import GGUFFile
-from pipeline_models import PIPELINE_SPECS, write_pipeline_model
-from stage_runner import full_logits, whole
+from ppinfer.text.tokenizer import load_tokenizer
 
 MB = 2**20
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +169,7 @@ def test_quick_shrinks_the_workload_but_keeps_the_shape() -> None:
 
 
 def test_bad_scenario_and_size_are_named() -> None:
-    with pytest.raises(ValueError, match="'speed'.*a suite \\(pipeline, quant, slow\\)"):
+    with pytest.raises(ValueError, match=r"'speed'.*a suite \(pipeline, quant, slow\)"):
         plan(["speed"], FULL)
     with pytest.raises(ValueError, match="lane_size=0"):
         Sizes(lane_size=0)

@@ -16,8 +16,8 @@ from tokenizers import models
 from transformers import PreTrainedTokenizerFast
 
 from ppinfer.errors import ModelFileError, PromptError
-from ppinfer.generation.tokenizer import Tokenizer, load_tokenizer
 from ppinfer.pipeline.job import encode_prompt
+from ppinfer.text.tokenizer import Tokenizer, load_tokenizer
 
 GEMMA3_VOCAB = Path(__file__).parent / "fixtures" / "gemma3-270m-vocab-only.gguf"
 

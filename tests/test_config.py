@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, List
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ from ppinfer.config import (
     validate_config,
 )
 from ppinfer.errors import ConfigError
-from ppinfer.generation.params import GenerationParams
+from ppinfer.sampling.params import GenerationParams
 
 CONF_DIR = str((Path(__file__).resolve().parent.parent / "conf").resolve())
 
@@ -55,7 +55,7 @@ def hydra_ctx() -> Iterator[None]:
         yield
 
 
-def _compose(overrides: List[str], hydra: bool = False) -> DictConfig:
+def _compose(overrides: list[str], hydra: bool = False) -> DictConfig:
     return compose("config", overrides=overrides, return_hydra_config=hydra)
 
 
@@ -78,8 +78,8 @@ def test_contract_command_line_composes(hydra_ctx: None) -> None:
     assert cfg.profile.enabled is True
     # The line sets generate-only and score-only keys to show that every key exists; a run
     # gives one task's keys (the other task's are rejected, see BAD_VALUES).
-    validate_config(_compose(CONTRACT_OVERRIDES + ["prompts=null"]), world_size=4, cuda_available=False)
-    generate = _compose(CONTRACT_OVERRIDES + ["task=generate", "input.token_ids=null"])
+    validate_config(_compose([*CONTRACT_OVERRIDES, "prompts=null"]), world_size=4, cuda_available=False)
+    generate = _compose([*CONTRACT_OVERRIDES, "task=generate", "input.token_ids=null"])
     validate_config(generate, world_size=4, cuda_available=False)
 
 
@@ -121,7 +121,7 @@ def test_defaults_and_hydra_settings(hydra_ctx: None) -> None:
         (["profile=tensorboard", "profile.active=2"], "profile.active", 2),
     ],
 )
-def test_presets(hydra_ctx: None, overrides: List[str], key: str, expected: object) -> None:
+def test_presets(hydra_ctx: None, overrides: list[str], key: str, expected: object) -> None:
     assert OmegaConf.select(_compose(overrides), key) == expected
 
 
@@ -206,7 +206,7 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize("overrides, world, cuda, key, value", BAD_VALUES)
 def test_validation_names_key_and_value(
-    hydra_ctx: None, overrides: List[str], world: int, cuda: bool, key: str, value: str
+    hydra_ctx: None, overrides: list[str], world: int, cuda: bool, key: str, value: str
 ) -> None:
     cfg = _compose(overrides)
     with pytest.raises(ConfigError) as info:
@@ -229,7 +229,7 @@ def test_validation_names_key_and_value(
         (["task=score", "input.token_ids=[5]", "generation.stop=[x]"], 1, False),
     ],
 )
-def test_valid_configs_pass(hydra_ctx: None, overrides: List[str], world: int, cuda: bool) -> None:
+def test_valid_configs_pass(hydra_ctx: None, overrides: list[str], world: int, cuda: bool) -> None:
     validate_config(_compose(overrides), world_size=world, cuda_available=cuda)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stage_runner import full_logits, kl_and_top1, whole
+from tiny_cases import ALL_CASES, TinyFiles, token_batch
 
 from ppinfer.kernels.capabilities import BASELINE_ENV, cpu_capabilities
-from stage_runner import full_logits, kl_and_top1, whole
-from tiny_cases import ALL_CASES, TinyFiles, tiny_files, token_batch  # noqa: F401
 
 
 def test_probe_promises_only_what_onednn_accepts(monkeypatch: pytest.MonkeyPatch) -> None:

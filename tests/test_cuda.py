@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from ggufgen import QType, with_changes, write_tiny_gguf
-from ppinfer.kernels.select import BLOCK_LINEARS
-from ppinfer.model import StagePlan, build_stage
 from stage_runner import chained_logits, kl_and_top1, whole
 from tiny_cases import FAMILY_CASES, token_batch
+
+from ppinfer.kernels.select import BLOCK_LINEARS
+from ppinfer.model import build_stage
+from ppinfer.plan import StagePlan
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -28,7 +29,7 @@ def test_int4_stage_follows_the_exact_path(tmp_path, qtype: QType) -> None:
     tokens = torch.from_numpy(ids).cuda()
     b, t = tokens.shape
     with torch.inference_mode():
-        hidden = stage.forward(stage.embed(tokens), torch.arange(t, device="cuda").expand(b, t), stage.new_state(b, t))
+        hidden = stage.forward(stage.embed(tokens), torch.arange(t, device="cuda").expand(b, t), stage.new_cache(b, t))
         got = stage.lm_head(hidden).float().cpu().numpy()
     kl, top1 = kl_and_top1(exact, got)
     assert kl < 0.01 and top1 >= 0.9, f"bf16 int4 vs exact: KL {kl:.4g}, top-1 {top1:.0%}"

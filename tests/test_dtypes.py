@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from hf_reference import hf_logits, reference_model
+from tiny_cases import ALL_CASES, TinyFiles, token_batch
+
 from ppinfer.kernels.capabilities import BASELINE_ENV
-from ppinfer.model import PipelineStage, StagePlan, build_stage
+from ppinfer.model import PipelineStage, build_stage
 from ppinfer.model.layers import PackedLinear
-from tiny_cases import ALL_CASES, TinyFiles, tiny_files, token_batch  # noqa: F401
+from ppinfer.plan import StagePlan
 
 # Half precision keeps 8 (bf16) or 11 (fp16) mantissa bits: relative errors of ~4e-3 / 5e-4
 # per operation, compounded over the layers (and amplified by gemma2's softcaps).
@@ -45,7 +46,7 @@ def _logits(stage: PipelineStage, ids: np.ndarray) -> np.ndarray:
     tokens = torch.from_numpy(ids)
     b, t = tokens.shape
     with torch.inference_mode():
-        state = stage.new_state(b, t)
+        state = stage.new_cache(b, t)
         hidden = stage.forward(stage.embed(tokens), torch.arange(t).expand(b, t), state)
         return stage.lm_head(hidden).numpy()
 
@@ -73,7 +74,9 @@ def test_smollm2_bfloat16_greedy_follows_float32(smollm2_path: Path, cpu_mode: s
 
     ids = ppinfer.load_tokenizer(smollm2_path).encode("The three most important things to know about the ocean are")
     full = StagePlan.whole(30)
-    stages = {dt: build_stage(smollm2_path, full, dt, "cpu", weights="dequantized") for dt in (torch.float32, torch.bfloat16)}
+    stages = {
+        dt: build_stage(smollm2_path, full, dt, "cpu", weights="dequantized") for dt in (torch.float32, torch.bfloat16)
+    }
     _check_linear_path(stages[torch.bfloat16], torch.bfloat16, cpu_mode)
     seqs = {dt: list(ids) for dt in stages}
     for _ in range(32):

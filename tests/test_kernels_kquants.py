@@ -28,9 +28,9 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
+from test_kernels import accum_bound, offsets, random_byte_blocks
 
 from ppinfer.kernels import cpu
-from test_kernels import accum_bound, offsets, ops, path, random_byte_blocks  # noqa: F401  (ops, path: fixtures)
 
 KQUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 # ggml's block layouts: byte ranges of the codes, of the scales (Q4_K / Q5_K: 12 bytes of

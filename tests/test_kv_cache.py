@@ -12,12 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from stage_runner import arange_positions, full_logits, step, whole
+from tiny_cases import ALL_CASES, TinyFiles, token_batch
 
 from ppinfer.kernels import fused
 from ppinfer.pipeline.runtime import StageRunner
-from ppinfer.pipeline.schedule import Kind, Request, Scheduler, WorkItem, run_order
-from stage_runner import arange_positions, full_logits, step, whole
-from tiny_cases import ALL_CASES, TinyFiles, tiny_files, token_batch  # noqa: F401  (fixture)
+from ppinfer.pipeline.scheduler import Scheduler
+from ppinfer.pipeline.simulate import run_order, shaped
+from ppinfer.pipeline.work import ItemKind, WorkItem
 
 TOLERANCE = 1e-5
 LENGTH = 20  # > 3x gemma2's window of 6, so sliding layers drop keys during decode
@@ -38,7 +40,7 @@ def test_prefill_then_decode_equals_recompute(tiny_files: TinyFiles, case: str, 
     ids = token_batch(spec, length=LENGTH, seed=2)  # [2, T]
     expected = full_logits(stage, ids)  # [2, T, V]
     tokens = torch.from_numpy(ids)
-    state = stage.new_state(batch=2, max_len=LENGTH + SLACK)
+    state = stage.new_cache(batch=2, max_len=LENGTH + SLACK)
     got = [step(stage, tokens[:, :prompt], arange_positions(2, prompt), state)]
     for t in range(prompt, LENGTH):
         got.append(step(stage, tokens[:, t : t + 1], arange_positions(2, 1, offset=t), state))
@@ -55,7 +57,7 @@ def test_chunked_prefill_equals_recompute(tiny_files: TinyFiles, case: str) -> N
     ids = token_batch(spec, length=LENGTH, seed=3)
     expected = full_logits(stage, ids)
     tokens = torch.from_numpy(ids)
-    state = stage.new_state(batch=2, max_len=LENGTH + SLACK)
+    state = stage.new_cache(batch=2, max_len=LENGTH + SLACK)
     got = []
     for start in range(0, 17, 5):  # chunks [0,5) [5,10) [10,15) [15,17)
         end = min(start + 5, 17)
@@ -82,7 +84,7 @@ def test_left_padded_lane_equals_each_sequence_alone(tiny_files: TinyFiles, case
     for b, (n, s) in enumerate(zip(lengths, seqs)):
         ids[b, width - n :] = torch.from_numpy(s[:n])
         positions[b, width - n :] = torch.arange(n)
-    state = stage.new_state(batch=3, max_len=width + steps + SLACK)
+    state = stage.new_cache(batch=3, max_len=width + steps + SLACK)
     prefill = step(stage, ids, positions, state)  # [3, width, V]
     for b, n in enumerate(lengths):
         gap = _gap(prefill[b, width - n :], alone[b][:n])
@@ -120,8 +122,8 @@ def test_refilled_lane_equals_each_sequence_alone(
     rng = np.random.default_rng(5)
     seqs = [rng.integers(0, spec.n_vocab, p + n - 1, dtype=np.int64) for p, n in zip(prompts, samples)]
     alone = [full_logits(stage, s[None])[0] for s in seqs]  # each [p + n - 1, V]
-    requests = [Request(i, p, n) for i, (p, n) in enumerate(zip(prompts, samples))]
-    order = list(run_order(Scheduler(1, 3, 4, capacity), requests, lambda s: samples[s]))
+    sequences = [shaped(i, p, n) for i, (p, n) in enumerate(zip(prompts, samples))]
+    order = list(run_order(Scheduler(1, 3, 4, capacity), sequences, lambda s: samples[s]))
     runner = StageRunner(stage, n_lanes=1, lane_size=3, capacity=capacity)
     seen = {"rows apart": 0, "group apart": 0, "reused": 0, "uneven": 0, "padded": 0}
     used: set[int] = set()
@@ -130,17 +132,17 @@ def test_refilled_lane_equals_each_sequence_alone(
         for i, row in enumerate(item.rows):
             for t in range(max(0, -row.first_pos), item.length):
                 ids[i, t] = int(seqs[row.seq][row.first_pos + t])
-        state = runner.states[0]
+        state = runner.caches[0]
         rows = item.row_ids
         if state is not None and len({state.lengths[r] for r in rows}) > 1:
             seen["uneven"] += 1
         apart = rows[-1] - rows[0] >= len(rows)
-        seen["rows apart"] += apart and item.kind is Kind.DECODE
-        seen["group apart"] += apart and item.kind is Kind.PREFILL
+        seen["rows apart"] += apart and item.kind is ItemKind.DECODE
+        seen["group apart"] += apart and item.kind is ItemKind.PREFILL
         seen["reused"] += sum(row.reset and row.row in used for row in item.rows)
         seen["padded"] += sum(row.first_pos < 0 for row in item.rows)
         used.update(rows)
-        logits = stage.lm_head(runner.run(item, ids, None, ()).hidden)  # [b, T, V]
+        logits = stage.lm_head(runner.run(item, ids, None).hidden)  # [b, T, V]
         for i, row in enumerate(item.rows):
             for t in range(item.length):
                 pos = row.first_pos + t

@@ -1,6 +1,6 @@
 """`output.dir`, in-process: the checks before a run, the writing rank's lock, the clearing of
 an earlier run's files, whole lines on a full disk, file modes, and the end of one-rank runs
-through `ppinfer.pipeline.launch.run` (the multi-rank cases are in test_reliability.py)."""
+through `ppinfer.pipeline.batch.run` (the multi-rank cases are in test_reliability.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from typing import IO, Any
 
 import numpy as np
 import pytest
-
 from pipeline_driver import compose_config
 from pipeline_models import PIPELINE_SPECS, write_pipeline_model
-from ppinfer.pipeline import failures, launch, outputs
+
+from ppinfer.pipeline import batch, failures, outputs
 from ppinfer.pipeline.outputs import OutputDir, OutputDirError, ResultsWriter
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ def _mode(path: Path) -> int:
 def _run(model: Path, out_dir: Path, *overrides: str) -> int:
     """One rank, no process group, as `launch/infer.py` would run it."""
     args = (f"model.path={model}", f"output.dir={out_dir}", "runtime.device=cpu", "runtime.threads=1", *overrides)
-    return launch.run(compose_config(args), environ={}, overrides=args)
+    return batch.run(compose_config(args), environ={}, overrides=args)
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -60,7 +60,7 @@ class _FailingFile:
     With `late`, all of the data lands and the error comes from the flush after it (Ctrl-C
     right after the write)."""
 
-    def __init__(self, fh: IO[bytes], disk: "_FailingDisk") -> None:
+    def __init__(self, fh: IO[bytes], disk: _FailingDisk) -> None:
         self._fh, self._disk = fh, disk
 
     def write(self, data: bytes) -> int:
@@ -83,7 +83,7 @@ class _FailingFile:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fh, name)
 
-    def __enter__(self) -> "_FailingFile":
+    def __enter__(self) -> _FailingFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -98,7 +98,7 @@ class _FailingDisk:
         self.writes, self.fail_at_flush = 0, False
 
     def __call__(self, path: Path, mode: str = "r", *args: Any, **kwargs: Any) -> IO[Any]:
-        fh = open(path, mode, *args, **kwargs)
+        fh = open(path, mode, *args, **kwargs)  # noqa: SIM115  (returned to the caller)
         return _FailingFile(fh, self) if Path(path).name == "results.jsonl" else fh  # type: ignore[return-value]
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from pipeline_driver import (
     Finished,
     Run,
@@ -43,17 +42,18 @@ from pipeline_models import (
     VOCAB,
     TokenizerChoice,
     greedy_recompute,
-    one_thread,
     one_forward,
+    one_thread,
     pick_eos,
     truncate_at,
     write_pipeline_model,
 )
+from stage_runner import whole
+
 from ppinfer.errors import PPInferError
-from ppinfer.generation.tokenizer import load_tokenizer
 from ppinfer.model import PipelineStage
 from ppinfer.pipeline.job import DEFAULT_PROMPTS, DistEnv
-from stage_runner import whole
+from ppinfer.text.tokenizer import load_tokenizer
 
 TINY = tuple(PIPELINE_SPECS)
 STAGES = (2, 3, 4)
@@ -64,8 +64,13 @@ PROMPTS = ("the cat in the hat", "x", "pipelines keep every stage busy", "Hi", "
 WAVE_PROMPTS = (*PROMPTS, "in the end", "gloo on cpu")
 MAX_NEW = 10
 SCORE_IDS = [(7 * i + 3) % 256 for i in range(20)]
-SAMPLING = {"generation.temperature": "0.8", "generation.top_k": "40", "generation.top_p": "0.9", "generation.seed": "7",
-            "generation.repetition_penalty": "1.2"}
+SAMPLING = {
+    "generation.temperature": "0.8",
+    "generation.top_k": "40",
+    "generation.top_p": "0.9",
+    "generation.seed": "7",
+    "generation.repetition_penalty": "1.2",
+}
 EXPLICIT = {1: [6], 2: [5, 1], 3: [1, 4, 1], 4: [2, 1, 1, 2]}
 UNIFORM = {2: [3, 3], 3: [2, 2, 2], 4: [2, 2, 1, 1]}  # 6 layers; the first 6 mod S stages take one more
 SMOL_EXPLICIT = {1: [30], 2: [20, 10], 3: [6, 12, 12], 4: [3, 9, 9, 9]}
@@ -75,7 +80,11 @@ SMOL_SCORE_TEXT = "The ocean covers most of the Earth, and"
 TINY_KINDS = ("balanced", "uniform-chunk3", "explicit-m5-eos", "waves-eos", "m1", "sampled-m3", "sampled-m1", "score")
 GREEDY_KINDS = ("balanced", "uniform-chunk3", "m1")
 EOS_KINDS = ("explicit-m5-eos", "waves-eos")
-CASES = [(m, k) for m in TINY for k in TINY_KINDS] + [("smollm2", "greedy"), ("smollm2", "quantized"), ("smollm2", "score")]
+CASES = [(m, k) for m in TINY for k in TINY_KINDS] + [
+    ("smollm2", "greedy"),
+    ("smollm2", "quantized"),
+    ("smollm2", "score"),
+]
 GENERATE_NAMES = [f"{m}-{k}" for m, k in CASES if k != "score"]
 SCORE_NAMES = [f"{m}-{k}" for m, k in CASES if k == "score"]
 
@@ -108,13 +117,29 @@ def case_overrides(model: str, kind: str, stages: int) -> dict[str, str]:
         "uniform-chunk3": {"pipeline.layers": "uniform", "pipeline.microbatches": "2", "pipeline.prefill_chunk": "3"},
         "explicit-m5-eos": {"pipeline.layers": explicit, "pipeline.microbatches": "5"},
         # Refills (7 prompts, 4 rows) go one token per chunk next to their decoding neighbour.
-        "waves-eos": {"pipeline.layers": "uniform", "pipeline.microbatches": "2", "pipeline.lane_size": "2",
-                      "pipeline.prefill_chunk": "4", "pipeline.refill_chunk": "1", "prompts": hydra_list(WAVE_PROMPTS)},
+        "waves-eos": {
+            "pipeline.layers": "uniform",
+            "pipeline.microbatches": "2",
+            "pipeline.lane_size": "2",
+            "pipeline.prefill_chunk": "4",
+            "pipeline.refill_chunk": "1",
+            "prompts": hydra_list(WAVE_PROMPTS),
+        },
         "m1": {"pipeline.layers": "balanced", "pipeline.microbatches": "1", "pipeline.prefill_chunk": "1"},
         "sampled-m3": {**SAMPLING, "pipeline.layers": "uniform", "pipeline.microbatches": "3"},
-        "sampled-m1": {**SAMPLING, "pipeline.layers": explicit, "pipeline.microbatches": "1", "pipeline.prefill_chunk": "3"},
-        "score": {"task": "score", "input.token_ids": hydra_list(SCORE_IDS), "pipeline.layers": explicit,
-                  "pipeline.prefill_chunk": "3", "prompts": "null"},  # score reads no prompts
+        "sampled-m1": {
+            **SAMPLING,
+            "pipeline.layers": explicit,
+            "pipeline.microbatches": "1",
+            "pipeline.prefill_chunk": "3",
+        },
+        "score": {
+            "task": "score",
+            "input.token_ids": hydra_list(SCORE_IDS),
+            "pipeline.layers": explicit,
+            "pipeline.prefill_chunk": "3",
+            "prompts": "null",
+        },  # score reads no prompts
     }[kind]
     return {**base, **per_kind}
 
@@ -270,7 +295,9 @@ def smollm2_whole(smollm2_path: Path) -> PipelineStage:
 
 
 @pytest.mark.slow
-def test_smollm2_single_process_is_greedy(smollm2_path: Path, smollm2_whole: PipelineStage, single: SingleProcess) -> None:
+def test_smollm2_single_process_is_greedy(
+    smollm2_path: Path, smollm2_whole: PipelineStage, single: SingleProcess
+) -> None:
     """Teacher forcing, one forward per sequence: each generated token is the argmax after the
     prompt and the tokens before it (what greedy recompute would pick), and a sequence ends on
     its first end-of-generation id or at the budget."""
@@ -290,7 +317,9 @@ def test_smollm2_single_process_is_greedy(smollm2_path: Path, smollm2_whole: Pip
 
 
 @pytest.mark.slow
-def test_smollm2_score_matches_one_forward(smollm2_path: Path, smollm2_whole: PipelineStage, single: SingleProcess) -> None:
+def test_smollm2_score_matches_one_forward(
+    smollm2_path: Path, smollm2_whole: PipelineStage, single: SingleProcess
+) -> None:
     full = one_forward(smollm2_whole, load_tokenizer(smollm2_path).encode(SMOL_SCORE_TEXT))
     np.testing.assert_allclose(logits_of(single.out("smollm2-score")), full, rtol=0, atol=2e-4)
 

@@ -12,22 +12,22 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from pipeline_driver import Finished, Run, run_all, run_command, torchrun_command
 from pipeline_models import ADD_BOS, PIPELINE_SPECS, TokenizerChoice, write_pipeline_model
-from ppinfer.model.cache import StageState
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ppinfer.model.cache import KVCache
 from ppinfer.pipeline.job import DistEnv
+from ppinfer.pipeline.profile import kv_cache_use, pack_spans
 from ppinfer.pipeline.runtime import Span
-from ppinfer.pipeline.schedule import Kind
+from ppinfer.pipeline.work import ItemKind
 from ppinfer.profiling import timeline
-from ppinfer.profiling.tensorboard import finish_profile, kv_cache_use, make_tracer, pack_spans, step_series
+from ppinfer.profiling.tensorboard import finish_profile, make_tracer, step_series
 from ppinfer.profiling.timeline import (
     BACKGROUND,
     LANE_COLOURS,
@@ -38,7 +38,7 @@ from ppinfer.profiling.timeline import (
 )
 from ppinfer.profiling.trace import NULL_TRACER
 
-PREFILL, DECODE = int(Kind.PREFILL), int(Kind.DECODE)
+PREFILL, DECODE = int(ItemKind.PREFILL), int(ItemKind.DECODE)
 LAUNCH_TIMEOUT_S = 180.0
 PROMPTS = ("the cat in the hat", "pipelines keep every stage busy")
 MAX_NEW = 8
@@ -156,7 +156,7 @@ def test_timeline_rejects_bad_tables() -> None:
 
 
 def test_pack_spans() -> None:
-    spans = [Span(10.5, 10.75, 1, Kind.PREFILL), Span(11.0, 11.5, 0, Kind.DECODE)]
+    spans = [Span(10.5, 10.75, 1, ItemKind.PREFILL), Span(11.0, 11.5, 0, ItemKind.DECODE)]
     np.testing.assert_array_equal(pack_spans(spans, 10.0), [[0.5, 0.75, 1, PREFILL], [1.0, 1.5, 0, DECODE]])
     assert pack_spans([], 0.0).shape == (0, 4)
 
@@ -183,7 +183,7 @@ def test_step_series_hand_derived() -> None:
 def test_kv_cache_use() -> None:
     """2 layers x (k, v) x [B=1, Hkv=2, 8 slots, D=4] x 4 bytes = 4 x 256 bytes; 2 tokens
     written: 2 slots x 4 x 32 bytes = 256 bytes, 2 of the 8 slots."""
-    state = StageState(2, [2, 2], 4, 1, 8, torch.float32, torch.device("cpu"))
+    state = KVCache(2, [2, 2], 4, 1, 8, torch.float32, torch.device("cpu"))
     state.rows([0], torch.tensor([[0, 1]]))
     use = kv_cache_use([state, None])
     assert use == {
@@ -194,12 +194,13 @@ def test_kv_cache_use() -> None:
     assert kv_cache_use([None])["memory/kv_cache_used_fraction"] == 0.0
 
 
-def test_profiling_off_is_free() -> None:
-    """Off: the null tracer, and finishing touches nothing (its other arguments are unusable)."""
-    job = SimpleNamespace(cfg=SimpleNamespace(profile=SimpleNamespace(enabled=False)))
-    tracer = make_tracer(job)  # type: ignore[arg-type]
+def test_profiling_off_is_free(tmp_path: Path) -> None:
+    """Off: the null tracer, no directory, and finishing touches nothing (its argument is
+    unusable)."""
+    tracer = make_tracer(False, tmp_path / "tb", 0, 1, 1, 4, cuda=False)
     assert tracer is NULL_TRACER
-    finish_profile(tracer, None, None, [], None)  # type: ignore[arg-type]
+    assert not (tmp_path / "tb").exists()
+    finish_profile(tracer, None)  # type: ignore[arg-type]
 
 
 # ---- a profiled run -------------------------------------------------------------------------
@@ -264,7 +265,11 @@ def test_event_files_per_rank(launch: Launch) -> None:
     step_tags = {"step/wall_ms", "step/compute_ms", "step/comm_ms", "step/idle_ms", "range/layers_ms", "range/send_ms"}
     summary_tags = {"stage/compute_s", "stage/comm_s", "stage/idle_s", "stage/bubble_fraction",
                     "memory/peak_rss_bytes", "memory/kv_cache_allocated_bytes", "memory/kv_cache_used_fraction"}
-    throughput = {"throughput/prefill_tokens_per_s", "throughput/decode_tokens_per_s", "throughput/time_to_first_token_s"}
+    throughput = {
+        "throughput/prefill_tokens_per_s",
+        "throughput/decode_tokens_per_s",
+        "throughput/time_to_first_token_s",
+    }
     # Throughput on the rank that writes output.dir: the first, where the sampled ids arrive.
     per_rank = {0: {"range/embed_ms", "range/wait_ms", *throughput},
                 1: {"range/recv_ms", "range/lm_head_ms", "range/sample_ms"}}

@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-
 from pipeline_driver import compose_config
 from pipeline_models import PIPELINE_SPECS, write_pipeline_model
+
 from ppinfer.errors import PromptError
-from ppinfer.generation.params import GenerationParams
-from ppinfer.generation.sampling import stream_seed
 from ppinfer.pipeline.job import DistEnv, Job, prepare, read_prompts_file
+from ppinfer.sampling.params import GenerationParams
+from ppinfer.sampling.sampler import stream_seed
 
 # Characters str.splitlines() breaks at, which a single prompt may legitimately hold.
 IN_LINE = ["\u2028", "\u2029", "\x0c", "\x0b", "\x1c", "\x85", "\r"]

@@ -19,16 +19,16 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from ggufgen import QType, RawTensor, encoded_tensors, tiny_tensors, with_changes, write_gguf
+from stage_runner import arange_positions, build, chained_logits, full_logits, kl_and_top1, whole
+from tiny_cases import ALL_CASES, FAMILY_CASES, TinyFiles, token_batch
 
 import ppinfer
-from ggufgen import QType, RawTensor, encoded_tensors, tiny_tensors, with_changes, write_gguf
 from ppinfer.errors import ModelFileError
 from ppinfer.kernels.build import ops as kernel_ops
 from ppinfer.kernels.select import BLOCK_LINEARS
 from ppinfer.model import PipelineStage
 from ppinfer.model.layers import ConcatLinear
-from stage_runner import arange_positions, build, chained_logits, full_logits, kl_and_top1, whole
-from tiny_cases import ALL_CASES, FAMILY_CASES, TinyFiles, tiny_files, token_batch  # noqa: F401
 
 PROSE = (
     "The lighthouse stood at the edge of the harbour for more than a century. Every evening the "
@@ -57,7 +57,7 @@ def _chunked_logits(stages: list[PipelineStage], ids: np.ndarray, chunk: int) ->
     """Logits [T, V] of one sequence fed `chunk` tokens per forward through every stage's KV
     cache, as a pipeline with `pipeline.prefill_chunk=chunk` (and decode, at chunk 1) runs it."""
     tokens = torch.from_numpy(ids)  # [1, T]
-    states = [stage.new_state(batch=1, max_len=tokens.shape[1]) for stage in stages]
+    states = [stage.new_cache(batch=1, max_len=tokens.shape[1]) for stage in stages]
     out = []
     for start in range(0, tokens.shape[1], chunk):
         piece = tokens[:, start:start + chunk]
@@ -84,7 +84,7 @@ def test_real_model_fidelity_through_two_stages(model: str, request: pytest.Fixt
     stages = _two_stages(path, LAYERS[model], "quantized")
     assert sum(stages[0].weights_report.kept.values()) > 0
     # Chunks below the kernels' GEMM threshold: every product takes the 8-bit activation path.
-    assert DECODE_CHUNK < kernel_ops().gemm_min_rows()
+    assert kernel_ops().gemm_min_rows() > DECODE_CHUNK
     quant = _chunked_logits(stages, ids, DECODE_CHUNK)
     kl, top1 = kl_and_top1(exact, quant)
     assert kl <= LLAMA_CPP_KL[model], f"{model}: mean KL {kl:.5f} > llama.cpp's {LLAMA_CPP_KL[model]}"
@@ -109,7 +109,10 @@ def test_quantized_split_equals_whole(tiny_files: TinyFiles, case: str) -> None:
     ids = token_batch(spec)  # [2, 20]
     expected = full_logits(whole(path, spec.n_layer, "quantized"), ids)
     half = spec.n_layer // 2
-    stages = [build(path, 0, half, spec.n_layer, "quantized"), build(path, half, spec.n_layer, spec.n_layer, "quantized")]
+    stages = [
+        build(path, 0, half, spec.n_layer, "quantized"),
+        build(path, half, spec.n_layer, spec.n_layer, "quantized"),
+    ]
     np.testing.assert_allclose(chained_logits(stages, ids), expected, rtol=0, atol=1e-5)
     exact = full_logits(whole(path, spec.n_layer), ids)
     assert (expected.argmax(-1) == exact.argmax(-1)).mean() >= 0.9

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from hf_reference import hf_logits, load_with_gguf_loader
-from ppinfer.model import PipelineStage
 from stage_runner import arange_positions, build, chained_logits, full_logits, step, whole
+
+from ppinfer.model import PipelineStage
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def test_logits_match_transformers(reference: np.ndarray, stage: PipelineStage) 
 def test_cached_decode_equals_recompute(stage: PipelineStage) -> None:
     expected = full_logits(stage, IDS)  # [1, T, V]
     tokens, prompt = torch.from_numpy(IDS), 6
-    state = stage.new_state(batch=1, max_len=32)
+    state = stage.new_cache(batch=1, max_len=32)
     got = [step(stage, tokens[:, :prompt], arange_positions(1, prompt), state)]
     for t in range(prompt, IDS.shape[1]):
         got.append(step(stage, tokens[:, t : t + 1], arange_positions(1, 1, offset=t), state))

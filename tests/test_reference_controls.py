@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from transformers import PreTrainedModel
-
 from ggufgen import TinySpec, with_changes
 from hf_reference import GGUF_LOADER_ARCHS, hf_logits, load_by_hand, load_with_gguf_loader, reference_model
-from tiny_cases import ALL_CASES, TinyFiles, tiny_files, token_batch  # noqa: F401  (fixture)
+from tiny_cases import ALL_CASES, TinyFiles, token_batch
+from transformers import PreTrainedModel
 
 BITES = 0.05
 """A quirk 'bites' when ignoring it moves some logit by more than this (500x the tolerance)."""

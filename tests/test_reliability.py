@@ -36,14 +36,14 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
-from hydra.errors import OverrideParseException
-
 from ggufgen import RawTensor, encoded_tensors, with_changes, write_gguf
+from hydra.errors import OverrideParseException
 from pipeline_models import PIPELINE_SPECS, TokenizerChoice, _copy_with_tokenizer, write_pipeline_model
+from torchrun_job import ENTRY, REPO, JobResult, run_job, worker_pids
+
 from ppinfer.pipeline import failures
 from ppinfer.pipeline.job import DistEnv
 from ppinfer.pipeline.outputs import OutputDir, OutputDirError
-from torchrun_job import ENTRY, REPO, JobResult, run_job, worker_pids
 
 JOB_LIMIT_S = 30.0
 """The whole job, launch included, must be over within this."""

@@ -18,17 +18,35 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from ppinfer.generation.params import GenerationParams
-from ppinfer.generation.sampling import (
+from ppinfer.sampling.params import GenerationParams
+from ppinfer.sampling.sampler import (
     HISTORY_PAD,
     apply_repetition_penalty,
+    candidates,
     make_generator,
-    min_p_mask,
     pad_history,
     sample,
-    top_k_mask,
-    top_p_mask,
 )
+
+
+def _keep(logits: torch.Tensor, **settings: float) -> torch.Tensor:
+    """Bool [B, V] in token order: the tokens the sampler may draw under `settings` (the
+    candidates it keeps; -inf inputs are never kept)."""
+    sorted_logits, order = candidates(logits, GenerationParams(temperature=1.0, **settings))
+    kept = torch.isfinite(sorted_logits)  # [B, V], sorted
+    return torch.empty_like(kept).scatter_(1, order, kept)
+
+
+def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
+    return _keep(logits, top_k=k)
+
+
+def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    return _keep(logits, top_p=top_p)
+
+
+def min_p_mask(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    return _keep(logits, min_p=min_p)
 
 
 def _kept(mask: torch.Tensor) -> set[int]:

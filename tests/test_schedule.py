@@ -1,7 +1,7 @@
 """The lane schedule as data, checked without processes.
 
 Every expectation here is derived by hand from the schedule's contract (the docstring of
-`ppinfer.pipeline.schedule`), never read off the scheduler's own output:
+`ppinfer.pipeline.scheduler`), never read off the scheduler's own output:
 
 - the order of work items gives each sequence its prefill chunks (left-padded to its group's
   longest prompt) and then one decode step per sampled token after the first; a row holds one
@@ -24,33 +24,30 @@ Every expectation here is derived by hand from the schedule's contract (the docs
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter, defaultdict, deque
 
 import pytest
 
-from ppinfer.pipeline.schedule import (
+from ppinfer.pipeline.scheduler import Scheduler, prefill_chunks
+from ppinfer.pipeline.sequence import Status
+from ppinfer.pipeline.simulate import (
     Action,
-    AwaitTokens,
-    Kind,
-    Request,
-    RowStep,
-    Scheduler,
-    WorkItem,
-    item_positions,
     occupancy,
-    prefill_chunks,
     run_order,
+    shaped,
     simulate,
     stage_actions,
     theoretical_bubble,
 )
+from ppinfer.pipeline.work import AwaitTokens, ItemKind, RowStep, WorkItem, item_positions
 
 STAGES = (1, 2, 3, 4)
 LANES = (1, 2, 3, 4, 5, 6)
 
 Order = list[WorkItem | AwaitTokens]
-P, D = Kind.PREFILL, Kind.DECODE
+P, D = ItemKind.PREFILL, ItemKind.DECODE
 
 
 def make_order(
@@ -69,9 +66,9 @@ def make_order(
     budgets = samples if budgets is None else budgets
     if capacity is None:
         capacity = max(prompts) + max(max(budgets) - 1, 0)
-    requests = [Request(s, p, b) for s, (p, b) in enumerate(zip(prompts, budgets))]
+    sequences = [shaped(s, p, b) for s, (p, b) in enumerate(zip(prompts, budgets))]
     scheduler = Scheduler(lanes, lane_size, chunk, capacity, refill_chunk)
-    return list(run_order(scheduler, requests, lambda s: samples[s]))
+    return list(run_order(scheduler, sequences, lambda s: samples[s]))
 
 
 def score_order(prompts: list[int], lanes: int, chunk: int, lane_size: int = 1) -> Order:
@@ -89,6 +86,17 @@ def unit_cost(stage: int, item: int) -> float:
 
 def step(row: int, seq: int, first_pos: int, reset: bool = False) -> RowStep:
     return RowStep(row, seq, first_pos, reset)
+
+
+def arrive(scheduler: Scheduler, lane: int, finished: list[int]) -> WorkItem:
+    """The ids of the lane's oldest sampling item arrive: the sequences in `finished` are
+    over, the others decode on (what the first rank records before telling the scheduler)."""
+    item = scheduler.in_flight(lane)
+    for s in item.rows:
+        sequence = scheduler.sequence_in(lane, s.row)
+        assert sequence is not None
+        sequence.status = Status.FINISHED if s.seq in finished else Status.DECODING
+    return scheduler.tokens_arrived(lane)
 
 
 # ---- prefill_chunks ------------------------------------------------------------------------
@@ -138,15 +146,15 @@ def test_a_sequence_that_cannot_fit_a_row_is_refused(prompt: int, budget: int) -
     never fed back): 9 + 2 do not fit, an empty prompt never does, 11 scored tokens neither."""
     scheduler = Scheduler(1, 1, 4, capacity=10)
     with pytest.raises(ValueError, match=f"sequence 3: {prompt} prompt tokens"):
-        scheduler.add(Request(3, prompt, budget))
-    scheduler.add(Request(4, 10, 1))  # exactly full
+        scheduler.add(shaped(3, prompt, budget))
+    scheduler.add(shaped(4, 10, 1))  # exactly full
     assert scheduler.waiting == 1
 
 
 def test_tokens_for_a_lane_that_is_not_waiting_is_an_error() -> None:
     scheduler = Scheduler(2, 1, 1, 8)
-    scheduler.add(Request(0, 2, 2))
-    scheduler.add(Request(1, 2, 2))
+    scheduler.add(shaped(0, 2, 2))
+    scheduler.add(shaped(1, 2, 2))
     first = scheduler.next()  # lane 0's first chunk; lane 1 has not had a turn yet
     assert isinstance(first, WorkItem) and first.lane == 0
     with pytest.raises(RuntimeError, match="lane 1"):
@@ -175,7 +183,7 @@ def check_order(
     in_flight: dict[int, deque[WorkItem]] = defaultdict(deque)  # lane -> sampling items, oldest first
     received: Counter[int] = Counter()  # sequence -> ids arrived
     width: dict[int, int] = {}  # sequence -> padded prompt width of its group
-    got: dict[int, list[tuple[Kind, int, int, bool, bool]]] = defaultdict(list)
+    got: dict[int, list[tuple[ItemKind, int, int, bool, bool]]] = defaultdict(list)
     admitted: list[int] = []
     for action in order:
         if isinstance(action, AwaitTokens):
@@ -217,7 +225,7 @@ def check_order(
         assert got[s] == expected_items(prompt, width[s], chunk_of[s], samples[s]), f"sequence {s}"
 
 
-def expected_items(prompt: int, width: int, chunk: int, samples: int) -> list[tuple[Kind, int, int, bool, bool]]:
+def expected_items(prompt: int, width: int, chunk: int, samples: int) -> list[tuple[ItemKind, int, int, bool, bool]]:
     """(kind, first_pos, length, samples, reset) of one sequence's rows: the chunks of its
     group's width, shifted left by its padding, the first one resetting the row and the last
     one sampling; then one decode step per sampled id after the first, at positions from the
@@ -401,7 +409,7 @@ def test_withdraw_drops_only_a_waiting_sequence() -> None:
     the row to 2 after 0; a running or unknown sequence cannot be withdrawn."""
     scheduler = Scheduler(1, 1, 4, 8)
     for seq in range(3):
-        scheduler.add(Request(seq, 2, 2))
+        scheduler.add(shaped(seq, 2, 2))
     first = scheduler.next()
     assert first == WorkItem(0, P, (step(0, 0, 0, True),), 2, True)
     assert (scheduler.waiting, scheduler.running) == (2, 1)
@@ -428,11 +436,11 @@ def test_finished_sequences_are_reported_by_id_and_free_their_rows() -> None:
     finished free their rows, and a freed row is refilled at the lane's next turn."""
     scheduler = Scheduler(1, 2, 4, 8)
     for seq in range(3):
-        scheduler.add(Request(seq, 1, 3))
+        scheduler.add(shaped(seq, 1, 3))
     group = scheduler.next()
     assert isinstance(group, WorkItem) and group.seqs == [0, 1]
     assert scheduler.next() == AwaitTokens(0)
-    assert scheduler.tokens_arrived(0, finished=[1]) == group
+    assert arrive(scheduler, 0, finished=[1]) == group
     assert scheduler.running == 1
     assert scheduler.next() == WorkItem(0, D, (step(0, 0, 1),), 1, True)
     assert scheduler.next() == WorkItem(0, P, (step(1, 2, 0, True),), 1, True)
@@ -529,7 +537,7 @@ def test_a_lane_can_have_two_sampling_items_in_flight() -> None:
     lane goes on only when both arrived; the action lists run on 1..4 stages."""
     scheduler = Scheduler(1, 2, 2, 8)
     for seq, (prompt, budget) in enumerate([(1, 5), (1, 1), (5, 2)]):
-        scheduler.add(Request(seq, prompt, budget))
+        scheduler.add(shaped(seq, prompt, budget))
     samples = [5, 1, 2]
     issued: deque[WorkItem] = deque()  # sampling items whose ids have not arrived, oldest first
     sampled: Counter[int] = Counter()
@@ -545,7 +553,7 @@ def test_a_lane_can_have_two_sampling_items_in_flight() -> None:
         oldest = issued.popleft()
         assert scheduler.in_flight(0) == oldest
         sampled.update(oldest.seqs)
-        assert scheduler.tokens_arrived(0, [s for s in oldest.seqs if sampled[s] == samples[s]]) == oldest
+        assert arrive(scheduler, 0, [s for s in oldest.seqs if sampled[s] == samples[s]]) == oldest
     assert most_in_flight == 2
     assert [type(a).__name__ for a in order[8:12]] == ["WorkItem", "WorkItem", "AwaitTokens", "AwaitTokens"]
     for stages in STAGES:
@@ -602,7 +610,7 @@ def test_ring_timing_with_equal_lanes(stages: int, lanes: int, lane_size: int) -
             for it, k in zip(items, round_of)
         )
         assert got == want, f"stage {s}"
-        gaps = [b[0] - a[1] for a, b in zip(got, got[1:])]
+        gaps = [b[0] - a[1] for a, b in itertools.pairwise(got)]
         if lanes >= stages:
             assert all(g == 0 for g in gaps), f"stage {s} idles after the fill: {gaps}"
         else:
@@ -631,7 +639,7 @@ def test_full_ring_with_several_chunks_has_no_gap() -> None:
     for s in range(stages):
         spans = sorted((a, b) for a, b, _ in timeline.busy[s])
         assert spans[0][0] == s and spans[-1][1] == s + n_items
-        assert all(b[0] == a[1] for a, b in zip(spans, spans[1:]))
+        assert all(b[0] == a[1] for a, b in itertools.pairwise(spans))
 
 
 # ---- the simulator itself can fail ---------------------------------------------------------

@@ -19,9 +19,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ppinfer.generation.params import GenerationParams
+from ppinfer.pipeline.intake import IntakeStats, QueueFull, Unavailable
+from ppinfer.pipeline.sequence import Finished, TokenDelta
+from ppinfer.sampling.params import GenerationParams
 from ppinfer.serving.app import create_app
-from ppinfer.serving.engine import EngineFull, EngineStats, EngineUnavailable, Finished, TokenDelta
 from ppinfer.serving.http import ConnectionLimits, HttpServer
 from ppinfer.serving.metrics import ServerMetrics
 
@@ -75,14 +76,14 @@ class FakeEngine:
     def encode_prompt(self, text: str) -> list[int]:
         text.encode("utf-8")  # a lone surrogate raises, as the real tokenizer does
         words = [2 + len(word) for word in text.split()]
-        return [1] + words if words else []
+        return [1, *words] if words else []
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         ids = [1]
         for i, message in enumerate(messages):
             if message["role"] not in ROLES:
                 raise ValueError(f"messages[{i}].role={message['role']!r}: unknown role")
-            ids += [0] + self.encode_prompt(message["content"])[1:]
+            ids += [0, *self.encode_prompt(message["content"])[1:]]
         return ids
 
     def submit(self, prompt_ids, params, emit) -> int:
@@ -92,9 +93,9 @@ class FakeEngine:
             raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens={params.max_new_tokens} "
                              f"exceed the context length of {self.context_length}")
         if self.failed or not self.is_ready:
-            raise EngineUnavailable(self.failed or "loading")
+            raise Unavailable(self.failed or "loading")
         if self.full:
-            raise EngineFull("8 requests are waiting already (server.max_queue)")
+            raise QueueFull("8 requests are waiting already (server.max_queue)")
         with self._lock:
             request_id = len(self.submitted)
             self.submitted[request_id] = (list(prompt_ids), params)
@@ -109,8 +110,8 @@ class FakeEngine:
             self.cancelled.setdefault(request_id, time.monotonic())
             self._stops[request_id].set()
 
-    def stats(self) -> EngineStats:
-        return EngineStats(waiting=3, running=2, stage_busy_seconds=(1.0, 3.0), uptime_s=4.0)
+    def stats(self) -> IntakeStats:
+        return IntakeStats(waiting=3, running=2, stage_busy_seconds=(1.0, 3.0), uptime_s=4.0)
 
     def close(self) -> None:
         for stop in self._stops.values():
@@ -150,8 +151,9 @@ def serve():
     started: list[Served] = []
 
     def start(engine: FakeEngine | None = None, api_key: str | None = None,
-              limits: ConnectionLimits = ConnectionLimits()) -> Served:
+              limits: ConnectionLimits | None = None) -> Served:
         engine = engine or FakeEngine()
+        limits = limits or ConnectionLimits()
         app = create_app(engine, api_key, ServerMetrics(), max_request_bytes=MAX_BYTES)
         server = HttpServer(app, "127.0.0.1", 0, limits)
         server.start()
@@ -316,7 +318,9 @@ def test_neutral_values_of_the_right_type_are_accepted(shared):
         stream_options=None, extra_body={"logit_bias": {}},
     )
     assert done.choices[0].text == FULL
-    streamed = _post(shared, "/v1/completions", {"prompt": "p", "stream": True, "stream_options": {"include_usage": None}})
+    streamed = _post(
+        shared, "/v1/completions", {"prompt": "p", "stream": True, "stream_options": {"include_usage": None}}
+    )
     assert streamed.status_code == 200 and streamed.text.rstrip().endswith("[DONE]")
 
 
@@ -554,9 +558,9 @@ def test_idle_connections_are_closed_and_capped(serve):
     slow = socket.create_connection(("127.0.0.1", served.server.port))
     slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers never finished
     try:
-        assert all(_closed_by_server(sock) for sock in idle + [slow]), "the server kept an idle connection open"
+        assert all(_closed_by_server(sock) for sock in [*idle, slow]), "the server kept an idle connection open"
     finally:
-        for sock in idle + [slow]:
+        for sock in [*idle, slow]:
             sock.close()
     assert httpx.get(f"{served.url}/health", timeout=10.0).status_code == 200
 

@@ -8,6 +8,7 @@ different lane layout), and the requests' own parameters (token budgets with EOS
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -23,10 +24,9 @@ import openai
 import psutil
 import pytest
 from hydra import compose, initialize_config_dir
-
-import ppinfer.config  # noqa: F401  registers the schema
-from ppinfer.pipeline.launch import run
 from torchrun_job import REPO, ProcessTree, command, describe
+
+from ppinfer.pipeline.batch import run
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,9 @@ class Server:
 
     def worker(self, rank: int) -> psutil.Process:
         """The process of `rank` (a torchrun worker)."""
-        workers = [p for p in psutil.Process(self.proc.pid).children(recursive=True) if "serve.py" in " ".join(p.cmdline())]
+        workers = [
+            p for p in psutil.Process(self.proc.pid).children(recursive=True) if "serve.py" in " ".join(p.cmdline())
+        ]
         return next(p for p in workers if p.environ().get("RANK") == str(rank))
 
     def post(self, body: bytes, timeout_s: float = 30.0) -> httpx.Response:
@@ -121,7 +123,9 @@ def test_greedy_completion_equals_the_batch_command(server: Server, smollm2_path
     expected = _batch_text(smollm2_path, prompt, 24, tmp_path / "batch")
     done = server.client.completions.create(model=server.model, prompt=prompt, max_tokens=24, temperature=0)
     assert done.choices[0].text == expected
-    stream = server.client.completions.create(model=server.model, prompt=prompt, max_tokens=24, temperature=0, stream=True)
+    stream = server.client.completions.create(
+        model=server.model, prompt=prompt, max_tokens=24, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in stream if c.choices) == expected
     assert done.usage.completion_tokens <= 24 and done.usage.prompt_tokens > 0
 
@@ -205,7 +209,9 @@ def test_requests_that_used_to_end_the_job_are_answered(server: Server) -> None:
     assert nucleus_of_nothing.usage.completion_tokens == 1
     for extra, field in (({"top_k": 2**64}, "top_k"), ({"repetition_penalty": 1e-300}, "repetition_penalty")):
         with pytest.raises(openai.BadRequestError) as caught:
-            server.client.completions.create(model=server.model, prompt="Hi", max_tokens=2, temperature=1, extra_body=extra)
+            server.client.completions.create(
+                model=server.model, prompt="Hi", max_tokens=2, temperature=1, extra_body=extra
+            )
         assert caught.value.param == field
     surrogate = server.post(json.dumps({"model": server.model, "prompt": "a\ud800", "max_tokens": 2}).encode())
     nested = server.post(b'{"prompt": ' + b"[" * 1000 + b"]" * 1000 + b"}")
@@ -256,10 +262,8 @@ def test_800_idle_sockets_are_closed_by_the_server(server: Server) -> None:
         deadline = time.monotonic() + HEADER_TIMEOUT_S + 10
         for sock in idle:
             sock.settimeout(max(0.1, deadline - time.monotonic()))
-            try:
+            with contextlib.suppress(ConnectionResetError):
                 assert sock.recv(16) == b"", "the server answered a request that was never sent"
-            except ConnectionResetError:
-                pass
     finally:
         for sock in idle:
             sock.close()
@@ -320,10 +324,8 @@ def test_a_dead_rank_makes_the_server_answer_503_and_the_job_exit(smollm2_path: 
         statuses = set()
         deadline = time.monotonic() + DEAD_RANK_BOUND_S
         while srv.proc.poll() is None and time.monotonic() < deadline:
-            try:
+            with contextlib.suppress(httpx.HTTPError):
                 statuses.add(httpx.get(f"{srv.url}/health", timeout=1).status_code)
-            except httpx.HTTPError:
-                pass
             time.sleep(0.2)
         assert srv.proc.poll() is not None, "the job outlived its dead rank"
         assert 503 in statuses, f"/health answered {statuses}"

@@ -16,16 +16,17 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import ppinfer.config  # noqa: F401  registers the schema
-from ppinfer.generation.params import GenerationParams
 from ppinfer.model import build_stage
+from ppinfer.pipeline.batch import run
+from ppinfer.pipeline.intake import Intake, QueueFull
 from ppinfer.pipeline.job import DistEnv, prepare
-from ppinfer.pipeline.launch import run
-from ppinfer.pipeline.requests import Requests, TokenCounts
 from ppinfer.pipeline.runtime import StageRunner, run_first
-from ppinfer.pipeline.schedule import Scheduler
+from ppinfer.pipeline.scheduler import Scheduler
+from ppinfer.pipeline.sequence import Finished, TokenDelta
+from ppinfer.pipeline.sequences import Sequences
 from ppinfer.pipeline.sinks import SampleSink
-from ppinfer.serving.engine import EngineFull, Finished, PromptTooLong, TokenDelta
+from ppinfer.sampling.params import GenerationParams
+from ppinfer.serving.engine import PromptTooLong
 from ppinfer.serving.pipeline_engine import PipelineEngine
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
@@ -79,26 +80,27 @@ def served(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
                 f"output.dir={tmp_path_factory.mktemp('serve')}"])
     job = prepare(cfg, ENV, False, False, serve=True)
     stage = build_stage(job.model_path, job.plan, job.dtype, job.device, weights="dequantized")
-    engine = PipelineEngine("smollm2", job.tokenizer, job.capacity, job.params[0], cfg.server.max_queue,
-                            rows=job.n_lanes * job.lane_size)
+    intake = Intake(rows=job.n_lanes * job.lane_size, max_queue=cfg.server.max_queue)
+    engine = PipelineEngine("smollm2", job.tokenizer, job.capacity, job.params[0], intake)
     runner = StageRunner(stage, job.n_lanes, job.lane_size, job.capacity, sink=SampleSink())
     scheduler = Scheduler(job.n_lanes, job.lane_size, job.prefill_chunk, job.capacity)
-    requests = Requests(TokenCounts(), lambda sequence: None)
 
     def loop() -> None:
         with torch.inference_mode():
-            run_first(runner, scheduler, requests, None, arrivals=engine)
+            run_first(runner, scheduler, Sequences(), None, intake)
 
-    engine.started()
+    intake.start()
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     yield engine
-    engine.stop()
+    intake.stop()
     thread.join(timeout=20)
     assert not thread.is_alive(), "the engine loop did not end after stop()"
 
 
-def test_concurrent_requests_match_the_batch_command(served: PipelineEngine, tmp_path: Path, smollm2_path: Path) -> None:
+def test_concurrent_requests_match_the_batch_command(
+    served: PipelineEngine, tmp_path: Path, smollm2_path: Path
+) -> None:
     expected = _batch_results(tmp_path, smollm2_path)
     clients = []
     for text, settings in PROMPTS:
@@ -129,7 +131,11 @@ def test_stream_never_shows_a_stop_string_prefix_that_gets_cut(served: PipelineE
 
 def test_cancel_frees_the_slot_and_others_continue(served: PipelineEngine) -> None:
     long_running = _Client()
-    rid = served.submit(served.encode_prompt("Count slowly:"), served.defaults.updated({"max_new_tokens": 200, "ignore_eos": True}), long_running)
+    rid = served.submit(
+        served.encode_prompt("Count slowly:"),
+        served.defaults.updated({"max_new_tokens": 200, "ignore_eos": True}),
+        long_running,
+    )
     served.cancel(rid)
     assert long_running.done.wait(30)
     assert long_running.finished.reason == "cancelled"
@@ -145,20 +151,25 @@ def test_bad_requests_are_refused_before_they_queue(served: PipelineEngine) -> N
         served.submit([], served.defaults, _Client())
 
 
+def _engine(smollm2_path: Path, context: int, intake: Intake) -> PipelineEngine:
+    return PipelineEngine("m", _tokenizer(smollm2_path), context, GenerationParams(), intake)
+
+
 def test_queue_limit(smollm2_path: Path) -> None:
     """A burst first fills the free rows; only what waits beyond them counts against
     server.max_queue (no loop runs, so nothing drains it)."""
-    engine = PipelineEngine("m", _tokenizer(smollm2_path), 64, GenerationParams(), max_queue=2, rows=3)
-    engine.started()
+    intake = Intake(rows=3, max_queue=2)
+    engine = _engine(smollm2_path, 64, intake)
+    intake.start()
     for _ in range(3 + 2):
         engine.submit([1, 2], GenerationParams(max_new_tokens=2), _Client())
-    with pytest.raises(EngineFull, match="server.max_queue"):
+    with pytest.raises(QueueFull, match=r"server.max_queue"):
         engine.submit([1, 2], GenerationParams(max_new_tokens=2), _Client())
 
 
 def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(smollm2_path: Path) -> None:
-    tokenizer = _tokenizer(smollm2_path)
-    engine = PipelineEngine("m", tokenizer, 64, GenerationParams(), max_queue=2, rows=1)
+    engine = _engine(smollm2_path, 64, Intake(rows=1))
+    tokenizer = engine.tokenizer
     fits = "x" * (63 * tokenizer.max_token_bytes)  # one token per longest entry still fits
     assert len(engine.encode_prompt("Hello there")) == len(tokenizer.encode("Hello there"))
     assert engine.encode_prompt(fits) == tokenizer.encode(fits)
@@ -169,24 +180,24 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(smo
 
 
 def test_stall_is_reported_while_work_makes_no_progress(smollm2_path: Path) -> None:
-    engine = PipelineEngine("m", _tokenizer(smollm2_path), 64, GenerationParams(), max_queue=2, rows=2,
-                            stall_timeout_s=0.2)
-    engine.started()
+    intake = Intake(rows=2, max_queue=2, stall_timeout_s=0.2)
+    engine = _engine(smollm2_path, 64, intake)
+    intake.start()
     scheduler = Scheduler(1, 2, 8, 64)
-    requests = Requests(TokenCounts(), lambda sequence: None)
+    sequences = Sequences()
     time.sleep(0.3)
     assert engine.stall() is None  # idle for a while: nothing is stuck
     engine.submit([1, 2], GenerationParams(max_new_tokens=4), _Client())
-    engine.pull(scheduler, requests)
+    intake.pull(scheduler, sequences)
     assert engine.stall() is None  # the clock starts when the work does
     time.sleep(0.3)
     assert "no sampled token" in engine.stall()
-    engine.busy((0.1,))
+    intake.progress((0.1,))
     assert engine.stall() is None
 
 
 def _tokenizer(path: Path):
-    from ppinfer.generation.tokenizer import load_tokenizer
+    from ppinfer.text.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
 

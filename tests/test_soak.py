@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from pipeline_models import PIPELINE_SPECS, TokenizerChoice, write_pipeline_model
 from torchrun_job import run_job
 

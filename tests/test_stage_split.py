@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from stage_runner import arange_positions, build, chained_logits, full_logits, whole
-from tiny_cases import ALL_CASES, TinyFiles, tiny_files, token_batch  # noqa: F401  (fixture)
+from tiny_cases import ALL_CASES, TinyFiles, token_batch
 
 TOLERANCE = 1e-6
 
@@ -62,7 +61,7 @@ def test_chained_stages_decode_with_own_states(tiny_files: TinyFiles, case: str)
     ids = token_batch(spec, seed=5)  # [2, 20]
     expected = full_logits(whole(path, spec.n_layer), ids)
     stages = [build(path, a, b, spec.n_layer) for a, b in ((0, 1), (1, 3), (3, 4))]
-    states = [s.new_state(batch=2, max_len=24) for s in stages]
+    states = [s.new_cache(batch=2, max_len=24) for s in stages]
     tokens, prompt = torch.from_numpy(ids), 7
     chunks = [(0, prompt)] + [(t, t + 1) for t in range(prompt, ids.shape[1])]
     got = []

@@ -5,9 +5,11 @@ A toy byte-level vocabulary stands in for the tokenizer; expected texts are writ
 
 from __future__ import annotations
 
+import codecs
+
 import pytest
 
-from ppinfer.generation.stopping import StopConditions, StopState, unescape_stop_string
+from ppinfer.sampling.stopping import StopConditions, StopState, unescape_stop_string
 
 EOS, EOT = 0, 1
 PIECES: dict[int, bytes] = {
@@ -24,14 +26,19 @@ PIECES: dict[int, bytes] = {
 
 
 class ToyDecoder:
-    """Joins byte pieces and decodes them as UTF-8, counting calls."""
+    """Byte pieces decoded as UTF-8 one token at a time (an incomplete character held back),
+    counting the tokens it is given."""
 
-    def __init__(self) -> None:
-        self.calls = 0
+    def __init__(self, pieces: dict[int, bytes] = PIECES) -> None:
+        self.pieces, self.pushed = pieces, 0
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
-    def __call__(self, ids: list[int]) -> str:
-        self.calls += 1
-        return b"".join(PIECES[i] for i in ids).decode("utf-8", errors="replace")
+    def push(self, token_id: int) -> str:
+        self.pushed += 1
+        return self._utf8.decode(self.pieces[token_id])
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
 
 
 def _state(**kwargs: object) -> StopState:
@@ -108,14 +115,23 @@ def test_stop_strings_still_apply_with_ignore_eos() -> None:
     assert state.text == "<eos> wor"
 
 
-def test_no_decoding_while_generating_without_stop_strings() -> None:
+def test_each_token_is_decoded_once_and_the_work_per_token_stays_flat() -> None:
+    """The text grows piece by piece: every token passes through the decoder exactly once,
+    whatever the answer's length (the whole answer used to be decoded again for every token),
+    and each step streams no more than its own piece and a held-back stop-string start."""
     decoder = ToyDecoder()
-    state = StopState(StopConditions(max_new_tokens=8, eog_ids={EOS}), decoder)
-    _feed(state, [2, 3, 4, 5])
-    assert decoder.calls == 0
-    assert state.text == "Hello world"
-    assert state.text == "Hello world"
-    assert decoder.calls == 1
+    state = StopState(StopConditions(max_new_tokens=4000, eog_ids={EOS}, stop_strings=("xyz",)), decoder)
+    ids = [[2, 3, 4, 5][n % 4] for n in range(3999)]
+    streamed = []
+    for n, token in enumerate(ids, start=1):
+        state.append(token)
+        assert decoder.pushed == n
+        piece = state.stable_text()[0]
+        assert len(piece) <= len(PIECES[token]) + len("xyz") - 1
+        streamed.append(piece)
+    expected = "".join(PIECES[i].decode() for i in ids)  # "Hello world" repeated
+    assert state.text == expected
+    assert "".join(streamed) == expected
 
 
 def test_external_finish_for_a_full_context() -> None:
@@ -180,6 +196,6 @@ def test_stop_string_bad_escapes_name_the_escape(raw: str, named: str) -> None:
 def test_decoded_newline_stop_string_stops_at_a_blank_line() -> None:
     pieces = {2: b"Hel", 3: b"lo\n", 4: b"\nwor", 5: b"ld"}
     conditions = StopConditions(max_new_tokens=8, stop_strings=(unescape_stop_string(r"\n\n"),))
-    state = StopState(conditions, lambda ids: b"".join(pieces[i] for i in ids).decode())
+    state = StopState(conditions, ToyDecoder(pieces))
     assert _feed(state, [2, 3, 4]) == [False, False, True]
     assert state.text == "Hello"

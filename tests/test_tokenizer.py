@@ -19,9 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ppinfer.errors import ModelFileError, PromptError
-from ppinfer.generation.bpe import PRE_TOKENIZERS, build_pre_tokenizer
-from ppinfer.generation.detokenize import gpt2_unicode_to_byte
-from ppinfer.generation.tokenizer import Tokenizer, load_tokenizer
+from ppinfer.text.bpe import PRE_TOKENIZERS, build_pre_tokenizer
+from ppinfer.text.detokenize import gpt2_unicode_to_byte
+from ppinfer.text.tokenizer import Tokenizer, load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"  # copies of shared/fixtures (llama.cpp ids)
 LLAMACPP_IDS = json.loads((FIXTURES / "tokenizer_llamacpp.json").read_text())
@@ -301,7 +301,7 @@ def test_tiny_spm_leading_space_rule(write_vocab: Writer) -> None:
 
 def test_unknown_pre_tokenizer_is_an_error(write_vocab: Writer) -> None:
     path = write_vocab("gpt2", ["a", "b", "ab"], [1, 1, 1], merges=["a b"], pre="made-up-pre")
-    with pytest.raises(ModelFileError, match="made-up-pre.*known: .*llama-bpe.*smollm"):
+    with pytest.raises(ModelFileError, match=r"made-up-pre.*known: .*llama-bpe.*smollm"):
         load_tokenizer(path)
 
 

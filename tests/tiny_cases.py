@@ -9,9 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from gguf import GGMLQuantizationType as QType
-
 from ggufgen import TinySpec, with_changes, write_tiny_gguf
 
 FAMILY_CASES: dict[str, TinySpec] = {
@@ -84,13 +82,6 @@ class TinyFiles:
             write_tiny_gguf(partial, ALL_CASES[case])
             partial.rename(path)
         return path
-
-
-@pytest.fixture(scope="session")
-def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> TinyFiles:
-    """Session-wide tiny files; test modules import this fixture (there is no shared conftest
-    entry for it, and the base temp dir is the same for every module of a session)."""
-    return TinyFiles(tmp_path_factory.getbasetemp() / "tiny_gguf")
 
 
 def token_batch(spec: TinySpec, batch: int = 2, length: int = 20, seed: int = 0) -> np.ndarray:

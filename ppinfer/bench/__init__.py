@@ -13,7 +13,17 @@
 """
 
 from ppinfer.bench.scenarios import (
-    FULL, QUICK, SCENARIOS, SUITES, LlamaCppRun, PeerRun, PipelineRun, Plan, Ratio, Sizes, plan,
+    FULL,
+    QUICK,
+    SCENARIOS,
+    SUITES,
+    LlamaCppRun,
+    PeerRun,
+    PipelineRun,
+    Plan,
+    Ratio,
+    Sizes,
+    plan,
 )
 
 __all__ = ["FULL", "QUICK", "SCENARIOS", "SUITES", "LlamaCppRun", "PeerRun", "PipelineRun", "Plan", "Ratio",

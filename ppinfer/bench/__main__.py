@@ -1,8 +1,8 @@
-"""`python -m ppinfer.bench`: run the benchmark scenarios and report the issue's ratios.
+"""`python -m ppinfer.bench`: run the benchmark scenarios and report the target ratios.
 
     python -m ppinfer.bench                         # every scenario but the slow 7B one, full size
     python -m ppinfer.bench --scenario peer         # one scenario (repeat the flag for more)
-    python -m ppinfer.bench --suite quant           # issue 11: quantized weights vs llama.cpp
+    python -m ppinfer.bench --suite quant           # quantized weights vs llama.cpp on the same files
     python -m ppinfer.bench --scenario quant-7b     # the 7B-shaped model on 4 ranks (slow)
     python -m ppinfer.bench --quick                 # tiny smoke run of every scenario
     python -m ppinfer.bench --markdown docs/benchmarks.md
@@ -21,18 +21,35 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ppinfer.bench.report import (
-    RUN_HEADERS, RatioResult, evaluate, llamacpp_build, machine_info, markdown_report, model_files, run_row,
-    text_ratios, text_table,
+    RUN_HEADERS,
+    RatioResult,
+    evaluate,
+    llamacpp_build,
+    machine_info,
+    markdown_report,
+    model_files,
+    run_row,
+    text_ratios,
+    text_table,
 )
 from ppinfer.bench.scenarios import (
-    DEFAULT_MODEL, FULL, QUICK, SCENARIOS, SUITES, PipelineRun, Plan, Ratio, Sizes, plan,
+    DEFAULT_MODEL,
+    FULL,
+    QUICK,
+    SCENARIOS,
+    SUITES,
+    PipelineRun,
+    Plan,
+    Ratio,
+    Sizes,
+    plan,
 )
-from ppinfer.bench.synthetic import cached_path, ensure_synthetic
 from ppinfer.bench.sweep import PromptBook, RunResult, SweepSettings, pipeline_command, repo_root, sweep
+from ppinfer.bench.synthetic import cached_path, ensure_synthetic
 from ppinfer.hub import ensure_model
 
 SIZE_FLAGS = ("max_new_tokens", "lane_size", "long_prompt_tokens", "prefill_chunk", "peer_threads", "quant_lane_size")

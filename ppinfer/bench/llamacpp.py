@@ -35,10 +35,11 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 DISTRIBUTION = "llama-cpp-python"
 """The package that provides the `llama_cpp` module."""

@@ -21,17 +21,18 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
-from ppinfer.generation.tokenizer import Tokenizer, load_tokenizer
 from ppinfer.pipeline.outputs import write_json_atomic
 from ppinfer.profiling.metrics import current_rss_bytes, peak_rss_bytes
+from ppinfer.text.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("ppinfer.bench.peer")
 

@@ -7,7 +7,7 @@ gives the model ordinary English to continue. Every prompt is one line, because 
 
 from __future__ import annotations
 
-from ppinfer.generation.tokenizer import Tokenizer
+from ppinfer.text.tokenizer import Tokenizer
 
 SHORT_PROMPTS: tuple[str, ...] = (
     "The three most important things to know about the ocean are",

@@ -7,10 +7,11 @@ import datetime
 import os
 import platform
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from ppinfer.bench.scenarios import LlamaCppRun, Metrics, PeerRun, Ratio, Run, Term
 
@@ -142,7 +143,8 @@ def run_row(run: Run, metrics: Metrics | None, error: str | None, skipped: bool 
         return config + [f"{outcome}: {first_line}"] + [""] * (len(RUN_HEADERS) - len(config) - 1)
     per_stage = m.get("per_stage", [])
     bubbles = [s["bubble_fraction"] for s in per_stage if "bubble_fraction" in s]
-    return config + [
+    return [
+        *config,
         _num(m["prefill_tokens_per_s"], 1),
         _num(m["decode_tokens_per_s"], 1),
         _num(m["time_to_first_token_s"], 3),
@@ -292,7 +294,7 @@ they wait, so its figures only mean something on an otherwise idle machine.
 
 
 def markdown_report(machine: Mapping[str, str], ratios: Sequence[RatioResult], runs: Sequence[Outcome]) -> str:
-    """The whole benchmark page: machine, ratios against the issues' targets, every run, method."""
+    """The whole benchmark page: machine, ratios against their targets, every run, method."""
     machine_rows = [[k, f"`{v}`" if k == "command" else v] for k, v in machine.items()]
     parts = [
         "# ppinfer benchmarks",

@@ -1,9 +1,9 @@
-"""What to run: the benchmark points, the ratios the issues target, and the planner.
+"""What to run: the benchmark points, the target ratios, and the planner.
 
 A ratio names the runs it compares (a `Term` is one metric of one run, optionally scaled), so
 a scenario is just a group of ratios and the planner derives exactly the runs those ratios
 need, each once even when several scenarios share it. Scenarios come in suites: `pipeline`
-(the pipeline's own targets, on the default model), `quant` (issue 11: quantized weights
+(the pipeline's own targets, on the default model), `quant` (quantized weights
 against llama.cpp on the same files, with the synthetic 1.1B-shaped model) and `slow` (the
 synthetic 7B-shaped model); `all` is every suite but `slow`. Everything here is plain data:
 the planner and the ratios can be checked without starting a process.
@@ -12,8 +12,9 @@ the planner and the ratios can be checked without starting a process.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Sequence, Union
+from typing import Any, Literal
 
 Metrics = Mapping[str, Any]
 """One run's metrics.json (or the peer's file of the same shape)."""
@@ -150,7 +151,7 @@ class LlamaCppRun:
         return f"lc-t{self.threads}-b{self.sequences}-{self.prompts}-n{self.max_new_tokens}-{self.model}"
 
 
-Run = Union[PipelineRun, PeerRun, LlamaCppRun]
+Run = PipelineRun | PeerRun | LlamaCppRun
 
 
 def _token_latency(m: Metrics) -> float:
@@ -209,7 +210,7 @@ class Term:
 
 @dataclass(frozen=True, kw_only=True)
 class Ratio:
-    """numerator / denominator (or the numerator alone) compared with the issue's target, or
+    """numerator / denominator (or the numerator alone) compared with its target, or
     shown for information when `target` is None."""
 
     key: str
@@ -237,16 +238,16 @@ def _dequantized(run: PipelineRun) -> PipelineRun:
     return dataclasses.replace(run, weights="dequantized")
 
 
-# Issue 11's targets.
+# Targets for quantized weights against llama.cpp.
 MEMORY_PER_FILE_TARGET = 1.5
 """Sum over ranks of peak RSS above the idle baseline, at most this many times the file size
-(for the 7B: 5.6 GB, inside the issue's 6 GB)."""
+(for the 7B: 5.6 GB, inside a 6 GB budget)."""
 VS_LLAMACPP_SINGLE_TARGET = 1.0
 """One sequence on 1 stage x 2 threads: at least this share of llama.cpp's decode tok/s."""
 VS_LLAMACPP_BATCH_TARGET = 1.0
 """Two lanes on 2 stages x 1 thread against llama.cpp's batched decoding of the same sequences."""
 VS_LLAMACPP_BATCH_AIM = 1.5
-"""The issue's aim for 32 sequences of the default model (an overhead-bound 135M model)."""
+"""The aim for 32 sequences of the default model (an overhead-bound 135M model)."""
 EFFICIENCY_TARGET = 0.90
 """2 stages x 1 thread with 2 lanes against twice 1 stage x 1 thread with 1 lane (the 1.1B)."""
 
@@ -329,7 +330,7 @@ def pipeline_scenarios(sizes: Sizes) -> dict[str, tuple[Ratio, ...]]:
 
 
 def quant_scenarios(sizes: Sizes) -> dict[str, tuple[Ratio, ...]]:
-    """Issue 11's scenarios (the `quant` and `slow` suites): ppinfer with its default
+    """The `quant` and `slow` suites: ppinfer with its default
     (quantized) weights against llama.cpp on the same file and cores, and memory against the
     file size; dequantized runs are shown beside them where they are cheap."""
     n, q, new = sizes.lane_size, sizes.quant_lane_size, sizes.max_new_tokens

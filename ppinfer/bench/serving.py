@@ -1,4 +1,4 @@
-"""`python -m ppinfer.bench.serving`: issue 10's two throughput ratios, each from one run.
+"""`python -m ppinfer.bench.serving`: the two serving throughput ratios, each from one run.
 
 1. Continuous batching: 64 chat prompts whose answers end by EOS (anywhere up to 128 tokens)
    against a uniform run of the same prompts (EOS ignored, 48 tokens each), both through the
@@ -24,9 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 
@@ -58,7 +59,14 @@ RING = ["pipeline.microbatches=2", "pipeline.lane_size=8", "runtime.threads=1", 
 
 
 def _torchrun(script: str, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(repo_root() / "launch" / script), *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        str(repo_root() / "launch" / script),
+        *overrides,
+    ]
 
 
 def batch_rate(model: Path, prompts: list[str], out: Path, extra: list[str]) -> tuple[float, dict]:

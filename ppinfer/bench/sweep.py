@@ -20,15 +20,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ppinfer.bench import llamacpp
 from ppinfer.bench.prompts import long_prompt, short_prompts
 from ppinfer.bench.scenarios import DEFAULT_MODEL, LlamaCppRun, PeerRun, PipelineRun, Plan, Run, Sizes
-from ppinfer.generation.tokenizer import Tokenizer, load_tokenizer
+from ppinfer.text.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("ppinfer.bench")
 

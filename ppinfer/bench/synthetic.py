@@ -23,9 +23,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import gguf
 import numpy as np

@@ -2,4 +2,4 @@
 
 from ppinfer.gguf.reader import SUPPORTED_TENSOR_TYPES, GGUFFile, TensorInfo, dequantize
 
-__all__ = ["GGUFFile", "SUPPORTED_TENSOR_TYPES", "TensorInfo", "dequantize"]
+__all__ = ["SUPPORTED_TENSOR_TYPES", "GGUFFile", "TensorInfo", "dequantize"]

@@ -51,7 +51,7 @@ def _dequantizable(qtype: GGMLQuantizationType) -> bool:
     """True when gguf-py has a float32 dequantizer for `qtype`."""
     if qtype in _FLOAT_TYPES:
         return True
-    return qtype in gguf_quants._type_traits  # noqa: SLF001 - gguf-py's registry of kernels
+    return qtype in gguf_quants._type_traits
 
 
 SUPPORTED_TENSOR_TYPES: tuple[str, ...] = tuple(

@@ -78,8 +78,8 @@ def table(threads: list[int], rows: list[int], types: list[GGMLQuantizationType]
                 x = torch.randn(m, k)
                 for t in threads:
                     torch.set_num_threads(t)
-                    ms = best_ms(lambda: ops.block_matmul(x, w, int(qtype), k))
-                    ref = best_ms(lambda: F.linear(x, dense))
+                    ms = best_ms(lambda x=x, w=w, qtype=qtype, k=k: ops.block_matmul(x, w, int(qtype), k))
+                    ref = best_ms(lambda x=x, dense=dense: F.linear(x, dense))
                     gbs = w.numel() / ms / 1e6
                     lines.append(
                         f"| {n}x{k} | {qtype.name} | {m} | {t} | {ms:.2f} | {gbs:.1f} | {ref:.2f} | {ref / ms:.1f}x |"
@@ -110,7 +110,9 @@ def crossover(threads: list[int], types: list[GGMLQuantizationType], shapes=CROS
                         times = []
                         for min_rows in (m + 1, m):  # m + 1: the dots; m: the GEMM
                             ops.set_gemm_min_rows(min_rows)
-                            times.append(best_ms(lambda: ops.block_matmul(x, w, int(qtype), k)))
+                            times.append(
+                                best_ms(lambda x=x, w=w, qtype=qtype, k=k: ops.block_matmul(x, w, int(qtype), k))
+                            )
                         cells.append(f"{times[0]:.2f} / {times[1]:.2f}")
                     lines.append(f"| {n}x{k} | {qtype.name} | {t} | " + " | ".join(cells) + " |")
     finally:

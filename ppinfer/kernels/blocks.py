@@ -7,7 +7,8 @@ must be checked when it is loaded, so a corrupt file fails with the tensor's nam
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
 
 # Byte offsets of the fp16 scale fields inside one block, per type (ggml's block layouts).
 SCALE_OFFSETS: dict[Q, tuple[int, ...]] = {

@@ -37,9 +37,13 @@ class BlockLinear(nn.Module):
         qtype = GGMLQuantizationType(qtype)
         block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
         if w.dtype != torch.uint8 or w.dim() != 2 or w.device.type != "cpu":
-            raise ValueError(f"BlockLinear: w must be a 2-D uint8 CPU tensor, got {w.dtype} {tuple(w.shape)} on {w.device}")
+            raise ValueError(
+                f"BlockLinear: w must be a 2-D uint8 CPU tensor, got {w.dtype} {tuple(w.shape)} on {w.device}"
+            )
         if in_features <= 0 or in_features % block_elems:
-            raise ValueError(f"BlockLinear: in_features={in_features} is not a multiple of {qtype.name}'s {block_elems}-value blocks")
+            raise ValueError(
+                f"BlockLinear: in_features={in_features} is not a multiple of {qtype.name}'s {block_elems}-value blocks"
+            )
         row_bytes = in_features // block_elems * block_bytes
         if w.shape[1] != row_bytes:
             raise ValueError(

@@ -21,6 +21,10 @@ from torch import nn
 from ppinfer.kernels import build, cpu, int4
 from ppinfer.kernels.capabilities import cpu_capabilities
 
+WEIGHT_MODES = ("quantized", "dequantized")
+"""How a model's weights are held (`runtime.weights`): in their stored blocks, multiplied by
+the block kernels where a type has one, or dequantized to the runtime dtype at load."""
+
 BLOCK_LINEARS = (cpu.BlockLinear, int4.Int4Linear)
 """The modules that hold stored blocks (their `nbytes` are resident weight bytes)."""
 

@@ -1,4 +1,4 @@
-"""`StageState`: one lane's preallocated KV cache for one stage's layers, and its masks.
+"""`KVCache`: one lane's preallocated KV cache for one stage's layers, and its masks.
 
 A lane holds up to B sequences, one per row of a slot grid `[B, max_len]`. Each row has its
 own length: a row's tokens go to its next free slots, whatever its neighbours do, so a row
@@ -6,19 +6,20 @@ can take a new sequence while the others keep decoding. Each slot records its to
 position (-1 for padding), and the attention mask is derived from those positions alone, so
 each sequence sees exactly the keys it would see if it ran alone.
 
-A forward works on any set of rows (`StageState.rows`): a decode step computes only the rows
+A forward works on any set of rows (`KVCache.rows`): a decode step computes only the rows
 that decode, whichever rows between them are free or still in prefill.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 
-class StageState:
+class KVCache:
     """KV cache of one lane on one stage. The runtime owns it; `forward` writes through
     `rows(...)`."""
 
@@ -33,10 +34,12 @@ class StageState:
         device: torch.device,
     ) -> None:
         if batch < 1 or max_len < 1:
-            raise ValueError(f"state needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
+            raise ValueError(f"cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
         self.batch, self.max_len = batch, max_len
         # [B, Hkv, max_len, D] per layer
-        self.k = [torch.zeros(batch, n_head_kv[i], max_len, head_dim, dtype=dtype, device=device) for i in range(n_layers)]
+        self.k = [
+            torch.zeros(batch, n_head_kv[i], max_len, head_dim, dtype=dtype, device=device) for i in range(n_layers)
+        ]
         self.v = [torch.zeros_like(k) for k in self.k]
         self.positions = torch.full((batch, max_len), -1, dtype=torch.int64, device=device)  # [B, max_len]
         self.lengths = [0] * batch  # slots written per row
@@ -62,12 +65,12 @@ class StageState:
         slot_bytes = self.nbytes // (self.batch * self.max_len)
         return slot_bytes * sum(self.lengths)
 
-    def rows(self, rows: Sequence[int], positions: torch.Tensor) -> "RowsView":
+    def rows(self, rows: Sequence[int], positions: torch.Tensor) -> RowsView:
         """Reserve the next T slots of each of `rows` (increasing row ids) for a forward with
         `positions` [b, T] (one row of positions per row id)."""
         b, t = positions.shape
         if len(rows) != b or any(r < 0 or r >= self.batch for r in rows) or any(
-            a >= c for a, c in zip(rows, rows[1:])
+            a >= c for a, c in itertools.pairwise(rows)
         ):
             raise ValueError(f"rows {list(rows)} of a lane of {self.batch} for positions of {b} rows")
         starts = [self.lengths[r] for r in rows]
@@ -98,7 +101,7 @@ class RowsView:
     tensor of row ids), columns `cols` [b, T] (`start`: the common first column when every
     row writes the same ones); keys are read from columns [0, end)."""
 
-    state: StageState
+    cache: KVCache
     index: slice | torch.Tensor
     row_ids: torch.Tensor  # [b] int64
     positions: torch.Tensor  # [b, T] the queries' rope positions
@@ -113,7 +116,7 @@ class RowsView:
         query, and, for sliding layers, when q_pos - k_pos < window. A padding query sees only
         itself, so its (discarded) row stays finite.
         """
-        kpos = self.state.positions[self.index, : self.end][:, None]  # [b, 1, n]
+        kpos = self.cache.positions[self.index, : self.end][:, None]  # [b, 1, n]
         qpos = self.positions[:, :, None]  # [b, T, 1]
         visible = (kpos >= 0) & (kpos <= qpos)  # [b, T, n]
         if window > 0:
@@ -122,10 +125,10 @@ class RowsView:
         own = slots[None, None, :] == self.cols[:, :, None]  # [b, T, n]
         return (visible | own)[:, None]
 
-    def layer(self, layer: int) -> "LayerKV":
+    def layer(self, layer: int) -> LayerKV:
         """The slots of `layer`: where its new keys and values go."""
         return LayerKV(
-            self.state.k[layer], self.state.v[layer], self.index, self.row_ids, self.cols, self.start, self.end
+            self.cache.k[layer], self.cache.v[layer], self.index, self.row_ids, self.cols, self.start, self.end
         )
 
 

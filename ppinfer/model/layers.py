@@ -6,7 +6,7 @@ building a stage costs exactly one tensor per weight.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch

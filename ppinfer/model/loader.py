@@ -8,9 +8,9 @@ and unexpected tensors are `ModelFileError`s naming the file and the tensor.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,17 +25,23 @@ from ppinfer.gguf.reader import GGUFFile
 from ppinfer.kernels import fused as fused_ops
 from ppinfer.kernels.blocks import nonfinite_scale_block
 from ppinfer.kernels.capabilities import cpu_capabilities
-from ppinfer.kernels.select import BlockBackend, block_backend
+from ppinfer.kernels.select import WEIGHT_MODES, BlockBackend, block_backend
 from ppinfer.model.block import Attention, DecoderBlock, FeedForward
 from ppinfer.model.layers import ConcatLinear, LayerNorm, Linear, PackedLinear, RMSNorm, RotaryEmbedding, RowEmbedding
-from ppinfer.model.plan import StagePlan
 from ppinfer.model.report import WeightsReport
 from ppinfer.model.stage import PipelineStage
+from ppinfer.plan.stage_plan import StagePlan
 
 PACK_BLOCK_ELEMENTS = 1 << 20  # values (4 MB of float32) per separately packed row block
-WEIGHT_MODES = ("quantized", "dequantized")
 FLOAT_STORAGE = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-GLOBAL_TENSORS = ("token_embd.weight", "output_norm.weight", "output_norm.bias", "output.weight", "output.bias", "rope_freqs.weight")
+GLOBAL_TENSORS = (
+    "token_embd.weight",
+    "output_norm.weight",
+    "output_norm.bias",
+    "output.weight",
+    "output.bias",
+    "rope_freqs.weight",
+)
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.")
 
 
@@ -167,7 +173,9 @@ class _Weights:
         weight = np.concatenate([t(self.array(n, s)) if t is not None else self.array(n, s) for n, s, t in parts])
         return self.linear_from(weight, bias)
 
-    def _float_part(self, name: str, shape: tuple[int, int], transform: RowTransform, bias: np.ndarray | None) -> nn.Module:
+    def _float_part(
+        self, name: str, shape: tuple[int, int], transform: RowTransform, bias: np.ndarray | None
+    ) -> nn.Module:
         weight = self.array(name, shape)
         return self.linear_from(transform(weight) if transform is not None else weight, bias)
 
@@ -326,7 +334,9 @@ def build_stage(
     if plan.is_first:
         info = gf.info("token_embd.weight")
         if info.shape[1] != e:
-            raise ModelFileError(f"{gf.path}: tensor 'token_embd.weight' has shape {list(info.shape)}, expected [{v}, {e}]")
+            raise ModelFileError(
+                f"{gf.path}: tensor 'token_embd.weight' has shape {list(info.shape)}, expected [{v}, {e}]"
+            )
         w.used.add(info.name)
         scale = float(e) ** 0.5 if spec.embed_scale else None
         embedding = RowEmbedding(gf.raw(info.name), info.qtype, scale, dtype, f"{gf.path}: tensor 'token_embd.weight'")

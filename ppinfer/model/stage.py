@@ -10,10 +10,10 @@ from torch import nn
 from ppinfer.families.hparams import HParams
 from ppinfer.kernels.select import BLOCK_LINEARS
 from ppinfer.model.block import DecoderBlock, LayerInputs
-from ppinfer.model.cache import StageState
+from ppinfer.model.cache import KVCache
 from ppinfer.model.layers import PackedLinear, RotaryEmbedding, RowEmbedding
-from ppinfer.model.plan import StagePlan
 from ppinfer.model.report import WeightsReport
+from ppinfer.plan.stage_plan import StagePlan
 
 
 class PipelineStage(nn.Module):
@@ -54,13 +54,13 @@ class PipelineStage(nn.Module):
         self,
         hidden: torch.Tensor,
         positions: torch.Tensor,
-        state: StageState,
+        cache: KVCache,
         rows: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """hidden [b, T, E], positions [b, T] (rope positions, -1 = padding) -> [b, T, E] for
-        the cache rows `rows` of `state` (increasing; rows 0..b-1 by default), each of which
+        the cache rows `rows` of `cache` (increasing; rows 0..b-1 by default), each of which
         appends T slots for every layer of this stage."""
-        slots = state.rows(range(hidden.shape[0]) if rows is None else rows, positions)
+        slots = cache.rows(range(hidden.shape[0]) if rows is None else rows, positions)
         windows = {layer.attn.window for layer in self.layers}
         io = LayerInputs(
             rope={id(r): r.rotations(positions) for r in self.ropes},
@@ -80,10 +80,10 @@ class PipelineStage(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def new_state(self, batch: int, max_len: int) -> StageState:
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
         """A fresh, preallocated KV cache for one lane of `batch` sequences."""
         layer_ids = self.plan.layer_ids
-        return StageState(
+        return KVCache(
             n_layers=self.plan.n_layers,
             n_head_kv=[self.hparams.layers[i].n_head_kv for i in layer_ids],
             head_dim=self.hparams.head_dim,

@@ -16,17 +16,15 @@ import torch
 from ppinfer.config import resolve_device, resolve_dtype, resolve_lanes, resolve_threads, validate_config
 from ppinfer.errors import ConfigError, PromptError
 from ppinfer.families import HParams, get_spec, read_hparams
-from ppinfer.generation.params import GenerationParams
-from ppinfer.generation.sampling import stream_seed
-from ppinfer.generation.tokenizer import Tokenizer, load_tokenizer
 from ppinfer.gguf import GGUFFile
 from ppinfer.hub import resolve_model_path
 from ppinfer.kernels.select import block_backend
-from ppinfer.model import StagePlan
-from ppinfer.pipeline.allocation import allocate, plan_table
-from ppinfer.pipeline.costs import layer_costs
 from ppinfer.pipeline.outputs import output_dir_problem
-from ppinfer.pipeline.schedule import Scheduler
+from ppinfer.pipeline.scheduler import Scheduler
+from ppinfer.plan import StagePlan, allocate, layer_costs, plan_table
+from ppinfer.sampling.params import GenerationParams
+from ppinfer.sampling.sampler import stream_seed
+from ppinfer.text.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("ppinfer")
 
@@ -48,7 +46,7 @@ class DistEnv:
     local_world: int
 
     @classmethod
-    def from_environ(cls, environ: dict[str, str]) -> "DistEnv":
+    def from_environ(cls, environ: dict[str, str]) -> DistEnv:
         return cls(
             rank=int(environ.get("RANK", 0)),
             world=int(environ.get("WORLD_SIZE", 1)),
@@ -173,7 +171,10 @@ def _prompt_texts(cfg: Any, defaults: GenerationParams) -> tuple[list[str], list
             params.append(defaults.updated(settings) if settings else defaults)
         except ValueError as exc:
             raise PromptError(f"{source}: prompt {i}: {exc}") from exc
-    seeds = [stream_seed(p.seed or 0, 0 if "seed" in settings else i) for i, (p, (_, settings)) in enumerate(zip(params, lines))]
+    seeds = [
+        stream_seed(p.seed or 0, 0 if "seed" in settings else i)
+        for i, (p, (_, settings)) in enumerate(zip(params, lines))
+    ]
     return [text for text, _ in lines], params, seeds
 
 
@@ -271,7 +272,14 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool, se
     )
     layers = allocate(cfg.pipeline.layers, env.world, costs)
     if env.rank == 0:
-        log.info("model %s (%s, %d layers) on %d stage(s):\n%s", model_path.name, hp.arch, hp.n_layer, env.world, plan_table(layers, costs))
+        log.info(
+            "model %s (%s, %d layers) on %d stage(s):\n%s",
+            model_path.name,
+            hp.arch,
+            hp.n_layer,
+            env.world,
+            plan_table(layers, costs),
+        )
     return Job(
         cfg=cfg, env=env, model_path=model_path, hparams=hp, tokenizer=tokenizer, device=device,
         dtype=dtype, threads=resolve_threads(cfg, env.local_world), layers=layers, texts=texts,

@@ -29,13 +29,13 @@ from typing import IO, Any
 import numpy as np
 
 from ppinfer.errors import PPInferError
-from ppinfer.profiling.tensorboard import TIMELINE
 
 log = logging.getLogger("ppinfer")
 
 RESULTS = "results.jsonl"
 LOGITS = "logits.npy"
 METRICS = "metrics.json"
+TIMELINE = "timeline.png"
 LOCK = ".lock"
 RUN_FILES = (RESULTS, LOGITS, METRICS, TIMELINE)
 """What a run writes directly in `output.dir`."""
@@ -107,14 +107,14 @@ class OutputDir:
         self._lock = lock
 
     @classmethod
-    def claim(cls, path: Path) -> "OutputDir":
+    def claim(cls, path: Path) -> OutputDir:
         """Create `path`, lock it and clear an earlier run's files; `OutputDirError` when
         another run holds it or it cannot be used."""
         problem = make_output_dir(path)
         if problem is not None:
             raise OutputDirError(problem)
         with writing(path, LOCK):
-            lock = open(path / LOCK, "a+", encoding="utf-8")
+            lock = open(path / LOCK, "a+", encoding="utf-8")  # noqa: SIM115  (held for the run)
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

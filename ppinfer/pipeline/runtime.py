@@ -6,15 +6,17 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
-from ppinfer.model import PipelineStage, StageState
-from ppinfer.pipeline.requests import Requests
-from ppinfer.pipeline.schedule import AwaitTokens, Kind, Scheduler, WorkItem, item_positions
+from ppinfer.model import KVCache, PipelineStage
+from ppinfer.pipeline.intake import Intake
+from ppinfer.pipeline.scheduler import Scheduler
+from ppinfer.pipeline.sequences import Sequences
 from ppinfer.pipeline.sinks import Sink
-from ppinfer.pipeline.transport import Control, Msg, RowSampling, Transport
+from ppinfer.pipeline.transport import Transport
+from ppinfer.pipeline.wire import Admission, Control, Msg, decode_admissions, encode_admissions
+from ppinfer.pipeline.work import AwaitTokens, ItemKind, WorkItem, item_positions
 from ppinfer.profiling.trace import NULL_TRACER, Tracer
 
 
@@ -25,7 +27,7 @@ class Span:
     start: float
     end: float
     lane: int
-    kind: Kind
+    kind: ItemKind
 
 
 @dataclass
@@ -44,7 +46,7 @@ class StageClock:
     def decode_idle_fraction(self) -> float:
         """Idle share of this stage in the decode phase after the fill: from the moment every
         lane has started decoding to the last decode computation (0 without decode)."""
-        decode = [s for s in self.spans if s.kind is Kind.DECODE]
+        decode = [s for s in self.spans if s.kind is ItemKind.DECODE]
         if not decode:
             return 0.0
         first_by_lane: dict[int, float] = {}
@@ -71,34 +73,37 @@ class StageRunner:
     ) -> None:
         self.stage, self.sink, self.tracer = stage, sink, tracer
         self.lane_size, self.capacity = lane_size, capacity
-        self.states: list[StageState | None] = [None] * n_lanes
+        self.caches: list[KVCache | None] = [None] * n_lanes
         self.clock = StageClock()
 
-    def state_for(self, item: WorkItem) -> StageState:
-        state = self.states[item.lane]
-        if state is None:
-            state = self.states[item.lane] = self.stage.new_state(self.lane_size, self.capacity)
+    def cache_for(self, item: WorkItem) -> KVCache:
+        cache = self.caches[item.lane]
+        if cache is None:
+            cache = self.caches[item.lane] = self.stage.new_cache(self.lane_size, self.capacity)
         for step in item.rows:
             if step.reset:
-                state.reset(step.row, step.row + 1)
-        return state
+                cache.reset(step.row, step.row + 1)
+        return cache
 
-    def run(
-        self, item: WorkItem, ids: torch.Tensor, hidden: torch.Tensor | None, sampling: tuple[RowSampling, ...]
-    ) -> StepResult:
+    def admit(self, admissions: list[Admission]) -> None:
+        """Sequences about to start (last stage: their sampling settings)."""
+        if self.sink is not None:
+            self.sink.admit(admissions)
+
+    def run(self, item: WorkItem, ids: torch.Tensor, hidden: torch.Tensor | None) -> StepResult:
         """Embed `ids` [b, T] (first stage) or take `hidden` [b, T, E]; run this stage's
         layers for the item's rows, then the sink if this is the last stage."""
         start = time.perf_counter()
-        state = self.state_for(item)
+        cache = self.cache_for(item)
         positions = item_positions(item).to(self.stage.device)
         if hidden is None:
             with self.tracer.range("embed"):
                 hidden = self.stage.embed(ids.to(self.stage.device))
         with self.tracer.range("layers"):
-            out = self.stage.forward(hidden, positions, state, item.row_ids)
+            out = self.stage.forward(hidden, positions, cache, item.row_ids)
         result = StepResult(out)
         if self.sink is not None:
-            result.tokens = self.sink.consume(self.stage, item, ids, out, sampling)
+            result.tokens = self.sink.consume(self.stage, item, ids, out)
         end = time.perf_counter()
         self.clock.compute_s += end - start
         self.clock.spans.append(Span(start, end, item.lane, item.kind))
@@ -119,39 +124,25 @@ class StepResult:
     tokens: torch.Tensor | None = None  # last stage: sampled ids [b] after a sampling item
 
 
-class Arrivals(Protocol):
-    """Where a server's requests come from (the batch command has none: its sequences are
-    all added before the loop)."""
-
-    def pull(self, scheduler: Scheduler, requests: Requests) -> None:
-        """Add newly submitted sequences and apply cancellations (never blocks)."""
-
-    def wait(self, scheduler: Scheduler, requests: Requests, transport: Transport | None) -> bool:
-        """Nothing to do: block until something arrives (keeping peers alive); False when
-        the server is shutting down and nothing is left."""
-
-    def busy(self, stages: tuple[float, ...]) -> None:
-        """Every stage's busy seconds, as the last ids reported them."""
-
-
 def run_first(
     runner: StageRunner,
     scheduler: Scheduler,
-    requests: Requests,
+    sequences: Sequences,
     transport: Transport | None,
-    arrivals: Arrivals | None = None,
+    intake: Intake,
 ) -> None:
-    """Rank 0: drive the ring. With `transport` None this rank is the whole pipeline: the
-    runner's sink samples in place and the ids go straight back to the scheduler."""
+    """Rank 0: drive the ring until the intake is closed (or stopped) and nothing is left.
+    With `transport` None this rank is the whole pipeline: the runner's sink samples in place
+    and the ids go straight back to the scheduler."""
     local: deque[torch.Tensor] = deque()  # one-stage run: sampled ids in issue order
     world = transport.world if transport is not None else 1
+    ping = transport.send_ping if transport is not None else None
     runner.clock.loop_start = time.perf_counter()
     while True:
-        if arrivals is not None:
-            arrivals.pull(scheduler, requests)
+        intake.pull(scheduler, sequences)
         action = scheduler.next()
         if action is None:
-            if arrivals is None or not arrivals.wait(scheduler, requests, transport):
+            if not intake.wait(scheduler, ping):
                 break
             continue
         if isinstance(action, AwaitTokens):
@@ -164,18 +155,22 @@ def run_first(
                 if control.item != item:
                     raise RuntimeError(f"expected the ids of {item}, got {control.item}")
                 busy = runner.busy(0, control.busy_s, world)
-            if arrivals is not None:
-                arrivals.busy(busy)
-            scheduler.tokens_arrived(action.lane, requests.tokens_arrived(item, tokens.tolist()))
+            intake.progress(busy)
+            sequences.tokens_arrived(item, tokens.tolist())
+            scheduler.tokens_arrived(action.lane)
             if transport is not None and scheduler.awaiting():
                 transport.expect_tokens()
             continue
         item = action
-        sampling = requests.sampling(item)
-        ids = requests.input_ids(item)
-        result = runner.run(item, ids, None, sampling)
+        admissions = sequences.admissions(item)
+        if admissions:
+            runner.admit(admissions)
+            if transport is not None:
+                transport.send_admit(encode_admissions(admissions))
+        ids = sequences.input_ids(item)
+        result = runner.run(item, ids, None)
         if transport is not None:
-            transport.send_item(Control(Msg.ITEM, item, sampling, runner.busy(0, (), world)), ids, result.hidden)
+            transport.send_item(Control(Msg.ITEM, item, runner.busy(0, (), world)), ids, result.hidden)
             if item.samples:
                 transport.expect_tokens()
         elif result.tokens is not None:
@@ -190,21 +185,28 @@ def run_first(
 def run_relay(runner: StageRunner, transport: Transport) -> None:
     """Ranks 1..S-1: receive, compute, pass on (middle) or send sampled ids back (last)."""
     runner.clock.loop_start = time.perf_counter()
+    last = runner.sink is not None
     while True:
-        control, ids, hidden = transport.recv_item()
+        received = transport.recv_item()
+        control = received.control
         if control.msg is Msg.STOP:
             transport.send_stop()
             break
         if control.msg is Msg.PING:
             transport.send_ping()
             continue
+        if control.msg is Msg.ADMIT:
+            if last:
+                runner.admit(decode_admissions(received.payload))
+            else:
+                transport.send_admit(received.payload)
+            continue
         item = control.item
-        assert item is not None and ids is not None and hidden is not None
-        result = runner.run(item, ids, hidden, control.sampling)
-        busy = runner.busy(transport.rank, control.busy_s, transport.world)
-        passed = Control(control.msg, item, control.sampling, busy)
-        if runner.sink is None:
-            transport.send_item(passed, ids, result.hidden)
+        assert item is not None and received.ids is not None and received.hidden is not None
+        result = runner.run(item, received.ids, received.hidden)
+        passed = Control(control.msg, item, runner.busy(transport.rank, control.busy_s, transport.world))
+        if not last:
+            transport.send_item(passed, received.ids, result.hidden)
         elif result.tokens is not None:
             transport.send_tokens(passed, result.tokens)
         runner.tracer.step()

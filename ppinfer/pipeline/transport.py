@@ -6,11 +6,12 @@ the sender is ready (gloo then moves the bytes as soon as they are sent, instead
 for a ready-to-receive round trip between two busy processes, which costs milliseconds):
 
 - activation link (stage s -> s + 1): `[control | ids | hidden]`, sized for a decode step of
-  the largest lane. The control block (`Control`) says what the item is, row by row, with
-  each row's sampling settings (for the last stage) and every stage's busy time so far; `ids`
-  are the item's input token ids [b, T] (the last stage keeps them as the repetition
-  penalty's history). A larger payload (a prefill chunk) goes as a second message right
-  after, `[ids | hidden]` bytes, into one receive buffer sized for the largest prefill chunk;
+  the largest lane. The control block (`ppinfer.pipeline.wire.Control`) says what the item
+  is, row by row, and every stage's busy time so far; `ids` are the item's input token ids
+  [b, T] (the last stage keeps them as the repetition penalty's history). A larger payload (a
+  prefill chunk) goes as a second message right after, `[ids | hidden]` bytes, into one
+  receive buffer sized for the largest prefill chunk; admission records (the settings of the
+  sequences an item starts) go the same way, as a control block and then their bytes;
 - token link (last stage -> first): `[control | ids]`, one sampled id per row;
 - ping: a control block alone that says "nothing to do yet" (an idle server keeps its
   receivers inside their timeouts); stop: a control block alone, forwarded down the pipe when
@@ -24,113 +25,27 @@ to it when the two are neighbours).
 
 from __future__ import annotations
 
-import struct
 import time
 from dataclasses import dataclass
-from enum import IntEnum
 
 import torch
 import torch.distributed as dist
 
-from ppinfer.pipeline.schedule import Kind, RowStep, WorkItem
+from ppinfer.pipeline.wire import Control, LinkSizes, Msg
 from ppinfer.profiling.trace import NULL_TRACER, Tracer
 
-HEADER = 8  # int64 fields before the per-stage and per-row parts of a control block
-ROW_FIELDS = 10  # int64 fields per row: row, seq, first_pos, reset, then `RowSampling`
 _SEND_BUFFERS = 4  # rotating send buffers per link; a buffer is reused 4 sends later
 
 
-class Msg(IntEnum):
-    ITEM = 1  # hidden states inline
-    ITEM_FOLLOWS = 2  # ids and hidden states in the next message
-    TOKENS = 3
-    STOP = 4
-    PING = 5
-
-
-@dataclass(frozen=True)
-class RowSampling:
-    """How the last stage picks a row's next token: the sampling part of `GenerationParams`
-    and the seed of the sequence's random stream."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    stream_seed: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def encode(self) -> list[int]:
-        return [_bits(self.temperature), self.top_k, _bits(self.top_p), _bits(self.min_p),
-                _bits(self.repetition_penalty), self.stream_seed]
-
-    @classmethod
-    def decode(cls, raw: list[int]) -> "RowSampling":
-        return cls(_float(raw[0]), raw[1], _float(raw[2]), _float(raw[3]), _float(raw[4]), raw[5])
-
-
-def _bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
-
-
-def _float(bits: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", bits))[0]
-
-
-GREEDY = RowSampling()
-
-
-@dataclass(frozen=True)
-class Control:
-    """A message's control block: the kind of message, the item (row by row, with each row's
-    sampling) and each stage's busy seconds when it passed the item on."""
-
-    msg: Msg
-    item: WorkItem | None = None
-    sampling: tuple[RowSampling, ...] = ()
-    busy_s: tuple[float, ...] = ()
-
-    @staticmethod
-    def words(stages: int, rows: int) -> int:
-        return HEADER + stages + rows * ROW_FIELDS
-
-    def encode(self, stages: int) -> list[int]:
-        fields = [int(self.msg), 0, 0, 0, 0, 0, 0, 0]
-        busy = [int(s * 1e6) for s in self.busy_s] + [0] * (stages - len(self.busy_s))
-        rows: list[int] = []
-        it = self.item
-        if it is not None:
-            fields[1:6] = [it.lane, int(it.kind), len(it.rows), it.length, int(it.samples)]
-            for step, sampling in zip(it.rows, self.sampling, strict=True):
-                rows += [step.row, step.seq, step.first_pos, int(step.reset), *sampling.encode()]
-        return fields + busy + rows
-
-    @classmethod
-    def decode(cls, raw: list[int], stages: int) -> "Control":
-        msg = Msg(raw[0])
-        busy = tuple(v / 1e6 for v in raw[HEADER:HEADER + stages])
-        if msg in (Msg.STOP, Msg.PING):
-            return cls(msg, busy_s=busy)
-        n_rows, at = raw[3], HEADER + stages
-        steps, sampling = [], []
-        for r in range(n_rows):
-            row = raw[at + r * ROW_FIELDS: at + (r + 1) * ROW_FIELDS]
-            steps.append(RowStep(row[0], row[1], row[2], bool(row[3])))
-            sampling.append(RowSampling.decode(row[4:]))
-        item = WorkItem(raw[1], Kind(raw[2]), tuple(steps), raw[4], bool(raw[5]))
-        return cls(msg, item, tuple(sampling), busy)
-
-
 @dataclass
-class CommStats:
-    """Seconds spent moving data on this rank (waiting for a peer is idle time, which the
-    runtime derives as wall - compute - comm)."""
+class Received:
+    """One message from the previous stage. `ids` [b, T] and `hidden` [b, T, E] for an item,
+    `payload` for an admission; the tensors are valid until the next receive."""
 
-    comm_s: float = 0.0
+    control: Control
+    ids: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    payload: bytes = b""
 
 
 class _Inbox:
@@ -193,30 +108,6 @@ class _Outbox:
         self.extra.clear()
 
 
-@dataclass(frozen=True)
-class LinkSizes:
-    """What a rank preallocates per link, from the largest messages the run can send."""
-
-    control_words: int  # a control block for the largest lane
-    item_bytes: int  # control + ids + hidden of a decode step of the largest lane, inline
-    token_bytes: int  # control + one sampled id per row of the largest lane
-    large_bytes: int  # ids + hidden of the largest prefill chunk of the largest lane
-
-    @classmethod
-    def of(cls, hidden_size: int, max_batch: int, max_tokens: int, dtype: torch.dtype, stages: int) -> "LinkSizes":
-        """`max_batch`: rows of the fullest lane; `max_tokens`: tokens per row in the longest
-        prefill chunk actually issued (not the configured chunk, which may be far longer than
-        every prompt)."""
-        esize = torch.finfo(dtype).bits // 8
-        words = Control.words(stages, max_batch)
-        return cls(
-            control_words=words,
-            item_bytes=(words + max_batch) * 8 + max_batch * hidden_size * esize,
-            token_bytes=(words + max_batch) * 8,
-            large_bytes=max_batch * max_tokens * (8 + hidden_size * esize),
-        )
-
-
 class Transport:
     """This rank's links: receive from `rank - 1`, send to `rank + 1`, and the token ring
     between the last rank and rank 0."""
@@ -234,7 +125,7 @@ class Transport:
     ) -> None:
         self.rank, self.world, self.device, self.tracer = rank, world, device, tracer
         self.hidden_size, self.dtype = hidden_size, dtype
-        self.stats = CommStats()
+        self.comm_s = 0.0  # seconds spent moving data (waiting for a peer is idle time)
         prepost = dist.get_backend() == "gloo"
         self.sizes = sizes = LinkSizes.of(hidden_size, max_batch, max_tokens, dtype, world)
         last = world - 1
@@ -269,7 +160,7 @@ class Transport:
             payload = hidden.reshape(-1).view(torch.uint8)
             at = self.sizes.control_words * 8
             inline = at + id_bytes.numel() + payload.numel() <= buf.numel()
-            self._write_control(buf, Control(Msg.ITEM if inline else Msg.ITEM_FOLLOWS, control.item, control.sampling, control.busy_s))
+            self._write_control(buf, Control(Msg.ITEM if inline else Msg.ITEM_FOLLOWS, control.item, control.busy_s))
             if inline:
                 buf[at:at + id_bytes.numel()].copy_(id_bytes)
                 at += id_bytes.numel()
@@ -277,13 +168,23 @@ class Transport:
             self._items_out.send(buf)
             if not inline:
                 self._items_out.send_large(torch.cat([id_bytes, payload]))
-        self.stats.comm_s += time.perf_counter() - start
+        self.comm_s += time.perf_counter() - start
 
     def _send_bare(self, msg: Msg) -> None:
         if self._items_out is not None:
             buf = self._items_out.next_buffer()
             self._write_control(buf, Control(msg))
             self._items_out.send(buf)
+
+    def send_admit(self, payload: bytes) -> None:
+        """Admission records (`wire.encode_admissions`) to the next stage, ahead of the item
+        that starts their sequences."""
+        assert self._items_out is not None
+        buf = self._items_out.next_buffer()
+        self._write_control(buf, Control(Msg.ADMIT, payload=len(payload)))
+        self._items_out.send(buf)
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
+        self._items_out.send_large(data)
 
     def send_stop(self) -> None:
         self._send_bare(Msg.STOP)
@@ -297,10 +198,10 @@ class Transport:
         start = time.perf_counter()
         with self.tracer.range("send"):
             buf = self._tokens_out.next_buffer()
-            at = self._write_control(buf, Control(Msg.TOKENS, control.item, control.sampling, control.busy_s))
+            at = self._write_control(buf, Control(Msg.TOKENS, control.item, control.busy_s))
             buf[at:at + tokens.shape[0] * 8].view(torch.int64).copy_(tokens)
             self._tokens_out.send(buf)
-        self.stats.comm_s += time.perf_counter() - start
+        self.comm_s += time.perf_counter() - start
 
     def flush(self) -> None:
         """Wait for every outstanding send (before exit, so no message is lost)."""
@@ -310,36 +211,45 @@ class Transport:
 
     # ---- receiving --------------------------------------------------------------------------
 
-    def recv_item(self) -> tuple[Control, torch.Tensor | None, torch.Tensor | None]:
-        """The next activation message from the previous stage: (control, ids [b, T],
-        hidden [b, T, E]), or (STOP/PING control, None, None). The tensors are only valid until
-        the next receive."""
+    def recv_item(self) -> Received:
+        """The next message from the previous stage: an item with its ids and hidden states,
+        admission records, or a bare STOP / PING."""
         assert self._items_in is not None
         with self.tracer.range("wait"):
             buf = self._items_in.take()
         control = self._read_control(buf)
         arrived = time.perf_counter()
-        if control.item is None:
-            if control.msg is Msg.PING and self._items_in.prepost:
-                self._items_in.post()
-            return control, None, None
-        item = control.item
-        b, t = len(item.rows), item.length
-        n_ids, n_hidden = b * t * 8, b * t * self.hidden_size * (torch.finfo(self.dtype).bits // 8)
-        if control.msg is Msg.ITEM:
-            data = buf[self.sizes.control_words * 8:]
+        if control.msg is Msg.ADMIT:
+            payload = self._recv_large(control.payload)
+            received = Received(control, payload=bytes(payload.cpu().numpy()))
+        elif control.item is None:
+            received = Received(control)
         else:
-            # Received before the next control block is posted: messages from one peer match
-            # the receives in the order they were posted.
-            data = self._large_in[:n_ids + n_hidden]
-            with self.tracer.range("recv"):
-                dist.irecv(data, self._items_in.peer).wait()
-        ids = data[:n_ids].view(torch.int64).view(b, t)
-        hidden = data[n_ids:n_ids + n_hidden].view(self.dtype).view(b, t, self.hidden_size)
-        if self._items_in.prepost:
+            item = control.item
+            b, t = len(item.rows), item.length
+            n_ids, n_hidden = b * t * 8, b * t * self.hidden_size * (torch.finfo(self.dtype).bits // 8)
+            if control.msg is Msg.ITEM:
+                data = buf[self.sizes.control_words * 8:]
+            else:
+                data = self._recv_large(n_ids + n_hidden)
+            ids = data[:n_ids].view(torch.int64).view(b, t)
+            hidden = data[n_ids:n_ids + n_hidden].view(self.dtype).view(b, t, self.hidden_size)
+            received = Received(control, ids, hidden)
+        if self._items_in.prepost and control.msg is not Msg.STOP:  # nothing follows a stop
             self._items_in.post()
-        self.stats.comm_s += time.perf_counter() - arrived
-        return control, ids, hidden
+        self.comm_s += time.perf_counter() - arrived
+        return received
+
+    def _recv_large(self, nbytes: int) -> torch.Tensor:
+        """The message that follows a control block, `nbytes` long. Received before the next
+        control block is posted: messages from one peer match the receives in the order they
+        were posted."""
+        assert self._items_in is not None
+        data = self._large_in[:nbytes] if nbytes <= self._large_in.numel() else torch.empty(
+            nbytes, dtype=torch.uint8, device=self.device)
+        with self.tracer.range("recv"):
+            dist.irecv(data, self._items_in.peer).wait()
+        return data
 
     def expect_tokens(self) -> None:
         """Rank 0: a sampling item is in flight; on gloo, post the token receive now."""

@@ -41,7 +41,7 @@ class StageMetrics:
         return torch.tensor([getattr(self, f) for f in STAGE_FIELDS], dtype=torch.float64, device=device)
 
     @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> "StageMetrics":
+    def from_tensor(cls, t: torch.Tensor) -> StageMetrics:
         return cls(*t.tolist())
 
     def as_dict(self, stage: int, layers: tuple[int, int]) -> dict[str, Any]:

@@ -9,36 +9,32 @@ What a profiled run leaves in the profile directory (`profile.dir`, default
     rank<r>/events.out.tfevents.*    rank r's scalars; the writing rank adds the timeline image
 
 and `timeline.png` in `output.dir` (the writing rank). With profiling off, `make_tracer` returns
-`NULL_TRACER` and `finish_profile` returns at once: no profiler, no gather, no files.
+`NULL_TRACER` and `finish_profile` returns at once: no profiler, no files.
+
+This package takes plain data: the pipeline gathers every rank's spans and measures what the
+scalars show (`ppinfer.pipeline.profile`), and hands them over as a `ProfileEnd`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
 
 from ppinfer.profiling.metrics import StageMetrics
-from ppinfer.profiling.timeline import SPAN_COLUMNS, render_timeline, write_png
+from ppinfer.profiling.timeline import render_timeline, write_png
 from ppinfer.profiling.trace import NULL_TRACER, Tracer
-
-if TYPE_CHECKING:
-    from ppinfer.model import StageState
-    from ppinfer.pipeline.job import Job
-    from ppinfer.pipeline.runtime import Span, StageRunner
-    from ppinfer.pipeline.requests import TokenCounts
 
 log = logging.getLogger("ppinfer")
 
-TIMELINE = "timeline.png"
 COMM_RANGES = ("send", "recv")
 """Ranges that move data; `wait` (blocked on a peer) is idle time, as in metrics.json."""
 OPAQUE_RANGES = ("send", "recv", "wait")
@@ -53,7 +49,7 @@ def _record_functions(enabled: bool) -> None:
 class _TimedRange(AbstractContextManager[None]):
     """`record_function(name)` for the trace, plus the range's seconds added to `totals`."""
 
-    __slots__ = ("_name", "_totals", "_function", "_start", "_opaque")
+    __slots__ = ("_function", "_name", "_opaque", "_start", "_totals")
 
     def __init__(self, name: str, totals: dict[str, float]) -> None:
         self._name, self._totals = name, totals
@@ -148,10 +144,16 @@ class TensorBoardTracer:
             )
 
 
-def profile_dir(job: Job) -> Path:
-    """`profile.dir`, or `<output.dir>/tensorboard` when it is null."""
-    configured = job.cfg.profile.dir
-    return Path(configured) if configured else job.out_dir / "tensorboard"
+def make_tracer(
+    enabled: bool, log_dir: Path, rank: int, wait: int, warmup: int, active: int, cuda: bool
+) -> Tracer:
+    """`NULL_TRACER` when profiling is off, else a started `TensorBoardTracer` for this rank
+    writing into `log_dir` (this rank's files of an earlier run there removed first)."""
+    if not enabled:
+        return NULL_TRACER
+    log_dir.mkdir(parents=True, exist_ok=True)
+    _clear_previous(log_dir, rank)
+    return TensorBoardTracer(log_dir, rank, wait, warmup, active, cuda=cuda)
 
 
 def _clear_previous(log_dir: Path, rank: int) -> None:
@@ -162,51 +164,6 @@ def _clear_previous(log_dir: Path, rank: int) -> None:
         path.unlink()
     if old:
         log.info("profile: replaced %d file(s) of an earlier run in %s", len(old), log_dir)
-
-
-def make_tracer(job: Job) -> Tracer:
-    """`NULL_TRACER` when profiling is off, else a started `TensorBoardTracer` for this rank."""
-    settings = job.cfg.profile
-    if not settings.enabled:
-        return NULL_TRACER
-    log_dir = profile_dir(job)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    _clear_previous(log_dir, job.env.rank)
-    return TensorBoardTracer(
-        log_dir, job.env.rank, settings.wait, settings.warmup, settings.active, cuda=job.device.type == "cuda"
-    )
-
-
-# ---- spans: pack, gather ------------------------------------------------------------------
-
-
-def pack_spans(spans: Sequence[Span], loop_start: float) -> np.ndarray:
-    """A span table `[n, 4]` float64 (see `timeline.SPAN_COLUMNS`), times since `loop_start`."""
-    table = np.zeros((len(spans), len(SPAN_COLUMNS)), dtype=np.float64)
-    for i, span in enumerate(spans):
-        table[i] = (span.start - loop_start, span.end - loop_start, span.lane, int(span.kind))
-    return table
-
-
-def gather_spans(table: np.ndarray, world: int, device: torch.device) -> list[np.ndarray]:
-    """Every rank's span table, in rank order, on every rank (a collective: all ranks call it).
-
-    Ranks hold different numbers of spans, so the lengths go first and the tables travel
-    padded to the longest; plain float64 tensors, no pickling. `device` is where the backend
-    wants tensors (the GPU for NCCL).
-    """
-    if world == 1:
-        return [table]
-    local = torch.from_numpy(table).to(device)  # [n, 4]
-    length = torch.tensor([local.shape[0]], dtype=torch.int64, device=device)
-    lengths = [torch.zeros_like(length) for _ in range(world)]
-    dist.all_gather(lengths, length)
-    sizes = [int(n.item()) for n in lengths]
-    padded = torch.zeros(max(max(sizes), 1), len(SPAN_COLUMNS), dtype=torch.float64, device=device)  # [N, 4]
-    padded[: local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return [part[:n].cpu().numpy() for part, n in zip(parts, sizes)]
 
 
 # ---- scalars ------------------------------------------------------------------------------
@@ -241,18 +198,6 @@ def step_series(
     return series
 
 
-def kv_cache_use(states: Sequence[StageState | None]) -> dict[str, float]:
-    """Bytes of KV cache allocated on this stage, and the bytes and fraction of it holding
-    tokens at the end of the run (every lane's slots cost the same bytes within the lane)."""
-    allocated = sum(s.nbytes for s in states if s is not None)
-    used = sum(s.used_bytes for s in states if s is not None)
-    return {
-        "memory/kv_cache_allocated_bytes": float(allocated),
-        "memory/kv_cache_used_bytes": float(used),
-        "memory/kv_cache_used_fraction": used / allocated if allocated else 0.0,
-    }
-
-
 def stage_summary(mine: StageMetrics) -> dict[str, float]:
     """This rank's totals, with the same definitions as its metrics.json `per_stage` entry."""
     wall = mine.wall_s or 1e-12
@@ -268,51 +213,48 @@ def stage_summary(mine: StageMetrics) -> dict[str, float]:
     return summary
 
 
-def throughput(counts: TokenCounts, loop_start: float, loop_end: float) -> dict[str, float]:
-    """Token rates and latency measured at the last stage (as in metrics.json)."""
-    prefill = counts.prompt_tokens / counts.prefill_s if counts.prefill_s else 0.0
-    decode = counts.generated_tokens / counts.decode_s if counts.decode_s else 0.0
-    return {
-        "throughput/prefill_tokens_per_s": prefill,
-        "throughput/decode_tokens_per_s": decode,
-        "throughput/time_to_first_token_s": (counts.first_token_at or loop_end) - loop_start,
-    }
+@dataclass(frozen=True)
+class ProfileEnd:
+    """What the end of a profiled run writes, as plain data from the pipeline."""
+
+    rank: int
+    spans: np.ndarray
+    """This rank's compute spans (`timeline.SPAN_COLUMNS`), seconds since `loop_start`."""
+    loop_start: float
+    stage: StageMetrics
+    kv_cache: dict[str, float]
+    """KV-cache scalars of this rank (tag -> value)."""
+    all_spans: list[np.ndarray] | None = None
+    """Every rank's spans, on the rank that draws the timeline (None elsewhere)."""
+    throughput: dict[str, float] = field(default_factory=dict)
+    """Token rates and latency, on the rank that writes `output.dir`."""
+    timeline_png: Path | None = None
+    """Where the timeline picture goes (with `all_spans`)."""
 
 
-def finish_profile(
-    tracer: Tracer, job: Job, runner: StageRunner, stages: Sequence[StageMetrics], counts: TokenCounts
-) -> None:
-    """After the loop, on every rank (the span gather is a collective): stop the profiler,
-    write this rank's scalars, and on the rank that writes `output.dir` draw the timeline of every stage into
-    TensorBoard and `<output.dir>/timeline.png`. Returns at once when profiling is off."""
+def finish_profile(tracer: Tracer, end: ProfileEnd) -> None:
+    """After the loop: stop the profiler, write this rank's scalars and, with `end.all_spans`,
+    draw the timeline of every stage into TensorBoard and `end.timeline_png`. Returns at once
+    when profiling is off."""
     if not isinstance(tracer, TensorBoardTracer):
         return
     tracer.close()
-    clock, rank = runner.clock, job.env.rank
-    table = pack_spans(clock.spans, clock.loop_start)
-    comm_device = job.device if job.device.type == "cuda" else torch.device("cpu")
-    tables = gather_spans(table, job.env.world, comm_device)
     # Imported here, not at the top: it costs about half a second, which a run without
     # profiling should not pay at startup.
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(tracer.log_dir / f"rank{rank}"))
+    writer = SummaryWriter(str(tracer.log_dir / f"rank{end.rank}"))
     try:
-        for tag, values in step_series(tracer.step_ends, tracer.step_ranges, table, clock.loop_start).items():
+        for tag, values in step_series(tracer.step_ends, tracer.step_ranges, end.spans, end.loop_start).items():
             for step, value in enumerate(values):
                 writer.add_scalar(tag, value, step)
-        scalars = {**stage_summary(stages[rank]), **kv_cache_use(runner.states)}
-        if rank == job.writer_rank:
-            scalars.update(throughput(counts, clock.loop_start, clock.loop_end))
-        for tag, value in scalars.items():
+        for tag, value in {**stage_summary(end.stage), **end.kv_cache, **end.throughput}.items():
             writer.add_scalar(tag, value, 0)
-        if rank == job.writer_rank:
-            image = render_timeline(tables)  # [H, W, 3]
+        if end.all_spans is not None and end.timeline_png is not None:
+            image = render_timeline(end.all_spans)  # [H, W, 3]
             writer.add_image("pipeline/timeline", image, 0, dataformats="HWC")
-            job.out_dir.mkdir(parents=True, exist_ok=True)
-            write_png(job.out_dir / TIMELINE, image)
-            log.info(
-                "profile: TensorBoard logs and traces in %s, timeline in %s", tracer.log_dir, job.out_dir / TIMELINE
-            )
+            end.timeline_png.parent.mkdir(parents=True, exist_ok=True)
+            write_png(end.timeline_png, image)
+            log.info("profile: TensorBoard logs and traces in %s, timeline in %s", tracer.log_dir, end.timeline_png)
     finally:
         writer.close()

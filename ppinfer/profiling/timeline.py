@@ -13,15 +13,15 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 SPAN_COLUMNS = ("start_s", "end_s", "lane", "kind")
 PREFILL_KIND = 1
-"""The `kind` value of a prefill span (`ppinfer.pipeline.schedule.Kind.PREFILL`; a test keeps
+"""The `kind` value of a prefill span (`ppinfer.pipeline.scheduler.Kind.PREFILL`; a test keeps
 the two equal without this module importing the pipeline)."""
 
 Colour = tuple[int, int, int]

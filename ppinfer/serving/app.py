@@ -13,7 +13,8 @@ import asyncio
 import json
 import secrets
 import time
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,11 +23,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from ppinfer.generation.params import GenerationParams
+from ppinfer.pipeline.intake import QueueFull, Unavailable
+from ppinfer.pipeline.sequence import Finished, TokenDelta
+from ppinfer.sampling.params import GenerationParams
 from ppinfer.serving.bridge import SHUTDOWN, LiveRequests, RequestEvents
-from ppinfer.serving.engine import Engine, EngineFull, EngineUnavailable, Finished, PromptTooLong, TokenDelta
+from ppinfer.serving.engine import Engine, PromptTooLong
 from ppinfer.serving.metrics import ABANDONED, CLIENT_GONE, CONTENT_TYPE, CountRequests, ServerMetrics
-from ppinfer.serving.protocol import ApiError, Kind, ParsedRequest, Reply, bad_request, error_body, parse_request
+from ppinfer.serving.protocol import ApiError, Endpoint, ParsedRequest, Reply, bad_request, error_body, parse_request
 
 RETRY_AFTER_S = 1
 """The Retry-After of a 503 when the engine's queue is full."""
@@ -160,7 +163,7 @@ class _Completions:
         self.engine, self.live, self.metrics = engine, live, metrics
         self.max_request_bytes = max_request_bytes
 
-    async def __call__(self, request: Request, kind: Kind) -> Response:
+    async def __call__(self, request: Request, kind: Endpoint) -> Response:
         arrived = time.monotonic()
         self._check_open()
         parsed = parse_request(kind, await _json_body(request, self.max_request_bytes), self.engine.model_id)
@@ -172,7 +175,9 @@ class _Completions:
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         reply = Reply(kind, f"{prefix}-{secrets.token_hex(12)}", int(time.time()), self.engine.model_id)
         if parsed.stream:
-            return _EventStream(self._chunks(events, reply, parsed.include_usage), lambda: self._finish(events), request)
+            return _EventStream(
+                self._chunks(events, reply, parsed.include_usage), lambda: self._finish(events), request
+            )
         return await self._whole(request, events, reply)
 
     def _check_open(self) -> None:
@@ -200,7 +205,7 @@ class _Completions:
             raise ApiError(503, SHUTDOWN)
         try:
             events.request_id = self.engine.submit(prompt_ids, params, events.emit)
-        except (ValueError, EngineFull, EngineUnavailable) as exc:
+        except (ValueError, QueueFull, Unavailable) as exc:
             self.live.remove(events)
             raise self._refusal(exc, len(prompt_ids), params, parsed) from exc
         except BaseException:
@@ -210,10 +215,10 @@ class _Completions:
     def _refusal(self, exc: Exception, prompt_tokens: int, params: GenerationParams,
                  parsed: ParsedRequest) -> ApiError:
         """The answer to a request `Engine.submit` refused."""
-        if isinstance(exc, EngineFull):
+        if isinstance(exc, QueueFull):
             return ApiError(503, f"the server is busy: {exc}", code="server_overloaded",
                             headers={"Retry-After": str(RETRY_AFTER_S)})
-        if isinstance(exc, EngineUnavailable):
+        if isinstance(exc, Unavailable):
             return ApiError(503, f"the engine is unavailable: {exc}")
         too_long = prompt_tokens + params.max_new_tokens > self.engine.context_length
         field = "max_tokens" if too_long and parsed.max_tokens is not None else parsed.prompt_field

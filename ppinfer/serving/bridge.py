@@ -6,11 +6,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from ppinfer.serving.engine import Event, Finished
-
-SHUTDOWN = "the server is shutting down"
+from ppinfer.pipeline.intake import SHUTDOWN
+from ppinfer.pipeline.sequence import Event, Finished
 
 Observer = Callable[[Event, float], None]
 """Sees every event the engine emits, with its arrival time (time.monotonic), on the engine's thread."""

@@ -1,46 +1,23 @@
-"""What the HTTP layer needs from the pipeline: submit a tokenized prompt with its
-generation parameters, receive its tokens as events, cancel it, read the engine's state.
+"""What the HTTP layer needs from the pipeline (`Engine`): tokenize a request's prompt, submit
+it with its generation settings, receive its tokens as events, cancel it, read the state.
 
-The pipeline's first rank implements `Engine` (`ppinfer.serving.pipeline_engine`); tests of
-the HTTP layer may use any object with the same methods. Events are delivered by calling the
-`emit` callback given to `submit` from the engine's own thread, in order, ending with exactly
-one `Finished`.
+`ppinfer.serving.pipeline_engine.PipelineEngine` implements it over the pipeline's intake;
+tests of the HTTP layer may use any object with the same methods. Events are delivered by
+calling the `emit` given to `submit` from the pipeline's own thread, in order, ending with
+exactly one `Finished` (`ppinfer.pipeline.sequence`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Protocol
 
-from ppinfer.generation.params import GenerationParams
-from ppinfer.pipeline.events import Emit, Event, Finished, FinishReason, TokenDelta
+from ppinfer.pipeline.intake import IntakeStats
+from ppinfer.pipeline.sequence import Emit
+from ppinfer.sampling.params import GenerationParams
 
-__all__ = [
-    "Emit", "Engine", "EngineFull", "EngineStats", "EngineUnavailable", "Event", "Finished", "FinishReason",
-    "PromptTooLong", "TokenDelta",
-]
 
 class PromptTooLong(ValueError):
     """The prompt cannot fit the context, found before it is tokenized (HTTP 400)."""
-
-
-class EngineFull(Exception):
-    """The waiting queue holds `server.max_queue` requests already (HTTP 503)."""
-
-
-class EngineUnavailable(Exception):
-    """The engine is not loaded yet, is shutting down, or has failed (HTTP 503)."""
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot for /metrics."""
-
-    waiting: int
-    running: int
-    stage_busy_seconds: tuple[float, ...] = field(default_factory=tuple)
-    """Per stage, seconds spent computing since the engine started."""
-    uptime_s: float = 0.0
 
 
 class Engine(Protocol):
@@ -69,11 +46,12 @@ class Engine(Protocol):
 
     def submit(self, prompt_ids: list[int], params: GenerationParams, emit: Emit) -> int:
         """Queue a request; returns its id. Raises ValueError (prompt plus max_new_tokens
-        beyond `context_length`, empty prompt), EngineFull or EngineUnavailable."""
+        beyond `context_length`, empty prompt), QueueFull or Unavailable
+        (`ppinfer.pipeline.intake`)."""
 
     def cancel(self, request_id: int) -> None:
-        """Stop a request (its client went away); its slot is freed at the next step and
-        it ends with Finished(reason="cancelled"). Unknown or finished ids are ignored."""
+        """Stop a request (its client went away); its row is freed at the next step and it
+        ends with Finished(reason="cancelled"). Unknown or finished ids are ignored."""
 
-    def stats(self) -> EngineStats:
+    def stats(self) -> IntakeStats:
         """Queue length, running sequences, per-stage busy time."""

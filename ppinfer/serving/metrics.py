@@ -8,13 +8,15 @@ read from `Engine.stats()` at each scrape.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ppinfer.serving.engine import Engine, Event, Finished
+from ppinfer.pipeline.sequence import Event, Finished
+from ppinfer.serving.engine import Engine
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 CLIENT_GONE = 499
@@ -44,7 +46,7 @@ class ServerMetrics:
         """Read the engine's gauges at every scrape."""
         self.registry.register(_EngineGauges(engine))
 
-    def timer(self, arrived: float) -> "RequestTimer":
+    def timer(self, arrived: float) -> RequestTimer:
         """The latency observer of a request that arrived at `arrived` (time.monotonic)."""
         return RequestTimer(self, arrived)
 

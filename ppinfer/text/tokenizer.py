@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from ppinfer.errors import ModelFileError, PromptError
-from ppinfer.generation.bpe import BpeEncoder
-from ppinfer.generation.chat import render_chat_template
-from ppinfer.generation.detokenize import IncrementalDecoder, PieceTable, decode_pieces
-from ppinfer.generation.special import Fragment, SpecialMatcher, SpecialToken
-from ppinfer.generation.spm import SpmEncoder
-from ppinfer.generation.vocab import TokenAttr, Vocab, load_vocab
+from ppinfer.text.bpe import BpeEncoder
+from ppinfer.text.chat import render_chat_template
+from ppinfer.text.detokenize import IncrementalDecoder, PieceTable, decode_pieces
+from ppinfer.text.special import Fragment, SpecialMatcher, SpecialToken
+from ppinfer.text.spm import SpmEncoder
+from ppinfer.text.vocab import TokenAttr, Vocab, load_vocab
 
 log = logging.getLogger(__name__)
 

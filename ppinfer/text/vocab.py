@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from ppinfer.errors import ModelFileError
-from ppinfer.generation.bpe import pre_tokenizer_spec
 from ppinfer.gguf import GGUFFile
+from ppinfer.text.bpe import pre_tokenizer_spec
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _token_attrs(meta: dict[str, Any], n: int, path: Path) -> np.ndarray:
 
 
 def _special_ids(meta: dict[str, Any], model: str, n: int, path: Path) -> dict[str, int | None]:
-    ids: dict[str, int | None] = {role: None for role in _ID_KEYS}
+    ids: dict[str, int | None] = dict.fromkeys(_ID_KEYS)
     for role, default in _DEFAULT_IDS[model].items():
         ids[role] = default if default < n else None
     for role, keys in _ID_KEYS.items():

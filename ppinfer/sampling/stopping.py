@@ -1,7 +1,10 @@
 """Per-sequence stop conditions: end-of-generation ids, stop strings and the token budget.
 
 This file owns deciding when a sequence is finished and what its final ``token_ids`` and
-``text`` are. It knows nothing of the tokenizer class: it is handed a ``decode`` callable.
+``text`` are. It knows nothing of the tokenizer class: it is handed an incremental decoder
+(``Tokenizer.stream``), so each token is decoded once, and finding stop strings and the text
+that may be streamed looks only at the end of the text: the work per token does not grow with
+the answer.
 
 Conventions (those of vLLM; llama.cpp's server agrees on the text):
 - An end-of-generation token (any id in ``eog_ids``: eos, eot, <|im_end|>, ...) finishes the
@@ -19,11 +22,21 @@ Conventions (those of vLLM; llama.cpp's server agrees on the text):
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
-FinishReason = Literal["stop", "length"]
+StopReason = Literal["stop", "length"]
+"""Why a sequence's own conditions ended it (the pipeline adds "cancelled" and "error")."""
+
+
+class TextDecoder(Protocol):
+    """Token ids in, text out, one token at a time (``ppinfer.text.IncrementalDecoder``)."""
+
+    def push(self, token_id: int) -> str:
+        """The text the token completes (an incomplete character is held back)."""
+
+    def flush(self) -> str:
+        """What is held back, at the end (an incomplete character becomes U+FFFD)."""
 
 STOP_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}
 r"""The one-character escapes ``unescape_stop_string`` knows (besides ``\uXXXX``)."""
@@ -91,18 +104,28 @@ class StopConditions:
 
 
 class StopState:
-    """The generated tokens of one sequence and whether (and why) it has finished."""
+    """The generated tokens of one sequence, its text, and whether (and why) it has finished.
 
-    def __init__(self, conditions: StopConditions, decode: Callable[[list[int]], str]) -> None:
+    The text grows one decoded piece per token. A stop string can only complete inside the
+    newest piece, so it is looked for in that piece and the `longest stop - 1` characters
+    before it. `stable_text` hands out the text that can no longer change (for streaming).
+    """
+
+    def __init__(self, conditions: StopConditions, decoder: TextDecoder) -> None:
         self.conditions = conditions
-        self._decode = decode
+        self._decoder = decoder
         self.token_ids: list[int] = []
         """Generated token ids, the end-of-generation id included when one ended the run."""
-        self.finish_reason: FinishReason | None = None
+        self.finish_reason: StopReason | None = None
         self.stop_reason: int | str | None = None
         """What stopped it: the end-of-generation id or the stop string (None for "length")."""
-        self._stop_text: str | None = None
-        self._text_cache: tuple[int, str] = (0, "")
+        self._pieces: list[str] = []  # the text, piece by piece
+        self._length = 0  # characters in `_pieces`
+        self._window = ""  # the text's last `longest stop - 1` characters
+        self._keep = max((len(stop) for stop in conditions.stop_strings), default=1) - 1
+        self._end: int | None = None  # where the final text ends (before a stop string)
+        self._stable = 0  # characters handed out by `stable_text`
+        self._stable_ids = 0  # token ids handed out with them
 
     @property
     def finished(self) -> bool:
@@ -121,49 +144,83 @@ class StopState:
         if not conditions.ignore_eos and token_id in conditions.eog_ids:
             self._finish("stop", token_id)
             return True
-        match = self._find_stop_string()
+        match = self._add_text(self._decoder.push(token_id))
         if match is not None:
-            at, stop = match
-            self._stop_text = self._decoded(self.token_ids)[:at]
+            self._end, stop = match
             self._finish("stop", stop)
             return True
         if len(self.token_ids) >= conditions.max_new_tokens:
             self._finish("length", None)
         return self.finished
 
-    def finish(self, reason: FinishReason) -> None:
+    def finish(self, reason: StopReason) -> None:
         """End the sequence for a reason found outside (e.g. "length" when the context is full)."""
         if not self.finished:
             self._finish(reason, None)
 
     @property
     def text(self) -> str:
-        """The generated text: without a final end-of-generation token, cut before a stop string."""
-        if self._stop_text is not None:
-            return self._stop_text
-        ended_by_eog = isinstance(self.stop_reason, int)
-        return self._decoded(self.token_ids[:-1] if ended_by_eog else self.token_ids)
+        """The generated text so far (whole characters only until it finishes): without a final
+        end-of-generation token, cut before a stop string."""
+        return "".join(self._pieces)[: self._end]
 
-    def _find_stop_string(self) -> tuple[int, str] | None:
-        """The earliest stop string in the text so far (first listed on a tie) and its offset."""
-        if not self.conditions.stop_strings:
-            return None
-        text = self._decoded(self.token_ids)
+    def stable_text(self) -> tuple[str, tuple[int, ...]]:
+        """The text no later token can change, not handed out before, and the token ids since
+        the last call: while running, never the start of a possible stop string; once
+        finished, the rest of the final text."""
+        if self.finished:
+            end = self._length if self._end is None else self._end
+        else:
+            end = self._length - self._held_back()
+        if end <= self._stable:
+            return "", ()
+        text = self._text_between(self._stable, end)
+        ids = tuple(self.token_ids[self._stable_ids:])
+        self._stable, self._stable_ids = end, len(self.token_ids)
+        return text, ids
+
+    def _held_back(self) -> int:
+        """Characters at the end of the text that begin some stop string."""
+        tail = self._window
+        held = 0
+        for stop in self.conditions.stop_strings:
+            for n in range(min(len(stop) - 1, len(tail)), held, -1):
+                if tail.endswith(stop[:n]):
+                    held = n
+                    break
+        return held
+
+    def _add_text(self, piece: str) -> tuple[int, str] | None:
+        """Append a decoded piece; the earliest stop string it completes (first listed on a
+        tie), as (where it starts in the text, the stop string)."""
+        before = self._length
+        self._pieces.append(piece)
+        self._length += len(piece)
+        window = self._window + piece  # the text from `self._length - len(window)`
+        start = self._length - len(window)
         best: tuple[int, str] | None = None
         for stop in self.conditions.stop_strings:
-            at = text.find(stop)
-            if at >= 0 and (best is None or at < best[0]):
-                best = (at, stop)
+            # Only a match that ends in the new piece is new.
+            at = window.find(stop, max(0, before - start - len(stop) + 1))
+            if at >= 0 and (best is None or start + at < best[0]):
+                best = (start + at, stop)
+        self._window = window[len(window) - self._keep:] if self._keep else ""
         return best
 
-    def _decoded(self, ids: list[int]) -> str:
-        # The whole generated sequence is decoded, not just the new token: detokenizers merge
-        # across token boundaries (byte fallback, leading-space rules), so increments lie.
-        # Cached by length: `ids` is always a prefix of the growing token_ids list.
-        if self._text_cache[0] != len(ids):
-            self._text_cache = (len(ids), self._decode(list(ids)))
-        return self._text_cache[1]
+    def _text_between(self, begin: int, end: int) -> str:
+        """Characters [begin, end) of the text, joining only the pieces that hold them."""
+        parts, at = [], self._length
+        for piece in reversed(self._pieces):
+            if at <= begin:
+                break
+            parts.append(piece)
+            at -= len(piece)
+        joined = "".join(reversed(parts))
+        return joined[begin - at: end - at]
 
-    def _finish(self, reason: FinishReason, stop_reason: int | str | None) -> None:
+    def _finish(self, reason: StopReason, stop_reason: int | str | None) -> None:
+        held = self._decoder.flush()
+        if held and self._end is None:
+            self._add_text(held)
         self.finish_reason = reason
         self.stop_reason = stop_reason

@@ -21,7 +21,7 @@ import codecs
 from collections.abc import Sequence
 
 from ppinfer.errors import PromptError
-from ppinfer.generation.vocab import TokenAttr, Vocab
+from ppinfer.text.vocab import TokenAttr, Vocab
 
 _SPECIAL = int(TokenAttr.CONTROL | TokenAttr.UNKNOWN)
 _RAW_TEXT = _SPECIAL | int(TokenAttr.USER_DEFINED)

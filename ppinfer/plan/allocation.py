@@ -16,23 +16,24 @@ file header before any process group exists. Three ways to choose:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, List, Sequence, Union
+from typing import Any
 
 from ppinfer.errors import ConfigError
 
 LAYER_POLICIES = ("balanced", "uniform")
 
-LayersSpec = Union[str, List[int]]
+LayersSpec = str | list[int]
 
 
 @dataclass(frozen=True, kw_only=True)
 class LayerCosts:
     """Bytes a stage must hold, per part of the model, at the runtime dtype."""
 
-    layer_weight_bytes: List[int]
+    layer_weight_bytes: list[int]
     """Weight bytes of each transformer layer, in layer order."""
-    layer_kv_bytes: List[int]
+    layer_kv_bytes: list[int]
     """KV-cache bytes of each layer for all the tokens a stage caches."""
     embedding_bytes: int
     """Token embedding (and its norm, if any): held by the first stage only."""
@@ -81,7 +82,7 @@ def parse_layers(value: Any) -> LayersSpec:
     )
 
 
-def allocate(policy_or_list: Any, n_stages: int, costs: LayerCosts) -> List[int]:
+def allocate(policy_or_list: Any, n_stages: int, costs: LayerCosts) -> list[int]:
     """Layers per stage (a list of `n_stages` positive counts summing to the layer count)."""
     spec = parse_layers(policy_or_list)
     n_layers = costs.n_layers
@@ -99,7 +100,7 @@ def allocate(policy_or_list: Any, n_stages: int, costs: LayerCosts) -> List[int]
     return balanced_split(costs, n_stages)
 
 
-def _check_explicit(layers: List[int], n_stages: int, n_layers: int) -> List[int]:
+def _check_explicit(layers: list[int], n_stages: int, n_layers: int) -> list[int]:
     where = f"pipeline.layers={layers} (sum {sum(layers)}; the model has {n_layers} layers)"
     if len(layers) != n_stages:
         raise ConfigError(
@@ -112,13 +113,13 @@ def _check_explicit(layers: List[int], n_stages: int, n_layers: int) -> List[int
     return list(layers)
 
 
-def uniform_split(n_layers: int, n_stages: int) -> List[int]:
+def uniform_split(n_layers: int, n_stages: int) -> list[int]:
     """As even as possible; the first `n_layers % n_stages` stages get one extra layer."""
     base, extra = divmod(n_layers, n_stages)
     return [base + 1 if s < extra else base for s in range(n_stages)]
 
 
-def balanced_split(costs: LayerCosts, n_stages: int) -> List[int]:
+def balanced_split(costs: LayerCosts, n_stages: int) -> list[int]:
     """The contiguous split that minimises the most expensive stage, exactly.
 
     Step 1 finds the optimal bottleneck B (the smallest achievable maximum stage cost).
@@ -157,7 +158,7 @@ def balanced_split(costs: LayerCosts, n_stages: int) -> List[int]:
 
     # squares[s][i]: the least sum of squared costs of stages s..last over [i, n_layers)
     # with every stage within `limit`; None where no such split exists.
-    squares: List[List[Any]] = [[None] * (n_layers + 1) for _ in range(n_stages + 1)]
+    squares: list[list[Any]] = [[None] * (n_layers + 1) for _ in range(n_stages + 1)]
     squares[n_stages][n_layers] = 0
     for s in range(last, -1, -1):
         for i in range(s, n_layers - (last - s)):
@@ -169,7 +170,7 @@ def balanced_split(costs: LayerCosts, n_stages: int) -> List[int]:
             squares[s][i] = min(options) if options else None
 
     # Walk forward, taking the longest stage among the optimal choices at each step.
-    split: List[int] = []
+    split: list[int] = []
     i = 0
     for s in range(n_stages):
         best = squares[s][i]

@@ -21,14 +21,15 @@ and needed by every stage alike, so they do not change the balance and are not c
 from __future__ import annotations
 
 import re
-from typing import AbstractSet, Any, Dict, List, Optional
+from collections.abc import Set as AbstractSet
+from typing import Any
 
 from gguf import GGMLQuantizationType
 
 from ppinfer.errors import ModelFileError
 from ppinfer.families import per_layer_values
 from ppinfer.gguf import GGUFFile
-from ppinfer.pipeline.allocation import LayerCosts
+from ppinfer.plan.allocation import LayerCosts
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
@@ -38,8 +39,8 @@ def layer_costs(
     dtype_bytes: int,
     kv_tokens: int,
     *,
-    reader: Optional[GGUFFile] = None,
-    step_tokens: Optional[int] = None,
+    reader: GGUFFile | None = None,
+    step_tokens: int | None = None,
     stored_types: AbstractSet[GGMLQuantizationType] = frozenset(),
 ) -> LayerCosts:
     """Per-stage memory costs of the GGUF at `path` for a runtime dtype and KV capacity.
@@ -58,7 +59,7 @@ def layer_costs(
     n_layers = int(reader.require(f"{arch}.block_count"))
 
     layer_weights = [0] * n_layers
-    tensors: Dict[str, Any] = {}
+    tensors: dict[str, Any] = {}
     for tensor in reader.tensors.values():
         match = _BLOCK.match(tensor.name)
         if match is None:
@@ -104,7 +105,7 @@ def _held(tensor: Any, dtype_bytes: int, stored_types: AbstractSet[GGMLQuantizat
 
 
 def _held_with_prefix(
-    tensors: Dict[str, Any], prefix: str, dtype_bytes: int, stored_types: AbstractSet[GGMLQuantizationType]
+    tensors: dict[str, Any], prefix: str, dtype_bytes: int, stored_types: AbstractSet[GGMLQuantizationType]
 ) -> int:
     """Held bytes of every non-block tensor whose name starts with `prefix`."""
     return sum(_held(t, dtype_bytes, stored_types) for name, t in tensors.items() if name.startswith(prefix))
@@ -112,7 +113,7 @@ def _held_with_prefix(
 
 def _kv_bytes_per_layer(
     reader: GGUFFile, path: str, arch: str, n_layers: int, dtype_bytes: int, kv_tokens: int
-) -> List[int]:
+) -> list[int]:
     heads_key, kv_key = f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv"
     n_heads = per_layer_values(reader.require(heads_key), n_layers, heads_key, path)
     n_kv_heads = (

@@ -39,11 +39,11 @@ class StagePlan:
         return range(self.layer_start, self.layer_end)
 
     @classmethod
-    def whole(cls, total_layers: int) -> "StagePlan":
+    def whole(cls, total_layers: int) -> StagePlan:
         return cls(0, total_layers, total_layers)
 
     @classmethod
-    def from_counts(cls, counts: list[int], stage: int) -> "StagePlan":
+    def from_counts(cls, counts: list[int], stage: int) -> StagePlan:
         """The plan of stage `stage` when stages own `counts` layers each, in order."""
         start = sum(counts[:stage])
         return cls(start, start + counts[stage], sum(counts))

@@ -28,25 +28,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import Protocol
 
 import torch
 
+from ppinfer.sampling.params import GenerationParams
+
 HISTORY_PAD = -1
 """Padding value in the ``[B, L]`` token-history tensor given for the repetition penalty."""
-
-
-class SamplingSettings(Protocol):
-    """The sampling part of `ppinfer.generation.params.GenerationParams` (validated there)."""
-
-    temperature: float
-    top_k: int
-    top_p: float
-    min_p: float
-    repetition_penalty: float
-
-    @property
-    def greedy(self) -> bool: ...
 
 
 def stream_seed(seed: int, index: int) -> int:
@@ -152,34 +140,6 @@ def _sort_desc(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.sort(logits, dim=-1, descending=True, stable=True)
 
 
-def _unsort(sorted_mask: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Scatter a mask computed in sorted space back to token-id order."""
-    return torch.empty_like(sorted_mask).scatter_(1, order, sorted_mask)
-
-
-def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool ``[B, V]``: True where a token survives top-k (k <= 0 or k >= V keeps all)."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return torch.ones_like(logits, dtype=torch.bool)
-    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # [B, 1]
-    return logits >= kth
-
-
-def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Bool ``[B, V]``: True where a token survives top-p (nucleus) filtering of ``logits``."""
-    if top_p >= 1.0:
-        return torch.ones_like(logits, dtype=torch.bool)
-    sorted_logits, order = _sort_desc(logits)
-    return _unsort(_top_p_keep_sorted(sorted_logits, top_p), order)
-
-
-def min_p_mask(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Bool ``[B, V]``: True where a token's probability is >= min_p times the top one's."""
-    if min_p <= 0.0:
-        return torch.ones_like(logits, dtype=torch.bool)
-    return logits >= logits.amax(dim=-1, keepdim=True) + math.log(min_p)
-
-
 def tempered_probs(sorted_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Softmax of descending-sorted logits ``[B, V]`` at ``temperature`` > 0; float64 ``[B, V]``.
 
@@ -207,9 +167,29 @@ def _draw_uniforms(generators: Sequence[torch.Generator], device: torch.device) 
     return uniforms.to(device)
 
 
+def candidates(logits: torch.Tensor, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens that may be drawn: logits ``[B, V]`` sorted by descending logit (ties in
+    token order) with the filtered-out ones at -inf, and the sort order ``[B, V]`` (column j
+    of a row is token ``order[j]``). The filters run in llama.cpp's order, each on the
+    previous one's result (removed tokens at -inf), so top-p measures mass over the top-k
+    survivors; the top token always survives."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = _sort_desc(logits)  # [B, V], [B, V]
+    if 0 < params.top_k < vocab:
+        keep = _top_k_keep_sorted(sorted_logits, params.top_k)
+        sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
+    if params.top_p < 1.0:
+        keep = _top_p_keep_sorted(sorted_logits, params.top_p)
+        sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
+    if params.min_p > 0.0:
+        keep = _min_p_keep_sorted(sorted_logits, params.min_p)
+        sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
+    return sorted_logits, order
+
+
 def sample(
     logits: torch.Tensor,
-    params: SamplingSettings,
+    params: GenerationParams,
     generators: Sequence[torch.Generator] | None = None,
     history: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -222,7 +202,7 @@ def sample(
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
-    batch, vocab = logits.shape
+    batch = logits.shape[0]
     logits = logits.float()
     if params.repetition_penalty != 1.0:
         if history is None:
@@ -236,19 +216,7 @@ def sample(
         got = "none" if generators is None else len(generators)
         raise ValueError(f"sampling needs one generator per row: {batch} rows, got {got}")
 
-    sorted_logits, order = _sort_desc(logits)  # [B, V], [B, V]
-    # Each filter sees the previous ones' result (removed tokens at -inf), so top-p measures
-    # mass over the top-k survivors, as in llama.cpp's chain.
-    if 0 < params.top_k < vocab:
-        keep = _top_k_keep_sorted(sorted_logits, params.top_k)
-        sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
-    if params.top_p < 1.0:
-        keep = _top_p_keep_sorted(sorted_logits, params.top_p)
-        sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
-    if params.min_p > 0.0:
-        keep = _min_p_keep_sorted(sorted_logits, params.min_p)
-        sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
-
+    sorted_logits, order = candidates(logits, params)  # [B, V], [B, V]
     probs = tempered_probs(sorted_logits, params.temperature)  # [B, V] float64
     cdf = torch.cumsum(probs, dim=-1)  # [B, V]
     uniforms = _draw_uniforms(generators, logits.device)  # [B]

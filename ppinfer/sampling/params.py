@@ -6,7 +6,7 @@ ones OmegaConf accepts) and the validated value the scheduler carries per reques
 come from three places, each with its own spelling of strings:
 
 - the config: stop strings typed on a command line keep backslash escapes (`from_config`
-  decodes them, see `ppinfer.generation.stopping.unescape_stop_string`);
+  decodes them, see `ppinfer.sampling.stopping.unescape_stop_string`);
 - a `.jsonl` line or an HTTP body: JSON already decoded every escape (`updated` takes the
   strings as they are).
 
@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Optional
+from typing import Any
 
-from ppinfer.generation.stopping import StopConditions, unescape_stop_string
+from ppinfer.sampling.stopping import StopConditions, unescape_stop_string
 
 SEED_RANGE = (0, 2**63 - 1)
 TOP_K_MAX = 2**31 - 1
@@ -32,29 +33,34 @@ REPETITION_PENALTY_RANGE = (1e-3, 1e3)
 overflow float32 or underflow to zero, and the sampler would see inf or NaN."""
 
 
+SAMPLER = {"sampler": True}
+"""Field metadata of the settings that shape the next-token distribution (`sampler_key`)."""
+
+
 @dataclass(kw_only=True)
 class GenerationParams:
     """Sampling and stopping of one sequence (or, as the `generation` config group, of every
-    sequence that does not say otherwise)."""
+    sequence that does not say otherwise). The one declaration of the generation settings:
+    the config, `.jsonl` lines, HTTP requests, the scheduler and the sampler all use it."""
 
     max_new_tokens: int = 64
     """Tokens to generate per prompt at most."""
-    temperature: float = 0.0
+    temperature: float = field(default=0.0, metadata=SAMPLER)
     """Softmax temperature; 0 means greedy (argmax)."""
-    top_k: int = 0
+    top_k: int = field(default=0, metadata=SAMPLER)
     """Keep only the k most likely tokens (ties with the k-th kept too); 0 disables the filter."""
-    top_p: float = 1.0
+    top_p: float = field(default=1.0, metadata=SAMPLER)
     """Keep the smallest set of tokens whose probability reaches p; 1 disables the filter."""
-    min_p: float = 0.0
+    min_p: float = field(default=0.0, metadata=SAMPLER)
     """Drop tokens less likely than min_p times the most likely one; 0 disables the filter."""
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = field(default=1.0, metadata=SAMPLER)
     """Divide positive (multiply negative) logits of already seen tokens by this; 1 disables."""
-    seed: Optional[int] = 0
+    seed: int | None = 0
     """Seed of the sampler, so sampled runs are reproducible; each sequence's random stream is
     derived from (seed, its index). Null (server requests without a seed) draws a fresh one."""
     ignore_eos: bool = False
     """Keep generating past end-of-generation tokens (useful for benchmarks)."""
-    stop: List[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
     r"""Strings that end a sequence when they appear in its generated text. Each must be
     non-empty. On the command line, since Hydra passes backslashes through, these escapes are
     decoded, and only these: `\n` newline, `\r` carriage return, `\t` tab, `\\` a backslash,
@@ -66,8 +72,13 @@ class GenerationParams:
         """True when the next token is the argmax (temperature 0)."""
         return self.temperature == 0.0
 
+    def sampler_key(self) -> tuple[Any, ...]:
+        """The settings that shape the next-token distribution: rows whose keys are equal
+        are sampled in one call (their random streams still differ)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("sampler"))
+
     @classmethod
-    def from_config(cls, node: Any) -> "GenerationParams":
+    def from_config(cls, node: Any) -> GenerationParams:
         """The validated parameters of a `generation` config node (stop escapes decoded)."""
         values = {f.name: getattr(node, f.name) for f in dataclasses.fields(cls)}
         stops = []
@@ -81,7 +92,7 @@ class GenerationParams:
         values["stop"] = stops
         return cls(**values).checked()
 
-    def updated(self, overrides: Mapping[str, Any]) -> "GenerationParams":
+    def updated(self, overrides: Mapping[str, Any]) -> GenerationParams:
         """A copy with `overrides` (JSON values: a `.jsonl` line, an HTTP body) applied and
         checked; unknown keys and values of the wrong type are errors."""
         known = {f.name: f for f in dataclasses.fields(self)}
@@ -92,7 +103,7 @@ class GenerationParams:
             values[key] = _typed(key, value, known[key].type)
         return GenerationParams(**values).checked()
 
-    def checked(self) -> "GenerationParams":
+    def checked(self) -> GenerationParams:
         """Self, after checking every value; raises ValueError("key=value: why")."""
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             _bad("max_new_tokens", self.max_new_tokens, "must be an integer >= 1")
@@ -109,7 +120,9 @@ class GenerationParams:
         low, high = REPETITION_PENALTY_RANGE
         if not low <= self.repetition_penalty <= high:  # NaN fails too
             _bad("repetition_penalty", self.repetition_penalty, f"must be in [{low:g}, {high:g}] (1 = off)")
-        if self.seed is not None and (not isinstance(self.seed, int) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
+        ):
             _bad("seed", self.seed, "must be an integer in [0, 2**63 - 1]")
         for i, stop in enumerate(self.stop):
             if not isinstance(stop, str) or not stop:
@@ -132,7 +145,7 @@ def _typed(key: str, value: Any, annotation: Any) -> Any:
     """`value` (from JSON) as the field's type: an int is a float where a float is wanted, but
     a bool is never a number and a float never an int."""
     kind = str(annotation)
-    if kind == "List[str]":
+    if kind == "list[str]":
         stops = [value] if isinstance(value, str) else value
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
             _bad(key, value, "must be a string or a list of strings")
@@ -149,7 +162,7 @@ def _typed(key: str, value: Any, annotation: Any) -> Any:
         except OverflowError:  # an integer beyond any float (JSON allows 1e999 digits)
             _bad(key, value, "is out of range")
     if isinstance(value, bool) or not isinstance(value, int):
-        if kind == "Optional[int]" and value is None:
+        if kind == "int | None" and value is None:
             return None
         _bad(key, value, "must be an integer")
     return value

@@ -1,0 +1,239 @@
+"""The schedule: lanes of rows in a ring, as data.
+
+Each of M lanes holds up to `lane_size` sequences, one per row of its KV cache. The
+first stage decides the order of work items (`Scheduler`); every other stage processes items
+in the order it receives them, so each send meets its receive by construction:
+
+- admission: when a lane has free rows and sequences wait, its free rows take the oldest
+  waiting sequences, as one prefill group (prompts left-padded to the group's longest); a
+  row's cache is reset by the group's first chunk;
+- prefill: a group's prompts go through in chunks of at most `chunk` tokens, or of at most
+  `refill_chunk` when the group joins rows that are decoding (a refill): spread over several
+  turns, a newcomer's prompt never holds one stage long while the others run out of work.
+  The last chunk samples each member's first token;
+- decode: one step for every decoding row of the lane, and only those (rows between them that
+  are free or still in prefill are left out: an item's rows need not be consecutive). After a
+  sampling item the last stage sends the ids back to the first stage; the lane's next step can
+  only start when they have arrived;
+- a lane's turn issues its decode step and then its group's next prefill chunk, so a
+  newcomer's prompt is interleaved with its neighbours' decoding; a lane with nothing to
+  decode issues all of its group's chunks back to back;
+- a finished (or cancelled) sequence frees its row when its last ids arrive; the row is
+  refilled at the lane's next turn. Lanes take turns round-robin, so with M >= S every stage
+  has work at every tick after the fill (stage s works on lane (t - s) mod M at tick t).
+
+Sampled ids come back in issue order (every stage is FIFO), and a lane's outstanding items
+are always the oldest in flight when its turn comes back, so `AwaitTokens(lane)` receives
+exactly that lane's ids.
+
+The scheduler reads each sequence's `status` (see `ppinfer.pipeline.sequence`): admission
+makes it PREFILLING; whoever records the sampled ids makes it DECODING or FINISHED before
+telling the scheduler they arrived. `ppinfer.pipeline.simulate` drives it without any process.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ppinfer.pipeline.sequence import Sequence, Status
+from ppinfer.pipeline.work import AwaitTokens, ItemKind, RowStep, WorkItem
+
+
+@dataclass
+class _Row:
+    seq: Sequence
+    next_pos: int  # rope position of the next token fed to this row
+
+
+@dataclass
+class _Group:
+    """Sequences admitted together into `rows`, left-padded to the longest prompt."""
+
+    rows: list[int]
+    seqs: list[Sequence]
+    pads: list[int]
+    chunks: deque[tuple[int, int]]
+
+
+@dataclass
+class _Lane:
+    rows: list[_Row | None]
+    group: _Group | None = None
+    outstanding: deque[WorkItem] = field(default_factory=deque)  # sampling items in flight
+
+
+def prefill_chunks(width: int, chunk: int) -> list[tuple[int, int]]:
+    """(start, length) of each chunk of a `width`-token prompt, all of `chunk` tokens but the
+    last."""
+    if width < 1 or chunk < 1:
+        raise ValueError(f"prompt width {width} and chunk {chunk} must be >= 1")
+    return [(s, min(chunk, width - s)) for s in range(0, width, chunk)]
+
+
+class Scheduler:
+    """The first stage's order of work. `add` sequences, drive it with `next()`; after an
+    `AwaitTokens`, record the ids (setting the sequences' status), report their arrival with
+    `tokens_arrived(lane)` and call `next()` again. `next()` returns None when no lane has
+    anything to do (more sequences may still be added: the server does)."""
+
+    def __init__(
+        self, n_lanes: int, lane_size: int, chunk: int, capacity: int, refill_chunk: int | None = None
+    ) -> None:
+        refill_chunk = chunk if refill_chunk is None else refill_chunk
+        if n_lanes < 1 or lane_size < 1 or chunk < 1 or refill_chunk < 1:
+            raise ValueError(
+                "need lanes, lane size, chunk and refill chunk >= 1, "
+                f"got {n_lanes}, {lane_size}, {chunk}, {refill_chunk}"
+            )
+        self.n_lanes, self.lane_size, self.chunk = n_lanes, lane_size, chunk
+        self.refill_chunk = min(refill_chunk, chunk)
+        self.capacity = capacity  # cache slots of one row
+        self._lanes = [_Lane([None] * lane_size) for _ in range(n_lanes)]
+        self._waiting: deque[Sequence] = deque()
+        self._ready: deque[WorkItem] = deque()  # items of the current turn not yet returned
+        self._turn = 0
+
+    # ---- sequences ------------------------------------------------------------------------
+
+    def add(self, sequence: Sequence) -> None:
+        """Queue a sequence; it must fit one row (padding of a group included, see `_admit`)."""
+        if sequence.prompt_len < 1 or sequence.prompt_len + max(sequence.budget - 1, 0) > self.capacity:
+            raise ValueError(
+                f"sequence {sequence.id}: {sequence.prompt_len} prompt tokens + {sequence.budget} "
+                f"new do not fit a row of {self.capacity} slots"
+            )
+        self._waiting.append(sequence)
+
+    def withdraw(self, seq: int) -> bool:
+        """Drop a sequence that is still waiting; False if it is not (a running sequence ends
+        when its next ids arrive)."""
+        for sequence in self._waiting:
+            if sequence.id == seq:
+                self._waiting.remove(sequence)
+                return True
+        return False
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(row is not None for lane in self._lanes for row in lane.rows)
+
+    def awaiting(self) -> bool:
+        """Whether any lane waits for sampled ids (so more token messages will come)."""
+        return any(lane.outstanding for lane in self._lanes)
+
+    def in_flight(self, lane_id: int) -> WorkItem:
+        """The lane's oldest sampling item whose ids have not arrived yet."""
+        lane = self._lanes[lane_id]
+        if not lane.outstanding:
+            raise RuntimeError(f"lane {lane_id} was not waiting for tokens")
+        return lane.outstanding[0]
+
+    def sequence_in(self, lane_id: int, row: int) -> Sequence | None:
+        """The sequence that holds `row` of lane `lane_id`, if any."""
+        placed = self._lanes[lane_id].rows[row]
+        return placed.seq if placed is not None else None
+
+    def idle(self) -> bool:
+        """Nothing running, nothing waiting, nothing in flight."""
+        return not self._waiting and not self._ready and self.running == 0 and not self.awaiting()
+
+    # ---- the order of work -----------------------------------------------------------------
+
+    def next(self) -> WorkItem | AwaitTokens | None:
+        """The next action of the first stage, or None when there is nothing to do now."""
+        if self._ready:
+            return self._ready.popleft()
+        for _ in range(self.n_lanes):
+            lane_id = self._turn
+            lane = self._lanes[lane_id]
+            if lane.outstanding:
+                return AwaitTokens(lane_id)  # the same lane continues once the ids arrive
+            self._turn = (self._turn + 1) % self.n_lanes
+            self._ready.extend(self._lane_turn(lane_id, lane))
+            if self._ready:
+                return self._ready.popleft()
+        return None
+
+    def tokens_arrived(self, lane_id: int) -> WorkItem:
+        """The ids of lane `lane_id`'s oldest sampling item arrived (and its sequences' status
+        says which of them finished). Returns that item."""
+        item = self.in_flight(lane_id)
+        lane = self._lanes[lane_id]
+        lane.outstanding.popleft()
+        for step in item.rows:
+            row = lane.rows[step.row]
+            if row is not None and row.seq.id == step.seq and row.seq.finished:
+                # A row is in at most one item in flight (a lane's decode step and its
+                # group's chunk hold different rows), so nothing of it is in flight now.
+                lane.rows[step.row] = None
+        return item
+
+    def _lane_turn(self, lane_id: int, lane: _Lane) -> list[WorkItem]:
+        self._admit(lane)
+        items = []
+        decode = self._decode_item(lane_id, lane)
+        if decode is not None:
+            items.append(decode)
+        if lane.group is not None:
+            while lane.group is not None and (decode is None or len(items) < 2):
+                items.append(self._prefill_item(lane_id, lane))
+        for item in items:
+            if item.samples:
+                lane.outstanding.append(item)
+        return items
+
+    def _admit(self, lane: _Lane) -> None:
+        """Place the oldest waiting sequences into the lane's free rows."""
+        if lane.group is not None or not self._waiting:
+            return
+        free = [r for r, row in enumerate(lane.rows) if row is None]
+        if not free:
+            return
+        members: list[Sequence] = []
+        for sequence in self._waiting:
+            if len(members) == len(free):
+                break
+            width = max([m.prompt_len for m in members] + [sequence.prompt_len])
+            budget = max([m.budget for m in members] + [sequence.budget])
+            if members and width + max(budget - 1, 0) > self.capacity:
+                break  # the padded group would overflow a row: admit it with the next group
+            members.append(sequence)
+        for _ in members:
+            self._waiting.popleft()
+        width = max(m.prompt_len for m in members)
+        refill = any(row is not None and row.seq.status is Status.DECODING for row in lane.rows)
+        rows = free[: len(members)]
+        for r, m in zip(rows, members):
+            lane.rows[r] = _Row(m, next_pos=m.prompt_len)
+            m.status = Status.PREFILLING
+        lane.group = _Group(
+            rows, members, [width - m.prompt_len for m in members],
+            deque(prefill_chunks(width, self.refill_chunk if refill else self.chunk)),
+        )
+
+    def _prefill_item(self, lane_id: int, lane: _Lane) -> WorkItem:
+        group = lane.group
+        assert group is not None
+        start, length = group.chunks.popleft()
+        last = not group.chunks
+        rows = tuple(
+            RowStep(r, seq.id, start - pad, reset=start == 0) for r, seq, pad in zip(group.rows, group.seqs, group.pads)
+        )
+        if last:
+            lane.group = None
+        return WorkItem(lane_id, ItemKind.PREFILL, rows, length, samples=last)
+
+    def _decode_item(self, lane_id: int, lane: _Lane) -> WorkItem | None:
+        steps = []
+        for r, row in enumerate(lane.rows):
+            if row is not None and row.seq.status is Status.DECODING:
+                steps.append(RowStep(r, row.seq.id, row.next_pos))
+                row.next_pos += 1
+        if not steps:
+            return None
+        return WorkItem(lane_id, ItemKind.DECODE, tuple(steps), 1, samples=True)

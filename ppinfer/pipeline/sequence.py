@@ -1,0 +1,124 @@
+"""A sequence: one prompt to continue (or to score), its settings, its life and what its owner
+hears. The first rank owns every sequence; the scheduler, the results writer and the server
+read the same object.
+
+Life (`Status`): WAITING (queued) -> PREFILLING (in a row, its prompt going through the
+stages) -> DECODING (its first token sampled) -> FINISHED (`finish_reason` says why). A
+sequence may finish from any state: a cancel ends a waiting one at once, and a running one
+when its next ids arrive (its row is in flight until then).
+
+Events (`emit`): the text as it becomes final (`TokenDelta`), then one `Finished`, delivered
+from the first rank's loop, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal
+
+from ppinfer.sampling.params import GenerationParams
+from ppinfer.sampling.stopping import StopState
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+"""Why a sequence ended: its own stop conditions ("stop": an end-of-generation token or a stop
+string, "length": its token budget), its owner ("cancelled") or a failure ("error")."""
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """New tokens of a sequence and the text they add. `text` never ends inside a UTF-8
+    character or a possible beginning of a stop string (that text comes later or never)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The sequence's end: the text not yet sent in deltas, why it ended, and its usage."""
+
+    reason: FinishReason
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+    """For reason "error": what went wrong (a rank died, the server shuts down)."""
+
+
+Event = TokenDelta | Finished
+Emit = Callable[[Event], None]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One prompt to continue (`output` records what it generates) or to score (`scored`)."""
+
+    id: int
+    prompt: list[int]
+    params: GenerationParams
+    stream_seed: int
+    """Seed of its random stream (see `ppinfer.sampling.sampler.stream_seed`)."""
+    output: StopState | None = None
+    """Generated tokens, text and stop conditions; None for a scored or simulated sequence."""
+    scored: bool = False
+    """Prefill only: the last stage keeps every position's logits, nothing is sampled."""
+    text: str = ""
+    """The prompt as given (for results.jsonl)."""
+    emit: Emit | None = None
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    ending: tuple[FinishReason, str | None] | None = field(default=None, repr=False)
+    """Set by `cancel`: how the sequence ends when its next ids arrive."""
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def budget(self) -> int:
+        """Tokens it may generate (0 when scored)."""
+        return 0 if self.scored else self.params.max_new_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def token_at(self, position: int) -> int:
+        """The token fed at rope `position`: the prompt's, then the generated ones."""
+        if position < len(self.prompt):
+            return self.prompt[position]
+        assert self.output is not None
+        return self.output.token_ids[position - len(self.prompt)]
+
+    def cancel(self, error: str | None = None) -> None:
+        """End it ("cancelled", or "error" with `error`) when its next ids arrive."""
+        if self.ending is None:
+            self.ending = ("error", error) if error else ("cancelled", None)
+
+    def stream(self) -> None:
+        """Tell the owner the text that became final."""
+        if self.emit is not None and self.output is not None:
+            text, ids = self.output.stable_text()
+            if text:
+                self.emit(TokenDelta(text, ids))
+
+    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+        """End it and tell the owner: the rest of its text and its usage."""
+        self.status, self.finish_reason, self.error = Status.FINISHED, reason, error
+        if self.emit is None:
+            return
+        rest, generated = "", 0
+        if self.output is not None:
+            rest = self.output.stable_text()[0] if reason in ("stop", "length") else ""
+            generated = len(self.output.token_ids)
+        self.emit(Finished(reason, rest, len(self.prompt), generated, error))

@@ -1,0 +1,60 @@
+"""Work items: what the first stage issues and every stage computes, as plain data that
+crosses the wire (see `ppinfer.pipeline.wire`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+
+
+class ItemKind(IntEnum):
+    PREFILL = 1
+    DECODE = 2
+
+
+@dataclass(frozen=True)
+class RowStep:
+    """What one cache row does in a work item."""
+
+    row: int  # the row of the lane's cache
+    seq: int  # the sequence in the row
+    first_pos: int  # rope position of the item's first token (negative: left padding)
+    reset: bool = False  # a new sequence starts here: forget the row's previous one
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One forward of some rows of one lane (in increasing row order) through every stage,
+    `length` tokens per row."""
+
+    lane: int
+    kind: ItemKind
+    rows: tuple[RowStep, ...]
+    length: int  # tokens per row in this item (T)
+    samples: bool  # the last stage samples each row's next token after this item
+
+    @property
+    def seqs(self) -> list[int]:
+        """The sequences computed by this item, one per row."""
+        return [r.seq for r in self.rows]
+
+    @property
+    def row_ids(self) -> list[int]:
+        """The lane's cache rows this item computes."""
+        return [r.row for r in self.rows]
+
+
+@dataclass(frozen=True)
+class AwaitTokens:
+    """The first stage must receive the lane's oldest sampled ids before it can go on."""
+
+    lane: int
+
+
+def item_positions(item: WorkItem) -> torch.Tensor:
+    """Rope positions of `item`'s tokens: [b, T] int64, -1 on left padding."""
+    first = torch.tensor([s.first_pos for s in item.rows], dtype=torch.int64)
+    pos = first[:, None] + torch.arange(item.length, dtype=torch.int64)[None, :]  # [b, T]
+    return pos.masked_fill(pos < 0, -1)
