@@ -1,7 +1,7 @@
 """Drives ppinfer pipeline stages in one process for the tests (no torch.distributed).
 
 Only the public stage interface is used: `build_stage`, `embed`, `forward`, `lm_head`,
-`new_state`. Everything runs in float32 on CPU under `torch.no_grad()`, on dequantized
+`new_cache`. Everything runs in float32 on CPU under `torch.no_grad()`, on dequantized
 weights unless a test asks for the quantized path.
 """
 

@@ -20,21 +20,11 @@ from stage_runner import full_logits, whole
 from ppinfer.bench import synthetic
 from ppinfer.bench.llamacpp import Entry, context_size, prefill_entries, step_entries
 from ppinfer.bench.peer import left_padded
+from ppinfer.bench.planner import plan
 from ppinfer.bench.prompts import SHORT_PROMPTS, long_prompt, short_prompts
 from ppinfer.bench.report import evaluate, markdown_report, markdown_table, run_row, text_table
-from ppinfer.bench.scenarios import (
-    FULL,
-    MODEL_1B,
-    MODEL_7B,
-    QUICK,
-    SCENARIOS,
-    SUITES,
-    LlamaCppRun,
-    PeerRun,
-    PipelineRun,
-    Sizes,
-    plan,
-)
+from ppinfer.bench.runs import FULL, MODEL_1B, MODEL_7B, QUICK, LlamaCppRun, PeerRun, PipelineRun, Sizes
+from ppinfer.bench.scenarios import SCENARIOS, SUITES
 from ppinfer.bench.serving import _in_order
 from ppinfer.bench.sweep import PromptBook, RunResult, SweepSettings, hydra_value, pipeline_command, run_llamacpp
 from ppinfer.families.hparams import read_hparams

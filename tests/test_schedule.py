@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter, defaultdict, deque
+from collections.abc import Iterable
 
 import pytest
 
@@ -34,12 +35,10 @@ from ppinfer.pipeline.scheduler import Scheduler, prefill_chunks
 from ppinfer.pipeline.sequence import Status
 from ppinfer.pipeline.simulate import (
     Action,
-    occupancy,
     run_order,
     shaped,
     simulate,
     stage_actions,
-    theoretical_bubble,
 )
 from ppinfer.pipeline.work import AwaitTokens, ItemKind, RowStep, WorkItem, item_positions
 
@@ -48,6 +47,19 @@ LANES = (1, 2, 3, 4, 5, 6)
 
 Order = list[WorkItem | AwaitTokens]
 P, D = ItemKind.PREFILL, ItemKind.DECODE
+
+
+def occupancy(order: Iterable[WorkItem | AwaitTokens], lane_size: int) -> float:
+    """Mean share of a lane's slots that compute a sequence in its decode steps."""
+    steps = [a for a in order if isinstance(a, WorkItem) and a.kind is ItemKind.DECODE]
+    if not steps:
+        return 0.0
+    return sum(len(s.seqs) for s in steps) / (len(steps) * lane_size)
+
+
+def theoretical_bubble(n_stages: int, n_items: int) -> float:
+    """Idle fraction of each stage when n_items equal-cost items fill and drain the pipe."""
+    return (n_stages - 1) / (n_items + n_stages - 1)
 
 
 def make_order(

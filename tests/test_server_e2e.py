@@ -48,6 +48,7 @@ def _free_port() -> int:
 class Server:
     def __init__(self, model: Path, tmp: Path, extra: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
+        self.out = tmp
         self.url = f"http://127.0.0.1:{self.port}"
         args = [
             f"model.path={model}", f"server.port={self.port}", f"server.api_key={KEY}", "server.context_length=384",
@@ -103,7 +104,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
-    srv = Server(smollm2_path, tmp_path_factory.mktemp("server"))
+    srv = Server(smollm2_path, tmp_path_factory.mktemp("server"), ("profile=tensorboard",))
     yield srv
     srv.stop()
 
@@ -291,7 +292,8 @@ def test_a_stalled_ring_shows_on_health_and_recovers(server: Server) -> None:
 
 def test_sigterm_ends_every_rank_within_5_s(server: Server) -> None:
     """Last: the shutdown ends the module's server. An open stream ends (an error event or its
-    last token), and no process of the job is left."""
+    last token), no process of the job is left, and `profile=tensorboard` means what it means
+    for the batch command: every rank wrote its TensorBoard events."""
     events: list[str] = []
 
     def long_stream() -> None:
@@ -315,6 +317,8 @@ def test_sigterm_ends_every_rank_within_5_s(server: Server) -> None:
     assert len(server.tree.alive()) == 0, describe(server.tree.alive())
     assert events, "the open stream received nothing"
     assert events[-1] == "data: [DONE]" or any('"error"' in e for e in events), events[-3:]
+    for rank in (0, 1):
+        assert list((server.out / "tensorboard" / f"rank{rank}").glob("events.out.tfevents.*")), rank
 
 
 def test_a_dead_rank_makes_the_server_answer_503_and_the_job_exit(smollm2_path: Path, tmp_path: Path) -> None:

@@ -5,7 +5,7 @@
     python -m ppinfer.bench --suite quant           # quantized weights vs llama.cpp on the same files
     python -m ppinfer.bench --scenario quant-7b     # the 7B-shaped model on 4 ranks (slow)
     python -m ppinfer.bench --quick                 # tiny smoke run of every scenario
-    python -m ppinfer.bench --markdown docs/benchmarks.md
+    python -m ppinfer.bench --markdown /tmp/bench.md     # the report page, to copy from into docs/benchmarks.md
     python -m ppinfer.bench --dry-run               # the plan and commands, nothing run
 
 Exit status: 0 when every point ran (llama.cpp points are skipped, not failed, without
@@ -24,6 +24,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ppinfer.bench.metrics import Ratio
+from ppinfer.bench.planner import Plan, plan
 from ppinfer.bench.report import (
     RUN_HEADERS,
     RatioResult,
@@ -36,18 +38,8 @@ from ppinfer.bench.report import (
     text_ratios,
     text_table,
 )
-from ppinfer.bench.scenarios import (
-    DEFAULT_MODEL,
-    FULL,
-    QUICK,
-    SCENARIOS,
-    SUITES,
-    PipelineRun,
-    Plan,
-    Ratio,
-    Sizes,
-    plan,
-)
+from ppinfer.bench.runs import DEFAULT_MODEL, FULL, QUICK, PipelineRun, Sizes
+from ppinfer.bench.scenarios import SCENARIOS, SUITES
 from ppinfer.bench.sweep import PromptBook, RunResult, SweepSettings, pipeline_command, repo_root, sweep
 from ppinfer.bench.synthetic import cached_path, ensure_synthetic
 from ppinfer.hub import ensure_model

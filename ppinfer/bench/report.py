@@ -13,7 +13,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Protocol
 
-from ppinfer.bench.scenarios import LlamaCppRun, Metrics, PeerRun, Ratio, Run, Term
+from ppinfer.bench.metrics import Ratio, Term
+from ppinfer.bench.runs import LlamaCppRun, Metrics, PeerRun, Run
 
 MB = 2**20
 

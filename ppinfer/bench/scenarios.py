@@ -1,4 +1,4 @@
-"""What to run: the benchmark points, the target ratios, and the planner.
+"""The scenarios: named groups of target ratios, and the suites that group them.
 
 A ratio names the runs it compares (a `Term` is one metric of one run, optionally scaled), so
 a scenario is just a group of ratios and the planner derives exactly the runs those ratios
@@ -12,220 +12,20 @@ the planner and the ratios can be checked without starting a process.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
 
-Metrics = Mapping[str, Any]
-"""One run's metrics.json (or the peer's file of the same shape)."""
-
-PromptSet = Literal["short", "long"]
-"""`short`: the built-in prompts; `long`: one prompt of `Sizes.long_prompt_tokens` tokens."""
-
-DEFAULT_MODEL = "default"
-"""The model `--model` names (SmolLM2-135M-Instruct unless told otherwise)."""
-MODEL_1B = "1.1b-q4_0"
-MODEL_7B = "7b-q4_0"
-"""The synthetic models (`ppinfer.bench.synthetic.MODELS`): llama-shaped, random Q4_0 weights."""
-
-
-def _model_tag(model: str) -> str:
-    return f" [{model}]" if model != DEFAULT_MODEL else ""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Sizes:
-    """The workload knobs: the full benchmark's defaults, shrunk by `--quick`."""
-
-    lane_size: int = 16
-    """Sequences per lane in the throughput points (2 lanes of it make the batch of 32)."""
-    max_new_tokens: int = 64
-    """Tokens generated per sequence (EOS ignored) in the throughput and latency points."""
-    long_prompt_tokens: int = 512
-    """Length of the prefill scenario's single prompt."""
-    prefill_chunk: int = 64
-    """Prompt tokens per prefill step in the prefill scenario (several chunks pipeline)."""
-    prefill_new_tokens: int = 4
-    """Tokens generated after the long prompt (only prefill is measured there)."""
-    memory_new_tokens: int = 8
-    """Tokens generated in the memory points (weights dominate; the KV cache is small)."""
-    peer_threads: int = 2
-    """Threads of the peers, transformers and llama.cpp (the same two cores the pipeline uses)."""
-    quant_lane_size: int = 8
-    """Sequences per lane in the 1.1B batch point (2 lanes of it against llama.cpp's batch)."""
-
-    def __post_init__(self) -> None:
-        for name, value in vars(self).items():
-            if value < 1:
-                raise ValueError(f"{name}={value}: must be at least 1")
-
-
-FULL = Sizes()
-QUICK = Sizes(
-    lane_size=2, max_new_tokens=4, long_prompt_tokens=96, prefill_chunk=32,
-    prefill_new_tokens=2, memory_new_tokens=2, quant_lane_size=2,
+from ppinfer.bench.metrics import (
+    BUBBLE,
+    DECODE,
+    DECODE_IDLE,
+    PEAK_ABOVE_BASELINE,
+    PREFILL,
+    TOKEN_LATENCY,
+    TOTAL_ABOVE_BASELINE,
+    TOTAL_PER_FILE_BYTE,
+    Ratio,
+    Term,
 )
-
-
-@dataclass(frozen=True, kw_only=True)
-class PipelineRun:
-    """One `torchrun launch/infer.py` point: `lanes` lanes of `lane_size` sequences each."""
-
-    stages: int
-    threads: int
-    lanes: int
-    lane_size: int
-    max_new_tokens: int
-    prompts: PromptSet = "short"
-    prefill_chunk: int | None = None
-    """None leaves the runtime's default."""
-    layers: str | None = None
-    """`pipeline.layers` policy; None leaves the runtime's default (balanced)."""
-    weights: str | None = None
-    """`runtime.weights` (`quantized` or `dequantized`); None leaves the runtime's default."""
-    model: str = DEFAULT_MODEL
-    """`default` (the `--model` file) or a synthetic model's name."""
-
-    @property
-    def sequences(self) -> int:
-        return self.lanes * self.lane_size
-
-    @property
-    def label(self) -> str:
-        chunk = f" chunk {self.prefill_chunk}" if self.prefill_chunk is not None else ""
-        layers = f" {self.layers}" if self.layers is not None else ""
-        weights = f" {self.weights}" if self.weights is not None else ""
-        return (f"ppinfer S={self.stages} T={self.threads} {self.lanes}x{self.lane_size} {self.prompts}"
-                f"{chunk}{layers}{weights}{_model_tag(self.model)}")
-
-    @property
-    def slug(self) -> str:
-        """A directory name unique to these settings."""
-        chunk = f"-c{self.prefill_chunk}" if self.prefill_chunk is not None else ""
-        layers = f"-{self.layers}" if self.layers is not None else ""
-        weights = f"-{self.weights}" if self.weights is not None else ""
-        model = f"-{self.model}" if self.model != DEFAULT_MODEL else ""
-        return (f"pp-s{self.stages}-t{self.threads}-m{self.lanes}x{self.lane_size}"
-                f"-{self.prompts}-n{self.max_new_tokens}{chunk}{layers}{weights}{model}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class PeerRun:
-    """transformers `generate` on one left-padded batch of `sequences` prompts."""
-
-    threads: int
-    sequences: int
-    max_new_tokens: int
-    prompts: PromptSet = "short"
-
-    @property
-    def label(self) -> str:
-        return f"transformers T={self.threads} 1x{self.sequences} {self.prompts}"
-
-    @property
-    def model(self) -> str:
-        """The transformers peer runs the default model only."""
-        return DEFAULT_MODEL
-
-    @property
-    def slug(self) -> str:
-        return f"hf-t{self.threads}-b{self.sequences}-{self.prompts}-n{self.max_new_tokens}"
-
-
-@dataclass(frozen=True, kw_only=True)
-class LlamaCppRun:
-    """llama.cpp on `sequences` sequences decoded together (its batched decoding), `threads` threads."""
-
-    threads: int
-    sequences: int
-    max_new_tokens: int
-    prompts: PromptSet = "short"
-    model: str = DEFAULT_MODEL
-
-    @property
-    def label(self) -> str:
-        return f"llama.cpp T={self.threads} 1x{self.sequences} {self.prompts}{_model_tag(self.model)}"
-
-    @property
-    def slug(self) -> str:
-        return f"lc-t{self.threads}-b{self.sequences}-{self.prompts}-n{self.max_new_tokens}-{self.model}"
-
-
-Run = PipelineRun | PeerRun | LlamaCppRun
-
-
-def _token_latency(m: Metrics) -> float:
-    rate = float(m["decode_tokens_per_s"])
-    return 1.0 / rate if rate > 0 else float("inf")
-
-
-def _decode_idle(m: Metrics) -> float:
-    return max(float(s["decode_idle_fraction"]) for s in m["per_stage"])
-
-
-def _bubble(m: Metrics) -> float:
-    return max(float(s["bubble_fraction"]) for s in m["per_stage"])
-
-
-def _largest_rank_above_baseline_mb(m: Metrics) -> float:
-    return max(float(s["peak_rss_above_baseline_bytes"]) for s in m["per_stage"]) / 2**20
-
-
-def _total_above_baseline_mb(m: Metrics) -> float:
-    return sum(float(s["peak_rss_above_baseline_bytes"]) for s in m["per_stage"]) / 2**20
-
-
-def _total_above_baseline_per_file_byte(m: Metrics) -> float:
-    return _total_above_baseline_mb(m) * 2**20 / float(m["model_file_bytes"])
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A number read from one run's metrics (raises KeyError when the file lacks it)."""
-
-    name: str
-    unit: str
-    read: Callable[[Metrics], float]
-
-
-DECODE = Metric("decode", "tok/s", lambda m: float(m["decode_tokens_per_s"]))
-PREFILL = Metric("prefill", "tok/s", lambda m: float(m["prefill_tokens_per_s"]))
-TOKEN_LATENCY = Metric("per-token latency", "s", _token_latency)
-DECODE_IDLE = Metric("max stage idle fraction in decode after the fill", "", _decode_idle)
-BUBBLE = Metric("max stage idle fraction over the whole run (fill and drain included)", "", _bubble)
-PEAK_ABOVE_BASELINE = Metric("largest rank's peak RSS above its idle baseline", "MB", _largest_rank_above_baseline_mb)
-TOTAL_ABOVE_BASELINE = Metric("sum over ranks of peak RSS above the idle baseline", "MB", _total_above_baseline_mb)
-TOTAL_PER_FILE_BYTE = Metric("sum over ranks of peak RSS above the idle baseline / model file size", "",
-                             _total_above_baseline_per_file_byte)
-
-
-@dataclass(frozen=True)
-class Term:
-    """`scale` times `metric` of `run`."""
-
-    run: Run
-    metric: Metric
-    scale: float = 1.0
-
-
-@dataclass(frozen=True, kw_only=True)
-class Ratio:
-    """numerator / denominator (or the numerator alone) compared with its target, or
-    shown for information when `target` is None."""
-
-    key: str
-    title: str
-    numerator: Term
-    denominator: Term | None
-    target: float | None
-    higher_is_better: bool
-    fallback: Term | None = None
-    """Used, and flagged, when the numerator's metric is missing from the run's metrics."""
-
-    @property
-    def runs(self) -> tuple[Run, ...]:
-        terms = (self.denominator, self.numerator, self.fallback)  # baseline first in tables
-        return tuple(dict.fromkeys(t.run for t in terms if t is not None))
+from ppinfer.bench.runs import DEFAULT_MODEL, FULL, MODEL_1B, MODEL_7B, LlamaCppRun, PeerRun, PipelineRun, Sizes
 
 
 def _pp(sizes: Sizes, stages: int, threads: int, lanes: int, lane_size: int,
@@ -423,38 +223,3 @@ SUITES: dict[str, tuple[str, ...]] = {
 """Named groups of scenarios; `all` is every suite but `slow` (a 3.8 GB model on 4 ranks)."""
 
 ALL = tuple(s for s in SCENARIOS if s not in SUITES["slow"])
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The runs to make (each once; pipeline points first, then the transformers peer, then
-    llama.cpp) and the ratios to compute from them."""
-
-    scenarios: tuple[str, ...]
-    runs: tuple[Run, ...]
-    ratios: tuple[Ratio, ...]
-
-
-def plan(scenarios: Sequence[str], sizes: Sizes) -> Plan:
-    """The plan for `scenarios` (names from SCENARIOS or SUITES, or `all`)."""
-    table = scenario_ratios(sizes)
-    wanted: set[str] = set()
-    for name in scenarios:
-        if name == "all":
-            wanted.update(ALL)
-        elif name in SUITES:
-            wanted.update(SUITES[name])
-        elif name in table:
-            wanted.add(name)
-        else:
-            raise ValueError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}, "
-                             f"a suite ({', '.join(SUITES)}) or all")
-    # Canonical order whatever the request's order, so one selection always gives one plan.
-    chosen = [s for s in SCENARIOS if s in wanted]
-    if not chosen:
-        raise ValueError("no scenario chosen")
-    ratios = tuple(r for name in chosen for r in table[name])
-    runs = list(dict.fromkeys(run for r in ratios for run in r.runs))
-    kinds = (PipelineRun, PeerRun, LlamaCppRun)
-    ordered = [r for kind in kinds for r in runs if isinstance(r, kind)]
-    return Plan(tuple(chosen), tuple(ordered), ratios)

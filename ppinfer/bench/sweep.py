@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from ppinfer.bench import llamacpp
+from ppinfer.bench.planner import Plan
 from ppinfer.bench.prompts import long_prompt, short_prompts
-from ppinfer.bench.scenarios import DEFAULT_MODEL, LlamaCppRun, PeerRun, PipelineRun, Plan, Run, Sizes
+from ppinfer.bench.runs import DEFAULT_MODEL, LlamaCppRun, PeerRun, PipelineRun, Run, Sizes
 from ppinfer.text.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("ppinfer.bench")

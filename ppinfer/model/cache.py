@@ -55,11 +55,6 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     @property
-    def used_fraction(self) -> float:
-        """Share of the slots holding a token."""
-        return sum(self.lengths) / (self.batch * self.max_len)
-
-    @property
     def used_bytes(self) -> int:
         """Bytes of the cache holding a token."""
         slot_bytes = self.nbytes // (self.batch * self.max_len)

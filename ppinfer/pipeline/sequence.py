@@ -16,14 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Literal
 
 from ppinfer.sampling.params import GenerationParams
-from ppinfer.sampling.stopping import StopState
-
-FinishReason = Literal["stop", "length", "cancelled", "error"]
-"""Why a sequence ended: its own stop conditions ("stop": an end-of-generation token or a stop
-string, "length": its token budget), its owner ("cancelled") or a failure ("error")."""
+from ppinfer.sampling.stopping import FinishReason, StopState
 
 
 class Status(Enum):

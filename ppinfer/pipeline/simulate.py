@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ppinfer.pipeline.scheduler import Scheduler
 from ppinfer.pipeline.sequence import Sequence, Status
-from ppinfer.pipeline.work import AwaitTokens, ItemKind, WorkItem
+from ppinfer.pipeline.work import AwaitTokens, WorkItem
 from ppinfer.sampling.params import GenerationParams
 
 
@@ -41,14 +41,6 @@ def run_order(
                 done = sequence.scored or sampled[step.seq] >= samples(step.seq)
                 sequence.status = Status.FINISHED if done else Status.DECODING
             scheduler.tokens_arrived(action.lane)
-
-
-def occupancy(order: Iterable[WorkItem | AwaitTokens], lane_size: int) -> float:
-    """Mean share of a lane's slots that compute a sequence in its decode steps."""
-    steps = [a for a in order if isinstance(a, WorkItem) and a.kind is ItemKind.DECODE]
-    if not steps:
-        return 0.0
-    return sum(len(s.seqs) for s in steps) / (len(steps) * lane_size)
 
 
 @dataclass(frozen=True)
@@ -140,8 +132,3 @@ def simulate(acts: list[list[Action]], cost: Callable[[int, int], float]) -> Tim
     if leftover:
         raise RuntimeError(f"messages never received: {leftover}")
     return Timeline(busy, max(clock))
-
-
-def theoretical_bubble(n_stages: int, n_items: int) -> float:
-    """Idle fraction of each stage when n_items equal-cost items fill and drain the pipe."""
-    return (n_stages - 1) / (n_items + n_stages - 1)

@@ -25,8 +25,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-StopReason = Literal["stop", "length"]
-"""Why a sequence's own conditions ended it (the pipeline adds "cancelled" and "error")."""
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+"""Why a sequence ended: its own stop conditions ("stop": an end-of-generation token or a stop
+string, "length": its token budget; the only two a `StopState` sets), its owner ("cancelled")
+or a failure ("error")."""
 
 
 class TextDecoder(Protocol):
@@ -116,7 +118,7 @@ class StopState:
         self._decoder = decoder
         self.token_ids: list[int] = []
         """Generated token ids, the end-of-generation id included when one ended the run."""
-        self.finish_reason: StopReason | None = None
+        self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
         """What stopped it: the end-of-generation id or the stop string (None for "length")."""
         self._pieces: list[str] = []  # the text, piece by piece
@@ -153,7 +155,7 @@ class StopState:
             self._finish("length", None)
         return self.finished
 
-    def finish(self, reason: StopReason) -> None:
+    def finish(self, reason: FinishReason) -> None:
         """End the sequence for a reason found outside (e.g. "length" when the context is full)."""
         if not self.finished:
             self._finish(reason, None)
@@ -218,7 +220,7 @@ class StopState:
         joined = "".join(reversed(parts))
         return joined[begin - at: end - at]
 
-    def _finish(self, reason: StopReason, stop_reason: int | str | None) -> None:
+    def _finish(self, reason: FinishReason, stop_reason: int | str | None) -> None:
         held = self._decoder.flush()
         if held and self._end is None:
             self._add_text(held)
