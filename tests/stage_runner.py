@@ -65,3 +65,44 @@ def kl_and_top1(exact: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     q = torch.log_softmax(torch.from_numpy(got).double(), -1)
     kl = (p.exp() * (p - q)).sum(-1)  # [...]
     return float(kl.mean()), float((exact.argmax(-1) == got.argmax(-1)).mean())
+
+
+@torch.no_grad()
+def chunked_logits(
+    stages: list[PipelineStage], ids: np.ndarray, chunk: int, kv_dtype: torch.dtype | None = None
+) -> np.ndarray:
+    """Logits [T, V] of one sequence fed `chunk` tokens per forward through every stage's KV
+    cache (of `kv_dtype`, the stage's by default), as a pipeline with
+    `pipeline.prefill_chunk=chunk` (and decode, at chunk 1) runs it."""
+    tokens = torch.from_numpy(ids)  # [1, T]
+    states = [stage.new_cache(batch=1, max_len=tokens.shape[1], dtype=kv_dtype) for stage in stages]
+    out = []
+    for start in range(0, tokens.shape[1], chunk):
+        piece = tokens[:, start:start + chunk]
+        positions = arange_positions(1, piece.shape[1], start)
+        hidden = stages[0].embed(piece)
+        for stage, state in zip(stages, states):
+            hidden = stage.forward(hidden, positions, state)
+        out.append(stages[-1].lm_head(hidden)[0].numpy())
+    return np.concatenate(out)
+
+
+# The real models' decoder layers, and prose to score them on (about 260 tokens).
+LAYERS = {"smollm2": 30, "gemma3": 18}
+PROSE = (
+    "The lighthouse stood at the edge of the harbour for more than a century. Every evening the "
+    "keeper climbed the narrow stairs, trimmed the wick and polished the great lens until it "
+    "shone. Ships that came in from the north sea used its beam to find the channel between the "
+    "rocks, and the fishermen of the town said that as long as the light turned, nobody would be "
+    "lost on a winter night. When the harbour was rebuilt, engineers proposed an electric lamp "
+    "that needed no keeper at all. The town argued about it for a year. Some people thought the "
+    "old ways were part of the place; others pointed out that the keeper was getting old and that "
+    "the stairs were dangerous in the ice. In the end the new lamp was installed, but the keeper "
+    "was allowed to stay in the cottage at the foot of the tower. He still walked up the hill each "
+    "evening to watch the beam sweep across the water, and he kept a notebook in which he wrote "
+    "the name of every ship that passed. Years later, a historian found the notebooks in the "
+    "town library. They recorded storms, rescues, a whale that had wandered into the bay, and the "
+    "slow change of the fleet from sail to steam to diesel. The historian wrote that the notebooks "
+    "were the best record of the harbour that anyone had kept, because they were written by a "
+    "person who had looked at the sea every single day of his working life."
+)

@@ -23,7 +23,16 @@ from pipeline_models import PIPELINE_SPECS, write_pipeline_model
 from ppinfer.errors import ConfigError, ModelFileError
 from ppinfer.gguf import GGUFFile
 from ppinfer.pipeline.job import DistEnv, Job, prepare
-from ppinfer.pipeline.wire import Admission, Control, LinkSizes, Msg, decode_admissions, encode_admissions
+from ppinfer.pipeline.wire import (
+    Admission,
+    Control,
+    LinkSizes,
+    Msg,
+    decode_admissions,
+    decode_release,
+    encode_admissions,
+    encode_release,
+)
 from ppinfer.pipeline.work import ItemKind, RowStep, WorkItem
 from ppinfer.plan.allocation import LayerCosts, allocate, parse_layers, plan_table
 from ppinfer.plan.costs import layer_costs
@@ -397,6 +406,23 @@ def test_refill_chunk_as_set_and_never_above_the_prefill_chunk(tiny_model: Path,
     assert (scheduler.chunk, scheduler.refill_chunk, scheduler.lane_size) == (3, 3, 2)
 
 
+def test_kv_pool_size_default_and_minimum(tiny_model: Path, tmp_path: Path) -> None:
+    """The pool holds every row at its full length by default (2 rows of the longest prompt
+    plus 4 new tokens, rounded up to blocks of 16), a configured size is rounded up to whole
+    blocks, and one below a full row is an error naming the value and the minimum. The KV
+    bytes of the split follow the KV dtype: float16 halves them."""
+    job = _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS)
+    row = -(-job.capacity // 16) * 16
+    assert job.kv_dtype == torch.float16 and job.kv_tokens == 2 * row
+    assert _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS, f"runtime.kv_cache_tokens={row + 1}").kv_tokens == row + 16
+    with pytest.raises(ConfigError, match=rf"runtime.kv_cache_tokens={row - 1}: must be at least {row}"):
+        _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS, f"runtime.kv_cache_tokens={row - 1}")
+    costs = {
+        dtype: layer_costs(str(tiny_model), 4, 1000, kv_dtype_bytes=size) for dtype, size in (("16", 2), ("32", 4))
+    }
+    assert [2 * b for b in costs["16"].layer_kv_bytes] == costs["32"].layer_kv_bytes
+
+
 def test_score_sizes_for_its_one_long_sequence(tiny_model: Path, tmp_path: Path) -> None:
     """`score` is one lane of one sequence: the chunk is capped by that sequence's length."""
     ids = list(range(40, 100))
@@ -419,6 +445,9 @@ def test_control_block_fits_its_words_and_round_trips() -> None:
     assert Control.decode(words, 3) == control
     admit = Control(Msg.ADMIT, busy_s=(0.0, 0.0, 0.0), payload=1234)
     assert Control.decode(admit.encode(3) + [0] * 12, 3) == admit
+    release = Control(Msg.RELEASE, busy_s=(0.0, 0.0, 0.0), payload=17)
+    assert Control.decode(release.encode(3) + [0] * 12, 3) == release
+    assert decode_release(encode_release([(0, 3), (2, 1)])) == [(0, 3), (2, 1)]
 
 
 def test_admissions_round_trip_exactly() -> None:

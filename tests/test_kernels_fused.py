@@ -1,7 +1,8 @@
 """The fused float32 CPU ops (ppinfer.kernels.fused) against float64 references written here.
 
 rms_norm: x / sqrt(mean(x^2) + eps) * w. glu: act(gate) * up. attend: rotary embedding of q and k (pairs (x[2i],
-x[2i+1]) turned by (cos, sin)), the new keys and values stored at their slots, then softmax
+x[2i+1]) turned by (cos, sin)), the new keys and values stored at their slots of a paged pool
+(float32, float16 or bfloat16; each row reads its slots through its block table), then softmax
 attention under a boolean mask, each query head reading kv head h // (H / Hkv), with
 tanh(s / c) * c on the scores when a softcap c is given.
 
@@ -89,20 +90,26 @@ def rotate(x: torch.Tensor, rot: torch.Tensor, n_rot: int) -> torch.Tensor:
     return y
 
 
-def reference_attend(qk, v, rot, k_cache, v_cache, rows, cols, mask, n_head, n_rot, scale, softcap):
-    """Output [b, T, H D] and the caches after the write, in float64."""
+def reference_attend(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap):
+    """Output [b, T, H D] and the pools after the write, in float64: each row's logical cache
+    is read through its block table (slot s: block table[row, s // BS], offset s % BS); the
+    new keys and values are rounded to the pool's dtype first, as the op stores them."""
     b, t, _, d = qk.shape
-    hkv = k_cache.shape[1]
+    hkv, bs = k_pool.shape[1], k_pool.shape[2]
     turned = rotate(qk.double(), rot, n_rot)
-    kc, vc = k_cache.double().clone(), v_cache.double().clone()
+    kp, vp = k_pool.double().clone(), v_pool.double().clone()
     for i in range(b):
         for j in range(t):
-            kc[rows[i], :, cols[i, j]] = turned[i, j, n_head:]
-            vc[rows[i], :, cols[i, j]] = v[i, j].double()
+            s = int(cols[i, j])
+            block, off = int(table[i, s // bs]), s % bs
+            kp[block, :, off] = turned[i, j, n_head:].to(k_pool.dtype).double()
+            vp[block, :, off] = v[i, j].to(v_pool.dtype).double()
     n = mask.shape[-1]
     group = n_head // hkv
-    keys = kc[rows, :, :n].repeat_interleave(group, dim=1)  # [b, H, n, D]
-    values = vc[rows, :, :n].repeat_interleave(group, dim=1)
+    logical_k = kp[table].transpose(1, 2).reshape(b, hkv, -1, d)[:, :, :n]  # [b, Hkv, n, D]
+    logical_v = vp[table].transpose(1, 2).reshape(b, hkv, -1, d)[:, :, :n]
+    keys = logical_k.repeat_interleave(group, dim=1)  # [b, H, n, D]
+    values = logical_v.repeat_interleave(group, dim=1)
     q = turned[:, :, :n_head].transpose(1, 2)  # [b, H, T, D]
     scores = q @ keys.transpose(-1, -2) * scale  # [b, H, T, n]
     if softcap:
@@ -110,59 +117,66 @@ def reference_attend(qk, v, rot, k_cache, v_cache, rows, cols, mask, n_head, n_r
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.nan_to_num(scores.softmax(-1))  # a query with no visible key: zeros
     y = (probs @ values).transpose(1, 2).reshape(b, t, n_head * d)
-    return y, kc, vc
+    return y, kp, vp
 
 
 CASES = {
-    # b, T, H, Hkv, D, n_rot, softcap, ragged (rows write different columns), cache rows
-    "decode one row": (1, 1, 9, 3, 64, 64, 0.0, False, [2]),
-    "decode a lane, ragged, rows apart": (5, 1, 4, 2, 16, 16, 0.0, True, [0, 2, 3, 5, 6]),
-    "multi-head, partial rotary": (2, 1, 4, 4, 16, 6, 0.0, False, [1, 2]),
-    "prefill chunk, softcap": (3, 4, 8, 2, 16, 16, 5.0, True, [4, 5, 6]),
-    "one kv head, odd dims": (2, 3, 3, 1, 10, 4, 0.0, False, [0, 6]),
+    # b, T, H, Hkv, D, n_rot, softcap, ragged (rows write different slots), block size
+    "decode one row": (1, 1, 9, 3, 64, 64, 0.0, False, 4),
+    "decode a lane, ragged": (5, 1, 4, 2, 16, 16, 0.0, True, 4),
+    "multi-head, partial rotary": (2, 1, 4, 4, 16, 6, 0.0, False, 16),
+    "prefill chunk, softcap": (3, 4, 8, 2, 16, 16, 5.0, True, 4),
+    "one kv head, odd dims": (2, 3, 3, 1, 10, 4, 0.0, False, 5),
 }
-LANE = 7  # rows of the cache; a forward computes some of them
+POOL = 16  # blocks in the pool; each row's table takes a scattered few of them
+SLOTS = 12  # slots each row may use
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+@pytest.mark.parametrize("kv_dtype", list(KV_DTYPES))
 @pytest.mark.parametrize("case", list(CASES))
-def test_attend_matches_float64(case: str, isa: str) -> None:
-    b, t, h, hkv, d, n_rot, softcap, ragged, row_list = CASES[case]
-    rows = torch.tensor(row_list)
+def test_attend_matches_float64(case: str, kv_dtype: str, isa: str) -> None:
+    b, t, h, hkv, d, n_rot, softcap, ragged, bs = CASES[case]
+    dtype = KV_DTYPES[kv_dtype]
     g = torch.Generator().manual_seed(list(CASES).index(case))
-    slots = 12
     qkv = torch.randn(b, t, h + 2 * hkv, d, generator=g)  # as the fused projection leaves it
     qk, v = qkv[:, :, : h + hkv], qkv[:, :, h + hkv :]
     angles = torch.rand(b, t, n_rot // 2, generator=g) * 6.3
     rot = torch.stack([angles.cos(), angles.sin()], dim=-1)  # [b, T, n_rot/2, 2]
-    k_cache = torch.randn(LANE, hkv, slots, d, generator=g)
-    v_cache = torch.randn(LANE, hkv, slots, d, generator=g)
-    starts = torch.randint(0, slots - t - 2, (b,), generator=g) if ragged else torch.full((b,), 3)
+    k_pool = torch.randn(POOL, hkv, bs, d, generator=g).to(dtype)
+    v_pool = torch.randn(POOL, hkv, bs, d, generator=g).to(dtype)
+    nb = -(-SLOTS // bs)
+    table = torch.randperm(POOL, generator=g)[: b * nb].view(b, nb)  # distinct, scattered blocks
+    starts = torch.randint(0, SLOTS - t - 2, (b,), generator=g) if ragged else torch.full((b,), 3)
     cols = starts[:, None] + torch.arange(t)  # [b, T]
     n = int(cols.max()) + 1
     mask = torch.rand(b, 1, t, n, generator=g) < 0.6
     mask.scatter_(3, cols[:, None, :, None], True)  # a query always sees its own slot
     expected, k_after, v_after = reference_attend(
-        qk, v, rot, k_cache, v_cache, rows, cols, mask, h, n_rot, 0.3, softcap
+        qk, v, rot, k_pool, v_pool, table, cols, mask, h, n_rot, 0.3, softcap
     )
-    k_before = k_cache.clone()
+    k_before = k_pool.clone()
 
-    got = fused.attend_op()(qk, v, rot, k_cache, v_cache, rows, cols, mask, h, n_rot, 0.3, softcap)
+    got = fused.attend_op()(qk, v, rot, k_pool, v_pool, table, cols, mask, h, n_rot, 0.3, softcap)
 
-    assert got.shape == (b, t, h * d)
+    assert got.shape == (b, t, h * d) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, atol=TOL, rtol=TOL)
-    torch.testing.assert_close(k_cache.double(), k_after, atol=TOL, rtol=TOL)
-    torch.testing.assert_close(v_cache.double(), v_after, atol=0.0, rtol=0.0)
-    written = torch.zeros(LANE, slots, dtype=torch.bool)
-    written[rows[:, None], cols] = True  # [LANE, slots]: only these slots may change
-    assert torch.equal(k_cache.transpose(1, 2)[~written], k_before.transpose(1, 2)[~written])
+    # Stored keys: float32 rotation rounded once to the pool's dtype (float64's may round the
+    # other way at a tie of the narrow type: one unit of its last place).
+    ulp = {torch.float32: TOL, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(k_pool.double(), k_after, atol=ulp * 4, rtol=ulp)
+    torch.testing.assert_close(v_pool.double(), v_after, atol=0.0, rtol=0.0)
+    written = torch.zeros(POOL, bs, dtype=torch.bool)
+    written[table.gather(1, cols // bs), cols % bs] = True  # [POOL, BS]: only these slots may change
+    assert torch.equal(k_pool.transpose(1, 2)[~written], k_before.transpose(1, 2)[~written])
 
 
 def test_attend_query_with_no_visible_key_gives_zeros(isa: str) -> None:
     qk, v = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 1, 8)
-    k_cache, v_cache = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
+    k_pool, v_pool = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
     rot = torch.tensor([[[[1.0, 0.0]] * 4]])  # [1, 1, 4, 2]: no rotation
     mask = torch.zeros(1, 1, 1, 4, dtype=torch.bool)
-    got = fused.attend_op()(qk, v, rot, k_cache, v_cache, torch.tensor([0]), torch.tensor([[2]]), mask, 2, 8, 1.0, 0.0)
+    got = fused.attend_op()(qk, v, rot, k_pool, v_pool, torch.tensor([[0]]), torch.tensor([[2]]), mask, 2, 8, 1.0, 0.0)
     assert torch.equal(got, torch.zeros(1, 1, 16))
 
 
@@ -177,17 +191,19 @@ def test_bad_inputs_are_one_line_errors() -> None:
     with pytest.raises(RuntimeError, match="glu: kind must be 0"):
         fused.glu_op()(torch.randn(2, 8), 2)
     qk, v = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 1, 8)
-    k_cache, v_cache = torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8)
+    k_pool, v_pool = torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8)
     rot, mask = torch.ones(1, 1, 4, 2), torch.ones(1, 1, 1, 4, dtype=torch.bool)
-    row = torch.tensor([0])
-    with pytest.raises(RuntimeError, match="attend: slot 9 outside a cache of 4"):
-        attend(qk, v, rot, k_cache, v_cache, row, torch.tensor([[9]]), mask, 2, 8, 1.0, 0.0)
-    with pytest.raises(RuntimeError, match="attend: row 1 outside a cache of 1 rows"):
-        attend(qk, v, rot, k_cache, v_cache, torch.tensor([1]), torch.tensor([[0]]), mask, 2, 8, 1.0, 0.0)
+    table = torch.tensor([[0]])
+    with pytest.raises(RuntimeError, match="attend: slot 9 outside a table of 1 blocks of 4"):
+        attend(qk, v, rot, k_pool, v_pool, table, torch.tensor([[9]]), mask, 2, 8, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="attend: block 1 of row 0 outside a pool of 1"):
+        attend(qk, v, rot, k_pool, v_pool, torch.tensor([[1]]), torch.tensor([[0]]), mask, 2, 8, 1.0, 0.0)
     with pytest.raises(RuntimeError, match=r"attend: qk \[1, 1, 3, 8\] for 3 query heads"):
-        attend(qk, v, rot, k_cache, v_cache, row, torch.tensor([[0]]), mask, 3, 8, 1.0, 0.0)
+        attend(qk, v, rot, k_pool, v_pool, table, torch.tensor([[0]]), mask, 3, 8, 1.0, 0.0)
     with pytest.raises(RuntimeError, match="attend: mask must be bool"):
-        attend(qk, v, rot, k_cache, v_cache, row, torch.tensor([[0]]), mask.float(), 2, 8, 1.0, 0.0)
+        attend(qk, v, rot, k_pool, v_pool, table, torch.tensor([[0]]), mask.float(), 2, 8, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="attend: k_pool must be a contiguous float32, float16 or bfloat16"):
+        attend(qk, v, rot, k_pool.double(), v_pool.double(), table, torch.tensor([[0]]), mask, 2, 8, 1.0, 0.0)
 
 
 def test_available_only_for_float32_on_the_cpu() -> None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from stage_runner import arange_positions, full_logits, step, whole
+from stage_runner import LAYERS, PROSE, arange_positions, chunked_logits, full_logits, kl_and_top1, step, whole
 from tiny_cases import ALL_CASES, TinyFiles, token_batch
 
+import ppinfer
 from ppinfer.kernels import fused
+from ppinfer.model.cache import BLOCK_SIZE
 from ppinfer.pipeline.runtime import StageRunner
 from ppinfer.pipeline.scheduler import Scheduler
 from ppinfer.pipeline.simulate import run_order, shaped
@@ -124,7 +126,8 @@ def test_refilled_lane_equals_each_sequence_alone(
     alone = [full_logits(stage, s[None])[0] for s in seqs]  # each [p + n - 1, V]
     sequences = [shaped(i, p, n) for i, (p, n) in enumerate(zip(prompts, samples))]
     order = list(run_order(Scheduler(1, 3, 4, capacity), sequences, lambda s: samples[s]))
-    runner = StageRunner(stage, n_lanes=1, lane_size=3, capacity=capacity)
+    runner = StageRunner(stage, n_lanes=1, lane_size=3, capacity=capacity, kv_tokens=3 * capacity,
+                         kv_dtype=torch.float32)
     seen = {"rows apart": 0, "group apart": 0, "reused": 0, "uneven": 0, "padded": 0}
     used: set[int] = set()
     for item in (a for a in order if isinstance(a, WorkItem)):
@@ -151,3 +154,73 @@ def test_refilled_lane_equals_each_sequence_alone(
                 gap = _gap(logits[i, t].numpy(), alone[row.seq][pos])
                 assert gap <= TOLERANCE, f"{case}: sequence {row.seq} at position {pos} ({item}) differs by {gap:.3g}"
     assert all(seen.values()), f"the order misses a case it is meant to cover: {seen}"
+
+
+@pytest.mark.parametrize("fused_ops", [True, False])
+@torch.no_grad()
+def test_lanes_sharing_a_tight_pool_equal_each_sequence_alone(
+    tiny_files: TinyFiles, fused_ops: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two lanes of 2 rows draw on one pool of 6 blocks (16 slots each) that cannot hold every
+    row at once: admission waits for blocks that finishing sequences give back, rows grow
+    across block boundaries, and a block freed by one lane is taken by the other. Every
+    sequence's logits equal those of the sequence alone, and the pool never runs dry."""
+    if not fused_ops:
+        monkeypatch.setattr(fused, "available", lambda device, dtype: False)
+    spec, path = ALL_CASES["llama"], tiny_files.path("llama")
+    stage = whole(path, spec.n_layer)
+    prompts, samples = [20, 5, 30, 9, 14, 3, 25, 12], [14, 3, 2, 20, 9, 16, 4, 7]
+    capacity = max(prompts) + max(samples) - 1
+    rng = np.random.default_rng(8)
+    seqs = [rng.integers(0, spec.n_vocab, p + n - 1, dtype=np.int64) for p, n in zip(prompts, samples)]
+    alone = [full_logits(stage, s[None])[0] for s in seqs]  # each [p + n - 1, V]
+    pool_blocks = 6
+    scheduler = Scheduler(2, 2, 8, capacity, pool_blocks=pool_blocks)
+    runner = StageRunner(stage, n_lanes=2, lane_size=2, capacity=capacity, kv_tokens=pool_blocks * BLOCK_SIZE,
+                         kv_dtype=torch.float32)
+    owners: dict[int, set[int]] = {}  # block -> lanes that held it
+    waited = 0
+    sequences = [shaped(i, p, n) for i, (p, n) in enumerate(zip(prompts, samples))]
+    for action in run_order(scheduler, sequences, lambda s: samples[s], on_release=runner.release):
+        free_rows = sum(scheduler.sequence_in(lane, row) is None for lane in range(2) for row in range(2))
+        waited += scheduler.waiting > 0 and free_rows > 0
+        if not isinstance(action, WorkItem):
+            continue
+        ids = torch.zeros(len(action.rows), action.length, dtype=torch.int64)  # [b, T], 0 on padding
+        for i, row in enumerate(action.rows):
+            for t in range(max(0, -row.first_pos), action.length):
+                ids[i, t] = int(seqs[row.seq][row.first_pos + t])
+        logits = stage.lm_head(runner.run(action, ids, None).hidden)  # [b, T, V]
+        for row in action.rows:
+            for block in runner.caches[action.lane].tables[row.row]:
+                owners.setdefault(block, set()).add(action.lane)
+        for i, row in enumerate(action.rows):
+            for t in range(action.length):
+                pos = row.first_pos + t
+                if pos >= 0:
+                    gap = _gap(logits[i, t].numpy(), alone[row.seq][pos])
+                    assert gap <= TOLERANCE, f"sequence {row.seq} at position {pos} differs by {gap:.3g}"
+    assert scheduler.idle()
+    assert runner.pool is not None and runner.pool.peak_used <= pool_blocks
+    assert waited, "admission never had to wait for blocks"
+    assert any(len(lanes) == 2 for lanes in owners.values()), "no block passed from one lane to the other"
+
+
+KV_FLOAT16_KL = 1e-4
+"""Mean KL of next-token distributions with a float16 KV cache against float32 keys and
+values: at most 1e-4 (a tenth of what quantized weights cost, see test_quantized)."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_float16_cache_stays_close_to_float32(model: str, request: pytest.FixtureRequest) -> None:
+    """The default KV dtype on the real models, prose fed one token per step (the fused decode
+    attention reading float16 keys and values) against the same steps over float32 ones."""
+    path = request.getfixturevalue(f"{model}_path")
+    stage = whole(path, LAYERS[model])
+    ids = np.array([ppinfer.load_tokenizer(path).encode(PROSE)], dtype=np.int64)  # [1, T]
+    exact = chunked_logits([stage], ids, 1, torch.float32)
+    half = chunked_logits([stage], ids, 1, torch.float16)
+    kl, top1 = kl_and_top1(exact, half)
+    assert kl <= KV_FLOAT16_KL, f"{model}: mean KL {kl:.2e}"
+    assert top1 >= 0.99, f"{model}: top-1 agreement {top1:.1%}"

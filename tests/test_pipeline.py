@@ -98,9 +98,9 @@ def case_overrides(model: str, kind: str, stages: int) -> dict[str, str]:
     """The overrides of one configuration (besides model.path and output.dir)."""
     if model == "smollm2":
         # greedy and score are compared with one whole-sequence forward of the exact path
-        # (dequantized weights); quantized (the default) is compared across stage counts and
-        # with the default command line.
-        exact = {"runtime.weights": "dequantized"}
+        # (dequantized weights, float32 KV cache); quantized (the default) is compared across
+        # stage counts and with the default command line.
+        exact = {"runtime.weights": "dequantized", "runtime.kv_dtype": "float32"}
         greedy = {"generation.max_new_tokens": str(SMOL_NEW), "pipeline.layers": hydra_list(SMOL_EXPLICIT[stages]),
                   "pipeline.microbatches": "3", "pipeline.lane_size": "1", "pipeline.prefill_chunk": "5"}
         if kind == "greedy":  # DEFAULT_PROMPTS: the default command line's
@@ -109,7 +109,8 @@ def case_overrides(model: str, kind: str, stages: int) -> dict[str, str]:
             return {**greedy, "pipeline.microbatches": "4", "pipeline.prefill_chunk": "128"}
         return {**exact, "task": "score", "input.text": f"'{SMOL_SCORE_TEXT}'", "pipeline.layers": "uniform",
                 "pipeline.prefill_chunk": "4"}
-    base = {"prompts": hydra_list(PROMPTS), "generation.max_new_tokens": str(MAX_NEW)}
+    # The tiny models run the exact path (their weights are float32): a float32 KV cache.
+    base = {"prompts": hydra_list(PROMPTS), "generation.max_new_tokens": str(MAX_NEW), "runtime.kv_dtype": "float32"}
     explicit = hydra_list(EXPLICIT[stages])
     per_kind = {
         # A chunk far longer than any prompt must cost nothing (buffers sized by the prompts).

@@ -21,7 +21,7 @@ from pipeline_driver import Finished, Run, run_all, run_command, torchrun_comman
 from pipeline_models import ADD_BOS, PIPELINE_SPECS, TokenizerChoice, write_pipeline_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ppinfer.model.cache import KVCache
+from ppinfer.model.cache import KVCache, KVPool
 from ppinfer.pipeline.job import DistEnv
 from ppinfer.pipeline.profile import kv_cache_use, pack_spans
 from ppinfer.pipeline.runtime import Span
@@ -181,17 +181,23 @@ def test_step_series_hand_derived() -> None:
 
 
 def test_kv_cache_use() -> None:
-    """2 layers x (k, v) x [B=1, Hkv=2, 8 slots, D=4] x 4 bytes = 4 x 256 bytes; 2 tokens
-    written: 2 slots x 4 x 32 bytes = 256 bytes, 2 of the 8 slots."""
-    state = KVCache(2, [2, 2], 4, 1, 8, torch.float32, torch.device("cpu"))
-    state.rows([0], torch.tensor([[0, 1]]))
-    use = kv_cache_use([state, None])
-    assert use == {
-        "memory/kv_cache_allocated_bytes": 1024.0,
-        "memory/kv_cache_used_bytes": 256.0,
-        "memory/kv_cache_used_fraction": pytest.approx(2 / 8),
+    """A block is 2 layers x (k, v) x [Hkv=2, 16 slots, D=4] x 2 bytes (float16) = 1024 bytes;
+    a pool of 3 blocks. 2 tokens take one block, 17 more a second; resetting the row gives both
+    back, and the peak stays 2 of the 3 blocks."""
+    pool = KVPool(2, [2, 2], 4, n_blocks=3, dtype=torch.float16, device=torch.device("cpu"))
+    lane = KVCache(pool, batch=1, max_len=48)
+    lane.rows([0], torch.tensor([[0, 1]]))
+    assert kv_cache_use(pool)["memory/kv_cache_used_bytes"] == 1024.0
+    lane.rows([0], torch.arange(2, 19)[None])
+    lane.reset()
+    assert kv_cache_use(pool) == {
+        "memory/kv_cache_allocated_bytes": 3072.0,
+        "memory/kv_cache_used_bytes": 0.0,
+        "memory/kv_cache_peak_used_bytes": 2048.0,
+        "memory/kv_cache_used_fraction": pytest.approx(2 / 3),
+        "memory/kv_cache_blocks": 3.0,
     }
-    assert kv_cache_use([None])["memory/kv_cache_used_fraction"] == 0.0
+    assert kv_cache_use(None)["memory/kv_cache_used_fraction"] == 0.0
 
 
 def test_profiling_off_is_free(tmp_path: Path) -> None:

@@ -18,9 +18,17 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-import torch
 from ggufgen import QType, RawTensor, encoded_tensors, tiny_tensors, with_changes, write_gguf
-from stage_runner import arange_positions, build, chained_logits, full_logits, kl_and_top1, whole
+from stage_runner import (
+    LAYERS,
+    PROSE,
+    build,
+    chained_logits,
+    chunked_logits,
+    full_logits,
+    kl_and_top1,
+    whole,
+)
 from tiny_cases import ALL_CASES, FAMILY_CASES, TinyFiles, token_batch
 
 import ppinfer
@@ -30,43 +38,8 @@ from ppinfer.kernels.select import BLOCK_LINEARS
 from ppinfer.model import PipelineStage
 from ppinfer.model.layers import ConcatLinear
 
-PROSE = (
-    "The lighthouse stood at the edge of the harbour for more than a century. Every evening the "
-    "keeper climbed the narrow stairs, trimmed the wick and polished the great lens until it "
-    "shone. Ships that came in from the north sea used its beam to find the channel between the "
-    "rocks, and the fishermen of the town said that as long as the light turned, nobody would be "
-    "lost on a winter night. When the harbour was rebuilt, engineers proposed an electric lamp "
-    "that needed no keeper at all. The town argued about it for a year. Some people thought the "
-    "old ways were part of the place; others pointed out that the keeper was getting old and that "
-    "the stairs were dangerous in the ice. In the end the new lamp was installed, but the keeper "
-    "was allowed to stay in the cottage at the foot of the tower. He still walked up the hill each "
-    "evening to watch the beam sweep across the water, and he kept a notebook in which he wrote "
-    "the name of every ship that passed. Years later, a historian found the notebooks in the "
-    "town library. They recorded storms, rescues, a whale that had wandered into the bay, and the "
-    "slow change of the fleet from sail to steam to diesel. The historian wrote that the notebooks "
-    "were the best record of the harbour that anyone had kept, because they were written by a "
-    "person who had looked at the sea every single day of his working life."
-)
 LLAMA_CPP_KL = {"smollm2": 0.003, "gemma3": 0.0055}  # llama.cpp vs the dequantized path (issue 11)
-LAYERS = {"smollm2": 30, "gemma3": 18}
 DECODE_CHUNK = 8
-
-
-@torch.no_grad()
-def _chunked_logits(stages: list[PipelineStage], ids: np.ndarray, chunk: int) -> np.ndarray:
-    """Logits [T, V] of one sequence fed `chunk` tokens per forward through every stage's KV
-    cache, as a pipeline with `pipeline.prefill_chunk=chunk` (and decode, at chunk 1) runs it."""
-    tokens = torch.from_numpy(ids)  # [1, T]
-    states = [stage.new_cache(batch=1, max_len=tokens.shape[1]) for stage in stages]
-    out = []
-    for start in range(0, tokens.shape[1], chunk):
-        piece = tokens[:, start:start + chunk]
-        positions = arange_positions(1, piece.shape[1], start)
-        hidden = stages[0].embed(piece)
-        for stage, state in zip(stages, states):
-            hidden = stage.forward(hidden, positions, state)
-        out.append(stages[-1].lm_head(hidden)[0].numpy())
-    return np.concatenate(out)
 
 
 def _two_stages(path: Path, n_layer: int, weights: str) -> list[PipelineStage]:
@@ -85,7 +58,7 @@ def test_real_model_fidelity_through_two_stages(model: str, request: pytest.Fixt
     assert sum(stages[0].weights_report.kept.values()) > 0
     # Chunks below the kernels' GEMM threshold: every product takes the 8-bit activation path.
     assert kernel_ops().gemm_min_rows() > DECODE_CHUNK
-    quant = _chunked_logits(stages, ids, DECODE_CHUNK)
+    quant = chunked_logits(stages, ids, DECODE_CHUNK)
     kl, top1 = kl_and_top1(exact, quant)
     assert kl <= LLAMA_CPP_KL[model], f"{model}: mean KL {kl:.5f} > llama.cpp's {LLAMA_CPP_KL[model]}"
     assert top1 >= 0.95, f"{model}: top-1 agreement {top1:.1%}"

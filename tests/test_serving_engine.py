@@ -82,7 +82,9 @@ def served(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
     stage = build_stage(job.model_path, job.plan, job.dtype, job.device, weights="dequantized")
     intake = Intake(rows=job.n_lanes * job.lane_size, max_queue=cfg.server.max_queue)
     engine = PipelineEngine("smollm2", job.tokenizer, job.capacity, job.params[0], intake)
-    runner = StageRunner(stage, job.n_lanes, job.lane_size, job.capacity, sink=SampleSink())
+    runner = StageRunner(
+        stage, job.n_lanes, job.lane_size, job.capacity, job.kv_tokens, job.kv_dtype, sink=SampleSink()
+    )
     scheduler = Scheduler(job.n_lanes, job.lane_size, job.prefill_chunk, job.capacity)
 
     def loop() -> None:

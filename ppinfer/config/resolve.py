@@ -37,6 +37,11 @@ def resolve_dtype(cfg: AnyConfig, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_kv_dtype(cfg: AnyConfig) -> torch.dtype:
+    """The KV cache's element type (`runtime.kv_dtype`)."""
+    return DTYPES[cfg.runtime.kv_dtype]
+
+
 def resolve_threads(cfg: AnyConfig, local_world_size: int, cpu_count: int | None = None) -> int:
     """Intra-op threads for one rank: the configured count, else an even share of the cores.
 

@@ -19,6 +19,7 @@ from ppinfer.sampling.params import GenerationParams
 TASKS = ("generate", "score")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+KV_DTYPE_NAMES = ("float16", "bfloat16", "float32")
 MIN_REQUEST_BYTES = 1024
 """The smallest `server.max_request_bytes`: room for a request's JSON fields."""
 TIMEOUT_RANGE_S = (1.0, 86400.0)
@@ -87,6 +88,14 @@ class RuntimeConfig:
     """`quantized`: weights stay in their GGUF blocks and are multiplied in place by a kernel
     for their type and device (types without one are dequantized); `dequantized`: every
     weight is dequantized to `dtype` at load (the exact reference path)."""
+    kv_dtype: str = "float16"
+    """Element type of the KV cache: `float16` (half the bytes of float32; attention widens
+    each key and value as it reads it), `bfloat16`, or `float32` (the exact reference path)."""
+    kv_cache_tokens: int | None = None
+    """Tokens the KV cache of each stage holds, shared by every row of every lane in blocks of
+    16 slots; a sequence is admitted when the blocks its prompt and token budget may need are
+    free. Null: room for every row at full length (the server: at least 2,048 tokens a row).
+    At least one full row (`server.context_length`, or the longest prompt plus its budget)."""
     timeout_s: float = 60.0
     """Process-group timeout, so a rank whose peer died fails instead of waiting forever.
     Seconds, from 1 to 86400 (one day); see `TIMEOUT_RANGE_S`."""

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
-from ppinfer.config.schema import DEVICES, DTYPE_NAMES, MIN_REQUEST_BYTES, TASKS, TIMEOUT_RANGE_S, AnyConfig
+from ppinfer.config.schema import (
+    DEVICES,
+    DTYPE_NAMES,
+    KV_DTYPE_NAMES,
+    MIN_REQUEST_BYTES,
+    TASKS,
+    TIMEOUT_RANGE_S,
+    AnyConfig,
+)
 from ppinfer.errors import ConfigError
 from ppinfer.kernels.select import WEIGHT_MODES
 from ppinfer.plan.allocation import parse_layers
@@ -126,6 +134,10 @@ def _validate_runtime(r: Any, cuda_available: bool) -> None:
         fail("runtime.dtype", r.dtype, f"must be one of {', '.join(DTYPE_NAMES)} (or null)")
     if r.weights not in WEIGHT_MODES:
         fail("runtime.weights", r.weights, f"must be one of {', '.join(WEIGHT_MODES)}")
+    if r.kv_dtype not in KV_DTYPE_NAMES:
+        fail("runtime.kv_dtype", r.kv_dtype, f"must be one of {', '.join(KV_DTYPE_NAMES)}")
+    if r.kv_cache_tokens is not None and r.kv_cache_tokens < 1:
+        fail("runtime.kv_cache_tokens", r.kv_cache_tokens, "must be at least 1 (or null for automatic)")
     if r.threads is not None and r.threads < 1:
         fail("runtime.threads", r.threads, "must be at least 1 (or null for automatic)")
     low, high = TIMEOUT_RANGE_S

@@ -4,8 +4,8 @@ This package knows nothing of ranks or process groups (a test checks its imports
 a plain module that any runtime (one process, a pipeline of ranks, a test) can drive.
 """
 
-from ppinfer.model.cache import KVCache
+from ppinfer.model.cache import KVCache, KVPool
 from ppinfer.model.loader import build_stage
 from ppinfer.model.stage import PipelineStage
 
-__all__ = ["KVCache", "PipelineStage", "build_stage"]
+__all__ = ["KVCache", "KVPool", "PipelineStage", "build_stage"]

@@ -62,7 +62,7 @@ class Attention(nn.Module):
         rotations = io.rope[id(self.rope)]  # [B, T, n_rot/2, 2]
         if self._attend is not None and t == 1:
             y = self._attend(
-                qk, v, rotations, kv.k, kv.v, kv.row_ids, kv.cols, mask, h, self.rope.n_rot, self.scale,
+                qk, v, rotations, kv.k, kv.v, kv.table, kv.cols, mask, h, self.rope.n_rot, self.scale,
                 self.softcap or 0.0,
             )  # [B, 1, H D]
             return self.out(y)

@@ -1,10 +1,15 @@
-"""`KVCache`: one lane's preallocated KV cache for one stage's layers, and its masks.
+"""The KV cache: one pool of fixed-size blocks per stage (`KVPool`), and per lane the rows
+that hold one sequence each (`KVCache`), every row with a table of the blocks it has filled.
 
-A lane holds up to B sequences, one per row of a slot grid `[B, max_len]`. Each row has its
-own length: a row's tokens go to its next free slots, whatever its neighbours do, so a row
-can take a new sequence while the others keep decoding. Each slot records its token's rope
-position (-1 for padding), and the attention mask is derived from those positions alone, so
-each sequence sees exactly the keys it would see if it ran alone.
+A row's slot s (its s-th token) lives in block `table[s // BLOCK_SIZE]` at offset
+`s % BLOCK_SIZE`. Blocks are taken from the pool as a row's tokens arrive and go back when the
+row takes a new sequence, so every lane of a stage draws on the same memory and a row can
+grow to any length the pool allows. Each slot records its token's rope position (-1 for
+padding and for slots not written yet), and the attention mask is derived from those
+positions alone, so each sequence sees exactly the keys it would see if it ran alone.
+
+Keys and values are stored in the pool's dtype (`runtime.kv_dtype`: float16 by default,
+float32 for the exact path) and widened when attention reads them.
 
 A forward works on any set of rows (`KVCache.rows`): a decode step computes only the rows
 that decode, whichever rows between them are free or still in prefill.
@@ -18,50 +23,109 @@ from dataclasses import dataclass
 
 import torch
 
+BLOCK_SIZE = 16
+"""Slots per block."""
+NULL_BLOCK = 0
+"""A block that is never handed out: its positions stay -1, and tables are padded with it."""
 
-class KVCache:
-    """KV cache of one lane on one stage. The runtime owns it; `forward` writes through
-    `rows(...)`."""
+
+class KVPoolFull(RuntimeError):
+    """No free block is left (the scheduler's admission keeps this from happening)."""
+
+
+def blocks_for(tokens: int) -> int:
+    """Blocks that hold `tokens` slots."""
+    return -(-tokens // BLOCK_SIZE)
+
+
+class KVPool:
+    """One stage's keys and values for every lane: `n_blocks` blocks of `BLOCK_SIZE` slots per
+    layer. The tensors are allocated zeroed up front; on the CPU their pages become resident
+    only when a block is first written, and freed blocks are reused first, so the resident
+    memory follows the most tokens held at once."""
 
     def __init__(
         self,
         n_layers: int,
         n_head_kv: list[int],
         head_dim: int,
-        batch: int,
-        max_len: int,
+        n_blocks: int,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        if batch < 1 or max_len < 1:
-            raise ValueError(f"cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
-        self.batch, self.max_len = batch, max_len
-        # [B, Hkv, max_len, D] per layer
-        self.k = [
-            torch.zeros(batch, n_head_kv[i], max_len, head_dim, dtype=dtype, device=device) for i in range(n_layers)
-        ]
+        if n_blocks < 1:
+            raise ValueError(f"a KV pool needs at least one block, got {n_blocks}")
+        self.n_blocks, self.dtype = n_blocks, dtype
+        shape = (n_blocks + 1, BLOCK_SIZE, head_dim)  # block 0 is NULL_BLOCK
+        # [N + 1, Hkv, BLOCK_SIZE, D] per layer
+        self.k = [torch.zeros(shape[0], n_head_kv[i], *shape[1:], dtype=dtype, device=device) for i in range(n_layers)]
         self.v = [torch.zeros_like(k) for k in self.k]
-        self.positions = torch.full((batch, max_len), -1, dtype=torch.int64, device=device)  # [B, max_len]
-        self.lengths = [0] * batch  # slots written per row
+        self.positions = torch.full((n_blocks + 1, BLOCK_SIZE), -1, dtype=torch.int64, device=device)  # [N + 1, BS]
+        self._free = list(range(n_blocks, 0, -1))  # a stack: the most recently freed block is reused first
+        self.peak_used = 0  # the most blocks held at once
 
-    def reset(self, row0: int = 0, row1: int | None = None) -> None:
-        """Forget the sequences of rows [row0, row1) (every row by default)."""
-        row1 = self.batch if row1 is None else row1
-        self.positions[row0:row1].fill_(-1)
-        self.lengths[row0:row1] = [0] * (row1 - row0)
+    @property
+    def free(self) -> int:
+        """Blocks not held by any row."""
+        return len(self._free)
+
+    @property
+    def used(self) -> int:
+        return self.n_blocks - len(self._free)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of keys and values one block holds over every layer."""
+        return sum((k[0].numel() + v[0].numel()) * k.element_size() for k, v in zip(self.k, self.v))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return self.block_bytes * self.n_blocks
 
     @property
     def used_bytes(self) -> int:
-        """Bytes of the cache holding a token."""
-        slot_bytes = self.nbytes // (self.batch * self.max_len)
-        return slot_bytes * sum(self.lengths)
+        return self.block_bytes * self.used
+
+    def take(self) -> int:
+        """A free block, its slots marked unwritten."""
+        if not self._free:
+            raise KVPoolFull(f"the KV cache pool's {self.n_blocks} blocks are all in use")
+        block = self._free.pop()
+        self.positions[block].fill_(-1)
+        self.peak_used = max(self.peak_used, self.used)
+        return block
+
+    def give_back(self, blocks: Sequence[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+class KVCache:
+    """The rows of one lane on one stage: each row's block table and length. The runtime owns
+    it; `forward` writes through `rows(...)`."""
+
+    def __init__(self, pool: KVPool, batch: int, max_len: int) -> None:
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
+        self.pool, self.batch, self.max_len = pool, batch, max_len
+        self.tables: list[list[int]] = [[] for _ in range(batch)]
+        self.lengths = [0] * batch  # slots written per row
+
+    def reset(self, row0: int = 0, row1: int | None = None) -> None:
+        """Forget the sequences of rows [row0, row1) (every row by default); their blocks go
+        back to the pool."""
+        row1 = self.batch if row1 is None else row1
+        for r in range(row0, row1):
+            self.pool.give_back(self.tables[r])
+            self.tables[r] = []
+            self.lengths[r] = 0
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the blocks this lane's rows hold."""
+        return self.pool.block_bytes * sum(len(t) for t in self.tables)
 
     def rows(self, rows: Sequence[int], positions: torch.Tensor) -> RowsView:
-        """Reserve the next T slots of each of `rows` (increasing row ids) for a forward with
+        """Take the next T slots of each of `rows` (increasing row ids) for a forward with
         `positions` [b, T] (one row of positions per row id)."""
         b, t = positions.shape
         if len(rows) != b or any(r < 0 or r >= self.batch for r in rows) or any(
@@ -71,37 +135,38 @@ class KVCache:
         starts = [self.lengths[r] for r in rows]
         for r, length in zip(rows, starts):
             if length + t > self.max_len:
-                raise ValueError(f"KV cache row {r} full: {length + t} slots needed, {self.max_len} allocated")
+                raise ValueError(f"KV cache row {r} full: {length + t} slots needed, {self.max_len} allowed")
+        for r, length in zip(rows, starts):
+            table = self.tables[r]
+            while len(table) < blocks_for(length + t):
+                table.append(self.pool.take())
             self.lengths[r] = length + t
-        device = self.positions.device
-        consecutive = rows[-1] - rows[0] == b - 1
-        row_ids = torch.tensor(list(rows), device=device)  # [b]
-        index = slice(rows[0], rows[0] + b) if consecutive else row_ids
-        uniform = all(s == starts[0] for s in starts)
-        if uniform:
-            cols = torch.arange(starts[0], starts[0] + t, device=device).expand(b, t)  # [b, T]
-        else:
-            cols = torch.tensor(starts, device=device)[:, None] + torch.arange(t, device=device)  # [b, T]
-        if uniform and consecutive:
-            self.positions[index, starts[0]:starts[0] + t] = positions
-        else:
-            self.positions[row_ids[:, None], cols] = positions
+        device = self.pool.positions.device
         end = max(starts) + t
-        return RowsView(self, index, row_ids, positions, cols, starts[0] if uniform else None, end)
+        width = blocks_for(end)
+        table = torch.tensor(
+            [self.tables[r][:width] + [NULL_BLOCK] * (width - min(width, len(self.tables[r]))) for r in rows],
+            dtype=torch.int64,
+        ).to(device)  # [b, nb]
+        cols = torch.tensor(starts, device=device)[:, None] + torch.arange(t, device=device)  # [b, T]
+        blocks = table.gather(1, cols // BLOCK_SIZE)  # [b, T]
+        offsets = cols % BLOCK_SIZE  # [b, T]
+        self.pool.positions[blocks, offsets] = positions
+        return RowsView(self.pool, table, positions, cols, blocks, offsets, end)
 
 
 @dataclass
 class RowsView:
-    """The slots one forward writes: rows `index` (a slice when they are consecutive, else a
-    tensor of row ids), columns `cols` [b, T] (`start`: the common first column when every
-    row writes the same ones); keys are read from columns [0, end)."""
+    """The slots one forward writes: for each of its rows, the block table `table` [b, nb]
+    and the new tokens' slots `cols` [b, T] (at `blocks`, `offsets` in the pool); keys are
+    read from slots [0, end)."""
 
-    cache: KVCache
-    index: slice | torch.Tensor
-    row_ids: torch.Tensor  # [b] int64
+    pool: KVPool
+    table: torch.Tensor  # [b, nb] int64, padded with NULL_BLOCK
     positions: torch.Tensor  # [b, T] the queries' rope positions
     cols: torch.Tensor  # [b, T] int64
-    start: int | None
+    blocks: torch.Tensor  # [b, T] int64: the block of each new slot
+    offsets: torch.Tensor  # [b, T] int64: its offset in the block
     end: int
 
     def mask(self, window: int) -> torch.Tensor:
@@ -111,7 +176,8 @@ class RowsView:
         query, and, for sliding layers, when q_pos - k_pos < window. A padding query sees only
         itself, so its (discarded) row stays finite.
         """
-        kpos = self.cache.positions[self.index, : self.end][:, None]  # [b, 1, n]
+        b = self.table.shape[0]
+        kpos = self.pool.positions[self.table].view(b, -1)[:, None, : self.end]  # [b, 1, n]
         qpos = self.positions[:, :, None]  # [b, T, 1]
         visible = (kpos >= 0) & (kpos <= qpos)  # [b, T, n]
         if window > 0:
@@ -123,31 +189,31 @@ class RowsView:
     def layer(self, layer: int) -> LayerKV:
         """The slots of `layer`: where its new keys and values go."""
         return LayerKV(
-            self.cache.k[layer], self.cache.v[layer], self.index, self.row_ids, self.cols, self.start, self.end
+            self.pool.k[layer], self.pool.v[layer], self.table, self.cols, self.blocks, self.offsets, self.end
         )
 
 
 @dataclass
 class LayerKV:
-    """One layer's cache in a forward, and the slots its new tokens take."""
+    """One layer's pool in a forward, and the slots its new tokens take."""
 
-    k: torch.Tensor  # [B, Hkv, max_len, D]: the lane's whole cache of this layer
-    v: torch.Tensor  # [B, Hkv, max_len, D]
-    index: slice | torch.Tensor  # this forward's rows
-    row_ids: torch.Tensor  # [b] int64, the same rows
+    k: torch.Tensor  # [N + 1, Hkv, BS, D]: the stage's whole pool of this layer
+    v: torch.Tensor  # [N + 1, Hkv, BS, D]
+    table: torch.Tensor  # [b, nb] int64
     cols: torch.Tensor  # [b, T] int64
-    start: int | None  # the common first column when every row writes the same ones
-    end: int  # keys are read from columns [0, end)
+    blocks: torch.Tensor  # [b, T] int64
+    offsets: torch.Tensor  # [b, T] int64
+    end: int  # keys are read from slots [0, end)
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [b, T, Hkv, D]; returns the keys and values to attend to, [b, Hkv, end, D]
-        each (views of the cache where the rows are consecutive, else copies)."""
-        if isinstance(self.index, slice) and self.start is not None:
-            t = k.shape[1]
-            self.k[self.index, :, self.start:self.start + t] = k.transpose(1, 2)
-            self.v[self.index, :, self.start:self.start + t] = v.transpose(1, 2)
-        else:
-            rows = self.row_ids[:, None]  # [b, 1]
-            self.k[rows, :, self.cols] = k  # indexed view is [b, T, Hkv, D]
-            self.v[rows, :, self.cols] = v
-        return self.k[self.index, :, : self.end], self.v[self.index, :, : self.end]
+        each, in k's dtype (gathered from the rows' blocks)."""
+        self.k[self.blocks, :, self.offsets] = k.to(self.k.dtype)  # indexed view is [b, T, Hkv, D]
+        self.v[self.blocks, :, self.offsets] = v.to(self.v.dtype)
+        return self._gather(self.k, k.dtype), self._gather(self.v, v.dtype)
+
+    def _gather(self, pool: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        b, nb = self.table.shape
+        _, hkv, bs, d = pool.shape
+        rows = pool[self.table]  # [b, nb, Hkv, BS, D]
+        return rows.transpose(1, 2).reshape(b, hkv, nb * bs, d)[:, :, : self.end].to(dtype)

@@ -10,7 +10,7 @@ from torch import nn
 from ppinfer.families.hparams import HParams
 from ppinfer.kernels.select import BLOCK_LINEARS
 from ppinfer.model.block import DecoderBlock, LayerInputs
-from ppinfer.model.cache import KVCache
+from ppinfer.model.cache import BLOCK_SIZE, KVCache, KVPool, blocks_for
 from ppinfer.model.layers import PackedLinear, RotaryEmbedding, RowEmbedding
 from ppinfer.model.report import WeightsReport
 from ppinfer.plan.stage_plan import StagePlan
@@ -80,18 +80,22 @@ class PipelineStage(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """A fresh, preallocated KV cache for one lane of `batch` sequences."""
-        layer_ids = self.plan.layer_ids
-        return KVCache(
+    def new_pool(self, tokens: int, dtype: torch.dtype | None = None) -> KVPool:
+        """A KV cache pool for this stage's layers with room for `tokens` slots (rounded up to
+        whole blocks), keys and values stored in `dtype` (the stage's dtype by default)."""
+        return KVPool(
             n_layers=self.plan.n_layers,
-            n_head_kv=[self.hparams.layers[i].n_head_kv for i in layer_ids],
+            n_head_kv=[self.hparams.layers[i].n_head_kv for i in self.plan.layer_ids],
             head_dim=self.hparams.head_dim,
-            batch=batch,
-            max_len=max_len,
-            dtype=self.dtype,
+            n_blocks=blocks_for(tokens),
+            dtype=dtype or self.dtype,
             device=self.device,
         )
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A fresh KV cache for one lane of `batch` sequences of up to `max_len` tokens, over a
+        pool of its own that holds them all."""
+        return KVCache(self.new_pool(batch * blocks_for(max_len) * BLOCK_SIZE, dtype), batch, max_len)
 
     @property
     def weight_bytes(self) -> int:

@@ -13,12 +13,20 @@ from typing import Any
 
 import torch
 
-from ppinfer.config import resolve_device, resolve_dtype, resolve_lanes, resolve_threads, validate_config
+from ppinfer.config import (
+    resolve_device,
+    resolve_dtype,
+    resolve_kv_dtype,
+    resolve_lanes,
+    resolve_threads,
+    validate_config,
+)
 from ppinfer.errors import ConfigError, PromptError
 from ppinfer.families import HParams, get_spec, read_hparams
 from ppinfer.gguf import GGUFFile
 from ppinfer.hub import resolve_model_path
 from ppinfer.kernels.select import block_backend
+from ppinfer.model.cache import BLOCK_SIZE, blocks_for
 from ppinfer.pipeline.outputs import output_dir_problem
 from ppinfer.pipeline.scheduler import Scheduler
 from ppinfer.plan import StagePlan, allocate, layer_costs, plan_table
@@ -85,6 +93,9 @@ class Job:
     capacity: int
     """KV slots of one cache row: the longest prompt (a group pads to its longest) plus the
     largest token budget (for the server, `server.context_length`)."""
+    kv_dtype: torch.dtype
+    kv_tokens: int
+    """Slots of each stage's KV cache pool, a whole number of blocks (`runtime.kv_cache_tokens`)."""
     out_dir: Path
 
     @property
@@ -93,7 +104,10 @@ class Job:
 
     def scheduler(self) -> Scheduler:
         """An empty scheduler for this job's lanes, chunks and rows."""
-        return Scheduler(self.n_lanes, self.lane_size, self.prefill_chunk, self.capacity, self.refill_chunk)
+        return Scheduler(
+            self.n_lanes, self.lane_size, self.prefill_chunk, self.capacity, self.refill_chunk,
+            pool_blocks=blocks_for(self.kv_tokens),
+        )
 
     @property
     def is_score(self) -> bool:
@@ -265,10 +279,12 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool, se
         prefill_chunk = min(cfg.pipeline.prefill_chunk, max(len(p) for p in prompts))
         capacity = row_capacity(prompts, [0 if cfg.task == "score" else p.max_new_tokens for p in params])
     refill_chunk = min(cfg.pipeline.refill_chunk, prefill_chunk)
+    kv_dtype = resolve_kv_dtype(cfg)
+    kv_tokens = _kv_tokens(cfg, n_lanes * lane_size, capacity, serve)
     stored = block_backend(device).types if cfg.runtime.weights == "quantized" else frozenset()
     costs = layer_costs(
-        str(model_path), torch.finfo(dtype).bits // 8, n_lanes * lane_size * capacity, reader=gf,
-        step_tokens=lane_size, stored_types=stored,
+        str(model_path), torch.finfo(dtype).bits // 8, kv_tokens, reader=gf,
+        step_tokens=lane_size, stored_types=stored, kv_dtype_bytes=torch.finfo(kv_dtype).bits // 8,
     )
     layers = allocate(cfg.pipeline.layers, env.world, costs)
     if env.rank == 0:
@@ -284,19 +300,37 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool, se
         cfg=cfg, env=env, model_path=model_path, hparams=hp, tokenizer=tokenizer, device=device,
         dtype=dtype, threads=resolve_threads(cfg, env.local_world), layers=layers, texts=texts,
         prompts=prompts, params=params, stream_seeds=seeds, n_lanes=n_lanes, lane_size=lane_size,
-        prefill_chunk=prefill_chunk, refill_chunk=refill_chunk, capacity=capacity, out_dir=Path(cfg.output.dir),
+        prefill_chunk=prefill_chunk, refill_chunk=refill_chunk, capacity=capacity, kv_dtype=kv_dtype,
+        kv_tokens=kv_tokens, out_dir=Path(cfg.output.dir),
     )
 
 
-SERVER_CONTEXT_CAP = 2048
-"""`server.context_length` when null: the model's context, capped (every slot of every lane
-preallocates this many KV slots)."""
+SERVER_ROW_TOKENS = 2048
+"""Tokens per row that the server's default KV pool has room for (rows share the pool, so one
+sequence may grow to the whole context while others are short)."""
+
+
+def _kv_tokens(cfg: Any, rows: int, capacity: int, serve: bool) -> int:
+    """Slots of each stage's KV pool: `runtime.kv_cache_tokens`, else room for every row at its
+    full length (the server: at least `SERVER_ROW_TOKENS` a row); whole blocks, and at least one
+    full row, so that any sequence that fits a row can run."""
+    row = blocks_for(capacity) * BLOCK_SIZE
+    wanted = cfg.runtime.kv_cache_tokens
+    if wanted is None:
+        return rows * row if not serve else max(row, rows * blocks_for(SERVER_ROW_TOKENS) * BLOCK_SIZE)
+    if wanted < row:
+        what = "server.context_length" if serve else "the longest prompt plus its token budget"
+        raise ConfigError(
+            f"runtime.kv_cache_tokens={wanted}: must be at least {row} (one row: {what}, {capacity} tokens, "
+            f"in blocks of {BLOCK_SIZE})"
+        )
+    return blocks_for(int(wanted)) * BLOCK_SIZE
 
 
 def _server_context(cfg: Any, hp: HParams) -> int:
     wanted = cfg.server.context_length
     if wanted is None:
-        return min(hp.n_ctx, SERVER_CONTEXT_CAP)
+        return hp.n_ctx
     if not 1 <= wanted <= hp.n_ctx:
         raise ConfigError(f"server.context_length={wanted}: must be in [1, {hp.n_ctx}] (the model's context)")
     return int(wanted)

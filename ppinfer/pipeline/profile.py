@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ppinfer.model import KVCache
+from ppinfer.model import KVPool
 from ppinfer.pipeline.job import Job
 from ppinfer.pipeline.outputs import TIMELINE
 from ppinfer.pipeline.runtime import Span, StageRunner
@@ -63,16 +63,24 @@ def gather_spans(table: np.ndarray, world: int, device: torch.device) -> list[np
     return [part[:n].cpu().numpy() for part, n in zip(parts, sizes)]
 
 
-def kv_cache_use(states: Sequence[KVCache | None]) -> dict[str, float]:
-    """Bytes of KV cache allocated on this stage, and the bytes and fraction of it holding
-    tokens at the end of the run (every lane's slots cost the same bytes within the lane)."""
-    allocated = sum(s.nbytes for s in states if s is not None)
-    used = sum(s.used_bytes for s in states if s is not None)
+def kv_cache_use(pool: KVPool | None) -> dict[str, float]:
+    """This stage's KV pool: its bytes, the bytes of the blocks held at the end of the run
+    and at most at once, and that peak as a fraction of the pool."""
+    if pool is None:
+        return dict.fromkeys(KV_CACHE_KEYS, 0.0)
     return {
-        "memory/kv_cache_allocated_bytes": float(allocated),
-        "memory/kv_cache_used_bytes": float(used),
-        "memory/kv_cache_used_fraction": used / allocated if allocated else 0.0,
+        "memory/kv_cache_allocated_bytes": float(pool.nbytes),
+        "memory/kv_cache_used_bytes": float(pool.used_bytes),
+        "memory/kv_cache_peak_used_bytes": float(pool.peak_used * pool.block_bytes),
+        "memory/kv_cache_used_fraction": pool.peak_used / pool.n_blocks,
+        "memory/kv_cache_blocks": float(pool.n_blocks),
     }
+
+
+KV_CACHE_KEYS = (
+    "memory/kv_cache_allocated_bytes", "memory/kv_cache_used_bytes", "memory/kv_cache_peak_used_bytes",
+    "memory/kv_cache_used_fraction", "memory/kv_cache_blocks",
+)
 
 
 def throughput(counts: TokenCounts, loop_start: float, loop_end: float) -> dict[str, float]:
@@ -100,7 +108,7 @@ def end_profile(
     writes = rank == job.writer_rank
     finish_profile(tracer, ProfileEnd(
         rank=rank, spans=table, loop_start=clock.loop_start, stage=stages[rank],
-        kv_cache=kv_cache_use(runner.caches), all_spans=tables if writes else None,
+        kv_cache=kv_cache_use(runner.pool), all_spans=tables if writes else None,
         throughput=throughput(counts, clock.loop_start, clock.loop_end) if writes else {},
         timeline_png=job.out_dir / TIMELINE if writes else None,
     ))

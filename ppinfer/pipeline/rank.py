@@ -137,7 +137,9 @@ def _execute(job: Job, stage: PipelineStage, baseline_rss: int, front: Front) ->
         transport = Transport(job.env.rank, job.env.world, job.hparams.n_embd, job.lane_size,
                               job.prefill_chunk, job.dtype, job.device, tracer=tracer)
     sink = _make_sink(job, tracer) if plan.is_last else None
-    runner = StageRunner(stage, job.n_lanes, job.lane_size, job.capacity, sink=sink, tracer=tracer)
+    runner = StageRunner(
+        stage, job.n_lanes, job.lane_size, job.capacity, job.kv_tokens, job.kv_dtype, sink=sink, tracer=tracer
+    )
     cfg = job.cfg
     intake = Intake(
         rows=job.n_lanes * job.lane_size, max_queue=cfg.server.max_queue if front.serve else None,

@@ -9,13 +9,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ppinfer.model import KVCache, PipelineStage
+from ppinfer.model import KVCache, KVPool, PipelineStage
 from ppinfer.pipeline.intake import Intake
 from ppinfer.pipeline.scheduler import Scheduler
 from ppinfer.pipeline.sequences import Sequences
 from ppinfer.pipeline.sinks import Sink
 from ppinfer.pipeline.transport import Transport
-from ppinfer.pipeline.wire import Admission, Control, Msg, decode_admissions, encode_admissions
+from ppinfer.pipeline.wire import (
+    Admission,
+    Control,
+    Msg,
+    decode_admissions,
+    decode_release,
+    encode_admissions,
+    encode_release,
+)
 from ppinfer.pipeline.work import AwaitTokens, ItemKind, WorkItem, item_positions
 from ppinfer.profiling.trace import NULL_TRACER, Tracer
 
@@ -58,9 +66,10 @@ class StageClock:
 
 
 class StageRunner:
-    """Runs work items through this rank's stage, owning one KV cache per lane (rows of
-    `lane_size` sequences, `capacity` slots each); on the last stage its `sink` (lm_head,
-    sampling or scoring) runs inside the same timed span."""
+    """Runs work items through this rank's stage, owning its KV pool (`kv_tokens` slots of
+    `kv_dtype`) and one KV cache per lane (rows of `lane_size` sequences, up to `capacity`
+    slots each, drawing blocks from the pool); on the last stage its `sink` (lm_head, sampling
+    or scoring) runs inside the same timed span."""
 
     def __init__(
         self,
@@ -68,22 +77,35 @@ class StageRunner:
         n_lanes: int,
         lane_size: int,
         capacity: int,
+        kv_tokens: int,
+        kv_dtype: torch.dtype,
         sink: Sink | None = None,
         tracer: Tracer = NULL_TRACER,
     ) -> None:
         self.stage, self.sink, self.tracer = stage, sink, tracer
         self.lane_size, self.capacity = lane_size, capacity
+        self.kv_tokens, self.kv_dtype = kv_tokens, kv_dtype
+        self.pool: KVPool | None = None
         self.caches: list[KVCache | None] = [None] * n_lanes
         self.clock = StageClock()
 
     def cache_for(self, item: WorkItem) -> KVCache:
         cache = self.caches[item.lane]
         if cache is None:
-            cache = self.caches[item.lane] = self.stage.new_cache(self.lane_size, self.capacity)
+            if self.pool is None:
+                self.pool = self.stage.new_pool(self.kv_tokens, self.kv_dtype)
+            cache = self.caches[item.lane] = KVCache(self.pool, self.lane_size, self.capacity)
         for step in item.rows:
             if step.reset:
                 cache.reset(step.row, step.row + 1)
         return cache
+
+    def release(self, rows: list[tuple[int, int]]) -> None:
+        """Give the KV blocks of these (lane, row) pairs back to the pool."""
+        for lane, row in rows:
+            cache = self.caches[lane]
+            if cache is not None:
+                cache.reset(row, row + 1)
 
     def admit(self, admissions: list[Admission]) -> None:
         """Sequences about to start (last stage: their sampling settings)."""
@@ -158,6 +180,11 @@ def run_first(
             intake.progress(busy)
             sequences.tokens_arrived(item, tokens.tolist())
             scheduler.tokens_arrived(action.lane)
+            released = scheduler.released()
+            if released:
+                runner.release(released)
+                if transport is not None:
+                    transport.send_release(encode_release(released))
             if transport is not None and scheduler.awaiting():
                 transport.expect_tokens()
             continue
@@ -194,6 +221,11 @@ def run_relay(runner: StageRunner, transport: Transport) -> None:
             break
         if control.msg is Msg.PING:
             transport.send_ping()
+            continue
+        if control.msg is Msg.RELEASE:
+            runner.release(decode_release(received.payload))
+            if not last:
+                transport.send_release(received.payload)
             continue
         if control.msg is Msg.ADMIT:
             if last:

@@ -18,9 +18,16 @@ in the order it receives them, so each send meets its receive by construction:
 - a lane's turn issues its decode step and then its group's next prefill chunk, so a
   newcomer's prompt is interleaved with its neighbours' decoding; a lane with nothing to
   decode issues all of its group's chunks back to back;
-- a finished (or cancelled) sequence frees its row when its last ids arrive; the row is
-  refilled at the lane's next turn. Lanes take turns round-robin, so with M >= S every stage
-  has work at every tick after the fill (stage s works on lane (t - s) mod M at tick t).
+- a finished (or cancelled) sequence frees its row when its last ids arrive (`released()`
+  lists the rows whose KV blocks every stage gives back then); the row is refilled at the
+  lane's next turn.
+- the KV pool: every stage holds the same `pool_blocks` blocks and takes and frees them at
+  the same points of the same order of work, so the first stage's accounting holds for all.
+  A group is admitted only when the blocks its members may need (padded prompt plus token
+  budget) fit beside those every running sequence may still need: the pool never runs dry.
+
+Lanes take turns round-robin, so with M >= S every stage has work at every tick after the fill
+(stage s works on lane (t - s) mod M at tick t).
 
 Sampled ids come back in issue order (every stage is FIFO), and a lane's outstanding items
 are always the oldest in flight when its turn comes back, so `AwaitTokens(lane)` receives
@@ -36,6 +43,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from ppinfer.model.cache import blocks_for
 from ppinfer.pipeline.sequence import Sequence, Status
 from ppinfer.pipeline.work import AwaitTokens, ItemKind, RowStep, WorkItem
 
@@ -44,6 +52,7 @@ from ppinfer.pipeline.work import AwaitTokens, ItemKind, RowStep, WorkItem
 class _Row:
     seq: Sequence
     next_pos: int  # rope position of the next token fed to this row
+    blocks: int  # KV blocks the row may fill: its padded prompt and token budget
 
 
 @dataclass
@@ -63,6 +72,12 @@ class _Lane:
     outstanding: deque[WorkItem] = field(default_factory=deque)  # sampling items in flight
 
 
+def _row_blocks(width: int, sequence: Sequence) -> int:
+    """KV blocks a sequence may fill in a group padded to `width`: the padded prompt and every
+    token it may generate but the last (which is sampled, never fed back)."""
+    return blocks_for(width + max(sequence.budget - 1, 0))
+
+
 def prefill_chunks(width: int, chunk: int) -> list[tuple[int, int]]:
     """(start, length) of each chunk of a `width`-token prompt, all of `chunk` tokens but the
     last."""
@@ -78,7 +93,13 @@ class Scheduler:
     anything to do (more sequences may still be added: the server does)."""
 
     def __init__(
-        self, n_lanes: int, lane_size: int, chunk: int, capacity: int, refill_chunk: int | None = None
+        self,
+        n_lanes: int,
+        lane_size: int,
+        chunk: int,
+        capacity: int,
+        refill_chunk: int | None = None,
+        pool_blocks: int | None = None,
     ) -> None:
         refill_chunk = chunk if refill_chunk is None else refill_chunk
         if n_lanes < 1 or lane_size < 1 or chunk < 1 or refill_chunk < 1:
@@ -89,6 +110,10 @@ class Scheduler:
         self.n_lanes, self.lane_size, self.chunk = n_lanes, lane_size, chunk
         self.refill_chunk = min(refill_chunk, chunk)
         self.capacity = capacity  # cache slots of one row
+        self.pool_blocks = pool_blocks  # KV blocks of each stage (None: no limit)
+        if pool_blocks is not None and pool_blocks < blocks_for(capacity):
+            raise ValueError(f"a pool of {pool_blocks} KV blocks cannot hold one row of {capacity} slots")
+        self._released: list[tuple[int, int]] = []  # (lane, row) freed since `released()`
         self._lanes = [_Lane([None] * lane_size) for _ in range(n_lanes)]
         self._waiting: deque[Sequence] = deque()
         self._ready: deque[WorkItem] = deque()  # items of the current turn not yet returned
@@ -138,6 +163,16 @@ class Scheduler:
         placed = self._lanes[lane_id].rows[row]
         return placed.seq if placed is not None else None
 
+    def committed_blocks(self) -> int:
+        """KV blocks the running sequences may fill."""
+        return sum(row.blocks for lane in self._lanes for row in lane.rows if row is not None)
+
+    def released(self) -> list[tuple[int, int]]:
+        """The (lane, row) pairs freed since the last call: every stage gives their KV blocks
+        back before the next item."""
+        freed, self._released = self._released, []
+        return freed
+
     def idle(self) -> bool:
         """Nothing running, nothing waiting, nothing in flight."""
         return not self._waiting and not self._ready and self.running == 0 and not self.awaiting()
@@ -171,6 +206,7 @@ class Scheduler:
                 # A row is in at most one item in flight (a lane's decode step and its
                 # group's chunk hold different rows), so nothing of it is in flight now.
                 lane.rows[step.row] = None
+                self._released.append((lane_id, step.row))
         return item
 
     def _lane_turn(self, lane_id: int, lane: _Lane) -> list[WorkItem]:
@@ -195,21 +231,26 @@ class Scheduler:
         if not free:
             return
         members: list[Sequence] = []
+        spare = None if self.pool_blocks is None else self.pool_blocks - self.committed_blocks()
         for sequence in self._waiting:
             if len(members) == len(free):
                 break
-            width = max([m.prompt_len for m in members] + [sequence.prompt_len])
-            budget = max([m.budget for m in members] + [sequence.budget])
-            if members and width + max(budget - 1, 0) > self.capacity:
+            group = [*members, sequence]
+            width = max(m.prompt_len for m in group)
+            if members and width + max(max(m.budget for m in group) - 1, 0) > self.capacity:
                 break  # the padded group would overflow a row: admit it with the next group
+            if spare is not None and sum(_row_blocks(width, m) for m in group) > spare:
+                break  # the pool cannot hold it yet: finishing sequences will free blocks
             members.append(sequence)
+        if not members:
+            return
         for _ in members:
             self._waiting.popleft()
         width = max(m.prompt_len for m in members)
         refill = any(row is not None and row.seq.status is Status.DECODING for row in lane.rows)
         rows = free[: len(members)]
         for r, m in zip(rows, members):
-            lane.rows[r] = _Row(m, next_pos=m.prompt_len)
+            lane.rows[r] = _Row(m, next_pos=m.prompt_len, blocks=_row_blocks(width, m))
             m.status = Status.PREFILLING
         lane.group = _Group(
             rows, members, [width - m.prompt_len for m in members],

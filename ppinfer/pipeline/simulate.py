@@ -22,11 +22,15 @@ def shaped(seq: int, prompt_len: int, budget: int) -> Sequence:
 
 
 def run_order(
-    scheduler: Scheduler, sequences: Iterable[Sequence], samples: Callable[[int], int]
+    scheduler: Scheduler,
+    sequences: Iterable[Sequence],
+    samples: Callable[[int], int],
+    on_release: Callable[[list[tuple[int, int]]], None] | None = None,
 ) -> Iterator[WorkItem | AwaitTokens]:
     """Drive `scheduler` offline over `sequences` (added to those it holds already): sequence
     s finishes after `samples(s)` sampled tokens (its first comes from prefill; a scored
-    sequence after prefill)."""
+    sequence after prefill). `on_release` gets the rows freed by each arrival, before the
+    next action is yielded (as a rank gives their KV blocks back)."""
     for sequence in sequences:
         scheduler.add(sequence)
     sampled: dict[int, int] = {}
@@ -41,6 +45,9 @@ def run_order(
                 done = sequence.scored or sampled[step.seq] >= samples(step.seq)
                 sequence.status = Status.FINISHED if done else Status.DECODING
             scheduler.tokens_arrived(action.lane)
+            released = scheduler.released()
+            if released and on_release is not None:
+                on_release(released)
 
 
 @dataclass(frozen=True)

@@ -179,9 +179,17 @@ class Transport:
     def send_admit(self, payload: bytes) -> None:
         """Admission records (`wire.encode_admissions`) to the next stage, ahead of the item
         that starts their sequences."""
+        self._send_records(Msg.ADMIT, payload)
+
+    def send_release(self, payload: bytes) -> None:
+        """Rows whose KV blocks go back to the pool (`wire.encode_release`) to the next stage,
+        between the items before and after the release."""
+        self._send_records(Msg.RELEASE, payload)
+
+    def _send_records(self, msg: Msg, payload: bytes) -> None:
         assert self._items_out is not None
         buf = self._items_out.next_buffer()
-        self._write_control(buf, Control(Msg.ADMIT, payload=len(payload)))
+        self._write_control(buf, Control(msg, payload=len(payload)))
         self._items_out.send(buf)
         data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
         self._items_out.send_large(data)
@@ -219,7 +227,7 @@ class Transport:
             buf = self._items_in.take()
         control = self._read_control(buf)
         arrived = time.perf_counter()
-        if control.msg is Msg.ADMIT:
+        if control.msg in (Msg.ADMIT, Msg.RELEASE):
             payload = self._recv_large(control.payload)
             received = Received(control, payload=bytes(payload.cpu().numpy()))
         elif control.item is None:

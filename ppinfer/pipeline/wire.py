@@ -35,12 +35,14 @@ class Msg(IntEnum):
     STOP = 4
     PING = 5
     ADMIT = 6  # admission records in the next message
+    RELEASE = 7  # rows whose KV blocks go back to the pool, in the next message
 
 
 @dataclass(frozen=True)
 class Control:
     """A message's control block: the kind of message, the item (row by row), each stage's busy
-    seconds when it passed the item on, and the byte size of a payload that follows (ADMIT)."""
+    seconds when it passed the item on, and the byte size of a payload that follows (ADMIT,
+    RELEASE)."""
 
     msg: Msg
     item: WorkItem | None = None
@@ -66,7 +68,7 @@ class Control:
     def decode(cls, raw: list[int], stages: int) -> Control:
         msg = Msg(raw[0])
         busy = tuple(v / 1e6 for v in raw[HEADER:HEADER + stages])
-        if msg in (Msg.STOP, Msg.PING, Msg.ADMIT):
+        if msg in (Msg.STOP, Msg.PING, Msg.ADMIT, Msg.RELEASE):
             return cls(msg, busy_s=busy, payload=raw[6])
         n_rows, at = raw[3], HEADER + stages
         steps = tuple(
@@ -117,3 +119,12 @@ def encode_admissions(admissions: list[Admission]) -> bytes:
 def decode_admissions(payload: bytes) -> list[Admission]:
     """The records of `encode_admissions` (settings validated where the sequence was made)."""
     return [Admission(r["seq"], r["stream_seed"], GenerationParams(**r["params"])) for r in json.loads(payload)]
+
+
+def encode_release(rows: list[tuple[int, int]]) -> bytes:
+    """(lane, row) pairs whose KV blocks every stage gives back."""
+    return json.dumps(rows).encode()
+
+
+def decode_release(payload: bytes) -> list[tuple[int, int]]:
+    return [(int(lane), int(row)) for lane, row in json.loads(payload)]

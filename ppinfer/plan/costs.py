@@ -42,13 +42,15 @@ def layer_costs(
     reader: GGUFFile | None = None,
     step_tokens: int | None = None,
     stored_types: AbstractSet[GGMLQuantizationType] = frozenset(),
+    kv_dtype_bytes: int | None = None,
 ) -> LayerCosts:
     """Per-stage memory costs of the GGUF at `path` for a runtime dtype and KV capacity.
 
     `dtype_bytes` is the element size of the runtime dtype (2 for bfloat16); `kv_tokens` is
     the number of token positions each stage caches per layer, summed over its lanes;
     `step_tokens` (tokens embedded per decode step, i.e. a lane's sequences), when given,
-    sets `embedding_read_bytes`; `stored_types` are the tensor types held in their blocks.
+    sets `embedding_read_bytes`; `stored_types` are the tensor types held in their blocks;
+    `kv_dtype_bytes` is the KV cache's element size (the runtime dtype's by default).
     A caller that has already opened the file may pass it as `reader` (`path` then only
     names it in errors).
     """
@@ -86,7 +88,7 @@ def layer_costs(
         # Tied embeddings: the last stage holds token_embd again as its output weight.
         head += _held(embd, dtype_bytes, stored_types)
 
-    kv = _kv_bytes_per_layer(reader, path, arch, n_layers, dtype_bytes, kv_tokens)
+    kv = _kv_bytes_per_layer(reader, path, arch, n_layers, kv_dtype_bytes or dtype_bytes, kv_tokens)
     read = None if step_tokens is None else int(embd.n_bytes) // int(embd.shape[0]) * step_tokens
     return LayerCosts(
         layer_weight_bytes=layer_weights,

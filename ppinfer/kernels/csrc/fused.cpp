@@ -4,10 +4,12 @@
 // rms_norm(x [..., D], w, eps): x * (1 / sqrt(mean(x^2) + eps)) * w, the sum of squares in
 //   double as llama.cpp takes it (and the scale too, so that no square overflows); w is [D],
 //   or [P, D] for per-head weights over x's last two dims [..., P, D].
-// attend(qk, v, rot, k_cache, v_cache, rows, cols, mask, n_head, n_rot, scale, softcap): rotary
-//   embedding of q and k, the new keys and values written into cache rows `rows` at `cols`,
-//   and grouped-query attention over those rows under `mask`, with an optional tanh softcap on
-//   the scores; returns [b, T, H * D], the layout the output projection takes.
+// attend(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap): rotary
+//   embedding of q and k, the new keys and values written into a paged cache (blocks of
+//   [Hkv, BS, D] keys and values, float32, float16 or bfloat16: each batch row's slot s lives in
+//   block table[row, s / BS] at offset s % BS) at the slots `cols`, and grouped-query
+//   attention over each row's slots [0, n) under `mask`, with an optional tanh softcap on the
+//   scores; returns [b, T, H * D] float32, the layout the output projection takes.
 // glu(h [..., 2F], kind): act(gate) * up for the fused [gate | up] projection, act SiLU
 //   (kind 0) or tanh-approximated GELU (kind 1); returns [..., F].
 //
@@ -15,6 +17,8 @@
 // attention's dots and sums use AVX2 and FMA where the block kernels do (`set_isa`).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -132,50 +136,64 @@ at::Tensor glu(const at::Tensor& h_in, int64_t kind) {
 // better). A prefetch never faults, past the end of the cache included.
 constexpr int64_t kAhead = 8;
 
-// One query token's attention for the `group` query heads that read one kv head.
+// One query token's attention for the `group` query heads that read one kv head. Slot s's key
+// is at keys + blocks[s / bs] * block_stride + (s % bs) * d (values likewise).
+template <class T>
 struct GroupTask {
-  const float* q;        // [group, d] rotated queries
-  const float* keys;     // slot s's key at keys + s * d
-  const float* values;   // slot s's value at values + s * d
-  const bool* visible;   // [n]
+  const float* q;          // [group, d] rotated queries
+  const T* keys;           // the pool's first block, at this kv head
+  const T* values;
+  const int64_t* blocks;   // [ceil(n / bs)] the row's block ids
+  int64_t bs, block_stride;
+  const bool* visible;     // [n]
   int64_t n, d, group;
-  float scale, cap;      // cap 0: no softcap
-  float* scratch;        // [group * (n + 2)]: scores, then each head's max and sum
-  float* out;            // [group, d]
+  float scale, cap;        // cap 0: no softcap
+  float* scratch;          // [group * (n + 2)]: scores, then each head's max and sum
+  float* out;              // [group, d]
+
+  const T* key(int64_t s) const { return keys + blocks[s / bs] * block_stride + (s % bs) * d; }
+  const T* value(int64_t s) const { return values + blocks[s / bs] * block_stride + (s % bs) * d; }
 };
 
-// The portable dots and sums (the compiler vectorizes the eight independent partial sums).
+// The portable dots and sums (the compiler vectorizes the eight independent partial sums); the
+// cache's elements are widened to float32 as they are read.
 struct ScalarVec {
   // sum a[i] * b[i]
-  static float dot(const float* a, const float* b, int64_t n) {
+  template <class T>
+  static float dot(const float* a, const T* b, int64_t n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-      for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
+      for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * static_cast<float>(b[i + l]);
     }
     float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; i < n; ++i) s += a[i] * b[i];
+    for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
     return s;
   }
   // y += p * x
-  static void axpy(float p, const float* x, float* y, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) y[i] += p * x[i];
+  template <class T>
+  static void axpy(float p, const T* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) y[i] += p * static_cast<float>(x[i]);
   }
 };
 
 // Scores of every visible slot for every head (keys read once for the group), softmax, then
 // the values' weighted sum (values read once).
-template <class Vec>
-PPINFER_ALWAYS_INLINE void attend_group(const GroupTask& a) {
+template <class Vec, class T>
+PPINFER_ALWAYS_INLINE void attend_group(const GroupTask<T>& a) {
   float* scores = a.scratch;  // [group, n]
   float* best = scores + a.group * a.n;
   float* total = best + a.group;
   const float none = -std::numeric_limits<float>::infinity();
+  const int64_t line = 64 / sizeof(T);  // elements per cache line
   std::fill(best, best + a.group, none);
   for (int64_t s = 0; s < a.n; ++s) {
     if (!a.visible[s]) continue;
-    const float* k = a.keys + s * a.d;
-    for (int64_t x = 0; x < a.d; x += 16) PPINFER_PREFETCH(k + kAhead * a.d + x);
+    const T* k = a.key(s);
+    if (s + kAhead < a.n) {
+      const T* ahead = a.key(s + kAhead);
+      for (int64_t x = 0; x < a.d; x += line) PPINFER_PREFETCH(ahead + x);
+    }
     for (int64_t e = 0; e < a.group; ++e) {
       float score = Vec::dot(a.q + e * a.d, k, a.d) * a.scale;
       if (a.cap > 0) score = std::tanh(score / a.cap) * a.cap;
@@ -188,8 +206,11 @@ PPINFER_ALWAYS_INLINE void attend_group(const GroupTask& a) {
   std::fill(total, total + a.group, 0.0f);
   for (int64_t s = 0; s < a.n; ++s) {
     if (!a.visible[s]) continue;
-    const float* v = a.values + s * a.d;
-    for (int64_t x = 0; x < a.d; x += 16) PPINFER_PREFETCH(v + kAhead * a.d + x);
+    const T* v = a.value(s);
+    if (s + kAhead < a.n) {
+      const T* ahead = a.value(s + kAhead);
+      for (int64_t x = 0; x < a.d; x += line) PPINFER_PREFETCH(ahead + x);
+    }
     for (int64_t e = 0; e < a.group; ++e) {
       const float p = std::exp(scores[e * a.n + s] - best[e]);
       total[e] += p;
@@ -202,112 +223,94 @@ PPINFER_ALWAYS_INLINE void attend_group(const GroupTask& a) {
   }
 }
 
-void attend_group_scalar(const GroupTask& a) { attend_group<ScalarVec>(a); }
+template <class T>
+void attend_group_scalar(const GroupTask<T>& a) { attend_group<ScalarVec>(a); }
 
 #ifdef PPINFER_X86
+// Eight cache elements widened to float32.
+PPINFER_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+PPINFER_AVX2 inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+PPINFER_AVX2 inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
 struct Avx2Vec {
-  PPINFER_AVX2 static inline float dot(const float* a, const float* b, int64_t n) {
+  template <class T>
+  PPINFER_AVX2 static inline float dot(const float* a, const T* b, int64_t n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
     }
-    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
     const __m256 acc = _mm256_add_ps(acc0, acc1);
     __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
     float s = _mm_cvtss_f32(s4);
-    for (; i < n; ++i) s += a[i] * b[i];
+    for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
     return s;
   }
-  PPINFER_AVX2 static inline void axpy(float p, const float* x, float* y, int64_t n) {
+  template <class T>
+  PPINFER_AVX2 static inline void axpy(float p, const T* x, float* y, int64_t n) {
     const __m256 pv = _mm256_set1_ps(p);
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; ++i) y[i] += p * x[i];
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, load8(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; ++i) y[i] += p * static_cast<float>(x[i]);
   }
 };
 
-PPINFER_AVX2 void attend_group_avx2(const GroupTask& a) { attend_group<Avx2Vec>(a); }
+template <class T>
+PPINFER_AVX2 void attend_group_avx2(const GroupTask<T>& a) { attend_group<Avx2Vec>(a); }
 #else
-void attend_group_avx2(const GroupTask& a) { attend_group<ScalarVec>(a); }
+template <class T>
+void attend_group_avx2(const GroupTask<T>& a) { attend_group<ScalarVec>(a); }
 #endif
 
-at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rot_in, const at::Tensor& k_cache,
-                  const at::Tensor& v_cache, const at::Tensor& rows_in, const at::Tensor& cols_in,
-                  const at::Tensor& mask_in, int64_t n_head, int64_t n_rot, double scale, double softcap) {
-  constexpr const char* op = "attend";
-  check_float_cpu(op, "qk", qk, 4);  // [b, T, H + Hkv, D]
-  check_float_cpu(op, "v", v, 4);  // [b, T, Hkv, D]
-  check_float_cpu(op, "k_cache", k_cache, 4);  // [B, Hkv, S, D]
-  check_float_cpu(op, "v_cache", v_cache, 4);
-  const int64_t b = qk.size(0), t = qk.size(1), d = qk.size(3);
-  const int64_t hkv = k_cache.size(1), slots = k_cache.size(2), h = n_head;
-  TORCH_CHECK(h > 0 && hkv > 0 && h % hkv == 0 && qk.size(2) == h + hkv, op, ": qk ", qk.sizes(), " for ", h,
-              " query heads and a cache of ", hkv, " kv heads");
-  TORCH_CHECK(v.sizes() == at::IntArrayRef({b, t, hkv, d}), op, ": v ", v.sizes(), " does not match qk ", qk.sizes());
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == d && k_cache.stride(2) == d &&
-                  v_cache.stride(2) == d,
-              op, ": caches ", k_cache.sizes(), " / ", v_cache.sizes(), " do not match qk ", qk.sizes());
-  const at::Tensor rows = rows_in.contiguous();  // [b] int64: the cache row of each batch row
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.size(0) == b, op,
-              ": rows must be int64 [", b, "], got ", rows.scalar_type(), " ", rows.sizes());
-  const int64_t* row_of = rows.data_ptr<int64_t>();
-  for (int64_t i = 0; i < b; ++i) {
-    TORCH_CHECK(row_of[i] >= 0 && row_of[i] < k_cache.size(0), op, ": row ", row_of[i], " outside a cache of ",
-                k_cache.size(0), " rows");
-  }
-  TORCH_CHECK(n_rot >= 0 && n_rot <= d && n_rot % 2 == 0, op, ": n_rot ", n_rot, " for head dim ", d);
-  const at::Tensor rot = rot_in.contiguous();  // [b, T, n_rot/2, 2] (cos, sin)
-  TORCH_CHECK(rot.scalar_type() == at::kFloat && rot.numel() == b * t * n_rot, op, ": rot must be float32 [b, T, ",
-              n_rot / 2, ", 2], got ", rot.scalar_type(), " ", rot.sizes());
-  const at::Tensor cols = cols_in.contiguous();  // [b, T] int64
-  TORCH_CHECK(cols.scalar_type() == at::kLong && cols.sizes() == at::IntArrayRef({b, t}), op, ": cols must be int64 [",
-              b, ", ", t, "], got ", cols.scalar_type(), " ", cols.sizes());
-  const at::Tensor mask = mask_in.contiguous();  // [b, 1, T, n] bool
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && mask.size(0) == b && mask.size(1) == 1 &&
-                  mask.size(2) == t && mask.size(3) <= slots,
-              op, ": mask must be bool [", b, ", 1, ", t, ", n <= ", slots, "], got ", mask.scalar_type(), " ",
-              mask.sizes());
-  const int64_t n = mask.size(3);
-  const int64_t* cp = cols.data_ptr<int64_t>();
-  for (int64_t i = 0; i < b * t; ++i) {
-    TORCH_CHECK(cp[i] >= 0 && cp[i] < slots, op, ": slot ", cp[i], " outside a cache of ", slots);
-  }
-
+template <class T>
+void attend_typed(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rot, const at::Tensor& k_pool,
+                  const at::Tensor& v_pool, const at::Tensor& table, const at::Tensor& cols, const at::Tensor& mask,
+                  int64_t n_head, int64_t n_rot, double scale, double softcap, at::Tensor& out) {
+  const int64_t b = qk.size(0), t = qk.size(1), d = qk.size(3), h = n_head;
+  const int64_t hkv = k_pool.size(1), bs = k_pool.size(2), nb = table.size(1), n = mask.size(3);
   const float* rp = rot.data_ptr<float>();
   const float* qkp = qk.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
+  T* kc = k_pool.data_ptr<T>();
+  T* vc = v_pool.data_ptr<T>();
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t* cp = cols.data_ptr<int64_t>();
   const auto at_qk = [&](int64_t i, int64_t j, int64_t head) {
     return qkp + i * qk.stride(0) + j * qk.stride(1) + head * qk.stride(2);
   };
-  const auto key = [&](float* cache, const at::Tensor& c, int64_t i, int64_t g, int64_t slot) {
-    return cache + row_of[i] * c.stride(0) + g * c.stride(1) + slot * d;
+  const auto slot = [&](T* pool, int64_t i, int64_t g, int64_t s) {
+    return pool + tp[i * nb + s / bs] * k_pool.stride(0) + g * k_pool.stride(1) + (s % bs) * d;
   };
 
-  // The new tokens' keys (rotated) and values into their slots.
+  // The new tokens' keys (rotated) and values into their slots, rounded to the cache's type.
+  std::vector<float> rotated(d);
   for (int64_t i = 0; i < b; ++i) {
     for (int64_t j = 0; j < t; ++j) {
       const float* r = rp + (i * t + j) * n_rot;
-      const int64_t slot = cp[i * t + j];
+      const int64_t s = cp[i * t + j];
       for (int64_t g = 0; g < hkv; ++g) {
-        rotate(at_qk(i, j, h + g), r, n_rot, d, key(kc, k_cache, i, g, slot));
+        rotate(at_qk(i, j, h + g), r, n_rot, d, rotated.data());
+        std::copy(rotated.begin(), rotated.end(), slot(kc, i, g, s));
         const float* src = vp + i * v.stride(0) + j * v.stride(1) + g * v.stride(2);
-        std::copy(src, src + d, key(vc, v_cache, i, g, slot));
+        std::copy(src, src + d, slot(vc, i, g, s));
       }
     }
   }
 
-  at::Tensor out = at::empty({b, t, h * d}, qk.options());  // [b, T, H * D]
   float* outp = out.data_ptr<float>();
   const bool* mp = mask.data_ptr<bool>();
   const int64_t group = h / hkv;
   const float scalef = static_cast<float>(scale), cap = static_cast<float>(softcap);
-  const auto run_group = avx2_active() ? attend_group_avx2 : attend_group_scalar;
+  const auto run_group = avx2_active() ? attend_group_avx2<T> : attend_group_scalar<T>;
   const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, 2 * n * d * group));
   // One task per (row, query token, kv head): the group of query heads reading that kv head.
   at::parallel_for(0, b * t * hkv, grain, [&](int64_t task0, int64_t task1) {
@@ -317,11 +320,72 @@ at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
       for (int64_t e = 0; e < group; ++e) {
         rotate(at_qk(i, j, g * group + e), rp + (i * t + j) * n_rot, n_rot, d, q.data() + e * d);
       }
-      const GroupTask work{q.data(), key(kc, k_cache, i, g, 0), key(vc, v_cache, i, g, 0), mp + (i * t + j) * n,
-                           n, d, group, scalef, cap, scratch.data(), outp + ((i * t + j) * h + g * group) * d};
+      const GroupTask<T> work{q.data(), kc + g * k_pool.stride(1), vc + g * v_pool.stride(1), tp + i * nb, bs,
+                              k_pool.stride(0), mp + (i * t + j) * n, n, d, group, scalef, cap, scratch.data(),
+                              outp + ((i * t + j) * h + g * group) * d};
       run_group(work);
     }
   });
+}
+
+at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rot_in, const at::Tensor& k_pool,
+                  const at::Tensor& v_pool, const at::Tensor& table_in, const at::Tensor& cols_in,
+                  const at::Tensor& mask_in, int64_t n_head, int64_t n_rot, double scale, double softcap) {
+  constexpr const char* op = "attend";
+  check_float_cpu(op, "qk", qk, 4);  // [b, T, H + Hkv, D]
+  check_float_cpu(op, "v", v, 4);  // [b, T, Hkv, D]
+  const at::ScalarType kv = k_pool.scalar_type();
+  TORCH_CHECK(k_pool.device().is_cpu() && k_pool.dim() == 4 && k_pool.is_contiguous() &&
+                  (kv == at::kFloat || kv == at::kHalf || kv == at::kBFloat16),
+              op, ": k_pool must be a contiguous float32, float16 or bfloat16 CPU tensor [N, Hkv, BS, D], got ", kv,
+              " ", k_pool.sizes());
+  TORCH_CHECK(v_pool.scalar_type() == kv && v_pool.sizes() == k_pool.sizes() && v_pool.is_contiguous(), op,
+              ": v_pool ", v_pool.scalar_type(), " ", v_pool.sizes(), " does not match k_pool ", k_pool.sizes());
+  const int64_t b = qk.size(0), t = qk.size(1), d = qk.size(3);
+  const int64_t hkv = k_pool.size(1), bs = k_pool.size(2), h = n_head;
+  TORCH_CHECK(h > 0 && hkv > 0 && h % hkv == 0 && qk.size(2) == h + hkv, op, ": qk ", qk.sizes(), " for ", h,
+              " query heads and a cache of ", hkv, " kv heads");
+  TORCH_CHECK(k_pool.size(3) == d, op, ": pool ", k_pool.sizes(), " does not match qk ", qk.sizes());
+  TORCH_CHECK(v.sizes() == at::IntArrayRef({b, t, hkv, d}), op, ": v ", v.sizes(), " does not match qk ", qk.sizes());
+  const at::Tensor table = table_in.contiguous();  // [b, nb] int64: each row's block ids
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 2 && table.size(0) == b, op,
+              ": table must be int64 [", b, ", nb], got ", table.scalar_type(), " ", table.sizes());
+  const int64_t nb = table.size(1);
+  TORCH_CHECK(n_rot >= 0 && n_rot <= d && n_rot % 2 == 0, op, ": n_rot ", n_rot, " for head dim ", d);
+  const at::Tensor rot = rot_in.contiguous();  // [b, T, n_rot/2, 2] (cos, sin)
+  TORCH_CHECK(rot.scalar_type() == at::kFloat && rot.numel() == b * t * n_rot, op, ": rot must be float32 [b, T, ",
+              n_rot / 2, ", 2], got ", rot.scalar_type(), " ", rot.sizes());
+  const at::Tensor cols = cols_in.contiguous();  // [b, T] int64
+  TORCH_CHECK(cols.scalar_type() == at::kLong && cols.sizes() == at::IntArrayRef({b, t}), op, ": cols must be int64 [",
+              b, ", ", t, "], got ", cols.scalar_type(), " ", cols.sizes());
+  const at::Tensor mask = mask_in.contiguous();  // [b, 1, T, n] bool
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && mask.size(0) == b && mask.size(1) == 1 &&
+                  mask.size(2) == t && mask.size(3) <= nb * bs,
+              op, ": mask must be bool [", b, ", 1, ", t, ", n <= ", nb * bs, "], got ", mask.scalar_type(), " ",
+              mask.sizes());
+  const int64_t n = mask.size(3);
+  const int64_t* cp = cols.data_ptr<int64_t>();
+  for (int64_t i = 0; i < b * t; ++i) {
+    TORCH_CHECK(cp[i] >= 0 && cp[i] < nb * bs, op, ": slot ", cp[i], " outside a table of ", nb, " blocks of ", bs);
+  }
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t used = (n + bs - 1) / bs;  // blocks each row reads
+  for (int64_t i = 0; i < b; ++i) {
+    for (int64_t k = 0; k < nb; ++k) {
+      const bool needed = k < used || k == cp[i * t] / bs || k == cp[i * t + t - 1] / bs;
+      TORCH_CHECK(!needed || (tp[i * nb + k] >= 0 && tp[i * nb + k] < k_pool.size(0)), op, ": block ",
+                  tp[i * nb + k], " of row ", i, " outside a pool of ", k_pool.size(0));
+    }
+  }
+
+  at::Tensor out = at::empty({b, t, h * d}, qk.options());  // [b, T, H * D]
+  if (kv == at::kFloat) {
+    attend_typed<float>(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, out);
+  } else if (kv == at::kHalf) {
+    attend_typed<c10::Half>(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, out);
+  } else {
+    attend_typed<c10::BFloat16>(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, out);
+  }
   return out;
 }
 
@@ -332,7 +396,7 @@ TORCH_LIBRARY_FRAGMENT(ppinfer_kernels, m) {
   m.def("rms_norm(Tensor x, Tensor? w, float eps) -> Tensor", &ppinfer::rms_norm);
   m.def("glu(Tensor h, int kind) -> Tensor", &ppinfer::glu);
   m.def(
-      "attend(Tensor qk, Tensor v, Tensor rot, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, Tensor cols, "
+      "attend(Tensor qk, Tensor v, Tensor rot, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor table, Tensor cols, "
       "Tensor mask, int n_head, int n_rot, float scale, float softcap) -> Tensor",
       &ppinfer::attend);
 }
