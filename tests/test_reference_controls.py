@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ggufgen import TinySpec, with_changes
-from hf_reference import GGUF_LOADER_ARCHS, hf_logits, load_by_hand, load_with_gguf_loader, reference_model
+from hf_reference import hf_logits, load_by_hand, load_with_gguf_loader, loader_reads, reference_model
 from tiny_cases import ALL_CASES, TinyFiles, token_batch
 from transformers import PreTrainedModel
 
@@ -26,9 +26,7 @@ def _logits(model: PreTrainedModel, spec: TinySpec) -> np.ndarray:
     return hf_logits(model, token_batch(spec))
 
 
-LOADER_CASES = [
-    c for c, s in ALL_CASES.items() if s.arch in GGUF_LOADER_ARCHS and not (s.arch == "llama" and s.fused_qkv)
-]
+LOADER_CASES = [c for c, s in ALL_CASES.items() if loader_reads(s)]
 
 
 @pytest.mark.parametrize("case", LOADER_CASES)

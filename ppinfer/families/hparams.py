@@ -8,7 +8,7 @@ from typing import Any
 
 from ppinfer.errors import ModelFileError
 from ppinfer.families.registry import get_spec
-from ppinfer.families.spec import FamilySpec, Norm
+from ppinfer.families.spec import ExpertWidth, FamilySpec, Gating, Norm, SharedExpert
 from ppinfer.gguf.reader import GGUFFile
 
 
@@ -23,6 +23,19 @@ class RopeParams:
 
 
 @dataclass(frozen=True)
+class MoeParams:
+    """A layer's Mixture-of-Experts feed-forward: `n_expert_used` of `n_expert` experts of
+    width `n_ff_exp` per token, plus a shared expert of width `n_ff_shexp` (0: none)."""
+
+    n_expert: int
+    n_expert_used: int
+    n_ff_exp: int
+    n_ff_shexp: int
+    gating: Gating
+    normalize: bool  # chosen experts' weights divided by their sum
+
+
+@dataclass(frozen=True)
 class LayerParams:
     """Per-layer shape and attention kind."""
 
@@ -31,6 +44,7 @@ class LayerParams:
     n_ff: int
     sliding_window: int  # 0 = global attention
     rope: RopeParams
+    moe: MoeParams | None  # None: a dense feed-forward of width n_ff
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,40 @@ def _check_head_dim(gf: GGUFFile, head_dim: int, n_head: int, n_head_kv: int, na
             f"{gf.path}: {name}={head_dim} does not match tensor {tensor.name!r} of shape {list(tensor.shape)} "
             f"({n_head} heads)"
         )
+
+
+def _read_moe(gf: GGUFFile, spec: FamilySpec, n_ff: int) -> MoeParams | None:
+    """The expert layout from `{arch}.expert_*` keys, or None for a dense model."""
+    experts = spec.experts
+    if experts is None:
+        return None
+    arch, path = gf.architecture, gf.path
+
+    def count(name: str, default: int | None = None) -> int:
+        key = f"{arch}.{name}"
+        value = gf.require(key) if default is None else gf.get(key, default)
+        if type(value) is not int or value < 0:
+            raise ModelFileError(f"{path}: metadata {key!r} holds {value!r}, expected a count")
+        return value
+
+    n_expert = count("expert_count", None if experts.required else 0)
+    if n_expert == 0:
+        if experts.required:
+            raise ModelFileError(f"{path}: {arch}.expert_count=0, but {arch} is a Mixture of Experts")
+        return None
+    n_used = count("expert_used_count")
+    if not 0 < n_used <= n_expert:
+        raise ModelFileError(
+            f"{path}: {arch}.expert_used_count={n_used} must be between 1 and {arch}.expert_count={n_expert}"
+        )
+    default_width = n_ff if experts.width_default is ExpertWidth.FF else n_ff // n_used
+    n_ff_exp = count("expert_feed_forward_length", default_width)
+    n_ff_shexp = 0
+    if experts.shared is SharedExpert.GATED:
+        n_ff_shexp = count("expert_shared_feed_forward_length", n_ff)
+    if n_ff_exp < 1 or (experts.shared is not SharedExpert.NONE and n_ff_shexp < 1):
+        raise ModelFileError(f"{path}: expert width {n_ff_exp} / shared width {n_ff_shexp} must be positive")
+    return MoeParams(n_expert, n_used, n_ff_exp, n_ff_shexp, experts.gating, experts.normalize)
 
 
 def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
@@ -133,6 +181,8 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
     def is_sliding(il: int) -> bool:
         return window > 0 and il % pattern < pattern - 1
 
+    moe = _read_moe(gf, spec, n_ff[0])
+
     layers = tuple(
         LayerParams(
             n_head=n_head[il],
@@ -140,6 +190,7 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
             n_ff=n_ff[il],
             sliding_window=window if is_sliding(il) else 0,
             rope=local_rope if is_sliding(il) else global_rope,
+            moe=moe,
         )
         for il in range(n_layer)
     )

@@ -105,6 +105,22 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
+class ProjectionQkNorm(nn.Module):
+    """RMSNorm of the whole q projection and of the whole k projection, each with its own
+    weight (olmoe), over the `[B, T, H + Hkv, D]` view of the q and k heads."""
+
+    def __init__(self, q_norm: RMSNorm, k_norm: RMSNorm, n_head: int) -> None:
+        super().__init__()
+        self.q_norm, self.k_norm, self.n_head = q_norm, k_norm, n_head
+
+    def forward(self, qk: torch.Tensor) -> torch.Tensor:
+        """qk [B, T, H + Hkv, D] -> the same shape, q and k heads normalised."""
+        b, t, _, d = qk.shape
+        q = self.q_norm(qk[:, :, : self.n_head].reshape(b, t, -1))  # [B, T, H D]
+        k = self.k_norm(qk[:, :, self.n_head :].reshape(b, t, -1))  # [B, T, Hkv D]
+        return torch.cat((q, k), dim=-1).view(b, t, -1, d)
+
+
 class LayerNorm(nn.Module):
     """Standard LayerNorm with weight and bias (phi2, starcoder2)."""
 
