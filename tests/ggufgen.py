@@ -65,6 +65,10 @@ class TinySpec:
     """rope.freq_base_swa; None leaves the key out (gemma3 then uses 10000)."""
     rope_linear_factor: float | None = None
     """rope.scaling.type=linear with this factor (positions divided by it)."""
+    rope_yarn: tuple[float, int] | None = None
+    """rope.scaling.type=yarn with (factor, original_context_length)."""
+    rope_attn_factor: float | None = None
+    """rope.scaling.attn_factor (multiplies YaRN's attention factor)."""
     rope_freqs: bool = False
     """Write a `rope_freqs.weight` tensor of per-frequency divisors (Llama-3.1 style)."""
     tied: bool = False
@@ -255,6 +259,12 @@ def _write_metadata(w: gguf.GGUFWriter, spec: TinySpec, name: str) -> None:
     if spec.rope_linear_factor is not None:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(spec.rope_linear_factor)
+    if spec.rope_yarn is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(spec.rope_yarn[0])
+        w.add_rope_scaling_orig_ctx_len(spec.rope_yarn[1])
+    if spec.rope_attn_factor is not None:
+        w.add_rope_scaling_attn_factors(spec.rope_attn_factor)
     if spec.sliding_window is not None:
         w.add_sliding_window(spec.sliding_window)
     if spec.n_expert > 0:
@@ -293,10 +303,17 @@ def write_gguf(
     tensors: Mapping[str, np.ndarray | RawTensor],
     *,
     arch_name: str | None = None,
+    extra: Mapping[str, str | float] | None = None,
 ) -> Path:
-    """Write metadata for `spec` and the given tensors (already encoded) to `path`."""
+    """Write metadata for `spec` (plus the `extra` string or float32 keys) and the given
+    tensors (already encoded) to `path`."""
     w = gguf.GGUFWriter(path, arch_name or spec.arch)
     _write_metadata(w, spec, path.stem)
+    for key, value in (extra or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_float32(key, value)
     for name, t in tensors.items():
         if isinstance(t, RawTensor):
             w.add_tensor(name, t.data, raw_dtype=t.qtype)

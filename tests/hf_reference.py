@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
@@ -59,10 +60,18 @@ def loader_reads(spec: TinySpec) -> bool:
     return spec.arch in GGUF_LOADER_ARCHS and not (spec.arch == "llama" and (spec.fused_qkv or spec.n_expert))
 
 
-def _rope(spec: TinySpec, base: float, linear: float | None) -> dict[str, object]:
+def _rope(spec: TinySpec, base: float, linear: float | None, yarn: bool = True) -> dict[str, object]:
     params: dict[str, object] = {"rope_type": "default", "rope_theta": base}
     if linear is not None:
         params = {"rope_type": "linear", "factor": linear, "rope_theta": base}
+    if yarn and spec.rope_yarn is not None:
+        factor, original = spec.rope_yarn
+        params = {
+            "rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original, "rope_theta": base,
+            "beta_fast": 32.0, "beta_slow": 1.0,
+        }
+        if spec.rope_attn_factor is not None:  # given, transformers uses it instead of its default
+            params["attention_factor"] = spec.rope_attn_factor * (0.1 * math.log(factor) + 1.0)
     # Always explicit: PhiConfig silently defaults to a factor of 0.5.
     params["partial_rotary_factor"] = spec.n_rot / spec.head_dim
     return params
@@ -148,7 +157,7 @@ def hf_config(spec: TinySpec) -> PretrainedConfig:
         )
     if arch == "gemma3":
         # Sliding layers: freq_base_swa (10000 when absent) and no rope scaling.
-        local = _rope(spec, 10000.0 if spec.rope_base_swa is None else spec.rope_base_swa, None)
+        local = _rope(spec, 10000.0 if spec.rope_base_swa is None else spec.rope_base_swa, None, yarn=False)
         return Gemma3TextConfig(
             **gemma,
             hidden_activation="gelu_pytorch_tanh",

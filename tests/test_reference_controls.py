@@ -61,6 +61,9 @@ QUIRK_OFF: list[tuple[str, dict[str, object]]] = [
     ("gemma3_final_softcap", {"final_softcap": None}),
     ("llama_rope_linear", {"rope_linear_factor": None}),
     ("llama_rope_freqs", {"rope_freqs": False}),
+    ("qwen3_rope_yarn", {"rope_yarn": None}),
+    ("qwen3_rope_yarn", {"rope_yarn": None, "rope_linear_factor": 4.0}),  # the ramp and mscale matter
+    ("llama_rope_yarn_attn_factor", {"rope_attn_factor": None}),
 ]
 
 

@@ -42,6 +42,13 @@ QUIRK_CASES: dict[str, TinySpec] = {
     "llama_attn_bias": TinySpec("llama", attn_bias=True, seed=17),
     "llama_rope_linear": TinySpec("llama", rope_linear_factor=4.0, seed=12),
     "llama_rope_freqs": TinySpec("llama", rope_freqs=True, rope_base=500.0, seed=13),
+    # YaRN as Qwen2.5/Qwen3 128k files set it: factor 4 over an original context of 4096, so
+    # that the ramp between extrapolated and interpolated pairs spans pairs 3..9 of 12.
+    "qwen3_rope_yarn": TinySpec("qwen3", head_dim=24, n_ctx=16384, rope_yarn=(4.0, 4096), seed=24),
+    # NORM rope with YaRN and the rope.scaling.attn_factor key.
+    "llama_rope_yarn_attn_factor": TinySpec(
+        "llama", n_ctx=16384, rope_base=500.0, rope_yarn=(8.0, 2048), rope_attn_factor=0.8, seed=25
+    ),
     "phi2_fused_qkv": TinySpec("phi2", rope_dims=6, fused_qkv=True, seed=14),
     # Real Phi-3 files carry a sliding_window key that llama.cpp ignores.
     "phi3_sliding_window_key": TinySpec("phi3", fused_qkv=True, rope_dims=12, sliding_window=4, seed=18),
