@@ -8,11 +8,16 @@
   path (so the per-expert slices are the right blocks); with 8-bit activations its
   distributions stay close to the exact path's. A decode step multiplies only the experts
   the router chose, and a prefill chunk runs one product per active expert.
+- The allocation cost model counts every expert's stored bytes in its layer (dequantized
+  floats where experts are not kept in blocks), the plan table shows them per rank, and a
+  stage describes the experts it holds.
+- Through `launch/infer.py` on 2 ranks, greedy generation equals full recompute.
 - A file whose expert tensors disagree with its metadata fails with one line naming them.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -21,14 +26,19 @@ import pytest
 import torch
 from ggufgen import encoded_tensors, with_changes, write_gguf
 from hf_reference import hf_logits, reference_model
+from pipeline_driver import run_command, torchrun_command
+from pipeline_models import N_VOCAB, greedy_recompute, write_pipeline_model
 from stage_runner import arange_positions, build, chained_logits, full_logits, kl_and_top1, whole
 from tiny_cases import ALL_CASES, MOE_CASES, MOE_QUANT_CASES, TinyFiles, token_batch
 
+import ppinfer
 from ppinfer.errors import ModelFileError
 from ppinfer.gguf import GGUFFile
 from ppinfer.kernels.experts import BlockExperts
 from ppinfer.model import PipelineStage
 from ppinfer.model.moe import FloatExperts, MoeFeedForward
+from ppinfer.plan.allocation import allocate, plan_table
+from ppinfer.plan.costs import layer_costs
 
 TOLERANCE = 1e-4
 """Max |Δlogit| against transformers in fp32 (measured: ~1e-5)."""
@@ -178,6 +188,55 @@ def test_only_chosen_experts_are_multiplied(
                 assert sorted(calls[i, role]) == chosen, f"layer {i} {role}: ran {calls[i, role]}, chose {chosen}"
             if b - a == 1:  # a decode step touches at most 2 rows x k experts of n
                 assert len(chosen) <= 2 * spec.n_expert_used < spec.n_expert
+
+
+@pytest.mark.parametrize("experts_in_blocks", [True, False], ids=["cpu", "experts_dequantized"])
+def test_layer_costs_count_every_expert(tiny_files: TinyFiles, experts_in_blocks: bool) -> None:
+    """Per layer: router, norms, attention and all experts, by hand from the tensor shapes."""
+    case = "qwen3moe_q4_0"
+    spec, path = ALL_CASES[case], tiny_files.path(case)
+    q4 = {spec.qtype}
+    costs = layer_costs(str(path), 4, 0, stored_types=q4, stored_expert_types=q4 if experts_in_blocks else set())
+    e, f, n, d = spec.n_embd, spec.expert_width, spec.n_expert, spec.head_dim
+    q4_bytes = 18 / 32  # Q4_0: 18 bytes per 32 values
+    attention = (spec.q_width * e * 2 + spec.kv_width * e * 2) * q4_bytes  # q, o, k, v
+    small = (2 * e + 2 * d + n * e) * 4  # norms, q/k norms, F32 router
+    experts = 3 * n * f * e * (q4_bytes if experts_in_blocks else 4)
+    assert costs.layer_expert_bytes == [experts] * spec.n_layer
+    assert costs.layer_weight_bytes == [attention + small + experts] * spec.n_layer
+    table = plan_table(allocate("balanced", 2, costs), costs)
+    assert "experts MiB" in table.splitlines()[0]
+
+
+def test_stages_describe_their_experts(tiny_files: TinyFiles) -> None:
+    path = tiny_files.path("qwen2moe_q8_0")
+    first, last = build(path, 0, 2, 3, "quantized"), build(path, 2, 3, 3, "quantized")
+    per_layer = 3 * 6 * 32 * 64 * 34 // 32  # gate, up, down of 6 experts [32, 64] in Q8_0
+    assert first.describe_experts() == f"2 layers x 6 experts (2 used), {2 * per_layer / 2**20:.1f} MiB"
+    assert last.describe_experts().startswith("1 layers x 6 experts (2 used)")
+    assert whole(tiny_files.path("llama"), 2).describe_experts() == "-"
+
+
+@pytest.mark.slow
+def test_two_rank_generation_equals_recompute(tmp_path: Path) -> None:
+    """qwen2moe (shared expert) on 2 ranks with 2 lanes: every greedy token equals the full
+    recompute's; the logged tables show the experts per rank."""
+    spec = with_changes(MOE_CASES["qwen2moe"], n_layer=4, n_vocab=N_VOCAB)
+    path = write_pipeline_model(tmp_path / "qwen2moe.gguf", spec)
+    prompts = ["the cat sat", "hello", "in the end there was"]
+    ids = [ppinfer.load_tokenizer(path).encode(p) for p in prompts]
+    expected = greedy_recompute(path, spec.n_layer, ids, 6)
+    out = tmp_path / "out"
+    quoted = ",".join(f'"{p}"' for p in prompts)
+    done = run_command(torchrun_command(
+        "--standalone", "--nproc_per_node=2", "launch/infer.py", f"model.path={path}", f"prompts=[{quoted}]",
+        "generation.max_new_tokens=6", "generation.ignore_eos=true", "pipeline.microbatches=2",
+        "runtime.weights=dequantized", "runtime.threads=1", f"output.dir={out}",
+    ), 180)
+    assert done.returncode == 0, done.tail()
+    got = [r["token_ids"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())]
+    assert got == expected
+    assert "experts MiB" in done.output and "experts: 2 layers x 6 experts (2 used)" in done.output
 
 
 def _bad_file(tmp_path: Path, case: str, **changes: object) -> Path:

@@ -50,10 +50,14 @@ class BlockBackend:
         weight = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))  # [out, bytes_per_row]
         return cpu.BlockLinear(weight, qtype, in_features, bias)
 
+    @property
+    def expert_types(self) -> frozenset[GGMLQuantizationType]:
+        """The types whose 3-D expert tensors stay in their blocks (the CPU kernels' types; on
+        CUDA experts are dequantized)."""
+        return self.types if self.device.type == "cpu" else frozenset()
+
     def supports_experts(self, qtype: GGMLQuantizationType) -> bool:
-        """Whether expert tensors of `qtype` stay in their blocks (the CPU kernels; on CUDA
-        experts are dequantized)."""
-        return self.device.type == "cpu" and qtype in self.types
+        return qtype in self.expert_types
 
     def experts(self, raw: np.ndarray, qtype: GGMLQuantizationType, in_features: int) -> nn.Module:
         """Per-expert products over `raw` ([n_expert, out, bytes_per_row] uint8, copied)."""

@@ -80,6 +80,12 @@ class MoeFeedForward(nn.Module):
         self.shared, self.shared_gate = shared, shared_gate
         self._glu = fused_ops.glu_op() if fused else None
 
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes held by the routed experts (blocks or floats)."""
+        tensors = [*self.gate_up.parameters(), *self.gate_up.buffers(), *self.down.parameters(), *self.down.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, E] -> (weights [N, k] float32, chosen experts [N, k] int64)."""
         p = self.params

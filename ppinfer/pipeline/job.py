@@ -265,10 +265,12 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool, se
         prefill_chunk = min(cfg.pipeline.prefill_chunk, max(len(p) for p in prompts))
         capacity = row_capacity(prompts, [0 if cfg.task == "score" else p.max_new_tokens for p in params])
     refill_chunk = min(cfg.pipeline.refill_chunk, prefill_chunk)
-    stored = block_backend(device).types if cfg.runtime.weights == "quantized" else frozenset()
+    backend = block_backend(device)
+    quantized = cfg.runtime.weights == "quantized"
     costs = layer_costs(
         str(model_path), torch.finfo(dtype).bits // 8, n_lanes * lane_size * capacity, reader=gf,
-        step_tokens=lane_size, stored_types=stored,
+        step_tokens=lane_size, stored_types=backend.types if quantized else frozenset(),
+        stored_expert_types=backend.expert_types if quantized else frozenset(),
     )
     layers = allocate(cfg.pipeline.layers, env.world, costs)
     if env.rank == 0:
