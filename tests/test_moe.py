@@ -33,6 +33,7 @@ from tiny_cases import ALL_CASES, MOE_CASES, MOE_QUANT_CASES, TinyFiles, token_b
 
 import ppinfer
 from ppinfer.errors import ModelFileError
+from ppinfer.families import read_hparams
 from ppinfer.gguf import GGUFFile
 from ppinfer.kernels.experts import BlockExperts
 from ppinfer.model import PipelineStage
@@ -267,8 +268,11 @@ def _bad_file(tmp_path: Path, case: str, **changes: object) -> Path:
 def test_expert_tensors_disagreeing_with_metadata(
     tiny_files: TinyFiles, tmp_path: Path, case: str, changes: dict[str, object], message: str
 ) -> None:
+    """Found from the header and tensor index (what every rank reads before a process group
+    exists), as building a stage finds it."""
     path = _bad_file(tmp_path, case, **changes)
-    spec = ALL_CASES[case]
     with pytest.raises(ModelFileError, match=message) as err:
-        whole(path, spec.n_layer)
+        read_hparams(GGUFFile(path))
     assert "\n" not in str(err.value)
+    with pytest.raises(ModelFileError, match=message):
+        whole(path, ALL_CASES[case].n_layer)

@@ -143,6 +143,27 @@ def _read_rope(gf: GGUFFile, n_rot: int, base: float, use_factors: bool) -> Rope
     return RopeParams(n_rot, base, freq_scale, use_factors, yarn, mscale)
 
 
+def _check_expert_tensors(gf: GGUFFile, moe: MoeParams, n_layer: int, n_embd: int) -> None:
+    """Every layer's expert tensors must hold expert_count experts of the expert width the
+    metadata gives (checked from the tensor index alone, identically on every rank)."""
+    arch, f = gf.architecture, moe.n_ff_exp
+    for il in range(n_layer):
+        for role, shape in (("gate", (moe.n_expert, f, n_embd)), ("up", (moe.n_expert, f, n_embd)),
+                            ("down", (moe.n_expert, n_embd, f))):
+            info = gf.tensors.get(f"blk.{il}.ffn_{role}_exps.weight")
+            if info is None or info.shape == shape:
+                continue
+            if len(info.shape) == 3 and info.shape[0] != moe.n_expert:
+                raise ModelFileError(
+                    f"{gf.path}: tensor {info.name!r} holds {info.shape[0]} experts (shape {list(info.shape)}) "
+                    f"but {arch}.expert_count={moe.n_expert}"
+                )
+            raise ModelFileError(
+                f"{gf.path}: tensor {info.name!r} has shape {list(info.shape)}, expected {list(shape)} "
+                f"(experts of width {f}: {arch}.expert_feed_forward_length or its default)"
+            )
+
+
 def _read_moe(gf: GGUFFile, spec: FamilySpec, n_ff: int) -> MoeParams | None:
     """The expert layout from `{arch}.expert_*` keys, or None for a dense model."""
     experts = spec.experts
@@ -231,6 +252,8 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
         return window > 0 and il % pattern < pattern - 1
 
     moe = _read_moe(gf, spec, n_ff[0])
+    if moe is not None:
+        _check_expert_tensors(gf, moe, n_layer, n_embd)
 
     layers = tuple(
         LayerParams(

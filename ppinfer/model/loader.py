@@ -114,28 +114,9 @@ def _attention(
     )
 
 
-def _check_experts(gf: GGUFFile, name: str, shape: tuple[int, int, int], moe: MoeParams) -> None:
-    """An expert tensor must hold expert_count experts of the width the metadata gives."""
-    got = gf.info(name).shape
-    if len(got) != 3 or got == shape:
-        return
-    arch = gf.architecture
-    if got[0] != shape[0]:
-        raise ModelFileError(
-            f"{gf.path}: tensor {name!r} holds {got[0]} experts (shape {list(got)}) "
-            f"but {arch}.expert_count={moe.n_expert}"
-        )
-    raise ModelFileError(
-        f"{gf.path}: tensor {name!r} has shape {list(got)}, expected {list(shape)} "
-        f"(experts of width {moe.n_ff_exp}: {arch}.expert_feed_forward_length or its default)"
-    )
-
-
 def _moe(w: Weights, spec: FamilySpec, hp: HParams, il: int, moe: MoeParams) -> MoeFeedForward:
     n, f, e, p = moe.n_expert, moe.n_ff_exp, hp.n_embd, f"blk.{il}."
-    expert_shapes = {"gate": (n, f, e), "up": (n, f, e), "down": (n, e, f)}
-    for role, shape in expert_shapes.items():
-        _check_experts(w.gf, p + f"ffn_{role}_exps.weight", shape, moe)
+    expert_shapes = {"gate": (n, f, e), "up": (n, f, e), "down": (n, e, f)}  # checked by read_hparams
     router = w.linear(p + "ffn_gate_inp.weight", (n, e))
     gate_up = w.experts([(p + f"ffn_{role}_exps.weight", expert_shapes[role]) for role in ("gate", "up")])
     down = w.experts([(p + "ffn_down_exps.weight", expert_shapes["down"])])
