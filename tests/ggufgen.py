@@ -35,9 +35,6 @@ EMBED_STD = 0.3
 QUANT_BLOCK = 32
 """Row length granularity of the simple quant types this module writes."""
 
-MOE_FAMILIES = ("qwen2moe", "qwen3moe", "olmoe")
-"""Families whose every layer is a Mixture of Experts (llama has experts when n_expert > 0)."""
-
 EXPERT_WIDTH_PER_USED = ("qwen2moe", "qwen3moe")
 """llama.cpp's expert width without `expert_feed_forward_length`: feed_forward_length divided
 by expert_used_count for these, feed_forward_length itself for the others."""
