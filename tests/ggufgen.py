@@ -35,6 +35,10 @@ EMBED_STD = 0.3
 QUANT_BLOCK = 32
 """Row length granularity of the simple quant types this module writes."""
 
+EXPERT_WIDTH_PER_USED = ("qwen2moe", "qwen3moe")
+"""llama.cpp's expert width without `expert_feed_forward_length`: feed_forward_length divided
+by expert_used_count for these, feed_forward_length itself for the others."""
+
 
 @dataclass(frozen=True)
 class TinySpec:
@@ -58,6 +62,10 @@ class TinySpec:
     """rope.freq_base_swa; None leaves the key out (gemma3 then uses 10000)."""
     rope_linear_factor: float | None = None
     """rope.scaling.type=linear with this factor (positions divided by it)."""
+    rope_yarn: tuple[float, int] | None = None
+    """rope.scaling.type=yarn with (factor, original_context_length)."""
+    rope_attn_factor: float | None = None
+    """rope.scaling.attn_factor (multiplies YaRN's attention factor)."""
     rope_freqs: bool = False
     """Write a `rope_freqs.weight` tensor of per-frequency divisors (Llama-3.1 style)."""
     tied: bool = False
@@ -76,12 +84,27 @@ class TinySpec:
     """Storage type of every 2-D weight (norms, biases and rope_freqs stay F32)."""
     qk_gain: float = 1.0
     """Multiplies q/k weights so attention scores are large enough for softcaps to bite."""
+    n_expert: int = 0
+    """expert_count: > 0 gives every layer routed experts (3-D ffn_*_exps tensors) instead of a
+    dense feed-forward."""
+    n_expert_used: int = 2
+    n_ff_exp: int | None = None
+    """expert_feed_forward_length; None leaves the key out (the family's default width)."""
+    n_ff_shexp: int = 0
+    """Width of qwen2moe's shared expert (written as expert_shared_feed_forward_length)."""
     seed: int = 0
 
     @property
     def n_rot(self) -> int:
         """Rotated dims per head."""
         return self.head_dim if self.rope_dims is None else self.rope_dims
+
+    @property
+    def expert_width(self) -> int:
+        """Rows of each expert's gate and up projections."""
+        if self.n_ff_exp is not None:
+            return self.n_ff_exp
+        return self.n_ff // self.n_expert_used if self.arch in EXPERT_WIDTH_PER_USED else self.n_ff
 
     @property
     def q_width(self) -> int:
@@ -114,7 +137,7 @@ def _attention(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, 
     wq = _linear(rng, spec.q_width, e, g)
     wk = _linear(rng, spec.kv_width, e, g)
     wv = _linear(rng, spec.kv_width, e)
-    with_qkv_bias = spec.attn_bias or spec.arch in ("qwen2", "phi2", "starcoder2")
+    with_qkv_bias = spec.attn_bias or spec.arch in ("qwen2", "qwen2moe", "phi2", "starcoder2")
     if spec.fused_qkv:
         out[f"{p}.attn_qkv.weight"] = np.concatenate([wq, wk, wv], axis=0)  # [(H+2Hkv)·D, E]
         if with_qkv_bias:
@@ -125,17 +148,38 @@ def _attention(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, 
             out[f"{p}.attn_q.bias"] = _bias(rng, spec.q_width)
             out[f"{p}.attn_k.bias"] = _bias(rng, spec.kv_width)
             out[f"{p}.attn_v.bias"] = _bias(rng, spec.kv_width)
-    if spec.arch in ("qwen3", "gemma3"):
+    if spec.arch in ("qwen3", "qwen3moe", "gemma3"):
         out[f"{p}.attn_q_norm.weight"] = _norm(rng, spec.head_dim)
         out[f"{p}.attn_k_norm.weight"] = _norm(rng, spec.head_dim)
+    if spec.arch == "olmoe":  # one norm over the whole q (and k) projection
+        out[f"{p}.attn_q_norm.weight"] = _norm(rng, spec.q_width)
+        out[f"{p}.attn_k_norm.weight"] = _norm(rng, spec.kv_width)
     out[f"{p}.attn_output.weight"] = _linear(rng, e, spec.q_width)
     if spec.attn_bias or spec.arch in ("phi2", "starcoder2"):
         out[f"{p}.attn_output.bias"] = _bias(rng, e)
 
 
+def _experts(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np.ndarray]) -> None:
+    """Router, routed experts [n_expert, out, in] and (qwen2moe) the gated shared expert."""
+    e, f, n = spec.n_embd, spec.expert_width, spec.n_expert
+    out[f"{p}.ffn_gate_inp.weight"] = _linear(rng, n, e, gain=2.0)  # router logits [n_expert, E]
+    out[f"{p}.ffn_gate_exps.weight"] = np.stack([_linear(rng, f, e) for _ in range(n)])  # [n, F, E]
+    out[f"{p}.ffn_up_exps.weight"] = np.stack([_linear(rng, f, e) for _ in range(n)])
+    out[f"{p}.ffn_down_exps.weight"] = np.stack([_linear(rng, e, f) for _ in range(n)])  # [n, E, F]
+    if spec.arch == "qwen2moe":
+        fs = spec.n_ff_shexp
+        out[f"{p}.ffn_gate_inp_shexp.weight"] = _linear(rng, 1, e, gain=2.0)[0]  # [E]
+        out[f"{p}.ffn_gate_shexp.weight"] = _linear(rng, fs, e)
+        out[f"{p}.ffn_up_shexp.weight"] = _linear(rng, fs, e)
+        out[f"{p}.ffn_down_shexp.weight"] = _linear(rng, e, fs)
+
+
 def _ffn(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np.ndarray]) -> None:
     """The feed-forward weights of one layer, in the family's layout."""
     e, f = spec.n_embd, spec.n_ff
+    if spec.n_expert > 0:
+        _experts(spec, rng, p, out)
+        return
     if spec.arch == "phi3":
         out[f"{p}.ffn_up.weight"] = _linear(rng, 2 * f, e)  # [2F, E]: gate rows, then up rows
     elif spec.arch in ("phi2", "starcoder2"):
@@ -212,8 +256,21 @@ def _write_metadata(w: gguf.GGUFWriter, spec: TinySpec, name: str) -> None:
     if spec.rope_linear_factor is not None:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(spec.rope_linear_factor)
+    if spec.rope_yarn is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(spec.rope_yarn[0])
+        w.add_rope_scaling_orig_ctx_len(spec.rope_yarn[1])
+    if spec.rope_attn_factor is not None:
+        w.add_rope_scaling_attn_factors(spec.rope_attn_factor)
     if spec.sliding_window is not None:
         w.add_sliding_window(spec.sliding_window)
+    if spec.n_expert > 0:
+        w.add_expert_count(spec.n_expert)
+        w.add_expert_used_count(spec.n_expert_used)
+        if spec.n_ff_exp is not None:
+            w.add_expert_feed_forward_length(spec.n_ff_exp)
+        if spec.n_ff_shexp:
+            w.add_expert_shared_feed_forward_length(spec.n_ff_shexp)
     if spec.attn_softcap is not None:
         w.add_attn_logit_softcapping(spec.attn_softcap)
     if spec.final_softcap is not None:
@@ -243,10 +300,17 @@ def write_gguf(
     tensors: Mapping[str, np.ndarray | RawTensor],
     *,
     arch_name: str | None = None,
+    extra: Mapping[str, str | float] | None = None,
 ) -> Path:
-    """Write metadata for `spec` and the given tensors (already encoded) to `path`."""
+    """Write metadata for `spec` (plus the `extra` string or float32 keys) and the given
+    tensors (already encoded) to `path`."""
     w = gguf.GGUFWriter(path, arch_name or spec.arch)
     _write_metadata(w, spec, path.stem)
+    for key, value in (extra or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_float32(key, value)
     for name, t in tensors.items():
         if isinstance(t, RawTensor):
             w.add_tensor(name, t.data, raw_dtype=t.qtype)
@@ -260,10 +324,11 @@ def write_gguf(
 
 
 def encoded_tensors(spec: TinySpec) -> dict[str, np.ndarray | RawTensor]:
-    """`tiny_tensors(spec)` with every 2-D weight stored as `spec.qtype`."""
+    """`tiny_tensors(spec)` with every 2-D and 3-D weight stored as `spec.qtype`, except the
+    expert router, which llama.cpp's quantizer leaves in F32."""
     out: dict[str, np.ndarray | RawTensor] = {}
     for name, array in tiny_tensors(spec).items():
-        if array.ndim == 2 and spec.qtype != QType.F32:
+        if array.ndim >= 2 and spec.qtype != QType.F32 and not name.endswith("ffn_gate_inp.weight"):
             if array.shape[1] % QUANT_BLOCK:
                 raise ValueError(f"{name}: row length {array.shape[1]} is not a multiple of {QUANT_BLOCK}")
             out[name] = encode(array, spec.qtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
@@ -34,24 +35,43 @@ from transformers import (
     Gemma3TextConfig,
     GemmaConfig,
     LlamaConfig,
+    MixtralConfig,
+    OlmoeConfig,
     Phi3Config,
     PhiConfig,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
     Starcoder2Config,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-GGUF_LOADER_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "starcoder2", "gemma2", "gemma3")
-"""Families transformers' GGUF loader can read (reference page §7)."""
+GGUF_LOADER_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "starcoder2", "gemma2", "gemma3", "qwen2moe", "qwen3moe")
+"""Families transformers' GGUF loader can read (reference page §7; its MoE support covers the
+two Qwen MoE families, not llama's Mixtral layout nor olmoe)."""
 
 
-def _rope(spec: TinySpec, base: float, linear: float | None) -> dict[str, object]:
+def loader_reads(spec: TinySpec) -> bool:
+    """Whether transformers' GGUF loader reads this file's tensors (not llama's fused qkv, not
+    llama with experts)."""
+    return spec.arch in GGUF_LOADER_ARCHS and not (spec.arch == "llama" and (spec.fused_qkv or spec.n_expert))
+
+
+def _rope(spec: TinySpec, base: float, linear: float | None, yarn: bool = True) -> dict[str, object]:
     params: dict[str, object] = {"rope_type": "default", "rope_theta": base}
     if linear is not None:
         params = {"rope_type": "linear", "factor": linear, "rope_theta": base}
+    if yarn and spec.rope_yarn is not None:
+        factor, original = spec.rope_yarn
+        params = {
+            "rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original, "rope_theta": base,
+            "beta_fast": 32.0, "beta_slow": 1.0,
+        }
+        if spec.rope_attn_factor is not None:  # given, transformers uses it instead of its default
+            params["attention_factor"] = spec.rope_attn_factor * (0.1 * math.log(factor) + 1.0)
     # Always explicit: PhiConfig silently defaults to a factor of 0.5.
     params["partial_rotary_factor"] = spec.n_rot / spec.head_dim
     return params
@@ -74,6 +94,34 @@ def hf_config(spec: TinySpec) -> PretrainedConfig:
     }
     rope = _rope(spec, spec.rope_base, spec.rope_linear_factor)
     arch = spec.arch
+    # Every layer sparse: transformers' Qwen MoE defaults leave some layers dense otherwise.
+    qwen_moe: dict[str, object] = {
+        "num_experts": spec.n_expert,
+        "num_experts_per_tok": spec.n_expert_used,
+        "moe_intermediate_size": spec.expert_width,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    }
+    if arch == "llama" and spec.n_expert:
+        return MixtralConfig(
+            **dict(common, intermediate_size=spec.expert_width), head_dim=spec.head_dim, rms_norm_eps=1e-5,
+            num_local_experts=spec.n_expert, num_experts_per_tok=spec.n_expert_used, sliding_window=None,
+            rope_parameters=rope,
+        )
+    if arch == "qwen2moe":
+        return Qwen2MoeConfig(
+            **common, **qwen_moe, rms_norm_eps=1e-5, norm_topk_prob=False, qkv_bias=True,
+            shared_expert_intermediate_size=spec.n_ff_shexp, rope_parameters=rope,
+        )
+    if arch == "qwen3moe":
+        return Qwen3MoeConfig(
+            **common, **qwen_moe, head_dim=spec.head_dim, rms_norm_eps=1e-5, norm_topk_prob=True, rope_parameters=rope
+        )
+    if arch == "olmoe":
+        return OlmoeConfig(
+            **dict(common, intermediate_size=spec.expert_width), rms_norm_eps=1e-5, num_experts=spec.n_expert,
+            num_experts_per_tok=spec.n_expert_used, norm_topk_prob=False, clip_qkv=None, rope_parameters=rope,
+        )
     if arch in LLAMA_LIKE:
         return LlamaConfig(
             **common, head_dim=spec.head_dim, rms_norm_eps=1e-5, attention_bias=spec.attn_bias, rope_parameters=rope
@@ -109,7 +157,7 @@ def hf_config(spec: TinySpec) -> PretrainedConfig:
         )
     if arch == "gemma3":
         # Sliding layers: freq_base_swa (10000 when absent) and no rope scaling.
-        local = _rope(spec, 10000.0 if spec.rope_base_swa is None else spec.rope_base_swa, None)
+        local = _rope(spec, 10000.0 if spec.rope_base_swa is None else spec.rope_base_swa, None, yarn=False)
         return Gemma3TextConfig(
             **gemma,
             hidden_activation="gelu_pytorch_tanh",
@@ -148,8 +196,15 @@ _LAYER_NAMES: dict[str, str] = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
-"""GGUF layer tensor -> transformers module for the llama-shaped families."""
+"""GGUF layer tensor -> transformers module for the llama-shaped families (experts: 3-D
+parameters, gate and up stacked into one `gate_up_proj`)."""
 
 _LAYER_OVERRIDES: dict[str, dict[str, str]] = {
     "gemma2": {
@@ -170,6 +225,8 @@ def _hf_name(arch: str, gguf_name: str) -> str:
         role = parts[2]
         overrides = _LAYER_OVERRIDES.get(arch, {})
         module = overrides[role] if role in overrides else _LAYER_NAMES[role]
+        if role == "ffn_down_exps":
+            return f"model.layers.{parts[1]}.{module}"  # a bare parameter, no .weight
         return f"model.layers.{parts[1]}.{module}.{parts[3]}"
     top = {
         "token_embd": "model.embed_tokens",
@@ -183,8 +240,15 @@ def hf_state_dict(spec: TinySpec, tensors: dict[str, np.ndarray], unpermute_qk: 
     """Map GGUF tensors onto transformers parameter names, undoing the converter's changes."""
     out: dict[str, torch.Tensor] = {}
     for name, w in tensors.items():
-        if name == "rope_freqs.weight":
+        if name == "rope_freqs.weight" or ".ffn_up_exps." in name:
             continue
+        if ".ffn_gate_exps." in name:  # [n, F, E] gate and up -> gate_up_proj [n, 2F, E]
+            up = tensors[name.replace("ffn_gate_exps", "ffn_up_exps")]
+            layer = name.split(".")[1]
+            out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.from_numpy(np.concatenate([w, up], axis=1))
+            continue
+        if name.endswith("ffn_gate_inp_shexp.weight"):
+            w = w.reshape(1, -1)  # transformers' gate is a Linear(E, 1)
         if spec.arch in GEMMA_LIKE and name.endswith("norm.weight"):
             w = w - 1.0  # transformers' Gemma RMSNorm multiplies by (1 + w)
         if ".attn_qkv." in name and spec.arch != "phi3":
@@ -268,8 +332,7 @@ def load_with_gguf_loader(path: Path, spec: TinySpec | None) -> PreTrainedModel:
 def reference_model(path: Path, spec: TinySpec) -> PreTrainedModel:
     """The transformers model to compare against: through the GGUF loader where it can
     read the file's tensors, hand-mapped otherwise."""
-    loader_reads_it = spec.arch in GGUF_LOADER_ARCHS and not (spec.arch == "llama" and spec.fused_qkv)
-    if loader_reads_it:
+    if loader_reads(spec):
         return load_with_gguf_loader(path, spec)
     return load_by_hand(path, spec)
 

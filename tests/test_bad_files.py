@@ -1,6 +1,6 @@
 """Bad model files fail with `ModelFileError` naming the file (and the tensor where one is
 to blame): missing, not GGUF, truncated, missing tensor, wrong shape, unsupported tensor
-types, unknown architecture (whose message lists the supported ones)."""
+types, unknown architecture and rope scaling (whose messages list the supported ones)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ from stage_runner import whole
 from ppinfer.errors import ModelFileError
 
 SPEC = TinySpec("llama", seed=20)
-FAMILIES = ("llama", "mistral3", "qwen2", "qwen3", "phi2", "phi3", "starcoder2", "gemma", "gemma2", "gemma3")
+FAMILIES = (
+    "llama", "mistral3", "qwen2", "qwen3", "phi2", "phi3", "starcoder2", "gemma", "gemma2", "gemma3",
+    "qwen2moe", "qwen3moe", "olmoe",
+)
 
 
 def _fails(path: Path, *names: str) -> str:
@@ -91,3 +94,10 @@ def test_unknown_architecture_lists_supported(tmp_path: Path) -> None:
     message = _fails(path, "alienlm")
     missing = [f for f in FAMILIES if f not in message]
     assert not missing, f"supported families {missing} not listed in {message!r}"
+
+
+def test_unsupported_rope_scaling_lists_supported(tmp_path: Path) -> None:
+    extra = {"llama.rope.scaling.type": "longrope", "llama.rope.scaling.factor": 4.0}
+    path = write_gguf(tmp_path / "longrope.gguf", SPEC, encoded_tensors(SPEC), extra=extra)
+    message = _fails(path, "'longrope'", "linear", "yarn")
+    assert "\n" not in message

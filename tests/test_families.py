@@ -74,7 +74,7 @@ def _decoded_one_token_at_a_time(stage, ids: np.ndarray) -> np.ndarray:
     )
 
 
-@pytest.mark.parametrize("case", list(FAMILY_CASES))
+@pytest.mark.parametrize("case", [*FAMILY_CASES, "qwen3_rope_yarn", "llama_rope_yarn_attn_factor"])
 def test_token_by_token_decode_matches_transformers(tiny_files: TinyFiles, case: str) -> None:
     """Every step a single token: on float32 CPU stages each layer's rotation, cache write and
     attention run as one fused op (ppinfer.kernels.fused); the reference is transformers' whole
@@ -88,7 +88,7 @@ def test_token_by_token_decode_matches_transformers(tiny_files: TinyFiles, case:
     assert float(np.abs(got - expected).max()) <= TOLERANCE
 
 
-@pytest.mark.parametrize("case", ["llama", "phi2", "gemma2", "gemma3"])
+@pytest.mark.parametrize("case", ["llama", "phi2", "gemma2", "gemma3", "qwen3_rope_yarn"])
 def test_decode_without_the_fused_ops_matches_transformers(
     tiny_files: TinyFiles, case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

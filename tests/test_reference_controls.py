@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ggufgen import TinySpec, with_changes
-from hf_reference import GGUF_LOADER_ARCHS, hf_logits, load_by_hand, load_with_gguf_loader, reference_model
+from hf_reference import hf_logits, load_by_hand, load_with_gguf_loader, loader_reads, reference_model
 from tiny_cases import ALL_CASES, TinyFiles, token_batch
 from transformers import PreTrainedModel
 
@@ -26,9 +26,7 @@ def _logits(model: PreTrainedModel, spec: TinySpec) -> np.ndarray:
     return hf_logits(model, token_batch(spec))
 
 
-LOADER_CASES = [
-    c for c, s in ALL_CASES.items() if s.arch in GGUF_LOADER_ARCHS and not (s.arch == "llama" and s.fused_qkv)
-]
+LOADER_CASES = [c for c, s in ALL_CASES.items() if loader_reads(s)]
 
 
 @pytest.mark.parametrize("case", LOADER_CASES)
@@ -63,6 +61,9 @@ QUIRK_OFF: list[tuple[str, dict[str, object]]] = [
     ("gemma3_final_softcap", {"final_softcap": None}),
     ("llama_rope_linear", {"rope_linear_factor": None}),
     ("llama_rope_freqs", {"rope_freqs": False}),
+    ("qwen3_rope_yarn", {"rope_yarn": None}),
+    ("qwen3_rope_yarn", {"rope_yarn": None, "rope_linear_factor": 4.0}),  # the ramp and mscale matter
+    ("llama_rope_yarn_attn_factor", {"rope_attn_factor": None}),
 ]
 
 

@@ -42,6 +42,13 @@ QUIRK_CASES: dict[str, TinySpec] = {
     "llama_attn_bias": TinySpec("llama", attn_bias=True, seed=17),
     "llama_rope_linear": TinySpec("llama", rope_linear_factor=4.0, seed=12),
     "llama_rope_freqs": TinySpec("llama", rope_freqs=True, rope_base=500.0, seed=13),
+    # YaRN as Qwen2.5/Qwen3 128k files set it: factor 4 over an original context of 4096, so
+    # that the ramp between extrapolated and interpolated pairs spans pairs 3..9 of 12.
+    "qwen3_rope_yarn": TinySpec("qwen3", head_dim=24, n_ctx=16384, rope_yarn=(4.0, 4096), seed=24),
+    # NORM rope with YaRN and the rope.scaling.attn_factor key.
+    "llama_rope_yarn_attn_factor": TinySpec(
+        "llama", n_ctx=16384, rope_base=500.0, rope_yarn=(8.0, 2048), rope_attn_factor=0.8, seed=25
+    ),
     "phi2_fused_qkv": TinySpec("phi2", rope_dims=6, fused_qkv=True, seed=14),
     # Real Phi-3 files carry a sliding_window key that llama.cpp ignores.
     "phi3_sliding_window_key": TinySpec("phi3", fused_qkv=True, rope_dims=12, sliding_window=4, seed=18),
@@ -55,6 +62,24 @@ QUIRK_CASES: dict[str, TinySpec] = {
     ),
 }
 
+MOE_CASES: dict[str, TinySpec] = {
+    # key_length 24 != E/H; expert width from expert_feed_forward_length; 3 of 8 experts.
+    "qwen3moe": TinySpec("qwen3moe", n_layer=3, head_dim=24, n_expert=8, n_expert_used=3, n_ff_exp=32, seed=20),
+    # Width without the key: feed_forward_length / expert_used_count = 32; shared expert of 64.
+    "qwen2moe": TinySpec("qwen2moe", n_layer=3, n_ff=64, n_expert=6, n_expert_used=2, n_ff_shexp=64, seed=21),
+    # Mixtral's layout: llama with expert_count; experts as wide as feed_forward_length.
+    "mixtral": TinySpec("llama", n_layer=3, n_ff=32, n_expert=4, n_expert_used=2, seed=22),
+    # q/k norms over the whole projections; unnormalised top-k weights.
+    "olmoe": TinySpec("olmoe", n_layer=3, n_ff=32, n_expert=8, n_expert_used=2, seed=23),
+}
+
+MOE_QUANT_CASES: dict[str, TinySpec] = {
+    "qwen3moe_q4_0": with_changes(MOE_CASES["qwen3moe"], qtype=QType.Q4_0),
+    "qwen2moe_q8_0": with_changes(MOE_CASES["qwen2moe"], qtype=QType.Q8_0),
+    "mixtral_q4_1": with_changes(MOE_CASES["mixtral"], qtype=QType.Q4_1),
+    "olmoe_q5_0": with_changes(MOE_CASES["olmoe"], qtype=QType.Q5_0),
+}
+
 QUANT_CASES: dict[str, TinySpec] = {
     f"llama_{q.name.lower()}": with_changes(FAMILY_CASES["llama"], qtype=q)
     for q in (QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.F16, QType.BF16)
@@ -63,7 +88,7 @@ QUANT_CASES["phi3_q8_0"] = with_changes(FAMILY_CASES["phi3"], qtype=QType.Q8_0)
 QUANT_CASES["gemma3_q4_1"] = with_changes(FAMILY_CASES["gemma3"], qtype=QType.Q4_1)
 QUANT_CASES["qwen3_q5_0"] = with_changes(FAMILY_CASES["qwen3"], qtype=QType.Q5_0)
 
-ALL_CASES: dict[str, TinySpec] = {**FAMILY_CASES, **QUIRK_CASES, **QUANT_CASES}
+ALL_CASES: dict[str, TinySpec] = {**FAMILY_CASES, **QUIRK_CASES, **QUANT_CASES, **MOE_CASES, **MOE_QUANT_CASES}
 
 
 class TinyFiles:

@@ -1,10 +1,23 @@
 """Model families as data: one `FamilySpec` per `general.architecture`, and hparams reading."""
 
-from ppinfer.families.hparams import HParams, LayerParams, RopeParams, per_layer_values, read_hparams
+from ppinfer.families.hparams import HParams, LayerParams, MoeParams, RopeParams, per_layer_values, read_hparams
 from ppinfer.families.registry import FAMILIES, SUPPORTED_ARCHITECTURES, get_spec
-from ppinfer.families.spec import FamilySpec, Mlp, Norm, Rope, SlidingWindow, Tying
+from ppinfer.families.spec import (
+    Experts,
+    ExpertWidth,
+    FamilySpec,
+    Gating,
+    Mlp,
+    Norm,
+    QkNorm,
+    Rope,
+    SharedExpert,
+    SlidingWindow,
+    Tying,
+)
 
 __all__ = [
-    "FAMILIES", "SUPPORTED_ARCHITECTURES", "FamilySpec", "HParams", "LayerParams", "Mlp", "Norm",
-    "Rope", "RopeParams", "SlidingWindow", "Tying", "get_spec", "per_layer_values", "read_hparams",
+    "FAMILIES", "SUPPORTED_ARCHITECTURES", "ExpertWidth", "Experts", "FamilySpec", "Gating", "HParams",
+    "LayerParams", "Mlp", "MoeParams", "Norm", "QkNorm", "Rope", "RopeParams", "SharedExpert",
+    "SlidingWindow", "Tying", "get_spec", "per_layer_values", "read_hparams",
 ]

@@ -3,23 +3,52 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ppinfer.errors import ModelFileError
 from ppinfer.families.registry import get_spec
-from ppinfer.families.spec import FamilySpec, Norm
+from ppinfer.families.spec import ExpertWidth, FamilySpec, Gating, Norm, SharedExpert
 from ppinfer.gguf.reader import GGUFFile
 
 
 @dataclass(frozen=True)
+class YarnParams:
+    """YaRN's blend of interpolated and extrapolated frequencies (llama.cpp's `rope_yarn`):
+    pairs below the correction range keep their original frequency, pairs above it are
+    scaled by freq_scale, with a linear ramp in between."""
+
+    orig_ctx: int  # rope.scaling.original_context_length (the pre-training context)
+    ext_factor: float  # weight of the extrapolated frequencies (1: the full ramp)
+    beta_fast: float  # rotations at which the ramp starts
+    beta_slow: float  # rotations at which it ends
+
+
+@dataclass(frozen=True)
 class RopeParams:
-    """One rotary embedding: theta_i = pos * freq_scale * base^(-2i/n_rot) / factors_i."""
+    """One rotary embedding: theta_i = pos * freq_scale * base^(-2i/n_rot) / factors_i, blended
+    with the unscaled frequency by YaRN when `yarn` is set; cos and sin are multiplied by
+    `mscale` (YaRN's attention factor, 1 otherwise)."""
 
     n_rot: int  # rotated dims per head (the rest pass through)
     base: float
-    freq_scale: float  # 1 / linear scaling factor
+    freq_scale: float  # 1 / scaling factor
     use_factors: bool  # divide by the file's `rope_freqs` tensor
+    yarn: YarnParams | None = None
+    mscale: float = 1.0
+
+
+@dataclass(frozen=True)
+class MoeParams:
+    """A layer's Mixture-of-Experts feed-forward: `n_expert_used` of `n_expert` experts of
+    width `n_ff_exp` per token, plus a shared expert of width `n_ff_shexp` (0: none)."""
+
+    n_expert: int
+    n_expert_used: int
+    n_ff_exp: int
+    n_ff_shexp: int
+    gating: Gating
+    normalize: bool  # chosen experts' weights divided by their sum
 
 
 @dataclass(frozen=True)
@@ -31,6 +60,7 @@ class LayerParams:
     n_ff: int
     sliding_window: int  # 0 = global attention
     rope: RopeParams
+    moe: MoeParams | None  # None: a dense feed-forward of width n_ff
 
 
 @dataclass(frozen=True)
@@ -78,6 +108,96 @@ def _check_head_dim(gf: GGUFFile, head_dim: int, n_head: int, n_head_kv: int, na
         )
 
 
+ROPE_SCALINGS = ("none", "linear", "yarn")
+
+
+def _read_rope(gf: GGUFFile, n_rot: int, base: float, use_factors: bool) -> RopeParams:
+    """The rotary embedding of global-attention layers, with the file's rope scaling (llama.cpp's
+    keys and defaults: YaRN's ramp from the original context with betas 32 and 1, and its
+    attention factor `yarn_attn_factor * attn_factor * (1 + 0.1 ln(factor))`)."""
+    arch, path = gf.architecture, gf.path
+
+    def key(name: str) -> str:
+        return f"{arch}.rope.scaling.{name}"
+
+    scaling = str(gf.get(key("type"), "linear"))
+    factor = float(gf.get(key("factor"), 0.0) or 0.0)
+    if scaling not in ROPE_SCALINGS and factor not in (0.0, 1.0):
+        raise ModelFileError(
+            f"{path}: rope scaling type {scaling!r} is unsupported (supported: {', '.join(ROPE_SCALINGS)})"
+        )
+    if factor < 0 or not math.isfinite(factor):
+        raise ModelFileError(f"{path}: {key('factor')}={factor} must be a positive number")
+    freq_scale = 1.0 / factor if scaling in ("linear", "yarn") and factor > 0 else 1.0
+    if scaling != "yarn":
+        return RopeParams(n_rot, base, freq_scale, use_factors)
+    yarn = YarnParams(
+        orig_ctx=int(gf.get(key("original_context_length"), gf.require(f"{arch}.context_length"))),
+        ext_factor=float(gf.get(key("yarn_ext_factor"), 1.0)),
+        beta_fast=float(gf.get(key("yarn_beta_fast"), 32.0)),
+        beta_slow=float(gf.get(key("yarn_beta_slow"), 1.0)),
+    )
+    mscale = float(gf.get(key("yarn_attn_factor"), 1.0)) * float(gf.get(key("attn_factor"), 1.0))
+    if yarn.ext_factor != 0.0:
+        mscale *= 1.0 + 0.1 * math.log(1.0 / freq_scale)
+    return RopeParams(n_rot, base, freq_scale, use_factors, yarn, mscale)
+
+
+def _check_expert_tensors(gf: GGUFFile, moe: MoeParams, n_layer: int, n_embd: int) -> None:
+    """Every layer's expert tensors must hold expert_count experts of the expert width the
+    metadata gives (checked from the tensor index alone, identically on every rank)."""
+    arch, f = gf.architecture, moe.n_ff_exp
+    for il in range(n_layer):
+        for role, shape in (("gate", (moe.n_expert, f, n_embd)), ("up", (moe.n_expert, f, n_embd)),
+                            ("down", (moe.n_expert, n_embd, f))):
+            info = gf.tensors.get(f"blk.{il}.ffn_{role}_exps.weight")
+            if info is None or info.shape == shape:
+                continue
+            if len(info.shape) == 3 and info.shape[0] != moe.n_expert:
+                raise ModelFileError(
+                    f"{gf.path}: tensor {info.name!r} holds {info.shape[0]} experts (shape {list(info.shape)}) "
+                    f"but {arch}.expert_count={moe.n_expert}"
+                )
+            raise ModelFileError(
+                f"{gf.path}: tensor {info.name!r} has shape {list(info.shape)}, expected {list(shape)} "
+                f"(experts of width {f}: {arch}.expert_feed_forward_length or its default)"
+            )
+
+
+def _read_moe(gf: GGUFFile, spec: FamilySpec, n_ff: int) -> MoeParams | None:
+    """The expert layout from `{arch}.expert_*` keys, or None for a dense model."""
+    experts = spec.experts
+    if experts is None:
+        return None
+    arch, path = gf.architecture, gf.path
+
+    def count(name: str, default: int | None = None) -> int:
+        key = f"{arch}.{name}"
+        value = gf.require(key) if default is None else gf.get(key, default)
+        if type(value) is not int or value < 0:
+            raise ModelFileError(f"{path}: metadata {key!r} holds {value!r}, expected a count")
+        return value
+
+    n_expert = count("expert_count", None if experts.required else 0)
+    if n_expert == 0:
+        if experts.required:
+            raise ModelFileError(f"{path}: {arch}.expert_count=0, but {arch} is a Mixture of Experts")
+        return None
+    n_used = count("expert_used_count")
+    if not 0 < n_used <= n_expert:
+        raise ModelFileError(
+            f"{path}: {arch}.expert_used_count={n_used} must be between 1 and {arch}.expert_count={n_expert}"
+        )
+    default_width = n_ff if experts.width_default is ExpertWidth.FF else n_ff // n_used
+    n_ff_exp = count("expert_feed_forward_length", default_width)
+    n_ff_shexp = 0
+    if experts.shared is SharedExpert.GATED:
+        n_ff_shexp = count("expert_shared_feed_forward_length", n_ff)
+    if n_ff_exp < 1 or (experts.shared is not SharedExpert.NONE and n_ff_shexp < 1):
+        raise ModelFileError(f"{path}: expert width {n_ff_exp} / shared width {n_ff_shexp} must be positive")
+    return MoeParams(n_expert, n_used, n_ff_exp, n_ff_shexp, experts.gating, experts.normalize)
+
+
 def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
     """Read and check the header of `gf` (spec looked up from general.architecture if None)."""
     arch = gf.architecture
@@ -112,14 +232,9 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
     if not 0 < n_rot <= head_dim or n_rot % 2:
         raise ModelFileError(f"{path}: {key('rope.dimension_count')}={n_rot} must be even and <= {head_dim}")
 
-    scaling = str(gf.get(key("rope.scaling.type"), "linear"))
-    factor = float(gf.get(key("rope.scaling.factor"), 0.0) or 0.0)
-    if scaling not in ("linear", "none") and factor not in (0.0, 1.0):
-        raise ModelFileError(f"{path}: rope scaling type {scaling!r} is unsupported (supported: linear)")
-    freq_scale = 1.0 / factor if scaling == "linear" and factor > 0 else 1.0
     base = float(gf.get(key("rope.freq_base"), 10000.0))
     use_factors = "rope_freqs.weight" in gf.tensors
-    global_rope = RopeParams(n_rot, base, freq_scale, use_factors)
+    global_rope = _read_rope(gf, n_rot, base, use_factors)
 
     window, pattern, local_rope = 0, 1, global_rope
     if spec.sliding is not None:
@@ -127,11 +242,18 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
         pattern = int(gf.get(key("attention.sliding_window_pattern"), spec.sliding.default_pattern))
         default_base = spec.sliding.default_rope_base
         swa_base = float(gf.get(key("rope.freq_base_swa"), base if default_base is None else default_base))
-        swa_scale = freq_scale if spec.sliding.rope_scaling else 1.0
-        local_rope = RopeParams(n_rot, swa_base, swa_scale, use_factors)
+        # Sliding layers scale like global ones (gemma2) or not at all (gemma3).
+        local_rope = (
+            replace(global_rope, base=swa_base) if spec.sliding.rope_scaling
+            else RopeParams(n_rot, swa_base, 1.0, use_factors)
+        )
 
     def is_sliding(il: int) -> bool:
         return window > 0 and il % pattern < pattern - 1
+
+    moe = _read_moe(gf, spec, n_ff[0])
+    if moe is not None:
+        _check_expert_tensors(gf, moe, n_layer, n_embd)
 
     layers = tuple(
         LayerParams(
@@ -140,6 +262,7 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
             n_ff=n_ff[il],
             sliding_window=window if is_sliding(il) else 0,
             rope=local_rope if is_sliding(il) else global_rope,
+            moe=moe,
         )
         for il in range(n_layer)
     )

@@ -1,11 +1,23 @@
-"""The ten supported families, one explicit `FamilySpec` each, looked up by architecture."""
+"""The supported families, one explicit `FamilySpec` each, looked up by architecture."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 from ppinfer.errors import ModelFileError
-from ppinfer.families.spec import FamilySpec, Mlp, Norm, Rope, SlidingWindow, Tying
+from ppinfer.families.spec import (
+    Experts,
+    ExpertWidth,
+    FamilySpec,
+    Gating,
+    Mlp,
+    Norm,
+    QkNorm,
+    Rope,
+    SharedExpert,
+    SlidingWindow,
+    Tying,
+)
 
 LLAMA = FamilySpec(
     arch="llama",
@@ -14,7 +26,7 @@ LLAMA = FamilySpec(
     mlp=Mlp.SWIGLU,
     fused_gate_up=False,
     parallel_block=False,
-    qk_norm=False,
+    qk_norm=QkNorm.NONE,
     post_norms=False,
     embed_scale=False,
     tying=Tying.OPTIONAL,
@@ -23,17 +35,54 @@ LLAMA = FamilySpec(
     attn_softcap_default=None,
     final_softcap_key=False,
     final_softcap_default=None,
+    # Mixtral's layout: a file with expert_count > 0 has experts in every layer.
+    experts=Experts(
+        required=False, gating=Gating.SOFTMAX, normalize=True, width_default=ExpertWidth.FF,
+        shared=SharedExpert.NONE,
+    ),
 )
 
-MISTRAL3 = replace(LLAMA, arch="mistral3")
+MISTRAL3 = replace(LLAMA, arch="mistral3", experts=None)
 
-QWEN2 = replace(LLAMA, arch="qwen2", rope=Rope.NEOX)
+QWEN2 = replace(LLAMA, arch="qwen2", rope=Rope.NEOX, experts=None)
 
-QWEN3 = replace(QWEN2, arch="qwen3", qk_norm=True)
+QWEN3 = replace(QWEN2, arch="qwen3", qk_norm=QkNorm.HEAD)
+
+QWEN2MOE = replace(
+    QWEN2,
+    arch="qwen2moe",
+    tying=Tying.NEVER,
+    experts=Experts(
+        required=True, gating=Gating.SOFTMAX, normalize=False, width_default=ExpertWidth.FF_PER_USED,
+        shared=SharedExpert.GATED,
+    ),
+)
+
+QWEN3MOE = replace(
+    QWEN3,
+    arch="qwen3moe",
+    experts=Experts(
+        required=True, gating=Gating.SOFTMAX, normalize=True, width_default=ExpertWidth.FF_PER_USED,
+        shared=SharedExpert.NONE,
+    ),
+)
+
+OLMOE = replace(
+    LLAMA,
+    arch="olmoe",
+    rope=Rope.NEOX,
+    qk_norm=QkNorm.FULL,
+    tying=Tying.NEVER,
+    experts=Experts(
+        required=True, gating=Gating.SOFTMAX, normalize=False, width_default=ExpertWidth.FF,
+        shared=SharedExpert.NONE,
+    ),
+)
 
 PHI2 = replace(
     LLAMA,
     arch="phi2",
+    experts=None,
     norm=Norm.LAYER,
     rope=Rope.NEOX,
     mlp=Mlp.GELU,
@@ -42,13 +91,16 @@ PHI2 = replace(
     output_bias=True,
 )
 
-PHI3 = replace(LLAMA, arch="phi3", rope=Rope.NEOX, fused_gate_up=True)
+PHI3 = replace(LLAMA, arch="phi3", rope=Rope.NEOX, fused_gate_up=True, experts=None)
 
-STARCODER2 = replace(LLAMA, arch="starcoder2", norm=Norm.LAYER, rope=Rope.NEOX, mlp=Mlp.GELU)
+STARCODER2 = replace(
+    LLAMA, arch="starcoder2", norm=Norm.LAYER, rope=Rope.NEOX, mlp=Mlp.GELU, experts=None
+)
 
 GEMMA = replace(
     LLAMA,
     arch="gemma",
+    experts=None,
     rope=Rope.NEOX,
     mlp=Mlp.GEGLU,
     embed_scale=True,
@@ -71,7 +123,7 @@ GEMMA2 = replace(
 GEMMA3 = replace(
     GEMMA2,
     arch="gemma3",
-    qk_norm=True,
+    qk_norm=QkNorm.HEAD,
     sliding=SlidingWindow(
         default_window=0, default_pattern=6, default_rope_base=10000.0, rope_scaling=False
     ),
@@ -81,7 +133,10 @@ GEMMA3 = replace(
 
 FAMILIES: dict[str, FamilySpec] = {
     spec.arch: spec
-    for spec in (LLAMA, MISTRAL3, QWEN2, QWEN3, PHI2, PHI3, STARCODER2, GEMMA, GEMMA2, GEMMA3)
+    for spec in (
+        LLAMA, MISTRAL3, QWEN2, QWEN3, PHI2, PHI3, STARCODER2, GEMMA, GEMMA2, GEMMA3,
+        QWEN2MOE, QWEN3MOE, OLMOE,
+    )
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)
 

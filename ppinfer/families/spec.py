@@ -27,6 +27,30 @@ class Mlp(str, Enum):
     GELU = "gelu"  # down(gelu_tanh(up(h)))  (no gate)
 
 
+class QkNorm(str, Enum):
+    NONE = "none"
+    HEAD = "head"  # RMSNorm of each q and k head over D, weights [D] (qwen3, gemma3)
+    FULL = "full"  # RMSNorm of the whole q and k projections, weights [H D] / [Hkv D] (olmoe)
+
+
+class Gating(str, Enum):
+    SOFTMAX = "softmax"  # expert probabilities: softmax over the router logits
+    SIGMOID = "sigmoid"  # each expert's probability on its own: sigmoid(logit)
+
+
+class SharedExpert(str, Enum):
+    NONE = "none"
+    GATED = "gated"  # ffn_*_shexp, scaled by sigmoid(ffn_gate_inp_shexp . x) (qwen2moe)
+
+
+class ExpertWidth(str, Enum):
+    """Rows of each expert when `{arch}.expert_feed_forward_length` is absent (llama.cpp's
+    per-architecture defaults)."""
+
+    FF = "ff"  # feed_forward_length (llama's Mixtral layout, olmoe)
+    FF_PER_USED = "ff_per_used"  # feed_forward_length / expert_used_count (qwen2moe, qwen3moe)
+
+
 class Tying(str, Enum):
     OPTIONAL = "optional"  # `output` may be absent -> reuse token_embd
     ALWAYS = "always"  # never has `output`; always token_embd
@@ -45,6 +69,19 @@ class SlidingWindow:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Experts:
+    """A Mixture-of-Experts feed-forward: a router picks `{arch}.expert_used_count` of
+    `{arch}.expert_count` experts per token (stored as 3-D `ffn_{gate,up,down}_exps` tensors)
+    and sums their outputs weighted by the router's probabilities."""
+
+    required: bool  # expert_count must be > 0; else a count of 0 (or none) means a dense model
+    gating: Gating
+    normalize: bool  # the chosen experts' weights are divided by their sum
+    width_default: ExpertWidth
+    shared: SharedExpert
+
+
+@dataclass(frozen=True, kw_only=True)
 class FamilySpec:
     """The fixed architectural choices of one `general.architecture`."""
 
@@ -54,7 +91,7 @@ class FamilySpec:
     mlp: Mlp
     fused_gate_up: bool  # `ffn_up` holds [gate; up] stacked (phi3): first F rows are the gate
     parallel_block: bool  # x + attn(LN(x)) + mlp(LN(x)) with one norm (phi2)
-    qk_norm: bool  # per-head RMSNorm of q and k before rope
+    qk_norm: QkNorm  # RMSNorm of q and k before rope
     post_norms: bool  # post_attention_norm / post_ffw_norm on branch outputs (gemma2/3)
     embed_scale: bool  # multiply embeddings by sqrt(E) (gemma family)
     tying: Tying
@@ -63,3 +100,4 @@ class FamilySpec:
     attn_softcap_default: float | None  # None: no attention softcap; else key or this value
     final_softcap_key: bool  # read `{arch}.final_logit_softcapping`
     final_softcap_default: float | None  # used when the key is absent (gemma2: 30)
+    experts: Experts | None  # None: a dense feed-forward in every layer

@@ -1,4 +1,5 @@
-"""Kernels over GGUF's stored blocks: `BlockLinear` multiplies them in place on the CPU.
+"""Kernels over GGUF's stored blocks: `BlockLinear` and `BlockExperts` multiply them in place on
+the CPU.
 
 The exports are imported on first use, so `python -m ppinfer.kernels.build` runs its module
 only once.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "BlockExperts": "experts",
     "BlockLinear": "cpu",
     "supported_types": "cpu",
     "isa": "build",

@@ -18,14 +18,14 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from ppinfer.kernels import build, cpu, int4
+from ppinfer.kernels import build, cpu, experts, int4
 from ppinfer.kernels.capabilities import cpu_capabilities
 
 WEIGHT_MODES = ("quantized", "dequantized")
 """How a model's weights are held (`runtime.weights`): in their stored blocks, multiplied by
 the block kernels where a type has one, or dequantized to the runtime dtype at load."""
 
-BLOCK_LINEARS = (cpu.BlockLinear, int4.Int4Linear)
+BLOCK_LINEARS = (cpu.BlockLinear, int4.Int4Linear, experts.BlockExperts)
 """The modules that hold stored blocks (their `nbytes` are resident weight bytes)."""
 
 
@@ -49,6 +49,20 @@ class BlockBackend:
             return int4.Int4Linear(raw, qtype, in_features, self.device, bias)
         weight = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))  # [out, bytes_per_row]
         return cpu.BlockLinear(weight, qtype, in_features, bias)
+
+    @property
+    def expert_types(self) -> frozenset[GGMLQuantizationType]:
+        """The types whose 3-D expert tensors stay in their blocks (the CPU kernels' types; on
+        CUDA experts are dequantized)."""
+        return self.types if self.device.type == "cpu" else frozenset()
+
+    def supports_experts(self, qtype: GGMLQuantizationType) -> bool:
+        return qtype in self.expert_types
+
+    def experts(self, raw: np.ndarray, qtype: GGMLQuantizationType, in_features: int) -> nn.Module:
+        """Per-expert products over `raw` ([n_expert, out, bytes_per_row] uint8, copied)."""
+        weight = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))  # [n_expert, out, bytes_per_row]
+        return experts.BlockExperts(weight, qtype, in_features)
 
     def describe(self) -> str:
         return self.name

@@ -40,7 +40,7 @@ class Attention(nn.Module):
         rope: RotaryEmbedding,
         window: int,
         softcap: float | None,
-        qk_norm: nn.Module | None,  # RMSNorm over D with weight [H + Hkv, D] (q rows, then k)
+        qk_norm: nn.Module | None,  # over the [B, T, H + Hkv, D] q and k heads
         fused: bool = False,
     ) -> None:
         super().__init__()
@@ -115,13 +115,14 @@ class FeedForward(nn.Module):
 
 class DecoderBlock(nn.Module):
     """Pre-norm residual block; optional post-branch norms (gemma2/3) or a parallel
-    attention+MLP form with one shared norm (phi2)."""
+    attention+MLP form with one shared norm (phi2). The MLP is a `FeedForward` or a
+    `MoeFeedForward`."""
 
     def __init__(
         self,
         attn_norm: nn.Module,
         attn: Attention,
-        mlp: FeedForward,
+        mlp: nn.Module,
         ffn_norm: nn.Module | None,  # None for the parallel form
         post_attn_norm: nn.Module | None,
         post_ffn_norm: nn.Module | None,

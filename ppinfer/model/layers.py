@@ -6,6 +6,7 @@ building a stage costs exactly one tensor per weight.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -105,6 +106,22 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
+class ProjectionQkNorm(nn.Module):
+    """RMSNorm of the whole q projection and of the whole k projection, each with its own
+    weight (olmoe), over the `[B, T, H + Hkv, D]` view of the q and k heads."""
+
+    def __init__(self, q_norm: RMSNorm, k_norm: RMSNorm, n_head: int) -> None:
+        super().__init__()
+        self.q_norm, self.k_norm, self.n_head = q_norm, k_norm, n_head
+
+    def forward(self, qk: torch.Tensor) -> torch.Tensor:
+        """qk [B, T, H + Hkv, D] -> the same shape, q and k heads normalised."""
+        b, t, _, d = qk.shape
+        q = self.q_norm(qk[:, :, : self.n_head].reshape(b, t, -1))  # [B, T, H D]
+        k = self.k_norm(qk[:, :, self.n_head :].reshape(b, t, -1))  # [B, T, Hkv D]
+        return torch.cat((q, k), dim=-1).view(b, t, -1, d)
+
+
 class LayerNorm(nn.Module):
     """Standard LayerNorm with weight and bias (phi2, starcoder2)."""
 
@@ -121,23 +138,48 @@ class LayerNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Rotation of consecutive pairs (x[2i], x[2i+1]) of the first `n_rot` dims of each head,
     as one complex multiplication (NEOX-mode families have their q/k rows reordered into
-    pairs at load time, so one rotation serves every family)."""
+    pairs at load time, so one rotation serves every family). With YaRN the rotation also
+    scales the pair by the attention factor `mscale`."""
 
     def __init__(self, params: RopeParams, factors: torch.Tensor | None, device: torch.device) -> None:
         super().__init__()
         self.n_rot = params.n_rot
         exponent = torch.arange(0, params.n_rot, 2, dtype=torch.int64, device=device).float() / params.n_rot
-        inv_freq = params.freq_scale / (params.base**exponent)  # [n_rot/2]
+        inv_freq = 1.0 / (params.base**exponent)  # [n_rot/2] unscaled ("extrapolated")
         if params.use_factors:
             if factors is None or factors.numel() != params.n_rot // 2:
                 raise ValueError(f"rope_freqs must have {params.n_rot // 2} values")
             inv_freq = inv_freq / factors.float().to(device)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        scaled = inv_freq * params.freq_scale  # [n_rot/2] interpolated
+        if params.yarn is not None:
+            keep = yarn_ramp(params) * params.yarn.ext_factor  # [n_rot/2]: weight of the unscaled one
+            scaled = scaled * (1 - keep.to(device)) + inv_freq * keep.to(device)
+        self.register_buffer("inv_freq", scaled, persistent=False)
+        self.mscale = params.mscale
 
     def rotations(self, positions: torch.Tensor) -> torch.Tensor:
-        """positions [B, T] -> (cos, sin) of each pair's angle, [B, T, n_rot/2, 2] float32."""
+        """positions [B, T] -> (cos, sin) * mscale of each pair's angle, [B, T, n_rot/2, 2] float32."""
         angles = positions.float()[..., None] * self.inv_freq  # [B, T, n_rot/2]
-        return torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
+        return torch.view_as_real(torch.polar(torch.full_like(angles, self.mscale), angles))
+
+
+def yarn_ramp(params: RopeParams) -> torch.Tensor:
+    """Per rotated pair i [n_rot/2]: 1 for the high frequencies (pairs that turn more than
+    beta_fast times over the original context), which keep their unscaled frequency; 0 for the
+    low ones (fewer than beta_slow turns), which are interpolated; linear in between. The pair
+    that turns r times is n_rot ln(orig_ctx / (2 pi r)) / (2 ln base), floored for beta_fast and
+    ceiled for beta_slow."""
+    yarn = params.yarn
+    assert yarn is not None
+    n = params.n_rot
+
+    def pair_at(rotations: float) -> float:
+        return n * math.log(yarn.orig_ctx / (rotations * 2 * math.pi)) / (2 * math.log(params.base))
+
+    low = max(0.0, math.floor(pair_at(yarn.beta_fast)))
+    high = min(n - 1.0, math.ceil(pair_at(yarn.beta_slow)))
+    i = torch.arange(n // 2, dtype=torch.float32)
+    return 1 - ((i - low) / max(0.001, high - low)).clamp(0, 1)  # [n_rot/2]
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor, n_rot: int) -> torch.Tensor:

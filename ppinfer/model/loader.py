@@ -8,32 +8,32 @@ and unexpected tensors are `ModelFileError`s naming the file and the tensor.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
 from torch import nn
 
 from ppinfer.errors import ModelFileError
-from ppinfer.families.hparams import HParams, RopeParams, read_hparams
+from ppinfer.families.hparams import HParams, MoeParams, RopeParams, read_hparams
 from ppinfer.families.registry import get_spec
-from ppinfer.families.spec import FamilySpec, Mlp, Norm, Rope, Tying
+from ppinfer.families.spec import FamilySpec, Mlp, QkNorm, Rope, SharedExpert, Tying
 from ppinfer.gguf.reader import GGUFFile
-from ppinfer.kernels import fused as fused_ops
-from ppinfer.kernels.blocks import nonfinite_scale_block
 from ppinfer.kernels.capabilities import cpu_capabilities
-from ppinfer.kernels.select import WEIGHT_MODES, BlockBackend, block_backend
+from ppinfer.kernels.select import WEIGHT_MODES, block_backend
 from ppinfer.model.block import Attention, DecoderBlock, FeedForward
-from ppinfer.model.layers import ConcatLinear, LayerNorm, Linear, PackedLinear, RMSNorm, RotaryEmbedding, RowEmbedding
+from ppinfer.model.layers import (
+    ProjectionQkNorm,
+    RMSNorm,
+    RotaryEmbedding,
+    RowEmbedding,
+)
+from ppinfer.model.moe import MoeFeedForward, SharedExpertGate
 from ppinfer.model.report import WeightsReport
 from ppinfer.model.stage import PipelineStage
+from ppinfer.model.weights import RowTransform, Weights
 from ppinfer.plan.stage_plan import StagePlan
 
-PACK_BLOCK_ELEMENTS = 1 << 20  # values (4 MB of float32) per separately packed row block
-FLOAT_STORAGE = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 GLOBAL_TENSORS = (
     "token_embd.weight",
     "output_norm.weight",
@@ -58,140 +58,6 @@ def pair_order(w: np.ndarray, n_head: int, n_rot: int) -> np.ndarray:
     return np.concatenate([rot, heads[:, n_rot:]], axis=1).reshape(w.shape)
 
 
-@dataclass
-class _Stored:
-    """A weight's stored blocks (`raw`: [rows, bytes_per_row] uint8 view of the file)."""
-
-    name: str
-    qtype: GGMLQuantizationType
-    raw: np.ndarray
-
-
-# A row transform applied to a weight before fusing (pair_order for NEOX q/k), or None.
-RowTransform = Callable[[np.ndarray], np.ndarray] | None
-
-
-class _Weights:
-    """Reads tensors of one file into torch, recording which names were consumed; builds
-    linear layers: over the stored blocks where a kernel serves their type (`blocks`), else
-    over float weights, prepacked for oneDNN when `packed`."""
-
-    def __init__(
-        self, gf: GGUFFile, dtype: torch.dtype, device: torch.device, packed: bool,
-        blocks: BlockBackend | None, report: WeightsReport,
-    ) -> None:
-        self.gf, self.dtype, self.device, self.packed = gf, dtype, device, packed
-        self.blocks, self.report = blocks, report
-        self.fused = fused_ops.available(device, dtype)  # norms and decode attention in one op each
-        self.used: set[str] = set()
-
-    def has(self, name: str) -> bool:
-        return name in self.gf.tensors
-
-    def array(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        self.used.add(name)
-        return self.gf.load(name, shape)
-
-    def tensor(self, arr: np.ndarray) -> torch.Tensor:
-        if not arr.flags.writeable:
-            arr = arr.copy()
-        return torch.from_numpy(arr).to(device=self.device, dtype=self.dtype)
-
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.tensor(self.array(name, shape))
-
-    def optional(self, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
-        return self.get(name, shape) if self.has(name) else None
-
-    def stored(self, name: str, shape: tuple[int, int]) -> _Stored | None:
-        """The stored blocks of weight `name` [out, in] when a kernel multiplies its type in
-        place; None for float types, in dequantized mode, or when no kernel serves the type."""
-        info = self.gf.check_shape(name, shape)
-        if self.blocks is None or info.qtype in FLOAT_STORAGE:
-            return None
-        if not self.blocks.supports(info.qtype):
-            self.report.dequantized[info.qtype.name] += 1
-            return None
-        raw = self.gf.raw(name)
-        bad = nonfinite_scale_block(raw, info.qtype)
-        if bad is not None:
-            raise ModelFileError(f"{self.gf.path}: tensor {name!r}: block {bad} has a non-finite scale")
-        self.used.add(name)
-        self.report.kept[info.qtype.name] += 1
-        return _Stored(name, info.qtype, raw)
-
-    def block_linear(
-        self, parts: list[_Stored], raws: list[np.ndarray], bias: np.ndarray | torch.Tensor | None
-    ) -> nn.Module:
-        """One block linear over the rows of `raws` (the parts' blocks, transformed), one type."""
-        assert self.blocks is not None
-        raw = raws[0] if len(raws) == 1 else np.concatenate(raws)  # [rows, bytes_per_row]
-        in_features = self.gf.info(parts[0].name).shape[1]
-        b = self.tensor(bias) if isinstance(bias, np.ndarray) else bias
-        module = self.blocks.linear(raw, parts[0].qtype, in_features, b)
-        for part in parts:
-            self.gf.release(part.name)
-        return module
-
-    def linear(self, name: str, shape: tuple[int, int], bias: torch.Tensor | None = None) -> nn.Module:
-        """The weight `name` [out, in] as a linear layer."""
-        stored = self.stored(name, shape)
-        if stored is not None:
-            return self.block_linear([stored], [stored.raw], bias)
-        if not self.packed:
-            return Linear(self.get(name, shape), bias)
-        self.used.add(name)
-        blocks = (self.tensor(self.gf.load_rows(name, a, b)) for a, b in self.gf.row_blocks(name, PACK_BLOCK_ELEMENTS))
-        layer = PackedLinear(blocks, bias)
-        self.gf.release(name)
-        return layer
-
-    def fused_linear(
-        self, parts: list[tuple[str, tuple[int, int], RowTransform]], biases: list[np.ndarray | None] | None = None
-    ) -> nn.Module:
-        """One projection over several weights whose output rows are stacked in order (q, k, v;
-        gate, up). Parts stored in one type with a kernel become one block linear; parts of
-        mixed types each keep their own layer; without kernels the float rows are fused."""
-        biases = biases or [None] * len(parts)
-        stored = [self.stored(name, shape) for name, shape, _ in parts]
-        part_bias = [
-            b if b is not None or all(x is None for x in biases) else np.zeros(shape[0], np.float32)
-            for b, (_, shape, _) in zip(biases, parts)
-        ]
-        bias = None if all(b is None for b in part_bias) else np.concatenate(part_bias)
-        transformed = [
-            (t(s.raw) if t is not None else s.raw) if s is not None else None
-            for s, (_, _, t) in zip(stored, parts)
-        ]
-        if all(s is not None for s in stored) and len({s.qtype for s in stored}) == 1:
-            return self.block_linear(stored, transformed, bias)
-        if any(s is not None for s in stored):
-            return ConcatLinear([
-                self.block_linear([s], [raw], b) if s is not None else self._float_part(name, shape, t, b)
-                for s, raw, b, (name, shape, t) in zip(stored, transformed, part_bias, parts)
-            ])
-        weight = np.concatenate([t(self.array(n, s)) if t is not None else self.array(n, s) for n, s, t in parts])
-        return self.linear_from(weight, bias)
-
-    def _float_part(
-        self, name: str, shape: tuple[int, int], transform: RowTransform, bias: np.ndarray | None
-    ) -> nn.Module:
-        weight = self.array(name, shape)
-        return self.linear_from(transform(weight) if transform is not None else weight, bias)
-
-    def linear_from(self, weight: np.ndarray, bias: np.ndarray | None = None) -> nn.Module:
-        """A linear layer over a weight assembled at load time (fused qkv, gate/up)."""
-        w = self.tensor(weight)
-        b = self.tensor(bias) if bias is not None else None
-        return PackedLinear([w], b) if self.packed else Linear(w, b)
-
-    def norm(self, spec: FamilySpec, prefix: str, size: int, eps: float) -> nn.Module:
-        weight = self.get(f"{prefix}.weight", (size,))
-        if spec.norm is Norm.LAYER:
-            return LayerNorm(weight, self.get(f"{prefix}.bias", (size,)), eps)
-        return RMSNorm(weight, eps, self.fused)
-
-
 def _reorder_parts(rows: np.ndarray, sizes: tuple[int, ...], order: list[RowTransform]) -> np.ndarray:
     """Rows of a fused tensor split into parts of `sizes` rows, each part transformed."""
     parts = np.split(rows, np.cumsum(sizes)[:-1])
@@ -199,7 +65,7 @@ def _reorder_parts(rows: np.ndarray, sizes: tuple[int, ...], order: list[RowTran
 
 
 def _attention(
-    w: _Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbedding
+    w: Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbedding
 ) -> Attention:
     lp, e, d, p = hp.layers[il], hp.n_embd, hp.head_dim, f"blk.{il}."
     sizes = (lp.n_head * d, lp.n_head_kv * d, lp.n_head_kv * d)
@@ -227,20 +93,50 @@ def _attention(
         biases = [t(b) if t is not None and b is not None else b for b, t in zip(biases, order)]
         qkv = w.fused_linear([(p + f"attn_{n}.weight", (s, e), t) for n, s, t in zip("qkv", sizes, order)], biases)
     out = w.linear(p + "attn_output.weight", (e, sizes[0]), w.optional(p + "attn_output.bias", (e,)))
-    qk_norm = None
-    if spec.qk_norm:
+    qk_norm: nn.Module | None = None
+    if spec.qk_norm is QkNorm.HEAD:
         q_w, k_w = w.array(p + "attn_q_norm.weight", (d,)), w.array(p + "attn_k_norm.weight", (d,))
         if spec.rope is Rope.NEOX:  # the norm acts per dim, so its weight follows the rows
             q_w, k_w = pair_order(q_w, 1, rope.n_rot), pair_order(k_w, 1, rope.n_rot)
         per_head = np.concatenate([np.broadcast_to(q_w, (lp.n_head, d)), np.broadcast_to(k_w, (lp.n_head_kv, d))])
         qk_norm = RMSNorm(w.tensor(per_head), hp.norm_eps, w.fused)  # weight [H + Hkv, D]
+    elif spec.qk_norm is QkNorm.FULL:
+        q_w = w.array(p + "attn_q_norm.weight", (sizes[0],))  # [H D]
+        k_w = w.array(p + "attn_k_norm.weight", (sizes[1],))  # [Hkv D]
+        if spec.rope is Rope.NEOX:
+            q_w, k_w = pair_order(q_w, lp.n_head, rope.n_rot), pair_order(k_w, lp.n_head_kv, rope.n_rot)
+        qk_norm = ProjectionQkNorm(
+            RMSNorm(w.tensor(q_w), hp.norm_eps, w.fused), RMSNorm(w.tensor(k_w), hp.norm_eps, w.fused), lp.n_head
+        )
     return Attention(
         qkv, out, lp.n_head, lp.n_head_kv, d, hp.attn_scale, rope,
         lp.sliding_window, hp.attn_softcap, qk_norm, w.fused,
     )
 
 
-def _feed_forward(w: _Weights, spec: FamilySpec, hp: HParams, il: int) -> FeedForward:
+def _moe(w: Weights, spec: FamilySpec, hp: HParams, il: int, moe: MoeParams) -> MoeFeedForward:
+    n, f, e, p = moe.n_expert, moe.n_ff_exp, hp.n_embd, f"blk.{il}."
+    expert_shapes = {"gate": (n, f, e), "up": (n, f, e), "down": (n, e, f)}  # checked by read_hparams
+    router = w.linear(p + "ffn_gate_inp.weight", (n, e))
+    gate_up = w.experts([(p + f"ffn_{role}_exps.weight", expert_shapes[role]) for role in ("gate", "up")])
+    down = w.experts([(p + "ffn_down_exps.weight", expert_shapes["down"])])
+    shared = shared_gate = None
+    assert spec.experts is not None
+    if spec.experts.shared is SharedExpert.GATED:
+        fs = moe.n_ff_shexp
+        up = w.fused_linear([(p + "ffn_gate_shexp.weight", (fs, e), None), (p + "ffn_up_shexp.weight", (fs, e), None)])
+        shared = FeedForward(Mlp.SWIGLU, up, w.linear(p + "ffn_down_shexp.weight", (e, fs)), w.fused)
+        name = p + "ffn_gate_inp_shexp.weight"
+        stored_shape = w.gf.info(name).shape  # llama.cpp accepts [E] and [1, E]
+        gate = w.array(name, stored_shape if stored_shape in ((e,), (1, e)) else (e,))
+        shared_gate = SharedExpertGate(w.tensor(gate.reshape(e)))
+    return MoeFeedForward(moe, router, gate_up, down, shared, shared_gate, w.fused)
+
+
+def _feed_forward(w: Weights, spec: FamilySpec, hp: HParams, il: int) -> nn.Module:
+    moe = hp.layers[il].moe
+    if moe is not None:
+        return _moe(w, spec, hp, il, moe)
     f, e, p = hp.layers[il].n_ff, hp.n_embd, f"blk.{il}."
     if spec.mlp is Mlp.GELU:
         up = w.linear(p + "ffn_up.weight", (f, e), w.optional(p + "ffn_up.bias", (f,)))
@@ -252,7 +148,7 @@ def _feed_forward(w: _Weights, spec: FamilySpec, hp: HParams, il: int) -> FeedFo
     return FeedForward(spec.mlp, up, down, w.fused)
 
 
-def _block(w: _Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbedding) -> DecoderBlock:
+def _block(w: Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbedding) -> DecoderBlock:
     p, e, eps = f"blk.{il}.", hp.n_embd, hp.norm_eps
     attn_norm = w.norm(spec, p + "attn_norm", e, eps)
     attn = _attention(w, spec, hp, il, rope)
@@ -316,7 +212,7 @@ def build_stage(
         float_path=cpu_capabilities().describe(dtype) if device.type == "cpu" else device.type,
         block_kernel=blocks.describe() if blocks is not None else None,
     )
-    w = _Weights(gf, dtype, device, packed, blocks, report)
+    w = Weights(gf, dtype, device, packed, blocks, report)
 
     factors = None
     if "rope_freqs.weight" in gf.tensors:

@@ -12,6 +12,7 @@ from ppinfer.kernels.select import BLOCK_LINEARS
 from ppinfer.model.block import DecoderBlock, LayerInputs
 from ppinfer.model.cache import BLOCK_SIZE, KVCache, KVPool, blocks_for
 from ppinfer.model.layers import PackedLinear, RotaryEmbedding, RowEmbedding
+from ppinfer.model.moe import MoeFeedForward
 from ppinfer.model.report import WeightsReport
 from ppinfer.plan.stage_plan import StagePlan
 
@@ -103,3 +104,14 @@ class PipelineStage(nn.Module):
         blocks (the token embedding, read from the mapped file row by row, excluded)."""
         held = sum(m.nbytes for m in self.modules() if isinstance(m, (PackedLinear, *BLOCK_LINEARS)))
         return held + sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def describe_experts(self) -> str:
+        """The routed experts this stage holds, for the stage table: '-' for a dense stage,
+        else e.g. '3 layers x 8 experts (2 used), 1.5 MiB'."""
+        moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoeFeedForward)]
+        if not moe:
+            return "-"
+        counts = sorted({(m.params.n_expert, m.params.n_expert_used) for m in moe})
+        kinds = ", ".join(f"{n} experts ({used} used)" for n, used in counts)
+        mib = sum(m.expert_bytes for m in moe) / (1024.0 * 1024.0)
+        return f"{len(moe)} layers x {kinds}, {mib:.1f} MiB"

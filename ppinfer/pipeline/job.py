@@ -281,10 +281,13 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool, se
     refill_chunk = min(cfg.pipeline.refill_chunk, prefill_chunk)
     kv_dtype = resolve_kv_dtype(cfg)
     kv_tokens = _kv_tokens(cfg, n_lanes * lane_size, capacity, serve)
-    stored = block_backend(device).types if cfg.runtime.weights == "quantized" else frozenset()
+    backend = block_backend(device)
+    quantized = cfg.runtime.weights == "quantized"
     costs = layer_costs(
         str(model_path), torch.finfo(dtype).bits // 8, kv_tokens, reader=gf,
-        step_tokens=lane_size, stored_types=stored, kv_dtype_bytes=torch.finfo(kv_dtype).bits // 8,
+        step_tokens=lane_size, stored_types=backend.types if quantized else frozenset(),
+        stored_expert_types=backend.expert_types if quantized else frozenset(),
+        kv_dtype_bytes=torch.finfo(kv_dtype).bits // 8,
     )
     layers = allocate(cfg.pipeline.layers, env.world, costs)
     if env.rank == 0:

@@ -1,9 +1,9 @@
 """The loaded-stage table: what each rank really holds, logged once every stage is built.
 
 The plan table (before loading) shows the split by file bytes; this one shows, per rank, the
-weight bytes resident after loading, the process's memory above its start, and which weights
-stay in their quantized blocks and which were dequantized (and why), so a fallback is a
-visible notice rather than a silent 8x.
+weight bytes resident after loading, the process's memory above its start, the routed experts
+it holds (Mixture-of-Experts models), and which weights stay in their quantized blocks and
+which were dequantized (and why), so a fallback is a visible notice rather than a silent 8x.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ def loaded_row(job: Job, stage: PipelineStage, baseline_rss: int) -> str:
     span = f"{plan.layer_start}-{plan.layer_end - 1}"
     above = max(current_rss_bytes() - baseline_rss, 0)
     how = stage.weights_report.describe() if stage.weights_report is not None else "-"
-    return f"{job.env.rank:>4}  {span:>9}  {stage.weight_bytes / MIB:>10.1f}  {above / MIB:>9.1f}  {how}"
+    row = f"{job.env.rank:>4}  {span:>9}  {stage.weight_bytes / MIB:>10.1f}  {above / MIB:>9.1f}  "
+    if any(layer.moe is not None for layer in job.hparams.layers):
+        row += f"experts: {stage.describe_experts()}; "
+    return row + how
 
 
 def log_loaded_stages(job: Job, stage: PipelineStage, baseline_rss: int) -> None:

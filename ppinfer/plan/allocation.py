@@ -43,6 +43,9 @@ class LayerCosts:
     """What one step reads of the embedding (a row per token gathered), which is what it
     costs in time: a stage's step time follows the bytes it streams, and the table is never
     streamed whole. None balances on `embedding_bytes` like any weight."""
+    layer_expert_bytes: list[int] | None = None
+    """The part of each layer's weight bytes held by Mixture-of-Experts expert tensors (None or
+    zeros: a dense model)."""
 
     @property
     def embedding_cost(self) -> int:
@@ -191,10 +194,13 @@ def plan_table(layers: Sequence[int], costs: LayerCosts) -> str:
     """A fixed-width table of the split, one row per rank, for rank 0 to log.
 
     Weights include the embedding on the first stage and the head on the last; the `holds`
-    column says which of those a stage carries.
+    column says which of those a stage carries. A Mixture-of-Experts model adds the part of
+    the weights held by experts.
     """
     mib = 1024.0 * 1024.0
-    header = f"{'rank':>4}  {'layers':>9}  {'n':>3}  {'weights MiB':>11}  {'kv MiB':>8}  holds"
+    experts = costs.layer_expert_bytes if costs.layer_expert_bytes and any(costs.layer_expert_bytes) else None
+    header = f"{'rank':>4}  {'layers':>9}  {'n':>3}  {'weights MiB':>11}  {'kv MiB':>8}  "
+    header += f"{'experts MiB':>11}  holds" if experts else "holds"
     rows = [header]
     start = 0
     last = len(layers) - 1
@@ -210,9 +216,9 @@ def plan_table(layers: Sequence[int], costs: LayerCosts) -> str:
             held.append("head")
         kv = sum(costs.layer_kv_bytes[start:end])
         span = f"{start}-{end - 1}"
-        rows.append(
-            f"{rank:>4}  {span:>9}  {n:>3}  {weights / mib:>11.2f}  {kv / mib:>8.2f}  "
-            f"{'+'.join(held) or '-'}"
-        )
+        row = f"{rank:>4}  {span:>9}  {n:>3}  {weights / mib:>11.2f}  {kv / mib:>8.2f}  "
+        if experts:
+            row += f"{sum(experts[start:end]) / mib:>11.2f}  "
+        rows.append(row + ("+".join(held) or "-"))
         start = end
     return "\n".join(rows)

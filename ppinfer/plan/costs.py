@@ -7,6 +7,9 @@ any process group exists. The byte counts mirror what the runtime holds in memor
 - a layer or head weight stored in one of `stored_types` (the types a kernel multiplies in
   place, with `runtime.weights=quantized`) costs its file bytes; any other is dequantized to
   the runtime dtype: `n_elements * dtype_bytes`;
+- a Mixture-of-Experts layer's 3-D expert tensors (`ffn_*_exps`) count whole, every expert
+  (a stage holds them all, though a step reads only the chosen ones), by the same rule over
+  `stored_expert_types`; a layer's expert bytes are also reported on their own;
 - `token_embd` stays in its quantized file form on the first stage (the embedding only
   gathers rows), so it costs its file bytes; a tied model's last stage holds its own copy as
   the output projection, charged like any head weight;
@@ -32,6 +35,7 @@ from ppinfer.gguf import GGUFFile
 from ppinfer.plan.allocation import LayerCosts
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
+_EXPERTS = re.compile(r"\.ffn_(gate|up|down)_exps\.")
 
 
 def layer_costs(
@@ -42,6 +46,7 @@ def layer_costs(
     reader: GGUFFile | None = None,
     step_tokens: int | None = None,
     stored_types: AbstractSet[GGMLQuantizationType] = frozenset(),
+    stored_expert_types: AbstractSet[GGMLQuantizationType] | None = None,
     kv_dtype_bytes: int | None = None,
 ) -> LayerCosts:
     """Per-stage memory costs of the GGUF at `path` for a runtime dtype and KV capacity.
@@ -49,8 +54,9 @@ def layer_costs(
     `dtype_bytes` is the element size of the runtime dtype (2 for bfloat16); `kv_tokens` is
     the number of token positions each stage caches per layer, summed over its lanes;
     `step_tokens` (tokens embedded per decode step, i.e. a lane's sequences), when given,
-    sets `embedding_read_bytes`; `stored_types` are the tensor types held in their blocks;
-    `kv_dtype_bytes` is the KV cache's element size (the runtime dtype's by default).
+    sets `embedding_read_bytes`; `stored_types` are the tensor types held in their blocks, and
+    `stored_expert_types` those of expert tensors (None: the same); `kv_dtype_bytes` is the KV
+    cache's element size (the runtime dtype's by default).
     A caller that has already opened the file may pass it as `reader` (`path` then only
     names it in errors).
     """
@@ -60,7 +66,9 @@ def layer_costs(
     arch = reader.architecture
     n_layers = int(reader.require(f"{arch}.block_count"))
 
+    expert_types = stored_types if stored_expert_types is None else stored_expert_types
     layer_weights = [0] * n_layers
+    layer_experts = [0] * n_layers
     tensors: dict[str, Any] = {}
     for tensor in reader.tensors.values():
         match = _BLOCK.match(tensor.name)
@@ -72,7 +80,12 @@ def layer_costs(
             raise ModelFileError(
                 f"{path}: tensor {tensor.name} is past {arch}.block_count={n_layers}"
             )
-        layer_weights[layer] += _held(tensor, dtype_bytes, stored_types)
+        if _EXPERTS.search(tensor.name):
+            held = _held(tensor, dtype_bytes, expert_types)
+            layer_experts[layer] += held
+        else:
+            held = _held(tensor, dtype_bytes, stored_types)
+        layer_weights[layer] += held
     empty = [i for i, w in enumerate(layer_weights) if w == 0]
     if empty:
         raise ModelFileError(f"{path}: no tensors for layer(s) {empty} (blk.N.*)")
@@ -96,6 +109,7 @@ def layer_costs(
         embedding_bytes=embedding,
         head_bytes=head,
         embedding_read_bytes=read,
+        layer_expert_bytes=layer_experts,
     )
 
 

@@ -1,0 +1,56 @@
+"""Expert weights of a Mixture-of-Experts layer kept as GGUF blocks on the CPU.
+
+A 3-D expert tensor (`ffn_*_exps`, [n_expert, out, in]) is held as the file's bytes,
+[n_expert, out, bytes_per_row] uint8. `BlockExperts(e, x)` multiplies the rows routed to
+expert e by that expert's blocks alone (one contiguous slice), so a decode step reads only
+the chosen experts' blocks, and a prefill chunk costs one product per active expert.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from torch import nn
+
+from ppinfer.kernels import build
+
+
+class BlockExperts(nn.Module):
+    """y = x @ W[e].T for one expert e of W [n_expert, out_features, in_features] in blocks.
+
+    `w` is [n_expert, out_features, bytes_per_row] uint8, owned by the module (a copy, not a
+    view into a memory-mapped file)."""
+
+    def __init__(self, w: torch.Tensor, qtype: GGMLQuantizationType, in_features: int) -> None:
+        super().__init__()
+        qtype = GGMLQuantizationType(qtype)
+        block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
+        if w.dtype != torch.uint8 or w.dim() != 3 or w.device.type != "cpu":
+            raise ValueError(
+                f"BlockExperts: w must be a 3-D uint8 CPU tensor, got {w.dtype} {tuple(w.shape)} on {w.device}"
+            )
+        if in_features <= 0 or in_features % block_elems or w.shape[2] != in_features // block_elems * block_bytes:
+            raise ValueError(
+                f"BlockExperts: {w.shape[2]} bytes per row do not hold {in_features} {qtype.name} values"
+            )
+        self.qtype = qtype
+        self._type_id = int(qtype)
+        self.in_features = in_features
+        self.n_expert, self.out_features = w.shape[0], w.shape[1]
+        self.register_buffer("w", w.contiguous())  # [n_expert, out_features, row_bytes]
+        self._matmul = build.ops().block_matmul.default
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes: every expert's stored blocks."""
+        return self.w.numel()
+
+    def forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in_features] (the rows routed to `expert`) -> [n, out_features] in x's dtype."""
+        return self._matmul(x, self.w[expert], self._type_id, self.in_features, None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_expert={self.n_expert}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"qtype={self.qtype.name}"
+        )

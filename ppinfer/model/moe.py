@@ -1,0 +1,132 @@
+"""The Mixture-of-Experts feed-forward: one module for every family, driven by `MoeParams`.
+
+A router scores the experts per token (softmax or sigmoid over `ffn_gate_inp`), the top
+`n_expert_used` are chosen, their weights optionally renormalised, and the token's output is
+the weighted sum of the chosen experts' SwiGLU outputs (plus a shared expert, optionally
+scaled by its own sigmoid gate). Tokens are grouped by expert, so each active expert runs
+one product over the rows routed to it, and experts nobody chose are never touched.
+
+Expert weights are held by an `experts` module called as `experts(e, x)`: float tensors on
+the exact path (`FloatExperts`), the file's blocks on the quantized path
+(`kernels.experts.BlockExperts`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ppinfer.families.hparams import MoeParams
+from ppinfer.families.spec import Gating
+from ppinfer.kernels import fused as fused_ops
+from ppinfer.model.layers import frozen
+
+
+class FloatExperts(nn.Module):
+    """y = x @ W[e].T for one expert e of W [n_expert, out, in] held as floats."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = frozen(weight)  # [n_expert, out, in]
+        self.n_expert, self.out_features = weight.shape[0], weight.shape[1]
+
+    def forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] -> [n, out]."""
+        return F.linear(x, self.weight[expert])
+
+
+class ConcatExperts(nn.Module):
+    """Experts whose output rows are the concatenation of several expert tensors ([gate | up])
+    stored in different types, so held by different modules."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] -> [n, sum of the parts' out]."""
+        return torch.cat([part(expert, x) for part in self.parts], dim=-1)
+
+
+class SharedExpertGate(nn.Module):
+    """sigmoid(x . w): one scalar per token scaling the shared expert's output (qwen2moe)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = frozen(weight)  # [E]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, E] -> [N, 1]."""
+        return torch.sigmoid(x @ self.weight[:, None])
+
+
+class MoeFeedForward(nn.Module):
+    """Routed SwiGLU experts (+ an optional shared expert) over x [B, T, E]."""
+
+    def __init__(
+        self,
+        params: MoeParams,
+        router: nn.Module,  # [n_expert, E] linear: router logits
+        gate_up: nn.Module,  # experts(e, x [n, E]) -> [n, 2 F]: [gate | up] rows of expert e
+        down: nn.Module,  # experts(e, h [n, F]) -> [n, E]
+        shared: nn.Module | None = None,  # a dense SwiGLU feed-forward on every token
+        shared_gate: nn.Module | None = None,  # scales the shared expert's output per token
+        fused: bool = False,
+    ) -> None:
+        super().__init__()
+        self.params = params
+        self.router, self.gate_up, self.down = router, gate_up, down
+        self.shared, self.shared_gate = shared, shared_gate
+        self._glu = fused_ops.glu_op() if fused else None
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes held by the routed experts (blocks or floats)."""
+        tensors = [*self.gate_up.parameters(), *self.gate_up.buffers(), *self.down.parameters(), *self.down.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, E] -> (weights [N, k] float32, chosen experts [N, k] int64)."""
+        p = self.params
+        logits = self.router(x).float()  # [N, n_expert]
+        probs = logits.softmax(dim=-1) if p.gating is Gating.SOFTMAX else logits.sigmoid()
+        weights, chosen = probs.topk(p.n_expert_used, dim=-1)  # [N, k] each
+        if p.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, chosen
+
+    def _swiglu(self, h: torch.Tensor) -> torch.Tensor:
+        """[n, 2F] ([gate | up]) -> [n, F]."""
+        if self._glu is not None:
+            return self._glu(h, 0)
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, E] -> [B, T, E]."""
+        flat = x.reshape(-1, x.shape[-1])  # [N, E]
+        weights, chosen = self.route(flat)  # [N, k] each
+        k = self.params.n_expert_used
+        # Token slots (token * k + j) grouped by expert: expert e's slots are
+        # order[starts[e] : starts[e] + counts[e]].
+        order = chosen.flatten().argsort(stable=True)  # [N k]
+        counts = torch.bincount(chosen.flatten(), minlength=self.params.n_expert).tolist()
+        slot_weights = weights.flatten().to(x.dtype)  # [N k]
+        out = torch.zeros_like(flat)  # [N, E]
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            slots = order[start : start + count]  # [n]
+            start += count
+            tokens = slots // k  # [n]
+            h = self._swiglu(self.gate_up(expert, flat[tokens]))  # [n, F]
+            y = self.down(expert, h) * slot_weights[slots, None]  # [n, E]
+            out.index_add_(0, tokens, y)
+        if self.shared is not None:
+            s = self.shared(flat)  # [N, E]
+            if self.shared_gate is not None:
+                s = s * self.shared_gate(flat).to(s.dtype)
+            out = out + s
+        return out.view_as(x)
