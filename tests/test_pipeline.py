@@ -61,7 +61,10 @@ LAUNCH_TIMEOUT_S = 240.0
 """A hung launch fails the test after this long (gloo's own timeout is 60 s)."""
 
 PROMPTS = ("the cat in the hat", "x", "pipelines keep every stage busy", "Hi", "1 2 3")
-WAVE_PROMPTS = (*PROMPTS, "in the end", "gloo on cpu")
+# The last two start with a prompt admitted earlier without padding: their rows start on its
+# cached first block on every stage (prefix caching, a 16-slot block of byte tokens).
+WAVE_PROMPTS = (*PROMPTS, "in the end", "gloo on cpu", "pipelines keep every stage busy on cpu",
+                "pipelines keep every stage busy on gpu")
 MAX_NEW = 10
 SCORE_IDS = [(7 * i + 3) % 256 for i in range(20)]
 SAMPLING = {
@@ -367,6 +370,7 @@ def test_runs_used_the_requested_layout(pipelined: Launched, model: str) -> None
     assert metrics_of(pipelined.out(f"{model}-uniform-chunk3"))["layers"] == UNIFORM[s]
     waves = metrics_of(pipelined.out(f"{model}-waves-eos"))
     assert (waves["microbatches"], waves["lane_size"], waves["sequences"]) == (2, 2, len(WAVE_PROMPTS))
+    assert waves["prefix_cache_hit_rate"] > 0
     balanced = metrics_of(pipelined.out(f"{model}-balanced"))
     assert len(balanced["layers"]) == s and sum(balanced["layers"]) == 6
     assert all(len(p) == s for p in (balanced["per_stage"], explicit["per_stage"]))

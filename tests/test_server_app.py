@@ -19,7 +19,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ppinfer.pipeline.intake import IntakeStats, QueueFull, Unavailable
+from ppinfer.pipeline.intake import IntakeStats, KVStats, QueueFull, Unavailable
 from ppinfer.pipeline.sequence import Finished, TokenDelta
 from ppinfer.sampling.params import GenerationParams
 from ppinfer.serving.app import create_app
@@ -111,7 +111,8 @@ class FakeEngine:
             self._stops[request_id].set()
 
     def stats(self) -> IntakeStats:
-        return IntakeStats(waiting=3, running=2, stage_busy_seconds=(1.0, 3.0), uptime_s=4.0)
+        return IntakeStats(waiting=3, running=2, stage_busy_seconds=(1.0, 3.0), uptime_s=4.0,
+                           kv=KVStats(blocks_used=5, blocks_total=64, prefix_hit_rate=0.5))
 
     def close(self) -> None:
         for stop in self._stops.values():
@@ -510,6 +511,8 @@ def test_metrics(serve):
     assert 0 < samples[("ppinfer_time_to_first_token_seconds_sum", ())] < 2
     assert samples[("ppinfer_queue_length", ())] == 3
     assert samples[("ppinfer_running_sequences", ())] == 2
+    assert samples[("ppinfer_kv_blocks_used", ())] == 5 and samples[("ppinfer_kv_blocks_total", ())] == 64
+    assert samples[("ppinfer_prefix_cache_hit_rate", ())] == 0.5
     assert samples[("ppinfer_stage_busy_fraction", (("stage", "0"),))] == 0.25
     assert samples[("ppinfer_stage_busy_fraction", (("stage", "1"),))] == 0.75
 

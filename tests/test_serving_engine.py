@@ -85,7 +85,7 @@ def served(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
     runner = StageRunner(
         stage, job.n_lanes, job.lane_size, job.capacity, job.kv_tokens, job.kv_dtype, sink=SampleSink()
     )
-    scheduler = Scheduler(job.n_lanes, job.lane_size, job.prefill_chunk, job.capacity)
+    scheduler = job.scheduler()
 
     def loop() -> None:
         with torch.inference_mode():
@@ -119,6 +119,28 @@ def test_concurrent_requests_match_the_batch_command(
         assert client.finished.prompt_tokens == len(want["prompt_ids"])
         ids = [i for d in client.deltas for i in d.token_ids]
         assert ids == want["token_ids"][: len(ids)]
+
+
+def test_a_repeated_prompt_starts_on_cached_blocks(served: PipelineEngine) -> None:
+    """The second time a long prompt comes, its row starts on the blocks the first left in the
+    pool (the hit rate moves) and the greedy answer is the same."""
+    prompt = served.encode_prompt(
+        "Summarise in one line: the lighthouse keeper climbed the narrow stairs every evening, trimmed the "
+        "wick and polished the great lens until it shone over the harbour and the rocks."
+    )
+    assert len(prompt) > 32
+    params = served.defaults.updated({"max_new_tokens": 12, "ignore_eos": True})
+    answers = []
+    for _ in range(2):
+        client = _Client()
+        served.submit(prompt, params, client)
+        assert client.done.wait(60) and client.finished is not None
+        answers.append("".join(d.text for d in client.deltas) + client.finished.text)
+        if not answers[1:]:
+            before = served.stats().kv
+    after = served.stats().kv
+    assert after.blocks_total > 0 and after.prefix_hit_rate > before.prefix_hit_rate
+    assert answers[0] == answers[1]
 
 
 def test_stream_never_shows_a_stop_string_prefix_that_gets_cut(served: PipelineEngine) -> None:

@@ -132,6 +132,9 @@ class ServerConfig:
     stall_timeout_s: float = 30.0
     """`/health` says `stalled` (503) when sequences run but no sampled token has come back
     for this many seconds."""
+    prefix_cache: bool = True
+    """Reuse the KV blocks of a prompt beginning that an earlier prompt already computed
+    (full blocks of 16 tokens, on every stage); the batch command uses it too."""
     context_length: int | None = None
     """KV slots of one sequence (prompt plus generated); null means the model's context,
     capped at 2048 (every row of every lane preallocates this many KV slots)."""

@@ -13,12 +13,18 @@ float32 for the exact path) and widened when attention reads them.
 
 A forward works on any set of rows (`KVCache.rows`): a decode step computes only the rows
 that decode, whichever rows between them are free or still in prefill.
+
+Prefix caching: a block may be shared by several rows (`KVCache.attach` starts a row on
+blocks that already hold its prompt's first tokens). A block no row holds any more stays in
+the pool with its keys and values, least recently used first in line to be taken again, so
+a later prompt with the same beginning can still find it (`on_evict` says when it is gone).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,17 +67,22 @@ class KVPool:
         self.k = [torch.zeros(shape[0], n_head_kv[i], *shape[1:], dtype=dtype, device=device) for i in range(n_layers)]
         self.v = [torch.zeros_like(k) for k in self.k]
         self.positions = torch.full((n_blocks + 1, BLOCK_SIZE), -1, dtype=torch.int64, device=device)  # [N + 1, BS]
-        self._free = list(range(n_blocks, 0, -1))  # a stack: the most recently freed block is reused first
+        self._fresh = list(range(n_blocks, 0, -1))  # never written: taken first, lowest id first
+        self._idle: OrderedDict[int, None] = OrderedDict()  # held by no row, least recently used first
+        self._refs = [0] * (n_blocks + 1)  # rows holding each block
         self.peak_used = 0  # the most blocks held at once
+        self.on_evict: Callable[[int], None] | None = None
+        """Called with an idle block (one whose contents a prefix index may name) when it is
+        taken for new tokens."""
 
     @property
     def free(self) -> int:
-        """Blocks not held by any row."""
-        return len(self._free)
+        """Blocks not held by any row (never written, or idle)."""
+        return len(self._fresh) + len(self._idle)
 
     @property
     def used(self) -> int:
-        return self.n_blocks - len(self._free)
+        return self.n_blocks - self.free
 
     @property
     def block_bytes(self) -> int:
@@ -87,16 +98,37 @@ class KVPool:
         return self.block_bytes * self.used
 
     def take(self) -> int:
-        """A free block, its slots marked unwritten."""
-        if not self._free:
+        """A block for new tokens, its slots marked unwritten: a never-written one, else the
+        least recently used idle one."""
+        if self._fresh:
+            block = self._fresh.pop()
+        elif self._idle:
+            block, _ = self._idle.popitem(last=False)
+            if self.on_evict is not None:
+                self.on_evict(block)
+        else:
             raise KVPoolFull(f"the KV cache pool's {self.n_blocks} blocks are all in use")
-        block = self._free.pop()
+        self._refs[block] = 1
         self.positions[block].fill_(-1)
         self.peak_used = max(self.peak_used, self.used)
         return block
 
+    def share(self, blocks: Sequence[int]) -> None:
+        """One more row holds `blocks` (idle ones become held again)."""
+        for block in blocks:
+            if self._refs[block] == 0:
+                if block not in self._idle:
+                    raise ValueError(f"KV block {block} holds nothing to share")
+                del self._idle[block]
+            self._refs[block] += 1
+        self.peak_used = max(self.peak_used, self.used)
+
     def give_back(self, blocks: Sequence[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """One row fewer holds `blocks`; a block no row holds becomes idle, its contents kept."""
+        for block in blocks:
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._idle[block] = None
 
 
 class KVCache:
@@ -118,6 +150,14 @@ class KVCache:
             self.pool.give_back(self.tables[r])
             self.tables[r] = []
             self.lengths[r] = 0
+
+    def attach(self, row: int, blocks: Sequence[int]) -> None:
+        """Start `row` on a new sequence whose first `len(blocks)` blocks of slots are already
+        in `blocks` (a cached prefix)."""
+        self.reset(row, row + 1)
+        self.pool.share(blocks)
+        self.tables[row] = list(blocks)
+        self.lengths[row] = len(blocks) * BLOCK_SIZE
 
     @property
     def used_bytes(self) -> int:

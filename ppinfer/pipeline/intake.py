@@ -49,6 +49,17 @@ class IntakeStats:
     stage_busy_seconds: tuple[float, ...] = field(default_factory=tuple)
     """Per stage, seconds spent computing since the loop started."""
     uptime_s: float = 0.0
+    kv: KVStats = field(default_factory=lambda: KVStats())
+
+
+@dataclass(frozen=True)
+class KVStats:
+    """The KV cache pool as the first stage keeps it (every stage's is the same)."""
+
+    blocks_used: int = 0
+    blocks_total: int = 0
+    prefix_hit_rate: float = 0.0
+    """Share of admitted prompt tokens found in cached blocks."""
 
 
 class Intake:
@@ -69,6 +80,7 @@ class Intake:
         self._waiting = 0  # in the scheduler's queue, not yet in a row
         self._running = 0
         self._busy: tuple[float, ...] = ()
+        self._kv = KVStats()
         self._started = time.monotonic()
         self._progress_at = time.monotonic()  # last sampled ids, or when work began
         self._ready = False
@@ -118,7 +130,7 @@ class Intake:
     def stats(self) -> IntakeStats:
         with self._lock:
             waiting = len(self._incoming) + self._waiting
-            return IntakeStats(waiting, self._running, self._busy, time.monotonic() - self._started)
+            return IntakeStats(waiting, self._running, self._busy, time.monotonic() - self._started, self._kv)
 
     def stall(self) -> str | None:
         """Why the ring looks stuck (sequences run, no sampled ids for `stall_timeout_s`)."""
@@ -166,10 +178,13 @@ class Intake:
                     ping()
         return True
 
-    def progress(self, stages: tuple[float, ...]) -> None:
-        """Sampled ids arrived; `stages` are every stage's busy seconds as they report them."""
+    def progress(self, stages: tuple[float, ...], kv: KVStats | None = None) -> None:
+        """Sampled ids arrived; `stages` are every stage's busy seconds as they report them,
+        `kv` the KV pool's use."""
         with self._lock:
             self._busy = stages
+            if kv is not None:
+                self._kv = kv
             self._progress_at = time.monotonic()
 
     def fail(self, why: str, sequences: Sequences) -> None:

@@ -28,6 +28,7 @@ from ppinfer.hub import resolve_model_path
 from ppinfer.kernels.select import block_backend
 from ppinfer.model.cache import BLOCK_SIZE, blocks_for
 from ppinfer.pipeline.outputs import output_dir_problem
+from ppinfer.pipeline.prefix import PrefixIndex
 from ppinfer.pipeline.scheduler import Scheduler
 from ppinfer.plan import StagePlan, allocate, layer_costs, plan_table
 from ppinfer.sampling.params import GenerationParams
@@ -106,7 +107,7 @@ class Job:
         """An empty scheduler for this job's lanes, chunks and rows."""
         return Scheduler(
             self.n_lanes, self.lane_size, self.prefill_chunk, self.capacity, self.refill_chunk,
-            pool_blocks=blocks_for(self.kv_tokens),
+            pool_blocks=blocks_for(self.kv_tokens), prefix=PrefixIndex() if self.cfg.server.prefix_cache else None,
         )
 
     @property

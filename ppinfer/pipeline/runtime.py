@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from ppinfer.model import KVCache, KVPool, PipelineStage
-from ppinfer.pipeline.intake import Intake
+from ppinfer.pipeline.intake import Intake, KVStats
+from ppinfer.pipeline.prefix import PrefixIndex
 from ppinfer.pipeline.scheduler import Scheduler
+from ppinfer.pipeline.sequence import Sequence
 from ppinfer.pipeline.sequences import Sequences
 from ppinfer.pipeline.sinks import Sink
 from ppinfer.pipeline.transport import Transport
@@ -20,8 +23,10 @@ from ppinfer.pipeline.wire import (
     Control,
     Msg,
     decode_admissions,
+    decode_attach,
     decode_release,
     encode_admissions,
+    encode_attach,
     encode_release,
 )
 from ppinfer.pipeline.work import AwaitTokens, ItemKind, WorkItem, item_positions
@@ -86,19 +91,31 @@ class StageRunner:
         self.lane_size, self.capacity = lane_size, capacity
         self.kv_tokens, self.kv_dtype = kv_tokens, kv_dtype
         self.pool: KVPool | None = None
+        self.on_evict: Callable[[int], None] | None = None  # the pool's hook (the prefix index's)
         self.caches: list[KVCache | None] = [None] * n_lanes
         self.clock = StageClock()
 
-    def cache_for(self, item: WorkItem) -> KVCache:
-        cache = self.caches[item.lane]
+    def lane_cache(self, lane: int) -> KVCache:
+        """The lane's KV cache (the pool and the lane's rows made on first use)."""
+        cache = self.caches[lane]
         if cache is None:
             if self.pool is None:
                 self.pool = self.stage.new_pool(self.kv_tokens, self.kv_dtype)
-            cache = self.caches[item.lane] = KVCache(self.pool, self.lane_size, self.capacity)
+                self.pool.on_evict = self.on_evict
+            cache = self.caches[lane] = KVCache(self.pool, self.lane_size, self.capacity)
+        return cache
+
+    def cache_for(self, item: WorkItem) -> KVCache:
+        cache = self.lane_cache(item.lane)
         for step in item.rows:
-            if step.reset:
+            if step.reset and step.first_pos <= 0:  # (first_pos > 0: attached to cached blocks)
                 cache.reset(step.row, step.row + 1)
         return cache
+
+    def attach(self, rows: list[tuple[int, int, list[int]]]) -> None:
+        """Start these (lane, row) pairs on the cached KV blocks given for each."""
+        for lane, row, blocks in rows:
+            self.lane_cache(lane).attach(row, blocks)
 
     def release(self, rows: list[tuple[int, int]]) -> None:
         """Give the KV blocks of these (lane, row) pairs back to the pool."""
@@ -159,6 +176,8 @@ def run_first(
     local: deque[torch.Tensor] = deque()  # one-stage run: sampled ids in issue order
     world = transport.world if transport is not None else 1
     ping = transport.send_ping if transport is not None else None
+    if scheduler.prefix is not None:
+        runner.on_evict = scheduler.prefix.evicted
     runner.clock.loop_start = time.perf_counter()
     while True:
         intake.pull(scheduler, sequences)
@@ -177,7 +196,7 @@ def run_first(
                 if control.item != item:
                     raise RuntimeError(f"expected the ids of {item}, got {control.item}")
                 busy = runner.busy(0, control.busy_s, world)
-            intake.progress(busy)
+            intake.progress(busy, kv_stats(runner, scheduler))
             sequences.tokens_arrived(item, tokens.tolist())
             scheduler.tokens_arrived(action.lane)
             released = scheduler.released()
@@ -189,6 +208,11 @@ def run_first(
                 transport.expect_tokens()
             continue
         item = action
+        attached = scheduler.attached()
+        if attached:
+            runner.attach(attached)
+            if transport is not None:
+                transport.send_attach(encode_attach(attached))
         admissions = sequences.admissions(item)
         if admissions:
             runner.admit(admissions)
@@ -196,6 +220,8 @@ def run_first(
                 transport.send_admit(encode_admissions(admissions))
         ids = sequences.input_ids(item)
         result = runner.run(item, ids, None)
+        if scheduler.prefix is not None and item.kind is ItemKind.PREFILL and item.samples:
+            register_prefixes(scheduler.prefix, runner, sequences.get, item)
         if transport is not None:
             transport.send_item(Control(Msg.ITEM, item, runner.busy(0, (), world)), ids, result.hidden)
             if item.samples:
@@ -207,6 +233,31 @@ def run_first(
         transport.send_stop()
         transport.flush()
     runner.clock.loop_end = time.perf_counter()
+    if scheduler.prefix is not None:
+        sequences.counts.looked_up_tokens = scheduler.prefix.looked_up_tokens
+        sequences.counts.cached_tokens = scheduler.prefix.hit_tokens
+
+
+def kv_stats(runner: StageRunner, scheduler: Scheduler) -> KVStats:
+    """The first stage's KV pool use and prefix hit rate, for monitoring."""
+    pool, prefix = runner.pool, scheduler.prefix
+    return KVStats(
+        blocks_used=pool.used if pool is not None else 0,
+        blocks_total=pool.n_blocks if pool is not None else 0,
+        prefix_hit_rate=prefix.hit_rate if prefix is not None else 0.0,
+    )
+
+
+def register_prefixes(
+    prefix: PrefixIndex, runner: StageRunner, sequence_of: Callable[[int], Sequence | None], item: WorkItem
+) -> None:
+    """After a group's last prefill chunk (`item`, run here): the full blocks of each prompt
+    that starts at its row's first slot (no left padding) go into the prefix index."""
+    cache = runner.lane_cache(item.lane)
+    for step in item.rows:
+        sequence = sequence_of(step.seq)
+        if sequence is not None and not sequence.scored and cache.lengths[step.row] == sequence.prompt_len:
+            prefix.register(sequence.prompt, cache.tables[step.row])
 
 
 def run_relay(runner: StageRunner, transport: Transport) -> None:
@@ -221,6 +272,11 @@ def run_relay(runner: StageRunner, transport: Transport) -> None:
             break
         if control.msg is Msg.PING:
             transport.send_ping()
+            continue
+        if control.msg is Msg.ATTACH:
+            runner.attach(decode_attach(received.payload))
+            if not last:
+                transport.send_attach(received.payload)
             continue
         if control.msg is Msg.RELEASE:
             runner.release(decode_release(received.payload))

@@ -43,7 +43,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from ppinfer.model.cache import blocks_for
+from ppinfer.model.cache import BLOCK_SIZE, blocks_for
+from ppinfer.pipeline.prefix import PrefixIndex
 from ppinfer.pipeline.sequence import Sequence, Status
 from ppinfer.pipeline.work import AwaitTokens, ItemKind, RowStep, WorkItem
 
@@ -63,6 +64,7 @@ class _Group:
     seqs: list[Sequence]
     pads: list[int]
     chunks: deque[tuple[int, int]]
+    cached: int = 0  # prompt tokens already in cached blocks (a group of one): prefill starts there
 
 
 @dataclass
@@ -100,6 +102,7 @@ class Scheduler:
         capacity: int,
         refill_chunk: int | None = None,
         pool_blocks: int | None = None,
+        prefix: PrefixIndex | None = None,
     ) -> None:
         refill_chunk = chunk if refill_chunk is None else refill_chunk
         if n_lanes < 1 or lane_size < 1 or chunk < 1 or refill_chunk < 1:
@@ -114,6 +117,8 @@ class Scheduler:
         if pool_blocks is not None and pool_blocks < blocks_for(capacity):
             raise ValueError(f"a pool of {pool_blocks} KV blocks cannot hold one row of {capacity} slots")
         self._released: list[tuple[int, int]] = []  # (lane, row) freed since `released()`
+        self.prefix = prefix
+        self._attached: list[tuple[int, int, list[int]]] = []  # (lane, row, blocks) since `attached()`
         self._lanes = [_Lane([None] * lane_size) for _ in range(n_lanes)]
         self._waiting: deque[Sequence] = deque()
         self._ready: deque[WorkItem] = deque()  # items of the current turn not yet returned
@@ -173,6 +178,20 @@ class Scheduler:
         freed, self._released = self._released, []
         return freed
 
+    def attached(self) -> list[tuple[int, int, list[int]]]:
+        """The (lane, row, blocks) of rows admitted since the last call whose prompt starts in
+        cached blocks: every stage attaches them before the next item."""
+        attached, self._attached = self._attached, []
+        return attached
+
+    def _cached_blocks(self, sequence: Sequence) -> list[int]:
+        """Cached blocks the sequence may start on: not for scored sequences (every position's
+        logits are wanted) nor with a repetition penalty (the last stage counts the prompt's
+        tokens as they go through)."""
+        if self.prefix is None or sequence.scored or sequence.params.repetition_penalty != 1.0:
+            return []
+        return self.prefix.lookup(sequence.prompt)
+
     def idle(self) -> bool:
         """Nothing running, nothing waiting, nothing in flight."""
         return not self._waiting and not self._ready and self.running == 0 and not self.awaiting()
@@ -210,7 +229,7 @@ class Scheduler:
         return item
 
     def _lane_turn(self, lane_id: int, lane: _Lane) -> list[WorkItem]:
-        self._admit(lane)
+        self._admit(lane_id, lane)
         items = []
         decode = self._decode_item(lane_id, lane)
         if decode is not None:
@@ -223,7 +242,7 @@ class Scheduler:
                 lane.outstanding.append(item)
         return items
 
-    def _admit(self, lane: _Lane) -> None:
+    def _admit(self, lane_id: int, lane: _Lane) -> None:
         """Place the oldest waiting sequences into the lane's free rows."""
         if lane.group is not None or not self._waiting:
             return
@@ -232,9 +251,10 @@ class Scheduler:
             return
         members: list[Sequence] = []
         spare = None if self.pool_blocks is None else self.pool_blocks - self.committed_blocks()
+        cached = self._cached_blocks(self._waiting[0])
         for sequence in self._waiting:
-            if len(members) == len(free):
-                break
+            if len(members) == len(free) or (members and (cached or self._cached_blocks(sequence))):
+                break  # a prompt that starts in cached blocks goes alone, without left padding
             group = [*members, sequence]
             width = max(m.prompt_len for m in group)
             if members and width + max(max(m.budget for m in group) - 1, 0) > self.capacity:
@@ -252,9 +272,14 @@ class Scheduler:
         for r, m in zip(rows, members):
             lane.rows[r] = _Row(m, next_pos=m.prompt_len, blocks=_row_blocks(width, m))
             m.status = Status.PREFILLING
+            if self.prefix is not None and not m.scored:
+                self.prefix.count(m.prompt_len, len(cached))
+        if cached:
+            self._attached.append((lane_id, rows[0], cached))
+        skip = len(cached) * BLOCK_SIZE
         lane.group = _Group(
             rows, members, [width - m.prompt_len for m in members],
-            deque(prefill_chunks(width, self.refill_chunk if refill else self.chunk)),
+            deque(prefill_chunks(width - skip, self.refill_chunk if refill else self.chunk)), cached=skip,
         )
 
     def _prefill_item(self, lane_id: int, lane: _Lane) -> WorkItem:
@@ -262,8 +287,10 @@ class Scheduler:
         assert group is not None
         start, length = group.chunks.popleft()
         last = not group.chunks
+        first = group.cached + start
         rows = tuple(
-            RowStep(r, seq.id, start - pad, reset=start == 0) for r, seq, pad in zip(group.rows, group.seqs, group.pads)
+            RowStep(r, seq.id, first - pad, reset=start == 0)
+            for r, seq, pad in zip(group.rows, group.seqs, group.pads)
         )
         if last:
             lane.group = None

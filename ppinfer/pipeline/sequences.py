@@ -28,6 +28,8 @@ class TokenCounts:
     prefill_s: float = 0.0  # time between arrivals, attributed to the arriving item's kind
     decode_s: float = 0.0
     first_token_at: float | None = None
+    looked_up_tokens: int = 0  # prompt tokens of sequences admitted with a prefix cache lookup
+    cached_tokens: int = 0  # of those, tokens found in cached KV blocks (not prefilled again)
     sampled: dict[int, int] = field(default_factory=dict)  # sequence -> ids received
     last_done: float = field(default_factory=time.perf_counter)
 
@@ -67,6 +69,9 @@ class Sequences:
         sequence = self._live.pop(seq, None)
         if sequence is not None and sequence.ending is not None:
             sequence.finish(*sequence.ending)
+
+    def get(self, seq: int) -> Sequence | None:
+        return self._live.get(seq)
 
     def live(self) -> list[int]:
         return list(self._live)

@@ -26,15 +26,20 @@ def run_order(
     sequences: Iterable[Sequence],
     samples: Callable[[int], int],
     on_release: Callable[[list[tuple[int, int]]], None] | None = None,
+    on_attach: Callable[[list[tuple[int, int, list[int]]]], None] | None = None,
 ) -> Iterator[WorkItem | AwaitTokens]:
     """Drive `scheduler` offline over `sequences` (added to those it holds already): sequence
     s finishes after `samples(s)` sampled tokens (its first comes from prefill; a scored
-    sequence after prefill). `on_release` gets the rows freed by each arrival, before the
-    next action is yielded (as a rank gives their KV blocks back)."""
+    sequence after prefill). `on_release` gets the rows freed by each arrival and `on_attach`
+    the rows admitted onto cached blocks, before the next action is yielded (as a rank gives
+    their KV blocks back, or starts the rows on them)."""
     for sequence in sequences:
         scheduler.add(sequence)
     sampled: dict[int, int] = {}
     while (action := scheduler.next()) is not None:
+        attached = scheduler.attached()
+        if attached and on_attach is not None:
+            on_attach(attached)
         yield action
         if isinstance(action, AwaitTokens):
             item = scheduler.in_flight(action.lane)

@@ -186,6 +186,11 @@ class Transport:
         between the items before and after the release."""
         self._send_records(Msg.RELEASE, payload)
 
+    def send_attach(self, payload: bytes) -> None:
+        """Rows that start on cached KV blocks (`wire.encode_attach`) to the next stage, ahead of
+        the items that compute them."""
+        self._send_records(Msg.ATTACH, payload)
+
     def _send_records(self, msg: Msg, payload: bytes) -> None:
         assert self._items_out is not None
         buf = self._items_out.next_buffer()
@@ -227,7 +232,7 @@ class Transport:
             buf = self._items_in.take()
         control = self._read_control(buf)
         arrived = time.perf_counter()
-        if control.msg in (Msg.ADMIT, Msg.RELEASE):
+        if control.msg in (Msg.ADMIT, Msg.RELEASE, Msg.ATTACH):
             payload = self._recv_large(control.payload)
             received = Received(control, payload=bytes(payload.cpu().numpy()))
         elif control.item is None:

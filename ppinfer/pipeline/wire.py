@@ -36,13 +36,14 @@ class Msg(IntEnum):
     PING = 5
     ADMIT = 6  # admission records in the next message
     RELEASE = 7  # rows whose KV blocks go back to the pool, in the next message
+    ATTACH = 8  # rows that start on cached KV blocks, in the next message
 
 
 @dataclass(frozen=True)
 class Control:
     """A message's control block: the kind of message, the item (row by row), each stage's busy
     seconds when it passed the item on, and the byte size of a payload that follows (ADMIT,
-    RELEASE)."""
+    RELEASE, ATTACH)."""
 
     msg: Msg
     item: WorkItem | None = None
@@ -68,7 +69,7 @@ class Control:
     def decode(cls, raw: list[int], stages: int) -> Control:
         msg = Msg(raw[0])
         busy = tuple(v / 1e6 for v in raw[HEADER:HEADER + stages])
-        if msg in (Msg.STOP, Msg.PING, Msg.ADMIT, Msg.RELEASE):
+        if msg in (Msg.STOP, Msg.PING, Msg.ADMIT, Msg.RELEASE, Msg.ATTACH):
             return cls(msg, busy_s=busy, payload=raw[6])
         n_rows, at = raw[3], HEADER + stages
         steps = tuple(
@@ -128,3 +129,12 @@ def encode_release(rows: list[tuple[int, int]]) -> bytes:
 
 def decode_release(payload: bytes) -> list[tuple[int, int]]:
     return [(int(lane), int(row)) for lane, row in json.loads(payload)]
+
+
+def encode_attach(rows: list[tuple[int, int, list[int]]]) -> bytes:
+    """(lane, row, blocks): rows that start a sequence on cached KV blocks."""
+    return json.dumps(rows).encode()
+
+
+def decode_attach(payload: bytes) -> list[tuple[int, int, list[int]]]:
+    return [(int(lane), int(row), [int(b) for b in blocks]) for lane, row, blocks in json.loads(payload)]

@@ -21,7 +21,9 @@ class RowStep:
     row: int  # the row of the lane's cache
     seq: int  # the sequence in the row
     first_pos: int  # rope position of the item's first token (negative: left padding)
-    reset: bool = False  # a new sequence starts here: forget the row's previous one
+    reset: bool = False
+    """A new sequence starts here: the row forgets its previous one (or, when `first_pos` > 0,
+    has just been attached to the cached blocks that hold the prompt's beginning)."""
 
 
 @dataclass(frozen=True)

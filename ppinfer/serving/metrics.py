@@ -94,6 +94,13 @@ class _EngineGauges(Collector):
         stats = self._engine.stats()
         yield GaugeMetricFamily("ppinfer_queue_length", "Requests waiting for a slot.", value=stats.waiting)
         yield GaugeMetricFamily("ppinfer_running_sequences", "Sequences being generated.", value=stats.running)
+        yield GaugeMetricFamily("ppinfer_kv_blocks_used", "KV cache blocks held by sequences (each stage alike).",
+                                value=stats.kv.blocks_used)
+        yield GaugeMetricFamily("ppinfer_kv_blocks_total", "KV cache blocks of each stage's pool.",
+                                value=stats.kv.blocks_total)
+        yield GaugeMetricFamily("ppinfer_prefix_cache_hit_rate",
+                                "Share of admitted prompt tokens found in cached KV blocks.",
+                                value=stats.kv.prefix_hit_rate)
         busy = GaugeMetricFamily("ppinfer_stage_busy_fraction",
                                  "Fraction of the uptime each pipeline stage spent computing.", labels=["stage"])
         for stage, seconds in enumerate(stats.stage_busy_seconds):
