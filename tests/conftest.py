@@ -43,17 +43,14 @@ def ops():
 
 
 @pytest.fixture
-def path(ops, request):
-    """Yields a function that selects the ISA ("auto" / "scalar") and the path ("vec" / "gemm");
-    restores the defaults after the test."""
-    default_rows = ops.gemm_min_rows()
+def use_isa(ops):
+    """Yields a function that selects the kernels' instruction set ("auto", "scalar", ...),
+    skipping the test where this CPU lacks it; restores "auto" after the test."""
 
-    def select(isa: str, kind: str) -> None:
+    def select(isa: str) -> None:
         ops.set_isa(isa)
         if isa == "auto" and ops.isa() != "avx2":
             pytest.skip("this CPU has no AVX2+FMA+F16C")
-        ops.set_gemm_min_rows(10**9 if kind == "vec" else 1)
 
     yield select
     ops.set_isa("auto")
-    ops.set_gemm_min_rows(default_rows)

@@ -101,8 +101,8 @@ def test_saturated_blocks_dequantize_exactly(ops, qtype: Q) -> None:
 
 @pytest.mark.parametrize("isa", ["auto", "scalar"])
 @pytest.mark.parametrize("qtype", KQUANTS, ids=lambda t: t.name)
-def test_saturated_blocks_multiply_within_accum_bound(ops, path, qtype: Q, isa: str) -> None:
-    path(isa, "vec")
+def test_saturated_blocks_multiply_within_accum_bound(ops, use_isa, qtype: Q, isa: str) -> None:
+    use_isa(isa)
     k = 1024
     raw = saturated_blocks(qtype, 40, k)
     x = q8_exact(4, k, np.random.default_rng(int(qtype)), full=True)
@@ -114,8 +114,8 @@ def test_saturated_blocks_multiply_within_accum_bound(ops, path, qtype: Q, isa: 
 @pytest.mark.parametrize("rows, superblocks", [(1, 53), (16, 7)])
 @pytest.mark.parametrize("isa", ["auto", "scalar"])
 @pytest.mark.parametrize("qtype", KQUANTS, ids=lambda t: t.name)
-def test_long_rows_split_into_k_chunks(ops, path, qtype: Q, isa: str, rows: int, superblocks: int) -> None:
-    path(isa, "vec")
+def test_long_rows_split_into_k_chunks(ops, use_isa, qtype: Q, isa: str, rows: int, superblocks: int) -> None:
+    use_isa(isa)
     k = 256 * superblocks
     rng = np.random.default_rng(rows)
     raw = random_byte_blocks(qtype, 9, k, rng)

@@ -1,18 +1,19 @@
 // Torch ops over stored GGUF blocks (namespace ppinfer_kernels), on the per-type kernels of
 // legacy.cpp and kquants.cpp.
 //
-// block_matmul(x [..., k], w [N, row_bytes]) = x @ dequant(w).T, two ways:
-//   - fewer than gemm_min_rows() rows of x (decode): each x row is quantized once to
-//     Q8Blocks, then torch's intra-op threads split the weight rows, 8 at a time, and dot them
-//     with every x row while they are in cache (the weights are read once, in their stored
-//     size, and prefetched ahead of the dots). The AVX2 kernels keep one output's float chain
-//     per vector lane (qtypes.h): groups of 8 x rows go to the type's tile kernel, which decodes
-//     each weight block once for all of them, 4 x rows left over to its pair tile kernel (two
-//     weight rows per vector), and the rest (all x rows when there are few) to its weight-rows
-//     kernel, 8 weight rows against one or two x rows;
-//   - more rows (prefill): tiles of weight rows are dequantized into one reused float buffer
-//     and multiplied by torch's float GEMM, so the cost is the float GEMM's plus one pass of
-//     dequantization, with memory bounded by the tile.
+// block_matmul(x [..., k], w [N, row_bytes]) = x @ dequant(w).T, one numeric path for every
+// number of x rows: each x row is quantized to Q8Blocks (the same blocks whether it comes alone
+// or with hundreds of others), then torch's intra-op threads split the weight rows, 8 at a
+// time, and dot them with every x row while they are in cache (the weights are read in their
+// stored size, and prefetched ahead of the dots). Every output is one float chain over its
+// blocks in order, each block's dot exact in integers (qtypes.h), so a row's result is the
+// same bits whatever else shares the product: greedy answers do not depend on the batch.
+// The AVX2 kernels keep one output's float chain per vector lane: groups of 8 x rows go to the
+// type's tile kernel, which decodes each weight block once for all of them (up to
+// kMaxTileGroups groups a call, each chunk of x tiles reused by a group of 8 weight rows while
+// it is in L1: prefill's 8-bit GEMM), 4 x rows left over to its pair tile kernel (two weight
+// rows per vector), and the rest (all x rows when there are few) to its weight-rows kernel,
+// 8 weight rows against one or two x rows.
 // The AVX2 dots run only where the CPU reports AVX2, FMA and F16C; set_isa("scalar") forces
 // the portable ones on any CPU.
 #include <ATen/ATen.h>
@@ -34,11 +35,6 @@
 namespace ppinfer {
 namespace {
 
-// Rows of x from which block_matmul uses the tile-dequant GEMM (measured: docs/kernels.md).
-constexpr int64_t kDefaultGemmMinRows = 48;
-// Float values per dequantized weight tile (4 MiB), and the fewest rows a tile holds.
-constexpr int64_t kTileValues = int64_t{1} << 20;
-constexpr int64_t kMinTileRows = 16;
 // Multiply-adds below which a chunk of work is not split further between threads.
 constexpr int64_t kGrainMacs = int64_t{1} << 15;
 // Activation blocks per k-chunk of the decode path where x has groups of 8 rows (1024 values:
@@ -69,11 +65,6 @@ bool cpu_has_avx2() {
 std::atomic<bool>& avx2_enabled() {
   static std::atomic<bool> enabled{cpu_has_avx2()};
   return enabled;
-}
-
-std::atomic<int64_t>& gemm_rows_threshold() {
-  static std::atomic<int64_t> rows{kDefaultGemmMinRows};
-  return rows;
 }
 
 const QTypeKernels* find_kernels(int64_t qtype) {
@@ -155,25 +146,31 @@ void quantize_row(const float* x, Q8Block* out, int64_t k) {
   quantize_row_scalar(x, out, k);
 }
 
-// All rows of x ([M, k], float32 or bfloat16) as Q8Blocks, into a buffer reused by the thread.
+// All rows of x ([M, k], float32 or bfloat16) as Q8Blocks, into a buffer reused by the thread;
+// torch's threads split the rows (each row's blocks are the same however they are split).
 const Q8Block* quantize_activations(const at::Tensor& x, int64_t k) {
   thread_local std::vector<Q8Block> blocks;
-  thread_local std::vector<float> row;
   const int64_t rows = x.size(0);
   const int64_t nb = k / kQ8Elems;
   blocks.resize(static_cast<size_t>(rows * nb));
+  Q8Block* out = blocks.data();
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / k);
   if (x.scalar_type() == at::kFloat) {
     const float* xp = x.data_ptr<float>();
-    for (int64_t m = 0; m < rows; ++m) quantize_row(xp + m * k, blocks.data() + m * nb, k);
+    at::parallel_for(0, rows, grain, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * k, out + m * nb, k);
+    });
   } else {
     const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-    row.resize(static_cast<size_t>(k));
-    for (int64_t m = 0; m < rows; ++m) {
-      std::copy(xp + m * k, xp + (m + 1) * k, row.begin());
-      quantize_row(row.data(), blocks.data() + m * nb, k);
-    }
+    at::parallel_for(0, rows, grain, [&](int64_t m0, int64_t m1) {
+      std::vector<float> row(static_cast<size_t>(k));
+      for (int64_t m = m0; m < m1; ++m) {
+        std::copy(xp + m * k, xp + (m + 1) * k, row.begin());
+        quantize_row(row.data(), out + m * nb, k);
+      }
+    });
   }
-  return blocks.data();
+  return out;
 }
 
 // ---- argument checks ----
@@ -302,15 +299,21 @@ void set_lane(XTile& t, int64_t r, const Q8Block& x) {
 }
 
 // `rows` rows of xq ([rows, nb] blocks) as tiles of `lanes` rows each, [ceil(rows / lanes), nb],
-// in `tiles` (resized; padding lanes are zero).
+// in `tiles` (resized; padding lanes are zero); torch's threads split the tiles.
 template <class XTile>
 const XTile* tile_activations(const Q8Block* xq, int64_t rows, int64_t nb, int64_t lanes, std::vector<XTile>& tiles) {
-  tiles.assign(static_cast<size_t>((rows + lanes - 1) / lanes * nb), XTile{});
-  for (int64_t m = 0; m < rows; ++m) {
-    XTile* row_tiles = tiles.data() + m / lanes * nb;
-    for (int64_t b = 0; b < nb; ++b) set_lane(row_tiles[b], m % lanes, xq[m * nb + b]);
-  }
-  return tiles.data();
+  const int64_t groups = (rows + lanes - 1) / lanes;
+  tiles.resize(static_cast<size_t>(groups * nb));
+  XTile* out = tiles.data();
+  at::parallel_for(0, groups, std::max<int64_t>(1, kGrainMacs / (nb * kQ8Elems * lanes)), [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      std::fill(out + g * nb, out + (g + 1) * nb, XTile{});
+      for (int64_t m = g * lanes; m < std::min(rows, (g + 1) * lanes); ++m) {
+        for (int64_t b = 0; b < nb; ++b) set_lane(out[g * nb + b], m % lanes, xq[m * nb + b]);
+      }
+    }
+  });
+  return out;
 }
 
 // The AVX2 path for the weight rows [j0, j1) (see block_matmul): each output's chain runs over
@@ -338,11 +341,12 @@ void avx2_dot_rows(const Shape& s, const uint8_t* w, const Q8Block* xq, const Q8
     for (int64_t c0 = 0, c = 0; c0 < kc.nb; c0 += kc.chunk, ++c) {
       const int values = kc.values(c0);
       const uint8_t* chunk = w + g0 * s.row_bytes + c * kc.chunk_bytes;
-      for (int64_t i = 0; i < count; ++i) {
-        for (int64_t g = 0; g < split.groups; g += kMaxTileGroups) {
-          const int groups = static_cast<int>(std::min<int64_t>(kMaxTileGroups, split.groups - g));
+      // The x tiles of one call stay in L1 while the group's weight rows meet them.
+      for (int64_t g = 0; g < split.groups; g += kMaxTileGroups) {
+        const int groups = static_cast<int>(std::min<int64_t>(kMaxTileGroups, split.groups - g));
+        for (int64_t i = 0; i < count; ++i) {
           t.dot_tile_avx2(chunk + i * s.row_bytes, xt + g * kc.nb + c0, kc.nb, groups, values,
-                          tile_acc.data() + (i * split.groups + g) * kLanes, ahead);
+                          tile_acc.data() + (i * split.groups + g) * kLanes, g == 0 ? ahead : 0);
         }
       }
       if (split.paired > 0) {
@@ -396,24 +400,6 @@ void vec_dot_matmul(const Shape& s, const uint8_t* w, const Q8Block* xq, int64_t
   });
 }
 
-// out [M, N] float32 = x [M, k] float32 @ dequant(w).T (+ bias), one weight tile at a time.
-void tiled_gemm(const Shape& s, const uint8_t* w, const at::Tensor& x, int64_t k,
-                const std::optional<at::Tensor>& bias, at::Tensor& out) {
-  const int64_t tile_rows = std::min(s.n, std::max(kMinTileRows, kTileValues / k));
-  at::Tensor tile = at::empty({tile_rows, k}, x.options());  // [tile_rows, k] reused
-  for (int64_t n0 = 0; n0 < s.n; n0 += tile_rows) {
-    const int64_t rows = std::min(tile_rows, s.n - n0);
-    at::Tensor part = tile.narrow(0, 0, rows);
-    dequantize_rows(*s.kernels, w + n0 * s.row_bytes, s.row_bytes, rows, k, part.data_ptr<float>());
-    at::Tensor dst = out.narrow(1, n0, rows);  // [M, rows], row stride N
-    if (bias.has_value()) {
-      at::addmm_out(dst, bias->narrow(0, n0, rows), x, part.t());
-    } else {
-      at::mm_out(dst, x, part.t());
-    }
-  }
-}
-
 // ---- ops ----
 
 at::Tensor block_matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, int64_t k,
@@ -429,24 +415,13 @@ at::Tensor block_matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t qty
   if (rows == 0 || s.n == 0) return out;
   const uint8_t* wp = w.data_ptr<uint8_t>();
 
-  if (rows < gemm_rows_threshold().load(std::memory_order_relaxed)) {
-    const Q8Block* xq = quantize_activations(x, k);
-    const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-    if (x.scalar_type() == at::kFloat) {
-      vec_dot_matmul(s, wp, xq, rows, k, bp, out.data_ptr<float>());
-    } else {
-      vec_dot_matmul(s, wp, xq, rows, k, bp, out.data_ptr<at::BFloat16>());
-    }
-    return out;
-  }
+  const Q8Block* xq = quantize_activations(x, k);
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   if (x.scalar_type() == at::kFloat) {
-    at::Tensor out2d = out.view({rows, s.n});
-    tiled_gemm(s, wp, x, k, bias, out2d);
-    return out;
+    vec_dot_matmul(s, wp, xq, rows, k, bp, out.data_ptr<float>());
+  } else {
+    vec_dot_matmul(s, wp, xq, rows, k, bp, out.data_ptr<at::BFloat16>());
   }
-  at::Tensor out_f = at::empty({rows, s.n}, x.options().dtype(at::kFloat));
-  tiled_gemm(s, wp, x.to(at::kFloat), k, bias, out_f);
-  out.view({rows, s.n}).copy_(out_f);
   return out;
 }
 
@@ -471,13 +446,6 @@ std::vector<int64_t> qtypes() {
   return types;
 }
 
-int64_t gemm_min_rows() { return gemm_rows_threshold().load(); }
-
-void set_gemm_min_rows(int64_t rows) {
-  TORCH_CHECK(rows >= 1, "set_gemm_min_rows: rows must be at least 1, got ", rows);
-  gemm_rows_threshold().store(rows);
-}
-
 }  // namespace
 
 bool avx2_active() { return avx2_enabled().load(std::memory_order_relaxed); }
@@ -490,6 +458,4 @@ TORCH_LIBRARY(ppinfer_kernels, m) {
   m.def("isa() -> str", &ppinfer::isa);
   m.def("set_isa(str isa) -> ()", &ppinfer::set_isa);
   m.def("qtypes() -> int[]", &ppinfer::qtypes);
-  m.def("gemm_min_rows() -> int", &ppinfer::gemm_min_rows);
-  m.def("set_gemm_min_rows(int rows) -> ()", &ppinfer::set_gemm_min_rows);
 }
