@@ -31,6 +31,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import ISAS
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
@@ -141,11 +142,22 @@ def test_auto_isa_follows_the_cpu_flags(ops) -> None:
     if not flags_file.exists():
         pytest.skip("no /proc/cpuinfo to read the CPU flags from")
     flags = set(re.search(r"^flags\s*:(.*)$", flags_file.read_text(), re.M).group(1).split())
+    runs = {
+        "scalar": True,
+        "avx2": {"avx2", "fma", "f16c"} <= flags,
+        "avx512vnni": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags,
+    }
     try:
-        ops.set_isa("scalar")
-        assert ops.isa() == "scalar"
         ops.set_isa("auto")
-        assert ops.isa() == ("avx2" if {"avx2", "fma", "f16c"} <= flags else "scalar")
+        assert ops.isa() == next(name for name in ISAS if runs[name])
+        for name in ISAS:
+            assert (ops.isa_unavailable(name) == "") == runs[name], name
+            if runs[name]:  # every variant this CPU runs can be forced, the lower ones included
+                ops.set_isa(name)
+                assert ops.isa() == name
+            else:
+                with pytest.raises(RuntimeError, match=f"cannot run '{name}' here: this CPU lacks"):
+                    ops.set_isa(name)
     finally:
         ops.set_isa("auto")
 
@@ -194,10 +206,8 @@ def test_dequantize_equals_gguf_py(ops, qtype: Q) -> None:
 # ---- block_matmul ----
 
 
-@pytest.mark.parametrize("isa", ["auto", "scalar"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_block_matmul_within_the_q8_bound(ops, use_isa, qtype: Q, isa: str) -> None:
-    use_isa(isa)
+def test_block_matmul_within_the_q8_bound(ops, isa: str, qtype: Q) -> None:
     k = row_values(qtype)
     for case, raw in enumerate(weight_cases(qtype, 37, k)):
         w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
@@ -211,13 +221,11 @@ def test_block_matmul_within_the_q8_bound(ops, use_isa, qtype: Q, isa: str) -> N
             assert (err <= bound).all(), f"case {case}, M={rows}: error {err[worst]} > bound {bound[worst]} at {worst}"
 
 
-@pytest.mark.parametrize("isa", ["auto", "scalar"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_block_matmul_is_exact_where_x_is_q8(ops, use_isa, qtype: Q, isa: str) -> None:
+def test_block_matmul_is_exact_where_x_is_q8(ops, isa: str, qtype: Q) -> None:
     """x blocks 2^e * q with integer |q| <= 127 and a 127 in each block quantize exactly
     (dx = 2^e), so only the accumulation error remains: any wrong code, scale or offset
     shows far above it."""
-    use_isa(isa)
     k = row_values(qtype)
     rng = np.random.default_rng(11)
     q = rng.integers(-127, 128, (3, k // 32, 32))
@@ -229,11 +237,9 @@ def test_block_matmul_is_exact_where_x_is_q8(ops, use_isa, qtype: Q, isa: str) -
         assert (np.abs(got - x.double().numpy() @ w.T) <= accum_bound(x, w, offsets(raw, qtype))).all()
 
 
-@pytest.mark.parametrize("isa", ["auto", "scalar"])
-def test_activations_round_to_nearest_q8(ops, use_isa, isa: str) -> None:
+def test_activations_round_to_nearest_q8(ops, isa: str) -> None:
     """Through an identity Q8_0 weight (d = 1, one-hot codes) the product returns the quantized
     activations dx * q themselves: q = round-half-even(x / dx), dx = max|x_block| / 127."""
-    use_isa(isa)
     k = 64
     blocks = np.zeros((k, k // 32, 34), dtype=np.uint8)  # row i: value 1 at column i
     blocks[..., 0:2] = np.array([1.0], dtype=np.float16).view(np.uint8)
@@ -251,19 +257,22 @@ def test_activations_round_to_nearest_q8(ops, use_isa, isa: str) -> None:
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_avx2_agrees_with_scalar(ops, use_isa, qtype: Q) -> None:
-    """Both quantize x to the same blocks and sum exact integer block products, so they differ
-    only by float rounding: at most twice the accumulation bound."""
+def test_instruction_sets_agree(ops, use_isa, qtype: Q) -> None:
+    """Every SIMD variant does each output's float chain with the same operations in the same
+    order (only the integer block dots, which are exact, differ in how they are computed), so
+    AVX-512 VNNI and AVX2 give the same bits; the portable code sums in another order, within
+    twice the accumulation bound of them. 45 rows: two groups of 16 for AVX-512, then 8 + 4 + 1."""
     k = row_values(qtype)
     raw = weight_cases(qtype, 37, k)[0]
     w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
     o = offsets(raw, qtype)
-    x = activations(16, k, seed=5)
+    x = activations(45, k, seed=5)
     results = {}
-    for isa in ("auto", "scalar"):
-        use_isa(isa)
-        results[isa] = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), k).double().numpy()
-    assert (np.abs(results["auto"] - results["scalar"]) <= 2 * accum_bound(x, w, o)).all()
+    for name in ("avx2", "avx512vnni", "scalar"):
+        use_isa(name)
+        results[name] = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), k).double().numpy()
+    np.testing.assert_array_equal(results["avx512vnni"], results["avx2"])
+    assert (np.abs(results["avx2"] - results["scalar"]) <= 2 * accum_bound(x, w, o)).all()
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 23])
@@ -282,17 +291,15 @@ def test_row_split_over_threads_changes_nothing(ops, use_isa, rows: int) -> None
     assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize("isa", ["auto", "scalar"])
 @pytest.mark.parametrize("k", [768, 8192])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_result_of_a_row_does_not_depend_on_its_batch(ops, use_isa, qtype: Q, k: int, isa: str) -> None:
+def test_result_of_a_row_does_not_depend_on_its_batch(ops, isa: str, qtype: Q, k: int) -> None:
     """A row's output is the same bits alone, among 2 to 23 rows, 29, 36, 48 or 200, on one
     thread or two, so a sequence's greedy tokens do not depend on what shares its products:
     every way block_matmul splits x rows (groups of 8 x rows against one weight row, 4 x rows
     against two, one x row against 8 weight rows, many groups at once) meets every other;
     k = 8192 spans several k-chunks; 9 weight rows leave a short group of weight rows (and an
     odd one out of a pair)."""
-    use_isa(isa)
     rng = np.random.default_rng(5)
     raw = torch.from_numpy(random_byte_blocks(qtype, 9, k, rng))
     x = torch.randn(200, k, generator=torch.Generator().manual_seed(5))
@@ -361,7 +368,7 @@ def test_bad_inputs_give_clear_errors(ops) -> None:
         (lambda: ops.block_matmul(x.to("meta"), w, 2, 64), "x must be on the CPU"),
         (lambda: ops.block_matmul(x, w, 2, 64, torch.zeros(5)), r"bias must be a float32 or bfloat16 CPU tensor \[4\]"),
         (lambda: ops.dequantize(w, 2, 60), "k=60 is not a positive multiple"),
-        (lambda: ops.set_isa("avx512"), "expected 'auto' or 'scalar'"),
+        (lambda: ops.set_isa("avx512"), "expected 'auto', 'scalar', 'avx2' or 'avx512vnni', got 'avx512'"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):

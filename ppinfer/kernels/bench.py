@@ -1,7 +1,7 @@
 """Times the CPU block kernels against float32 F.linear on the dequantized weight.
 
     python -m ppinfer.kernels.bench [--threads 1 2] [--rows 1 16] [--types Q4_0 Q4_1 Q8_0]
-                                    [--shapes 11008x4096 2048x2048 5632x2048]
+                                    [--shapes 11008x4096 2048x2048 5632x2048] [--isa avx2]
 
 Prints a markdown table (the one in docs/kernels.md): best-of-N milliseconds per product,
 and the weight bytes each product reads per second. Weights are random blocks with sane
@@ -100,8 +100,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--types", nargs="+", default=["Q4_0", "Q4_1", "Q8_0"])
     parser.add_argument("--shapes", type=shape, nargs="+", help="weights as NxK (out x in features)")
+    parser.add_argument("--isa", default="auto", help="the kernels' instruction set: auto, avx512vnni, avx2, scalar")
     args = parser.parse_args()
     types = [GGMLQuantizationType[name] for name in args.types]
+    build.set_isa(args.isa)
     print(f"isa: {build.isa()}")
     lines = bandwidth_lines() + table(args.threads, args.rows, types, args.shapes or SHAPES)
     for line in lines:
