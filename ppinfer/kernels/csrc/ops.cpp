@@ -46,7 +46,7 @@ constexpr int64_t kGrainMacs = int64_t{1} << 15;
 // the number of x rows changes a row's result (pipelines with different lane sizes give
 // identical outputs).
 constexpr int64_t kXChunkBlocks = 32;
-constexpr int64_t kWideChunkBlocks = 16;
+constexpr int64_t kWideChunkBlocks = 8;
 constexpr int64_t kRowGroup = kLanes;
 // x rows left over after the full groups of kWideLanes (AVX-512) that make one more, padded
 // group; fewer go to the AVX2 kernels as below.
@@ -210,7 +210,7 @@ void simd_dot_rows(const Shape& s, const uint8_t* w, const XLayouts& x, const Ro
   const QTypeKernels& t = *s.kernels;
   // With no groups, x is a few rows: whole rows per call cost the fewest calls. Wide tiles
   // take smaller chunks (768 bytes a block and group: the up to kMaxWideGroups groups of one
-  // call, 48 KiB, stay in L1 and L2's nearest lines).
+  // call, 24 KiB, stay in L1; measured against 16 blocks: docs/kernels.md).
   const int64_t chunk_blocks = split.wide_groups > 0 ? kWideChunkBlocks
                                : split.groups > 0    ? kXChunkBlocks
                                                      : k / kQ8Elems;
