@@ -42,18 +42,29 @@ def ops():
     return torch.ops.ppinfer_kernels
 
 
-@pytest.fixture
-def path(ops, request):
-    """Yields a function that selects the ISA ("auto" / "scalar") and the path ("vec" / "gemm");
-    restores the defaults after the test."""
-    default_rows = ops.gemm_min_rows()
+ISAS = ("avx512vnni", "avx2", "scalar")  # the kernels' instruction sets, best first
 
-    def select(isa: str, kind: str) -> None:
-        ops.set_isa(isa)
-        if isa == "auto" and ops.isa() != "avx2":
-            pytest.skip("this CPU has no AVX2+FMA+F16C")
-        ops.set_gemm_min_rows(10**9 if kind == "vec" else 1)
 
-    yield select
+def _select_isa(ops, isa: str) -> None:
+    """Makes the kernels run `isa`, or skips the test with the reason this CPU or build lacks it."""
+    reason = ops.isa_unavailable(isa)
+    if reason:
+        pytest.skip(f"{isa}: {reason}")
+    ops.set_isa(isa)
+
+
+@pytest.fixture(params=ISAS)
+def isa(ops, request):
+    """Runs the test once per instruction set of the kernels (those this CPU lacks are skipped
+    with the reason); restores "auto" after it."""
+    _select_isa(ops, request.param)
+    yield request.param
     ops.set_isa("auto")
-    ops.set_gemm_min_rows(default_rows)
+
+
+@pytest.fixture
+def use_isa(ops):
+    """Yields a function that selects the kernels' instruction set, skipping the test where this
+    CPU lacks it; restores "auto" after the test."""
+    yield lambda name: _select_isa(ops, name)
+    ops.set_isa("auto")

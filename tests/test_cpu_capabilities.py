@@ -8,6 +8,7 @@ import torch
 from stage_runner import full_logits, kl_and_top1, whole
 from tiny_cases import ALL_CASES, TinyFiles, token_batch
 
+from ppinfer.kernels import build
 from ppinfer.kernels.capabilities import BASELINE_ENV, cpu_capabilities
 
 
@@ -48,3 +49,11 @@ def test_baseline_quantized_stage_runs_the_portable_kernels(
     assert stage.weights_report.block_kernel == "block kernels (scalar)"
     got = full_logits(stage, ids)
     assert kl_and_top1(exact, got)[0] < 1e-3
+
+
+def test_stage_table_names_the_instruction_set_taken(tiny_files: TinyFiles) -> None:
+    """Without the baseline switch the stage takes the best variant this CPU runs, and says which."""
+    spec, path = ALL_CASES["llama_q4_1"], tiny_files.path("llama_q4_1")
+    stage = whole(path, spec.n_layer, "quantized")
+    best = next(name for name in ("avx512vnni", "avx2", "scalar") if not build.ops().isa_unavailable(name))
+    assert stage.weights_report.block_kernel == f"block kernels ({best})"

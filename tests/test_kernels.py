@@ -7,7 +7,7 @@ Weights: blocks from gguf-py's quantizer where it has one for the type, and rand
 chosen fp16 scales (tiny, subnormal, huge, zero, negative) for every type.
 Reference: gguf-py's dequantize, then a float64 matmul.
 
-Bound for the decode path (activations quantized to 8 bits). x is rounded per 32-value block
+Bound for block_matmul (activations quantized to 8 bits, for any number of rows). x is rounded per 32-value block
 b to dx_b * q with dx_b = max|x_b| / 127 and |x_i - dx_b q_i| <= dx_b / 2, so the product
 with the dequantized weight W differs from the exact one by at most
 
@@ -19,8 +19,6 @@ offset term o * s (o = the value a zero code decodes to, s = dx * sum(qx)), each
 any chain (k/32 block sums plus a few per block and the final lane sums),
 
     accum = (k/32 + 16) * 2^-24 * sum_i (|W_i| + 2 |O_i|) (|x_i| + dx_b(i)).
-
-The GEMM path multiplies float32 x by the exactly dequantized W: k * 2^-24 * sum |W_i x_i|.
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import ISAS
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
@@ -56,11 +55,10 @@ CODE_BYTES: dict[Q, tuple[tuple[int, int], ...]] = {
 }
 # fp16 scales for the random-byte blocks: zero, subnormal, tiny, ordinary, huge, both signs.
 SCALES = np.array([0.0, 6e-8, -6e-8, 1e-5, 0.01, -0.01, 0.3, -2.0, 3e4, -65504.0], dtype=np.float16)
-# x rows through the decode path, one of each way it splits them (ops.cpp's RowSplit): 1 and 2
-# one at a time, 5 as 4 paired + 1, 13 as 8 + 4 paired + 1, 23 as 3 groups of 8 (the last padded),
-# 36 as 4 groups (two tile calls) + 4 paired.
-DECODE_ROWS = (1, 2, 5, 13, 23, 36)
-GEMM_ROWS = 40
+# x rows, one of each way block_matmul splits them (ops.cpp's RowSplit): 1 and 2 one at a time,
+# 5 as 4 paired + 1, 13 as 8 + 4 paired + 1, 23 as 3 groups of 8 (the last padded), 36 as 4
+# groups (two tile calls) + 4 paired, 200 as a prefill-sized product (25 groups, 9 tile calls).
+ROW_COUNTS = (1, 2, 5, 13, 23, 36, 200)
 
 
 
@@ -130,10 +128,6 @@ def accum_bound(x: torch.Tensor, w: np.ndarray, o: np.ndarray) -> np.ndarray:
     return (k / 32 + 16) * EPS32 * (x_mag @ (np.abs(w) + 2 * np.abs(o)).T)
 
 
-def gemm_bound(x: torch.Tensor, w: np.ndarray) -> np.ndarray:
-    return x.shape[1] * EPS32 * (np.abs(x.double().numpy()) @ np.abs(w).T)
-
-
 # ---- the library and its types ----
 
 
@@ -148,11 +142,22 @@ def test_auto_isa_follows_the_cpu_flags(ops) -> None:
     if not flags_file.exists():
         pytest.skip("no /proc/cpuinfo to read the CPU flags from")
     flags = set(re.search(r"^flags\s*:(.*)$", flags_file.read_text(), re.M).group(1).split())
+    runs = {
+        "scalar": True,
+        "avx2": {"avx2", "fma", "f16c"} <= flags,
+        "avx512vnni": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags,
+    }
     try:
-        ops.set_isa("scalar")
-        assert ops.isa() == "scalar"
         ops.set_isa("auto")
-        assert ops.isa() == ("avx2" if {"avx2", "fma", "f16c"} <= flags else "scalar")
+        assert ops.isa() == next(name for name in ISAS if runs[name])
+        for name in ISAS:
+            assert (ops.isa_unavailable(name) == "") == runs[name], name
+            if runs[name]:  # every variant this CPU runs can be forced, the lower ones included
+                ops.set_isa(name)
+                assert ops.isa() == name
+            else:
+                with pytest.raises(RuntimeError, match=f"cannot run '{name}' here: this CPU lacks"):
+                    ops.set_isa(name)
     finally:
         ops.set_isa("auto")
 
@@ -201,15 +206,13 @@ def test_dequantize_equals_gguf_py(ops, qtype: Q) -> None:
 # ---- block_matmul ----
 
 
-@pytest.mark.parametrize("isa", ["auto", "scalar"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_decode_path_within_the_q8_bound(ops, path, qtype: Q, isa: str) -> None:
-    path(isa, "vec")
+def test_block_matmul_within_the_q8_bound(ops, isa: str, qtype: Q) -> None:
     k = row_values(qtype)
     for case, raw in enumerate(weight_cases(qtype, 37, k)):
         w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
         o = offsets(raw, qtype)
-        for rows in DECODE_ROWS:
+        for rows in ROW_COUNTS:
             x = activations(rows, k, seed=rows + 10 * case)
             got = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), k).double().numpy()
             err = np.abs(got - x.double().numpy() @ w.T)
@@ -218,13 +221,11 @@ def test_decode_path_within_the_q8_bound(ops, path, qtype: Q, isa: str) -> None:
             assert (err <= bound).all(), f"case {case}, M={rows}: error {err[worst]} > bound {bound[worst]} at {worst}"
 
 
-@pytest.mark.parametrize("isa", ["auto", "scalar"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_decode_path_is_exact_where_x_is_q8(ops, path, qtype: Q, isa: str) -> None:
+def test_block_matmul_is_exact_where_x_is_q8(ops, isa: str, qtype: Q) -> None:
     """x blocks 2^e * q with integer |q| <= 127 and a 127 in each block quantize exactly
     (dx = 2^e), so only the accumulation error remains: any wrong code, scale or offset
     shows far above it."""
-    path(isa, "vec")
     k = row_values(qtype)
     rng = np.random.default_rng(11)
     q = rng.integers(-127, 128, (3, k // 32, 32))
@@ -236,35 +237,9 @@ def test_decode_path_is_exact_where_x_is_q8(ops, path, qtype: Q, isa: str) -> No
         assert (np.abs(got - x.double().numpy() @ w.T) <= accum_bound(x, w, offsets(raw, qtype))).all()
 
 
-@pytest.mark.parametrize("isa", ["auto", "scalar"])
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_gemm_path_is_float_exact(ops, path, qtype: Q, isa: str) -> None:
-    path(isa, "gemm")
-    k = row_values(qtype)
-    for case, raw in enumerate(weight_cases(qtype, 37, k)):
-        w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
-        x = activations(GEMM_ROWS, k, seed=case)
-        got = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), k).double().numpy()
-        assert (np.abs(got - x.double().numpy() @ w.T) <= gemm_bound(x, w)).all()
-
-
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_gemm_path_over_several_tiles(ops, path, qtype: Q) -> None:
-    """4096-value rows make 256-row tiles: 600 rows take three, the last one partial."""
-    path("auto", "gemm")
-    rng = np.random.default_rng(1)
-    raw = random_byte_blocks(qtype, 600, 4096, rng)
-    w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
-    x = activations(GEMM_ROWS, 4096, seed=3)
-    got = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), 4096).double().numpy()
-    assert (np.abs(got - x.double().numpy() @ w.T) <= gemm_bound(x, w)).all()
-
-
-@pytest.mark.parametrize("isa", ["auto", "scalar"])
-def test_activations_round_to_nearest_q8(ops, path, isa: str) -> None:
+def test_activations_round_to_nearest_q8(ops, isa: str) -> None:
     """Through an identity Q8_0 weight (d = 1, one-hot codes) the product returns the quantized
     activations dx * q themselves: q = round-half-even(x / dx), dx = max|x_block| / 127."""
-    path(isa, "vec")
     k = 64
     blocks = np.zeros((k, k // 32, 34), dtype=np.uint8)  # row i: value 1 at column i
     blocks[..., 0:2] = np.array([1.0], dtype=np.float16).view(np.uint8)
@@ -282,24 +257,27 @@ def test_activations_round_to_nearest_q8(ops, path, isa: str) -> None:
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_avx2_agrees_with_scalar(ops, path, qtype: Q) -> None:
-    """Both quantize x to the same blocks and sum exact integer block products, so they differ
-    only by float rounding: at most twice the accumulation bound."""
+def test_instruction_sets_agree(ops, use_isa, qtype: Q) -> None:
+    """Every SIMD variant does each output's float chain with the same operations in the same
+    order (only the integer block dots, which are exact, differ in how they are computed), so
+    AVX-512 VNNI and AVX2 give the same bits; the portable code sums in another order, within
+    twice the accumulation bound of them. 45 rows: two groups of 16 for AVX-512, then 8 + 4 + 1."""
     k = row_values(qtype)
     raw = weight_cases(qtype, 37, k)[0]
     w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
     o = offsets(raw, qtype)
-    x = activations(16, k, seed=5)
+    x = activations(45, k, seed=5)
     results = {}
-    for isa in ("auto", "scalar"):
-        path(isa, "vec")
-        results[isa] = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), k).double().numpy()
-    assert (np.abs(results["auto"] - results["scalar"]) <= 2 * accum_bound(x, w, o)).all()
+    for name in ("avx2", "avx512vnni", "scalar"):
+        use_isa(name)
+        results[name] = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), k).double().numpy()
+    np.testing.assert_array_equal(results["avx512vnni"], results["avx2"])
+    assert (np.abs(results["avx2"] - results["scalar"]) <= 2 * accum_bound(x, w, o)).all()
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 23])
-def test_row_split_over_threads_changes_nothing(ops, path, rows: int) -> None:
-    path("auto", "vec")
+def test_row_split_over_threads_changes_nothing(ops, use_isa, rows: int) -> None:
+    use_isa("auto")
     raw = weight_cases(Q.Q4_0, 301, 512)[0]
     x = activations(rows, 512, seed=7)
     before = torch.get_num_threads()
@@ -315,38 +293,43 @@ def test_row_split_over_threads_changes_nothing(ops, path, rows: int) -> None:
 
 @pytest.mark.parametrize("k", [768, 8192])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_result_of_a_row_does_not_depend_on_its_batch(ops, path, qtype: Q, k: int) -> None:
-    """Lanes of different sizes must compute the same row identically (a pipeline with other
-    lane sizes gives the same tokens): every M up to 23 and two larger ones, so every way the
-    decode path splits x rows (groups of 8 x rows against one weight row, 4 x rows against two,
-    one x row against 8 weight rows) meets every other; k = 8192 spans several k-chunks; 9
-    weight rows leave a short group of weight rows (and an odd one out of a pair)."""
-    path("auto", "vec")
+def test_result_of_a_row_does_not_depend_on_its_batch(ops, isa: str, qtype: Q, k: int) -> None:
+    """A row's output is the same bits alone, among 2 to 23 rows, 29, 36, 48 or 200, on one
+    thread or two, so a sequence's greedy tokens do not depend on what shares its products:
+    every way block_matmul splits x rows (groups of 8 x rows against one weight row, 4 x rows
+    against two, one x row against 8 weight rows, many groups at once) meets every other;
+    k = 8192 spans several k-chunks; 9 weight rows leave a short group of weight rows (and an
+    odd one out of a pair)."""
     rng = np.random.default_rng(5)
     raw = torch.from_numpy(random_byte_blocks(qtype, 9, k, rng))
-    x = torch.randn(36, k, generator=torch.Generator().manual_seed(5))
-    alone = torch.cat([ops.block_matmul(x[m : m + 1], raw, int(qtype), k) for m in range(36)])
-    for rows in [*range(2, 24), 29, 36]:
-        together = ops.block_matmul(x[:rows], raw, int(qtype), k)
-        assert torch.equal(together, alone[:rows]), f"M={rows}"
+    x = torch.randn(200, k, generator=torch.Generator().manual_seed(5))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.cat([ops.block_matmul(x[m : m + 1], raw, int(qtype), k) for m in range(200)])
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for rows in [*range(2, 24), 29, 36, 48, 200]:
+                together = ops.block_matmul(x[:rows], raw, int(qtype), k)
+                assert torch.equal(together, alone[:rows]), f"M={rows}, {threads} threads"
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---- BlockLinear ----
 
 
-@pytest.mark.parametrize("kind", ["vec", "gemm"])
-def test_block_linear_shapes_dtypes_and_bias(ops, path, kind: str) -> None:
-    path("auto", kind)
-    qtype, k, n = Q.Q4_1, 64, 24
+def test_block_linear_shapes_dtypes_and_bias(ops) -> None:
+    qtype, k, n, rows = Q.Q4_1, 64, 24, 40
     raw = weight_cases(qtype, n, k)[1]
     bias = torch.randn(n)
     layer = cpu.BlockLinear(torch.from_numpy(raw.copy()), qtype, k, bias)
     assert (layer.in_features, layer.out_features) == (k, n)
     assert layer.nbytes == raw.nbytes + 4 * n
-    x = activations(2 * GEMM_ROWS, k, seed=9).reshape(2, GEMM_ROWS, k)
+    x = activations(2 * rows, k, seed=9).reshape(2, rows, k)
     y = layer(x)
-    assert y.shape == (2, GEMM_ROWS, n) and y.dtype == torch.float32
-    plain = ops.block_matmul(x.reshape(-1, k), torch.from_numpy(raw), int(qtype), k)  # [2 * GEMM_ROWS, n]
+    assert y.shape == (2, rows, n) and y.dtype == torch.float32
+    plain = ops.block_matmul(x.reshape(-1, k), torch.from_numpy(raw), int(qtype), k)  # [2 * rows, n]
     torch.testing.assert_close(y.reshape(-1, n), plain + bias, rtol=0, atol=1e-5 * float(plain.abs().max()))
     # bfloat16 activations are widened exactly, so the result is the float32 one, rounded.
     xb = x.to(torch.bfloat16)
@@ -385,7 +368,7 @@ def test_bad_inputs_give_clear_errors(ops) -> None:
         (lambda: ops.block_matmul(x.to("meta"), w, 2, 64), "x must be on the CPU"),
         (lambda: ops.block_matmul(x, w, 2, 64, torch.zeros(5)), r"bias must be a float32 or bfloat16 CPU tensor \[4\]"),
         (lambda: ops.dequantize(w, 2, 60), "k=60 is not a positive multiple"),
-        (lambda: ops.set_isa("avx512"), "expected 'auto' or 'scalar'"),
+        (lambda: ops.set_isa("avx512"), "expected 'auto', 'scalar', 'avx2' or 'avx512vnni', got 'avx512'"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):

@@ -1,15 +1,13 @@
 """Times the CPU block kernels against float32 F.linear on the dequantized weight.
 
     python -m ppinfer.kernels.bench [--threads 1 2] [--rows 1 16] [--types Q4_0 Q4_1 Q8_0]
-                                    [--shapes 11008x4096 2048x2048 5632x2048]
-    python -m ppinfer.kernels.bench --crossover [--threads 1] [--shapes 2048x2048 5632x2048]
+                                    [--shapes 11008x4096 2048x2048 5632x2048] [--isa avx2]
 
 Prints a markdown table (the one in docs/kernels.md): best-of-N milliseconds per product,
 and the weight bytes each product reads per second. Weights are random blocks with sane
 fp16 scales (speed does not depend on the values). The first lines give this machine's
-single-thread read and copy bandwidth, the bound a decode-sized product approaches.
---crossover instead times both block_matmul paths (decode dots, tile-dequant GEMM) for a
-range of M: where the GEMM gets faster is the default gemm_min_rows.
+single-thread read and copy bandwidth, the bound a decode-sized product approaches. Large M
+(a prefill chunk, `--rows 512`) shows the 8-bit GEMM's rate; GMAC/s counts M * N * k per second.
 """
 
 from __future__ import annotations
@@ -26,8 +24,6 @@ from ppinfer.kernels import build
 from ppinfer.kernels.blocks import SCALE_OFFSETS
 
 SHAPES = ((11008, 4096), (2048, 2048), (5632, 2048))  # (out_features, in_features)
-CROSSOVER_SHAPES = SHAPES[1:]
-CROSSOVER_ROWS = (4, 8, 16, 24, 32, 48, 64, 96)
 
 
 def best_ms(fn, min_seconds: float = 0.3, min_runs: int = 5) -> float:
@@ -65,8 +61,8 @@ def table(threads: list[int], rows: list[int], types: list[GGMLQuantizationType]
     ops = build.ops()
     rng = np.random.default_rng(0)
     lines = [
-        "| W (N x k) | type | M | threads | block_matmul ms | GB/s (weights) | F.linear f32 ms | speedup |",
-        "|---|---|---|---|---|---|---|---|",
+        "| W (N x k) | type | M | threads | block_matmul ms | GB/s (weights) | GMAC/s | F.linear f32 ms | speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for n, k in shapes:
         for qtype in types:
@@ -81,42 +77,11 @@ def table(threads: list[int], rows: list[int], types: list[GGMLQuantizationType]
                     ms = best_ms(lambda x=x, w=w, qtype=qtype, k=k: ops.block_matmul(x, w, int(qtype), k))
                     ref = best_ms(lambda x=x, dense=dense: F.linear(x, dense))
                     gbs = w.numel() / ms / 1e6
+                    gmacs = m * n * k / ms / 1e6
                     lines.append(
-                        f"| {n}x{k} | {qtype.name} | {m} | {t} | {ms:.2f} | {gbs:.1f} | {ref:.2f} | {ref / ms:.1f}x |"
+                        f"| {n}x{k} | {qtype.name} | {m} | {t} | {ms:.2f} | {gbs:.1f} | {gmacs:.0f} | {ref:.2f} "
+                        f"| {ref / ms:.1f}x |"
                     )
-    return lines
-
-
-def crossover(threads: list[int], types: list[GGMLQuantizationType], shapes=CROSSOVER_SHAPES) -> list[str]:
-    ops = build.ops()
-    default = ops.gemm_min_rows()
-    rng = np.random.default_rng(0)
-    rows = CROSSOVER_ROWS
-    lines = [
-        "| W (N x k) | type | threads | " + " | ".join(f"M={m} dots / GEMM ms" for m in rows) + " |",
-        "|---|---|---|" + "---|" * len(rows),
-    ]
-    try:
-        for n, k in shapes:
-            for qtype in types:
-                if k % GGML_QUANT_SIZES[qtype][0]:
-                    continue
-                w = random_blocks(qtype, n, k, rng)
-                for t in threads:
-                    torch.set_num_threads(t)
-                    cells = []
-                    for m in rows:
-                        x = torch.randn(m, k)
-                        times = []
-                        for min_rows in (m + 1, m):  # m + 1: the dots; m: the GEMM
-                            ops.set_gemm_min_rows(min_rows)
-                            times.append(
-                                best_ms(lambda x=x, w=w, qtype=qtype, k=k: ops.block_matmul(x, w, int(qtype), k))
-                            )
-                        cells.append(f"{times[0]:.2f} / {times[1]:.2f}")
-                    lines.append(f"| {n}x{k} | {qtype.name} | {t} | " + " | ".join(cells) + " |")
-    finally:
-        ops.set_gemm_min_rows(default)
     return lines
 
 
@@ -135,14 +100,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--types", nargs="+", default=["Q4_0", "Q4_1", "Q8_0"])
     parser.add_argument("--shapes", type=shape, nargs="+", help="weights as NxK (out x in features)")
-    parser.add_argument("--crossover", action="store_true", help="time both paths over a range of M")
+    parser.add_argument("--isa", default="auto", help="the kernels' instruction set: auto, avx512vnni, avx2, scalar")
     args = parser.parse_args()
     types = [GGMLQuantizationType[name] for name in args.types]
-    print(f"isa: {build.isa()}, gemm_min_rows: {build.ops().gemm_min_rows()}")
-    if args.crossover:
-        lines = crossover(args.threads, types, args.shapes or CROSSOVER_SHAPES)
-    else:
-        lines = bandwidth_lines() + table(args.threads, args.rows, types, args.shapes or SHAPES)
+    build.set_isa(args.isa)
+    print(f"isa: {build.isa()}")
+    lines = bandwidth_lines() + table(args.threads, args.rows, types, args.shapes or SHAPES)
     for line in lines:
         print(line, flush=True)
 

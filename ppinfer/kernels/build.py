@@ -31,11 +31,12 @@ from filelock import FileLock
 
 NAME = "ppinfer_kernels"
 CSRC = Path(__file__).resolve().parent / "csrc"
-# No -march/-mavx2: the AVX2 functions carry their own target attribute, so the library loads
-# on any CPU of the architecture. No FMA contraction, so dequantization rounds like gguf-py. No
-# -std: torch's own (C++17 or later, as its headers need). Where torch's intra-op threads are
-# OpenMP's, at::parallel_for is an `omp parallel` region compiled into this library, so it
-# needs -fopenmp (the runtime it links is the libgomp.so.1 torch has already loaded).
+# No -march/-mavx2: the AVX2 and AVX-512 functions carry their own target attributes, so the
+# library loads on any CPU of the architecture and runs each only where the CPU has it. No FMA
+# contraction, so dequantization rounds like gguf-py. No -std: torch's own (C++17 or later, as
+# its headers need). Where torch's intra-op threads are OpenMP's, at::parallel_for is an `omp
+# parallel` region compiled into this library, so it needs -fopenmp (the runtime it links is
+# the libgomp.so.1 torch has already loaded).
 # On Linux the C++ runtime is named by its soname: where the compiler finds no libstdc++.so
 # (only the static archive), g++ would otherwise copy a second runtime into the library, whose
 # uninitialized locale facets crash the first error message that formats a number.

@@ -1,7 +1,8 @@
 """Which kernel multiplies stored GGUF blocks on a device: the one place that decides.
 
-- CPU: ppinfer's own block kernels (`ppinfer.kernels.cpu`), AVX2 where the CPU has it and
-  portable C++ elsewhere, for every type they implement.
+- CPU: ppinfer's own block kernels (`ppinfer.kernels.cpu`), AVX-512 VNNI or AVX2 where the
+  CPU has it and portable C++ elsewhere, for every type they implement; the stage table names
+  the instruction set taken.
 - CUDA: torch's int4 kernel for the types whose blocks are exactly int4 groups of 32
   (`ppinfer.kernels.int4`); other types are dequantized to the runtime dtype.
 

@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "avx2.h"
+#include "avx512.h"
 #include "qtypes.h"
 
 
@@ -541,16 +542,117 @@ struct Q6KKernel : avx2::TileEntries<Q6KKernel> {
 
 #endif  // PPINFER_X86
 
+// ---------------------------------------------------------------------------------------------
+// AVX-512 (VNNI) tile16 kernels (avx512.h): the AVX2 chains above in 16 lanes, each block's
+// integer dot by dpbusd. f_j is float(sum(q qx)) * sc_j (Q4_K / Q5_K: exact, as in the AVX2
+// kernels) and Q6_K's sc_lo (sum_lo(q qx) - 32 sum_lo(qx)) + sc_hi (...) in int32 (exact).
+#if defined(PPINFER_HAS_AVX512)
+
+// Q4_K and Q5_K (kFifthBit).
+template <bool kFifthBit>
+struct ScaleMinKernel16 {
+  static constexpr int kBlockBytes = kFifthBit ? kQ5KBytes : kQ4KBytes;
+  static constexpr int kQsAt = kFifthBit ? kQ5KQsAt : kQ4KQsAt;
+
+  PPINFER_AVX512 static void decode(const uint8_t* blk, int j, avx512::Codes* c) {
+    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kQsAt + 32 * (j / 2)));
+    __m256i q = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(packed, 4) : packed, _mm256_set1_epi8(0x0f));
+    if constexpr (kFifthBit) {
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kQ5KQhAt));
+      const __mmask32 set = _mm256_test_epi8_mask(qh, _mm256_set1_epi8(static_cast<char>(1 << j)));
+      q = _mm256_or_si256(q, _mm256_maskz_mov_epi8(set, _mm256_set1_epi8(0x10)));
+    }
+    avx512::store(q, c);
+  }
+
+  template <int kGroups>
+  PPINFER_AVX512 static void tile16(const uint8_t* w, const Q8Tile16* x, int64_t stride, int k, float* acc_io,
+                                    int64_t ahead) {
+    __m512 acc[kGroups];
+    for (int g = 0; g < kGroups; ++g) acc[g] = _mm512_loadu_ps(acc_io + g * kWideLanes);
+    for (int i = 0; i < k / kSuperElems; ++i, w += kBlockBytes) {
+      avx512::prefetch_block<kBlockBytes>(w, ahead);
+      const Q8Tile16* xs = x + i * kActPerSuper;
+      const ScaleMin sm = unpack_scale_min(w + kKScalesAt);
+      __m512 inner[kGroups], mn[kGroups];
+      for (int j = 0; j < kActPerSuper; ++j) {
+        avx512::Codes codes;
+        decode(w, j, &codes);
+        const __m512 sc = _mm512_set1_ps(static_cast<float>(sm.sc[j]));
+        const __m512 m = _mm512_set1_ps(static_cast<float>(sm.m[j]));
+        for (int g = 0; g < kGroups; ++g) {
+          const Q8Tile16& xt = xs[g * stride + j];
+          const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(avx512::isum<0, 8>(codes, xt)), sc);
+          inner[g] = j == 0 ? _mm512_mul_ps(avx512::d(xt), f) : _mm512_fmadd_ps(avx512::d(xt), f, inner[g]);
+          mn[g] = j == 0 ? _mm512_mul_ps(m, avx512::s(xt)) : _mm512_fmadd_ps(m, avx512::s(xt), mn[g]);
+        }
+      }
+      const __m512 d = avx512::half(w), dmin = avx512::half(w + 2);
+      for (int g = 0; g < kGroups; ++g) {
+        acc[g] = _mm512_fmadd_ps(d, inner[g], acc[g]);
+        acc[g] = _mm512_fnmadd_ps(dmin, mn[g], acc[g]);
+      }
+    }
+    for (int g = 0; g < kGroups; ++g) _mm512_storeu_ps(acc_io + g * kWideLanes, acc[g]);
+  }
+};
+
+struct Q6KKernel16 {
+  // Block b's codes q (0..63) as unsigned bytes.
+  PPINFER_AVX512 static void decode(const uint8_t* blk, int b, avx512::Codes* c) {
+    const int half = b / 4, t = b % 4;
+    const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * half + 32 * (t % 2)));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kQ6KQhAt + 32 * half));
+    const __m256i low = _mm256_and_si256(t >= 2 ? _mm256_srli_epi16(ql, 4) : ql, _mm256_set1_epi8(0x0f));
+    const __m256i top = 2 * t <= 4 ? _mm256_slli_epi16(qh, 4 - 2 * t) : _mm256_srli_epi16(qh, 2 * t - 4);
+    avx512::store(_mm256_or_si256(low, _mm256_and_si256(top, _mm256_set1_epi8(0x30))), c);
+  }
+
+  template <int kGroups>
+  PPINFER_AVX512 static void tile16(const uint8_t* w, const Q8Tile16* x, int64_t stride, int k, float* acc_io,
+                                    int64_t ahead) {
+    __m512 acc[kGroups];
+    for (int g = 0; g < kGroups; ++g) acc[g] = _mm512_loadu_ps(acc_io + g * kWideLanes);
+    for (int i = 0; i < k / kSuperElems; ++i, w += kQ6KBytes) {
+      avx512::prefetch_block<kQ6KBytes>(w, ahead);
+      const Q8Tile16* xs = x + i * kActPerSuper;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(w + kQ6KScAt);
+      __m512 inner[kGroups];
+      for (int b = 0; b < kActPerSuper; ++b) {
+        avx512::Codes codes;
+        decode(w, b, &codes);
+        const __m512i sc_lo = _mm512_set1_epi32(sc[2 * b]), sc_hi = _mm512_set1_epi32(sc[2 * b + 1]);
+        for (int g = 0; g < kGroups; ++g) {
+          const Q8Tile16& xt = xs[g * stride + b];
+          const __m512i lo = _mm512_sub_epi32(avx512::isum<0, 4>(codes, xt), _mm512_slli_epi32(avx512::half_sum(xt, 0), 5));
+          const __m512i hi = _mm512_sub_epi32(avx512::isum<4, 8>(codes, xt), _mm512_slli_epi32(avx512::half_sum(xt, 1), 5));
+          const __m512i isum = _mm512_add_epi32(_mm512_mullo_epi32(lo, sc_lo), _mm512_mullo_epi32(hi, sc_hi));
+          const __m512 f = _mm512_cvtepi32_ps(isum);
+          inner[g] = b == 0 ? _mm512_mul_ps(avx512::d(xt), f) : _mm512_fmadd_ps(avx512::d(xt), f, inner[g]);
+        }
+      }
+      const __m512 d = avx512::half(w + kQ6KDAt);
+      for (int g = 0; g < kGroups; ++g) acc[g] = _mm512_fmadd_ps(d, inner[g], acc[g]);
+    }
+    for (int g = 0; g < kGroups; ++g) _mm512_storeu_ps(acc_io + g * kWideLanes, acc[g]);
+  }
+};
+
+using Q4KKernel16 = ScaleMinKernel16<false>;
+using Q5KKernel16 = ScaleMinKernel16<true>;
+
+#endif  // PPINFER_HAS_AVX512
+
 }  // namespace
 
-#define PPINFER_KQUANT_AVX2(Kernel)                                                   \
+#define PPINFER_KQUANT_AVX2(Kernel, Kernel16)                                             \
   PPINFER_AVX2_FN(dot_weight_rows_avx2<Kernel>), PPINFER_AVX2_FN(dot_tile_avx2<Kernel>), \
-      PPINFER_AVX2_FN(dot_pair_tile_avx2<Kernel>)
+      PPINFER_AVX2_FN(dot_pair_tile_avx2<Kernel>), PPINFER_AVX512_FN(dot_tile16_avx512<Kernel16>)
 
 const QTypeKernels kKQuantKernels[] = {
-    {kQ4KType, kSuperElems, kQ4KBytes, dot_q4_k_scalar, dequant_q4_k, PPINFER_KQUANT_AVX2(ScaleMinKernel<false>)},
-    {kQ5KType, kSuperElems, kQ5KBytes, dot_q5_k_scalar, dequant_q5_k, PPINFER_KQUANT_AVX2(ScaleMinKernel<true>)},
-    {kQ6KType, kSuperElems, kQ6KBytes, dot_q6_k_scalar, dequant_q6_k, PPINFER_KQUANT_AVX2(Q6KKernel)},
+    {kQ4KType, kSuperElems, kQ4KBytes, dot_q4_k_scalar, dequant_q4_k, PPINFER_KQUANT_AVX2(ScaleMinKernel<false>, Q4KKernel16)},
+    {kQ5KType, kSuperElems, kQ5KBytes, dot_q5_k_scalar, dequant_q5_k, PPINFER_KQUANT_AVX2(ScaleMinKernel<true>, Q5KKernel16)},
+    {kQ6KType, kSuperElems, kQ6KBytes, dot_q6_k_scalar, dequant_q6_k, PPINFER_KQUANT_AVX2(Q6KKernel, Q6KKernel16)},
 };
 const int kKQuantKernelCount = sizeof(kKQuantKernels) / sizeof(kKQuantKernels[0]);
 

@@ -18,6 +18,7 @@
 #include <cstring>
 
 #include "avx2.h"
+#include "avx512.h"
 #include "qtypes.h"
 
 
@@ -362,22 +363,100 @@ using Q5_1Block = OffsetBlock<kQ5_1Bytes, 4>;
 
 #endif  // PPINFER_X86
 
+// ---- AVX-512 (VNNI) ------------------------------------------------------------------------
+#if defined(PPINFER_HAS_AVX512)
+
+// The tile16 kernels (avx512.h): per block, its codes as unsigned bytes, each x row's exact
+// integer dot with them, and the AVX2 tile update of the chain above in 16 lanes.
+template <int kBytes, int kQhAt>
+struct Codes16 {
+  static constexpr int kBlockBytes = kBytes;
+  PPINFER_AVX512 static void decode(const uint8_t* w, avx512::Codes* c) {
+    __m256i q = avx512::nibble_codes(w + kBytes - kHalf);
+    if constexpr (kQhAt >= 0) q = _mm256_or_si256(q, avx512::fifth_bits(w + kQhAt));
+    avx512::store(q, c);
+  }
+  PPINFER_AVX512 static __m512i isum(const avx512::Codes& c, const Q8Tile16& x) { return avx512::isum<0, 8>(c, x); }
+};
+
+// Q4_0 / Q5_0: acc = fma(d, fma(dx, f, -(o s)), acc).
+template <int kBytes, int kOffset, int kQhAt>
+struct Symmetric16 : Codes16<kBytes, kQhAt> {
+  PPINFER_AVX512 static __m512 update(const uint8_t* w, __m512 f, const Q8Tile16& x, __m512 acc) {
+    const __m512 os = _mm512_mul_ps(avx512::s(x), _mm512_set1_ps(kOffset));
+    return _mm512_fmadd_ps(avx512::half(w), _mm512_fmsub_ps(avx512::d(x), f, os), acc);
+  }
+};
+
+// Q4_1 / Q5_1: acc = fma(m, s, fma(d * dx, f, acc)).
+template <int kBytes, int kQhAt>
+struct Offset16 : Codes16<kBytes, kQhAt> {
+  PPINFER_AVX512 static __m512 update(const uint8_t* w, __m512 f, const Q8Tile16& x, __m512 acc) {
+    const __m512 ddx = _mm512_mul_ps(avx512::half(w), avx512::d(x));
+    return _mm512_fmadd_ps(avx512::half(w + 2), avx512::s(x), _mm512_fmadd_ps(ddx, f, acc));
+  }
+};
+
+// Q8_0: acc = fma(d, dx * f, acc). dpbusd takes unsigned weight bytes, so the codes go in as
+// q + 128 (q xor 0x80) and 128 sum(qx) comes off the integer sum again.
+struct Q8_0Block16 {
+  static constexpr int kBlockBytes = kQ8_0Bytes;
+  PPINFER_AVX512 static void decode(const uint8_t* w, avx512::Codes* c) {
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+    avx512::store(_mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80))), c);
+  }
+  PPINFER_AVX512 static __m512i isum(const avx512::Codes& c, const Q8Tile16& x) {
+    const __m512i sum_x = _mm512_add_epi32(avx512::half_sum(x, 0), avx512::half_sum(x, 1));
+    return _mm512_sub_epi32(avx512::isum<0, 8>(c, x), _mm512_slli_epi32(sum_x, 7));
+  }
+  PPINFER_AVX512 static __m512 update(const uint8_t* w, __m512 f, const Q8Tile16& x, __m512 acc) {
+    return _mm512_fmadd_ps(avx512::half(w), _mm512_mul_ps(avx512::d(x), f), acc);
+  }
+};
+
+template <class Block>
+struct Tile16 {
+  template <int kGroups>
+  PPINFER_AVX512 static void tile16(const uint8_t* w, const Q8Tile16* x, int64_t stride, int k, float* acc_io,
+                                    int64_t ahead) {
+    __m512 acc[kGroups];
+    for (int g = 0; g < kGroups; ++g) acc[g] = _mm512_loadu_ps(acc_io + g * kWideLanes);
+    for (int b = 0; b < k / kBlock; ++b, w += Block::kBlockBytes) {
+      avx512::prefetch_block<Block::kBlockBytes>(w, ahead);
+      avx512::Codes codes;
+      Block::decode(w, &codes);
+      for (int g = 0; g < kGroups; ++g) {
+        const Q8Tile16& xt = x[g * stride + b];
+        acc[g] = Block::update(w, _mm512_cvtepi32_ps(Block::isum(codes, xt)), xt, acc[g]);
+      }
+    }
+    for (int g = 0; g < kGroups; ++g) _mm512_storeu_ps(acc_io + g * kWideLanes, acc[g]);
+  }
+};
+
+using Q4_0Block16 = Symmetric16<kQ4_0Bytes, 8, -1>;
+using Q5_0Block16 = Symmetric16<kQ5_0Bytes, 16, 2>;
+using Q4_1Block16 = Offset16<kQ4_1Bytes, -1>;
+using Q5_1Block16 = Offset16<kQ5_1Bytes, 4>;
+
+#endif  // PPINFER_HAS_AVX512
+
 }  // namespace
 
-#define PPINFER_LEGACY_AVX2(Block)                                                   \
+#define PPINFER_LEGACY_AVX2(Block, Block16)                                                              \
   PPINFER_AVX2_FN(dot_weight_rows_avx2<WeightRows<Block>>), PPINFER_AVX2_FN(dot_tile_avx2<Tile<Block>>), \
-      PPINFER_AVX2_FN(dot_pair_tile_avx2<Tile<Block>>)
+      PPINFER_AVX2_FN(dot_pair_tile_avx2<Tile<Block>>), PPINFER_AVX512_FN(dot_tile16_avx512<Tile16<Block16>>)
 
 const QTypeKernels kLegacyKernels[] = {
     {2, kBlock, kQ4_0Bytes, dot_symmetric_scalar<kQ4_0Bytes, 8, false>, dequant_symmetric<kQ4_0Bytes, 8, false>,
-     PPINFER_LEGACY_AVX2(Q4_0Block)},
+     PPINFER_LEGACY_AVX2(Q4_0Block, Q4_0Block16)},
     {3, kBlock, kQ4_1Bytes, dot_offset_scalar<kQ4_1Bytes, false>, dequant_offset<kQ4_1Bytes, false>,
-     PPINFER_LEGACY_AVX2(Q4_1Block)},
+     PPINFER_LEGACY_AVX2(Q4_1Block, Q4_1Block16)},
     {6, kBlock, kQ5_0Bytes, dot_symmetric_scalar<kQ5_0Bytes, 16, true>, dequant_symmetric<kQ5_0Bytes, 16, true>,
-     PPINFER_LEGACY_AVX2(Q5_0Block)},
+     PPINFER_LEGACY_AVX2(Q5_0Block, Q5_0Block16)},
     {7, kBlock, kQ5_1Bytes, dot_offset_scalar<kQ5_1Bytes, true>, dequant_offset<kQ5_1Bytes, true>,
-     PPINFER_LEGACY_AVX2(Q5_1Block)},
-    {8, kBlock, kQ8_0Bytes, dot_q8_0_scalar, dequant_q8_0, PPINFER_LEGACY_AVX2(Q8_0Block)},
+     PPINFER_LEGACY_AVX2(Q5_1Block, Q5_1Block16)},
+    {8, kBlock, kQ8_0Bytes, dot_q8_0_scalar, dequant_q8_0, PPINFER_LEGACY_AVX2(Q8_0Block, Q8_0Block16)},
 };
 const int kLegacyKernelCount = sizeof(kLegacyKernels) / sizeof(kLegacyKernels[0]);
 

@@ -1,18 +1,19 @@
 // Torch ops over stored GGUF blocks (namespace ppinfer_kernels), on the per-type kernels of
 // legacy.cpp and kquants.cpp.
 //
-// block_matmul(x [..., k], w [N, row_bytes]) = x @ dequant(w).T, two ways:
-//   - fewer than gemm_min_rows() rows of x (decode): each x row is quantized once to
-//     Q8Blocks, then torch's intra-op threads split the weight rows, 8 at a time, and dot them
-//     with every x row while they are in cache (the weights are read once, in their stored
-//     size, and prefetched ahead of the dots). The AVX2 kernels keep one output's float chain
-//     per vector lane (qtypes.h): groups of 8 x rows go to the type's tile kernel, which decodes
-//     each weight block once for all of them, 4 x rows left over to its pair tile kernel (two
-//     weight rows per vector), and the rest (all x rows when there are few) to its weight-rows
-//     kernel, 8 weight rows against one or two x rows;
-//   - more rows (prefill): tiles of weight rows are dequantized into one reused float buffer
-//     and multiplied by torch's float GEMM, so the cost is the float GEMM's plus one pass of
-//     dequantization, with memory bounded by the tile.
+// block_matmul(x [..., k], w [N, row_bytes]) = x @ dequant(w).T, one numeric path for every
+// number of x rows: each x row is quantized to Q8Blocks (the same blocks whether it comes alone
+// or with hundreds of others), then torch's intra-op threads split the weight rows, 8 at a
+// time, and dot them with every x row while they are in cache (the weights are read in their
+// stored size, and prefetched ahead of the dots). Every output is one float chain over its
+// blocks in order, each block's dot exact in integers (qtypes.h), so a row's result is the
+// same bits whatever else shares the product: greedy answers do not depend on the batch.
+// The AVX2 kernels keep one output's float chain per vector lane: groups of 8 x rows go to the
+// type's tile kernel, which decodes each weight block once for all of them (up to
+// kMaxTileGroups groups a call, each chunk of x tiles reused by a group of 8 weight rows while
+// it is in L1: prefill's 8-bit GEMM), 4 x rows left over to its pair tile kernel (two weight
+// rows per vector), and the rest (all x rows when there are few) to its weight-rows kernel,
+// 8 weight rows against one or two x rows.
 // The AVX2 dots run only where the CPU reports AVX2, FMA and F16C; set_isa("scalar") forces
 // the portable ones on any CPU.
 #include <ATen/ATen.h>
@@ -28,17 +29,14 @@
 #include <string>
 #include <vector>
 
+#include "activations.h"
+#include "isa.h"
 #include "qtypes.h"
 
 
 namespace ppinfer {
 namespace {
 
-// Rows of x from which block_matmul uses the tile-dequant GEMM (measured: docs/kernels.md).
-constexpr int64_t kDefaultGemmMinRows = 48;
-// Float values per dequantized weight tile (4 MiB), and the fewest rows a tile holds.
-constexpr int64_t kTileValues = int64_t{1} << 20;
-constexpr int64_t kMinTileRows = 16;
 // Multiply-adds below which a chunk of work is not split further between threads.
 constexpr int64_t kGrainMacs = int64_t{1} << 15;
 // Activation blocks per k-chunk of the decode path where x has groups of 8 rows (1024 values:
@@ -48,7 +46,11 @@ constexpr int64_t kGrainMacs = int64_t{1} << 15;
 // the number of x rows changes a row's result (pipelines with different lane sizes give
 // identical outputs).
 constexpr int64_t kXChunkBlocks = 32;
+constexpr int64_t kWideChunkBlocks = 8;
 constexpr int64_t kRowGroup = kLanes;
+// x rows left over after the full groups of kWideLanes (AVX-512) that make one more, padded
+// group; fewer go to the AVX2 kernels as below.
+constexpr int64_t kMinWideRows = 12;
 // What happens to the x rows left over after the full groups of kLanes: from kMinGroupRows on
 // they make one more group, padded with zero rows; else from kMinPairRows on the first (up to)
 // 4 of them go to the pair tile kernel (two weight rows against 4 x rows per vector); the rest
@@ -56,25 +58,6 @@ constexpr int64_t kRowGroup = kLanes;
 constexpr int64_t kMinGroupRows = 6;
 constexpr int64_t kMinPairRows = 3;
 constexpr int64_t kPairRows = kLanes / 2;
-
-bool cpu_has_avx2() {
-#if defined(PPINFER_X86) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
-
-std::atomic<bool>& avx2_enabled() {
-  static std::atomic<bool> enabled{cpu_has_avx2()};
-  return enabled;
-}
-
-std::atomic<int64_t>& gemm_rows_threshold() {
-  static std::atomic<int64_t> rows{kDefaultGemmMinRows};
-  return rows;
-}
 
 const QTypeKernels* find_kernels(int64_t qtype) {
   for (int i = 0; i < kLegacyKernelCount; ++i) {
@@ -87,94 +70,11 @@ const QTypeKernels* find_kernels(int64_t qtype) {
 }
 
 bool use_avx2(const QTypeKernels& t) {
-  return avx2_enabled().load(std::memory_order_relaxed) && t.dot_weight_rows_avx2 != nullptr &&
-         t.dot_tile_avx2 != nullptr && t.dot_pair_tile_avx2 != nullptr;
+  return active_isa() >= Isa::kAvx2 && t.dot_weight_rows_avx2 != nullptr && t.dot_tile_avx2 != nullptr &&
+         t.dot_pair_tile_avx2 != nullptr;
 }
 
-// ---- activation quantization: 32 floats -> Q8Block (d = max|x| / 127, q = round(x / d)) ----
-
-void quantize_row_scalar(const float* x, Q8Block* out, int64_t k) {
-  for (int64_t b = 0; b < k / kQ8Elems; ++b, x += kQ8Elems) {
-    float amax = 0.0f;
-    for (int j = 0; j < kQ8Elems; ++j) amax = std::max(amax, std::fabs(x[j]));
-    const float d = amax / 127.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    int32_t sum = 0;
-    for (int j = 0; j < kQ8Elems; ++j) {
-      const int32_t q = static_cast<int32_t>(std::nearbyint(x[j] * id));
-      out[b].q[j] = static_cast<int8_t>(q);
-      sum += q;
-    }
-    out[b].d = d;
-    out[b].s = d * static_cast<float>(sum);
-  }
-}
-
-#ifdef PPINFER_X86
-// The same blocks as quantize_row_scalar (same products, same round-to-nearest-even).
-PPINFER_AVX2 void quantize_row_avx2(const float* x, Q8Block* out, int64_t k) {
-  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-  for (int64_t b = 0; b < k / kQ8Elems; ++b, x += kQ8Elems) {
-    __m256 v[4];
-    __m256 amax = _mm256_setzero_ps();
-    for (int i = 0; i < 4; ++i) {
-      v[i] = _mm256_loadu_ps(x + 8 * i);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[i]));
-    }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float d = _mm_cvtss_f32(m4) / 127.0f;
-    const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
-    __m256i q[4];
-    for (int i = 0; i < 4; ++i) {
-      q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    }
-    // int32 -> int8 with packs, which interleave 128-bit lanes; the permute restores order.
-    const __m256i q01 = _mm256_packs_epi32(q[0], q[1]);
-    const __m256i q23 = _mm256_packs_epi32(q[2], q[3]);
-    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q01, q23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[b].q), bytes);
-    const __m256i sum8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-    out[b].d = d;
-    out[b].s = d * static_cast<float>(_mm_cvtsi128_si32(s4));
-  }
-}
-#endif
-
-void quantize_row(const float* x, Q8Block* out, int64_t k) {
-#ifdef PPINFER_X86
-  if (avx2_enabled().load(std::memory_order_relaxed)) {
-    quantize_row_avx2(x, out, k);
-    return;
-  }
-#endif
-  quantize_row_scalar(x, out, k);
-}
-
-// All rows of x ([M, k], float32 or bfloat16) as Q8Blocks, into a buffer reused by the thread.
-const Q8Block* quantize_activations(const at::Tensor& x, int64_t k) {
-  thread_local std::vector<Q8Block> blocks;
-  thread_local std::vector<float> row;
-  const int64_t rows = x.size(0);
-  const int64_t nb = k / kQ8Elems;
-  blocks.resize(static_cast<size_t>(rows * nb));
-  if (x.scalar_type() == at::kFloat) {
-    const float* xp = x.data_ptr<float>();
-    for (int64_t m = 0; m < rows; ++m) quantize_row(xp + m * k, blocks.data() + m * nb, k);
-  } else {
-    const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-    row.resize(static_cast<size_t>(k));
-    for (int64_t m = 0; m < rows; ++m) {
-      std::copy(xp + m * k, xp + (m + 1) * k, row.begin());
-      quantize_row(row.data(), blocks.data() + m * nb, k);
-    }
-  }
-  return blocks.data();
-}
+bool use_avx512(const QTypeKernels& t) { return active_isa() >= Isa::kAvx512Vnni && t.dot_tile16_avx512 != nullptr; }
 
 // ---- argument checks ----
 
@@ -270,85 +170,91 @@ void scalar_dot_rows(const Shape& s, const uint8_t* w, const Q8Block* xq, int64_
   }
 }
 
-// How the AVX2 path takes the x rows: rows [0, tiled) in `groups` groups of kLanes (the last
-// one may be padded with zero rows), rows [tiled, tiled + paired) as one (padded) group of
+// How the SIMD path takes the x rows: rows [0, wide) in `wide_groups` groups of kWideLanes for
+// the AVX-512 tile16 kernel (none without it; the last group may be padded with zero rows);
+// of the rest, from `wide` on, rows [0, tiled) in `groups` groups of kLanes for the AVX2 tile
+// kernel (the last one may be padded), rows [tiled, tiled + paired) as one (padded) group of
 // kPairRows, the others up to kMaxWeightRowsX at a time by the weight-rows kernel.
 struct RowSplit {
+  int64_t wide_groups;
+  int64_t wide;
   int64_t groups;
   int64_t tiled;
   int64_t paired;
 
-  explicit RowSplit(int64_t rows) {
-    const int64_t left = rows % kLanes;
-    groups = rows / kLanes + (left >= kMinGroupRows ? 1 : 0);
-    tiled = std::min(rows, groups * kLanes);
+  RowSplit(int64_t rows, bool wide_tiles) {
+    const int64_t wide_left = rows % kWideLanes;
+    wide_groups = wide_tiles ? rows / kWideLanes + (wide_left >= kMinWideRows ? 1 : 0) : 0;
+    wide = std::min(rows, wide_groups * kWideLanes);
+    const int64_t rest = rows - wide;
+    const int64_t left = rest % kLanes;
+    groups = rest / kLanes + (left >= kMinGroupRows ? 1 : 0);
+    tiled = std::min(rest, groups * kLanes);
     paired = left >= kMinPairRows && left < kMinGroupRows ? std::min(left, kPairRows) : 0;
   }
 };
 
-// Lane r of tile t: activation block x.
-template <class XTile>
-void set_lane(XTile& t, int64_t r, const Q8Block& x) {
-  for (int i = 0; i < kQ8Elems / 4; ++i) std::memcpy(t.q[i][r], x.q + 4 * i, 4);
-  t.d[r] = x.d;
-  t.s[r] = x.s;
-  int32_t lo = 0, hi = 0;
-  for (int i = 0; i < kQ8Elems / 2; ++i) {
-    lo += x.q[i];
-    hi += x.q[i + kQ8Elems / 2];
-  }
-  t.half_sums[r][0] = static_cast<int16_t>(lo);
-  t.half_sums[r][1] = static_cast<int16_t>(hi);
-}
+// The activations of one product in the layouts RowSplit gives each kernel.
+struct XLayouts {
+  const Q8Block* blocks;  // [rows, nb]: every row (the weight-rows kernel's)
+  const Q8Tile16* wide;   // [wide_groups, nb]: rows [0, wide)
+  const Q8Tile* tiles;    // [groups, nb]: rows wide + [0, tiled)
+  const Q8Tile4* pairs;   // [1, nb]: rows wide + tiled + [0, paired)
+};
 
-// `rows` rows of xq ([rows, nb] blocks) as tiles of `lanes` rows each, [ceil(rows / lanes), nb],
-// in `tiles` (resized; padding lanes are zero).
-template <class XTile>
-const XTile* tile_activations(const Q8Block* xq, int64_t rows, int64_t nb, int64_t lanes, std::vector<XTile>& tiles) {
-  tiles.assign(static_cast<size_t>((rows + lanes - 1) / lanes * nb), XTile{});
-  for (int64_t m = 0; m < rows; ++m) {
-    XTile* row_tiles = tiles.data() + m / lanes * nb;
-    for (int64_t b = 0; b < nb; ++b) set_lane(row_tiles[b], m % lanes, xq[m * nb + b]);
-  }
-  return tiles.data();
-}
-
-// The AVX2 path for the weight rows [j0, j1) (see block_matmul): each output's chain runs over
+// The SIMD path for the weight rows [j0, j1) (see block_matmul): each output's chain runs over
 // the k-chunks, kRowGroup weight rows sharing each chunk of x.
 template <typename Out>
-void avx2_dot_rows(const Shape& s, const uint8_t* w, const Q8Block* xq, const Q8Tile* xt, const Q8Tile4* xp,
-                   const RowSplit& split, int64_t rows, int64_t k, const float* bias, int64_t j0, int64_t j1,
-                   Out* out) {
+void simd_dot_rows(const Shape& s, const uint8_t* w, const XLayouts& x, const RowSplit& split, int64_t rows, int64_t k,
+                   const float* bias, int64_t j0, int64_t j1, Out* out) {
   const QTypeKernels& t = *s.kernels;
-  // With no groups, x is a few rows: whole rows per call cost the fewest calls.
-  const KChunks kc(t, k, split.groups > 0 ? kXChunkBlocks : k / kQ8Elems);
+  // With no groups, x is a few rows: whole rows per call cost the fewest calls. Wide tiles
+  // take smaller chunks (768 bytes a block and group: the up to kMaxWideGroups groups of one
+  // call, 24 KiB, stay in L1; measured against 16 blocks: docs/kernels.md).
+  const int64_t chunk_blocks = split.wide_groups > 0 ? kWideChunkBlocks
+                               : split.groups > 0    ? kXChunkBlocks
+                                                     : k / kQ8Elems;
+  const KChunks kc(t, k, chunk_blocks);
   // Each weight block read prefetches the next row group's (the hardware prefetchers alone
   // leave the dots waiting on short rows; measured: docs/kernels.md).
   const int64_t ahead = kRowGroup * s.row_bytes;
-  const int64_t first_single = split.tiled + split.paired;
+  const int64_t first_tiled = split.wide;
+  const int64_t first_paired = first_tiled + split.tiled;
+  const int64_t first_single = first_paired + split.paired;
   const int64_t singles = rows - first_single;
-  std::vector<float> tile_acc(static_cast<size_t>(kRowGroup * split.groups * kLanes));  // [group row, m < tiled]
-  std::vector<float> pair_acc(static_cast<size_t>((kRowGroup + 1) * kPairRows));  // [group row, m - tiled]
+  std::vector<float> wide_acc(static_cast<size_t>(kRowGroup * split.wide_groups * kWideLanes));  // [group row, m]
+  std::vector<float> tile_acc(static_cast<size_t>(kRowGroup * split.groups * kLanes));  // [group row, m - first_tiled]
+  std::vector<float> pair_acc(static_cast<size_t>((kRowGroup + 1) * kPairRows));  // [group row, m - first_paired]
   std::vector<float> single_acc(static_cast<size_t>(singles * kLanes));  // [m - first_single, group row]
   for (int64_t g0 = j0; g0 < j1; g0 += kRowGroup) {
     const int64_t count = std::min(j1 - g0, kRowGroup);
+    std::fill(wide_acc.begin(), wide_acc.end(), 0.0f);
     std::fill(tile_acc.begin(), tile_acc.end(), 0.0f);
     std::fill(pair_acc.begin(), pair_acc.end(), 0.0f);
     std::fill(single_acc.begin(), single_acc.end(), 0.0f);
     for (int64_t c0 = 0, c = 0; c0 < kc.nb; c0 += kc.chunk, ++c) {
       const int values = kc.values(c0);
       const uint8_t* chunk = w + g0 * s.row_bytes + c * kc.chunk_bytes;
-      for (int64_t i = 0; i < count; ++i) {
-        for (int64_t g = 0; g < split.groups; g += kMaxTileGroups) {
-          const int groups = static_cast<int>(std::min<int64_t>(kMaxTileGroups, split.groups - g));
-          t.dot_tile_avx2(chunk + i * s.row_bytes, xt + g * kc.nb + c0, kc.nb, groups, values,
-                          tile_acc.data() + (i * split.groups + g) * kLanes, ahead);
+      // The x tiles of one call stay in L1 while the group's weight rows meet them.
+      for (int64_t g = 0; g < split.wide_groups; g += kMaxWideGroups) {
+        const int groups = static_cast<int>(std::min<int64_t>(kMaxWideGroups, split.wide_groups - g));
+        for (int64_t i = 0; i < count; ++i) {
+          t.dot_tile16_avx512(chunk + i * s.row_bytes, x.wide + g * kc.nb + c0, kc.nb, groups, values,
+                              wide_acc.data() + (i * split.wide_groups + g) * kWideLanes, g == 0 ? ahead : 0);
+        }
+      }
+      const bool read = split.wide_groups > 0;  // whether the weights were read (and prefetched) above
+      for (int64_t g = 0; g < split.groups; g += kMaxTileGroups) {
+        const int groups = static_cast<int>(std::min<int64_t>(kMaxTileGroups, split.groups - g));
+        for (int64_t i = 0; i < count; ++i) {
+          t.dot_tile_avx2(chunk + i * s.row_bytes, x.tiles + g * kc.nb + c0, kc.nb, groups, values,
+                          tile_acc.data() + (i * split.groups + g) * kLanes, g == 0 && !read ? ahead : 0);
         }
       }
       if (split.paired > 0) {
         for (int64_t i = 0; i < count; i += 2) {  // a last row without a pair is paired with itself
-          t.dot_pair_tile_avx2(chunk + i * s.row_bytes, i + 1 < count ? s.row_bytes : 0, xp + c0, values,
-                               pair_acc.data() + i * kPairRows, ahead);
+          t.dot_pair_tile_avx2(chunk + i * s.row_bytes, i + 1 < count ? s.row_bytes : 0, x.pairs + c0, values,
+                               pair_acc.data() + i * kPairRows, first_paired == 0 ? ahead : 0);
         }
       }
       if (singles == 0) continue;
@@ -357,15 +263,16 @@ void avx2_dot_rows(const Shape& s, const uint8_t* w, const Q8Block* xq, const Q8
       for (int64_t m = first_single; m < rows; m += kMaxWeightRowsX) {
         const int x_rows = static_cast<int>(std::min<int64_t>(kMaxWeightRowsX, rows - m));
         const bool first_read = m == 0;  // the others prefetch nothing new
-        t.dot_weight_rows_avx2(lanes, xq + m * kc.nb + c0, kc.nb, x_rows, values,
+        t.dot_weight_rows_avx2(lanes, x.blocks + m * kc.nb + c0, kc.nb, x_rows, values,
                                single_acc.data() + (m - first_single) * kLanes, first_read ? ahead : 0);
       }
     }
     for (int64_t i = 0; i < count; ++i) {
       const float b = bias != nullptr ? bias[g0 + i] : 0.0f;
       for (int64_t m = 0; m < rows; ++m) {
-        const float acc = m < split.tiled     ? tile_acc[(i * split.groups) * kLanes + m]
-                          : m < first_single ? pair_acc[i * kPairRows + m - split.tiled]
+        const float acc = m < first_tiled    ? wide_acc[(i * split.wide_groups) * kWideLanes + m]
+                          : m < first_paired ? tile_acc[(i * split.groups) * kLanes + m - first_tiled]
+                          : m < first_single ? pair_acc[i * kPairRows + m - first_paired]
                                              : single_acc[(m - first_single) * kLanes + i];
         out[m * s.n + g0 + i] = static_cast<Out>(acc + b);
       }
@@ -385,33 +292,18 @@ void vec_dot_matmul(const Shape& s, const uint8_t* w, const Q8Block* xq, int64_t
     });
     return;
   }
-  const RowSplit split(rows);
+  const RowSplit split(rows, use_avx512(*s.kernels));
   const int64_t nb = k / kQ8Elems;
+  thread_local std::vector<Q8Tile16> wide_tiles;
   thread_local std::vector<Q8Tile> tiles;
   thread_local std::vector<Q8Tile4> pair_tiles;
-  const Q8Tile* xt = tile_activations(xq, split.tiled, nb, kLanes, tiles);
-  const Q8Tile4* xp = tile_activations(xq + split.tiled * nb, split.paired, nb, kPairRows, pair_tiles);
+  XLayouts x{xq, nullptr, nullptr, nullptr};
+  x.wide = tile_activations(xq, split.wide, nb, kWideLanes, wide_tiles);
+  x.tiles = tile_activations(xq + split.wide * nb, split.tiled, nb, kLanes, tiles);
+  x.pairs = tile_activations(xq + (split.wide + split.tiled) * nb, split.paired, nb, kPairRows, pair_tiles);
   at::parallel_for(0, row_groups, grain, [&](int64_t g0, int64_t g1) {
-    avx2_dot_rows(s, w, xq, xt, xp, split, rows, k, bias, g0 * kRowGroup, std::min(s.n, g1 * kRowGroup), out);
+    simd_dot_rows(s, w, x, split, rows, k, bias, g0 * kRowGroup, std::min(s.n, g1 * kRowGroup), out);
   });
-}
-
-// out [M, N] float32 = x [M, k] float32 @ dequant(w).T (+ bias), one weight tile at a time.
-void tiled_gemm(const Shape& s, const uint8_t* w, const at::Tensor& x, int64_t k,
-                const std::optional<at::Tensor>& bias, at::Tensor& out) {
-  const int64_t tile_rows = std::min(s.n, std::max(kMinTileRows, kTileValues / k));
-  at::Tensor tile = at::empty({tile_rows, k}, x.options());  // [tile_rows, k] reused
-  for (int64_t n0 = 0; n0 < s.n; n0 += tile_rows) {
-    const int64_t rows = std::min(tile_rows, s.n - n0);
-    at::Tensor part = tile.narrow(0, 0, rows);
-    dequantize_rows(*s.kernels, w + n0 * s.row_bytes, s.row_bytes, rows, k, part.data_ptr<float>());
-    at::Tensor dst = out.narrow(1, n0, rows);  // [M, rows], row stride N
-    if (bias.has_value()) {
-      at::addmm_out(dst, bias->narrow(0, n0, rows), x, part.t());
-    } else {
-      at::mm_out(dst, x, part.t());
-    }
-  }
 }
 
 // ---- ops ----
@@ -429,24 +321,13 @@ at::Tensor block_matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t qty
   if (rows == 0 || s.n == 0) return out;
   const uint8_t* wp = w.data_ptr<uint8_t>();
 
-  if (rows < gemm_rows_threshold().load(std::memory_order_relaxed)) {
-    const Q8Block* xq = quantize_activations(x, k);
-    const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-    if (x.scalar_type() == at::kFloat) {
-      vec_dot_matmul(s, wp, xq, rows, k, bp, out.data_ptr<float>());
-    } else {
-      vec_dot_matmul(s, wp, xq, rows, k, bp, out.data_ptr<at::BFloat16>());
-    }
-    return out;
-  }
+  const Q8Block* xq = quantize_activations(x, k);
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   if (x.scalar_type() == at::kFloat) {
-    at::Tensor out2d = out.view({rows, s.n});
-    tiled_gemm(s, wp, x, k, bias, out2d);
-    return out;
+    vec_dot_matmul(s, wp, xq, rows, k, bp, out.data_ptr<float>());
+  } else {
+    vec_dot_matmul(s, wp, xq, rows, k, bp, out.data_ptr<at::BFloat16>());
   }
-  at::Tensor out_f = at::empty({rows, s.n}, x.options().dtype(at::kFloat));
-  tiled_gemm(s, wp, x.to(at::kFloat), k, bias, out_f);
-  out.view({rows, s.n}).copy_(out_f);
   return out;
 }
 
@@ -457,13 +338,6 @@ at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t k) {
   return out;
 }
 
-std::string isa() { return avx2_enabled().load() ? "avx2" : "scalar"; }
-
-void set_isa(const std::string& name) {
-  TORCH_CHECK(name == "auto" || name == "scalar", "set_isa: expected 'auto' or 'scalar', got '", name, "'");
-  avx2_enabled().store(name == "auto" && cpu_has_avx2());
-}
-
 std::vector<int64_t> qtypes() {
   std::vector<int64_t> types;
   for (int i = 0; i < kLegacyKernelCount; ++i) types.push_back(kLegacyKernels[i].ggml_type);
@@ -471,25 +345,12 @@ std::vector<int64_t> qtypes() {
   return types;
 }
 
-int64_t gemm_min_rows() { return gemm_rows_threshold().load(); }
-
-void set_gemm_min_rows(int64_t rows) {
-  TORCH_CHECK(rows >= 1, "set_gemm_min_rows: rows must be at least 1, got ", rows);
-  gemm_rows_threshold().store(rows);
-}
-
 }  // namespace
-
-bool avx2_active() { return avx2_enabled().load(std::memory_order_relaxed); }
 
 }  // namespace ppinfer
 
 TORCH_LIBRARY(ppinfer_kernels, m) {
   m.def("block_matmul(Tensor x, Tensor w, int qtype, int k, Tensor? bias=None) -> Tensor", &ppinfer::block_matmul);
   m.def("dequantize(Tensor w, int qtype, int k) -> Tensor", &ppinfer::dequantize);
-  m.def("isa() -> str", &ppinfer::isa);
-  m.def("set_isa(str isa) -> ()", &ppinfer::set_isa);
   m.def("qtypes() -> int[]", &ppinfer::qtypes);
-  m.def("gemm_min_rows() -> int", &ppinfer::gemm_min_rows);
-  m.def("set_gemm_min_rows(int rows) -> ()", &ppinfer::set_gemm_min_rows);
 }

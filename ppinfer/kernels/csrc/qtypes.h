@@ -25,6 +25,18 @@
 #define PPINFER_AVX2_FN(...) nullptr
 #endif
 
+// The AVX-512 functions (PPINFER_AVX512: F, BW, VL and VNNI, run only where the CPU has them all)
+// need a compiler that knows VNNI's target name (GCC 8, clang 6); elsewhere their entries are
+// nullptr and the AVX2 code serves.
+#if defined(PPINFER_X86) && ((defined(__clang__) && __clang_major__ >= 6) || \
+                             (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 8))
+#define PPINFER_HAS_AVX512 1
+#define PPINFER_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define PPINFER_AVX512_FN(...) __VA_ARGS__
+#else
+#define PPINFER_AVX512_FN(...) nullptr
+#endif
+
 namespace ppinfer {
 
 // Whether the AVX2 code runs now: the CPU has AVX2, FMA and F16C and set_isa did not force
@@ -95,6 +107,23 @@ using DotTileFn = void (*)(const uint8_t* w, const Q8Tile* x, int64_t stride, in
 using DotPairTileFn = void (*)(const uint8_t* w, int64_t w_stride, const Q8Tile4* x, int k, float* acc,
                                int64_t ahead);
 
+// The same for 16 x rows (the AVX-512 tile kernels: lane r of each 512-bit vector is x row r).
+constexpr int kWideLanes = 16;
+struct alignas(64) Q8Tile16 {
+  int8_t q[kQ8Elems / 4][kWideLanes][4];  // q[t][r]: values 4t .. 4t+3 of x row r
+  float d[kWideLanes];
+  float s[kWideLanes];
+  int32_t half_sums[2][kWideLanes];  // x row r's sum(q) over values 0..15 and 16..31
+};
+
+// acc[g * kWideLanes + r] (in / out): the chains of one weight row (at the chunk's first block)
+// against `groups` (1 to kMaxWideGroups) groups of 16 x rows, group g's tiles at x + g * stride;
+// each weight block read prefetches the one `ahead` bytes past it (0: none). Every lane does the
+// float operations of the AVX2 kernels' lanes, in the same order, so the results are the same bits.
+constexpr int kMaxWideGroups = 4;
+using DotTile16Fn = void (*)(const uint8_t* w, const Q8Tile16* x, int64_t stride, int groups, int k, float* acc,
+                             int64_t ahead);
+
 struct QTypeKernels {
   int ggml_type;        // GGMLQuantizationType value (Q4_0 = 2, ..., Q6_K = 14)
   int block_elems;      // values per stored block (32, or 256 for K-quants)
@@ -105,6 +134,8 @@ struct QTypeKernels {
   DotWeightRowsFn dot_weight_rows_avx2;
   DotTileFn dot_tile_avx2;
   DotPairTileFn dot_pair_tile_avx2;
+  // Compiled with PPINFER_AVX512; nullptr where the compiler cannot.
+  DotTile16Fn dot_tile16_avx512;
 };
 
 #if defined(PPINFER_X86)
@@ -136,6 +167,24 @@ template <class Kernel>
 PPINFER_AVX2 void dot_pair_tile_avx2(const uint8_t* w, int64_t w_stride, const Q8Tile4* x, int k, float* acc,
                                      int64_t ahead) {
   Kernel::pair_tile(w, w_stride, x, k, acc, ahead);
+}
+#endif
+
+#if defined(PPINFER_HAS_AVX512)
+// A table's dot_tile16_avx512 entry from `Kernel::template tile16<kGroups>(w, x, stride, k, acc, ahead)`.
+template <class Kernel>
+PPINFER_AVX512 void dot_tile16_avx512(const uint8_t* w, const Q8Tile16* x, int64_t stride, int groups, int k,
+                                      float* acc, int64_t ahead) {
+  switch (groups) {
+    case 1:
+      return Kernel::template tile16<1>(w, x, stride, k, acc, ahead);
+    case 2:
+      return Kernel::template tile16<2>(w, x, stride, k, acc, ahead);
+    case 3:
+      return Kernel::template tile16<3>(w, x, stride, k, acc, ahead);
+    default:
+      return Kernel::template tile16<kMaxWideGroups>(w, x, stride, k, acc, ahead);
+  }
 }
 #endif
 
