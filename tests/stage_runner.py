@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ppinfer.model import KVCache, PipelineStage, build_stage
+from ppinfer.pipeline.work import WorkItem
 from ppinfer.plan import StagePlan
 
 
@@ -85,6 +86,26 @@ def chunked_logits(
             hidden = stage.forward(hidden, positions, state)
         out.append(stages[-1].lm_head(hidden)[0].numpy())
     return np.concatenate(out)
+
+
+def fed_ids(item: WorkItem, seqs: list[np.ndarray]) -> torch.Tensor:
+    """The ids `item` feeds when sequence s is `seqs[s]`: [b, T] int64, 0 on left padding."""
+    ids = torch.zeros(len(item.rows), item.length, dtype=torch.int64)
+    for i, row in enumerate(item.rows):
+        for t in range(max(0, -row.first_pos), item.length):
+            ids[i, t] = int(seqs[row.seq][row.first_pos + t])
+    return ids
+
+
+def assert_as_alone(item: WorkItem, logits: torch.Tensor, alone: list[np.ndarray], tolerance: float) -> None:
+    """`logits` [b, T, V] of `item` equal, at every real position, each sequence's logits alone
+    (`alone[s]` [positions, V])."""
+    for i, row in enumerate(item.rows):
+        for t in range(item.length):
+            pos = row.first_pos + t
+            if pos >= 0:
+                gap = float(np.abs(logits[i, t].numpy() - alone[row.seq][pos]).max())
+                assert gap <= tolerance, f"sequence {row.seq} at position {pos} ({item}) differs by {gap:.3g}"
 
 
 # The real models' decoder layers, and prose to score them on (about 260 tokens).

@@ -12,7 +12,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from stage_runner import LAYERS, PROSE, arange_positions, chunked_logits, full_logits, kl_and_top1, step, whole
+from stage_runner import (
+    LAYERS,
+    PROSE,
+    arange_positions,
+    assert_as_alone,
+    chunked_logits,
+    fed_ids,
+    full_logits,
+    kl_and_top1,
+    step,
+    whole,
+)
 from tiny_cases import ALL_CASES, TinyFiles, token_batch
 
 import ppinfer
@@ -131,10 +142,7 @@ def test_refilled_lane_equals_each_sequence_alone(
     seen = {"rows apart": 0, "group apart": 0, "reused": 0, "uneven": 0, "padded": 0}
     used: set[int] = set()
     for item in (a for a in order if isinstance(a, WorkItem)):
-        ids = torch.zeros(len(item.rows), item.length, dtype=torch.int64)  # [b, T], 0 on padding
-        for i, row in enumerate(item.rows):
-            for t in range(max(0, -row.first_pos), item.length):
-                ids[i, t] = int(seqs[row.seq][row.first_pos + t])
+        ids = fed_ids(item, seqs)  # [b, T]
         state = runner.caches[0]
         rows = item.row_ids
         if state is not None and len({state.lengths[r] for r in rows}) > 1:
@@ -146,13 +154,7 @@ def test_refilled_lane_equals_each_sequence_alone(
         seen["padded"] += sum(row.first_pos < 0 for row in item.rows)
         used.update(rows)
         logits = stage.lm_head(runner.run(item, ids, None).hidden)  # [b, T, V]
-        for i, row in enumerate(item.rows):
-            for t in range(item.length):
-                pos = row.first_pos + t
-                if pos < 0:
-                    continue
-                gap = _gap(logits[i, t].numpy(), alone[row.seq][pos])
-                assert gap <= TOLERANCE, f"{case}: sequence {row.seq} at position {pos} ({item}) differs by {gap:.3g}"
+        assert_as_alone(item, logits, alone, TOLERANCE)
     assert all(seen.values()), f"the order misses a case it is meant to cover: {seen}"
 
 
@@ -186,20 +188,11 @@ def test_lanes_sharing_a_tight_pool_equal_each_sequence_alone(
         waited += scheduler.waiting > 0 and free_rows > 0
         if not isinstance(action, WorkItem):
             continue
-        ids = torch.zeros(len(action.rows), action.length, dtype=torch.int64)  # [b, T], 0 on padding
-        for i, row in enumerate(action.rows):
-            for t in range(max(0, -row.first_pos), action.length):
-                ids[i, t] = int(seqs[row.seq][row.first_pos + t])
-        logits = stage.lm_head(runner.run(action, ids, None).hidden)  # [b, T, V]
+        logits = stage.lm_head(runner.run(action, fed_ids(action, seqs), None).hidden)  # [b, T, V]
         for row in action.rows:
             for block in runner.caches[action.lane].tables[row.row]:
                 owners.setdefault(block, set()).add(action.lane)
-        for i, row in enumerate(action.rows):
-            for t in range(action.length):
-                pos = row.first_pos + t
-                if pos >= 0:
-                    gap = _gap(logits[i, t].numpy(), alone[row.seq][pos])
-                    assert gap <= TOLERANCE, f"sequence {row.seq} at position {pos} differs by {gap:.3g}"
+        assert_as_alone(action, logits, alone, TOLERANCE)
     assert scheduler.idle()
     assert runner.pool is not None and runner.pool.peak_used <= pool_blocks
     assert waited, "admission never had to wait for blocks"

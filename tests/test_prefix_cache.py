@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from stage_runner import full_logits, whole
+from stage_runner import assert_as_alone, fed_ids, full_logits, whole
 from tiny_cases import ALL_CASES, TinyFiles
 
 from ppinfer.model.cache import BLOCK_SIZE, KVCache, KVPool
@@ -102,21 +102,13 @@ def test_prompts_on_cached_blocks_equal_each_sequence_alone(tiny_files: TinyFile
                             on_attach=runner.attach):
         if not isinstance(action, WorkItem):
             continue
-        ids = torch.zeros(len(action.rows), action.length, dtype=torch.int64)  # [b, T], 0 on padding
-        for i, row in enumerate(action.rows):
-            for t in range(max(0, -row.first_pos), action.length):
-                ids[i, t] = int(seqs[row.seq][row.first_pos + t])
-            if action.kind is ItemKind.PREFILL:
+        if action.kind is ItemKind.PREFILL:
+            for row in action.rows:
                 first_prefill.setdefault(row.seq, row.first_pos)
-        logits = stage.lm_head(runner.run(action, ids, None).hidden)  # [b, T, V]
+        logits = stage.lm_head(runner.run(action, fed_ids(action, seqs), None).hidden)  # [b, T, V]
         if action.kind is ItemKind.PREFILL and action.samples:
             register_prefixes(index, runner, sequences.get, action)
-        for i, row in enumerate(action.rows):
-            for t in range(action.length):
-                pos = row.first_pos + t
-                if pos >= 0:
-                    gap = float(np.abs(logits[i, t].numpy() - alone[row.seq][pos]).max())
-                    assert gap <= TOLERANCE, f"sequence {row.seq} at position {pos} differs by {gap:.3g}"
+        assert_as_alone(action, logits, alone, TOLERANCE)
     assert scheduler.idle()
     on_cache = {seq: pos for seq, pos in first_prefill.items() if pos > 0}
     assert 32 in on_cache.values(), first_prefill  # two blocks of the shared beginning reused
