@@ -35,7 +35,7 @@ EMBED_STD = 0.3
 QUANT_BLOCK = 32
 """Row length granularity of the simple quant types this module writes."""
 
-EXPERT_WIDTH_PER_USED = ("qwen2moe", "qwen3moe")
+EXPERT_WIDTH_PER_USED = ("qwen2moe", "qwen3moe", "glm4moe")
 """llama.cpp's expert width without `expert_feed_forward_length`: feed_forward_length divided
 by expert_used_count for these, feed_forward_length itself for the others."""
 
@@ -92,6 +92,22 @@ class TinySpec:
     """expert_feed_forward_length; None leaves the key out (the family's default width)."""
     n_ff_shexp: int = 0
     """Width of qwen2moe's shared expert (written as expert_shared_feed_forward_length)."""
+    n_shared: int = 0
+    """expert_shared_count: ungated shared experts as wide as n_shared routed ones (glm4moe)."""
+    n_dense_lead: int = 0
+    """leading_dense_block_count: the first layers have a dense feed-forward of width n_ff."""
+    n_nextn: int = 0
+    """nextn_predict_layers: trailing blocks (in block_count) that llama.cpp never runs."""
+    gating_func: int | None = None
+    """expert_gating_func (1 softmax, 2 sigmoid); None leaves the key out."""
+    weights_norm: bool | None = None
+    """expert_weights_norm; None leaves the key out."""
+    weights_scale: float | None = None
+    """expert_weights_scale; None leaves the key out."""
+    selection_bias: bool = False
+    """A per-expert selection bias `exp_probs_b.bias` in every MoE layer."""
+    qk_norm: bool = False
+    """Per-head attn_q_norm / attn_k_norm where the family has them optionally (glm4moe)."""
     seed: int = 0
 
     @property
@@ -137,7 +153,7 @@ def _attention(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, 
     wq = _linear(rng, spec.q_width, e, g)
     wk = _linear(rng, spec.kv_width, e, g)
     wv = _linear(rng, spec.kv_width, e)
-    with_qkv_bias = spec.attn_bias or spec.arch in ("qwen2", "qwen2moe", "phi2", "starcoder2")
+    with_qkv_bias = spec.attn_bias or spec.arch in ("qwen2", "qwen2moe", "phi2", "starcoder2", "glm4moe")
     if spec.fused_qkv:
         out[f"{p}.attn_qkv.weight"] = np.concatenate([wq, wk, wv], axis=0)  # [(H+2Hkv)·D, E]
         if with_qkv_bias:
@@ -148,7 +164,7 @@ def _attention(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, 
             out[f"{p}.attn_q.bias"] = _bias(rng, spec.q_width)
             out[f"{p}.attn_k.bias"] = _bias(rng, spec.kv_width)
             out[f"{p}.attn_v.bias"] = _bias(rng, spec.kv_width)
-    if spec.arch in ("qwen3", "qwen3moe", "gemma3"):
+    if spec.arch in ("qwen3", "qwen3moe", "gemma3") or spec.qk_norm:
         out[f"{p}.attn_q_norm.weight"] = _norm(rng, spec.head_dim)
         out[f"{p}.attn_k_norm.weight"] = _norm(rng, spec.head_dim)
     if spec.arch == "olmoe":  # one norm over the whole q (and k) projection
@@ -166,6 +182,13 @@ def _experts(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np
     out[f"{p}.ffn_gate_exps.weight"] = np.stack([_linear(rng, f, e) for _ in range(n)])  # [n, F, E]
     out[f"{p}.ffn_up_exps.weight"] = np.stack([_linear(rng, f, e) for _ in range(n)])
     out[f"{p}.ffn_down_exps.weight"] = np.stack([_linear(rng, e, f) for _ in range(n)])  # [n, E, F]
+    if spec.selection_bias:  # large enough to change which experts are chosen
+        out[f"{p}.exp_probs_b.bias"] = rng.uniform(0.0, 0.5, n).astype(np.float32)
+    if spec.n_shared:  # ungated shared experts
+        fs = f * spec.n_shared
+        out[f"{p}.ffn_gate_shexp.weight"] = _linear(rng, fs, e)
+        out[f"{p}.ffn_up_shexp.weight"] = _linear(rng, fs, e)
+        out[f"{p}.ffn_down_shexp.weight"] = _linear(rng, e, fs)
     if spec.arch == "qwen2moe":
         fs = spec.n_ff_shexp
         out[f"{p}.ffn_gate_inp_shexp.weight"] = _linear(rng, 1, e, gain=2.0)[0]  # [E]
@@ -174,10 +197,10 @@ def _experts(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np
         out[f"{p}.ffn_down_shexp.weight"] = _linear(rng, e, fs)
 
 
-def _ffn(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np.ndarray]) -> None:
-    """The feed-forward weights of one layer, in the family's layout."""
-    e, f = spec.n_embd, spec.n_ff
-    if spec.n_expert > 0:
+def _ffn(spec: TinySpec, rng: np.random.Generator, il: int, out: dict[str, np.ndarray]) -> None:
+    """The feed-forward weights of layer il, in the family's layout."""
+    e, f, p = spec.n_embd, spec.n_ff, f"blk.{il}"
+    if spec.n_expert > 0 and il >= spec.n_dense_lead:
         _experts(spec, rng, p, out)
         return
     if spec.arch == "phi3":
@@ -199,7 +222,9 @@ def _layer_norms(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str
     out[f"{p}.attn_norm.weight"] = _norm(rng, e)
     if spec.arch in LAYERNORM_FAMILIES:
         out[f"{p}.attn_norm.bias"] = _bias(rng, e)
-    if spec.arch != "phi2":
+    if spec.arch == "glm4moe":  # the pre-feed-forward norm under another name
+        out[f"{p}.post_attention_norm.weight"] = _norm(rng, e)
+    elif spec.arch != "phi2":
         out[f"{p}.ffn_norm.weight"] = _norm(rng, e)
         if spec.arch == "starcoder2":
             out[f"{p}.ffn_norm.bias"] = _bias(rng, e)
@@ -216,11 +241,15 @@ def tiny_tensors(spec: TinySpec) -> dict[str, np.ndarray]:
     if spec.rope_freqs:
         # Divisors between 1 and 8 per rotated frequency, so that every pair is affected.
         out["rope_freqs.weight"] = rng.uniform(1.0, 8.0, spec.n_rot // 2).astype(np.float32)
-    for i in range(spec.n_layer):
+    for i in range(spec.n_layer + spec.n_nextn):
         p = f"blk.{i}"
         _layer_norms(spec, rng, p, out)
         _attention(spec, rng, p, out)
-        _ffn(spec, rng, p, out)
+        _ffn(spec, rng, i, out)
+        if i >= spec.n_layer:  # a next-token prediction block's own tensors
+            out[f"{p}.nextn.eh_proj.weight"] = _linear(rng, e, 2 * e)
+            for norm in ("enorm", "hnorm", "shared_head_norm"):
+                out[f"{p}.nextn.{norm}.weight"] = _norm(rng, e)
     out["output_norm.weight"] = _norm(rng, e)
     if spec.arch in LAYERNORM_FAMILIES:
         out["output_norm.bias"] = _bias(rng, e)
@@ -235,7 +264,7 @@ def _write_metadata(w: gguf.GGUFWriter, spec: TinySpec, name: str) -> None:
     """The hyperparameter keys llama.cpp reads for the family (no tokenizer section)."""
     arch = spec.arch
     w.add_name(name)
-    w.add_block_count(spec.n_layer)
+    w.add_block_count(spec.n_layer + spec.n_nextn)
     w.add_context_length(spec.n_ctx)
     w.add_embedding_length(spec.n_embd)
     w.add_feed_forward_length(spec.n_ff)
@@ -271,6 +300,18 @@ def _write_metadata(w: gguf.GGUFWriter, spec: TinySpec, name: str) -> None:
             w.add_expert_feed_forward_length(spec.n_ff_exp)
         if spec.n_ff_shexp:
             w.add_expert_shared_feed_forward_length(spec.n_ff_shexp)
+        if spec.n_shared:
+            w.add_expert_shared_count(spec.n_shared)
+        if spec.n_dense_lead:
+            w.add_leading_dense_block_count(spec.n_dense_lead)
+        if spec.gating_func is not None:
+            w.add_uint32(f"{arch}.expert_gating_func", spec.gating_func)
+        if spec.weights_norm is not None:
+            w.add_expert_weights_norm(spec.weights_norm)
+        if spec.weights_scale is not None:
+            w.add_expert_weights_scale(spec.weights_scale)
+    if spec.n_nextn:
+        w.add_nextn_predict_layers(spec.n_nextn)
     if spec.attn_softcap is not None:
         w.add_attn_logit_softcapping(spec.attn_softcap)
     if spec.final_softcap is not None:

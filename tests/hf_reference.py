@@ -34,6 +34,7 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
+    Glm4MoeConfig,
     LlamaConfig,
     MixtralConfig,
     OlmoeConfig,
@@ -116,6 +117,14 @@ def hf_config(spec: TinySpec) -> PretrainedConfig:
     if arch == "qwen3moe":
         return Qwen3MoeConfig(
             **common, **qwen_moe, head_dim=spec.head_dim, rms_norm_eps=1e-5, norm_topk_prob=True, rope_parameters=rope
+        )
+    if arch == "glm4moe":
+        return Glm4MoeConfig(
+            **common, head_dim=spec.head_dim, rms_norm_eps=1e-5, attention_bias=True, use_qk_norm=spec.qk_norm,
+            moe_intermediate_size=spec.expert_width, num_experts_per_tok=spec.n_expert_used,
+            n_routed_experts=spec.n_expert, n_shared_experts=spec.n_shared, first_k_dense_replace=spec.n_dense_lead,
+            norm_topk_prob=bool(spec.weights_norm), routed_scaling_factor=spec.weights_scale or 1.0,
+            n_group=1, topk_group=1, rope_parameters=rope,
         )
     if arch == "olmoe":
         return OlmoeConfig(
@@ -202,6 +211,7 @@ _LAYER_NAMES: dict[str, str] = {
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
     "ffn_down_exps": "mlp.experts.down_proj",
+    "exp_probs_b": "mlp.gate.e_score_correction_bias",
 }
 """GGUF layer tensor -> transformers module for the llama-shaped families (experts: 3-D
 parameters, gate and up stacked into one `gate_up_proj`)."""
@@ -217,6 +227,10 @@ _LAYER_OVERRIDES: dict[str, dict[str, str]] = {
     "phi2": {"attn_output": "self_attn.dense", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"},
 }
 _LAYER_OVERRIDES["gemma3"] = _LAYER_OVERRIDES["gemma2"]
+_LAYER_OVERRIDES["glm4moe"] = {
+    "post_attention_norm": "post_attention_layernorm",
+    **{f"ffn_{role}_shexp": f"mlp.shared_experts.{role}_proj" for role in ("gate", "up", "down")},
+}
 
 
 def _hf_name(arch: str, gguf_name: str) -> str:
@@ -225,8 +239,8 @@ def _hf_name(arch: str, gguf_name: str) -> str:
         role = parts[2]
         overrides = _LAYER_OVERRIDES.get(arch, {})
         module = overrides[role] if role in overrides else _LAYER_NAMES[role]
-        if role == "ffn_down_exps":
-            return f"model.layers.{parts[1]}.{module}"  # a bare parameter, no .weight
+        if role in ("ffn_down_exps", "exp_probs_b"):
+            return f"model.layers.{parts[1]}.{module}"  # a bare parameter or buffer, no .weight
         return f"model.layers.{parts[1]}.{module}.{parts[3]}"
     top = {
         "token_embd": "model.embed_tokens",
@@ -242,6 +256,8 @@ def hf_state_dict(spec: TinySpec, tensors: dict[str, np.ndarray], unpermute_qk: 
     for name, w in tensors.items():
         if name == "rope_freqs.weight" or ".ffn_up_exps." in name:
             continue
+        if name.startswith("blk.") and int(name.split(".")[1]) >= spec.n_layer:
+            continue  # next-token prediction blocks: not part of the decoder
         if ".ffn_gate_exps." in name:  # [n, F, E] gate and up -> gate_up_proj [n, 2F, E]
             up = tensors[name.replace("ffn_gate_exps", "ffn_up_exps")]
             layer = name.split(".")[1]

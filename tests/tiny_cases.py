@@ -71,6 +71,14 @@ MOE_CASES: dict[str, TinySpec] = {
     "mixtral": TinySpec("llama", n_layer=3, n_ff=32, n_expert=4, n_expert_used=2, seed=22),
     # q/k norms over the whole projections; unnormalised top-k weights.
     "olmoe": TinySpec("olmoe", n_layer=3, n_ff=32, n_expert=8, n_expert_used=2, seed=23),
+    # GLM-4.5-Air's layout: half of each head rotates (NEOX), q/k/v biases, a dense first
+    # layer, sigmoid gating with a selection bias, normalised and scaled weights, one shared
+    # expert, and a trailing next-token prediction block that is never run.
+    "glm4moe": TinySpec(
+        "glm4moe", n_layer=3, head_dim=24, rope_dims=12, n_ff=64, n_expert=8, n_expert_used=3, n_ff_exp=32,
+        n_shared=1, n_dense_lead=1, n_nextn=1, gating_func=2, weights_norm=True, weights_scale=2.5,
+        selection_bias=True, seed=26,
+    ),
 }
 
 MOE_QUANT_CASES: dict[str, TinySpec] = {
@@ -78,6 +86,8 @@ MOE_QUANT_CASES: dict[str, TinySpec] = {
     "qwen2moe_q8_0": with_changes(MOE_CASES["qwen2moe"], qtype=QType.Q8_0),
     "mixtral_q4_1": with_changes(MOE_CASES["mixtral"], qtype=QType.Q4_1),
     "olmoe_q5_0": with_changes(MOE_CASES["olmoe"], qtype=QType.Q5_0),
+    # GLM-4.5 (355B) adds per-head q/k norms.
+    "glm4moe_q8_0": with_changes(MOE_CASES["glm4moe"], qtype=QType.Q8_0, qk_norm=True, seed=27),
 }
 
 QUANT_CASES: dict[str, TinySpec] = {

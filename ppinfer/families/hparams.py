@@ -49,6 +49,9 @@ class MoeParams:
     n_ff_shexp: int
     gating: Gating
     normalize: bool  # chosen experts' weights divided by their sum
+    weights_scale: float = 1.0  # multiplies the chosen experts' weights (after normalisation)
+    n_group: int = 1  # experts in n_group equal groups; only the best n_group_used groups are
+    n_group_used: int = 1  # eligible (a group scores the sum of its two best selection scores)
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,8 @@ class HParams:
     """Everything about the model's shape that the forward pass needs."""
 
     arch: str
-    n_layer: int
+    n_layer: int  # decoder layers
+    n_block: int  # block_count: blk.N tensors exist for N < n_block (n_layer plus skipped ones)
     n_embd: int
     n_ctx: int
     n_vocab: int
@@ -179,6 +183,17 @@ def _read_moe(gf: GGUFFile, spec: FamilySpec, n_ff: int) -> MoeParams | None:
         return value
 
     n_expert = count("expert_count", None if experts.required else 0)
+    gating, normalize, scale, n_group, n_group_used = experts.gating, experts.normalize, 1.0, 1, 1
+    if experts.routing_keys:
+        gating = _GATING_FUNCS.get(count("expert_gating_func", 0), experts.gating)
+        normalize = bool(gf.get(f"{arch}.expert_weights_norm", experts.normalize))
+        scale = float(gf.get(f"{arch}.expert_weights_scale", 0.0) or 1.0)
+        n_group, n_group_used = count("expert_group_count", 1) or 1, count("expert_group_used_count", 1) or 1
+        if not math.isfinite(scale) or n_expert % n_group or not 0 < n_group_used <= n_group:
+            raise ModelFileError(
+                f"{path}: {arch}.expert_weights_scale={scale}, expert_group_count={n_group}, "
+                f"expert_group_used_count={n_group_used} do not fit {arch}.expert_count={n_expert}"
+            )
     if n_expert == 0:
         if experts.required:
             raise ModelFileError(f"{path}: {arch}.expert_count=0, but {arch} is a Mixture of Experts")
@@ -193,9 +208,28 @@ def _read_moe(gf: GGUFFile, spec: FamilySpec, n_ff: int) -> MoeParams | None:
     n_ff_shexp = 0
     if experts.shared is SharedExpert.GATED:
         n_ff_shexp = count("expert_shared_feed_forward_length", n_ff)
+    elif experts.shared is SharedExpert.PLAIN:
+        n_ff_shexp = n_ff_exp * count("expert_shared_count")
     if n_ff_exp < 1 or (experts.shared is not SharedExpert.NONE and n_ff_shexp < 1):
         raise ModelFileError(f"{path}: expert width {n_ff_exp} / shared width {n_ff_shexp} must be positive")
-    return MoeParams(n_expert, n_used, n_ff_exp, n_ff_shexp, experts.gating, experts.normalize)
+    return MoeParams(n_expert, n_used, n_ff_exp, n_ff_shexp, gating, normalize, scale, n_group, n_group_used)
+
+
+_GATING_FUNCS = {1: Gating.SOFTMAX, 2: Gating.SIGMOID}
+"""llama.cpp's `expert_gating_func` values (0: the family's default)."""
+
+
+def decoder_layers(gf: GGUFFile, spec: FamilySpec) -> tuple[int, int]:
+    """(layers of the decoder, block_count): block_count less the trailing next-token
+    prediction blocks the family skips (glm4moe's `nextn_predict_layers`)."""
+    arch, path = gf.architecture, gf.path
+    n_block = gf.require(f"{arch}.block_count")
+    n_nextn = gf.get(f"{arch}.nextn_predict_layers", 0) if spec.nextn_layers else 0
+    if type(n_block) is not int or type(n_nextn) is not int or not 0 <= n_nextn < n_block:
+        raise ModelFileError(
+            f"{path}: {arch}.block_count={n_block!r} with nextn_predict_layers={n_nextn!r} leaves no decoder layer"
+        )
+    return n_block - n_nextn, n_block
 
 
 def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
@@ -207,17 +241,17 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
     def key(name: str) -> str:
         return f"{arch}.{name}"
 
-    n_layer = int(gf.require(key("block_count")))
+    n_layer, n_block = decoder_layers(gf, spec)
     # Every layer has tensors: a larger count is a corrupt header; fail before building
     # per-layer tables for it.
-    if not 1 <= n_layer <= len(gf.tensors):
-        raise ModelFileError(f"{path}: {key('block_count')}={n_layer} but the file holds {len(gf.tensors)} tensors")
+    if not 1 <= n_block <= len(gf.tensors):
+        raise ModelFileError(f"{path}: {key('block_count')}={n_block} but the file holds {len(gf.tensors)} tensors")
     n_embd = int(gf.require(key("embedding_length")))
-    n_head = per_layer_values(gf.require(key("attention.head_count")), n_layer, key("attention.head_count"), path)
+    n_head = per_layer_values(gf.require(key("attention.head_count")), n_block, key("attention.head_count"), path)
     n_head_kv = per_layer_values(
-        gf.get(key("attention.head_count_kv"), n_head), n_layer, key("attention.head_count_kv"), path
+        gf.get(key("attention.head_count_kv"), n_head), n_block, key("attention.head_count_kv"), path
     )
-    n_ff = per_layer_values(gf.require(key("feed_forward_length")), n_layer, key("feed_forward_length"), path)
+    n_ff = per_layer_values(gf.require(key("feed_forward_length")), n_block, key("feed_forward_length"), path)
     if n_layer < 1 or n_embd < 1 or min(n_head) < 1 or min(n_head_kv) < 1:
         raise ModelFileError(f"{path}: nonsensical shape (layers {n_layer}, embd {n_embd}, heads {n_head})")
     for h, hkv in zip(n_head, n_head_kv):
@@ -252,8 +286,11 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
         return window > 0 and il % pattern < pattern - 1
 
     moe = _read_moe(gf, spec, n_ff[0])
+    n_dense_lead = 0
     if moe is not None:
         _check_expert_tensors(gf, moe, n_layer, n_embd)
+        if spec.experts is not None and spec.experts.routing_keys:
+            n_dense_lead = int(gf.get(key("leading_dense_block_count"), 0))
 
     layers = tuple(
         LayerParams(
@@ -262,7 +299,7 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
             n_ff=n_ff[il],
             sliding_window=window if is_sliding(il) else 0,
             rope=local_rope if is_sliding(il) else global_rope,
-            moe=moe,
+            moe=moe if il >= n_dense_lead else None,
         )
         for il in range(n_layer)
     )
@@ -280,6 +317,7 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
     return HParams(
         arch=arch,
         n_layer=n_layer,
+        n_block=n_block,
         n_embd=n_embd,
         n_ctx=int(gf.require(key("context_length"))),
         n_vocab=embd.shape[0],

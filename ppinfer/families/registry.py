@@ -38,8 +38,10 @@ LLAMA = FamilySpec(
     # Mixtral's layout: a file with expert_count > 0 has experts in every layer.
     experts=Experts(
         required=False, gating=Gating.SOFTMAX, normalize=True, width_default=ExpertWidth.FF,
-        shared=SharedExpert.NONE,
+        shared=SharedExpert.NONE, routing_keys=False,
     ),
+    ffn_norm="ffn_norm",
+    nextn_layers=False,
 )
 
 MISTRAL3 = replace(LLAMA, arch="mistral3", experts=None)
@@ -54,7 +56,7 @@ QWEN2MOE = replace(
     tying=Tying.NEVER,
     experts=Experts(
         required=True, gating=Gating.SOFTMAX, normalize=False, width_default=ExpertWidth.FF_PER_USED,
-        shared=SharedExpert.GATED,
+        shared=SharedExpert.GATED, routing_keys=False,
     ),
 )
 
@@ -63,7 +65,7 @@ QWEN3MOE = replace(
     arch="qwen3moe",
     experts=Experts(
         required=True, gating=Gating.SOFTMAX, normalize=True, width_default=ExpertWidth.FF_PER_USED,
-        shared=SharedExpert.NONE,
+        shared=SharedExpert.NONE, routing_keys=False,
     ),
 )
 
@@ -75,8 +77,20 @@ OLMOE = replace(
     tying=Tying.NEVER,
     experts=Experts(
         required=True, gating=Gating.SOFTMAX, normalize=False, width_default=ExpertWidth.FF,
-        shared=SharedExpert.NONE,
+        shared=SharedExpert.NONE, routing_keys=False,
     ),
+)
+
+GLM4MOE = replace(
+    QWEN2,
+    arch="glm4moe",
+    qk_norm=QkNorm.HEAD_IF_PRESENT,  # GLM-4.5 (355B) has them, GLM-4.5-Air not
+    experts=Experts(
+        required=True, gating=Gating.SIGMOID, normalize=False, width_default=ExpertWidth.FF_PER_USED,
+        shared=SharedExpert.PLAIN, routing_keys=True,
+    ),
+    ffn_norm="post_attention_norm",
+    nextn_layers=True,
 )
 
 PHI2 = replace(
@@ -135,7 +149,7 @@ FAMILIES: dict[str, FamilySpec] = {
     spec.arch: spec
     for spec in (
         LLAMA, MISTRAL3, QWEN2, QWEN3, PHI2, PHI3, STARCODER2, GEMMA, GEMMA2, GEMMA3,
-        QWEN2MOE, QWEN3MOE, OLMOE,
+        QWEN2MOE, QWEN3MOE, OLMOE, GLM4MOE,
     )
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)

@@ -30,6 +30,7 @@ class Mlp(str, Enum):
 class QkNorm(str, Enum):
     NONE = "none"
     HEAD = "head"  # RMSNorm of each q and k head over D, weights [D] (qwen3, gemma3)
+    HEAD_IF_PRESENT = "head_if_present"  # HEAD where the file has attn_q_norm / attn_k_norm (glm4moe)
     FULL = "full"  # RMSNorm of the whole q and k projections, weights [H D] / [Hkv D] (olmoe)
 
 
@@ -41,6 +42,7 @@ class Gating(str, Enum):
 class SharedExpert(str, Enum):
     NONE = "none"
     GATED = "gated"  # ffn_*_shexp, scaled by sigmoid(ffn_gate_inp_shexp . x) (qwen2moe)
+    PLAIN = "plain"  # ffn_*_shexp added as is, expert_shared_count experts wide (glm4moe, deepseek2)
 
 
 class ExpertWidth(str, Enum):
@@ -79,6 +81,11 @@ class Experts:
     normalize: bool  # the chosen experts' weights are divided by their sum
     width_default: ExpertWidth
     shared: SharedExpert
+    # DeepSeek-style routing read from the file (glm4moe, deepseek2): expert_gating_func
+    # (`gating` when absent), expert_weights_norm (`normalize` when absent),
+    # expert_weights_scale, expert_group_count / expert_group_used_count,
+    # leading_dense_block_count, and an optional per-expert selection bias `exp_probs_b`.
+    routing_keys: bool
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,3 +108,7 @@ class FamilySpec:
     final_softcap_key: bool  # read `{arch}.final_logit_softcapping`
     final_softcap_default: float | None  # used when the key is absent (gemma2: 30)
     experts: Experts | None  # None: a dense feed-forward in every layer
+    ffn_norm: str  # the pre-feed-forward norm's tensor (glm4moe: post_attention_norm)
+    nextn_layers: bool  # the trailing `nextn_predict_layers` blocks (next-token prediction
+    # heads for speculative decoding) are in the file but not part of the decoder: never run,
+    # never loaded, as llama.cpp skips them (glm4moe)

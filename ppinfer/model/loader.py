@@ -94,7 +94,7 @@ def _attention(
         qkv = w.fused_linear([(p + f"attn_{n}.weight", (s, e), t) for n, s, t in zip("qkv", sizes, order)], biases)
     out = w.linear(p + "attn_output.weight", (e, sizes[0]), w.optional(p + "attn_output.bias", (e,)))
     qk_norm: nn.Module | None = None
-    if spec.qk_norm is QkNorm.HEAD:
+    if spec.qk_norm is QkNorm.HEAD or (spec.qk_norm is QkNorm.HEAD_IF_PRESENT and w.has(p + "attn_q_norm.weight")):
         q_w, k_w = w.array(p + "attn_q_norm.weight", (d,)), w.array(p + "attn_k_norm.weight", (d,))
         if spec.rope is Rope.NEOX:  # the norm acts per dim, so its weight follows the rows
             q_w, k_w = pair_order(q_w, 1, rope.n_rot), pair_order(k_w, 1, rope.n_rot)
@@ -122,15 +122,19 @@ def _moe(w: Weights, spec: FamilySpec, hp: HParams, il: int, moe: MoeParams) -> 
     down = w.experts([(p + "ffn_down_exps.weight", expert_shapes["down"])])
     shared = shared_gate = None
     assert spec.experts is not None
-    if spec.experts.shared is SharedExpert.GATED:
+    if spec.experts.shared is not SharedExpert.NONE:
         fs = moe.n_ff_shexp
         up = w.fused_linear([(p + "ffn_gate_shexp.weight", (fs, e), None), (p + "ffn_up_shexp.weight", (fs, e), None)])
         shared = FeedForward(Mlp.SWIGLU, up, w.linear(p + "ffn_down_shexp.weight", (e, fs)), w.fused)
+    if spec.experts.shared is SharedExpert.GATED:
         name = p + "ffn_gate_inp_shexp.weight"
         stored_shape = w.gf.info(name).shape  # llama.cpp accepts [E] and [1, E]
         gate = w.array(name, stored_shape if stored_shape in ((e,), (1, e)) else (e,))
         shared_gate = SharedExpertGate(w.tensor(gate.reshape(e)))
-    return MoeFeedForward(moe, router, gate_up, down, shared, shared_gate, w.fused)
+    bias = None
+    if spec.experts.routing_keys and w.has(p + "exp_probs_b.bias"):
+        bias = torch.from_numpy(w.array(p + "exp_probs_b.bias", (n,)).copy())  # [n_expert] float32
+    return MoeFeedForward(moe, router, gate_up, down, shared, shared_gate, bias, w.fused)
 
 
 def _feed_forward(w: Weights, spec: FamilySpec, hp: HParams, il: int) -> nn.Module:
@@ -152,7 +156,7 @@ def _block(w: Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbed
     p, e, eps = f"blk.{il}.", hp.n_embd, hp.norm_eps
     attn_norm = w.norm(spec, p + "attn_norm", e, eps)
     attn = _attention(w, spec, hp, il, rope)
-    ffn_norm = None if spec.parallel_block else w.norm(spec, p + "ffn_norm", e, eps)
+    ffn_norm = None if spec.parallel_block else w.norm(spec, p + spec.ffn_norm, e, eps)
     mlp = _feed_forward(w, spec, hp, il)
     post_attn = post_ffn = None
     if spec.post_norms:
@@ -161,15 +165,16 @@ def _block(w: Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbed
     return DecoderBlock(attn_norm, attn, mlp, ffn_norm, post_attn, post_ffn)
 
 
-def _check_names(gf: GGUFFile, plan: StagePlan, used: set[str]) -> None:
+def _check_names(gf: GGUFFile, plan: StagePlan, n_block: int, used: set[str]) -> None:
     """No tensor of this stage's layers may go unused, and no unknown global tensor may exist:
-    either would mean a model feature silently ignored."""
+    either would mean a model feature silently ignored. Blocks past the decoder's layers (up to
+    `n_block`) are ones the family skips."""
     for name in gf.tensors:
         match = _LAYER_NAME.match(name)
         if match:
             layer = int(match.group(1))
-            if layer >= plan.total_layers:
-                raise ModelFileError(f"{gf.path}: tensor {name!r} is beyond block_count {plan.total_layers}")
+            if layer >= n_block:
+                raise ModelFileError(f"{gf.path}: tensor {name!r} is beyond block_count {n_block}")
             if layer in plan.layer_ids and name not in used:
                 raise ModelFileError(f"{gf.path}: unexpected tensor {name!r} for architecture {gf.architecture!r}")
         elif name not in GLOBAL_TENSORS:
@@ -244,5 +249,5 @@ def build_stage(
         head = "token_embd.weight" if spec.tying is Tying.ALWAYS or not has_output else "output.weight"
         out_bias = w.get("output.bias", (v,)) if spec.output_bias else None
         output = w.linear(head, (v, e), out_bias)
-    _check_names(gf, plan, w.used)
+    _check_names(gf, plan, hp.n_block, w.used)
     return PipelineStage(plan, hp, layers, list(ropes.values()), embedding, final_norm, output, dtype, device, report)

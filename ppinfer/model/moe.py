@@ -1,10 +1,12 @@
 """The Mixture-of-Experts feed-forward: one module for every family, driven by `MoeParams`.
 
 A router scores the experts per token (softmax or sigmoid over `ffn_gate_inp`), the top
-`n_expert_used` are chosen, their weights optionally renormalised, and the token's output is
-the weighted sum of the chosen experts' SwiGLU outputs (plus a shared expert, optionally
-scaled by its own sigmoid gate). Tokens are grouped by expert, so each active expert runs
-one product over the rows routed to it, and experts nobody chose are never touched.
+`n_expert_used` are chosen (by the scores plus an optional per-expert selection bias, among
+the best groups of experts where the experts are grouped), their weights optionally
+renormalised and scaled, and the token's output is the weighted sum of the chosen experts'
+SwiGLU outputs (plus a shared expert, optionally scaled by its own sigmoid gate). Tokens are
+grouped by expert, so each active expert runs one product over the rows routed to it, and
+experts nobody chose are never touched.
 
 Expert weights are held by an `experts` module called as `experts(e, x)`: float tensors on
 the exact path (`FloatExperts`), the file's blocks on the quantized path
@@ -72,10 +74,12 @@ class MoeFeedForward(nn.Module):
         down: nn.Module,  # experts(e, h [n, F]) -> [n, E]
         shared: nn.Module | None = None,  # a dense SwiGLU feed-forward on every token
         shared_gate: nn.Module | None = None,  # scales the shared expert's output per token
+        selection_bias: torch.Tensor | None = None,  # [n_expert] added to the scores to choose only
         fused: bool = False,
     ) -> None:
         super().__init__()
         self.params = params
+        self.register_buffer("selection_bias", None if selection_bias is None else selection_bias.float())
         self.router, self.gate_up, self.down = router, gate_up, down
         self.shared, self.shared_gate = shared, shared_gate
         self._glu = fused_ops.glu_op() if fused else None
@@ -91,9 +95,19 @@ class MoeFeedForward(nn.Module):
         p = self.params
         logits = self.router(x).float()  # [N, n_expert]
         probs = logits.softmax(dim=-1) if p.gating is Gating.SOFTMAX else logits.sigmoid()
-        weights, chosen = probs.topk(p.n_expert_used, dim=-1)  # [N, k] each
+        scores = probs if self.selection_bias is None else probs + self.selection_bias  # [N, n_expert]
+        if p.n_group > 1:
+            groups = scores.view(scores.shape[0], p.n_group, -1)  # [N, G, n_expert / G]
+            group_scores = groups.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+            best = group_scores.topk(p.n_group_used, dim=-1).indices  # [N, g]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # [N, G]
+            scores = groups.masked_fill(~keep[..., None], float("-inf")).view_as(scores)
+        chosen = scores.topk(p.n_expert_used, dim=-1).indices  # [N, k]
+        weights = probs.gather(1, chosen)  # [N, k]
         if p.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if p.weights_scale != 1.0:
+            weights = weights * p.weights_scale
         return weights, chosen
 
     def _swiglu(self, h: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from typing import Any
 from gguf import GGMLQuantizationType
 
 from ppinfer.errors import ModelFileError
-from ppinfer.families import per_layer_values
+from ppinfer.families import decoder_layers, get_spec, per_layer_values
 from ppinfer.gguf import GGUFFile
 from ppinfer.plan.allocation import LayerCosts
 
@@ -64,7 +64,8 @@ def layer_costs(
         reader = GGUFFile(path)
 
     arch = reader.architecture
-    n_layers = int(reader.require(f"{arch}.block_count"))
+    # Trailing blocks a family skips (glm4moe's next-token prediction layers) are never loaded.
+    n_layers, n_blocks = decoder_layers(reader, get_spec(arch, path))
 
     expert_types = stored_types if stored_expert_types is None else stored_expert_types
     layer_weights = [0] * n_layers
@@ -76,10 +77,12 @@ def layer_costs(
             tensors[tensor.name] = tensor
             continue
         layer = int(match.group(1))
-        if layer >= n_layers:
+        if layer >= n_blocks:
             raise ModelFileError(
-                f"{path}: tensor {tensor.name} is past {arch}.block_count={n_layers}"
+                f"{path}: tensor {tensor.name} is past {arch}.block_count={n_blocks}"
             )
+        if layer >= n_layers:
+            continue
         if _EXPERTS.search(tensor.name):
             held = _held(tensor, dtype_bytes, expert_types)
             layer_experts[layer] += held
