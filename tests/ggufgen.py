@@ -35,7 +35,7 @@ EMBED_STD = 0.3
 QUANT_BLOCK = 32
 """Row length granularity of the simple quant types this module writes."""
 
-EXPERT_WIDTH_PER_USED = ("qwen2moe", "qwen3moe", "glm4moe")
+EXPERT_WIDTH_PER_USED = ("qwen2moe", "qwen3moe", "glm4moe", "deepseek2")
 """llama.cpp's expert width without `expert_feed_forward_length`: feed_forward_length divided
 by expert_used_count for these, feed_forward_length itself for the others."""
 
@@ -108,6 +108,21 @@ class TinySpec:
     """A per-expert selection bias `exp_probs_b.bias` in every MoE layer."""
     qk_norm: bool = False
     """Per-head attn_q_norm / attn_k_norm where the family has them optionally (glm4moe)."""
+    n_group: int = 1
+    """expert_group_count (written when > 1) and expert_group_used_count: group-limited routing."""
+    n_group_used: int = 1
+    kv_lora_rank: int = 0
+    """> 0: multi-head latent attention (deepseek2) with keys/values from a latent of this rank;
+    head_dim is then the query/key head (non-rotary dims then rope_dims rotary ones)."""
+    q_lora_rank: int = 0
+    """Latent attention's query bottleneck (0: one attn_q projection)."""
+    head_dim_v: int = 0
+    """Latent attention's value head size."""
+    split_kv_b: bool = False
+    """Latent attention's decompression as attn_k_b / attn_v_b (llama.cpp's newer files, with
+    *_length_mla keys and one latent kv head) instead of attn_kv_b."""
+    yarn_log_mul: float | None = None
+    """rope.scaling.yarn_log_multiplier (deepseek2: 0.1 mscale_all_dim)."""
     seed: int = 0
 
     @property
@@ -147,8 +162,33 @@ def _bias(rng: np.random.Generator, n: int) -> np.ndarray:
     return (0.5 * rng.standard_normal(n)).astype(np.float32)
 
 
+def _latent_attention(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np.ndarray]) -> None:
+    """Multi-head latent attention's projections (deepseek2)."""
+    e, h, d, dv, r, rq = spec.n_embd, spec.n_head, spec.head_dim, spec.head_dim_v, spec.kv_lora_rank, spec.q_lora_rank
+    nope = d - spec.n_rot
+    if rq:
+        out[f"{p}.attn_q_a.weight"] = _linear(rng, rq, e)
+        out[f"{p}.attn_q_a_norm.weight"] = _norm(rng, rq)
+        out[f"{p}.attn_q_b.weight"] = _linear(rng, h * d, rq)
+    else:
+        out[f"{p}.attn_q.weight"] = _linear(rng, h * d, e)
+    out[f"{p}.attn_kv_a_mqa.weight"] = _linear(rng, r + spec.n_rot, e)  # [latent | shared rotary key]
+    out[f"{p}.attn_kv_a_norm.weight"] = _norm(rng, r)
+    kv_b = _linear(rng, h * (nope + dv), r)  # per head: nope key rows, then value rows
+    if spec.split_kv_b:
+        per_head = kv_b.reshape(h, nope + dv, r)
+        out[f"{p}.attn_k_b.weight"] = np.ascontiguousarray(per_head[:, :nope].transpose(0, 2, 1))  # [H, R, nope]
+        out[f"{p}.attn_v_b.weight"] = np.ascontiguousarray(per_head[:, nope:])  # [H, Dv, R]
+    else:
+        out[f"{p}.attn_kv_b.weight"] = kv_b
+    out[f"{p}.attn_output.weight"] = _linear(rng, e, h * dv)
+
+
 def _attention(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np.ndarray]) -> None:
     """q/k/v/o projections (+ biases, q/k norms) of one layer, in the family's layout."""
+    if spec.kv_lora_rank:
+        _latent_attention(spec, rng, p, out)
+        return
     e, g = spec.n_embd, spec.qk_gain
     wq = _linear(rng, spec.q_width, e, g)
     wk = _linear(rng, spec.kv_width, e, g)
@@ -271,13 +311,26 @@ def _write_metadata(w: gguf.GGUFWriter, spec: TinySpec, name: str) -> None:
     w.add_head_count(spec.n_head)
     w.add_head_count_kv(spec.n_head_kv)
     w.add_vocab_size(spec.n_vocab)
-    if spec.head_dim != spec.n_embd // spec.n_head or arch in GEMMA_LIKE:
+    if spec.kv_lora_rank:
+        w.add_kv_lora_rank(spec.kv_lora_rank)
+        if spec.q_lora_rank:
+            w.add_q_lora_rank(spec.q_lora_rank)
+        if spec.split_kv_b:  # one latent head: [latent | rotary key], values the latent
+            w.add_key_length(spec.kv_lora_rank + spec.n_rot)
+            w.add_value_length(spec.kv_lora_rank)
+            w.add_key_length_mla(spec.head_dim)
+            w.add_value_length_mla(spec.head_dim_v)
+        else:
+            w.add_key_length(spec.head_dim)
+            w.add_value_length(spec.head_dim_v)
+    elif spec.head_dim != spec.n_embd // spec.n_head or arch in GEMMA_LIKE:
         w.add_key_length(spec.head_dim)
         w.add_value_length(spec.head_dim)
     if arch in LAYERNORM_FAMILIES:
         w.add_layer_norm_eps(1e-5)
     else:
-        w.add_layer_norm_rms_eps(1e-6 if arch in GEMMA_LIKE else 1e-5)
+        # deepseek2: transformers' latent norms always use 1e-6, so the file says 1e-6 too
+        w.add_layer_norm_rms_eps(1e-6 if arch in (*GEMMA_LIKE, "deepseek2") else 1e-5)
     w.add_rope_dimension_count(spec.n_rot)
     w.add_rope_freq_base(spec.rope_base)
     if spec.rope_base_swa is not None:
@@ -289,6 +342,8 @@ def _write_metadata(w: gguf.GGUFWriter, spec: TinySpec, name: str) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(spec.rope_yarn[0])
         w.add_rope_scaling_orig_ctx_len(spec.rope_yarn[1])
+    if spec.yarn_log_mul is not None:
+        w.add_rope_scaling_yarn_log_mul(spec.yarn_log_mul)
     if spec.rope_attn_factor is not None:
         w.add_rope_scaling_attn_factors(spec.rope_attn_factor)
     if spec.sliding_window is not None:
@@ -304,6 +359,9 @@ def _write_metadata(w: gguf.GGUFWriter, spec: TinySpec, name: str) -> None:
             w.add_expert_shared_count(spec.n_shared)
         if spec.n_dense_lead:
             w.add_leading_dense_block_count(spec.n_dense_lead)
+        if spec.n_group > 1:
+            w.add_expert_group_count(spec.n_group)
+            w.add_expert_group_used_count(spec.n_group_used)
         if spec.gating_func is not None:
             w.add_uint32(f"{arch}.expert_gating_func", spec.gating_func)
         if spec.weights_norm is not None:

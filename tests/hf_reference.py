@@ -31,6 +31,8 @@ import torch
 from ggufgen import GEMMA_LIKE, LLAMA_LIKE, TinySpec
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV2Config,
+    DeepseekV3Config,
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
@@ -118,6 +120,8 @@ def hf_config(spec: TinySpec) -> PretrainedConfig:
         return Qwen3MoeConfig(
             **common, **qwen_moe, head_dim=spec.head_dim, rms_norm_eps=1e-5, norm_topk_prob=True, rope_parameters=rope
         )
+    if arch == "deepseek2":
+        return _deepseek_config(spec, common)
     if arch == "glm4moe":
         return Glm4MoeConfig(
             **common, head_dim=spec.head_dim, rms_norm_eps=1e-5, attention_bias=True, use_qk_norm=spec.qk_norm,
@@ -178,6 +182,34 @@ def hf_config(spec: TinySpec) -> PretrainedConfig:
     raise ValueError(f"no transformers config for arch {arch!r}")
 
 
+def _deepseek_config(spec: TinySpec, common: dict[str, object]) -> PretrainedConfig:
+    """DeepseekV3 (sigmoid gating with a selection bias, groups, low-rank queries) or DeepseekV2
+    (softmax gating, greedy top-k, unnormalised weights)."""
+    rope: dict[str, object] = {"rope_type": "default", "rope_theta": spec.rope_base}
+    if spec.rope_yarn is not None:
+        factor, original = spec.rope_yarn
+        mscale = (spec.yarn_log_mul or 0.0) / 0.1  # the file holds 0.1 * mscale_all_dim
+        rope = {
+            "rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+            "rope_theta": spec.rope_base, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": mscale,
+            "mscale_all_dim": mscale,
+        }
+    mla: dict[str, object] = dict(
+        common, num_key_value_heads=spec.n_head, intermediate_size=spec.n_ff, rms_norm_eps=1e-6,
+        moe_intermediate_size=spec.expert_width, n_routed_experts=spec.n_expert, num_experts_per_tok=spec.n_expert_used,
+        n_shared_experts=spec.n_shared, first_k_dense_replace=spec.n_dense_lead,
+        routed_scaling_factor=spec.weights_scale or 1.0, kv_lora_rank=spec.kv_lora_rank,
+        q_lora_rank=spec.q_lora_rank or None, qk_rope_head_dim=spec.n_rot, qk_nope_head_dim=spec.head_dim - spec.n_rot,
+        v_head_dim=spec.head_dim_v, rope_parameters=rope,
+    )
+    if spec.gating_func == 2:
+        return DeepseekV3Config(
+            **mla, n_group=spec.n_group, topk_group=spec.n_group_used, norm_topk_prob=bool(spec.weights_norm),
+            rope_interleave=True,
+        )
+    return DeepseekV2Config(**mla, topk_method="greedy")
+
+
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (pairs -> halves) for weights [R, in] or biases [R]."""
     d = w.shape[0] // n_head
@@ -227,6 +259,16 @@ _LAYER_OVERRIDES: dict[str, dict[str, str]] = {
     "phi2": {"attn_output": "self_attn.dense", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"},
 }
 _LAYER_OVERRIDES["gemma3"] = _LAYER_OVERRIDES["gemma2"]
+_SHARED_EXPERTS = {f"ffn_{role}_shexp": f"mlp.shared_experts.{role}_proj" for role in ("gate", "up", "down")}
+_LAYER_OVERRIDES["deepseek2"] = {
+    "attn_q_a": "self_attn.q_a_proj",
+    "attn_q_a_norm": "self_attn.q_a_layernorm",
+    "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+    "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj",
+    **_SHARED_EXPERTS,
+}
 _LAYER_OVERRIDES["glm4moe"] = {
     "post_attention_norm": "post_attention_layernorm",
     **{f"ffn_{role}_shexp": f"mlp.shared_experts.{role}_proj" for role in ("gate", "up", "down")},
@@ -258,6 +300,13 @@ def hf_state_dict(spec: TinySpec, tensors: dict[str, np.ndarray], unpermute_qk: 
             continue
         if name.startswith("blk.") and int(name.split(".")[1]) >= spec.n_layer:
             continue  # next-token prediction blocks: not part of the decoder
+        if ".attn_v_b." in name:
+            continue
+        if ".attn_k_b." in name:  # [H, R, nope] and [H, Dv, R] -> kv_b [H (nope + Dv), R]
+            v_b = tensors[name.replace("attn_k_b", "attn_v_b")]
+            kv_b = np.concatenate([w.transpose(0, 2, 1), v_b], axis=1).reshape(-1, w.shape[1])
+            out[_hf_name(spec.arch, name.replace("attn_k_b", "attn_kv_b"))] = torch.from_numpy(kv_b.copy())
+            continue
         if ".ffn_gate_exps." in name:  # [n, F, E] gate and up -> gate_up_proj [n, 2F, E]
             up = tensors[name.replace("ffn_gate_exps", "ffn_up_exps")]
             layer = name.split(".")[1]

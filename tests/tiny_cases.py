@@ -79,6 +79,23 @@ MOE_CASES: dict[str, TinySpec] = {
         n_shared=1, n_dense_lead=1, n_nextn=1, gating_func=2, weights_norm=True, weights_scale=2.5,
         selection_bias=True, seed=26,
     ),
+    # DeepSeek-V3's layout: queries through a low-rank bottleneck, keys and values from a latent
+    # (split attn_k_b / attn_v_b as llama.cpp's newer files have them), sigmoid gating with a
+    # selection bias over 4 groups of which 2 are eligible, normalised and scaled weights, a
+    # shared expert, a dense first layer, and YaRN with its mscale folded into the scores.
+    "deepseek3": TinySpec(
+        "deepseek2", n_layer=3, n_head_kv=1, head_dim=48, rope_dims=16, head_dim_v=32, kv_lora_rank=32,
+        q_lora_rank=32, split_kv_b=True, n_ff=64, n_expert=8, n_expert_used=3, n_ff_exp=32, n_shared=1,
+        n_dense_lead=1, gating_func=2, weights_norm=True, weights_scale=2.5, selection_bias=True, n_group=4,
+        n_group_used=2, n_ctx=16384, rope_yarn=(4.0, 4096), yarn_log_mul=0.0707, seed=28,
+    ),
+    # DeepSeek-V2-Lite's layout: one query projection, attn_kv_b, softmax gating (the default
+    # without expert_gating_func), greedy top-k, unnormalised scaled weights, 2 shared experts.
+    "deepseek2": TinySpec(
+        "deepseek2", n_layer=3, n_head_kv=4, head_dim=48, rope_dims=16, head_dim_v=32, kv_lora_rank=32,
+        n_ff=64, n_expert=8, n_expert_used=2, n_ff_exp=32, n_shared=2, n_dense_lead=1, weights_scale=1.5,
+        seed=29,
+    ),
 }
 
 MOE_QUANT_CASES: dict[str, TinySpec] = {
@@ -88,6 +105,7 @@ MOE_QUANT_CASES: dict[str, TinySpec] = {
     "olmoe_q5_0": with_changes(MOE_CASES["olmoe"], qtype=QType.Q5_0),
     # GLM-4.5 (355B) adds per-head q/k norms.
     "glm4moe_q8_0": with_changes(MOE_CASES["glm4moe"], qtype=QType.Q8_0, qk_norm=True, seed=27),
+    "deepseek3_q8_0": with_changes(MOE_CASES["deepseek3"], qtype=QType.Q8_0),
 }
 
 QUANT_CASES: dict[str, TinySpec] = {

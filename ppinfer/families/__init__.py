@@ -11,6 +11,7 @@ from ppinfer.families.hparams import (
 )
 from ppinfer.families.registry import FAMILIES, SUPPORTED_ARCHITECTURES, get_spec
 from ppinfer.families.spec import (
+    AttnKind,
     Experts,
     ExpertWidth,
     FamilySpec,
@@ -25,7 +26,26 @@ from ppinfer.families.spec import (
 )
 
 __all__ = [
-    "FAMILIES", "SUPPORTED_ARCHITECTURES", "ExpertWidth", "Experts", "FamilySpec", "Gating", "HParams",
-    "LayerParams", "Mlp", "MoeParams", "Norm", "QkNorm", "Rope", "RopeParams", "SharedExpert",
-    "SlidingWindow", "Tying", "decoder_layers", "get_spec", "per_layer_values", "read_hparams",
+    "FAMILIES",
+    "SUPPORTED_ARCHITECTURES",
+    "AttnKind",
+    "ExpertWidth",
+    "Experts",
+    "FamilySpec",
+    "Gating",
+    "HParams",
+    "LayerParams",
+    "Mlp",
+    "MoeParams",
+    "Norm",
+    "QkNorm",
+    "Rope",
+    "RopeParams",
+    "SharedExpert",
+    "SlidingWindow",
+    "Tying",
+    "decoder_layers",
+    "get_spec",
+    "per_layer_values",
+    "read_hparams",
 ]

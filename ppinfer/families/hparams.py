@@ -8,7 +8,7 @@ from typing import Any
 
 from ppinfer.errors import ModelFileError
 from ppinfer.families.registry import get_spec
-from ppinfer.families.spec import ExpertWidth, FamilySpec, Gating, Norm, SharedExpert
+from ppinfer.families.spec import AttnKind, ExpertWidth, FamilySpec, Gating, Norm, SharedExpert
 from ppinfer.gguf.reader import GGUFFile
 
 
@@ -55,6 +55,16 @@ class MoeParams:
 
 
 @dataclass(frozen=True)
+class LatentParams:
+    """Multi-head latent attention: queries through a rank-`q_lora_rank` bottleneck (0: one
+    projection), keys and values decompressed from a rank-`kv_lora_rank` latent; the last
+    `n_rot` of each query and key head's dims rotate."""
+
+    q_lora_rank: int
+    kv_lora_rank: int
+
+
+@dataclass(frozen=True)
 class LayerParams:
     """Per-layer shape and attention kind."""
 
@@ -76,13 +86,14 @@ class HParams:
     n_embd: int
     n_ctx: int
     n_vocab: int
-    head_dim: int  # key_length
-    head_dim_v: int  # value_length
+    head_dim: int  # key_length (latent attention: key_length_mla when present)
+    head_dim_v: int  # value_length (latent attention: value_length_mla when present)
     norm_eps: float
     attn_scale: float
     attn_softcap: float | None
     final_softcap: float | None
     layers: tuple[LayerParams, ...]
+    latent: LatentParams | None = None  # multi-head latent attention's ranks (deepseek2)
 
 
 def per_layer_values(value: Any, n_layer: int, key: str, path: str) -> list[int]:
@@ -115,10 +126,13 @@ def _check_head_dim(gf: GGUFFile, head_dim: int, n_head: int, n_head_kv: int, na
 ROPE_SCALINGS = ("none", "linear", "yarn")
 
 
-def _read_rope(gf: GGUFFile, n_rot: int, base: float, use_factors: bool) -> RopeParams:
+def _read_rope(gf: GGUFFile, n_rot: int, base: float, use_factors: bool, latent: bool) -> tuple[RopeParams, float]:
     """The rotary embedding of global-attention layers, with the file's rope scaling (llama.cpp's
     keys and defaults: YaRN's ramp from the original context with betas 32 and 1, and its
-    attention factor `yarn_attn_factor * attn_factor * (1 + 0.1 ln(factor))`)."""
+    attention factor `yarn_attn_factor * attn_factor * (1 + 0.1 ln(factor))`), and the factor
+    on the attention scores' scale (1 but for latent attention under YaRN, where the rotation
+    keeps `attn_factor` alone and the scores are scaled by m^2 with
+    m = attn_factor * (1 + yarn_log_multiplier ln(factor)), as llama.cpp's deepseek2 does)."""
     arch, path = gf.architecture, gf.path
 
     def key(name: str) -> str:
@@ -134,7 +148,7 @@ def _read_rope(gf: GGUFFile, n_rot: int, base: float, use_factors: bool) -> Rope
         raise ModelFileError(f"{path}: {key('factor')}={factor} must be a positive number")
     freq_scale = 1.0 / factor if scaling in ("linear", "yarn") and factor > 0 else 1.0
     if scaling != "yarn":
-        return RopeParams(n_rot, base, freq_scale, use_factors)
+        return RopeParams(n_rot, base, freq_scale, use_factors), 1.0
     yarn = YarnParams(
         orig_ctx=int(gf.get(key("original_context_length"), gf.require(f"{arch}.context_length"))),
         ext_factor=float(gf.get(key("yarn_ext_factor"), 1.0)),
@@ -142,9 +156,12 @@ def _read_rope(gf: GGUFFile, n_rot: int, base: float, use_factors: bool) -> Rope
         beta_slow=float(gf.get(key("yarn_beta_slow"), 1.0)),
     )
     mscale = float(gf.get(key("yarn_attn_factor"), 1.0)) * float(gf.get(key("attn_factor"), 1.0))
+    if latent:
+        score_m = mscale * (1.0 + float(gf.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0)) * math.log(factor))
+        return RopeParams(n_rot, base, freq_scale, use_factors, yarn, mscale), score_m * score_m
     if yarn.ext_factor != 0.0:
         mscale *= 1.0 + 0.1 * math.log(1.0 / freq_scale)
-    return RopeParams(n_rot, base, freq_scale, use_factors, yarn, mscale)
+    return RopeParams(n_rot, base, freq_scale, use_factors, yarn, mscale), 1.0
 
 
 def _check_expert_tensors(gf: GGUFFile, moe: MoeParams, n_layer: int, n_embd: int) -> None:
@@ -257,18 +274,32 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
     for h, hkv in zip(n_head, n_head_kv):
         if h % hkv:
             raise ModelFileError(f"{path}: head_count {h} is not a multiple of head_count_kv {hkv}")
-    head_dim = int(gf.get(key("attention.key_length"), n_embd // n_head[0]))
-    _check_head_dim(gf, head_dim, n_head[0], n_head_kv[0], key("attention.key_length"))
-    head_dim_v = int(gf.get(key("attention.value_length"), head_dim))
-    if head_dim_v != head_dim:
-        raise ModelFileError(f"{path}: key_length {head_dim} != value_length {head_dim_v} is unsupported")
+    latent = None
+    if spec.attention is AttnKind.LATENT:
+        # Files that split attn_kv_b into attn_k_b / attn_v_b describe the latent as one
+        # shared head (key_length = kv_lora_rank + n_rot) and give the per-head sizes as *_mla.
+        head_dim = int(gf.get(key("attention.key_length_mla"), gf.require(key("attention.key_length"))))
+        head_dim_v = int(gf.get(key("attention.value_length_mla"), gf.require(key("attention.value_length"))))
+        latent = LatentParams(
+            q_lora_rank=int(gf.get(key("attention.q_lora_rank"), 0)),
+            kv_lora_rank=int(gf.require(key("attention.kv_lora_rank"))),
+        )
+        if min(head_dim, head_dim_v, latent.kv_lora_rank) < 1 or latent.q_lora_rank < 0:
+            raise ModelFileError(f"{path}: latent attention sizes {head_dim}, {head_dim_v}, {latent} must be positive")
+        n_head_kv = list(n_head)  # keys and values are decompressed per query head
+    else:
+        head_dim = int(gf.get(key("attention.key_length"), n_embd // n_head[0]))
+        _check_head_dim(gf, head_dim, n_head[0], n_head_kv[0], key("attention.key_length"))
+        head_dim_v = int(gf.get(key("attention.value_length"), head_dim))
+        if head_dim_v != head_dim:
+            raise ModelFileError(f"{path}: key_length {head_dim} != value_length {head_dim_v} is unsupported")
     n_rot = int(gf.get(key("rope.dimension_count"), head_dim))
     if not 0 < n_rot <= head_dim or n_rot % 2:
         raise ModelFileError(f"{path}: {key('rope.dimension_count')}={n_rot} must be even and <= {head_dim}")
 
     base = float(gf.get(key("rope.freq_base"), 10000.0))
     use_factors = "rope_freqs.weight" in gf.tensors
-    global_rope = _read_rope(gf, n_rot, base, use_factors)
+    global_rope, score_factor = _read_rope(gf, n_rot, base, use_factors, latent is not None)
 
     window, pattern, local_rope = 0, 1, global_rope
     if spec.sliding is not None:
@@ -324,8 +355,9 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
         head_dim=head_dim,
         head_dim_v=head_dim_v,
         norm_eps=float(gf.require(key(eps_key))),
-        attn_scale=float(gf.get(key("attention.scale"), 0.0) or 1.0 / math.sqrt(head_dim)),
+        attn_scale=float(gf.get(key("attention.scale"), 0.0) or 1.0 / math.sqrt(head_dim)) * score_factor,
         attn_softcap=attn_softcap,
         final_softcap=final_softcap,
         layers=layers,
+        latent=latent,
     )

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from ppinfer.errors import ModelFileError
 from ppinfer.families.spec import (
+    AttnKind,
     Experts,
     ExpertWidth,
     FamilySpec,
@@ -42,6 +43,7 @@ LLAMA = FamilySpec(
     ),
     ffn_norm="ffn_norm",
     nextn_layers=False,
+    attention=AttnKind.STANDARD,
 )
 
 MISTRAL3 = replace(LLAMA, arch="mistral3", experts=None)
@@ -91,6 +93,17 @@ GLM4MOE = replace(
     ),
     ffn_norm="post_attention_norm",
     nextn_layers=True,
+)
+
+DEEPSEEK2 = replace(
+    LLAMA,
+    arch="deepseek2",
+    rope=Rope.NORM,  # the rotary halves of q and k are stored pair-interleaved
+    attention=AttnKind.LATENT,
+    experts=Experts(
+        required=True, gating=Gating.SOFTMAX, normalize=False, width_default=ExpertWidth.FF_PER_USED,
+        shared=SharedExpert.PLAIN, routing_keys=True,
+    ),
 )
 
 PHI2 = replace(
@@ -149,7 +162,7 @@ FAMILIES: dict[str, FamilySpec] = {
     spec.arch: spec
     for spec in (
         LLAMA, MISTRAL3, QWEN2, QWEN3, PHI2, PHI3, STARCODER2, GEMMA, GEMMA2, GEMMA3,
-        QWEN2MOE, QWEN3MOE, OLMOE, GLM4MOE,
+        QWEN2MOE, QWEN3MOE, OLMOE, GLM4MOE, DEEPSEEK2,
     )
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)

@@ -34,6 +34,14 @@ class QkNorm(str, Enum):
     FULL = "full"  # RMSNorm of the whole q and k projections, weights [H D] / [Hkv D] (olmoe)
 
 
+class AttnKind(str, Enum):
+    STANDARD = "standard"  # q/k/v projections (or fused attn_qkv), grouped-query attention
+    LATENT = "latent"  # multi-head latent attention (deepseek2): keys and values decompressed per
+    # head from a low-rank latent (attn_kv_a_mqa, attn_kv_b or attn_k_b/attn_v_b), one shared
+    # rotary key, optional low-rank queries (attn_q_a, attn_q_b); YaRN's mscale folded into
+    # the score scale as mscale^2 with `rope.scaling.yarn_log_multiplier`
+
+
 class Gating(str, Enum):
     SOFTMAX = "softmax"  # expert probabilities: softmax over the router logits
     SIGMOID = "sigmoid"  # each expert's probability on its own: sigmoid(logit)
@@ -108,6 +116,7 @@ class FamilySpec:
     final_softcap_key: bool  # read `{arch}.final_logit_softcapping`
     final_softcap_default: float | None  # used when the key is absent (gemma2: 30)
     experts: Experts | None  # None: a dense feed-forward in every layer
+    attention: AttnKind
     ffn_norm: str  # the pre-feed-forward norm's tensor (glm4moe: post_attention_norm)
     nextn_layers: bool  # the trailing `nextn_predict_layers` blocks (next-token prediction
     # heads for speculative decoding) are in the file but not part of the decoder: never run,

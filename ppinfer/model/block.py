@@ -121,7 +121,7 @@ class DecoderBlock(nn.Module):
     def __init__(
         self,
         attn_norm: nn.Module,
-        attn: Attention,
+        attn: nn.Module,  # an Attention or a LatentAttention
         mlp: nn.Module,
         ffn_norm: nn.Module | None,  # None for the parallel form
         post_attn_norm: nn.Module | None,

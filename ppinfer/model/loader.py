@@ -17,11 +17,12 @@ from torch import nn
 from ppinfer.errors import ModelFileError
 from ppinfer.families.hparams import HParams, MoeParams, RopeParams, read_hparams
 from ppinfer.families.registry import get_spec
-from ppinfer.families.spec import FamilySpec, Mlp, QkNorm, Rope, SharedExpert, Tying
+from ppinfer.families.spec import AttnKind, FamilySpec, Mlp, QkNorm, Rope, SharedExpert, Tying
 from ppinfer.gguf.reader import GGUFFile
 from ppinfer.kernels.capabilities import cpu_capabilities
 from ppinfer.kernels.select import WEIGHT_MODES, block_backend
 from ppinfer.model.block import Attention, DecoderBlock, FeedForward
+from ppinfer.model.latent import LatentAttention, LowRankQuery
 from ppinfer.model.layers import (
     ProjectionQkNorm,
     RMSNorm,
@@ -114,6 +115,36 @@ def _attention(
     )
 
 
+def _latent_attention(w: Weights, hp: HParams, il: int, rope: RotaryEmbedding) -> LatentAttention:
+    """Multi-head latent attention; the decompression of keys and values is one [H (nope + Dv), R]
+    projection, read from `attn_kv_b` or assembled from the split `attn_k_b` [H, R, nope] and
+    `attn_v_b` [H, Dv, R] (dequantized: their blocks run along the other dimension)."""
+    latent = hp.latent
+    assert latent is not None
+    h, e, d, dv, p = hp.layers[il].n_head, hp.n_embd, hp.head_dim, hp.head_dim_v, f"blk.{il}."
+    r, n_rot, eps = latent.kv_lora_rank, rope.n_rot, hp.norm_eps
+    nope = d - n_rot
+    if latent.q_lora_rank > 0:
+        rq = latent.q_lora_rank
+        q: nn.Module = LowRankQuery(
+            w.linear(p + "attn_q_a.weight", (rq, e)),
+            RMSNorm(w.get(p + "attn_q_a_norm.weight", (rq,)), eps, w.fused),
+            w.linear(p + "attn_q_b.weight", (h * d, rq)),
+        )
+    else:
+        q = w.linear(p + "attn_q.weight", (h * d, e))
+    kv_a = w.linear(p + "attn_kv_a_mqa.weight", (r + n_rot, e))
+    kv_norm = RMSNorm(w.get(p + "attn_kv_a_norm.weight", (r,)), eps, w.fused)
+    if w.has(p + "attn_kv_b.weight"):
+        kv_b = w.linear(p + "attn_kv_b.weight", (h * (nope + dv), r))
+    else:
+        k_b = w.array(p + "attn_k_b.weight", (h, r, nope)).transpose(0, 2, 1)  # [H, nope, R]
+        v_b = w.array(p + "attn_v_b.weight", (h, dv, r))  # [H, Dv, R]
+        kv_b = w.linear_from(np.concatenate([k_b, v_b], axis=1).reshape(h * (nope + dv), r))
+    out = w.linear(p + "attn_output.weight", (e, h * dv))
+    return LatentAttention(q, kv_a, kv_norm, kv_b, out, h, d, dv, r, hp.attn_scale, rope)
+
+
 def _moe(w: Weights, spec: FamilySpec, hp: HParams, il: int, moe: MoeParams) -> MoeFeedForward:
     n, f, e, p = moe.n_expert, moe.n_ff_exp, hp.n_embd, f"blk.{il}."
     expert_shapes = {"gate": (n, f, e), "up": (n, f, e), "down": (n, e, f)}  # checked by read_hparams
@@ -155,7 +186,8 @@ def _feed_forward(w: Weights, spec: FamilySpec, hp: HParams, il: int) -> nn.Modu
 def _block(w: Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbedding) -> DecoderBlock:
     p, e, eps = f"blk.{il}.", hp.n_embd, hp.norm_eps
     attn_norm = w.norm(spec, p + "attn_norm", e, eps)
-    attn = _attention(w, spec, hp, il, rope)
+    latent = spec.attention is AttnKind.LATENT
+    attn = _latent_attention(w, hp, il, rope) if latent else _attention(w, spec, hp, il, rope)
     ffn_norm = None if spec.parallel_block else w.norm(spec, p + spec.ffn_norm, e, eps)
     mlp = _feed_forward(w, spec, hp, il)
     post_attn = post_ffn = None
