@@ -193,7 +193,7 @@ def _attention(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, 
     wq = _linear(rng, spec.q_width, e, g)
     wk = _linear(rng, spec.kv_width, e, g)
     wv = _linear(rng, spec.kv_width, e)
-    with_qkv_bias = spec.attn_bias or spec.arch in ("qwen2", "qwen2moe", "phi2", "starcoder2", "glm4moe")
+    with_qkv_bias = spec.attn_bias or spec.arch in ("qwen2", "qwen2moe", "phi2", "starcoder2", "glm4moe", "gpt-oss")
     if spec.fused_qkv:
         out[f"{p}.attn_qkv.weight"] = np.concatenate([wq, wk, wv], axis=0)  # [(H+2Hkv)·D, E]
         if with_qkv_bias:
@@ -211,8 +211,10 @@ def _attention(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, 
         out[f"{p}.attn_q_norm.weight"] = _norm(rng, spec.q_width)
         out[f"{p}.attn_k_norm.weight"] = _norm(rng, spec.kv_width)
     out[f"{p}.attn_output.weight"] = _linear(rng, e, spec.q_width)
-    if spec.attn_bias or spec.arch in ("phi2", "starcoder2"):
+    if spec.attn_bias or spec.arch in ("phi2", "starcoder2", "gpt-oss"):
         out[f"{p}.attn_output.bias"] = _bias(rng, e)
+    if spec.arch == "gpt-oss":  # a sink logit per head, large enough to take real probability mass
+        out[f"{p}.attn_sinks.weight"] = rng.uniform(-1.0, 3.0, spec.n_head).astype(np.float32)
 
 
 def _experts(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np.ndarray]) -> None:
@@ -222,6 +224,10 @@ def _experts(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np
     out[f"{p}.ffn_gate_exps.weight"] = np.stack([_linear(rng, f, e) for _ in range(n)])  # [n, F, E]
     out[f"{p}.ffn_up_exps.weight"] = np.stack([_linear(rng, f, e) for _ in range(n)])
     out[f"{p}.ffn_down_exps.weight"] = np.stack([_linear(rng, e, f) for _ in range(n)])  # [n, E, F]
+    if spec.arch == "gpt-oss":  # router and per-expert biases
+        out[f"{p}.ffn_gate_inp.bias"] = _bias(rng, n)
+        for role, width in (("gate", f), ("up", f), ("down", e)):
+            out[f"{p}.ffn_{role}_exps.bias"] = _bias(rng, n * width).reshape(n, width)
     if spec.selection_bias:  # large enough to change which experts are chosen
         out[f"{p}.exp_probs_b.bias"] = rng.uniform(0.0, 0.5, n).astype(np.float32)
     if spec.n_shared:  # ungated shared experts
@@ -262,7 +268,7 @@ def _layer_norms(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str
     out[f"{p}.attn_norm.weight"] = _norm(rng, e)
     if spec.arch in LAYERNORM_FAMILIES:
         out[f"{p}.attn_norm.bias"] = _bias(rng, e)
-    if spec.arch == "glm4moe":  # the pre-feed-forward norm under another name
+    if spec.arch in ("glm4moe", "gpt-oss"):  # the pre-feed-forward norm under another name
         out[f"{p}.post_attention_norm.weight"] = _norm(rng, e)
     elif spec.arch != "phi2":
         out[f"{p}.ffn_norm.weight"] = _norm(rng, e)
@@ -424,10 +430,11 @@ def write_gguf(
 
 def encoded_tensors(spec: TinySpec) -> dict[str, np.ndarray | RawTensor]:
     """`tiny_tensors(spec)` with every 2-D and 3-D weight stored as `spec.qtype`, except the
-    expert router, which llama.cpp's quantizer leaves in F32."""
+    expert router and biases (gpt-oss's per-expert ones are 2-D), which llama.cpp's quantizer
+    leaves in F32."""
     out: dict[str, np.ndarray | RawTensor] = {}
     for name, array in tiny_tensors(spec).items():
-        if array.ndim >= 2 and spec.qtype != QType.F32 and not name.endswith("ffn_gate_inp.weight"):
+        if array.ndim >= 2 and spec.qtype != QType.F32 and not name.endswith(("ffn_gate_inp.weight", ".bias")):
             if array.shape[1] % QUANT_BLOCK:
                 raise ValueError(f"{name}: row length {array.shape[1]} is not a multiple of {QUANT_BLOCK}")
             out[name] = encode(array, spec.qtype)

@@ -37,6 +37,7 @@ from transformers import (
     Gemma3TextConfig,
     GemmaConfig,
     Glm4MoeConfig,
+    GptOssConfig,
     LlamaConfig,
     MixtralConfig,
     OlmoeConfig,
@@ -122,6 +123,15 @@ def hf_config(spec: TinySpec) -> PretrainedConfig:
         )
     if arch == "deepseek2":
         return _deepseek_config(spec, common)
+    if arch == "gpt-oss":
+        if spec.rope_yarn is not None:  # llama.cpp floors and ceils the ramp's ends, as truncate does
+            rope = dict(rope, truncate=True)
+        return GptOssConfig(
+            **dict(common, intermediate_size=spec.expert_width), head_dim=spec.head_dim, rms_norm_eps=1e-5,
+            num_local_experts=spec.n_expert, num_experts_per_tok=spec.n_expert_used,
+            sliding_window=spec.sliding_window, rope_parameters=rope,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(spec.n_layer)],
+        )
     if arch == "glm4moe":
         return Glm4MoeConfig(
             **common, head_dim=spec.head_dim, rms_norm_eps=1e-5, attention_bias=True, use_qk_norm=spec.qk_norm,
@@ -210,6 +220,26 @@ def _deepseek_config(spec: TinySpec, common: dict[str, object]) -> PretrainedCon
     return DeepseekV2Config(**mla, topk_method="greedy")
 
 
+def _gpt_oss_experts(
+    name: str, w: np.ndarray, tensors: dict[str, np.ndarray], out: dict[str, torch.Tensor]
+) -> None:
+    """transformers' GptOssExperts multiply x @ W with W [n, in, out], gate and up interleaved
+    (columns 0, 2, .. the gate), biases likewise."""
+    layer, role, kind = name.split(".")[1], name.split(".")[2], name.split(".")[3]
+    prefix = f"model.layers.{layer}.mlp.experts."
+    if role == "ffn_down_exps":
+        out[prefix + ("down_proj" if kind == "weight" else "down_proj_bias")] = torch.from_numpy(
+            np.array(w.transpose(0, 2, 1) if kind == "weight" else w)
+        )
+    elif role == "ffn_gate_exps":
+        up = tensors[name.replace("ffn_gate_exps", "ffn_up_exps")]
+        if kind == "weight":  # [n, F, E] each -> [n, E, 2F]
+            both = np.stack([w.transpose(0, 2, 1), up.transpose(0, 2, 1)], axis=-1)
+            out[prefix + "gate_up_proj"] = torch.from_numpy(both.reshape(*both.shape[:2], -1).copy())
+        else:  # [n, F] each -> [n, 2F]
+            out[prefix + "gate_up_proj_bias"] = torch.from_numpy(np.stack([w, up], axis=-1).reshape(w.shape[0], -1))
+
+
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (pairs -> halves) for weights [R, in] or biases [R]."""
     d = w.shape[0] // n_head
@@ -269,6 +299,11 @@ _LAYER_OVERRIDES["deepseek2"] = {
     "attn_kv_b": "self_attn.kv_b_proj",
     **_SHARED_EXPERTS,
 }
+_LAYER_OVERRIDES["gpt-oss"] = {
+    "post_attention_norm": "post_attention_layernorm",
+    "attn_sinks": "self_attn.sinks",
+    "ffn_gate_inp": "mlp.router",
+}
 _LAYER_OVERRIDES["glm4moe"] = {
     "post_attention_norm": "post_attention_layernorm",
     **{f"ffn_{role}_shexp": f"mlp.shared_experts.{role}_proj" for role in ("gate", "up", "down")},
@@ -281,7 +316,7 @@ def _hf_name(arch: str, gguf_name: str) -> str:
         role = parts[2]
         overrides = _LAYER_OVERRIDES.get(arch, {})
         module = overrides[role] if role in overrides else _LAYER_NAMES[role]
-        if role in ("ffn_down_exps", "exp_probs_b"):
+        if role in ("ffn_down_exps", "exp_probs_b", "attn_sinks"):
             return f"model.layers.{parts[1]}.{module}"  # a bare parameter or buffer, no .weight
         return f"model.layers.{parts[1]}.{module}.{parts[3]}"
     top = {
@@ -301,6 +336,9 @@ def hf_state_dict(spec: TinySpec, tensors: dict[str, np.ndarray], unpermute_qk: 
         if name.startswith("blk.") and int(name.split(".")[1]) >= spec.n_layer:
             continue  # next-token prediction blocks: not part of the decoder
         if ".attn_v_b." in name:
+            continue
+        if spec.arch == "gpt-oss" and "_exps." in name:
+            _gpt_oss_experts(name, w, tensors, out)
             continue
         if ".attn_k_b." in name:  # [H, R, nope] and [H, Dv, R] -> kv_b [H (nope + Dv), R]
             v_b = tensors[name.replace("attn_k_b", "attn_v_b")]

@@ -96,6 +96,12 @@ MOE_CASES: dict[str, TinySpec] = {
         n_ff=64, n_expert=8, n_expert_used=2, n_ff_exp=32, n_shared=2, n_dense_lead=1, weights_scale=1.5,
         seed=29,
     ),
+    # gpt-oss: sliding layers 0 and 2 of 4 (window 6 over 20 tokens), sinks, q/k/v/o, router and
+    # expert biases, the clamped SwiGLU, softmax over the chosen experts' logits, YaRN.
+    "gpt_oss": TinySpec(
+        "gpt-oss", n_layer=4, n_head=4, n_head_kv=2, head_dim=16, n_ff=32, n_expert=8, n_expert_used=2,
+        n_ff_exp=32, sliding_window=6, n_ctx=16384, rope_yarn=(4.0, 4096), rope_base=150000.0, seed=30,
+    ),
 }
 
 MOE_QUANT_CASES: dict[str, TinySpec] = {
@@ -106,7 +112,14 @@ MOE_QUANT_CASES: dict[str, TinySpec] = {
     # GLM-4.5 (355B) adds per-head q/k norms.
     "glm4moe_q8_0": with_changes(MOE_CASES["glm4moe"], qtype=QType.Q8_0, qk_norm=True, seed=27),
     "deepseek3_q8_0": with_changes(MOE_CASES["deepseek3"], qtype=QType.Q8_0),
+    "gpt_oss_q8_0": with_changes(MOE_CASES["gpt_oss"], qtype=QType.Q8_0),
 }
+
+# gpt-oss files store every weight in MXFP4, for which no kernel exists: dequantized at load.
+MXFP4_CASES: dict[str, TinySpec] = {"gpt_oss_mxfp4": with_changes(MOE_CASES["gpt_oss"], qtype=QType.MXFP4)}
+
+# gpt-oss files store every weight in MXFP4, for which no kernel exists: dequantized at load.
+MXFP4_CASES: dict[str, TinySpec] = {"gpt_oss_mxfp4": with_changes(MOE_CASES["gpt_oss"], qtype=QType.MXFP4)}
 
 QUANT_CASES: dict[str, TinySpec] = {
     f"llama_{q.name.lower()}": with_changes(FAMILY_CASES["llama"], qtype=q)
@@ -116,7 +129,9 @@ QUANT_CASES["phi3_q8_0"] = with_changes(FAMILY_CASES["phi3"], qtype=QType.Q8_0)
 QUANT_CASES["gemma3_q4_1"] = with_changes(FAMILY_CASES["gemma3"], qtype=QType.Q4_1)
 QUANT_CASES["qwen3_q5_0"] = with_changes(FAMILY_CASES["qwen3"], qtype=QType.Q5_0)
 
-ALL_CASES: dict[str, TinySpec] = {**FAMILY_CASES, **QUIRK_CASES, **QUANT_CASES, **MOE_CASES, **MOE_QUANT_CASES}
+ALL_CASES: dict[str, TinySpec] = {
+    **FAMILY_CASES, **QUIRK_CASES, **QUANT_CASES, **MOE_CASES, **MOE_QUANT_CASES, **MXFP4_CASES,
+}
 
 
 class TinyFiles:

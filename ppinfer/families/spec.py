@@ -45,6 +45,7 @@ class AttnKind(str, Enum):
 class Gating(str, Enum):
     SOFTMAX = "softmax"  # expert probabilities: softmax over the router logits
     SIGMOID = "sigmoid"  # each expert's probability on its own: sigmoid(logit)
+    SOFTMAX_CHOSEN = "softmax_chosen"  # experts chosen by their logits, softmax over the chosen (gpt-oss)
 
 
 class SharedExpert(str, Enum):
@@ -94,6 +95,8 @@ class Experts:
     # expert_weights_scale, expert_group_count / expert_group_used_count,
     # leading_dense_block_count, and an optional per-expert selection bias `exp_probs_b`.
     routing_keys: bool
+    biases: bool  # a router bias `ffn_gate_inp.bias` and per-expert biases `ffn_*_exps.bias` (gpt-oss)
+    clamped_swiglu: bool  # min(g, 7) sigmoid(1.702 min(g, 7)) (clamp(u, -7, 7) + 1) (gpt-oss)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +120,7 @@ class FamilySpec:
     final_softcap_default: float | None  # used when the key is absent (gemma2: 30)
     experts: Experts | None  # None: a dense feed-forward in every layer
     attention: AttnKind
+    attn_sinks: bool  # a learned logit per head `attn_sinks` joins each query's softmax (gpt-oss)
     ffn_norm: str  # the pre-feed-forward norm's tensor (glm4moe: post_attention_norm)
     nextn_layers: bool  # the trailing `nextn_predict_layers` blocks (next-token prediction
     # heads for speculative decoding) are in the file but not part of the decoder: never run,

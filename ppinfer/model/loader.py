@@ -109,9 +109,10 @@ def _attention(
         qk_norm = ProjectionQkNorm(
             RMSNorm(w.tensor(q_w), hp.norm_eps, w.fused), RMSNorm(w.tensor(k_w), hp.norm_eps, w.fused), lp.n_head
         )
+    sinks = w.get(p + "attn_sinks.weight", (lp.n_head,)) if spec.attn_sinks else None
     return Attention(
         qkv, out, lp.n_head, lp.n_head_kv, d, hp.attn_scale, rope,
-        lp.sliding_window, hp.attn_softcap, qk_norm, w.fused,
+        lp.sliding_window, hp.attn_softcap, qk_norm, w.fused, sinks,
     )
 
 
@@ -148,7 +149,9 @@ def _latent_attention(w: Weights, hp: HParams, il: int, rope: RotaryEmbedding) -
 def _moe(w: Weights, spec: FamilySpec, hp: HParams, il: int, moe: MoeParams) -> MoeFeedForward:
     n, f, e, p = moe.n_expert, moe.n_ff_exp, hp.n_embd, f"blk.{il}."
     expert_shapes = {"gate": (n, f, e), "up": (n, f, e), "down": (n, e, f)}  # checked by read_hparams
-    router = w.linear(p + "ffn_gate_inp.weight", (n, e))
+    assert spec.experts is not None
+    biases = spec.experts.biases
+    router = w.linear(p + "ffn_gate_inp.weight", (n, e), w.get(p + "ffn_gate_inp.bias", (n,)) if biases else None)
     gate_up = w.experts([(p + f"ffn_{role}_exps.weight", expert_shapes[role]) for role in ("gate", "up")])
     down = w.experts([(p + "ffn_down_exps.weight", expert_shapes["down"])])
     shared = shared_gate = None
@@ -165,7 +168,13 @@ def _moe(w: Weights, spec: FamilySpec, hp: HParams, il: int, moe: MoeParams) -> 
     bias = None
     if spec.experts.routing_keys and w.has(p + "exp_probs_b.bias"):
         bias = torch.from_numpy(w.array(p + "exp_probs_b.bias", (n,)).copy())  # [n_expert] float32
-    return MoeFeedForward(moe, router, gate_up, down, shared, shared_gate, bias, w.fused)
+    expert_biases = None
+    if biases:
+        gate_up_bias = torch.cat([w.get(p + f"ffn_{role}_exps.bias", (n, f)) for role in ("gate", "up")], dim=1)
+        expert_biases = (gate_up_bias, w.get(p + "ffn_down_exps.bias", (n, e)))  # [n, 2F], [n, E]
+    return MoeFeedForward(
+        moe, router, gate_up, down, shared, shared_gate, bias, expert_biases, spec.experts.clamped_swiglu, w.fused
+    )
 
 
 def _feed_forward(w: Weights, spec: FamilySpec, hp: HParams, il: int) -> nn.Module:

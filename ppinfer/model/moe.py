@@ -75,10 +75,14 @@ class MoeFeedForward(nn.Module):
         shared: nn.Module | None = None,  # a dense SwiGLU feed-forward on every token
         shared_gate: nn.Module | None = None,  # scales the shared expert's output per token
         selection_bias: torch.Tensor | None = None,  # [n_expert] added to the scores to choose only
+        expert_biases: tuple[torch.Tensor, torch.Tensor] | None = None,  # [n_expert, 2F] ([gate | up]), [n_expert, E]
+        clamped: bool = False,  # gpt-oss's clamped SwiGLU
         fused: bool = False,
     ) -> None:
         super().__init__()
         self.params = params
+        self.clamped = clamped
+        self.gate_up_bias, self.down_bias = expert_biases if expert_biases is not None else (None, None)
         self.register_buffer("selection_bias", None if selection_bias is None else selection_bias.float())
         self.router, self.gate_up, self.down = router, gate_up, down
         self.shared, self.shared_gate = shared, shared_gate
@@ -94,6 +98,9 @@ class MoeFeedForward(nn.Module):
         """x [N, E] -> (weights [N, k] float32, chosen experts [N, k] int64)."""
         p = self.params
         logits = self.router(x).float()  # [N, n_expert]
+        if p.gating is Gating.SOFTMAX_CHOSEN:
+            chosen_logits, chosen = logits.topk(p.n_expert_used, dim=-1)  # [N, k] each
+            return chosen_logits.softmax(dim=-1), chosen
         probs = logits.softmax(dim=-1) if p.gating is Gating.SOFTMAX else logits.sigmoid()
         scores = probs if self.selection_bias is None else probs + self.selection_bias  # [N, n_expert]
         if p.n_group > 1:
@@ -112,6 +119,10 @@ class MoeFeedForward(nn.Module):
 
     def _swiglu(self, h: torch.Tensor) -> torch.Tensor:
         """[n, 2F] ([gate | up]) -> [n, F]."""
+        if self.clamped:  # gpt-oss: gate capped at 7, up clamped to [-7, 7], alpha 1.702
+            gate, up = h.chunk(2, dim=-1)
+            gate = gate.clamp(max=7.0)
+            return gate * torch.sigmoid(1.702 * gate) * (up.clamp(-7.0, 7.0) + 1)
         if self._glu is not None:
             return self._glu(h, 0)
         gate, up = h.chunk(2, dim=-1)
@@ -135,8 +146,13 @@ class MoeFeedForward(nn.Module):
             slots = order[start : start + count]  # [n]
             start += count
             tokens = slots // k  # [n]
-            h = self._swiglu(self.gate_up(expert, flat[tokens]))  # [n, F]
-            y = self.down(expert, h) * slot_weights[slots, None]  # [n, E]
+            h = self.gate_up(expert, flat[tokens])  # [n, 2F]
+            if self.gate_up_bias is not None:
+                h = h + self.gate_up_bias[expert]
+            y = self.down(expert, self._swiglu(h))  # [n, E]
+            if self.down_bias is not None:
+                y = y + self.down_bias[expert]
+            y = y * slot_weights[slots, None]
             out.index_add_(0, tokens, y)
         if self.shared is not None:
             s = self.shared(flat)  # [N, E]
