@@ -35,7 +35,7 @@ EMBED_STD = 0.3
 QUANT_BLOCK = 32
 """Row length granularity of the simple quant types this module writes."""
 
-EXPERT_WIDTH_PER_USED = ("qwen2moe", "qwen3moe")
+EXPERT_WIDTH_PER_USED = ("qwen2moe", "qwen3moe", "glm4moe", "deepseek2")
 """llama.cpp's expert width without `expert_feed_forward_length`: feed_forward_length divided
 by expert_used_count for these, feed_forward_length itself for the others."""
 
@@ -92,6 +92,37 @@ class TinySpec:
     """expert_feed_forward_length; None leaves the key out (the family's default width)."""
     n_ff_shexp: int = 0
     """Width of qwen2moe's shared expert (written as expert_shared_feed_forward_length)."""
+    n_shared: int = 0
+    """expert_shared_count: ungated shared experts as wide as n_shared routed ones (glm4moe)."""
+    n_dense_lead: int = 0
+    """leading_dense_block_count: the first layers have a dense feed-forward of width n_ff."""
+    n_nextn: int = 0
+    """nextn_predict_layers: trailing blocks (in block_count) that llama.cpp never runs."""
+    gating_func: int | None = None
+    """expert_gating_func (1 softmax, 2 sigmoid); None leaves the key out."""
+    weights_norm: bool | None = None
+    """expert_weights_norm; None leaves the key out."""
+    weights_scale: float | None = None
+    """expert_weights_scale; None leaves the key out."""
+    selection_bias: bool = False
+    """A per-expert selection bias `exp_probs_b.bias` in every MoE layer."""
+    qk_norm: bool = False
+    """Per-head attn_q_norm / attn_k_norm where the family has them optionally (glm4moe)."""
+    n_group: int = 1
+    """expert_group_count (written when > 1) and expert_group_used_count: group-limited routing."""
+    n_group_used: int = 1
+    kv_lora_rank: int = 0
+    """> 0: multi-head latent attention (deepseek2) with keys/values from a latent of this rank;
+    head_dim is then the query/key head (non-rotary dims then rope_dims rotary ones)."""
+    q_lora_rank: int = 0
+    """Latent attention's query bottleneck (0: one attn_q projection)."""
+    head_dim_v: int = 0
+    """Latent attention's value head size."""
+    split_kv_b: bool = False
+    """Latent attention's decompression as attn_k_b / attn_v_b (llama.cpp's newer files, with
+    *_length_mla keys and one latent kv head) instead of attn_kv_b."""
+    yarn_log_mul: float | None = None
+    """rope.scaling.yarn_log_multiplier (deepseek2: 0.1 mscale_all_dim)."""
     seed: int = 0
 
     @property
@@ -131,13 +162,38 @@ def _bias(rng: np.random.Generator, n: int) -> np.ndarray:
     return (0.5 * rng.standard_normal(n)).astype(np.float32)
 
 
+def _latent_attention(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np.ndarray]) -> None:
+    """Multi-head latent attention's projections (deepseek2)."""
+    e, h, d, dv, r, rq = spec.n_embd, spec.n_head, spec.head_dim, spec.head_dim_v, spec.kv_lora_rank, spec.q_lora_rank
+    nope = d - spec.n_rot
+    if rq:
+        out[f"{p}.attn_q_a.weight"] = _linear(rng, rq, e)
+        out[f"{p}.attn_q_a_norm.weight"] = _norm(rng, rq)
+        out[f"{p}.attn_q_b.weight"] = _linear(rng, h * d, rq)
+    else:
+        out[f"{p}.attn_q.weight"] = _linear(rng, h * d, e)
+    out[f"{p}.attn_kv_a_mqa.weight"] = _linear(rng, r + spec.n_rot, e)  # [latent | shared rotary key]
+    out[f"{p}.attn_kv_a_norm.weight"] = _norm(rng, r)
+    kv_b = _linear(rng, h * (nope + dv), r)  # per head: nope key rows, then value rows
+    if spec.split_kv_b:
+        per_head = kv_b.reshape(h, nope + dv, r)
+        out[f"{p}.attn_k_b.weight"] = np.ascontiguousarray(per_head[:, :nope].transpose(0, 2, 1))  # [H, R, nope]
+        out[f"{p}.attn_v_b.weight"] = np.ascontiguousarray(per_head[:, nope:])  # [H, Dv, R]
+    else:
+        out[f"{p}.attn_kv_b.weight"] = kv_b
+    out[f"{p}.attn_output.weight"] = _linear(rng, e, h * dv)
+
+
 def _attention(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np.ndarray]) -> None:
     """q/k/v/o projections (+ biases, q/k norms) of one layer, in the family's layout."""
+    if spec.kv_lora_rank:
+        _latent_attention(spec, rng, p, out)
+        return
     e, g = spec.n_embd, spec.qk_gain
     wq = _linear(rng, spec.q_width, e, g)
     wk = _linear(rng, spec.kv_width, e, g)
     wv = _linear(rng, spec.kv_width, e)
-    with_qkv_bias = spec.attn_bias or spec.arch in ("qwen2", "qwen2moe", "phi2", "starcoder2")
+    with_qkv_bias = spec.attn_bias or spec.arch in ("qwen2", "qwen2moe", "phi2", "starcoder2", "glm4moe", "gpt-oss")
     if spec.fused_qkv:
         out[f"{p}.attn_qkv.weight"] = np.concatenate([wq, wk, wv], axis=0)  # [(H+2Hkv)·D, E]
         if with_qkv_bias:
@@ -148,15 +204,17 @@ def _attention(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, 
             out[f"{p}.attn_q.bias"] = _bias(rng, spec.q_width)
             out[f"{p}.attn_k.bias"] = _bias(rng, spec.kv_width)
             out[f"{p}.attn_v.bias"] = _bias(rng, spec.kv_width)
-    if spec.arch in ("qwen3", "qwen3moe", "gemma3"):
+    if spec.arch in ("qwen3", "qwen3moe", "gemma3") or spec.qk_norm:
         out[f"{p}.attn_q_norm.weight"] = _norm(rng, spec.head_dim)
         out[f"{p}.attn_k_norm.weight"] = _norm(rng, spec.head_dim)
     if spec.arch == "olmoe":  # one norm over the whole q (and k) projection
         out[f"{p}.attn_q_norm.weight"] = _norm(rng, spec.q_width)
         out[f"{p}.attn_k_norm.weight"] = _norm(rng, spec.kv_width)
     out[f"{p}.attn_output.weight"] = _linear(rng, e, spec.q_width)
-    if spec.attn_bias or spec.arch in ("phi2", "starcoder2"):
+    if spec.attn_bias or spec.arch in ("phi2", "starcoder2", "gpt-oss"):
         out[f"{p}.attn_output.bias"] = _bias(rng, e)
+    if spec.arch == "gpt-oss":  # a sink logit per head, large enough to take real probability mass
+        out[f"{p}.attn_sinks.weight"] = rng.uniform(-1.0, 3.0, spec.n_head).astype(np.float32)
 
 
 def _experts(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np.ndarray]) -> None:
@@ -166,6 +224,17 @@ def _experts(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np
     out[f"{p}.ffn_gate_exps.weight"] = np.stack([_linear(rng, f, e) for _ in range(n)])  # [n, F, E]
     out[f"{p}.ffn_up_exps.weight"] = np.stack([_linear(rng, f, e) for _ in range(n)])
     out[f"{p}.ffn_down_exps.weight"] = np.stack([_linear(rng, e, f) for _ in range(n)])  # [n, E, F]
+    if spec.arch == "gpt-oss":  # router and per-expert biases
+        out[f"{p}.ffn_gate_inp.bias"] = _bias(rng, n)
+        for role, width in (("gate", f), ("up", f), ("down", e)):
+            out[f"{p}.ffn_{role}_exps.bias"] = _bias(rng, n * width).reshape(n, width)
+    if spec.selection_bias:  # large enough to change which experts are chosen
+        out[f"{p}.exp_probs_b.bias"] = rng.uniform(0.0, 0.5, n).astype(np.float32)
+    if spec.n_shared:  # ungated shared experts
+        fs = f * spec.n_shared
+        out[f"{p}.ffn_gate_shexp.weight"] = _linear(rng, fs, e)
+        out[f"{p}.ffn_up_shexp.weight"] = _linear(rng, fs, e)
+        out[f"{p}.ffn_down_shexp.weight"] = _linear(rng, e, fs)
     if spec.arch == "qwen2moe":
         fs = spec.n_ff_shexp
         out[f"{p}.ffn_gate_inp_shexp.weight"] = _linear(rng, 1, e, gain=2.0)[0]  # [E]
@@ -174,10 +243,10 @@ def _experts(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np
         out[f"{p}.ffn_down_shexp.weight"] = _linear(rng, e, fs)
 
 
-def _ffn(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np.ndarray]) -> None:
-    """The feed-forward weights of one layer, in the family's layout."""
-    e, f = spec.n_embd, spec.n_ff
-    if spec.n_expert > 0:
+def _ffn(spec: TinySpec, rng: np.random.Generator, il: int, out: dict[str, np.ndarray]) -> None:
+    """The feed-forward weights of layer il, in the family's layout."""
+    e, f, p = spec.n_embd, spec.n_ff, f"blk.{il}"
+    if spec.n_expert > 0 and il >= spec.n_dense_lead:
         _experts(spec, rng, p, out)
         return
     if spec.arch == "phi3":
@@ -199,7 +268,9 @@ def _layer_norms(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str
     out[f"{p}.attn_norm.weight"] = _norm(rng, e)
     if spec.arch in LAYERNORM_FAMILIES:
         out[f"{p}.attn_norm.bias"] = _bias(rng, e)
-    if spec.arch != "phi2":
+    if spec.arch in ("glm4moe", "gpt-oss"):  # the pre-feed-forward norm under another name
+        out[f"{p}.post_attention_norm.weight"] = _norm(rng, e)
+    elif spec.arch != "phi2":
         out[f"{p}.ffn_norm.weight"] = _norm(rng, e)
         if spec.arch == "starcoder2":
             out[f"{p}.ffn_norm.bias"] = _bias(rng, e)
@@ -216,11 +287,15 @@ def tiny_tensors(spec: TinySpec) -> dict[str, np.ndarray]:
     if spec.rope_freqs:
         # Divisors between 1 and 8 per rotated frequency, so that every pair is affected.
         out["rope_freqs.weight"] = rng.uniform(1.0, 8.0, spec.n_rot // 2).astype(np.float32)
-    for i in range(spec.n_layer):
+    for i in range(spec.n_layer + spec.n_nextn):
         p = f"blk.{i}"
         _layer_norms(spec, rng, p, out)
         _attention(spec, rng, p, out)
-        _ffn(spec, rng, p, out)
+        _ffn(spec, rng, i, out)
+        if i >= spec.n_layer:  # a next-token prediction block's own tensors
+            out[f"{p}.nextn.eh_proj.weight"] = _linear(rng, e, 2 * e)
+            for norm in ("enorm", "hnorm", "shared_head_norm"):
+                out[f"{p}.nextn.{norm}.weight"] = _norm(rng, e)
     out["output_norm.weight"] = _norm(rng, e)
     if spec.arch in LAYERNORM_FAMILIES:
         out["output_norm.bias"] = _bias(rng, e)
@@ -235,20 +310,33 @@ def _write_metadata(w: gguf.GGUFWriter, spec: TinySpec, name: str) -> None:
     """The hyperparameter keys llama.cpp reads for the family (no tokenizer section)."""
     arch = spec.arch
     w.add_name(name)
-    w.add_block_count(spec.n_layer)
+    w.add_block_count(spec.n_layer + spec.n_nextn)
     w.add_context_length(spec.n_ctx)
     w.add_embedding_length(spec.n_embd)
     w.add_feed_forward_length(spec.n_ff)
     w.add_head_count(spec.n_head)
     w.add_head_count_kv(spec.n_head_kv)
     w.add_vocab_size(spec.n_vocab)
-    if spec.head_dim != spec.n_embd // spec.n_head or arch in GEMMA_LIKE:
+    if spec.kv_lora_rank:
+        w.add_kv_lora_rank(spec.kv_lora_rank)
+        if spec.q_lora_rank:
+            w.add_q_lora_rank(spec.q_lora_rank)
+        if spec.split_kv_b:  # one latent head: [latent | rotary key], values the latent
+            w.add_key_length(spec.kv_lora_rank + spec.n_rot)
+            w.add_value_length(spec.kv_lora_rank)
+            w.add_key_length_mla(spec.head_dim)
+            w.add_value_length_mla(spec.head_dim_v)
+        else:
+            w.add_key_length(spec.head_dim)
+            w.add_value_length(spec.head_dim_v)
+    elif spec.head_dim != spec.n_embd // spec.n_head or arch in GEMMA_LIKE:
         w.add_key_length(spec.head_dim)
         w.add_value_length(spec.head_dim)
     if arch in LAYERNORM_FAMILIES:
         w.add_layer_norm_eps(1e-5)
     else:
-        w.add_layer_norm_rms_eps(1e-6 if arch in GEMMA_LIKE else 1e-5)
+        # deepseek2: transformers' latent norms always use 1e-6, so the file says 1e-6 too
+        w.add_layer_norm_rms_eps(1e-6 if arch in (*GEMMA_LIKE, "deepseek2") else 1e-5)
     w.add_rope_dimension_count(spec.n_rot)
     w.add_rope_freq_base(spec.rope_base)
     if spec.rope_base_swa is not None:
@@ -260,6 +348,8 @@ def _write_metadata(w: gguf.GGUFWriter, spec: TinySpec, name: str) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(spec.rope_yarn[0])
         w.add_rope_scaling_orig_ctx_len(spec.rope_yarn[1])
+    if spec.yarn_log_mul is not None:
+        w.add_rope_scaling_yarn_log_mul(spec.yarn_log_mul)
     if spec.rope_attn_factor is not None:
         w.add_rope_scaling_attn_factors(spec.rope_attn_factor)
     if spec.sliding_window is not None:
@@ -271,6 +361,21 @@ def _write_metadata(w: gguf.GGUFWriter, spec: TinySpec, name: str) -> None:
             w.add_expert_feed_forward_length(spec.n_ff_exp)
         if spec.n_ff_shexp:
             w.add_expert_shared_feed_forward_length(spec.n_ff_shexp)
+        if spec.n_shared:
+            w.add_expert_shared_count(spec.n_shared)
+        if spec.n_dense_lead:
+            w.add_leading_dense_block_count(spec.n_dense_lead)
+        if spec.n_group > 1:
+            w.add_expert_group_count(spec.n_group)
+            w.add_expert_group_used_count(spec.n_group_used)
+        if spec.gating_func is not None:
+            w.add_uint32(f"{arch}.expert_gating_func", spec.gating_func)
+        if spec.weights_norm is not None:
+            w.add_expert_weights_norm(spec.weights_norm)
+        if spec.weights_scale is not None:
+            w.add_expert_weights_scale(spec.weights_scale)
+    if spec.n_nextn:
+        w.add_nextn_predict_layers(spec.n_nextn)
     if spec.attn_softcap is not None:
         w.add_attn_logit_softcapping(spec.attn_softcap)
     if spec.final_softcap is not None:
@@ -325,10 +430,11 @@ def write_gguf(
 
 def encoded_tensors(spec: TinySpec) -> dict[str, np.ndarray | RawTensor]:
     """`tiny_tensors(spec)` with every 2-D and 3-D weight stored as `spec.qtype`, except the
-    expert router, which llama.cpp's quantizer leaves in F32."""
+    expert router and biases (gpt-oss's per-expert ones are 2-D), which llama.cpp's quantizer
+    leaves in F32."""
     out: dict[str, np.ndarray | RawTensor] = {}
     for name, array in tiny_tensors(spec).items():
-        if array.ndim >= 2 and spec.qtype != QType.F32 and not name.endswith("ffn_gate_inp.weight"):
+        if array.ndim >= 2 and spec.qtype != QType.F32 and not name.endswith(("ffn_gate_inp.weight", ".bias")):
             if array.shape[1] % QUANT_BLOCK:
                 raise ValueError(f"{name}: row length {array.shape[1]} is not a multiple of {QUANT_BLOCK}")
             out[name] = encode(array, spec.qtype)

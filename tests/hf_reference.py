@@ -31,9 +31,13 @@ import torch
 from ggufgen import GEMMA_LIKE, LLAMA_LIKE, TinySpec
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV2Config,
+    DeepseekV3Config,
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
+    Glm4MoeConfig,
+    GptOssConfig,
     LlamaConfig,
     MixtralConfig,
     OlmoeConfig,
@@ -117,6 +121,25 @@ def hf_config(spec: TinySpec) -> PretrainedConfig:
         return Qwen3MoeConfig(
             **common, **qwen_moe, head_dim=spec.head_dim, rms_norm_eps=1e-5, norm_topk_prob=True, rope_parameters=rope
         )
+    if arch == "deepseek2":
+        return _deepseek_config(spec, common)
+    if arch == "gpt-oss":
+        if spec.rope_yarn is not None:  # llama.cpp floors and ceils the ramp's ends, as truncate does
+            rope = dict(rope, truncate=True)
+        return GptOssConfig(
+            **dict(common, intermediate_size=spec.expert_width), head_dim=spec.head_dim, rms_norm_eps=1e-5,
+            num_local_experts=spec.n_expert, num_experts_per_tok=spec.n_expert_used,
+            sliding_window=spec.sliding_window, rope_parameters=rope,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(spec.n_layer)],
+        )
+    if arch == "glm4moe":
+        return Glm4MoeConfig(
+            **common, head_dim=spec.head_dim, rms_norm_eps=1e-5, attention_bias=True, use_qk_norm=spec.qk_norm,
+            moe_intermediate_size=spec.expert_width, num_experts_per_tok=spec.n_expert_used,
+            n_routed_experts=spec.n_expert, n_shared_experts=spec.n_shared, first_k_dense_replace=spec.n_dense_lead,
+            norm_topk_prob=bool(spec.weights_norm), routed_scaling_factor=spec.weights_scale or 1.0,
+            n_group=1, topk_group=1, rope_parameters=rope,
+        )
     if arch == "olmoe":
         return OlmoeConfig(
             **dict(common, intermediate_size=spec.expert_width), rms_norm_eps=1e-5, num_experts=spec.n_expert,
@@ -169,6 +192,54 @@ def hf_config(spec: TinySpec) -> PretrainedConfig:
     raise ValueError(f"no transformers config for arch {arch!r}")
 
 
+def _deepseek_config(spec: TinySpec, common: dict[str, object]) -> PretrainedConfig:
+    """DeepseekV3 (sigmoid gating with a selection bias, groups, low-rank queries) or DeepseekV2
+    (softmax gating, greedy top-k, unnormalised weights)."""
+    rope: dict[str, object] = {"rope_type": "default", "rope_theta": spec.rope_base}
+    if spec.rope_yarn is not None:
+        factor, original = spec.rope_yarn
+        mscale = (spec.yarn_log_mul or 0.0) / 0.1  # the file holds 0.1 * mscale_all_dim
+        rope = {
+            "rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+            "rope_theta": spec.rope_base, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": mscale,
+            "mscale_all_dim": mscale,
+        }
+    mla: dict[str, object] = dict(
+        common, num_key_value_heads=spec.n_head, intermediate_size=spec.n_ff, rms_norm_eps=1e-6,
+        moe_intermediate_size=spec.expert_width, n_routed_experts=spec.n_expert, num_experts_per_tok=spec.n_expert_used,
+        n_shared_experts=spec.n_shared, first_k_dense_replace=spec.n_dense_lead,
+        routed_scaling_factor=spec.weights_scale or 1.0, kv_lora_rank=spec.kv_lora_rank,
+        q_lora_rank=spec.q_lora_rank or None, qk_rope_head_dim=spec.n_rot, qk_nope_head_dim=spec.head_dim - spec.n_rot,
+        v_head_dim=spec.head_dim_v, rope_parameters=rope,
+    )
+    if spec.gating_func == 2:
+        return DeepseekV3Config(
+            **mla, n_group=spec.n_group, topk_group=spec.n_group_used, norm_topk_prob=bool(spec.weights_norm),
+            rope_interleave=True,
+        )
+    return DeepseekV2Config(**mla, topk_method="greedy")
+
+
+def _gpt_oss_experts(
+    name: str, w: np.ndarray, tensors: dict[str, np.ndarray], out: dict[str, torch.Tensor]
+) -> None:
+    """transformers' GptOssExperts multiply x @ W with W [n, in, out], gate and up interleaved
+    (columns 0, 2, .. the gate), biases likewise."""
+    layer, role, kind = name.split(".")[1], name.split(".")[2], name.split(".")[3]
+    prefix = f"model.layers.{layer}.mlp.experts."
+    if role == "ffn_down_exps":
+        out[prefix + ("down_proj" if kind == "weight" else "down_proj_bias")] = torch.from_numpy(
+            np.array(w.transpose(0, 2, 1) if kind == "weight" else w)
+        )
+    elif role == "ffn_gate_exps":
+        up = tensors[name.replace("ffn_gate_exps", "ffn_up_exps")]
+        if kind == "weight":  # [n, F, E] each -> [n, E, 2F]
+            both = np.stack([w.transpose(0, 2, 1), up.transpose(0, 2, 1)], axis=-1)
+            out[prefix + "gate_up_proj"] = torch.from_numpy(both.reshape(*both.shape[:2], -1).copy())
+        else:  # [n, F] each -> [n, 2F]
+            out[prefix + "gate_up_proj_bias"] = torch.from_numpy(np.stack([w, up], axis=-1).reshape(w.shape[0], -1))
+
+
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (pairs -> halves) for weights [R, in] or biases [R]."""
     d = w.shape[0] // n_head
@@ -202,6 +273,7 @@ _LAYER_NAMES: dict[str, str] = {
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
     "ffn_down_exps": "mlp.experts.down_proj",
+    "exp_probs_b": "mlp.gate.e_score_correction_bias",
 }
 """GGUF layer tensor -> transformers module for the llama-shaped families (experts: 3-D
 parameters, gate and up stacked into one `gate_up_proj`)."""
@@ -217,6 +289,25 @@ _LAYER_OVERRIDES: dict[str, dict[str, str]] = {
     "phi2": {"attn_output": "self_attn.dense", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"},
 }
 _LAYER_OVERRIDES["gemma3"] = _LAYER_OVERRIDES["gemma2"]
+_SHARED_EXPERTS = {f"ffn_{role}_shexp": f"mlp.shared_experts.{role}_proj" for role in ("gate", "up", "down")}
+_LAYER_OVERRIDES["deepseek2"] = {
+    "attn_q_a": "self_attn.q_a_proj",
+    "attn_q_a_norm": "self_attn.q_a_layernorm",
+    "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+    "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj",
+    **_SHARED_EXPERTS,
+}
+_LAYER_OVERRIDES["gpt-oss"] = {
+    "post_attention_norm": "post_attention_layernorm",
+    "attn_sinks": "self_attn.sinks",
+    "ffn_gate_inp": "mlp.router",
+}
+_LAYER_OVERRIDES["glm4moe"] = {
+    "post_attention_norm": "post_attention_layernorm",
+    **{f"ffn_{role}_shexp": f"mlp.shared_experts.{role}_proj" for role in ("gate", "up", "down")},
+}
 
 
 def _hf_name(arch: str, gguf_name: str) -> str:
@@ -225,8 +316,8 @@ def _hf_name(arch: str, gguf_name: str) -> str:
         role = parts[2]
         overrides = _LAYER_OVERRIDES.get(arch, {})
         module = overrides[role] if role in overrides else _LAYER_NAMES[role]
-        if role == "ffn_down_exps":
-            return f"model.layers.{parts[1]}.{module}"  # a bare parameter, no .weight
+        if role in ("ffn_down_exps", "exp_probs_b", "attn_sinks"):
+            return f"model.layers.{parts[1]}.{module}"  # a bare parameter or buffer, no .weight
         return f"model.layers.{parts[1]}.{module}.{parts[3]}"
     top = {
         "token_embd": "model.embed_tokens",
@@ -241,6 +332,18 @@ def hf_state_dict(spec: TinySpec, tensors: dict[str, np.ndarray], unpermute_qk: 
     out: dict[str, torch.Tensor] = {}
     for name, w in tensors.items():
         if name == "rope_freqs.weight" or ".ffn_up_exps." in name:
+            continue
+        if name.startswith("blk.") and int(name.split(".")[1]) >= spec.n_layer:
+            continue  # next-token prediction blocks: not part of the decoder
+        if ".attn_v_b." in name:
+            continue
+        if spec.arch == "gpt-oss" and "_exps." in name:
+            _gpt_oss_experts(name, w, tensors, out)
+            continue
+        if ".attn_k_b." in name:  # [H, R, nope] and [H, Dv, R] -> kv_b [H (nope + Dv), R]
+            v_b = tensors[name.replace("attn_k_b", "attn_v_b")]
+            kv_b = np.concatenate([w.transpose(0, 2, 1), v_b], axis=1).reshape(-1, w.shape[1])
+            out[_hf_name(spec.arch, name.replace("attn_k_b", "attn_kv_b"))] = torch.from_numpy(kv_b.copy())
             continue
         if ".ffn_gate_exps." in name:  # [n, F, E] gate and up -> gate_up_proj [n, 2F, E]
             up = tensors[name.replace("ffn_gate_exps", "ffn_up_exps")]

@@ -29,7 +29,7 @@ from hf_reference import hf_logits, reference_model
 from pipeline_driver import run_command, torchrun_command
 from pipeline_models import N_VOCAB, greedy_recompute, write_pipeline_model
 from stage_runner import arange_positions, build, chained_logits, full_logits, kl_and_top1, whole
-from tiny_cases import ALL_CASES, MOE_CASES, MOE_QUANT_CASES, TinyFiles, token_batch
+from tiny_cases import ALL_CASES, MOE_CASES, MOE_QUANT_CASES, MXFP4_CASES, TinyFiles, token_batch
 
 import ppinfer
 from ppinfer.errors import ModelFileError
@@ -61,8 +61,23 @@ def test_moe_family_matches_transformers(tiny_files: TinyFiles, case: str) -> No
     ids = token_batch(spec)  # [2, 20]
     expected = hf_logits(reference_model(path, spec), ids)
     stage = whole(path, spec.n_layer)
-    assert all(isinstance(layer.mlp, MoeFeedForward) for layer in stage.layers)
+    assert [isinstance(layer.mlp, MoeFeedForward) for layer in stage.layers] == [
+        il >= spec.n_dense_lead for il in range(spec.n_layer)
+    ]
     gap = _gap(full_logits(stage, ids), expected)
+    assert gap <= TOLERANCE, f"{case}: max |Δlogit| = {gap:.3g}"
+
+
+def test_gpt_oss_mxfp4_experts_are_dequantized_at_load(tiny_files: TinyFiles) -> None:
+    """No kernel multiplies MXFP4 blocks: the quantized path dequantizes them at load (and says
+    so in its report) and equals transformers on gguf-py's dequantization of the same file."""
+    case = "gpt_oss_mxfp4"
+    spec, path = MXFP4_CASES[case], tiny_files.path(case)
+    ids = token_batch(spec)
+    stage = whole(path, spec.n_layer, "quantized")
+    assert stage.weights_report.dequantized["MXFP4"] >= 3 * spec.n_layer
+    assert all(isinstance(layer.mlp.gate_up, FloatExperts) for layer in stage.layers)
+    gap = _gap(full_logits(stage, ids), hf_logits(reference_model(path, spec), ids))
     assert gap <= TOLERANCE, f"{case}: max |Δlogit| = {gap:.3g}"
 
 
@@ -102,15 +117,19 @@ def test_moe_split_equals_whole(tiny_files: TinyFiles, case: str, weights: str) 
 def test_quantized_experts_stay_in_blocks(tiny_files: TinyFiles, case: str) -> None:
     spec, path = ALL_CASES[case], tiny_files.path(case)
     quant, exact = whole(path, spec.n_layer, "quantized"), whole(path, spec.n_layer)
-    for layer in quant.layers:
-        assert isinstance(layer.mlp.gate_up, BlockExperts) and isinstance(layer.mlp.down, BlockExperts)
-        assert layer.mlp.gate_up.qtype == spec.qtype
-    assert all(isinstance(layer.mlp.down, FloatExperts) for layer in exact.layers)
+    moe = [layer.mlp for layer in quant.layers[spec.n_dense_lead :]]
+    for mlp in moe:
+        assert isinstance(mlp.gate_up, BlockExperts) and isinstance(mlp.down, BlockExperts)
+        assert mlp.gate_up.qtype == spec.qtype
+    assert all(isinstance(layer.mlp.down, FloatExperts) for layer in exact.layers[spec.n_dense_lead :])
     assert quant.weights_report.kept[spec.qtype.name] >= 2 * spec.n_layer
-    expert_bytes = sum(layer.mlp.gate_up.nbytes + layer.mlp.down.nbytes for layer in quant.layers)
-    file_bytes = sum(info.n_bytes for name, info in GGUFFile(path).tensors.items() if "_exps." in name)
+    expert_bytes = sum(mlp.gate_up.nbytes + mlp.down.nbytes for mlp in moe)
+    file_bytes = sum(
+        info.n_bytes for name, info in GGUFFile(path).tensors.items()
+        if name.endswith("_exps.weight") and int(name.split(".")[1]) < spec.n_layer  # not the skipped nextn block
+    )
     assert expert_bytes == file_bytes, "the stage holds exactly the file's expert blocks"
-    assert quant.weight_bytes < exact.weight_bytes / 3
+    assert quant.weight_bytes < exact.weight_bytes / 2.5  # Q8_0 alone: 3.8x
 
 
 @pytest.mark.parametrize("case", list(MOE_QUANT_CASES))
@@ -282,3 +301,14 @@ def test_expert_tensors_disagreeing_with_metadata(
     assert "\n" not in str(err.value)
     with pytest.raises(ModelFileError, match=message):
         whole(path, ALL_CASES[case].n_layer)
+
+
+def test_layer_costs_of_latent_attention_and_skipped_blocks(tiny_files: TinyFiles) -> None:
+    """deepseek2 caches each query head's decompressed key (48) and value (32), whatever the
+    file's latent-head key_length says; glm4moe's next-token prediction block costs nothing."""
+    spec = ALL_CASES["deepseek3"]
+    costs = layer_costs(str(tiny_files.path("deepseek3")), 4, 10)
+    assert costs.layer_kv_bytes == [10 * spec.n_head * (48 + 32) * 4] * spec.n_layer
+    glm = ALL_CASES["glm4moe"]
+    costs = layer_costs(str(tiny_files.path("glm4moe")), 4, 10)
+    assert len(costs.layer_weight_bytes) == glm.n_layer == glm.n_layer + glm.n_nextn - 1

@@ -71,6 +71,37 @@ MOE_CASES: dict[str, TinySpec] = {
     "mixtral": TinySpec("llama", n_layer=3, n_ff=32, n_expert=4, n_expert_used=2, seed=22),
     # q/k norms over the whole projections; unnormalised top-k weights.
     "olmoe": TinySpec("olmoe", n_layer=3, n_ff=32, n_expert=8, n_expert_used=2, seed=23),
+    # GLM-4.5-Air's layout: half of each head rotates (NEOX), q/k/v biases, a dense first
+    # layer, sigmoid gating with a selection bias, normalised and scaled weights, one shared
+    # expert, and a trailing next-token prediction block that is never run.
+    "glm4moe": TinySpec(
+        "glm4moe", n_layer=3, head_dim=24, rope_dims=12, n_ff=64, n_expert=8, n_expert_used=3, n_ff_exp=32,
+        n_shared=1, n_dense_lead=1, n_nextn=1, gating_func=2, weights_norm=True, weights_scale=2.5,
+        selection_bias=True, seed=26,
+    ),
+    # DeepSeek-V3's layout: queries through a low-rank bottleneck, keys and values from a latent
+    # (split attn_k_b / attn_v_b as llama.cpp's newer files have them), sigmoid gating with a
+    # selection bias over 4 groups of which 2 are eligible, normalised and scaled weights, a
+    # shared expert, a dense first layer, and YaRN with its mscale folded into the scores.
+    "deepseek3": TinySpec(
+        "deepseek2", n_layer=3, n_head_kv=1, head_dim=48, rope_dims=16, head_dim_v=32, kv_lora_rank=32,
+        q_lora_rank=32, split_kv_b=True, n_ff=64, n_expert=8, n_expert_used=3, n_ff_exp=32, n_shared=1,
+        n_dense_lead=1, gating_func=2, weights_norm=True, weights_scale=2.5, selection_bias=True, n_group=4,
+        n_group_used=2, n_ctx=16384, rope_yarn=(4.0, 4096), yarn_log_mul=0.0707, seed=28,
+    ),
+    # DeepSeek-V2-Lite's layout: one query projection, attn_kv_b, softmax gating (the default
+    # without expert_gating_func), greedy top-k, unnormalised scaled weights, 2 shared experts.
+    "deepseek2": TinySpec(
+        "deepseek2", n_layer=3, n_head_kv=4, head_dim=48, rope_dims=16, head_dim_v=32, kv_lora_rank=32,
+        n_ff=64, n_expert=8, n_expert_used=2, n_ff_exp=32, n_shared=2, n_dense_lead=1, weights_scale=1.5,
+        seed=29,
+    ),
+    # gpt-oss: sliding layers 0 and 2 of 4 (window 6 over 20 tokens), sinks, q/k/v/o, router and
+    # expert biases, the clamped SwiGLU, softmax over the chosen experts' logits, YaRN.
+    "gpt_oss": TinySpec(
+        "gpt-oss", n_layer=4, n_head=4, n_head_kv=2, head_dim=16, n_ff=32, n_expert=8, n_expert_used=2,
+        n_ff_exp=32, sliding_window=6, n_ctx=16384, rope_yarn=(4.0, 4096), rope_base=150000.0, seed=30,
+    ),
 }
 
 MOE_QUANT_CASES: dict[str, TinySpec] = {
@@ -78,7 +109,17 @@ MOE_QUANT_CASES: dict[str, TinySpec] = {
     "qwen2moe_q8_0": with_changes(MOE_CASES["qwen2moe"], qtype=QType.Q8_0),
     "mixtral_q4_1": with_changes(MOE_CASES["mixtral"], qtype=QType.Q4_1),
     "olmoe_q5_0": with_changes(MOE_CASES["olmoe"], qtype=QType.Q5_0),
+    # GLM-4.5 (355B) adds per-head q/k norms.
+    "glm4moe_q8_0": with_changes(MOE_CASES["glm4moe"], qtype=QType.Q8_0, qk_norm=True, seed=27),
+    "deepseek3_q8_0": with_changes(MOE_CASES["deepseek3"], qtype=QType.Q8_0),
+    "gpt_oss_q8_0": with_changes(MOE_CASES["gpt_oss"], qtype=QType.Q8_0),
 }
+
+# gpt-oss files store every weight in MXFP4, for which no kernel exists: dequantized at load.
+MXFP4_CASES: dict[str, TinySpec] = {"gpt_oss_mxfp4": with_changes(MOE_CASES["gpt_oss"], qtype=QType.MXFP4)}
+
+# gpt-oss files store every weight in MXFP4, for which no kernel exists: dequantized at load.
+MXFP4_CASES: dict[str, TinySpec] = {"gpt_oss_mxfp4": with_changes(MOE_CASES["gpt_oss"], qtype=QType.MXFP4)}
 
 QUANT_CASES: dict[str, TinySpec] = {
     f"llama_{q.name.lower()}": with_changes(FAMILY_CASES["llama"], qtype=q)
@@ -88,7 +129,9 @@ QUANT_CASES["phi3_q8_0"] = with_changes(FAMILY_CASES["phi3"], qtype=QType.Q8_0)
 QUANT_CASES["gemma3_q4_1"] = with_changes(FAMILY_CASES["gemma3"], qtype=QType.Q4_1)
 QUANT_CASES["qwen3_q5_0"] = with_changes(FAMILY_CASES["qwen3"], qtype=QType.Q5_0)
 
-ALL_CASES: dict[str, TinySpec] = {**FAMILY_CASES, **QUIRK_CASES, **QUANT_CASES, **MOE_CASES, **MOE_QUANT_CASES}
+ALL_CASES: dict[str, TinySpec] = {
+    **FAMILY_CASES, **QUIRK_CASES, **QUANT_CASES, **MOE_CASES, **MOE_QUANT_CASES, **MXFP4_CASES,
+}
 
 
 class TinyFiles:

@@ -8,7 +8,7 @@ from typing import Any
 
 from ppinfer.errors import ModelFileError
 from ppinfer.families.registry import get_spec
-from ppinfer.families.spec import ExpertWidth, FamilySpec, Gating, Norm, SharedExpert
+from ppinfer.families.spec import AttnKind, ExpertWidth, FamilySpec, Gating, Norm, SharedExpert
 from ppinfer.gguf.reader import GGUFFile
 
 
@@ -49,6 +49,19 @@ class MoeParams:
     n_ff_shexp: int
     gating: Gating
     normalize: bool  # chosen experts' weights divided by their sum
+    weights_scale: float = 1.0  # multiplies the chosen experts' weights (after normalisation)
+    n_group: int = 1  # experts in n_group equal groups; only the best n_group_used groups are
+    n_group_used: int = 1  # eligible (a group scores the sum of its two best selection scores)
+
+
+@dataclass(frozen=True)
+class LatentParams:
+    """Multi-head latent attention: queries through a rank-`q_lora_rank` bottleneck (0: one
+    projection), keys and values decompressed from a rank-`kv_lora_rank` latent; the last
+    `n_rot` of each query and key head's dims rotate."""
+
+    q_lora_rank: int
+    kv_lora_rank: int
 
 
 @dataclass(frozen=True)
@@ -68,17 +81,19 @@ class HParams:
     """Everything about the model's shape that the forward pass needs."""
 
     arch: str
-    n_layer: int
+    n_layer: int  # decoder layers
+    n_block: int  # block_count: blk.N tensors exist for N < n_block (n_layer plus skipped ones)
     n_embd: int
     n_ctx: int
     n_vocab: int
-    head_dim: int  # key_length
-    head_dim_v: int  # value_length
+    head_dim: int  # key_length (latent attention: key_length_mla when present)
+    head_dim_v: int  # value_length (latent attention: value_length_mla when present)
     norm_eps: float
     attn_scale: float
     attn_softcap: float | None
     final_softcap: float | None
     layers: tuple[LayerParams, ...]
+    latent: LatentParams | None = None  # multi-head latent attention's ranks (deepseek2)
 
 
 def per_layer_values(value: Any, n_layer: int, key: str, path: str) -> list[int]:
@@ -111,10 +126,13 @@ def _check_head_dim(gf: GGUFFile, head_dim: int, n_head: int, n_head_kv: int, na
 ROPE_SCALINGS = ("none", "linear", "yarn")
 
 
-def _read_rope(gf: GGUFFile, n_rot: int, base: float, use_factors: bool) -> RopeParams:
+def _read_rope(gf: GGUFFile, n_rot: int, base: float, use_factors: bool, latent: bool) -> tuple[RopeParams, float]:
     """The rotary embedding of global-attention layers, with the file's rope scaling (llama.cpp's
     keys and defaults: YaRN's ramp from the original context with betas 32 and 1, and its
-    attention factor `yarn_attn_factor * attn_factor * (1 + 0.1 ln(factor))`)."""
+    attention factor `yarn_attn_factor * attn_factor * (1 + 0.1 ln(factor))`), and the factor
+    on the attention scores' scale (1 but for latent attention under YaRN, where the rotation
+    keeps `attn_factor` alone and the scores are scaled by m^2 with
+    m = attn_factor * (1 + yarn_log_multiplier ln(factor)), as llama.cpp's deepseek2 does)."""
     arch, path = gf.architecture, gf.path
 
     def key(name: str) -> str:
@@ -130,7 +148,7 @@ def _read_rope(gf: GGUFFile, n_rot: int, base: float, use_factors: bool) -> Rope
         raise ModelFileError(f"{path}: {key('factor')}={factor} must be a positive number")
     freq_scale = 1.0 / factor if scaling in ("linear", "yarn") and factor > 0 else 1.0
     if scaling != "yarn":
-        return RopeParams(n_rot, base, freq_scale, use_factors)
+        return RopeParams(n_rot, base, freq_scale, use_factors), 1.0
     yarn = YarnParams(
         orig_ctx=int(gf.get(key("original_context_length"), gf.require(f"{arch}.context_length"))),
         ext_factor=float(gf.get(key("yarn_ext_factor"), 1.0)),
@@ -138,9 +156,12 @@ def _read_rope(gf: GGUFFile, n_rot: int, base: float, use_factors: bool) -> Rope
         beta_slow=float(gf.get(key("yarn_beta_slow"), 1.0)),
     )
     mscale = float(gf.get(key("yarn_attn_factor"), 1.0)) * float(gf.get(key("attn_factor"), 1.0))
+    if latent:
+        score_m = mscale * (1.0 + float(gf.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0)) * math.log(factor))
+        return RopeParams(n_rot, base, freq_scale, use_factors, yarn, mscale), score_m * score_m
     if yarn.ext_factor != 0.0:
         mscale *= 1.0 + 0.1 * math.log(1.0 / freq_scale)
-    return RopeParams(n_rot, base, freq_scale, use_factors, yarn, mscale)
+    return RopeParams(n_rot, base, freq_scale, use_factors, yarn, mscale), 1.0
 
 
 def _check_expert_tensors(gf: GGUFFile, moe: MoeParams, n_layer: int, n_embd: int) -> None:
@@ -179,6 +200,17 @@ def _read_moe(gf: GGUFFile, spec: FamilySpec, n_ff: int) -> MoeParams | None:
         return value
 
     n_expert = count("expert_count", None if experts.required else 0)
+    gating, normalize, scale, n_group, n_group_used = experts.gating, experts.normalize, 1.0, 1, 1
+    if experts.routing_keys:
+        gating = _GATING_FUNCS.get(count("expert_gating_func", 0), experts.gating)
+        normalize = bool(gf.get(f"{arch}.expert_weights_norm", experts.normalize))
+        scale = float(gf.get(f"{arch}.expert_weights_scale", 0.0) or 1.0)
+        n_group, n_group_used = count("expert_group_count", 1) or 1, count("expert_group_used_count", 1) or 1
+        if not math.isfinite(scale) or n_expert % n_group or not 0 < n_group_used <= n_group:
+            raise ModelFileError(
+                f"{path}: {arch}.expert_weights_scale={scale}, expert_group_count={n_group}, "
+                f"expert_group_used_count={n_group_used} do not fit {arch}.expert_count={n_expert}"
+            )
     if n_expert == 0:
         if experts.required:
             raise ModelFileError(f"{path}: {arch}.expert_count=0, but {arch} is a Mixture of Experts")
@@ -193,9 +225,28 @@ def _read_moe(gf: GGUFFile, spec: FamilySpec, n_ff: int) -> MoeParams | None:
     n_ff_shexp = 0
     if experts.shared is SharedExpert.GATED:
         n_ff_shexp = count("expert_shared_feed_forward_length", n_ff)
+    elif experts.shared is SharedExpert.PLAIN:
+        n_ff_shexp = n_ff_exp * count("expert_shared_count")
     if n_ff_exp < 1 or (experts.shared is not SharedExpert.NONE and n_ff_shexp < 1):
         raise ModelFileError(f"{path}: expert width {n_ff_exp} / shared width {n_ff_shexp} must be positive")
-    return MoeParams(n_expert, n_used, n_ff_exp, n_ff_shexp, experts.gating, experts.normalize)
+    return MoeParams(n_expert, n_used, n_ff_exp, n_ff_shexp, gating, normalize, scale, n_group, n_group_used)
+
+
+_GATING_FUNCS = {1: Gating.SOFTMAX, 2: Gating.SIGMOID}
+"""llama.cpp's `expert_gating_func` values (0: the family's default)."""
+
+
+def decoder_layers(gf: GGUFFile, spec: FamilySpec) -> tuple[int, int]:
+    """(layers of the decoder, block_count): block_count less the trailing next-token
+    prediction blocks the family skips (glm4moe's `nextn_predict_layers`)."""
+    arch, path = gf.architecture, gf.path
+    n_block = gf.require(f"{arch}.block_count")
+    n_nextn = gf.get(f"{arch}.nextn_predict_layers", 0) if spec.nextn_layers else 0
+    if type(n_block) is not int or type(n_nextn) is not int or not 0 <= n_nextn < n_block:
+        raise ModelFileError(
+            f"{path}: {arch}.block_count={n_block!r} with nextn_predict_layers={n_nextn!r} leaves no decoder layer"
+        )
+    return n_block - n_nextn, n_block
 
 
 def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
@@ -207,34 +258,48 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
     def key(name: str) -> str:
         return f"{arch}.{name}"
 
-    n_layer = int(gf.require(key("block_count")))
+    n_layer, n_block = decoder_layers(gf, spec)
     # Every layer has tensors: a larger count is a corrupt header; fail before building
     # per-layer tables for it.
-    if not 1 <= n_layer <= len(gf.tensors):
-        raise ModelFileError(f"{path}: {key('block_count')}={n_layer} but the file holds {len(gf.tensors)} tensors")
+    if not 1 <= n_block <= len(gf.tensors):
+        raise ModelFileError(f"{path}: {key('block_count')}={n_block} but the file holds {len(gf.tensors)} tensors")
     n_embd = int(gf.require(key("embedding_length")))
-    n_head = per_layer_values(gf.require(key("attention.head_count")), n_layer, key("attention.head_count"), path)
+    n_head = per_layer_values(gf.require(key("attention.head_count")), n_block, key("attention.head_count"), path)
     n_head_kv = per_layer_values(
-        gf.get(key("attention.head_count_kv"), n_head), n_layer, key("attention.head_count_kv"), path
+        gf.get(key("attention.head_count_kv"), n_head), n_block, key("attention.head_count_kv"), path
     )
-    n_ff = per_layer_values(gf.require(key("feed_forward_length")), n_layer, key("feed_forward_length"), path)
+    n_ff = per_layer_values(gf.require(key("feed_forward_length")), n_block, key("feed_forward_length"), path)
     if n_layer < 1 or n_embd < 1 or min(n_head) < 1 or min(n_head_kv) < 1:
         raise ModelFileError(f"{path}: nonsensical shape (layers {n_layer}, embd {n_embd}, heads {n_head})")
     for h, hkv in zip(n_head, n_head_kv):
         if h % hkv:
             raise ModelFileError(f"{path}: head_count {h} is not a multiple of head_count_kv {hkv}")
-    head_dim = int(gf.get(key("attention.key_length"), n_embd // n_head[0]))
-    _check_head_dim(gf, head_dim, n_head[0], n_head_kv[0], key("attention.key_length"))
-    head_dim_v = int(gf.get(key("attention.value_length"), head_dim))
-    if head_dim_v != head_dim:
-        raise ModelFileError(f"{path}: key_length {head_dim} != value_length {head_dim_v} is unsupported")
+    latent = None
+    if spec.attention is AttnKind.LATENT:
+        # Files that split attn_kv_b into attn_k_b / attn_v_b describe the latent as one
+        # shared head (key_length = kv_lora_rank + n_rot) and give the per-head sizes as *_mla.
+        head_dim = int(gf.get(key("attention.key_length_mla"), gf.require(key("attention.key_length"))))
+        head_dim_v = int(gf.get(key("attention.value_length_mla"), gf.require(key("attention.value_length"))))
+        latent = LatentParams(
+            q_lora_rank=int(gf.get(key("attention.q_lora_rank"), 0)),
+            kv_lora_rank=int(gf.require(key("attention.kv_lora_rank"))),
+        )
+        if min(head_dim, head_dim_v, latent.kv_lora_rank) < 1 or latent.q_lora_rank < 0:
+            raise ModelFileError(f"{path}: latent attention sizes {head_dim}, {head_dim_v}, {latent} must be positive")
+        n_head_kv = list(n_head)  # keys and values are decompressed per query head
+    else:
+        head_dim = int(gf.get(key("attention.key_length"), n_embd // n_head[0]))
+        _check_head_dim(gf, head_dim, n_head[0], n_head_kv[0], key("attention.key_length"))
+        head_dim_v = int(gf.get(key("attention.value_length"), head_dim))
+        if head_dim_v != head_dim:
+            raise ModelFileError(f"{path}: key_length {head_dim} != value_length {head_dim_v} is unsupported")
     n_rot = int(gf.get(key("rope.dimension_count"), head_dim))
     if not 0 < n_rot <= head_dim or n_rot % 2:
         raise ModelFileError(f"{path}: {key('rope.dimension_count')}={n_rot} must be even and <= {head_dim}")
 
     base = float(gf.get(key("rope.freq_base"), 10000.0))
     use_factors = "rope_freqs.weight" in gf.tensors
-    global_rope = _read_rope(gf, n_rot, base, use_factors)
+    global_rope, score_factor = _read_rope(gf, n_rot, base, use_factors, latent is not None)
 
     window, pattern, local_rope = 0, 1, global_rope
     if spec.sliding is not None:
@@ -252,8 +317,11 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
         return window > 0 and il % pattern < pattern - 1
 
     moe = _read_moe(gf, spec, n_ff[0])
+    n_dense_lead = 0
     if moe is not None:
         _check_expert_tensors(gf, moe, n_layer, n_embd)
+        if spec.experts is not None and spec.experts.routing_keys:
+            n_dense_lead = int(gf.get(key("leading_dense_block_count"), 0))
 
     layers = tuple(
         LayerParams(
@@ -262,7 +330,7 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
             n_ff=n_ff[il],
             sliding_window=window if is_sliding(il) else 0,
             rope=local_rope if is_sliding(il) else global_rope,
-            moe=moe,
+            moe=moe if il >= n_dense_lead else None,
         )
         for il in range(n_layer)
     )
@@ -280,14 +348,16 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
     return HParams(
         arch=arch,
         n_layer=n_layer,
+        n_block=n_block,
         n_embd=n_embd,
         n_ctx=int(gf.require(key("context_length"))),
         n_vocab=embd.shape[0],
         head_dim=head_dim,
         head_dim_v=head_dim_v,
         norm_eps=float(gf.require(key(eps_key))),
-        attn_scale=float(gf.get(key("attention.scale"), 0.0) or 1.0 / math.sqrt(head_dim)),
+        attn_scale=float(gf.get(key("attention.scale"), 0.0) or 1.0 / math.sqrt(head_dim)) * score_factor,
         attn_softcap=attn_softcap,
         final_softcap=final_softcap,
         layers=layers,
+        latent=latent,
     )

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from ppinfer.errors import ModelFileError
 from ppinfer.families.spec import (
+    AttnKind,
     Experts,
     ExpertWidth,
     FamilySpec,
@@ -38,8 +39,12 @@ LLAMA = FamilySpec(
     # Mixtral's layout: a file with expert_count > 0 has experts in every layer.
     experts=Experts(
         required=False, gating=Gating.SOFTMAX, normalize=True, width_default=ExpertWidth.FF,
-        shared=SharedExpert.NONE,
+        shared=SharedExpert.NONE, routing_keys=False, biases=False, clamped_swiglu=False,
     ),
+    ffn_norm="ffn_norm",
+    nextn_layers=False,
+    attention=AttnKind.STANDARD,
+    attn_sinks=False,
 )
 
 MISTRAL3 = replace(LLAMA, arch="mistral3", experts=None)
@@ -54,7 +59,7 @@ QWEN2MOE = replace(
     tying=Tying.NEVER,
     experts=Experts(
         required=True, gating=Gating.SOFTMAX, normalize=False, width_default=ExpertWidth.FF_PER_USED,
-        shared=SharedExpert.GATED,
+        shared=SharedExpert.GATED, routing_keys=False, biases=False, clamped_swiglu=False,
     ),
 )
 
@@ -63,7 +68,7 @@ QWEN3MOE = replace(
     arch="qwen3moe",
     experts=Experts(
         required=True, gating=Gating.SOFTMAX, normalize=True, width_default=ExpertWidth.FF_PER_USED,
-        shared=SharedExpert.NONE,
+        shared=SharedExpert.NONE, routing_keys=False, biases=False, clamped_swiglu=False,
     ),
 )
 
@@ -75,8 +80,44 @@ OLMOE = replace(
     tying=Tying.NEVER,
     experts=Experts(
         required=True, gating=Gating.SOFTMAX, normalize=False, width_default=ExpertWidth.FF,
-        shared=SharedExpert.NONE,
+        shared=SharedExpert.NONE, routing_keys=False, biases=False, clamped_swiglu=False,
     ),
+)
+
+GLM4MOE = replace(
+    QWEN2,
+    arch="glm4moe",
+    qk_norm=QkNorm.HEAD_IF_PRESENT,  # GLM-4.5 (355B) has them, GLM-4.5-Air not
+    experts=Experts(
+        required=True, gating=Gating.SIGMOID, normalize=False, width_default=ExpertWidth.FF_PER_USED,
+        shared=SharedExpert.PLAIN, routing_keys=True, biases=False, clamped_swiglu=False,
+    ),
+    ffn_norm="post_attention_norm",
+    nextn_layers=True,
+)
+
+DEEPSEEK2 = replace(
+    LLAMA,
+    arch="deepseek2",
+    rope=Rope.NORM,  # the rotary halves of q and k are stored pair-interleaved
+    attention=AttnKind.LATENT,
+    experts=Experts(
+        required=True, gating=Gating.SOFTMAX, normalize=False, width_default=ExpertWidth.FF_PER_USED,
+        shared=SharedExpert.PLAIN, routing_keys=True, biases=False, clamped_swiglu=False,
+    ),
+)
+
+GPT_OSS = replace(
+    QWEN2,
+    arch="gpt-oss",
+    tying=Tying.NEVER,
+    sliding=SlidingWindow(default_window=128, default_pattern=2, default_rope_base=None, rope_scaling=True),
+    experts=Experts(
+        required=True, gating=Gating.SOFTMAX_CHOSEN, normalize=False, width_default=ExpertWidth.FF,
+        shared=SharedExpert.NONE, routing_keys=False, biases=True, clamped_swiglu=True,
+    ),
+    ffn_norm="post_attention_norm",
+    attn_sinks=True,
 )
 
 PHI2 = replace(
@@ -135,7 +176,7 @@ FAMILIES: dict[str, FamilySpec] = {
     spec.arch: spec
     for spec in (
         LLAMA, MISTRAL3, QWEN2, QWEN3, PHI2, PHI3, STARCODER2, GEMMA, GEMMA2, GEMMA3,
-        QWEN2MOE, QWEN3MOE, OLMOE,
+        QWEN2MOE, QWEN3MOE, OLMOE, GLM4MOE, DEEPSEEK2, GPT_OSS,
     )
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)

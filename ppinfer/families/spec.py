@@ -30,17 +30,28 @@ class Mlp(str, Enum):
 class QkNorm(str, Enum):
     NONE = "none"
     HEAD = "head"  # RMSNorm of each q and k head over D, weights [D] (qwen3, gemma3)
+    HEAD_IF_PRESENT = "head_if_present"  # HEAD where the file has attn_q_norm / attn_k_norm (glm4moe)
     FULL = "full"  # RMSNorm of the whole q and k projections, weights [H D] / [Hkv D] (olmoe)
+
+
+class AttnKind(str, Enum):
+    STANDARD = "standard"  # q/k/v projections (or fused attn_qkv), grouped-query attention
+    LATENT = "latent"  # multi-head latent attention (deepseek2): keys and values decompressed per
+    # head from a low-rank latent (attn_kv_a_mqa, attn_kv_b or attn_k_b/attn_v_b), one shared
+    # rotary key, optional low-rank queries (attn_q_a, attn_q_b); YaRN's mscale folded into
+    # the score scale as mscale^2 with `rope.scaling.yarn_log_multiplier`
 
 
 class Gating(str, Enum):
     SOFTMAX = "softmax"  # expert probabilities: softmax over the router logits
     SIGMOID = "sigmoid"  # each expert's probability on its own: sigmoid(logit)
+    SOFTMAX_CHOSEN = "softmax_chosen"  # experts chosen by their logits, softmax over the chosen (gpt-oss)
 
 
 class SharedExpert(str, Enum):
     NONE = "none"
     GATED = "gated"  # ffn_*_shexp, scaled by sigmoid(ffn_gate_inp_shexp . x) (qwen2moe)
+    PLAIN = "plain"  # ffn_*_shexp added as is, expert_shared_count experts wide (glm4moe, deepseek2)
 
 
 class ExpertWidth(str, Enum):
@@ -79,6 +90,13 @@ class Experts:
     normalize: bool  # the chosen experts' weights are divided by their sum
     width_default: ExpertWidth
     shared: SharedExpert
+    # DeepSeek-style routing read from the file (glm4moe, deepseek2): expert_gating_func
+    # (`gating` when absent), expert_weights_norm (`normalize` when absent),
+    # expert_weights_scale, expert_group_count / expert_group_used_count,
+    # leading_dense_block_count, and an optional per-expert selection bias `exp_probs_b`.
+    routing_keys: bool
+    biases: bool  # a router bias `ffn_gate_inp.bias` and per-expert biases `ffn_*_exps.bias` (gpt-oss)
+    clamped_swiglu: bool  # min(g, 7) sigmoid(1.702 min(g, 7)) (clamp(u, -7, 7) + 1) (gpt-oss)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,3 +119,9 @@ class FamilySpec:
     final_softcap_key: bool  # read `{arch}.final_logit_softcapping`
     final_softcap_default: float | None  # used when the key is absent (gemma2: 30)
     experts: Experts | None  # None: a dense feed-forward in every layer
+    attention: AttnKind
+    attn_sinks: bool  # a learned logit per head `attn_sinks` joins each query's softmax (gpt-oss)
+    ffn_norm: str  # the pre-feed-forward norm's tensor (glm4moe: post_attention_norm)
+    nextn_layers: bool  # the trailing `nextn_predict_layers` blocks (next-token prediction
+    # heads for speculative decoding) are in the file but not part of the decoder: never run,
+    # never loaded, as llama.cpp skips them (glm4moe)

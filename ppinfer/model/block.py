@@ -42,13 +42,15 @@ class Attention(nn.Module):
         softcap: float | None,
         qk_norm: nn.Module | None,  # over the [B, T, H + Hkv, D] q and k heads
         fused: bool = False,
+        sinks: torch.Tensor | None = None,  # [H]: a logit per head that joins every softmax (gpt-oss)
     ) -> None:
         super().__init__()
         self.qkv, self.out = qkv, out
         self.n_head, self.n_head_kv, self.head_dim = n_head, n_head_kv, head_dim
         self.scale, self.rope, self.window, self.softcap = scale, rope, window, softcap
         self.qk_norm = qk_norm
-        self._attend = fused_ops.attend_op() if fused else None
+        self.sinks = None if sinks is None else nn.Parameter(sinks, requires_grad=False)
+        self._attend = fused_ops.attend_op() if fused and sinks is None else None
 
     def forward(self, x: torch.Tensor, kv: LayerKV, io: LayerInputs) -> torch.Tensor:
         """x [B, T, E] -> [B, T, E]; this step's keys and values go into `kv`."""
@@ -70,25 +72,31 @@ class Attention(nn.Module):
         q, k = qk[:, :, :h], qk[:, :, h:]
         keys, values = kv.write(k, v)  # [B, Hkv, n, D] each
         q = q.transpose(1, 2)  # [B, H, T, D]
-        if self.softcap is None:
+        if self.softcap is None and self.sinks is None:
             y = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.n_head != self.n_head_kv
             )
         else:
-            y = self._softcapped(q, keys, values, mask)
+            y = self._explicit(q, keys, values, mask)
         return self.out(y.transpose(1, 2).reshape(b, t, self.n_head * d))
 
-    def _softcapped(
+    def _explicit(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """Explicit attention with tanh(s / c) * c on the scores (gemma2); returns [B, H, T, D]."""
+        """Explicit attention with tanh(s / c) * c on the scores (gemma2) and/or a sink logit per
+        head in each softmax (gpt-oss, whose probability mass goes nowhere); returns [B, H, T, D]."""
         b, h, t, d = q.shape
         group = h // self.n_head_kv
         qg = q.view(b, self.n_head_kv, group, t, d)  # [B, Hkv, G, T, D]
         scores = (qg @ keys[:, :, None].transpose(-1, -2)).float() * self.scale  # [B, Hkv, G, T, n]
-        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-        probs = scores.softmax(dim=-1).to(values.dtype)
+        if self.sinks is not None:
+            sink = self.sinks.float().view(1, self.n_head_kv, group, 1, 1).expand(b, -1, -1, t, 1)  # [B, Hkv, G, T, 1]
+            probs = torch.cat((scores, sink), dim=-1).softmax(dim=-1)[..., :-1].to(values.dtype)
+        else:
+            probs = scores.softmax(dim=-1).to(values.dtype)
         return (probs @ values[:, :, None]).view(b, h, t, d)
 
 
@@ -121,7 +129,7 @@ class DecoderBlock(nn.Module):
     def __init__(
         self,
         attn_norm: nn.Module,
-        attn: Attention,
+        attn: nn.Module,  # an Attention or a LatentAttention
         mlp: nn.Module,
         ffn_norm: nn.Module | None,  # None for the parallel form
         post_attn_norm: nn.Module | None,

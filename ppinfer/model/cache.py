@@ -58,6 +58,7 @@ class KVPool:
         n_blocks: int,
         dtype: torch.dtype,
         device: torch.device,
+        head_dim_v: int | None = None,  # values' head size when it differs from the keys' (latent attention)
     ) -> None:
         if n_blocks < 1:
             raise ValueError(f"a KV pool needs at least one block, got {n_blocks}")
@@ -65,7 +66,8 @@ class KVPool:
         shape = (n_blocks + 1, BLOCK_SIZE, head_dim)  # block 0 is NULL_BLOCK
         # [N + 1, Hkv, BLOCK_SIZE, D] per layer
         self.k = [torch.zeros(shape[0], n_head_kv[i], *shape[1:], dtype=dtype, device=device) for i in range(n_layers)]
-        self.v = [torch.zeros_like(k) for k in self.k]
+        dv = head_dim if head_dim_v is None else head_dim_v
+        self.v = [torch.zeros(*k.shape[:-1], dv, dtype=dtype, device=device) for k in self.k]  # [N + 1, Hkv, BS, Dv]
         self.positions = torch.full((n_blocks + 1, BLOCK_SIZE), -1, dtype=torch.int64, device=device)  # [N + 1, BS]
         self._fresh = list(range(n_blocks, 0, -1))  # never written: taken first, lowest id first
         self._idle: OrderedDict[int, None] = OrderedDict()  # held by no row, least recently used first
@@ -238,7 +240,7 @@ class LayerKV:
     """One layer's pool in a forward, and the slots its new tokens take."""
 
     k: torch.Tensor  # [N + 1, Hkv, BS, D]: the stage's whole pool of this layer
-    v: torch.Tensor  # [N + 1, Hkv, BS, D]
+    v: torch.Tensor  # [N + 1, Hkv, BS, Dv]
     table: torch.Tensor  # [b, nb] int64
     cols: torch.Tensor  # [b, T] int64
     blocks: torch.Tensor  # [b, T] int64
@@ -246,8 +248,8 @@ class LayerKV:
     end: int  # keys are read from slots [0, end)
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [b, T, Hkv, D]; returns the keys and values to attend to, [b, Hkv, end, D]
-        each, in k's dtype (gathered from the rows' blocks)."""
+        """Store k [b, T, Hkv, D], v [b, T, Hkv, Dv]; returns the keys and values to attend to,
+        [b, Hkv, end, D] and [b, Hkv, end, Dv], in k's dtype (gathered from the rows' blocks)."""
         self.k[self.blocks, :, self.offsets] = k.to(self.k.dtype)  # indexed view is [b, T, Hkv, D]
         self.v[self.blocks, :, self.offsets] = v.to(self.v.dtype)
         return self._gather(self.k, k.dtype), self._gather(self.v, v.dtype)

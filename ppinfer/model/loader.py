@@ -17,11 +17,12 @@ from torch import nn
 from ppinfer.errors import ModelFileError
 from ppinfer.families.hparams import HParams, MoeParams, RopeParams, read_hparams
 from ppinfer.families.registry import get_spec
-from ppinfer.families.spec import FamilySpec, Mlp, QkNorm, Rope, SharedExpert, Tying
+from ppinfer.families.spec import AttnKind, FamilySpec, Mlp, QkNorm, Rope, SharedExpert, Tying
 from ppinfer.gguf.reader import GGUFFile
 from ppinfer.kernels.capabilities import cpu_capabilities
 from ppinfer.kernels.select import WEIGHT_MODES, block_backend
 from ppinfer.model.block import Attention, DecoderBlock, FeedForward
+from ppinfer.model.latent import LatentAttention, LowRankQuery
 from ppinfer.model.layers import (
     ProjectionQkNorm,
     RMSNorm,
@@ -94,7 +95,7 @@ def _attention(
         qkv = w.fused_linear([(p + f"attn_{n}.weight", (s, e), t) for n, s, t in zip("qkv", sizes, order)], biases)
     out = w.linear(p + "attn_output.weight", (e, sizes[0]), w.optional(p + "attn_output.bias", (e,)))
     qk_norm: nn.Module | None = None
-    if spec.qk_norm is QkNorm.HEAD:
+    if spec.qk_norm is QkNorm.HEAD or (spec.qk_norm is QkNorm.HEAD_IF_PRESENT and w.has(p + "attn_q_norm.weight")):
         q_w, k_w = w.array(p + "attn_q_norm.weight", (d,)), w.array(p + "attn_k_norm.weight", (d,))
         if spec.rope is Rope.NEOX:  # the norm acts per dim, so its weight follows the rows
             q_w, k_w = pair_order(q_w, 1, rope.n_rot), pair_order(k_w, 1, rope.n_rot)
@@ -108,29 +109,72 @@ def _attention(
         qk_norm = ProjectionQkNorm(
             RMSNorm(w.tensor(q_w), hp.norm_eps, w.fused), RMSNorm(w.tensor(k_w), hp.norm_eps, w.fused), lp.n_head
         )
+    sinks = w.get(p + "attn_sinks.weight", (lp.n_head,)) if spec.attn_sinks else None
     return Attention(
         qkv, out, lp.n_head, lp.n_head_kv, d, hp.attn_scale, rope,
-        lp.sliding_window, hp.attn_softcap, qk_norm, w.fused,
+        lp.sliding_window, hp.attn_softcap, qk_norm, w.fused, sinks,
     )
+
+
+def _latent_attention(w: Weights, hp: HParams, il: int, rope: RotaryEmbedding) -> LatentAttention:
+    """Multi-head latent attention; the decompression of keys and values is one [H (nope + Dv), R]
+    projection, read from `attn_kv_b` or assembled from the split `attn_k_b` [H, R, nope] and
+    `attn_v_b` [H, Dv, R] (dequantized: their blocks run along the other dimension)."""
+    latent = hp.latent
+    assert latent is not None
+    h, e, d, dv, p = hp.layers[il].n_head, hp.n_embd, hp.head_dim, hp.head_dim_v, f"blk.{il}."
+    r, n_rot, eps = latent.kv_lora_rank, rope.n_rot, hp.norm_eps
+    nope = d - n_rot
+    if latent.q_lora_rank > 0:
+        rq = latent.q_lora_rank
+        q: nn.Module = LowRankQuery(
+            w.linear(p + "attn_q_a.weight", (rq, e)),
+            RMSNorm(w.get(p + "attn_q_a_norm.weight", (rq,)), eps, w.fused),
+            w.linear(p + "attn_q_b.weight", (h * d, rq)),
+        )
+    else:
+        q = w.linear(p + "attn_q.weight", (h * d, e))
+    kv_a = w.linear(p + "attn_kv_a_mqa.weight", (r + n_rot, e))
+    kv_norm = RMSNorm(w.get(p + "attn_kv_a_norm.weight", (r,)), eps, w.fused)
+    if w.has(p + "attn_kv_b.weight"):
+        kv_b = w.linear(p + "attn_kv_b.weight", (h * (nope + dv), r))
+    else:
+        k_b = w.array(p + "attn_k_b.weight", (h, r, nope)).transpose(0, 2, 1)  # [H, nope, R]
+        v_b = w.array(p + "attn_v_b.weight", (h, dv, r))  # [H, Dv, R]
+        kv_b = w.linear_from(np.concatenate([k_b, v_b], axis=1).reshape(h * (nope + dv), r))
+    out = w.linear(p + "attn_output.weight", (e, h * dv))
+    return LatentAttention(q, kv_a, kv_norm, kv_b, out, h, d, dv, r, hp.attn_scale, rope)
 
 
 def _moe(w: Weights, spec: FamilySpec, hp: HParams, il: int, moe: MoeParams) -> MoeFeedForward:
     n, f, e, p = moe.n_expert, moe.n_ff_exp, hp.n_embd, f"blk.{il}."
     expert_shapes = {"gate": (n, f, e), "up": (n, f, e), "down": (n, e, f)}  # checked by read_hparams
-    router = w.linear(p + "ffn_gate_inp.weight", (n, e))
+    assert spec.experts is not None
+    biases = spec.experts.biases
+    router = w.linear(p + "ffn_gate_inp.weight", (n, e), w.get(p + "ffn_gate_inp.bias", (n,)) if biases else None)
     gate_up = w.experts([(p + f"ffn_{role}_exps.weight", expert_shapes[role]) for role in ("gate", "up")])
     down = w.experts([(p + "ffn_down_exps.weight", expert_shapes["down"])])
     shared = shared_gate = None
     assert spec.experts is not None
-    if spec.experts.shared is SharedExpert.GATED:
+    if spec.experts.shared is not SharedExpert.NONE:
         fs = moe.n_ff_shexp
         up = w.fused_linear([(p + "ffn_gate_shexp.weight", (fs, e), None), (p + "ffn_up_shexp.weight", (fs, e), None)])
         shared = FeedForward(Mlp.SWIGLU, up, w.linear(p + "ffn_down_shexp.weight", (e, fs)), w.fused)
+    if spec.experts.shared is SharedExpert.GATED:
         name = p + "ffn_gate_inp_shexp.weight"
         stored_shape = w.gf.info(name).shape  # llama.cpp accepts [E] and [1, E]
         gate = w.array(name, stored_shape if stored_shape in ((e,), (1, e)) else (e,))
         shared_gate = SharedExpertGate(w.tensor(gate.reshape(e)))
-    return MoeFeedForward(moe, router, gate_up, down, shared, shared_gate, w.fused)
+    bias = None
+    if spec.experts.routing_keys and w.has(p + "exp_probs_b.bias"):
+        bias = torch.from_numpy(w.array(p + "exp_probs_b.bias", (n,)).copy())  # [n_expert] float32
+    expert_biases = None
+    if biases:
+        gate_up_bias = torch.cat([w.get(p + f"ffn_{role}_exps.bias", (n, f)) for role in ("gate", "up")], dim=1)
+        expert_biases = (gate_up_bias, w.get(p + "ffn_down_exps.bias", (n, e)))  # [n, 2F], [n, E]
+    return MoeFeedForward(
+        moe, router, gate_up, down, shared, shared_gate, bias, expert_biases, spec.experts.clamped_swiglu, w.fused
+    )
 
 
 def _feed_forward(w: Weights, spec: FamilySpec, hp: HParams, il: int) -> nn.Module:
@@ -151,8 +195,9 @@ def _feed_forward(w: Weights, spec: FamilySpec, hp: HParams, il: int) -> nn.Modu
 def _block(w: Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbedding) -> DecoderBlock:
     p, e, eps = f"blk.{il}.", hp.n_embd, hp.norm_eps
     attn_norm = w.norm(spec, p + "attn_norm", e, eps)
-    attn = _attention(w, spec, hp, il, rope)
-    ffn_norm = None if spec.parallel_block else w.norm(spec, p + "ffn_norm", e, eps)
+    latent = spec.attention is AttnKind.LATENT
+    attn = _latent_attention(w, hp, il, rope) if latent else _attention(w, spec, hp, il, rope)
+    ffn_norm = None if spec.parallel_block else w.norm(spec, p + spec.ffn_norm, e, eps)
     mlp = _feed_forward(w, spec, hp, il)
     post_attn = post_ffn = None
     if spec.post_norms:
@@ -161,15 +206,16 @@ def _block(w: Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbed
     return DecoderBlock(attn_norm, attn, mlp, ffn_norm, post_attn, post_ffn)
 
 
-def _check_names(gf: GGUFFile, plan: StagePlan, used: set[str]) -> None:
+def _check_names(gf: GGUFFile, plan: StagePlan, n_block: int, used: set[str]) -> None:
     """No tensor of this stage's layers may go unused, and no unknown global tensor may exist:
-    either would mean a model feature silently ignored."""
+    either would mean a model feature silently ignored. Blocks past the decoder's layers (up to
+    `n_block`) are ones the family skips."""
     for name in gf.tensors:
         match = _LAYER_NAME.match(name)
         if match:
             layer = int(match.group(1))
-            if layer >= plan.total_layers:
-                raise ModelFileError(f"{gf.path}: tensor {name!r} is beyond block_count {plan.total_layers}")
+            if layer >= n_block:
+                raise ModelFileError(f"{gf.path}: tensor {name!r} is beyond block_count {n_block}")
             if layer in plan.layer_ids and name not in used:
                 raise ModelFileError(f"{gf.path}: unexpected tensor {name!r} for architecture {gf.architecture!r}")
         elif name not in GLOBAL_TENSORS:
@@ -244,5 +290,5 @@ def build_stage(
         head = "token_embd.weight" if spec.tying is Tying.ALWAYS or not has_output else "output.weight"
         out_bias = w.get("output.bias", (v,)) if spec.output_bias else None
         output = w.linear(head, (v, e), out_bias)
-    _check_names(gf, plan, w.used)
+    _check_names(gf, plan, hp.n_block, w.used)
     return PipelineStage(plan, hp, layers, list(ropes.values()), embedding, final_norm, output, dtype, device, report)

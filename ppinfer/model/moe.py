@@ -1,10 +1,12 @@
 """The Mixture-of-Experts feed-forward: one module for every family, driven by `MoeParams`.
 
 A router scores the experts per token (softmax or sigmoid over `ffn_gate_inp`), the top
-`n_expert_used` are chosen, their weights optionally renormalised, and the token's output is
-the weighted sum of the chosen experts' SwiGLU outputs (plus a shared expert, optionally
-scaled by its own sigmoid gate). Tokens are grouped by expert, so each active expert runs
-one product over the rows routed to it, and experts nobody chose are never touched.
+`n_expert_used` are chosen (by the scores plus an optional per-expert selection bias, among
+the best groups of experts where the experts are grouped), their weights optionally
+renormalised and scaled, and the token's output is the weighted sum of the chosen experts'
+SwiGLU outputs (plus a shared expert, optionally scaled by its own sigmoid gate). Tokens are
+grouped by expert, so each active expert runs one product over the rows routed to it, and
+experts nobody chose are never touched.
 
 Expert weights are held by an `experts` module called as `experts(e, x)`: float tensors on
 the exact path (`FloatExperts`), the file's blocks on the quantized path
@@ -72,10 +74,16 @@ class MoeFeedForward(nn.Module):
         down: nn.Module,  # experts(e, h [n, F]) -> [n, E]
         shared: nn.Module | None = None,  # a dense SwiGLU feed-forward on every token
         shared_gate: nn.Module | None = None,  # scales the shared expert's output per token
+        selection_bias: torch.Tensor | None = None,  # [n_expert] added to the scores to choose only
+        expert_biases: tuple[torch.Tensor, torch.Tensor] | None = None,  # [n_expert, 2F] ([gate | up]), [n_expert, E]
+        clamped: bool = False,  # gpt-oss's clamped SwiGLU
         fused: bool = False,
     ) -> None:
         super().__init__()
         self.params = params
+        self.clamped = clamped
+        self.gate_up_bias, self.down_bias = expert_biases if expert_biases is not None else (None, None)
+        self.register_buffer("selection_bias", None if selection_bias is None else selection_bias.float())
         self.router, self.gate_up, self.down = router, gate_up, down
         self.shared, self.shared_gate = shared, shared_gate
         self._glu = fused_ops.glu_op() if fused else None
@@ -90,14 +98,31 @@ class MoeFeedForward(nn.Module):
         """x [N, E] -> (weights [N, k] float32, chosen experts [N, k] int64)."""
         p = self.params
         logits = self.router(x).float()  # [N, n_expert]
+        if p.gating is Gating.SOFTMAX_CHOSEN:
+            chosen_logits, chosen = logits.topk(p.n_expert_used, dim=-1)  # [N, k] each
+            return chosen_logits.softmax(dim=-1), chosen
         probs = logits.softmax(dim=-1) if p.gating is Gating.SOFTMAX else logits.sigmoid()
-        weights, chosen = probs.topk(p.n_expert_used, dim=-1)  # [N, k] each
+        scores = probs if self.selection_bias is None else probs + self.selection_bias  # [N, n_expert]
+        if p.n_group > 1:
+            groups = scores.view(scores.shape[0], p.n_group, -1)  # [N, G, n_expert / G]
+            group_scores = groups.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+            best = group_scores.topk(p.n_group_used, dim=-1).indices  # [N, g]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # [N, G]
+            scores = groups.masked_fill(~keep[..., None], float("-inf")).view_as(scores)
+        chosen = scores.topk(p.n_expert_used, dim=-1).indices  # [N, k]
+        weights = probs.gather(1, chosen)  # [N, k]
         if p.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if p.weights_scale != 1.0:
+            weights = weights * p.weights_scale
         return weights, chosen
 
     def _swiglu(self, h: torch.Tensor) -> torch.Tensor:
         """[n, 2F] ([gate | up]) -> [n, F]."""
+        if self.clamped:  # gpt-oss: gate capped at 7, up clamped to [-7, 7], alpha 1.702
+            gate, up = h.chunk(2, dim=-1)
+            gate = gate.clamp(max=7.0)
+            return gate * torch.sigmoid(1.702 * gate) * (up.clamp(-7.0, 7.0) + 1)
         if self._glu is not None:
             return self._glu(h, 0)
         gate, up = h.chunk(2, dim=-1)
@@ -121,8 +146,13 @@ class MoeFeedForward(nn.Module):
             slots = order[start : start + count]  # [n]
             start += count
             tokens = slots // k  # [n]
-            h = self._swiglu(self.gate_up(expert, flat[tokens]))  # [n, F]
-            y = self.down(expert, h) * slot_weights[slots, None]  # [n, E]
+            h = self.gate_up(expert, flat[tokens])  # [n, 2F]
+            if self.gate_up_bias is not None:
+                h = h + self.gate_up_bias[expert]
+            y = self.down(expert, self._swiglu(h))  # [n, E]
+            if self.down_bias is not None:
+                y = y + self.down_bias[expert]
+            y = y * slot_weights[slots, None]
             out.index_add_(0, tokens, y)
         if self.shared is not None:
             s = self.shared(flat)  # [N, E]

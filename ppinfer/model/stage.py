@@ -91,6 +91,7 @@ class PipelineStage(nn.Module):
             n_blocks=blocks_for(tokens),
             dtype=dtype or self.dtype,
             device=self.device,
+            head_dim_v=self.hparams.head_dim_v,
         )
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:

@@ -30,7 +30,7 @@ from typing import Any
 from gguf import GGMLQuantizationType
 
 from ppinfer.errors import ModelFileError
-from ppinfer.families import per_layer_values
+from ppinfer.families import AttnKind, decoder_layers, get_spec, per_layer_values
 from ppinfer.gguf import GGUFFile
 from ppinfer.plan.allocation import LayerCosts
 
@@ -64,7 +64,9 @@ def layer_costs(
         reader = GGUFFile(path)
 
     arch = reader.architecture
-    n_layers = int(reader.require(f"{arch}.block_count"))
+    # Trailing blocks a family skips (glm4moe's next-token prediction layers) are never loaded.
+    spec = get_spec(arch, path)
+    n_layers, n_blocks = decoder_layers(reader, spec)
 
     expert_types = stored_types if stored_expert_types is None else stored_expert_types
     layer_weights = [0] * n_layers
@@ -76,10 +78,12 @@ def layer_costs(
             tensors[tensor.name] = tensor
             continue
         layer = int(match.group(1))
-        if layer >= n_layers:
+        if layer >= n_blocks:
             raise ModelFileError(
-                f"{path}: tensor {tensor.name} is past {arch}.block_count={n_layers}"
+                f"{path}: tensor {tensor.name} is past {arch}.block_count={n_blocks}"
             )
+        if layer >= n_layers:
+            continue
         if _EXPERTS.search(tensor.name):
             held = _held(tensor, dtype_bytes, expert_types)
             layer_experts[layer] += held
@@ -101,7 +105,8 @@ def layer_costs(
         # Tied embeddings: the last stage holds token_embd again as its output weight.
         head += _held(embd, dtype_bytes, stored_types)
 
-    kv = _kv_bytes_per_layer(reader, path, arch, n_layers, kv_dtype_bytes or dtype_bytes, kv_tokens)
+    latent = spec.attention is AttnKind.LATENT
+    kv = _kv_bytes_per_layer(reader, path, arch, n_layers, kv_dtype_bytes or dtype_bytes, kv_tokens, latent)
     read = None if step_tokens is None else int(embd.n_bytes) // int(embd.shape[0]) * step_tokens
     return LayerCosts(
         layer_weight_bytes=layer_weights,
@@ -128,8 +133,10 @@ def _held_with_prefix(
 
 
 def _kv_bytes_per_layer(
-    reader: GGUFFile, path: str, arch: str, n_layers: int, dtype_bytes: int, kv_tokens: int
+    reader: GGUFFile, path: str, arch: str, n_layers: int, dtype_bytes: int, kv_tokens: int, latent: bool
 ) -> list[int]:
+    """Cached bytes per layer. Latent attention caches every query head's decompressed key and
+    value, of the per-head sizes `*_length_mla` where the file gives them."""
     heads_key, kv_key = f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv"
     n_heads = per_layer_values(reader.require(heads_key), n_layers, heads_key, path)
     n_kv_heads = (
@@ -140,6 +147,10 @@ def _kv_bytes_per_layer(
     embedding_length = int(reader.require(f"{arch}.embedding_length"))
     key_length = reader.get(f"{arch}.attention.key_length")
     value_length = reader.get(f"{arch}.attention.value_length")
+    if latent:
+        n_kv_heads = n_heads
+        key_length = reader.get(f"{arch}.attention.key_length_mla", key_length)
+        value_length = reader.get(f"{arch}.attention.value_length_mla", value_length)
 
     per_layer = []
     for layer in range(n_layers):
