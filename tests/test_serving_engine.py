@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -113,10 +114,85 @@ def test_concurrent_requests_match_the_batch_command(
         streamed = "".join(d.text for d in client.deltas) + client.finished.text
         assert streamed == want["text"]
         assert client.finished.reason == want["finish_reason"]
-        assert client.finished.completion_tokens == len(want["token_ids"])
+        # An end-of-generation token that ended the answer is neither counted nor reported.
+        answer = want["token_ids"]
+        if want["finish_reason"] == "stop" and answer[-1] in served.tokenizer.eog_ids:
+            answer = answer[:-1]
+        assert client.finished.completion_tokens == len(answer)
         assert client.finished.prompt_tokens == len(want["prompt_ids"])
-        ids = [i for d in client.deltas for i in d.token_ids]
-        assert ids == want["token_ids"][: len(ids)]
+        ids = [i for d in client.deltas for i in d.token_ids] + list(client.finished.token_ids)
+        assert ids == answer
+
+
+def _score_logprobs(smollm2_path: Path, ids: list[int], out: Path) -> torch.Tensor:
+    """`task=score`'s logits for `ids`, log-softmaxed in float64: [T, V]."""
+    cfg = _cfg([f"model.path={smollm2_path}", "task=score", f"input.token_ids=[{','.join(map(str, ids))}]",
+                "runtime.weights=dequantized", f"output.dir={out}"])
+    assert run(cfg, environ={}) == 0
+    return torch.log_softmax(torch.from_numpy(np.load(out / "logits.npy")).double(), dim=-1)
+
+
+def test_echoed_prompt_logprobs_equal_task_score(served: PipelineEngine, smollm2_path: Path, tmp_path: Path) -> None:
+    """A prompt longer than one prefill chunk (the last position of a chunk predicts the next
+    chunk's first token), next to a request that decodes: every prompt token's log-probability,
+    the top alternatives and the first generated token's equal task=score's within 1e-4."""
+    text = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(12))
+    ids = served.encode_prompt(text)
+    assert 128 < len(ids) < 250
+    neighbour = _Client()
+    served.submit(served.encode_prompt("Count to ten:"), served.defaults.updated({"max_new_tokens": 30}), neighbour)
+    client = _Client()
+    served.submit(ids, served.defaults.updated({"max_new_tokens": 2, "logprobs": 3, "prompt_logprobs": 2}), client)
+    assert client.done.wait(60) and neighbour.done.wait(60)
+    events = [*client.deltas, client.finished]
+    prompt = next(e.prompt_logprobs for e in events if e.prompt_logprobs)
+    assert len(prompt) == len(ids) and prompt[0] is None
+    reference = _score_logprobs(smollm2_path, ids, tmp_path)  # [T, V]
+    for position, entry in enumerate(prompt[1:], start=1):
+        assert entry.token == ids[position]
+        assert abs(entry.logprob - reference[position - 1, ids[position]].item()) < 1e-4
+        top = reference[position - 1].topk(2)
+        assert [t for t, _ in entry.top] == top.indices.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    generated = [lp for e in events for lp in e.logprobs]
+    first = generated[0]
+    assert abs(first.logprob - reference[len(ids) - 1, first.token].item()) < 1e-4
+    assert first.top[0][0] == first.token  # greedy: the chosen token is the most likely
+    assert len(first.top) == 3
+
+
+def test_logit_bias_forces_a_token(served: PipelineEngine) -> None:
+    forced = served.encode_prompt(" banana")[-1]
+    client = _Client()
+    params = served.defaults.updated({"max_new_tokens": 5, "logit_bias": {str(forced): 100}, "ignore_eos": True})
+    served.submit(served.encode_prompt("Hello"), params, client)
+    assert client.done.wait(60)
+    assert [i for d in client.deltas for i in d.token_ids] + list(client.finished.token_ids) == [forced] * 5
+
+
+def test_penalties_follow_openais_formula_on_task_score_logits(
+    served: PipelineEngine, smollm2_path: Path, tmp_path: Path
+) -> None:
+    """Greedy decoding with presence and frequency penalties, step by step against task=score's
+    logits with OpenAI's formula applied by hand (counts over the generated tokens)."""
+    presence, frequency, steps = 2.0, 2.0, 6
+    prompt = served.encode_prompt("Say it again and again: yes yes yes yes")
+    expected: list[int] = []
+    flipped = False
+    for step in range(steps):
+        logits = _score_logprobs(smollm2_path, prompt + expected, tmp_path / f"s{step}")[-1]  # [V]
+        penalized = logits.clone()
+        for token in set(expected):
+            penalized[token] -= expected.count(token) * frequency + presence
+        flipped |= int(penalized.argmax()) != int(logits.argmax())
+        expected.append(int(penalized.argmax()))
+    assert flipped, "the case must be one where the penalties change the answer"
+    client = _Client()
+    params = served.defaults.updated({"max_new_tokens": steps, "presence_penalty": presence,
+                                      "frequency_penalty": frequency, "ignore_eos": True})
+    served.submit(prompt, params, client)
+    assert client.done.wait(60)
+    assert [i for d in client.deltas for i in d.token_ids] + list(client.finished.token_ids) == expected
 
 
 def test_stream_never_shows_a_stop_string_prefix_that_gets_cut(served: PipelineEngine) -> None:

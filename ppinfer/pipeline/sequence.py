@@ -154,7 +154,8 @@ class Sequence:
         output = self.output
         if output is not None:
             if reason in ("stop", "length"):
-                rest, ids = output.stable_text()
+                rest = output.stable_text()[0]
+                ids = tuple(output.token_ids[self.emitted:])
             generated = len(output.token_ids)
             if isinstance(output.stop_reason, int):  # an end-of-generation id ended it
                 generated -= 1
