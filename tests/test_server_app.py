@@ -384,6 +384,18 @@ def test_chat_logprobs(serve):
     assert [e.logprob for e in streamed] == [-0.25 * (n + 1) for n in range(ANSWER_TOKENS)]
 
 
+def test_response_format_reaches_the_engine(serve):
+    served = serve()
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    served.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                            response_format=response_format)
+    served.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                            response_format={"type": "text"})
+    assert served.engine.submitted[0][1].response_format == response_format
+    assert served.engine.submitted[1][1].response_format == {"type": "text"}
+
+
 def test_penalties_and_bias_reach_the_engine(serve):
     served = serve()
     served.client().completions.create(model=MODEL, prompt="p", presence_penalty=0.5, frequency_penalty=-1.25,
@@ -512,7 +524,10 @@ def test_prompt_too_long(shared, words, max_tokens):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "none"},
      "tool_choice"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "response_format": {"type": "json_object"}}, "response_format"),
+                              "response_format": {"type": "xml"}}, "response_format.type='xml'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format.json_schema"),
 ])
 def test_bad_bodies(shared, path, body, needle):
     response = _post(shared, path, body)

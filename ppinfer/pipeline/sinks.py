@@ -10,6 +10,7 @@ token."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,11 @@ from ppinfer.model import PipelineStage
 from ppinfer.pipeline.wire import Admission
 from ppinfer.pipeline.work import ItemKind, WorkItem
 from ppinfer.profiling.trace import NULL_TRACER, Tracer
+from ppinfer.sampling.grammar import Constraint, GrammarVocab, VocabSource
 from ppinfer.sampling.logprobs import RowLogprobs, TokenLogprob, token_logprobs
 from ppinfer.sampling.params import GenerationParams
 from ppinfer.sampling.sampler import pad_history, sample, stream_generator
+from ppinfer.text.tokenizer import Tokenizer
 
 
 @dataclass
@@ -38,6 +41,8 @@ class _Stream:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     pending: torch.Tensor | None = None
     """Logits [V] of the last prompt position seen so far (it predicts the next chunk's first token)."""
+    constraint: Constraint | None = None
+    """Its grammar's state (`response_format`), advanced by every token it samples."""
 
 
 @dataclass
@@ -54,8 +59,12 @@ class SampleSink:
     sequence's settings and random stream (so a sequence gets the same tokens wherever it
     runs). Settings arrive once per sequence (`admit`), before its first chunk."""
 
-    def __init__(self, tracer: Tracer = NULL_TRACER) -> None:
+    def __init__(self, tracer: Tracer = NULL_TRACER, grammar: Callable[[], GrammarVocab] | None = None) -> None:
+        """`grammar`: builds the vocabulary for `response_format` constraints (once, when the
+        first constrained sequence comes)."""
         self.tracer = tracer
+        self._grammar_factory = grammar
+        self._grammar: GrammarVocab | None = None
         self._admitted: dict[int, Admission] = {}  # sequences whose first chunk is still to come
         self._streams: dict[tuple[int, int], _Stream] = {}  # (lane, row) -> the row's sequence
 
@@ -80,6 +89,10 @@ class SampleSink:
         tokens = torch.zeros(len(item.rows), dtype=torch.int64)
         with self.tracer.range("lm_head"):
             logits = stage.lm_head(hidden[:, -1:])[:, 0]  # [b, V]
+        raw = logits
+        if any(s.constraint is not None for s in streams):
+            with self.tracer.range("grammar"):
+                logits = self._constrain(streams, logits)
         with self.tracer.range("sample"):
             for rows in _alike(streams):
                 group = [streams[i] for i in rows]
@@ -97,7 +110,19 @@ class SampleSink:
                         stream.history.append(token)
                     if stream.generated is not None:
                         stream.generated.append(token)
-        return Sampled(tokens, self._logprobs(streams, logits, tokens))
+                    if stream.constraint is not None:
+                        stream.constraint.advance(token)
+        return Sampled(tokens, self._logprobs(streams, raw, tokens))
+
+    def _constrain(self, streams: list[_Stream], logits: torch.Tensor) -> torch.Tensor:
+        """`logits` [b, V] with the tokens each row's grammar forbids at -inf."""
+        logits = logits.float().clone()
+        for i, stream in enumerate(streams):
+            if stream.constraint is not None:
+                allowed = stream.constraint.allowed().to(logits.device)  # [V]
+                logits[i, : allowed.shape[0]].masked_fill_(~allowed, float("-inf"))
+                logits[i, allowed.shape[0]:] = float("-inf")  # padding columns of the output head
+        return logits
 
     def _prompt_logprobs(
         self, stage: PipelineStage, stream: _Stream, ids: torch.Tensor, hidden: torch.Tensor, first: int
@@ -147,11 +172,33 @@ class SampleSink:
             history: list[int] | None = [] if params.repetition_penalty != 1.0 else None
             stream = _Stream(step.seq, params, stream_generator(admission.stream_seed), history,
                              generated=[] if params.penalized else None,
-                             prompt_logprobs=[] if params.prompt_logprobs is not None else None)
+                             prompt_logprobs=[] if params.prompt_logprobs is not None else None,
+                             constraint=self._constraint(params))
             self._streams[key] = stream
         if stream.history is not None and item.kind is ItemKind.PREFILL:
             # the prompt's tokens, padding excluded (decode inputs were sampled here already)
             stream.history.extend(ids[max(0, -step.first_pos):].tolist())
+
+
+    def _constraint(self, params: GenerationParams) -> Constraint | None:
+        if params.response_format is None:
+            return None
+        if self._grammar is None:
+            if self._grammar_factory is None:
+                raise RuntimeError("response_format needs the vocabulary: SampleSink(grammar=...)")
+            self._grammar = self._grammar_factory()
+        return self._grammar.constraint(params.response_format)
+
+
+def grammar_vocab(tokenizer: Tokenizer) -> GrammarVocab:
+    """The vocabulary of `tokenizer` as the grammar library needs it: control tokens (no text
+    spells them) marked special, end-of-generation ids as its end tokens."""
+    pieces = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+    special = [i for i, piece in enumerate(pieces) if piece and not tokenizer.decode([i], skip_special=True)]
+    return GrammarVocab(VocabSource(
+        pieces, special, sorted(tokenizer.eog_ids), tokenizer.bos_id,
+        lambda text: tokenizer.encode(text, add_bos=False, parse_special=False),
+    ))
 
 
 def _alike(streams: list[_Stream]) -> list[list[int]]:

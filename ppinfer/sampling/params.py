@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ppinfer.sampling.grammar import grammar_of
 from ppinfer.sampling.stopping import StopConditions, unescape_stop_string
 
 SEED_RANGE = (0, 2**63 - 1)
@@ -76,6 +77,10 @@ class GenerationParams:
     distribution (log-softmax of the logits), before any bias, penalty or filter."""
     prompt_logprobs: int | None = None
     """The same for every prompt token after the first (null: none)."""
+    response_format: dict[str, Any] | None = None
+    """OpenAI's `response_format`: `{"type": "json_object"}` or `{"type": "json_schema",
+    "json_schema": {"schema": {...}}}` constrain every sampled token to the grammar (see
+    `ppinfer.sampling.grammar`); null or `{"type": "text"}`: free text."""
     seed: int | None = 0
     """Seed of the sampler, so sampled runs are reproducible; each sequence's random stream is
     derived from (seed, its index). Null (server requests without a seed) draws a fresh one."""
@@ -127,6 +132,7 @@ class GenerationParams:
                 raise ValueError(f"stop[{i}]={shown}: {exc}") from exc
         values["stop"] = stops
         values["logit_bias"] = {str(k): float(v) for k, v in values["logit_bias"].items()}
+        values["response_format"] = _plain(values["response_format"])
         return cls(**values).checked()
 
     def updated(self, overrides: Mapping[str, Any]) -> GenerationParams:
@@ -174,6 +180,7 @@ class GenerationParams:
                 _bad("logit_bias", key, "keys must be token ids (non-negative integers)")
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high):
                 _bad(f"logit_bias[{key}]", value, f"must be a number in [{low:g}, {high:g}]")
+        grammar_of(self.response_format)  # raises ValueError("response_format...: why")
         for key in ("logprobs", "prompt_logprobs"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -193,6 +200,15 @@ def _bad(key: str, value: object, why: str) -> None:
     raise ValueError(f"{key}={value!r}: {why}")
 
 
+def _plain(value: Any) -> Any:
+    """A config node's value as plain dicts and lists."""
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or (hasattr(value, "__iter__") and not isinstance(value, str)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _hashable(value: Any) -> Any:
     if isinstance(value, dict):
         return tuple(sorted(value.items()))
@@ -203,6 +219,10 @@ def _typed(key: str, value: Any, annotation: Any) -> Any:
     """`value` (from JSON) as the field's type: an int is a float where a float is wanted, but
     a bool is never a number and a float never an int."""
     kind = str(annotation)
+    if kind == "dict[str, Any] | None":
+        if value is not None and not isinstance(value, dict):
+            _bad(key, value, "must be an object")
+        return value
     if kind == "dict[str, float]":
         if not isinstance(value, dict):
             _bad(key, value, "must be an object of token ids to numbers")

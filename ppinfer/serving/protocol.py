@@ -32,7 +32,7 @@ FIELDS: dict[str, set[str]] = {
 """The fields each endpoint honours; any other is a 400 naming it. `user` has no effect on
 the answer in OpenAI's API either (an end-user identifier for abuse monitoring)."""
 
-NEUTRAL_ONLY = {"suffix": ("",), "response_format": ({"type": "text"},)}
+NEUTRAL_ONLY = {"suffix": ("",)}
 """Fields honoured only with the value that asks for nothing beyond plain generation."""
 
 Endpoint = Literal["completion", "chat"]
@@ -125,6 +125,8 @@ def parse_request(kind: Endpoint, body: Any, model_id: str) -> ParsedRequest:
         raise bad_request(f"n={n}: {len(prompts)} prompts x n = {len(prompts) * n} choices, more than "
                           f"{MAX_CHOICES}", param="n")
     overrides = {key: body[key] for key in SETTINGS if key in body}
+    if "response_format" in body:
+        overrides["response_format"] = body["response_format"]
     echo = _flag("echo", body.get("echo", False))
     overrides |= _logprobs(kind, body, echo)
     return ParsedRequest(
