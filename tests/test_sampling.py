@@ -18,9 +18,12 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from ppinfer.sampling.logprobs import token_logprobs
 from ppinfer.sampling.params import GenerationParams
 from ppinfer.sampling.sampler import (
     HISTORY_PAD,
+    apply_logit_bias,
+    apply_penalties,
     apply_repetition_penalty,
     candidates,
     make_generator,
@@ -343,3 +346,57 @@ def test_the_most_extreme_valid_settings_always_leave_a_token(settings: dict) ->
     only_the_top = params.top_p < 1e-40 or params.min_p == 1.0
     if only_the_top and params.repetition_penalty == 1.0:
         assert torch.equal(tokens, logits.argmax(dim=-1))
+
+
+def test_presence_and_frequency_penalties_hand_case() -> None:
+    """OpenAI's formula, worked by hand: logit - count * frequency - (count > 0) * presence,
+    counting the generated tokens of each row only."""
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5]])
+    generated = torch.tensor([[3, 3, 1, HISTORY_PAD], [0, HISTORY_PAD, HISTORY_PAD, HISTORY_PAD]])
+    params = GenerationParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(logits, generated, params)
+    # row 0: token 1 seen once: 2 - 0.25 - 0.5; token 3 twice: 4 - 0.5 - 0.5; row 1: token 0 once
+    expected = torch.tensor([[1.0, 1.25, 3.0, 3.0], [-0.25, 0.5, 0.5, 0.5]])
+    torch.testing.assert_close(out, expected)
+    negative = apply_penalties(logits, generated, GenerationParams(presence_penalty=-1.0, frequency_penalty=-2.0))
+    torch.testing.assert_close(negative[0], torch.tensor([1.0, 2.0 + 2.0 + 1.0, 3.0, 4.0 + 4.0 + 1.0]))
+
+
+def test_penalties_change_the_greedy_choice_and_need_the_generated_tokens() -> None:
+    logits = torch.tensor([[2.0, 1.9, 0.0]])
+    generated = pad_history([[0]])
+    assert sample(logits, GenerationParams()).item() == 0
+    assert sample(logits, GenerationParams(presence_penalty=0.2), generated=generated).item() == 1
+    assert sample(logits, GenerationParams(frequency_penalty=0.05), generated=generated).item() == 0
+    assert sample(logits, GenerationParams(frequency_penalty=0.05), generated=pad_history([[0, 0, 0]])).item() == 1
+    with pytest.raises(ValueError, match="generated tokens"):
+        sample(logits, GenerationParams(frequency_penalty=0.5))
+
+
+def test_logit_bias_hand_case() -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.0], [5.0, 1.0, 2.0]])
+    params = GenerationParams(logit_bias={"0": 1.5, "2": -100.0})
+    torch.testing.assert_close(apply_logit_bias(logits, params), torch.tensor([[1.5, 1.0, -98.0], [6.5, 1.0, -98.0]]))
+    assert sample(logits, params).tolist() == [0, 0]
+    assert sample(logits, GenerationParams(logit_bias={"1": 100.0})).tolist() == [1, 1]
+    with pytest.raises(ValueError, match="logit_bias='3': token id outside the vocabulary"):
+        params.updated({"logit_bias": {"3": 1}}).check_vocabulary(3)
+
+
+def test_logprobs_are_the_log_softmax_with_the_top_k() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    total = math.log(sum(math.exp(v) for v in (1.0, 3.0, 2.0, 0.0)))
+    (entry,) = token_logprobs(logits, torch.tensor([2]), 2)
+    assert entry.token == 2 and entry.logprob == pytest.approx(2.0 - total)
+    assert [t for t, _ in entry.top] == [1, 2]
+    assert [v for _, v in entry.top] == pytest.approx([3.0 - total, 2.0 - total])
+    assert token_logprobs(logits, torch.tensor([0]), 0)[0].top == ()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("presence_penalty", 2.5), ("frequency_penalty", -2.01), ("logit_bias", {"x": 1}), ("logit_bias", {"1": 100.5}),
+    ("logprobs", 21), ("prompt_logprobs", -1),
+])
+def test_new_settings_are_bounded(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"^{field}"):
+        GenerationParams().updated({field: value})

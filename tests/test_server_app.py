@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ppinfer.pipeline.intake import IntakeStats, KVStats, QueueFull, Unavailable
 from ppinfer.pipeline.sequence import Finished, TokenDelta
+from ppinfer.sampling.logprobs import TokenLogprob
 from ppinfer.sampling.params import GenerationParams
 from ppinfer.serving.app import create_app
 from ppinfer.serving.http import ConnectionLimits, HttpServer
@@ -32,8 +33,13 @@ DEFAULT_MAX = 16
 SCRIPT = ["Hel", "lo", ",", " wor", "ld", "!", " ça", " va"]
 """What the fake engine generates, one token each, then an end-of-generation token."""
 FULL = "".join(SCRIPT)
-STOP_TOKENS = len(SCRIPT) + 1
-"""Completion tokens of a request that runs to the script's end (its end token counted)."""
+SAMPLED = len(SCRIPT) + 1
+"""Tokens the fake engine samples for a request that runs to the script's end (its end token
+included)."""
+ANSWER_TOKENS = len(SCRIPT)
+"""Completion tokens of such a request: the end-of-generation token is not counted."""
+PARTIAL = 7
+"""A token id whose bytes are not a whole UTF-8 character."""
 ROLES = {"system", "user", "assistant"}
 MAX_BYTES = 64 * 1024
 """The servers' request body limit (`server.max_request_bytes`)."""
@@ -43,10 +49,12 @@ MAX_BYTES = 64 * 1024
 class FakeEngine:
     """Emits `SCRIPT` from a thread per request; the last token's text comes in `Finished`
     (as held-back text). `endless`: tokens "x" until cancelled; `fail_after`: an error after
-    that many tokens. Prompt ids: a BOS then one id per word."""
+    that many tokens. Prompt ids: a BOS then one id per word. Log-probabilities when asked:
+    `_entry` for script token n (id 100 + n), -1 for every prompt token after the first."""
 
     model_id: str = MODEL
     context_length: int = CONTEXT
+    vocab_size: int = 1000
     defaults: GenerationParams = field(default_factory=lambda: GenerationParams(max_new_tokens=DEFAULT_MAX))
     interval_s: float = 0.002
     is_ready: bool = True
@@ -86,7 +94,15 @@ class FakeEngine:
             ids += [0, *self.encode_prompt(message["content"])[1:]]
         return ids
 
-    def submit(self, prompt_ids, params, emit) -> int:
+    def token_bytes(self, token_id: int) -> bytes:
+        if 100 <= token_id < 100 + len(SCRIPT):
+            return SCRIPT[token_id - 100].encode()
+        return b"\xe2\x80" if token_id == PARTIAL else f"<{token_id}>".encode()
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", "replace")
+
+    def submit(self, prompt_ids, params, emit, choice=0) -> int:
         if not prompt_ids:
             raise ValueError("the prompt is empty after tokenization")
         if len(prompt_ids) + params.max_new_tokens > self.context_length:
@@ -100,7 +116,7 @@ class FakeEngine:
             request_id = len(self.submitted)
             self.submitted[request_id] = (list(prompt_ids), params)
             self._stops[request_id] = stop = threading.Event()
-        thread = threading.Thread(target=self._generate, args=(len(prompt_ids), params, emit, stop), daemon=True)
+        thread = threading.Thread(target=self._generate, args=(list(prompt_ids), params, emit, stop), daemon=True)
         self._threads.append(thread)
         thread.start()
         return request_id
@@ -120,9 +136,15 @@ class FakeEngine:
         for thread in self._threads:
             thread.join(5.0)
 
-    def _generate(self, prompt: int, params: GenerationParams, emit, stop: threading.Event) -> None:
-        count = STOP_TOKENS if params.max_new_tokens >= STOP_TOKENS else params.max_new_tokens
+    def _generate(self, prompt_ids: list[int], params: GenerationParams, emit, stop: threading.Event) -> None:
+        prompt = len(prompt_ids)
+        count = SAMPLED if params.max_new_tokens >= SAMPLED else params.max_new_tokens
         texts = ["x"] * 10**6 if self.endless else SCRIPT[:count]
+        k = params.logprobs
+        lps = (lambda n: (_entry(n, k),)) if k is not None else (lambda n: ())
+        told = None
+        if params.prompt_logprobs is not None:
+            told = (None, *(TokenLogprob(i, -1.0, ((i, -1.0),)[:params.prompt_logprobs]) for i in prompt_ids[1:]))
         for n, text in enumerate(texts[:-1]):
             if stop.wait(self.interval_s):
                 emit(Finished("cancelled", "", prompt, n))
@@ -130,9 +152,19 @@ class FakeEngine:
             if self.fail_after == n:
                 emit(Finished("error", "", prompt, n, error="rank 1 died"))
                 return
-            emit(TokenDelta(text, (100 + n,)))
-        reason = "stop" if count == STOP_TOKENS else "length"
-        emit(Finished(reason, texts[-1], prompt, count))
+            emit(TokenDelta(text, (100 + n,), lps(n), told if n == 0 else None))
+        last = len(texts) - 1
+        reason = "stop" if count == SAMPLED else "length"
+        emit(Finished(reason, texts[-1], prompt, len(texts), token_ids=(100 + last,), logprobs=lps(last),
+                      prompt_logprobs=told if last == 0 else None))
+
+
+def _entry(n: int, k: int) -> TokenLogprob:
+    """Script token n's log-probability: -0.25 (n + 1), behind the partial token at -0.1 for
+    odd n (so the chosen token is not always the most likely), then id 8 at -5."""
+    own = (100 + n, -0.25 * (n + 1))
+    ranked = [(PARTIAL, -0.1), own] if n % 2 else [own, (PARTIAL, -3.0)]
+    return TokenLogprob(100 + n, own[1], tuple([*ranked, (8, -5.0)][:k]))
 
 
 @dataclass
@@ -199,8 +231,8 @@ def test_completion_whole(serve):
     assert reply.object == "text_completion" and reply.model == MODEL and reply.id
     assert reply.choices[0].text == FULL
     assert reply.choices[0].finish_reason == "stop"
-    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (4, STOP_TOKENS)
-    assert reply.usage.total_tokens == 4 + STOP_TOKENS
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (4, ANSWER_TOKENS)
+    assert reply.usage.total_tokens == 4 + ANSWER_TOKENS
 
     short = client.completions.create(model=MODEL, prompt=["one"], max_tokens=3)
     assert short.choices[0].text == "".join(SCRIPT[:3])
@@ -230,7 +262,7 @@ def test_completion_stream(serve):
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finals == ["stop"]
     assert chunks[-1].choices == []
-    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (3, STOP_TOKENS)
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (3, ANSWER_TOKENS)
 
     with httpx.stream("POST", f"{served.url}/v1/completions", json={"prompt": "a", "stream": True}) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -247,6 +279,131 @@ def test_chat_stream(serve):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "".join(SCRIPT[:4])
     assert chunks[-1].choices[0].finish_reason == "length"
     assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_prompts_as_lists_and_token_ids_and_n_choices(serve):
+    served = serve()
+    client = served.client()
+    reply = client.completions.create(model=MODEL, prompt=["one two", [1, 5, 6, 7]], n=2, max_tokens=3, seed=9)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert all(c.text == "".join(SCRIPT[:3]) for c in reply.choices)
+    assert reply.usage.prompt_tokens == 3 + 4  # each prompt once, whatever n
+    assert reply.usage.completion_tokens == 4 * 3
+    submitted = sorted(served.engine.submitted.values(), key=lambda s: s[0])
+    assert [ids for ids, _ in submitted] == [[1, 5, 5], [1, 5, 5], [1, 5, 6, 7], [1, 5, 6, 7]]
+
+    chunks = list(client.completions.create(model=MODEL, prompt="x", n=3, max_tokens=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    for index in range(3):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert "".join(c.text for c in mine) == "".join(SCRIPT[:2])
+        assert [c.finish_reason for c in mine if c.finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 3 * 2
+
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
+    assert [c.message.content for c in chat.choices] == [FULL, FULL]
+
+
+def _completion_logprobs(n_tokens: int, k: int) -> tuple[list, list, list]:
+    """The fake engine's script as OpenAI's completion logprobs: tokens, their log-probabilities
+    and each one's top-k dictionary (the chosen token always in it)."""
+    tokens = SCRIPT[:n_tokens]
+    logprobs = [-0.25 * (n + 1) for n in range(n_tokens)]
+    tops = []
+    for n in range(n_tokens):
+        ranked = [("bytes:\\xe2\\x80", -0.1), (SCRIPT[n], logprobs[n])] if n % 2 else \
+            [(SCRIPT[n], logprobs[n]), ("bytes:\\xe2\\x80", -3.0)]
+        top = dict([*ranked, ("<8>", -5.0)][:k])
+        top.setdefault(SCRIPT[n], logprobs[n])
+        tops.append(top)
+    return tokens, logprobs, tops
+
+
+def test_completion_logprobs(serve):
+    served = serve()
+    client = served.client()
+    reply = client.completions.create(model=MODEL, prompt="a b", max_tokens=4, logprobs=2)
+    tokens, logprobs, tops = _completion_logprobs(4, 2)
+    got = reply.choices[0].logprobs
+    assert (got.tokens, got.token_logprobs, got.top_logprobs) == (tokens, logprobs, tops)
+    assert got.text_offset == [0, 3, 5, 6]
+    assert served.engine.submitted[0][1].logprobs == 2 and served.engine.submitted[0][1].prompt_logprobs is None
+
+    # Streamed: the same lists, chunk by chunk; the end-of-generation token is not reported.
+    chunks = list(client.completions.create(model=MODEL, prompt="a b", logprobs=0, stream=True))
+    parts = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    tokens, logprobs, tops = _completion_logprobs(ANSWER_TOKENS, 0)
+    assert [t for p in parts for t in p.tokens] == tokens
+    assert [t for p in parts for t in p.token_logprobs] == logprobs
+    assert [t for p in parts for t in p.top_logprobs] == tops
+    assert [t for p in parts for t in p.text_offset] == [len("".join(SCRIPT[:n])) for n in range(ANSWER_TOKENS)]
+
+
+def test_echo_with_prompt_logprobs(serve):
+    served = serve()
+    client = served.client()
+    reply = client.completions.create(model=MODEL, prompt=[1, 5, 6], max_tokens=1, logprobs=1, echo=True)
+    got = reply.choices[0]
+    assert got.text == "<1><5><6>" + SCRIPT[0]
+    assert got.logprobs.tokens == ["<1>", "<5>", "<6>", SCRIPT[0]]
+    assert got.logprobs.token_logprobs == [None, -1.0, -1.0, -0.25]
+    assert got.logprobs.top_logprobs == [None, {"<5>": -1.0}, {"<6>": -1.0}, {SCRIPT[0]: -0.25}]
+    assert got.logprobs.text_offset == [0, 3, 6, 9]
+    assert served.engine.submitted[0][1].prompt_logprobs == 1
+
+    plain = client.completions.create(model=MODEL, prompt="one two", max_tokens=2, echo=True)
+    assert plain.choices[0].text == "one two" + "".join(SCRIPT[:2]) and plain.choices[0].logprobs is None
+
+    chunks = list(client.completions.create(model=MODEL, prompt=[1, 5], max_tokens=2, logprobs=0, echo=True,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == "<1><5>" + "".join(SCRIPT[:2])
+    first = chunks[0].choices[0].logprobs
+    assert first.tokens[:3] == ["<1>", "<5>", SCRIPT[0]] and first.token_logprobs[:3] == [None, -1.0, -0.25]
+
+
+def test_chat_logprobs(serve):
+    client = serve().client()
+    messages = [{"role": "user", "content": "hi"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, logprobs=True,
+                                           top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert [c.token for c in content] == SCRIPT[:2]
+    assert [c.logprob for c in content] == [-0.25, -0.5]
+    assert content[0].bytes == list(SCRIPT[0].encode())
+    assert [(t.token, t.logprob, t.bytes) for t in content[1].top_logprobs] == [
+        ("bytes:\\xe2\\x80", -0.1, [0xE2, 0x80]), (SCRIPT[1], -0.5, list(SCRIPT[1].encode())),
+        ("<8>", -5.0, list(b"<8>")),
+    ]
+
+    without_top = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, logprobs=True)
+    assert without_top.choices[0].logprobs.content[0].top_logprobs == []
+    assert client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1).choices[0].logprobs is None
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, logprobs=True, stream=True))
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == SCRIPT
+    assert [e.logprob for e in streamed] == [-0.25 * (n + 1) for n in range(ANSWER_TOKENS)]
+
+
+def test_response_format_reaches_the_engine(serve):
+    served = serve()
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    served.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                            response_format=response_format)
+    served.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                            response_format={"type": "text"})
+    assert served.engine.submitted[0][1].response_format == response_format
+    assert served.engine.submitted[1][1].response_format == {"type": "text"}
+
+
+def test_penalties_and_bias_reach_the_engine(serve):
+    served = serve()
+    served.client().completions.create(model=MODEL, prompt="p", presence_penalty=0.5, frequency_penalty=-1.25,
+                                       logit_bias={"5": -100, "17": 2.5})
+    params = served.engine.submitted[0][1]
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1.25)
+    assert params.logit_bias == {"5": -100.0, "17": 2.5}
 
 
 def test_concurrent_streams(serve):
@@ -290,8 +447,16 @@ def test_settings_reach_the_engine(serve):
 
 @pytest.mark.parametrize("kwargs, field", [
     ({"temperature": -1}, "temperature"),
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": 129}, "n"),
     ({"n": True}, "n"),
+    ({"logprobs": 6}, "logprobs"),
+    ({"logprobs": True}, "logprobs"),
+    ({"extra_body": {"logit_bias": {"1000": 1}}}, "logit_bias"),
+    ({"extra_body": {"logit_bias": {"-1": 1}}}, "logit_bias"),
+    ({"extra_body": {"logit_bias": {"5": 101}}}, "logit_bias"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty"),
+    ({"suffix": "tail"}, "suffix"),
     ({"best_of": True}, "best_of"),
     ({"frequency_penalty": False}, "frequency_penalty"),
     ({"echo": 0}, "echo"),
@@ -301,9 +466,10 @@ def test_settings_reach_the_engine(serve):
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"extra_body": {"top_k": -3}}, "top_k"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"echo": True}, "echo"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"best_of": 2}, "best_of"),
+    ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
+    ({"extra_body": {"max_completion_tokens": 3}}, "max_completion_tokens"),
 ])
 def test_bad_settings(shared, kwargs, field):
     with pytest.raises(openai.BadRequestError) as caught:
@@ -342,14 +508,27 @@ def test_prompt_too_long(shared, words, max_tokens):
 
 
 @pytest.mark.parametrize("path, body, needle", [
-    ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": [1, 2, 1000]}, "prompt: token id 1000 is outside the vocabulary"),
+    ("/v1/completions", {"prompt": ["a", [3000]]}, "prompt[1]: token id 3000"),
+    ("/v1/completions", {"prompt": ["a", 3]}, "prompt"),
+    ("/v1/completions", {"prompt": []}, "prompt"),
     ("/v1/completions", {}, "prompt"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role='robot'"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
      "tools"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+     "top_logprobs=2: needs logprobs=true"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "none"},
+     "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "xml"}}, "response_format.type='xml'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format.json_schema"),
 ])
 def test_bad_bodies(shared, path, body, needle):
     response = _post(shared, path, body)
@@ -503,11 +682,11 @@ def test_metrics(serve):
     assert requests("/v1/completions", "400") == 1
     assert requests("/v1/chat/completions", "200") == 1
     assert samples[("ppinfer_prompt_tokens_total", ())] == 4 + 3
-    assert samples[("ppinfer_generation_tokens_total", ())] == 2 * STOP_TOKENS
+    assert samples[("ppinfer_generation_tokens_total", ())] == 2 * ANSWER_TOKENS
     assert samples[("ppinfer_time_to_first_token_seconds_count", ())] == 2
     # Every token but a request's first is one inter-token latency, the ones only Finished
     # reports (the last token's text and the end-of-generation token) included.
-    assert samples[("ppinfer_inter_token_latency_seconds_count", ())] == 2 * (STOP_TOKENS - 1)
+    assert samples[("ppinfer_inter_token_latency_seconds_count", ())] == 2 * (ANSWER_TOKENS - 1)
     assert 0 < samples[("ppinfer_time_to_first_token_seconds_sum", ())] < 2
     assert samples[("ppinfer_queue_length", ())] == 3
     assert samples[("ppinfer_running_sequences", ())] == 2

@@ -20,12 +20,15 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import psutil
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from torchrun_job import REPO, ProcessTree, command, describe
 
+from ppinfer import load_tokenizer
 from ppinfer.pipeline.batch import run
 
 pytestmark = pytest.mark.slow
@@ -129,6 +132,48 @@ def test_greedy_completion_equals_the_batch_command(server: Server, smollm2_path
     )
     assert "".join(c.choices[0].text for c in stream if c.choices) == expected
     assert done.usage.completion_tokens <= 24 and done.usage.prompt_tokens > 0
+
+
+def test_echoed_logprobs_over_two_stages_equal_task_score(server: Server, smollm2_path: Path, tmp_path: Path) -> None:
+    """lm-evaluation-harness's request (token ids, echo, logprobs=1, max_tokens=1): the prompt's
+    log-probabilities come from the last rank to the first behind the sampled ids and equal
+    the one-stage task=score's within 1e-4; so does the generated token's, streamed or not."""
+    ids = load_tokenizer(smollm2_path).encode("The capital of France is Paris. The capital of Italy is")
+    reply = server.client.completions.create(model=server.model, prompt=ids, max_tokens=1, logprobs=1, echo=True,
+                                             temperature=0)
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == len(ids) + 1 and logprobs.token_logprobs[0] is None
+    cfg_args = [f"model.path={smollm2_path}", "task=score", f"input.token_ids=[{','.join(map(str, ids))}]",
+                "runtime.weights=dequantized", f"output.dir={tmp_path}"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        assert run(compose(config_name="config", overrides=cfg_args), environ={}) == 0
+    reference = torch.log_softmax(torch.from_numpy(np.load(tmp_path / "logits.npy")).double(), dim=-1)  # [T, V]
+    expected = [reference[p - 1, ids[p]].item() for p in range(1, len(ids))] + [reference[-1].max().item()]
+    assert logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert all(max(top.values()) == pytest.approx(reference[p].max().item(), abs=1e-4)
+               for p, top in enumerate(logprobs.top_logprobs[1:]))
+
+    chunks = list(server.client.chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=6, temperature=0,
+        logprobs=True, top_logprobs=2, stream=True))
+    whole = server.client.chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=6, temperature=0,
+        logprobs=True, top_logprobs=2)
+    streamed = [(e.token, e.logprob) for c in chunks if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert streamed == [(e.token, e.logprob) for e in whole.choices[0].logprobs.content]
+    assert len(streamed) == whole.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 2 for e in whole.choices[0].logprobs.content)
+
+
+def test_n_choices_and_prompt_lists(server: Server) -> None:
+    reply = server.client.completions.create(model=server.model, prompt=["Once upon a time", "The sea is"], n=3,
+                                             max_tokens=5, temperature=1.0, seed=3, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in reply.choices) == list(range(6))
+    assert reply.usage.completion_tokens == 6 * 5
+    again = server.client.completions.create(model=server.model, prompt=["Once upon a time", "The sea is"], n=3,
+                                             max_tokens=5, temperature=1.0, seed=3, extra_body={"ignore_eos": True})
+    assert [c.text for c in again.choices] == [c.text for c in reply.choices]  # seeded: reproducible
 
 
 def _one(server: Server, i: int, results: dict) -> None:

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -24,7 +25,7 @@ from ppinfer.pipeline.runtime import StageRunner, run_first
 from ppinfer.pipeline.scheduler import Scheduler
 from ppinfer.pipeline.sequence import Finished, TokenDelta
 from ppinfer.pipeline.sequences import Sequences
-from ppinfer.pipeline.sinks import SampleSink
+from ppinfer.pipeline.sinks import SampleSink, grammar_vocab
 from ppinfer.sampling.params import GenerationParams
 from ppinfer.serving.engine import PromptTooLong
 from ppinfer.serving.pipeline_engine import PipelineEngine
@@ -82,9 +83,8 @@ def served(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
     stage = build_stage(job.model_path, job.plan, job.dtype, job.device, weights="dequantized")
     intake = Intake(rows=job.n_lanes * job.lane_size, max_queue=cfg.server.max_queue)
     engine = PipelineEngine("smollm2", job.tokenizer, job.capacity, job.params[0], intake)
-    runner = StageRunner(
-        stage, job.n_lanes, job.lane_size, job.capacity, job.kv_tokens, job.kv_dtype, sink=SampleSink()
-    )
+    sink = SampleSink(grammar=lambda: grammar_vocab(job.tokenizer))
+    runner = StageRunner(stage, job.n_lanes, job.lane_size, job.capacity, job.kv_tokens, job.kv_dtype, sink=sink)
     scheduler = job.scheduler()
 
     def loop() -> None:
@@ -115,10 +115,132 @@ def test_concurrent_requests_match_the_batch_command(
         streamed = "".join(d.text for d in client.deltas) + client.finished.text
         assert streamed == want["text"]
         assert client.finished.reason == want["finish_reason"]
-        assert client.finished.completion_tokens == len(want["token_ids"])
+        # An end-of-generation token that ended the answer is neither counted nor reported.
+        answer = want["token_ids"]
+        if want["finish_reason"] == "stop" and answer[-1] in served.tokenizer.eog_ids:
+            answer = answer[:-1]
+        assert client.finished.completion_tokens == len(answer)
         assert client.finished.prompt_tokens == len(want["prompt_ids"])
-        ids = [i for d in client.deltas for i in d.token_ids]
-        assert ids == want["token_ids"][: len(ids)]
+        ids = [i for d in client.deltas for i in d.token_ids] + list(client.finished.token_ids)
+        assert ids == answer
+
+
+def _score_logprobs(smollm2_path: Path, ids: list[int], out: Path) -> torch.Tensor:
+    """`task=score`'s logits for `ids`, log-softmaxed in float64: [T, V]."""
+    cfg = _cfg([f"model.path={smollm2_path}", "task=score", f"input.token_ids=[{','.join(map(str, ids))}]",
+                "runtime.weights=dequantized", f"output.dir={out}"])
+    assert run(cfg, environ={}) == 0
+    return torch.log_softmax(torch.from_numpy(np.load(out / "logits.npy")).double(), dim=-1)
+
+
+def test_echoed_prompt_logprobs_equal_task_score(served: PipelineEngine, smollm2_path: Path, tmp_path: Path) -> None:
+    """A prompt longer than one prefill chunk (the last position of a chunk predicts the next
+    chunk's first token), next to a request that decodes: every prompt token's log-probability,
+    the top alternatives and the first generated token's equal task=score's within 1e-4."""
+    text = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(12))
+    ids = served.encode_prompt(text)
+    assert 128 < len(ids) < 250
+    neighbour = _Client()
+    served.submit(served.encode_prompt("Count to ten:"), served.defaults.updated({"max_new_tokens": 30}), neighbour)
+    client = _Client()
+    served.submit(ids, served.defaults.updated({"max_new_tokens": 2, "logprobs": 3, "prompt_logprobs": 2}), client)
+    assert client.done.wait(60) and neighbour.done.wait(60)
+    events = [*client.deltas, client.finished]
+    prompt = next(e.prompt_logprobs for e in events if e.prompt_logprobs)
+    assert len(prompt) == len(ids) and prompt[0] is None
+    reference = _score_logprobs(smollm2_path, ids, tmp_path)  # [T, V]
+    for position, entry in enumerate(prompt[1:], start=1):
+        assert entry.token == ids[position]
+        assert abs(entry.logprob - reference[position - 1, ids[position]].item()) < 1e-4
+        top = reference[position - 1].topk(2)
+        assert [t for t, _ in entry.top] == top.indices.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    generated = [lp for e in events for lp in e.logprobs]
+    first = generated[0]
+    assert abs(first.logprob - reference[len(ids) - 1, first.token].item()) < 1e-4
+    assert first.top[0][0] == first.token  # greedy: the chosen token is the most likely
+    assert len(first.top) == 3
+
+
+def test_logit_bias_forces_a_token(served: PipelineEngine) -> None:
+    forced = served.encode_prompt(" banana")[-1]
+    client = _Client()
+    params = served.defaults.updated({"max_new_tokens": 5, "logit_bias": {str(forced): 100}, "ignore_eos": True})
+    served.submit(served.encode_prompt("Hello"), params, client)
+    assert client.done.wait(60)
+    assert [i for d in client.deltas for i in d.token_ids] + list(client.finished.token_ids) == [forced] * 5
+
+
+def test_penalties_follow_openais_formula_on_task_score_logits(
+    served: PipelineEngine, smollm2_path: Path, tmp_path: Path
+) -> None:
+    """Greedy decoding with presence and frequency penalties, step by step against task=score's
+    logits with OpenAI's formula applied by hand (counts over the generated tokens)."""
+    presence, frequency, steps = 2.0, 2.0, 6
+    prompt = served.encode_prompt("Say it again and again: yes yes yes yes")
+    expected: list[int] = []
+    flipped = False
+    for step in range(steps):
+        logits = _score_logprobs(smollm2_path, prompt + expected, tmp_path / f"s{step}")[-1]  # [V]
+        penalized = logits.clone()
+        for token in set(expected):
+            penalized[token] -= expected.count(token) * frequency + presence
+        flipped |= int(penalized.argmax()) != int(logits.argmax())
+        expected.append(int(penalized.argmax()))
+    assert flipped, "the case must be one where the penalties change the answer"
+    client = _Client()
+    params = served.defaults.updated({"max_new_tokens": steps, "presence_penalty": presence,
+                                      "frequency_penalty": frequency, "ignore_eos": True})
+    served.submit(prompt, params, client)
+    assert client.done.wait(60)
+    assert [i for d in client.deltas for i in d.token_ids] + list(client.finished.token_ids) == expected
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "kind": {"enum": ["capital", "port", "village"]},
+        "population": {"type": "integer", "minimum": 0, "maximum": 99999999},
+        "districts": {
+            "type": "array", "maxItems": 2,
+            "items": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30}},
+                      "required": ["name"], "additionalProperties": False},
+        },
+    },
+    "required": ["city", "kind", "population", "districts"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.2])
+def test_json_schema_output_parses_and_follows_the_schema(served: PipelineEngine, temperature: float) -> None:
+    """Nested objects, an enum, an array: the answer is JSON of that shape, checked by hand
+    (greedy and sampled), and ends when the document does."""
+    client = _Client()
+    params = served.defaults.updated({
+        "max_new_tokens": 120, "temperature": temperature, "seed": 4,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "town", "schema": SCHEMA, "strict": True}},
+    })
+    prompt = served.encode_chat([{"role": "user", "content": "Describe Paris as JSON."}])
+    served.submit(prompt, params, client)
+    assert client.done.wait(120)
+    text = "".join(d.text for d in client.deltas) + client.finished.text
+    assert client.finished.reason == "stop", text
+    answer = json.loads("".join(d.text for d in client.deltas) + client.finished.text)
+    assert list(answer) == ["city", "kind", "population", "districts"]
+    assert isinstance(answer["city"], str) and len(answer["city"]) <= 20
+    assert answer["kind"] in ("capital", "port", "village") and isinstance(answer["population"], int)
+    assert len(answer["districts"]) <= 2 and all(list(d) == ["name"] for d in answer["districts"])
+
+    free = _Client()
+    served.submit(prompt, served.defaults.updated({"max_new_tokens": 30, "response_format": {"type": "json_object"}}),
+                  free)
+    assert free.done.wait(60)
+    text = "".join(d.text for d in free.deltas) + free.finished.text
+    assert text.startswith("{")
+    if free.finished.reason == "stop":
+        assert isinstance(json.loads(text), dict)
 
 
 def test_a_repeated_prompt_starts_on_cached_blocks(served: PipelineEngine) -> None:

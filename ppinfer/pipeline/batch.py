@@ -15,6 +15,7 @@ from ppinfer.pipeline.job import Job
 from ppinfer.pipeline.outputs import ResultsWriter
 from ppinfer.pipeline.rank import run_rank
 from ppinfer.pipeline.sequence import Event, Finished, Sequence
+from ppinfer.sampling.logprobs import TokenLogprob
 from ppinfer.sampling.stopping import StopState
 
 
@@ -77,9 +78,19 @@ def _result_line(sequence: Sequence, writer: ResultsWriter) -> Any:
             "text": output.text,
             "finish_reason": output.finish_reason,
         }
+        if sequence.params.logprobs is not None:  # one entry per token id
+            record["logprobs"] = [_entry(e) for e in sequence.logprobs]
+        if sequence.params.prompt_logprobs is not None:  # one per prompt id, null for the first
+            record["prompt_logprobs"] = [_entry(e) for e in sequence.prompt_logprobs or ()]
         for rec in writer.add(sequence.id, record):
             # the run's product, on stdout (logs go to stderr)
             sys.stdout.write(f"--- [{rec['index']}] {rec['prompt']!r}\n{rec['text']}\n")
             sys.stdout.flush()
 
     return emit
+
+
+def _entry(entry: TokenLogprob | None) -> dict[str, Any] | None:
+    if entry is None:
+        return None
+    return {"token": entry.token, "logprob": entry.logprob, "top": [list(pair) for pair in entry.top]}

@@ -234,6 +234,10 @@ def _encode_prompts(
     prompts = []
     for i, (text, p) in enumerate(zip(texts, params)):
         ids = encode_prompt(tok, text, cfg.chat)
+        try:
+            p.check_vocabulary(hp.n_vocab)
+        except ValueError as exc:
+            raise PromptError(f"prompt {i}: {exc}") from exc
         if not ids:
             raise PromptError(f"prompt {i} ({text!r}) is empty after tokenization")
         if len(ids) + p.max_new_tokens > hp.n_ctx:

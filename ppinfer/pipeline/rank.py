@@ -47,7 +47,7 @@ from ppinfer.pipeline.profile import end_profile, tracer_for
 from ppinfer.pipeline.runtime import StageClock, StageRunner, run_first, run_relay
 from ppinfer.pipeline.sequences import Sequences, TokenCounts
 from ppinfer.pipeline.simulate import run_order, shaped, simulate, stage_actions
-from ppinfer.pipeline.sinks import SampleSink, ScoreSink, Sink
+from ppinfer.pipeline.sinks import SampleSink, ScoreSink, Sink, grammar_vocab
 from ppinfer.pipeline.transport import Transport
 from ppinfer.profiling.metrics import StageMetrics, current_rss_bytes, peak_rss_bytes
 from ppinfer.profiling.trace import Tracer
@@ -213,7 +213,7 @@ def _finish(
 def _make_sink(job: Job, tracer: Tracer) -> Sink:
     if job.is_score:
         return ScoreSink(job.prompts[0], tracer=tracer)
-    return SampleSink(tracer=tracer)
+    return SampleSink(tracer=tracer, grammar=lambda: grammar_vocab(job.tokenizer))
 
 
 def _init_process_group(job: Job) -> None:

@@ -16,7 +16,7 @@ from ppinfer.pipeline.prefix import PrefixIndex
 from ppinfer.pipeline.scheduler import Scheduler
 from ppinfer.pipeline.sequence import Sequence
 from ppinfer.pipeline.sequences import Sequences
-from ppinfer.pipeline.sinks import Sink
+from ppinfer.pipeline.sinks import Sampled, Sink
 from ppinfer.pipeline.transport import Transport
 from ppinfer.pipeline.wire import (
     Admission,
@@ -24,9 +24,11 @@ from ppinfer.pipeline.wire import (
     Msg,
     decode_admissions,
     decode_attach,
+    decode_logprobs,
     decode_release,
     encode_admissions,
     encode_attach,
+    encode_logprobs,
     encode_release,
 )
 from ppinfer.pipeline.work import AwaitTokens, ItemKind, WorkItem, item_positions
@@ -142,7 +144,7 @@ class StageRunner:
             out = self.stage.forward(hidden, positions, cache, item.row_ids)
         result = StepResult(out)
         if self.sink is not None:
-            result.tokens = self.sink.consume(self.stage, item, ids, out)
+            result.sampled = self.sink.consume(self.stage, item, ids, out)
         end = time.perf_counter()
         self.clock.compute_s += end - start
         self.clock.spans.append(Span(start, end, item.lane, item.kind))
@@ -160,7 +162,7 @@ class StepResult:
     """What one work item produced on this stage."""
 
     hidden: torch.Tensor  # [b, T, E]
-    tokens: torch.Tensor | None = None  # last stage: sampled ids [b] after a sampling item
+    sampled: Sampled | None = None  # last stage: sampled ids [b] after a sampling item
 
 
 def run_first(
@@ -173,7 +175,7 @@ def run_first(
     """Rank 0: drive the ring until the intake is closed (or stopped) and nothing is left.
     With `transport` None this rank is the whole pipeline: the runner's sink samples in place
     and the ids go straight back to the scheduler."""
-    local: deque[torch.Tensor] = deque()  # one-stage run: sampled ids in issue order
+    local: deque[Sampled] = deque()  # one-stage run: sampled ids in issue order
     world = transport.world if transport is not None else 1
     ping = transport.send_ping if transport is not None else None
     if scheduler.prefix is not None:
@@ -189,15 +191,16 @@ def run_first(
         if isinstance(action, AwaitTokens):
             item = scheduler.in_flight(action.lane)
             if transport is None:
-                tokens = local.popleft()
+                sampled = local.popleft()
                 busy = runner.busy(0, (), 1)
             else:
-                control, tokens = transport.recv_tokens()
+                control, tokens, extra = transport.recv_tokens()
                 if control.item != item:
                     raise RuntimeError(f"expected the ids of {item}, got {control.item}")
+                sampled = Sampled(tokens, decode_logprobs(extra) if extra else None)
                 busy = runner.busy(0, control.busy_s, world)
             intake.progress(busy, kv_stats(runner, scheduler))
-            sequences.tokens_arrived(item, tokens.tolist())
+            sequences.tokens_arrived(item, sampled.tokens.tolist(), sampled.logprobs)
             scheduler.tokens_arrived(action.lane)
             released = scheduler.released()
             if released:
@@ -226,8 +229,8 @@ def run_first(
             transport.send_item(Control(Msg.ITEM, item, runner.busy(0, (), world)), ids, result.hidden)
             if item.samples:
                 transport.expect_tokens()
-        elif result.tokens is not None:
-            local.append(result.tokens)
+        elif result.sampled is not None:
+            local.append(result.sampled)
         runner.tracer.step()
     if transport is not None:
         transport.send_stop()
@@ -295,8 +298,9 @@ def run_relay(runner: StageRunner, transport: Transport) -> None:
         passed = Control(control.msg, item, runner.busy(transport.rank, control.busy_s, transport.world))
         if not last:
             transport.send_item(passed, received.ids, result.hidden)
-        elif result.tokens is not None:
-            transport.send_tokens(passed, result.tokens)
+        elif result.sampled is not None:
+            logprobs = result.sampled.logprobs
+            transport.send_tokens(passed, result.sampled.tokens, encode_logprobs(logprobs) if logprobs else b"")
         runner.tracer.step()
     transport.flush()
     runner.clock.loop_end = time.perf_counter()

@@ -185,10 +185,13 @@ class Scheduler:
         return attached
 
     def _cached_blocks(self, sequence: Sequence) -> list[int]:
-        """Cached blocks the sequence may start on: not for scored sequences (every position's
-        logits are wanted) nor with a repetition penalty (the last stage counts the prompt's
-        tokens as they go through)."""
-        if self.prefix is None or sequence.scored or sequence.params.repetition_penalty != 1.0:
+        """Cached blocks the sequence may start on: not for scored sequences nor those that want
+        their prompt's log-probabilities (every position's logits are wanted), nor with a
+        repetition penalty (the last stage counts the prompt's tokens as they go through)."""
+        params = sequence.params
+        if self.prefix is None or sequence.scored or params.prompt_logprobs is not None:
+            return []
+        if params.repetition_penalty != 1.0:
             return []
         return self.prefix.lookup(sequence.prompt)
 

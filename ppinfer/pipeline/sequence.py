@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ppinfer.sampling.logprobs import RowLogprobs, TokenLogprob
 from ppinfer.sampling.params import GenerationParams
 from ppinfer.sampling.stopping import FinishReason, StopState
 
@@ -35,11 +36,16 @@ class TokenDelta:
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One entry per token id when the sequence asked for log-probabilities."""
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    """The prompt's, when asked for, with the sequence's first event (None for its first token)."""
 
 
 @dataclass(frozen=True)
 class Finished:
-    """The sequence's end: the text not yet sent in deltas, why it ended, and its usage."""
+    """The sequence's end: the text not yet sent in deltas, why it ended, and its usage.
+    `completion_tokens` and `token_ids` leave out an end-of-generation token that ended it."""
 
     reason: FinishReason
     text: str
@@ -47,6 +53,12 @@ class Finished:
     completion_tokens: int
     error: str | None = None
     """For reason "error": what went wrong (a rank died, the server shuts down)."""
+    token_ids: tuple[int, ...] = ()
+    """The token ids not yet sent in deltas."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """Their log-probabilities, when asked for."""
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    """The prompt's, when asked for and no delta carried them (None for its first token)."""
 
 
 Event = TokenDelta | Finished
@@ -74,6 +86,12 @@ class Sequence:
     error: str | None = None
     ending: tuple[FinishReason, str | None] | None = field(default=None, repr=False)
     """Set by `cancel`: how the sequence ends when its next ids arrive."""
+    logprobs: list[TokenLogprob] = field(default_factory=list, repr=False)
+    """Log-probabilities of its generated tokens (when its settings ask for them)."""
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = field(default=None, repr=False)
+    emitted: int = field(default=0, repr=False)
+    """Generated token ids told to the owner so far."""
+    prompt_told: bool = field(default=False, repr=False)
 
     @property
     def prompt_len(self) -> int:
@@ -100,20 +118,47 @@ class Sequence:
         if self.ending is None:
             self.ending = ("error", error) if error else ("cancelled", None)
 
+    def record(self, logprobs: RowLogprobs) -> None:
+        """Keep what the last stage reported with the next sampled token."""
+        if logprobs.prompt:
+            self.prompt_logprobs = logprobs.prompt
+        if logprobs.token is not None:
+            self.logprobs.append(logprobs.token)
+
     def stream(self) -> None:
         """Tell the owner the text that became final."""
         if self.emit is not None and self.output is not None:
             text, ids = self.output.stable_text()
             if text:
-                self.emit(TokenDelta(text, ids))
+                self.emit(TokenDelta(text, ids, self._logprobs_of(ids), self._take_prompt_logprobs()))
+
+    def _take_prompt_logprobs(self) -> tuple[TokenLogprob | None, ...] | None:
+        """The prompt's log-probabilities, handed out once."""
+        if self.prompt_told:
+            return None
+        self.prompt_told = self.prompt_logprobs is not None
+        return self.prompt_logprobs
+
+    def _logprobs_of(self, ids: tuple[int, ...]) -> tuple[TokenLogprob, ...]:
+        """The entries of the next `ids` told to the owner."""
+        start, self.emitted = self.emitted, self.emitted + len(ids)
+        return tuple(self.logprobs[start:self.emitted])
 
     def finish(self, reason: FinishReason, error: str | None = None) -> None:
-        """End it and tell the owner: the rest of its text and its usage."""
+        """End it and tell the owner: the rest of its text and its usage (an end-of-generation
+        token that ended it is not part of the answer: neither counted nor reported)."""
         self.status, self.finish_reason, self.error = Status.FINISHED, reason, error
         if self.emit is None:
             return
-        rest, generated = "", 0
-        if self.output is not None:
-            rest = self.output.stable_text()[0] if reason in ("stop", "length") else ""
-            generated = len(self.output.token_ids)
-        self.emit(Finished(reason, rest, len(self.prompt), generated, error))
+        rest, ids, generated = "", (), 0
+        output = self.output
+        if output is not None:
+            if reason in ("stop", "length"):
+                rest = output.stable_text()[0]
+                ids = tuple(output.token_ids[self.emitted:])
+            generated = len(output.token_ids)
+            if isinstance(output.stop_reason, int):  # an end-of-generation id ended it
+                generated -= 1
+                ids = ids[:-1]
+        self.emit(Finished(reason, rest, len(self.prompt), generated, error, ids, self._logprobs_of(ids),
+                           self._take_prompt_logprobs()))

@@ -15,6 +15,7 @@ import torch
 from ppinfer.pipeline.sequence import FinishReason, Sequence, Status
 from ppinfer.pipeline.wire import Admission
 from ppinfer.pipeline.work import ItemKind, WorkItem
+from ppinfer.sampling.logprobs import RowLogprobs
 
 
 @dataclass
@@ -91,13 +92,18 @@ class Sequences:
             ids[i, first:] = torch.tensor([sequence.token_at(step.first_pos + t) for t in range(first, item.length)])
         return ids
 
-    def tokens_arrived(self, item: WorkItem, tokens: list[int]) -> None:
-        """Record the ids sampled after `item` (one per row): each row's sequence decodes on,
-        or finishes (its stop conditions, a cancel, or a scored sequence's prefill)."""
+    def tokens_arrived(
+        self, item: WorkItem, tokens: list[int], logprobs: list[RowLogprobs | None] | None = None
+    ) -> None:
+        """Record the ids sampled after `item` (one per row), and their log-probabilities when
+        asked for: each row's sequence decodes on, or finishes (its stop conditions, a cancel,
+        or a scored sequence's prefill)."""
         now = time.perf_counter()
         self.counts.account(item, now)
-        for step, token in zip(item.rows, tokens):
+        for i, (step, token) in enumerate(zip(item.rows, tokens)):
             sequence = self._live[step.seq]
+            if logprobs is not None and logprobs[i] is not None:
+                sequence.record(logprobs[i])
             self.counts.sampled[step.seq] = self.counts.sampled.get(step.seq, 0) + 1
             if item.kind is ItemKind.PREFILL:
                 self.counts.prompt_tokens += sequence.prompt_len

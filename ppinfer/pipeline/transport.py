@@ -12,7 +12,8 @@ for a ready-to-receive round trip between two busy processes, which costs millis
   prefill chunk) goes as a second message right after, `[ids | hidden]` bytes, into one
   receive buffer sized for the largest prefill chunk; admission records (the settings of the
   sequences an item starts) go the same way, as a control block and then their bytes;
-- token link (last stage -> first): `[control | ids]`, one sampled id per row;
+- token link (last stage -> first): `[control | ids]`, one sampled id per row, and, only
+  when some row asked for log-probabilities, their bytes right behind;
 - ping: a control block alone that says "nothing to do yet" (an idle server keeps its
   receivers inside their timeouts); stop: a control block alone, forwarded down the pipe when
   all work is done.
@@ -205,15 +206,18 @@ class Transport:
     def send_ping(self) -> None:
         self._send_bare(Msg.PING)
 
-    def send_tokens(self, control: Control, tokens: torch.Tensor) -> None:
-        """Sampled ids [b] of `control`'s item from the last stage to the first."""
+    def send_tokens(self, control: Control, tokens: torch.Tensor, extra: bytes = b"") -> None:
+        """Sampled ids [b] of `control`'s item from the last stage to the first, and `extra`
+        (log-probabilities, `wire.encode_logprobs`) right behind when there are any."""
         assert self._tokens_out is not None
         start = time.perf_counter()
         with self.tracer.range("send"):
             buf = self._tokens_out.next_buffer()
-            at = self._write_control(buf, Control(Msg.TOKENS, control.item, control.busy_s))
+            at = self._write_control(buf, Control(Msg.TOKENS, control.item, control.busy_s, payload=len(extra)))
             buf[at:at + tokens.shape[0] * 8].view(torch.int64).copy_(tokens)
             self._tokens_out.send(buf)
+            if extra:
+                self._tokens_out.send_large(torch.frombuffer(bytearray(extra), dtype=torch.uint8).to(self.device))
         self.comm_s += time.perf_counter() - start
 
     def flush(self) -> None:
@@ -270,12 +274,22 @@ class Transport:
         if self._tokens_in.prepost:
             self._tokens_in.post()
 
-    def recv_tokens(self) -> tuple[Control, torch.Tensor]:
-        """Sampled ids [b] from the last stage (rank 0 only)."""
+    def recv_tokens(self) -> tuple[Control, torch.Tensor, bytes]:
+        """Sampled ids [b] from the last stage (rank 0 only), and the bytes of the
+        log-probabilities that follow them (empty when none do)."""
         assert self._tokens_in is not None
         with self.tracer.range("wait"):
             buf = self._tokens_in.take()
         control = self._read_control(buf)
         assert control.item is not None
         at = self.sizes.control_words * 8
-        return control, buf[at:at + len(control.item.rows) * 8].view(torch.int64).clone()
+        tokens = buf[at:at + len(control.item.rows) * 8].view(torch.int64).clone()
+        extra = b""
+        if control.payload:
+            # Received before the next token receive is posted (`take` leaves none pending),
+            # so this message cannot land in a buffer meant for the next ids.
+            data = torch.empty(control.payload, dtype=torch.uint8, device=self.device)
+            with self.tracer.range("recv"):
+                dist.irecv(data, self._tokens_in.peer).wait()
+            extra = bytes(data.cpu().numpy())
+        return control, tokens, extra

@@ -10,6 +10,11 @@ its receive before the sender is ready.
 Admissions: a sequence's generation settings reach the last stage once, in a message sent
 ahead of its first prefill chunk (`Msg.ADMIT`: a control block, then a JSON payload), not
 with every work item; the last stage keeps them for as long as the sequence has a row.
+
+Log-probabilities: sampled ids come back as `[control | ids]`; when some row of the item asked
+for log-probabilities, the control block's payload field gives the size of a JSON message
+that follows with them (`encode_logprobs`). Items without them send exactly what they sent
+before, so decoding without log-probabilities costs nothing more.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from enum import IntEnum
 import torch
 
 from ppinfer.pipeline.work import ItemKind, RowStep, WorkItem
+from ppinfer.sampling.logprobs import RowLogprobs
 from ppinfer.sampling.params import GenerationParams
 
 HEADER = 8  # int64 fields before the per-stage and per-row parts of a control block
@@ -42,8 +48,8 @@ class Msg(IntEnum):
 @dataclass(frozen=True)
 class Control:
     """A message's control block: the kind of message, the item (row by row), each stage's busy
-    seconds when it passed the item on, and the byte size of a payload that follows (ADMIT,
-    RELEASE, ATTACH)."""
+    seconds when it passed the item on, and the byte size of a payload that follows (ADMIT's
+    records, RELEASE's and ATTACH's rows, TOKENS' log-probabilities)."""
 
     msg: Msg
     item: WorkItem | None = None
@@ -76,7 +82,7 @@ class Control:
             RowStep(row[0], row[1], row[2], bool(row[3]))
             for row in (raw[at + r * ROW_FIELDS: at + (r + 1) * ROW_FIELDS] for r in range(n_rows))
         )
-        return cls(msg, WorkItem(raw[1], ItemKind(raw[2]), steps, raw[4], bool(raw[5])), busy)
+        return cls(msg, WorkItem(raw[1], ItemKind(raw[2]), steps, raw[4], bool(raw[5])), busy, payload=raw[6])
 
 
 @dataclass(frozen=True)
@@ -138,3 +144,12 @@ def encode_attach(rows: list[tuple[int, int, list[int]]]) -> bytes:
 
 def decode_attach(payload: bytes) -> list[tuple[int, int, list[int]]]:
     return [(int(lane), int(row), [int(b) for b in blocks]) for lane, row, blocks in json.loads(payload)]
+
+
+def encode_logprobs(rows: list[RowLogprobs | None]) -> bytes:
+    """One entry per row of the item (null for rows that asked for none)."""
+    return json.dumps([None if r is None else r.to_json() for r in rows]).encode()
+
+
+def decode_logprobs(payload: bytes) -> list[RowLogprobs | None]:
+    return [None if r is None else RowLogprobs.from_json(r) for r in json.loads(payload)]

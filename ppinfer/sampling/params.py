@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ppinfer.sampling.grammar import grammar_of
 from ppinfer.sampling.stopping import StopConditions, unescape_stop_string
 
 SEED_RANGE = (0, 2**63 - 1)
@@ -31,6 +32,12 @@ inside the int64 fields that carry it to the last stage)."""
 REPETITION_PENALTY_RANGE = (1e-3, 1e3)
 """Allowed `repetition_penalty`: logits divided (or multiplied) by a value outside this range
 overflow float32 or underflow to zero, and the sampler would see inf or NaN."""
+PENALTY_RANGE = (-2.0, 2.0)
+"""Allowed `presence_penalty` and `frequency_penalty` (OpenAI's range)."""
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+"""Allowed `logit_bias` values (OpenAI's range)."""
+MAX_LOGPROBS = 20
+"""Most alternatives `logprobs` and `prompt_logprobs` may ask for per position."""
 
 
 SAMPLER = {"sampler": True}
@@ -55,6 +62,25 @@ class GenerationParams:
     """Drop tokens less likely than min_p times the most likely one; 0 disables the filter."""
     repetition_penalty: float = field(default=1.0, metadata=SAMPLER)
     """Divide positive (multiply negative) logits of already seen tokens by this; 1 disables."""
+    presence_penalty: float = field(default=0.0, metadata=SAMPLER)
+    """Subtract this from the logit of every token already generated (OpenAI's; in [-2, 2])."""
+    frequency_penalty: float = field(default=0.0, metadata=SAMPLER)
+    """Subtract this times its count so far from the logit of every generated token (OpenAI's;
+    in [-2, 2]). Both penalties count the generated tokens only, as vLLM does: the logit of
+    token t becomes logit - count(t) * frequency_penalty - (count(t) > 0) * presence_penalty."""
+    logit_bias: dict[str, float] = field(default_factory=dict, metadata=SAMPLER)
+    """Added to the logits of these token ids (keys: ids as decimal strings, as JSON writes
+    them; values in [-100, 100]) before every other step of sampling."""
+    logprobs: int | None = None
+    """Report each generated token's log-probability and this many most likely alternatives
+    (0: the token's own only); null: none. Log-probabilities are those of the model's
+    distribution (log-softmax of the logits), before any bias, penalty or filter."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt token after the first (null: none)."""
+    response_format: dict[str, Any] | None = None
+    """OpenAI's `response_format`: `{"type": "json_object"}` or `{"type": "json_schema",
+    "json_schema": {"schema": {...}}}` constrain every sampled token to the grammar (see
+    `ppinfer.sampling.grammar`); null or `{"type": "text"}`: free text."""
     seed: int | None = 0
     """Seed of the sampler, so sampled runs are reproducible; each sequence's random stream is
     derived from (seed, its index). Null (server requests without a seed) draws a fresh one."""
@@ -75,7 +101,22 @@ class GenerationParams:
     def sampler_key(self) -> tuple[Any, ...]:
         """The settings that shape the next-token distribution: rows whose keys are equal
         are sampled in one call (their random streams still differ)."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("sampler"))
+        return tuple(_hashable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata.get("sampler"))
+
+    @property
+    def penalized(self) -> bool:
+        """True when presence or frequency penalties apply (they need the generated tokens)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def bias(self) -> tuple[list[int], list[float]]:
+        """`logit_bias` as token ids and the values added to their logits."""
+        return [int(k) for k in self.logit_bias], list(self.logit_bias.values())
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Raises ValueError naming the first `logit_bias` id outside [0, vocab_size)."""
+        for key in self.logit_bias:
+            if int(key) >= vocab_size:
+                _bad("logit_bias", key, f"token id outside the vocabulary (0..{vocab_size - 1})")
 
     @classmethod
     def from_config(cls, node: Any) -> GenerationParams:
@@ -90,6 +131,8 @@ class GenerationParams:
                 shown = f'"{raw}"' if raw.isprintable() else repr(raw)
                 raise ValueError(f"stop[{i}]={shown}: {exc}") from exc
         values["stop"] = stops
+        values["logit_bias"] = {str(k): float(v) for k, v in values["logit_bias"].items()}
+        values["response_format"] = _plain(values["response_format"])
         return cls(**values).checked()
 
     def updated(self, overrides: Mapping[str, Any]) -> GenerationParams:
@@ -127,6 +170,22 @@ class GenerationParams:
         for i, stop in enumerate(self.stop):
             if not isinstance(stop, str) or not stop:
                 _bad(f"stop[{i}]", stop, "a stop string needs at least one character")
+        low, high = PENALTY_RANGE
+        for key in ("presence_penalty", "frequency_penalty"):
+            if not low <= getattr(self, key) <= high:
+                _bad(key, getattr(self, key), f"must be in [{low:g}, {high:g}] (0 = off)")
+        low, high = LOGIT_BIAS_RANGE
+        for key, value in self.logit_bias.items():
+            if not (isinstance(key, str) and key.isdecimal() and key.isascii() and len(key) < 12):
+                _bad("logit_bias", key, "keys must be token ids (non-negative integers)")
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high):
+                _bad(f"logit_bias[{key}]", value, f"must be a number in [{low:g}, {high:g}]")
+        grammar_of(self.response_format)  # raises ValueError("response_format...: why")
+        for key in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                _bad(key, value, f"must be an integer in [0, {MAX_LOGPROBS}] or null")
         return self
 
     def stop_conditions(self, eog_ids: frozenset[int]) -> StopConditions:
@@ -141,10 +200,36 @@ def _bad(key: str, value: object, why: str) -> None:
     raise ValueError(f"{key}={value!r}: {why}")
 
 
+def _plain(value: Any) -> Any:
+    """A config node's value as plain dicts and lists."""
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or (hasattr(value, "__iter__") and not isinstance(value, str)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted(value.items()))
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _typed(key: str, value: Any, annotation: Any) -> Any:
     """`value` (from JSON) as the field's type: an int is a float where a float is wanted, but
     a bool is never a number and a float never an int."""
     kind = str(annotation)
+    if kind == "dict[str, Any] | None":
+        if value is not None and not isinstance(value, dict):
+            _bad(key, value, "must be an object")
+        return value
+    if kind == "dict[str, float]":
+        if not isinstance(value, dict):
+            _bad(key, value, "must be an object of token ids to numbers")
+        out = {}
+        for k, v in value.items():
+            out[str(k)] = _typed(f"{key}[{k}]", v, "float")
+        return out
     if kind == "list[str]":
         stops = [value] if isinstance(value, str) else value
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
@@ -162,7 +247,7 @@ def _typed(key: str, value: Any, annotation: Any) -> Any:
         except OverflowError:  # an integer beyond any float (JSON allows 1e999 digits)
             _bad(key, value, "is out of range")
     if isinstance(value, bool) or not isinstance(value, int):
-        if kind == "int | None" and value is None:
+        if kind.endswith("| None") and value is None:
             return None
         _bad(key, value, "must be an integer")
     return value

@@ -3,7 +3,8 @@
 This file owns turning the last stage's logits ``[B, V]`` into next token ids ``[B]``.
 
 Filter order (llama.cpp's default sampler chain, which we follow):
-    repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw.
+    logit bias -> repetition penalty -> presence/frequency penalties -> top-k -> top-p ->
+    min-p -> temperature -> draw.
 transformers (``GenerationMixin._get_logits_processor``) instead applies the temperature
 *before* top-k/top-p/min-p. Top-k is unaffected by the order, but top-p and min-p are not:
 with llama.cpp's order the nucleus is chosen on the untempered distribution, so raising the
@@ -106,6 +107,26 @@ def apply_repetition_penalty(
     return torch.where(present, penalized, logits)
 
 
+def apply_logit_bias(logits: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+    """`logits` ``[B, V]`` with ``params.logit_bias`` added to its token columns (every row)."""
+    ids, values = params.bias()
+    index = torch.tensor(ids, dtype=torch.int64, device=logits.device)  # [K]
+    bias = torch.tensor(values, dtype=logits.dtype, device=logits.device)  # [K]
+    return logits.index_add(1, index, bias.expand(logits.shape[0], -1))
+
+
+def apply_penalties(logits: torch.Tensor, generated: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: ``logit - count * frequency_penalty -
+    (count > 0) * presence_penalty``, with ``count`` a token's occurrences in ``generated``
+    (``[B, L]`` int64 padded with HISTORY_PAD: the tokens generated so far). Returns a new tensor."""
+    batch, vocab = logits.shape
+    index = torch.where(generated == HISTORY_PAD, vocab, generated).to(logits.device)  # [B, L]
+    counts = torch.zeros(batch, vocab + 1, dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=logits.dtype))
+    counts = counts[:, :vocab]  # [B, V]
+    return logits - counts * params.frequency_penalty - (counts > 0).to(logits.dtype) * params.presence_penalty
+
+
 def _top_k_keep_sorted(sorted_logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep mask for descending-sorted logits ``[B, V]``: the first k, plus ties with the k-th."""
     kth = sorted_logits[:, k - 1 : k]  # [B, 1]
@@ -192,24 +213,32 @@ def sample(
     params: GenerationParams,
     generators: Sequence[torch.Generator] | None = None,
     history: torch.Tensor | None = None,
+    generated: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Choose the next token of each row of ``logits`` ``[B, V]``; returns int64 ``[B]``.
 
     ``generators[b]`` is row b's own generator (see ``make_generator``); it may be None only
     for greedy decoding. ``history`` (``[B, L]`` int64 padded with HISTORY_PAD, see
-    ``pad_history``) is needed only when ``params.repetition_penalty != 1``. The result lives
-    on the logits' device.
+    ``pad_history``: prompt and generated tokens) is needed only when
+    ``params.repetition_penalty != 1``, ``generated`` (the same, generated tokens only) only
+    when presence or frequency penalties are set. The result lives on the logits' device.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
     batch = logits.shape[0]
     logits = logits.float()
+    if params.logit_bias:
+        logits = apply_logit_bias(logits, params)
     if params.repetition_penalty != 1.0:
         if history is None:
             raise ValueError(
                 f"repetition_penalty={params.repetition_penalty} needs the token history"
             )
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    if params.penalized:
+        if generated is None:
+            raise ValueError("presence_penalty and frequency_penalty need the generated tokens")
+        logits = apply_penalties(logits, generated, params)
     if params.greedy:
         return logits.argmax(dim=-1)  # [B]
     if generators is None or len(generators) != batch:

@@ -24,12 +24,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ppinfer.pipeline.intake import QueueFull, Unavailable
-from ppinfer.pipeline.sequence import Finished, TokenDelta
+from ppinfer.pipeline.sequence import Finished
 from ppinfer.sampling.params import GenerationParams
 from ppinfer.serving.bridge import SHUTDOWN, LiveRequests, RequestEvents
 from ppinfer.serving.engine import Engine, PromptTooLong
 from ppinfer.serving.metrics import ABANDONED, CLIENT_GONE, CONTENT_TYPE, CountRequests, ServerMetrics
-from ppinfer.serving.protocol import ApiError, Endpoint, ParsedRequest, Reply, bad_request, error_body, parse_request
+from ppinfer.serving.protocol import ApiError, Endpoint, ParsedRequest, bad_request, error_body, parse_request
+from ppinfer.serving.responses import Choice, Reply
 
 RETRY_AFTER_S = 1
 """The Retry-After of a 503 when the engine's queue is full."""
@@ -167,18 +168,25 @@ class _Completions:
         arrived = time.monotonic()
         self._check_open()
         parsed = parse_request(kind, await _json_body(request, self.max_request_bytes), self.engine.model_id)
-        prompt_ids = await self._encode(parsed)
-        params = parsed.params(self.engine.defaults, len(prompt_ids), self.engine.context_length)
-        events = RequestEvents(asyncio.get_running_loop(), self.metrics.timer(arrived))
-        self._submit(events, prompt_ids, params, parsed)
-        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        prompts = [await self._encode(parsed, i, prompt) for i, prompt in enumerate(parsed.prompts)]
+        params = [self._params(parsed, ids) for ids in prompts]
+        choices = [
+            Choice(i * parsed.n + j, self._echoed(parsed, i) if parsed.echo else "", tuple(ids))
+            for i, ids in enumerate(prompts) for j in range(parsed.n)
+        ]
+        events = RequestEvents(asyncio.get_running_loop(), [self.metrics.timer(arrived) for _ in choices])
+        self._submit(events, prompts, params, parsed)
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        self.metrics.prompt_tokens.inc(prompt_tokens)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
-        reply = Reply(kind, f"{prefix}-{secrets.token_hex(12)}", int(time.time()), self.engine.model_id)
+        reply = Reply(kind, f"{prefix}-{secrets.token_hex(12)}", int(time.time()), self.engine.model_id,
+                      self.engine.token_bytes, logprobs=parsed.logprobs is not None)
         if parsed.stream:
             return _EventStream(
-                self._chunks(events, reply, parsed.include_usage), lambda: self._finish(events), request
+                self._chunks(events, reply, choices, prompt_tokens, parsed.include_usage),
+                lambda: self._finish(events), request,
             )
-        return await self._whole(request, events, reply)
+        return await self._whole(request, events, reply, choices, prompt_tokens)
 
     def _check_open(self) -> None:
         failure = self.engine.failure()
@@ -187,29 +195,52 @@ class _Completions:
         if not self.engine.ready():
             raise ApiError(503, "the model is still loading")
 
-    async def _encode(self, parsed: ParsedRequest) -> list[int]:
-        """The prompt's token ids (tokenized in a worker thread, off the event loop)."""
+    async def _encode(self, parsed: ParsedRequest, index: int, prompt: Any) -> list[int]:
+        """A prompt's token ids (text is tokenized in a worker thread, off the event loop)."""
         field = parsed.prompt_field
+        if isinstance(prompt, list) and parsed.kind == "completion":
+            vocab = self.engine.vocab_size
+            bad = next((i for i in prompt if not 0 <= i < vocab), None)
+            if bad is not None:
+                where = f"prompt[{index}]" if len(parsed.prompts) > 1 else "prompt"
+                raise bad_request(f"{where}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param=field)
+            return list(prompt)
         encode = self.engine.encode_prompt if parsed.kind == "completion" else self.engine.encode_chat
         try:
-            return await run_in_threadpool(encode, parsed.prompt)
+            return await run_in_threadpool(encode, prompt)
         except PromptTooLong as exc:
             raise bad_request(str(exc), param=field, code="context_length_exceeded") from exc
         except ValueError as exc:
             message = str(exc) if str(exc).startswith(field) else f"{field}: {exc}"
             raise bad_request(message, param=field) from exc
 
-    def _submit(self, events: RequestEvents, prompt_ids: list[int], params: GenerationParams,
+    def _params(self, parsed: ParsedRequest, prompt_ids: list[int]) -> GenerationParams:
+        params = parsed.params(self.engine.defaults, len(prompt_ids), self.engine.context_length)
+        try:
+            params.check_vocabulary(self.engine.vocab_size)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="logit_bias") from exc
+        return params
+
+    def _echoed(self, parsed: ParsedRequest, index: int) -> str:
+        prompt = parsed.prompts[index]
+        return prompt if isinstance(prompt, str) else self.engine.decode(prompt)
+
+    def _submit(self, events: RequestEvents, prompts: list[list[int]], params: list[GenerationParams],
                 parsed: ParsedRequest) -> None:
+        """Every choice's sequence, or none (a refusal cancels those already queued)."""
         if not self.live.add(events):
             raise ApiError(503, SHUTDOWN)
         try:
-            events.request_id = self.engine.submit(prompt_ids, params, events.emit)
-        except (ValueError, QueueFull, Unavailable) as exc:
-            self.live.remove(events)
-            raise self._refusal(exc, len(prompt_ids), params, parsed) from exc
+            for i, (ids, settings) in enumerate(zip(prompts, params)):
+                for j in range(parsed.n):
+                    choice = i * parsed.n + j
+                    try:
+                        events.request_ids[choice] = self.engine.submit(ids, settings, events.emitter(choice), j)
+                    except (ValueError, QueueFull, Unavailable) as exc:
+                        raise self._refusal(exc, len(ids), settings, parsed) from exc
         except BaseException:
-            self.live.remove(events)
+            self._finish(events)
             raise
 
     def _refusal(self, exc: Exception, prompt_tokens: int, params: GenerationParams,
@@ -228,11 +259,12 @@ class _Completions:
         """The request's answer is over (sent, failed or abandoned): cancel what still runs."""
         events.close()
         self.live.remove(events)
-        if events.request_id is not None and not events.engine_done:
-            self.engine.cancel(events.request_id)
+        for request_id in events.running():
+            self.engine.cancel(request_id)
 
-    async def _whole(self, request: Request, events: RequestEvents, reply: Reply) -> Response:
-        collect = asyncio.ensure_future(_collect(events))
+    async def _whole(self, request: Request, events: RequestEvents, reply: Reply, choices: list[Choice],
+                     prompt_tokens: int) -> Response:
+        collect = asyncio.ensure_future(_collect(events, choices))
         gone = asyncio.ensure_future(_client_gone(request))
         try:
             done, _ = await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -242,30 +274,40 @@ class _Completions:
             self._finish(events)
         if collect not in done:
             return Response(status_code=CLIENT_GONE)
-        text, end = collect.result()
-        if end.reason not in ("stop", "length"):
-            raise self._ended_badly(end)
-        return JSONResponse(reply.body(text, end.reason, end.prompt_tokens, end.completion_tokens))
+        failed = collect.result()
+        if failed is not None:
+            raise self._ended_badly(failed)
+        return JSONResponse(reply.body(choices, prompt_tokens))
 
-    async def _chunks(self, events: RequestEvents, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+    async def _chunks(self, events: RequestEvents, reply: Reply, choices: list[Choice], prompt_tokens: int,
+                      include_usage: bool) -> AsyncIterator[str]:
         if reply.kind == "chat":
-            yield _sse(reply.chunk(role=True))
-        while True:
-            event = await events.next()
-            if isinstance(event, TokenDelta):
-                if event.text:
-                    yield _sse(reply.chunk(event.text))
-                continue
-            if event.reason not in ("stop", "length"):
+            for choice in choices:
+                yield _sse(reply.chunk(choice.index, role=True))
+        offsets = [0] * len(choices)  # where each choice's next text starts (completion logprobs)
+        running = len(choices)
+        while running:
+            index, event = await events.next()
+            if index is None or (isinstance(event, Finished) and event.reason not in ("stop", "length")):
+                assert isinstance(event, Finished)
                 yield _sse(self._ended_badly(event).body())
                 return
-            if event.text:
-                yield _sse(reply.chunk(event.text))
-            yield _sse(reply.chunk(finish_reason=event.reason))
-            if include_usage:
-                yield _sse(reply.usage_chunk(event.prompt_tokens, event.completion_tokens))
-            yield "data: [DONE]\n\n"
-            return
+            choice = choices[index]
+            first = not choice.parts
+            choice.add(event)
+            text, positions = event.text, list(zip(event.token_ids, event.logprobs))
+            if first and choice.prompt_text:  # echo: the prompt comes first
+                text, positions = choice.prompt_text + text, choice.prompt_positions + positions
+            if text or (positions and reply.logprobs):
+                yield _sse(reply.chunk(index, text, positions if reply.logprobs else None, offsets[index]))
+                offsets[index] += len(text)
+            if isinstance(event, Finished):
+                running -= 1
+                yield _sse(reply.chunk(index, finish_reason=event.reason))
+        if include_usage:
+            completion = sum(c.end.completion_tokens for c in choices if c.end is not None)
+            yield _sse(reply.usage_chunk(prompt_tokens, completion))
+        yield "data: [DONE]\n\n"
 
     def _ended_badly(self, end: Finished) -> ApiError:
         """A request that ended with an error (or was cancelled by the engine): 503 when the
@@ -323,14 +365,20 @@ def _too_large(max_bytes: int) -> ApiError:
                     code="request_too_large")
 
 
-async def _collect(events: RequestEvents) -> tuple[str, Finished]:
-    """A whole request's text and its end."""
-    parts = []
-    while True:
-        event = await events.next()
-        parts.append(event.text)
+async def _collect(events: RequestEvents, choices: list[Choice]) -> Finished | None:
+    """Every choice's events; the end of a choice that failed (the request fails), else None."""
+    running = len(choices)
+    while running:
+        index, event = await events.next()
+        if index is None:
+            assert isinstance(event, Finished)
+            return event
+        choices[index].add(event)
         if isinstance(event, Finished):
-            return "".join(parts), event
+            if event.reason not in ("stop", "length"):
+                return event
+            running -= 1
+    return None
 
 
 async def _client_gone(request: Request) -> None:

@@ -9,51 +9,66 @@ import time
 from collections.abc import Callable
 
 from ppinfer.pipeline.intake import SHUTDOWN
-from ppinfer.pipeline.sequence import Event, Finished
+from ppinfer.pipeline.sequence import Emit, Event, Finished
 
 Observer = Callable[[Event, float], None]
 """Sees every event the engine emits, with its arrival time (time.monotonic), on the engine's thread."""
 
 
 class RequestEvents:
-    """The `emit` of one request: events from the engine's thread are queued on the request
-    handler's event loop; the handler reads them with `next`."""
+    """The events of one request's choices (one sequence each): each choice's `emitter`,
+    called from the engine's thread, queues `(choice, event)` on the request handler's event
+    loop; the handler reads them with `next`. An `abort` queues `(None, an error)`."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, observe: Observer) -> None:
-        self.request_id: int | None = None
-        self.engine_done = False
-        """The engine emitted its Finished: nothing left to cancel."""
-        self._loop, self._observe = loop, observe
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+    def __init__(self, loop: asyncio.AbstractEventLoop, observers: list[Observer]) -> None:
+        self.request_ids: dict[int, int] = {}
+        """Choice -> the engine's id of its sequence."""
+        self._loop, self._observers = loop, observers
+        self._queue: asyncio.Queue[tuple[int | None, Event]] = asyncio.Queue()
         self._lock = threading.Lock()
         self._closed = False
+        self._running = set(range(len(observers)))
 
-    def emit(self, event: Event) -> None:
-        """The engine's callback (any thread). Events after `close` are observed, not queued."""
-        self._observe(event, time.monotonic())
-        if isinstance(event, Finished):
-            self.engine_done = True
-        self._put(event)
+    @property
+    def engine_done(self) -> bool:
+        """The engine emitted every choice's Finished: nothing left to cancel."""
+        return not self._running
+
+    def running(self) -> list[int]:
+        """The engine's ids of the choices it has not finished."""
+        with self._lock:
+            return [self.request_ids[c] for c in self._running if c in self.request_ids]
+
+    def emitter(self, choice: int) -> Emit:
+        """The engine's callback for `choice` (any thread). Events after `close` are observed,
+        not queued."""
+        observe = self._observers[choice]
+
+        def emit(event: Event) -> None:
+            observe(event, time.monotonic())
+            if isinstance(event, Finished):
+                with self._lock:
+                    self._running.discard(choice)
+            self._put(choice, event)
+
+        return emit
 
     def abort(self, why: str) -> None:
         """End the request now with an error event (any thread); the engine's later events are dropped."""
-        self._put(Finished("error", "", 0, 0, why))
+        self._put(None, Finished("error", "", 0, 0, why))
 
-    async def next(self) -> Event:
-        event = await self._queue.get()
-        if isinstance(event, Finished):
-            self.close()
-        return event
+    async def next(self) -> tuple[int | None, Event]:
+        return await self._queue.get()
 
     def close(self) -> None:
         """The handler reads no more: later events are not queued (its loop may be gone)."""
         with self._lock:
             self._closed = True
 
-    def _put(self, event: Event) -> None:
+    def _put(self, choice: int | None, event: Event) -> None:
         with self._lock:
             if not self._closed:
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, (choice, event))
 
 
 class LiveRequests:

@@ -26,6 +26,8 @@ class Engine(Protocol):
     """Tokens one sequence may hold: prompt plus generated."""
     defaults: GenerationParams
     """The server's `generation.*` config: what a request does not set."""
+    vocab_size: int
+    """Token ids are in [0, vocab_size)."""
 
     def ready(self) -> bool:
         """True once every stage is loaded and the pipeline loop runs."""
@@ -44,10 +46,17 @@ class Engine(Protocol):
         """Token ids of a chat rendered with the model's template; PromptTooLong, or
         ValueError on bad messages."""
 
-    def submit(self, prompt_ids: list[int], params: GenerationParams, emit: Emit) -> int:
-        """Queue a request; returns its id. Raises ValueError (prompt plus max_new_tokens
-        beyond `context_length`, empty prompt), QueueFull or Unavailable
-        (`ppinfer.pipeline.intake`)."""
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (special tokens spelled out), for log-probabilities."""
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids (an echoed prompt given as ids)."""
+
+    def submit(self, prompt_ids: list[int], params: GenerationParams, emit: Emit, choice: int = 0) -> int:
+        """Queue a sequence; returns its id. `choice`: which of a request's choices for this
+        prompt it is (each has its own random stream from the request's seed). Raises
+        ValueError (prompt plus max_new_tokens beyond `context_length`, empty prompt),
+        QueueFull or Unavailable (`ppinfer.pipeline.intake`)."""
 
     def cancel(self, request_id: int) -> None:
         """Stop a request (its client went away); its row is freed at the next step and it

@@ -30,6 +30,7 @@ class PipelineEngine:
     ) -> None:
         self.model_id, self.tokenizer, self.context_length = model_id, tokenizer, context_length
         self.defaults, self.intake, self.chat_template = defaults, intake, chat_template
+        self.vocab_size = tokenizer.vocab_size
         self._eog = frozenset(tokenizer.eog_ids)
         self._ids = itertools.count()
         self._id_lock = threading.Lock()
@@ -66,7 +67,13 @@ class PipelineEngine:
                 f"{self.context_length}"
             )
 
-    def submit(self, prompt_ids: list[int], params: GenerationParams, emit: Emit) -> int:
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.tokenizer.token_bytes(token_id)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def submit(self, prompt_ids: list[int], params: GenerationParams, emit: Emit, choice: int = 0) -> int:
         if not prompt_ids:
             raise ValueError("the prompt is empty after tokenization")
         if len(prompt_ids) + params.max_new_tokens > self.context_length:
@@ -76,7 +83,7 @@ class PipelineEngine:
             )
         with self._id_lock:
             seq = next(self._ids)
-        seed = stream_seed(params.seed, 0) if params.seed is not None else secrets.randbits(63)
+        seed = stream_seed(params.seed, choice) if params.seed is not None else secrets.randbits(63)
         output = StopState(params.stop_conditions(self._eog), self.tokenizer.stream(skip_special=True))
         self.intake.submit(Sequence(seq, list(prompt_ids), params, seed, output=output, emit=emit))
         return seq

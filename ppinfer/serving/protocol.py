@@ -7,27 +7,37 @@ Every check raises `ApiError`, whose message names the field as the client spell
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ppinfer.sampling.params import GenerationParams
+from ppinfer.sampling.params import MAX_LOGPROBS, GenerationParams
 
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 128
+"""Most choices one request may ask for (prompts times `n`; OpenAI's bound on `n`)."""
+MAX_COMPLETION_LOGPROBS = 5
+"""Largest `logprobs` of a completion (OpenAI's); chat's `top_logprobs` goes to 20."""
 
-SETTINGS = tuple(f.name for f in dataclasses.fields(GenerationParams) if f.name != "max_new_tokens")
-"""Request fields that are `GenerationParams` settings under their own name (OpenAI's
-`temperature`, `top_p`, `seed`, `stop`, and the extensions `top_k`, `min_p`, ...);
-`max_tokens` is `max_new_tokens`."""
+SETTINGS = ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
+            "top_k", "min_p", "repetition_penalty", "ignore_eos")
+"""Request fields that are `GenerationParams` settings under their own name (OpenAI's and the
+extensions); `max_tokens` is `max_new_tokens`, and `logprobs`, `top_logprobs` and `echo`
+become `logprobs` and `prompt_logprobs`."""
 
-UNSUPPORTED = {
-    "presence_penalty": (0,), "frequency_penalty": (0,), "logprobs": (False,), "top_logprobs": (0,),
-    "echo": (False,), "best_of": (1,), "tools": ([],), "functions": ([],), "logit_bias": ({},),
-    "suffix": ("",),
+COMMON_FIELDS = {"model", "max_tokens", "stream", "stream_options", "n", "user", *SETTINGS}
+FIELDS: dict[str, set[str]] = {
+    "completion": COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix"},
+    "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"},
 }
-"""OpenAI fields this server cannot honour: the values that mean "off" (anything else is a 400)."""
+"""The fields each endpoint honours; any other is a 400 naming it. `user` has no effect on
+the answer in OpenAI's API either (an end-user identifier for abuse monitoring)."""
+
+NEUTRAL_ONLY = {"suffix": ("",)}
+"""Fields honoured only with the value that asks for nothing beyond plain generation."""
 
 Endpoint = Literal["completion", "chat"]
+Prompt = str | list[int]
+"""A completion prompt: text, or token ids used as they are."""
 
 
 class ApiError(Exception):
@@ -60,17 +70,26 @@ class ParsedRequest:
     """What a request asks for, before tokenization."""
 
     kind: Endpoint
-    prompt: str | list[dict[str, str]]
-    """The completion prompt, or the chat's messages as `Engine.encode_chat` takes them."""
+    prompts: list[Prompt] | list[list[dict[str, str]]]
+    """The completion prompts (text or token ids), or the chat's messages (one conversation)
+    as `Engine.encode_chat` takes them."""
     max_tokens: int | None
     overrides: dict[str, Any] = field(default_factory=dict)
     """`GenerationParams` fields the request sets (max_new_tokens aside)."""
+    n: int = 1
+    """Choices per prompt."""
+    echo: bool = False
     stream: bool = False
     include_usage: bool = False
 
     @property
     def prompt_field(self) -> str:
         return "messages" if self.kind == "chat" else "prompt"
+
+    @property
+    def logprobs(self) -> int | None:
+        """Alternatives reported per generated token (None: no log-probabilities)."""
+        return self.overrides.get("logprobs")
 
     def params(self, defaults: GenerationParams, prompt_tokens: int, context_length: int) -> GenerationParams:
         """The request's parameters: an absent max_tokens fills the context up to the
@@ -94,20 +113,71 @@ def parse_request(kind: Endpoint, body: Any, model_id: str) -> ParsedRequest:
         raise bad_request("the request body must be a JSON object")
     body = {key: value for key, value in body.items() if value is not None}
     _check_model(body.get("model", model_id), model_id)
-    _check_unsupported(body)
-    if "n" in body and not _is_value(body["n"], 1):
-        raise bad_request(f"n={body['n']!r}: only n=1 is supported", param="n")
+    _check_fields(kind, body)
     stop = body.get("stop")
     if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
         raise bad_request(f"stop: at most {MAX_STOP_STRINGS} stop strings (got {len(stop)})", param="stop")
+    n = _count("n", body.get("n", 1), MAX_CHOICES)
+    if "best_of" in body and not _is_value(body["best_of"], n):
+        raise bad_request(f"best_of={body['best_of']!r}: only best_of equal to n ({n}) is supported", param="best_of")
+    prompts = [_chat_messages(body)] if kind == "chat" else _completion_prompts(body)
+    if len(prompts) * n > MAX_CHOICES:
+        raise bad_request(f"n={n}: {len(prompts)} prompts x n = {len(prompts) * n} choices, more than "
+                          f"{MAX_CHOICES}", param="n")
+    overrides = {key: body[key] for key in SETTINGS if key in body}
+    if "response_format" in body:
+        overrides["response_format"] = body["response_format"]
+    echo = _flag("echo", body.get("echo", False))
+    overrides |= _logprobs(kind, body, echo)
     return ParsedRequest(
         kind=kind,
-        prompt=_chat_messages(body) if kind == "chat" else _completion_prompt(body),
+        prompts=prompts,
         max_tokens=_max_tokens(kind, body),
-        overrides={key: body[key] for key in SETTINGS if key in body},
+        overrides=overrides,
+        n=n,
+        echo=echo,
         stream=_flag("stream", body.get("stream", False)),
         include_usage=_include_usage(body),
     )
+
+
+def _check_fields(kind: Endpoint, body: dict[str, Any]) -> None:
+    for key, value in body.items():
+        if key not in FIELDS[kind]:
+            where = "a chat completion" if kind == "chat" else "a completion"
+            raise bad_request(f"{key}: not supported by this server for {where}", param=key)
+        if key in NEUTRAL_ONLY and not any(_is_value(value, off) for off in NEUTRAL_ONLY[key]):
+            shown = f"={value!r}" if isinstance(value, (bool, int, float, str)) else f"={_short(value)}"
+            raise bad_request(f"{key}{shown}: not supported by this server", param=key)
+
+
+def _count(key: str, value: Any, most: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise bad_request(f"{key}={value!r}: must be an integer in [1, {most}]", param=key)
+    return value
+
+
+def _logprobs(kind: Endpoint, body: dict[str, Any], echo: bool) -> dict[str, int]:
+    """The `logprobs` and `prompt_logprobs` settings a request asks for."""
+    if kind == "chat":
+        wanted = _flag("logprobs", body.get("logprobs", False))
+        top = body.get("top_logprobs")
+        if top is not None and not wanted:
+            raise bad_request(f"top_logprobs={top!r}: needs logprobs=true", param="top_logprobs")
+        if not wanted:
+            return {}
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS:
+            if top is not None:
+                raise bad_request(f"top_logprobs={top!r}: must be an integer in [0, {MAX_LOGPROBS}]",
+                                  param="top_logprobs")
+            top = 0
+        return {"logprobs": top}
+    k = body.get("logprobs")
+    if k is None:
+        return {}
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_COMPLETION_LOGPROBS:
+        raise bad_request(f"logprobs={k!r}: must be an integer in [0, {MAX_COMPLETION_LOGPROBS}]", param="logprobs")
+    return {"logprobs": k, "prompt_logprobs": k} if echo else {"logprobs": k}
 
 
 def _check_model(model: Any, model_id: str) -> None:
@@ -123,14 +193,6 @@ def _is_value(value: Any, expected: Any) -> bool:
     if isinstance(expected, (int, float)):
         return isinstance(value, (int, float)) and value == expected
     return type(value) is type(expected) and value == expected
-
-
-def _check_unsupported(body: dict[str, Any]) -> None:
-    for key, off in UNSUPPORTED.items():
-        if key in body and not any(_is_value(body[key], value) for value in off):
-            value = body[key]
-            shown = f"={value!r}" if isinstance(value, (bool, int, float, str)) else ""
-            raise bad_request(f"{key}{shown}: not supported by this server", param=key)
 
 
 def _flag(key: str, value: Any) -> bool:
@@ -155,14 +217,21 @@ def _max_tokens(kind: Endpoint, body: dict[str, Any]) -> int | None:
     return value
 
 
-def _completion_prompt(body: dict[str, Any]) -> str:
+def _completion_prompts(body: dict[str, Any]) -> list[Prompt]:
+    """`prompt`: a string, token ids, or a non-empty list of either."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        shown = "a missing prompt" if prompt is None else f"prompt={_short(prompt)}"
-        raise bad_request(f"{shown}: the prompt must be one string (or a list of one string)", param="prompt")
-    return prompt
+    if isinstance(prompt, str) or _is_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_ids(p) for p in prompt):
+        return list(prompt)
+    shown = "a missing prompt" if prompt is None else f"prompt={_short(prompt)}"
+    raise bad_request(f"{shown}: the prompt must be a string, a list of token ids, or a non-empty list of "
+                      "either", param="prompt")
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in value)
 
 
 def _chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
@@ -190,46 +259,3 @@ def _chat_message(i: int, message: Any) -> dict[str, str]:
 def _short(value: Any, limit: int = 40) -> str:
     shown = repr(value)
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
-
-
-@dataclass(frozen=True)
-class Reply:
-    """The bodies of one request's response: whole, or as stream chunks."""
-
-    kind: Endpoint
-    id: str
-    created: int
-    model: str
-
-    def body(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-        else:
-            choice = {"index": 0, "text": text}
-        choice |= {"finish_reason": finish_reason, "logprobs": None}
-        return self._head(final=True) | {"choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
-
-    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
-        """One chunk with `text` (chat: a role-only chunk when `role`), or the final empty one."""
-        if self.kind == "chat":
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta}
-        else:
-            choice = {"index": 0, "text": text or ""}
-        choice |= {"finish_reason": finish_reason, "logprobs": None}
-        return self._head(final=False) | {"choices": [choice]}
-
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        return self._head(final=False) | {"choices": [], "usage": usage(prompt_tokens, completion_tokens)}
-
-    def _head(self, final: bool) -> dict[str, Any]:
-        if self.kind == "completion":
-            kind = "text_completion"
-        else:
-            kind = "chat.completion" if final else "chat.completion.chunk"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}

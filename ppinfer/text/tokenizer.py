@@ -150,6 +150,10 @@ class Tokenizer:
         character of at least one byte)."""
         return max(len(token.encode("utf-8")) for token in self._vocab.tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` stands for when decoded, special tokens spelled out."""
+        return self._pieces.piece(token_id, True)
+
     def token_text(self, token_id: int) -> str:
         """The vocabulary entry of `token_id` as stored in the file (e.g. 'Ġthe', '▁the', '<0x0A>')."""
         self._pieces.check(token_id)
