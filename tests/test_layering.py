@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -135,3 +137,15 @@ def test_comments_name_no_issue_numbers() -> None:
         f"{p.relative_to(REPO)}" for p in sorted(PACKAGE.rglob("*.py")) if pattern.search(p.read_text(encoding="utf-8"))
     ]
     assert not hits, hits
+
+
+def test_entry_points_leave_torch_compiler_stack_unimported() -> None:
+    """Every rank imports the rank body and the server: neither may pull in torch's compiler
+    stack (sympy, functorch; about 115 MB of resident memory per rank), which a lazily used
+    dependency can drag in at import time."""
+    code = (
+        "import sys, ppinfer.pipeline.rank, ppinfer.serving.launch; "
+        "print(sorted({'sympy', 'functorch'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

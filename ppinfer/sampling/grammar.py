@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import llguidance
-import llguidance.torch
 import torch
 
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
@@ -101,6 +100,10 @@ class Constraint:
     """One sequence's grammar state: which tokens may come next, advanced by each token drawn."""
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab: int) -> None:
+        # Imported with the first constraint: llguidance.torch pulls in torch's compiler stack
+        # (about 115 MB of resident memory on every rank that imports it).
+        import llguidance.torch
+
         self.matcher, self.vocab = matcher, vocab
         self._bitmask = llguidance.torch.allocate_token_bitmask(1, vocab)  # [1, ceil(V / 32)] int32
 
