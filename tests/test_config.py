@@ -180,6 +180,8 @@ BAD_VALUES = [
     (["runtime.threads=0"], 1, False, "runtime.threads", "0"),
     (["runtime.weights=int4"], 1, False, "runtime.weights", "int4"),
     (["runtime.kv_dtype=q4_0"], 1, False, "runtime.kv_dtype", "q4_0"),
+    (["runtime.dtype=float16", "runtime.device=cpu"], 1, False, "runtime.dtype", "float16"),
+    (["runtime.dtype=float16"], 1, False, "runtime.dtype", "float16"),
     (["runtime.kv_cache_tokens=0"], 1, False, "runtime.kv_cache_tokens", "0"),
     (["runtime.timeout_s=0"], 1, False, "runtime.timeout_s", "0"),
     (["runtime.timeout_s=0.001"], 1, False, "runtime.timeout_s", "0.001"),

@@ -134,6 +134,10 @@ def _validate_runtime(r: Any, cuda_available: bool) -> None:
         fail("runtime.dtype", r.dtype, f"must be one of {', '.join(DTYPE_NAMES)} (or null)")
     if r.weights not in WEIGHT_MODES:
         fail("runtime.weights", r.weights, f"must be one of {', '.join(WEIGHT_MODES)}")
+    on_cpu = r.device == "cpu" or (r.device == "auto" and not cuda_available)
+    if on_cpu and r.dtype == "float16" and r.weights == "quantized":
+        fail("runtime.dtype", r.dtype, "the CPU block kernels take float32 or bfloat16 activations "
+             "(or use runtime.weights=dequantized)")
     if r.kv_dtype not in KV_DTYPE_NAMES:
         fail("runtime.kv_dtype", r.kv_dtype, f"must be one of {', '.join(KV_DTYPE_NAMES)}")
     if r.kv_cache_tokens is not None and r.kv_cache_tokens < 1:
