@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import httpx
 
-from ppinfer.bench.sweep import repo_root
+from ppinfer.bench.server import running_server
 
 PARAGRAPH = (
     "The lighthouse keeper climbed the narrow stairs every evening, trimmed the wick and polished the "
@@ -34,7 +33,6 @@ QUESTIONS = (
     "Who climbed the stairs?", "What was polished?", "What did the light shine over?", "When?",
     "What colour was the water?", "What was trimmed?", "Where is the harbour?", "Why the lens?",
 )
-START_TIMEOUT_S = 300
 
 
 def _first_text_s(url: str, model: str, question: str) -> float:
@@ -57,31 +55,9 @@ def _first_text_s(url: str, model: str, question: str) -> float:
 
 def run(nproc: int, port: int, overrides: Sequence[str]) -> list[float]:
     """Start the server, send the 8 requests in turn, stop it; each one's seconds to first text."""
-    url = f"http://127.0.0.1:{port}"
-    out = tempfile.mkdtemp(prefix="ppinfer-prefix-ttft-")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "launch/serve.py",
-           f"server.port={port}", f"output.dir={out}", *overrides]
-    with open(os.path.join(out, "server.log"), "w") as log:
-        server = subprocess.Popen(cmd, cwd=repo_root(), env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _healthy(url):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not come up; see {out}/server.log")
-            time.sleep(0.5)
-        model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+    out = Path(tempfile.mkdtemp(prefix="ppinfer-prefix-ttft-"))
+    with running_server([f"output.dir={out}", *overrides], port, nproc, log=out / "server.log") as (url, model):
         return [_first_text_s(url, model, q) for q in QUESTIONS]
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(30)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

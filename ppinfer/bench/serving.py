@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from ppinfer.bench.server import running_server, torchrun
 from ppinfer.bench.sweep import repo_root
 from ppinfer.hub import ensure_model
 
@@ -58,22 +57,12 @@ CHAT_PROMPTS = ((SHORT + MEDIUM + LONG) * 3)[:64]
 RING = ["pipeline.microbatches=2", "pipeline.lane_size=8", "runtime.threads=1", "chat=true"]
 
 
-def _torchrun(script: str, overrides: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        str(repo_root() / "launch" / script),
-        *overrides,
-    ]
-
 
 def batch_rate(model: Path, prompts: list[str], out: Path, extra: list[str]) -> tuple[float, dict]:
     """Generated tokens per wall second of the batch command on `prompts`."""
     file = out.with_suffix(".jsonl")
     file.write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    cmd = _torchrun("infer.py", [f"model.path={model}", f"prompts_file={file}", f"output.dir={out}", *RING, *extra])
+    cmd = torchrun("infer.py", [f"model.path={model}", f"prompts_file={file}", f"output.dir={out}", *RING, *extra])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo_root())
     metrics = json.loads((out / "metrics.json").read_text())
     return metrics["generated_tokens"] / metrics["wall_s"], metrics
@@ -120,35 +109,13 @@ async def _streams(url: str, model: str, prompts: list[str], tokens: int) -> lis
         return list(await asyncio.gather(*(_stream(client, url, model, p, tokens) for p in prompts)))
 
 
-def _model_id(url: str) -> str:
-    return httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-
-
 def server_run(model: Path, prompts: list[str], tokens: int, port: int) -> dict:
     """Start the server, stream `prompts` concurrently, stop it; rates and latencies."""
-    url = f"http://127.0.0.1:{port}"
-    cmd = _torchrun("serve.py", [f"model.path={model}", f"server.port={port}", "server.context_length=512",
-                                 *[o for o in RING if not o.startswith("chat")]])
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo_root(),
-                              start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("the server did not come up")
-            time.sleep(0.5)
-        model_id = _model_id(url)
+    overrides = [f"model.path={model}", "server.context_length=512", *[o for o in RING if not o.startswith("chat")]]
+    with running_server(overrides, port) as (url, model_id):
         start = time.perf_counter()
         clients = asyncio.run(_streams(url, model_id, prompts, tokens))
         wall = time.perf_counter() - start
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
     errors = [c.error for c in clients if c.error]
     if errors:
         raise RuntimeError(f"{len(errors)} clients failed, first: {errors[0]}")
