@@ -66,6 +66,7 @@ class PipelineStage(nn.Module):
         io = LayerInputs(
             rope={id(r): r.rotations(positions) for r in self.ropes},
             masks={w: slots.mask(w) for w in windows},
+            positions=positions,
         )
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, slots.layer(i), io)
@@ -76,6 +77,8 @@ class PipelineStage(nn.Module):
         if self.output is None or self.final_norm is None:
             raise RuntimeError(f"lm_head() called on stage {self.plan}, which is not the last stage")
         logits = self.output(self.final_norm(hidden)).float()
+        if self.hparams.logit_scale != 1.0:
+            logits = logits / self.hparams.logit_scale
         cap = self.hparams.final_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
