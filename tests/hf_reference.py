@@ -313,9 +313,9 @@ def _granite_llama4_experts(
     up = tensors.get(name.replace("_gate_", "_up_"))
     if role == "ffn_gate_exps":  # [n, F, E] gate and up
         both = np.concatenate([w, up], axis=1)  # [n, 2F, E]
-        out[prefix + "gate_up_proj"] = torch.from_numpy(both if granite else both.transpose(0, 2, 1).copy())
+        out[prefix + "gate_up_proj"] = torch.from_numpy(np.array(both if granite else both.transpose(0, 2, 1)))
     elif role == "ffn_down_exps":  # [n, E, F]
-        out[prefix + "down_proj"] = torch.from_numpy(w if granite else w.transpose(0, 2, 1).copy())
+        out[prefix + "down_proj"] = torch.from_numpy(np.array(w if granite else w.transpose(0, 2, 1)))
     elif not granite:
         out[_hf_name(spec.arch, name)] = torch.from_numpy(np.array(w))
     elif role == "ffn_gate_shexp":
