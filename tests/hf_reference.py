@@ -241,14 +241,18 @@ def _granite_config(spec: TinySpec, common: dict[str, object], rope: dict[str, o
 
 
 def _llama4_config(spec: TinySpec, common: dict[str, object], rope: dict[str, object]) -> PretrainedConfig:
-    """Llama4TextConfig: experts every moe_step layers, NoPE every 4th layer unless the file's
-    sliding_window is 0, L2 q/k norm, temperature tuning with llama.cpp's constants (floor 8192)."""
+    """Llama4TextConfig: experts every moe_step layers, NoPE every 4th layer and 8192-position
+    chunks on the others unless the file's sliding_window is 0, L2 q/k norm, temperature tuning
+    with llama.cpp's constants (floor 8192)."""
     no_rope = [1] * spec.n_layer if spec.sliding_window == 0 else [int((i + 1) % 4 != 0) for i in range(spec.n_layer)]
     return Llama4TextConfig(
         **dict(common, intermediate_size=spec.expert_width), intermediate_size_mlp=spec.n_ff, head_dim=spec.head_dim,
         rms_norm_eps=1e-5, num_local_experts=spec.n_expert, num_experts_per_tok=spec.n_expert_used,
         interleave_moe_layer_step=spec.moe_step, no_rope_layers=no_rope, use_qk_norm=spec.n_expert != 128,
-        attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1, rope_parameters=rope,
+        attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1, attention_chunk_size=8192,
+        layer_types=["chunked_attention" if r else "full_attention" for r in no_rope] if spec.sliding_window != 0
+        else ["full_attention"] * spec.n_layer,
+        rope_parameters=rope,
     )
 
 

@@ -112,41 +112,49 @@ def test_moe_stages_decode_token_by_token_like_transformers(tiny_files: TinyFile
     assert gap <= TOLERANCE, f"{case}: max |Δlogit| = {gap:.3g}"
 
 
-def test_llama4_nope_temperature_matches_transformers(
-    tiny_files: TinyFiles, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("what", ["temperature", "chunks"])
+def test_llama4_nope_temperature_and_chunks_match_transformers(
+    tiny_files: TinyFiles, monkeypatch: pytest.MonkeyPatch, what: str
 ) -> None:
-    """llama4's temperature tuning on its NoPE layer (3) changes nothing below 8192 tokens, so
-    both sides take a floor scale of 4 here (llama.cpp's 8192 is the family's data): the
-    queries of layer 3 are scaled by 1 + 0.1 ln(floor((pos + 1) / 4) + 1), from the positions
-    each step is given (prefill then one token per step through 4 stages). Without it the
-    logits move well past the tolerance."""
+    """llama4's temperature tuning on its NoPE layer (3) and the chunked attention of its other
+    layers change nothing below 8192 tokens, so both sides take a floor scale of 4 (queries of
+    layer 3 scaled by 1 + 0.1 ln(floor((pos + 1) / 4) + 1)), or chunks of 8 positions, here
+    (llama.cpp's 8192 is the family's data). Checked on the whole sequence and with a prefill
+    then one token per step through 4 stages (each step's own positions); with llama.cpp's
+    8192 the logits are well past the tolerance."""
     case = "llama4"
     spec, path = ALL_CASES[case], tiny_files.path(case)
     ids = token_batch(spec, seed=5)  # [2, 20]
     reference = reference_model(path, spec)
-    for layer in reference.model.layers:
-        layer.self_attn.floor_scale = 4
-    expected = hf_logits(reference, ids)
-    untuned = full_logits(whole(path, spec.n_layer), ids)
-    assert _gap(untuned, expected) > 100 * TOLERANCE, "the temperature must matter in this case"
     nope = registry.LLAMA4.nope
     assert nope is not None and nope.temperature is not None
-    tuned = replace(nope, temperature=replace(nope.temperature, floor_scale=4))
-    monkeypatch.setitem(registry.FAMILIES, case, replace(registry.LLAMA4, nope=tuned))
+    if what == "temperature":
+        for layer in reference.model.layers:
+            layer.self_attn.floor_scale = 4
+        changed = replace(nope, temperature=replace(nope.temperature, floor_scale=4))
+    else:
+        reference.config.attention_chunk_size = 8
+        changed = replace(nope, chunk=8)
+    expected = hf_logits(reference, ids)
+    assert _gap(full_logits(whole(path, spec.n_layer), ids), expected) > 100 * TOLERANCE, f"{what} must matter here"
+    monkeypatch.setitem(registry.FAMILIES, case, replace(registry.LLAMA4, nope=changed))
     assert _gap(full_logits(whole(path, spec.n_layer), ids), expected) <= TOLERANCE
     assert _gap(_decoded_through_stages(path, spec.n_layer, ids), expected) <= TOLERANCE
 
 
 def test_llama4_layers(tiny_files: TinyFiles) -> None:
-    """Experts in layers 1 and 3 only, layer 3 without rope (and without the L2 q/k norm, which
-    only rope layers have), every layer roped in a file whose sliding_window is 0."""
+    """Experts in layers 1 and 3 only, layer 3 without rope (and without the L2 q/k norm and the
+    chunks, which only rope layers have), every layer roped and none chunked in a file whose
+    sliding_window is 0."""
     stage = whole(tiny_files.path("llama4"), 4)
     assert [isinstance(layer.mlp, MoeFeedForward) for layer in stage.layers] == [False, True, False, True]
     assert [layer.attn.rope is None for layer in stage.layers] == [False, False, False, True]
     assert [layer.attn.post_rope_norm is not None for layer in stage.layers] == [True, True, True, False]
+    assert [layer.attn.chunk for layer in stage.layers] == [8192, 8192, 8192, 0]
     assert all(layer.mlp.weight_input for layer in stage.layers if isinstance(layer.mlp, MoeFeedForward))
     roped = whole(tiny_files.path("llama4_q4_0"), 4)
     assert all(layer.attn.rope is not None and layer.attn.temperature is None for layer in roped.layers)
+    assert all(layer.attn.chunk == 0 for layer in roped.layers)
 
 
 @pytest.mark.parametrize("weights", ["dequantized", "quantized"])

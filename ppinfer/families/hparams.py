@@ -76,6 +76,7 @@ class LayerParams:
     rope: RopeParams | None  # None: no rotary embedding (llama4's NoPE layers)
     moe: MoeParams | None  # None: a dense feed-forward of width n_ff
     qk_l2_norm: bool = False  # q and k heads RMS-normalised without weight after rope (llama4)
+    attn_chunk: int = 0  # > 0: queries attend only to keys in their chunk of this many positions (llama4)
 
 
 @dataclass(frozen=True)
@@ -382,6 +383,7 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
             rope=layer_rope(il),
             moe=moe if _is_moe(il, n_dense_lead, moe_step) else None,
             qk_l2_norm=qk_l2 and layer_rope(il) is not None,
+            attn_chunk=spec.nope.chunk if spec.nope is not None and nope_step and layer_rope(il) is not None else 0,
         )
         for il in range(n_layer)
     )

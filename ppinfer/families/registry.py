@@ -149,8 +149,7 @@ GRANITEMOE = replace(
 # Llama 4 (text): q/k as HF stores them (already pair-interleaved: NORM rope, no permutation),
 # experts every interleave_moe_layer_step layers chosen by sigmoid(logit) top-k with the weight on
 # the expert's input, one shared expert, NoPE every 4th layer with temperature tuning, L2 q/k
-# norm after rope elsewhere, rope_freqs (llama3 scaling). Chunked attention (8192 tokens) on the
-# rope layers is not implemented: below 8192 tokens it changes nothing.
+# norm after rope and attention within 8192-token chunks elsewhere, rope_freqs (llama3 scaling).
 LLAMA4 = replace(
     LLAMA,
     arch="llama4",
@@ -159,7 +158,7 @@ LLAMA4 = replace(
         shared=SharedExpert.ONE, routing_keys=False, biases=False, clamped_swiglu=False,
         interleaved=True, weight_input=True,
     ),
-    nope=NoPE(step=4, temperature=AttnTemperature(floor_scale=8192, scale=0.1, offset=1.0), l2_norm=True),
+    nope=NoPE(step=4, chunk=8192, temperature=AttnTemperature(floor_scale=8192, scale=0.1, offset=1.0), l2_norm=True),
 )
 
 PHI2 = replace(

@@ -117,10 +117,12 @@ class AttnTemperature:
 
 @dataclass(frozen=True, kw_only=True)
 class NoPE:
-    """Layers without rotary embedding: il with (il + 1) % `step` == 0 (llama4). A file whose
-    `{arch}.attention.sliding_window` is 0 ropes every layer (llama.cpp's rule)."""
+    """Layers without rotary embedding: il with (il + 1) % `step` == 0 (llama4), the others
+    chunked. A file whose `{arch}.attention.sliding_window` is 0 ropes every layer and chunks
+    none (llama.cpp's rule)."""
 
     step: int
+    chunk: int  # the other layers attend within chunks of this many positions (llama.cpp: 8192)
     temperature: AttnTemperature | None  # on the NoPE layers' queries
     l2_norm: bool  # RMSNorm without weight of each q and k head after rope on the other layers,
     # off when expert_count is 128 (llama.cpp: Llama 4 Maverick has none)

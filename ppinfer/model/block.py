@@ -19,7 +19,7 @@ class LayerInputs:
     """Per-forward values shared by the layers of a stage."""
 
     rope: dict[int, torch.Tensor]  # id(RotaryEmbedding) -> rotations [B, T, n_rot/2, 2] (cos, sin)
-    masks: dict[int, torch.Tensor]  # sliding window (0 = global) -> [B, 1, T, n] bool
+    masks: dict[tuple[int, int], torch.Tensor]  # (sliding window, chunk) (0 = none) -> [B, 1, T, n] bool
     positions: torch.Tensor  # [B, T] int64 (-1 = padding)
 
 
@@ -46,12 +46,14 @@ class Attention(nn.Module):
         sinks: torch.Tensor | None = None,  # [H]: a logit per head that joins every softmax (gpt-oss)
         post_rope_norm: nn.Module | None = None,  # over the q and k heads after rope (llama4)
         temperature: AttnTemperature | None = None,  # per-position query scale (llama4's NoPE layers)
+        chunk: int = 0,  # > 0: attend within chunks of this many positions (llama4's rope layers)
     ) -> None:
         super().__init__()
         self.qkv, self.out = qkv, out
         self.n_head, self.n_head_kv, self.head_dim = n_head, n_head_kv, head_dim
         self.scale, self.rope, self.window, self.softcap = scale, rope, window, softcap
         self.qk_norm, self.post_rope_norm, self.temperature = qk_norm, post_rope_norm, temperature
+        self.chunk = chunk
         self.sinks = None if sinks is None else nn.Parameter(sinks, requires_grad=False)
         plain = sinks is None and rope is not None and post_rope_norm is None and temperature is None
         self._attend = fused_ops.attend_op() if fused and plain else None
@@ -64,7 +66,7 @@ class Attention(nn.Module):
         qk, v = qkv[:, :, : h + hkv], qkv[:, :, h + hkv :]
         if self.qk_norm is not None:
             qk = self.qk_norm(qk)
-        mask = io.masks[self.window]  # [B, 1, T, n]
+        mask = io.masks[self.window, self.chunk]  # [B, 1, T, n]
         if self._attend is not None and self.rope is not None and t == 1:
             y = self._attend(
                 qk, v, io.rope[id(self.rope)], kv.k, kv.v, kv.table, kv.cols, mask, h, self.rope.n_rot, self.scale,

@@ -120,7 +120,7 @@ def _attention(
     temperature = spec.nope.temperature if spec.nope is not None and rope is None else None
     return Attention(
         qkv, out, lp.n_head, lp.n_head_kv, d, hp.attn_scale, rope,
-        lp.sliding_window, hp.attn_softcap, qk_norm, w.fused, sinks, post_rope_norm, temperature,
+        lp.sliding_window, hp.attn_softcap, qk_norm, w.fused, sinks, post_rope_norm, temperature, lp.attn_chunk,
     )
 
 

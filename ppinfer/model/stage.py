@@ -62,10 +62,10 @@ class PipelineStage(nn.Module):
         the cache rows `rows` of `cache` (increasing; rows 0..b-1 by default), each of which
         appends T slots for every layer of this stage."""
         slots = cache.rows(range(hidden.shape[0]) if rows is None else rows, positions)
-        windows = {layer.attn.window for layer in self.layers}
+        spans = {(layer.attn.window, layer.attn.chunk) for layer in self.layers}
         io = LayerInputs(
             rope={id(r): r.rotations(positions) for r in self.ropes},
-            masks={w: slots.mask(w) for w in windows},
+            masks={span: slots.mask(*span) for span in spans},
             positions=positions,
         )
         for i, layer in enumerate(self.layers):
