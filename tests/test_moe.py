@@ -343,8 +343,9 @@ def _bad_file(tmp_path: Path, case: str, **changes: object) -> Path:
             r"qwen2moe\.expert_used_count=7 must be between 1 and qwen2moe\.expert_count=6",
         ),
         ("olmoe", {"n_expert": 0}, r"required metadata key 'olmoe\.expert_count' is missing"),
+        ("llama4", {"moe_step": 0}, r"required metadata key 'llama4\.interleave_moe_layer_step' is missing"),
     ],
-    ids=["count", "width", "used_over_count", "no_count"],
+    ids=["count", "width", "used_over_count", "no_count", "no_interleave_step"],
 )
 def test_expert_tensors_disagreeing_with_metadata(
     tiny_files: TinyFiles, tmp_path: Path, case: str, changes: dict[str, object], message: str
