@@ -20,8 +20,9 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-LLAMA_LIKE = ("llama", "mistral3")
-"""Families whose GGUF q/k rows are permuted for ggml's NORM rope."""
+LLAMA_LIKE = ("llama", "mistral3", "granite", "granitemoe")
+"""Families whose GGUF q/k rows are permuted for ggml's NORM rope (llama4's are not: Meta's
+checkpoints already store them pair-interleaved)."""
 
 GEMMA_LIKE = ("gemma", "gemma2", "gemma3")
 """Families whose GGUF RMSNorm weights include +1 and whose embeddings are scaled by sqrt(E)."""
@@ -123,12 +124,29 @@ class TinySpec:
     *_length_mla keys and one latent kv head) instead of attn_kv_b."""
     yarn_log_mul: float | None = None
     """rope.scaling.yarn_log_multiplier (deepseek2: 0.1 mscale_all_dim)."""
+    longrope_orig_ctx: int | None = None
+    """phi3 longrope: random `rope_factors_long` / `rope_factors_short` tensors, this
+    rope.scaling.original_context_length, and the converter's rope.scaling.attn_factor
+    sqrt(1 + ln(n_ctx / orig) / ln(orig)) (1 when n_ctx <= orig)."""
+    llama3_rope: tuple[float, float, float, int] | None = None
+    """(factor, low_freq_factor, high_freq_factor, original context): a `rope_freqs` tensor
+    computed as llama.cpp's converter computes it from a llama3 rope_scaling."""
+    granite_scales: tuple[float, float, float, float] | None = None
+    """granite's (embedding_scale, residual_scale, attention.scale, logit_scale)."""
+    moe_step: int = 0
+    """interleave_moe_layer_step (llama4; written when > 0): experts in layers il with
+    (il + 1) % moe_step == 0 only."""
     seed: int = 0
 
     @property
     def n_rot(self) -> int:
         """Rotated dims per head."""
         return self.head_dim if self.rope_dims is None else self.rope_dims
+
+    def is_moe_layer(self, il: int) -> bool:
+        """Whether layer il has routed experts."""
+        step = self.moe_step or 1
+        return self.n_expert > 0 and il >= self.n_dense_lead and (il + 1) % step == 0
 
     @property
     def expert_width(self) -> int:
@@ -235,9 +253,14 @@ def _experts(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np
         out[f"{p}.ffn_gate_shexp.weight"] = _linear(rng, fs, e)
         out[f"{p}.ffn_up_shexp.weight"] = _linear(rng, fs, e)
         out[f"{p}.ffn_down_shexp.weight"] = _linear(rng, e, fs)
-    if spec.arch == "qwen2moe":
-        fs = spec.n_ff_shexp
+    if spec.arch == "llama4":  # one shared expert as wide as a routed one
+        out[f"{p}.ffn_gate_shexp.weight"] = _linear(rng, f, e)
+        out[f"{p}.ffn_up_shexp.weight"] = _linear(rng, f, e)
+        out[f"{p}.ffn_down_shexp.weight"] = _linear(rng, e, f)
+    if spec.arch == "qwen2moe":  # gated by sigmoid(ffn_gate_inp_shexp . x)
         out[f"{p}.ffn_gate_inp_shexp.weight"] = _linear(rng, 1, e, gain=2.0)[0]  # [E]
+    if spec.arch in ("qwen2moe", "granitemoe") and spec.n_ff_shexp:
+        fs = spec.n_ff_shexp
         out[f"{p}.ffn_gate_shexp.weight"] = _linear(rng, fs, e)
         out[f"{p}.ffn_up_shexp.weight"] = _linear(rng, fs, e)
         out[f"{p}.ffn_down_shexp.weight"] = _linear(rng, e, fs)
@@ -246,7 +269,7 @@ def _experts(spec: TinySpec, rng: np.random.Generator, p: str, out: dict[str, np
 def _ffn(spec: TinySpec, rng: np.random.Generator, il: int, out: dict[str, np.ndarray]) -> None:
     """The feed-forward weights of layer il, in the family's layout."""
     e, f, p = spec.n_embd, spec.n_ff, f"blk.{il}"
-    if spec.n_expert > 0 and il >= spec.n_dense_lead:
+    if spec.is_moe_layer(il):
         _experts(spec, rng, p, out)
         return
     if spec.arch == "phi3":
@@ -287,6 +310,11 @@ def tiny_tensors(spec: TinySpec) -> dict[str, np.ndarray]:
     if spec.rope_freqs:
         # Divisors between 1 and 8 per rotated frequency, so that every pair is affected.
         out["rope_freqs.weight"] = rng.uniform(1.0, 8.0, spec.n_rot // 2).astype(np.float32)
+    if spec.llama3_rope is not None:
+        out["rope_freqs.weight"] = llama3_rope_factors(spec)
+    if spec.longrope_orig_ctx is not None:  # per-frequency divisors, as Phi-3.5's (1 to ~30)
+        out["rope_factors_long.weight"] = rng.uniform(1.0, 30.0, spec.n_rot // 2).astype(np.float32)
+        out["rope_factors_short.weight"] = rng.uniform(1.0, 3.0, spec.n_rot // 2).astype(np.float32)
     for i in range(spec.n_layer + spec.n_nextn):
         p = f"blk.{i}"
         _layer_norms(spec, rng, p, out)
@@ -304,6 +332,34 @@ def tiny_tensors(spec: TinySpec) -> dict[str, np.ndarray]:
         if spec.arch == "phi2":
             out["output.bias"] = _bias(rng, v)
     return out
+
+
+def llama3_rope_factors(spec: TinySpec) -> np.ndarray:
+    """The per-frequency divisors llama.cpp's converter writes as `rope_freqs` for a llama3
+    rope_scaling: 1 for wavelengths below orig / high_freq_factor, `factor` above
+    orig / low_freq_factor, and 1 / ((1 - s) / factor + s) in between, s = (orig / wavelength -
+    low) / (high - low)."""
+    assert spec.llama3_rope is not None
+    factor, low, high, orig = spec.llama3_rope
+    freqs = 1.0 / (spec.rope_base ** (np.arange(0, spec.n_rot, 2, dtype=np.float64) / spec.n_rot))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < orig / high:
+            out.append(1.0)
+        elif wavelen > orig / low:
+            out.append(factor)
+        else:
+            smooth = (orig / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def longrope_attn_factor(spec: TinySpec) -> float:
+    """phi3 longrope's attention factor as llama.cpp's converter computes it."""
+    assert spec.longrope_orig_ctx is not None
+    scale = spec.n_ctx / spec.longrope_orig_ctx
+    return float(np.sqrt(1 + np.log(scale) / np.log(spec.longrope_orig_ctx))) if scale > 1.0 else 1.0
 
 
 def _write_metadata(w: gguf.GGUFWriter, spec: TinySpec, name: str) -> None:
@@ -352,6 +408,17 @@ def _write_metadata(w: gguf.GGUFWriter, spec: TinySpec, name: str) -> None:
         w.add_rope_scaling_yarn_log_mul(spec.yarn_log_mul)
     if spec.rope_attn_factor is not None:
         w.add_rope_scaling_attn_factors(spec.rope_attn_factor)
+    if spec.longrope_orig_ctx is not None:
+        w.add_rope_scaling_orig_ctx_len(spec.longrope_orig_ctx)
+        w.add_rope_scaling_attn_factors(longrope_attn_factor(spec))
+    if spec.granite_scales is not None:
+        embedding, residual, attention, logit = spec.granite_scales
+        w.add_embedding_scale(embedding)
+        w.add_residual_scale(residual)
+        w.add_attention_scale(attention)
+        w.add_logit_scale(logit)
+    if spec.moe_step:
+        w.add_interleave_moe_layer_step(spec.moe_step)
     if spec.sliding_window is not None:
         w.add_sliding_window(spec.sliding_window)
     if spec.n_expert > 0:

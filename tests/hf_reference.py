@@ -28,7 +28,7 @@ from unittest import mock
 import gguf
 import numpy as np
 import torch
-from ggufgen import GEMMA_LIKE, LLAMA_LIKE, TinySpec
+from ggufgen import GEMMA_LIKE, LLAMA_LIKE, TinySpec, tiny_tensors
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV2Config,
@@ -38,6 +38,10 @@ from transformers import (
     GemmaConfig,
     Glm4MoeConfig,
     GptOssConfig,
+    GraniteConfig,
+    GraniteMoeConfig,
+    GraniteMoeSharedConfig,
+    Llama4TextConfig,
     LlamaConfig,
     MixtralConfig,
     OlmoeConfig,
@@ -76,9 +80,27 @@ def _rope(spec: TinySpec, base: float, linear: float | None, yarn: bool = True) 
         }
         if spec.rope_attn_factor is not None:  # given, transformers uses it instead of its default
             params["attention_factor"] = spec.rope_attn_factor * (0.1 * math.log(factor) + 1.0)
+    if spec.longrope_orig_ctx is not None:
+        params = {
+            "rope_type": "longrope", "rope_theta": base, "original_max_position_embeddings": spec.longrope_orig_ctx,
+            "long_factor": _gguf_floats(spec, "rope_factors_long.weight"),
+            "short_factor": _gguf_floats(spec, "rope_factors_short.weight"),
+        }
+    if spec.llama3_rope is not None:
+        factor, low, high, original = spec.llama3_rope
+        params = {
+            "rope_type": "llama3", "rope_theta": base, "factor": factor, "low_freq_factor": low,
+            "high_freq_factor": high, "original_max_position_embeddings": original,
+        }
     # Always explicit: PhiConfig silently defaults to a factor of 0.5.
     params["partial_rotary_factor"] = spec.n_rot / spec.head_dim
     return params
+
+
+def _gguf_floats(spec: TinySpec, name: str) -> list[float]:
+    """A 1-D F32 tensor of the file `spec` describes (the arrays the file holds), as
+    transformers' config takes it."""
+    return [float(v) for v in tiny_tensors(spec)[name]]
 
 
 def hf_config(spec: TinySpec) -> PretrainedConfig:
@@ -112,6 +134,10 @@ def hf_config(spec: TinySpec) -> PretrainedConfig:
             num_local_experts=spec.n_expert, num_experts_per_tok=spec.n_expert_used, sliding_window=None,
             rope_parameters=rope,
         )
+    if arch in ("granite", "granitemoe"):
+        return _granite_config(spec, common, rope)
+    if arch == "llama4":
+        return _llama4_config(spec, common, rope)
     if arch == "qwen2moe":
         return Qwen2MoeConfig(
             **common, **qwen_moe, rms_norm_eps=1e-5, norm_topk_prob=False, qkv_bias=True,
@@ -156,7 +182,9 @@ def hf_config(spec: TinySpec) -> PretrainedConfig:
     if arch == "phi2":
         return PhiConfig(**common, layer_norm_eps=1e-5, hidden_act="gelu_new", rope_parameters=rope)
     if arch == "phi3":
-        return Phi3Config(**common, rms_norm_eps=1e-5, rope_parameters=rope)
+        # Phi3Config's own original_max_position_embeddings (default 4096) overrides the rope's.
+        original = {"original_max_position_embeddings": spec.longrope_orig_ctx} if spec.longrope_orig_ctx else {}
+        return Phi3Config(**common, rms_norm_eps=1e-5, rope_parameters=rope, **original)
     if arch == "starcoder2":
         return Starcoder2Config(
             **common, norm_epsilon=1e-5, use_bias=True, hidden_act="gelu_pytorch_tanh", rope_parameters=rope
@@ -190,6 +218,42 @@ def hf_config(spec: TinySpec) -> PretrainedConfig:
             rope_parameters={"full_attention": rope, "sliding_attention": local},
         )
     raise ValueError(f"no transformers config for arch {arch!r}")
+
+
+def _granite_config(spec: TinySpec, common: dict[str, object], rope: dict[str, object]) -> PretrainedConfig:
+    """Granite (dense), GraniteMoe, or GraniteMoeShared when the file has a shared expert; the
+    four multipliers from the file's scales."""
+    assert spec.granite_scales is not None
+    embedding, residual, attention, logit = spec.granite_scales
+    scales: dict[str, object] = {
+        "embedding_multiplier": embedding, "residual_multiplier": residual, "attention_multiplier": attention,
+        "logits_scaling": logit, "rms_norm_eps": 1e-5, "rope_parameters": rope,
+    }
+    if spec.arch == "granite":
+        return GraniteConfig(**common, **scales)
+    moe: dict[str, object] = dict(
+        common, intermediate_size=spec.expert_width, num_local_experts=spec.n_expert,
+        num_experts_per_tok=spec.n_expert_used, **scales,
+    )
+    if spec.n_ff_shexp:
+        return GraniteMoeSharedConfig(**moe, shared_intermediate_size=spec.n_ff_shexp)
+    return GraniteMoeConfig(**moe)
+
+
+def _llama4_config(spec: TinySpec, common: dict[str, object], rope: dict[str, object]) -> PretrainedConfig:
+    """Llama4TextConfig: experts every moe_step layers, NoPE every 4th layer and 8192-position
+    chunks on the others unless the file's sliding_window is 0, L2 q/k norm, temperature tuning
+    with llama.cpp's constants (floor 8192)."""
+    no_rope = [1] * spec.n_layer if spec.sliding_window == 0 else [int((i + 1) % 4 != 0) for i in range(spec.n_layer)]
+    return Llama4TextConfig(
+        **dict(common, intermediate_size=spec.expert_width), intermediate_size_mlp=spec.n_ff, head_dim=spec.head_dim,
+        rms_norm_eps=1e-5, num_local_experts=spec.n_expert, num_experts_per_tok=spec.n_expert_used,
+        interleave_moe_layer_step=spec.moe_step, no_rope_layers=no_rope, use_qk_norm=spec.n_expert != 128,
+        attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1, attention_chunk_size=8192,
+        layer_types=["chunked_attention" if r else "full_attention" for r in no_rope] if spec.sliding_window != 0
+        else ["full_attention"] * spec.n_layer,
+        rope_parameters=rope,
+    )
 
 
 def _deepseek_config(spec: TinySpec, common: dict[str, object]) -> PretrainedConfig:
@@ -238,6 +302,30 @@ def _gpt_oss_experts(
             out[prefix + "gate_up_proj"] = torch.from_numpy(both.reshape(*both.shape[:2], -1).copy())
         else:  # [n, F] each -> [n, 2F]
             out[prefix + "gate_up_proj_bias"] = torch.from_numpy(np.stack([w, up], axis=-1).reshape(w.shape[0], -1))
+
+
+def _granite_llama4_experts(
+    spec: TinySpec, name: str, w: np.ndarray, tensors: dict[str, np.ndarray], out: dict[str, torch.Tensor]
+) -> None:
+    """GraniteMoe: experts.gate_up_proj [n, 2F, E] ([gate; up]), down_proj [n, E, F], the shared
+    expert as shared_mlp.input_linear [2Fs, E] ([gate; up]) and output_linear. Llama4: x @ W with
+    gate_up_proj [n, E, 2F] ([gate | up] columns) and down_proj [n, F, E]; its shared expert has
+    the usual gate/up/down projections (mapped by name)."""
+    layer, role = name.split(".")[1], name.split(".")[2]
+    granite = spec.arch == "granitemoe"
+    prefix = f"model.layers.{layer}." + ("block_sparse_moe.experts." if granite else "feed_forward.experts.")
+    up = tensors.get(name.replace("_gate_", "_up_"))
+    if role == "ffn_gate_exps":  # [n, F, E] gate and up
+        both = np.concatenate([w, up], axis=1)  # [n, 2F, E]
+        out[prefix + "gate_up_proj"] = torch.from_numpy(np.array(both if granite else both.transpose(0, 2, 1)))
+    elif role == "ffn_down_exps":  # [n, E, F]
+        out[prefix + "down_proj"] = torch.from_numpy(np.array(w if granite else w.transpose(0, 2, 1)))
+    elif not granite:
+        out[_hf_name(spec.arch, name)] = torch.from_numpy(np.array(w))
+    elif role == "ffn_gate_shexp":
+        out[f"model.layers.{layer}.shared_mlp.input_linear.weight"] = torch.from_numpy(np.concatenate([w, up]))
+    elif role == "ffn_down_shexp":
+        out[f"model.layers.{layer}.shared_mlp.output_linear.weight"] = torch.from_numpy(np.array(w))
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -304,6 +392,14 @@ _LAYER_OVERRIDES["gpt-oss"] = {
     "attn_sinks": "self_attn.sinks",
     "ffn_gate_inp": "mlp.router",
 }
+_LAYER_OVERRIDES["granitemoe"] = {"ffn_gate_inp": "block_sparse_moe.router"}
+_LAYER_OVERRIDES["llama4"] = {
+    "ffn_gate": "feed_forward.gate_proj",
+    "ffn_up": "feed_forward.up_proj",
+    "ffn_down": "feed_forward.down_proj",
+    "ffn_gate_inp": "feed_forward.router",
+    **{f"ffn_{role}_shexp": f"feed_forward.shared_expert.{role}_proj" for role in ("gate", "up", "down")},
+}
 _LAYER_OVERRIDES["glm4moe"] = {
     "post_attention_norm": "post_attention_layernorm",
     **{f"ffn_{role}_shexp": f"mlp.shared_experts.{role}_proj" for role in ("gate", "up", "down")},
@@ -331,14 +427,19 @@ def hf_state_dict(spec: TinySpec, tensors: dict[str, np.ndarray], unpermute_qk: 
     """Map GGUF tensors onto transformers parameter names, undoing the converter's changes."""
     out: dict[str, torch.Tensor] = {}
     for name, w in tensors.items():
-        if name == "rope_freqs.weight" or ".ffn_up_exps." in name:
+        if name.startswith("rope_") or ".ffn_up_exps." in name:
             continue
+        if spec.arch == "granitemoe" and ".ffn_up_shexp." in name:
+            continue  # fused with ffn_gate_shexp into shared_mlp.input_linear
         if name.startswith("blk.") and int(name.split(".")[1]) >= spec.n_layer:
             continue  # next-token prediction blocks: not part of the decoder
         if ".attn_v_b." in name:
             continue
         if spec.arch == "gpt-oss" and "_exps." in name:
             _gpt_oss_experts(name, w, tensors, out)
+            continue
+        if spec.arch in ("granitemoe", "llama4") and ("_exps." in name or "_shexp." in name):
+            _granite_llama4_experts(spec, name, w, tensors, out)
             continue
         if ".attn_k_b." in name:  # [H, R, nope] and [H, Dv, R] -> kv_b [H (nope + Dv), R]
             v_b = tensors[name.replace("attn_k_b", "attn_v_b")]

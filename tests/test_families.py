@@ -15,6 +15,8 @@ from hf_reference import hf_logits, reference_model
 from stage_runner import arange_positions, full_logits, step, whole
 from tiny_cases import ALL_CASES, FAMILY_CASES, QUANT_CASES, QUIRK_CASES, TinyFiles, token_batch
 
+from ppinfer.errors import ModelFileError
+from ppinfer.families import get_spec
 from ppinfer.kernels import fused
 from ppinfer.model import build_stage
 from ppinfer.plan import StagePlan
@@ -74,7 +76,9 @@ def _decoded_one_token_at_a_time(stage, ids: np.ndarray) -> np.ndarray:
     )
 
 
-@pytest.mark.parametrize("case", [*FAMILY_CASES, "qwen3_rope_yarn", "llama_rope_yarn_attn_factor"])
+@pytest.mark.parametrize(
+    "case", [*FAMILY_CASES, "qwen3_rope_yarn", "llama_rope_yarn_attn_factor", "phi3_longrope_long"]
+)
 def test_token_by_token_decode_matches_transformers(tiny_files: TinyFiles, case: str) -> None:
     """Every step a single token: on float32 CPU stages each layer's rotation, cache write and
     attention run as one fused op (ppinfer.kernels.fused); the reference is transformers' whole
@@ -102,3 +106,29 @@ def test_decode_without_the_fused_ops_matches_transformers(
     expected = hf_logits(reference_model(path, spec), ids)
     got = _decoded_one_token_at_a_time(stage, ids)
     assert float(np.abs(got - expected).max()) <= TOLERANCE
+
+
+def test_longrope_factors_are_chosen_by_the_context_as_llama_cpp_does(tiny_files: TinyFiles) -> None:
+    """A file whose context (128) exceeds longrope's original one (16) takes the long factors
+    for every sequence, as llama.cpp does (it decides by the context per sequence);
+    transformers decides by the longest position of each forward, so on 16 tokens it takes the
+    short ones and the two differ there, while on 20 tokens they agree (the test above)."""
+    case = "phi3_longrope_long"
+    spec, path = ALL_CASES[case], tiny_files.path(case)
+    stage = whole(path, spec.n_layer)
+    factor = (1 + np.log(8) / np.log(16)) ** 0.5  # the converter's attention factor, in the file
+    assert [layer.attn.rope.mscale for layer in stage.layers] == pytest.approx([factor] * spec.n_layer)
+    ids = token_batch(spec)  # [2, 20]
+    short = ids[:, :16]
+    assert float(np.abs(full_logits(stage, short) - full_logits(stage, ids)[:, :16]).max()) <= 1e-5
+    reference = reference_model(path, spec)
+    assert float(np.abs(full_logits(stage, short) - hf_logits(reference, short)).max()) > 0.1
+
+
+def test_unsupported_architecture_lists_the_supported_ones() -> None:
+    with pytest.raises(ModelFileError) as err:
+        get_spec("alienlm", "x.gguf")
+    message = str(err.value)
+    assert "unsupported architecture 'alienlm'" in message and "\n" not in message
+    for arch in ("llama", "qwen3moe", "deepseek2", "gpt-oss", "granite", "granitemoe", "llama4", "phi3"):
+        assert f" {arch}," in message or message.endswith(f" {arch}")

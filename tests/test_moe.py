@@ -1,8 +1,11 @@
 """Mixture-of-Experts families: qwen3moe, qwen2moe (gated shared expert), llama with experts
-(Mixtral's layout) and olmoe (q/k norms over whole projections).
+(Mixtral's layout), olmoe (q/k norms over whole projections), glm4moe, deepseek2, gpt-oss,
+granitemoe (GraniteMoe and GraniteMoeShared: scales, shared expert) and llama4 (experts every
+other layer weighting their input, NoPE layers with temperature tuning, L2 q/k norm, rope_freqs).
 
-- The exact path equals transformers' own classes (Qwen3Moe, Qwen2Moe, Mixtral, Olmoe) on
-  tiny files, as one stage, chained stages, and token-by-token decode through three stages.
+- The exact path equals transformers' own classes (Qwen3Moe, Qwen2Moe, Mixtral, Olmoe, Glm4Moe,
+  DeepseekV2/V3, GptOss, GraniteMoe, GraniteMoeShared, Llama4) on tiny files, as one stage,
+  chained stages, and token-by-token decode through three or four stages.
 - The quantized path keeps the 3-D expert tensors in their blocks: a split equals the whole
   quantized model; with every product on the kernels' dequantizing GEMM it equals the exact
   path (so the per-expert slices are the right blocks); with 8-bit activations its
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +37,7 @@ from tiny_cases import ALL_CASES, MOE_CASES, MOE_QUANT_CASES, MXFP4_CASES, TinyF
 
 import ppinfer
 from ppinfer.errors import ModelFileError
-from ppinfer.families import read_hparams
+from ppinfer.families import read_hparams, registry
 from ppinfer.gguf import GGUFFile
 from ppinfer.kernels.cpu import BlockLinear
 from ppinfer.kernels.experts import BlockExperts
@@ -62,7 +66,7 @@ def test_moe_family_matches_transformers(tiny_files: TinyFiles, case: str) -> No
     expected = hf_logits(reference_model(path, spec), ids)
     stage = whole(path, spec.n_layer)
     assert [isinstance(layer.mlp, MoeFeedForward) for layer in stage.layers] == [
-        il >= spec.n_dense_lead for il in range(spec.n_layer)
+        spec.is_moe_layer(il) for il in range(spec.n_layer)
     ]
     gap = _gap(full_logits(stage, ids), expected)
     assert gap <= TOLERANCE, f"{case}: max |Δlogit| = {gap:.3g}"
@@ -81,14 +85,10 @@ def test_gpt_oss_mxfp4_experts_are_dequantized_at_load(tiny_files: TinyFiles) ->
     assert gap <= TOLERANCE, f"{case}: max |Δlogit| = {gap:.3g}"
 
 
-@pytest.mark.parametrize("case", list(MOE_CASES))
-def test_moe_stages_decode_token_by_token_like_transformers(tiny_files: TinyFiles, case: str) -> None:
-    """A 7-token prefill, then one token per step, through stages [0,1) [1,2) [2,3) each with
-    its own KV cache, against transformers on the whole sequence."""
-    spec, path = ALL_CASES[case], tiny_files.path(case)
-    ids = token_batch(spec, seed=3)  # [2, 20]
-    expected = hf_logits(reference_model(path, spec), ids)
-    stages = [build(path, i, i + 1, spec.n_layer) for i in range(spec.n_layer)]
+def _decoded_through_stages(path: Path, n_layer: int, ids: np.ndarray) -> np.ndarray:
+    """Logits [B, T, V]: a 7-token prefill, then one token per step, through one stage per layer,
+    each with its own KV cache."""
+    stages = [build(path, i, i + 1, n_layer) for i in range(n_layer)]
     states = [s.new_cache(batch=2, max_len=ids.shape[1]) for s in stages]
     tokens, prompt = torch.from_numpy(ids), 7
     got = []
@@ -98,8 +98,63 @@ def test_moe_stages_decode_token_by_token_like_transformers(tiny_files: TinyFile
             for stage, state in zip(stages, states):
                 hidden = stage.forward(hidden, arange_positions(2, b - a, offset=a), state)
             got.append(stages[-1].lm_head(hidden).numpy())
-    gap = _gap(np.concatenate(got, axis=1), expected)
+    return np.concatenate(got, axis=1)
+
+
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_moe_stages_decode_token_by_token_like_transformers(tiny_files: TinyFiles, case: str) -> None:
+    """A 7-token prefill, then one token per step, through stages [0,1) [1,2) ... (one per
+    layer: 3 or 4 stages) against transformers on the whole sequence."""
+    spec, path = ALL_CASES[case], tiny_files.path(case)
+    ids = token_batch(spec, seed=3)  # [2, 20]
+    expected = hf_logits(reference_model(path, spec), ids)
+    gap = _gap(_decoded_through_stages(path, spec.n_layer, ids), expected)
     assert gap <= TOLERANCE, f"{case}: max |Δlogit| = {gap:.3g}"
+
+
+@pytest.mark.parametrize("what", ["temperature", "chunks"])
+def test_llama4_nope_temperature_and_chunks_match_transformers(
+    tiny_files: TinyFiles, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    """llama4's temperature tuning on its NoPE layer (3) and the chunked attention of its other
+    layers change nothing below 8192 tokens, so both sides take a floor scale of 4 (queries of
+    layer 3 scaled by 1 + 0.1 ln(floor((pos + 1) / 4) + 1)), or chunks of 8 positions, here
+    (llama.cpp's 8192 is the family's data). Checked on the whole sequence and with a prefill
+    then one token per step through 4 stages (each step's own positions); with llama.cpp's
+    8192 the logits are well past the tolerance."""
+    case = "llama4"
+    spec, path = ALL_CASES[case], tiny_files.path(case)
+    ids = token_batch(spec, seed=5)  # [2, 20]
+    reference = reference_model(path, spec)
+    nope = registry.LLAMA4.nope
+    assert nope is not None and nope.temperature is not None
+    if what == "temperature":
+        for layer in reference.model.layers:
+            layer.self_attn.floor_scale = 4
+        changed = replace(nope, temperature=replace(nope.temperature, floor_scale=4))
+    else:
+        reference.config.attention_chunk_size = 8
+        changed = replace(nope, chunk=8)
+    expected = hf_logits(reference, ids)
+    assert _gap(full_logits(whole(path, spec.n_layer), ids), expected) > 100 * TOLERANCE, f"{what} must matter here"
+    monkeypatch.setitem(registry.FAMILIES, case, replace(registry.LLAMA4, nope=changed))
+    assert _gap(full_logits(whole(path, spec.n_layer), ids), expected) <= TOLERANCE
+    assert _gap(_decoded_through_stages(path, spec.n_layer, ids), expected) <= TOLERANCE
+
+
+def test_llama4_layers(tiny_files: TinyFiles) -> None:
+    """Experts in layers 1 and 3 only, layer 3 without rope (and without the L2 q/k norm and the
+    chunks, which only rope layers have), every layer roped and none chunked in a file whose
+    sliding_window is 0."""
+    stage = whole(tiny_files.path("llama4"), 4)
+    assert [isinstance(layer.mlp, MoeFeedForward) for layer in stage.layers] == [False, True, False, True]
+    assert [layer.attn.rope is None for layer in stage.layers] == [False, False, False, True]
+    assert [layer.attn.post_rope_norm is not None for layer in stage.layers] == [True, True, True, False]
+    assert [layer.attn.chunk for layer in stage.layers] == [8192, 8192, 8192, 0]
+    assert all(layer.mlp.weight_input for layer in stage.layers if isinstance(layer.mlp, MoeFeedForward))
+    roped = whole(tiny_files.path("llama4_q4_0"), 4)
+    assert all(layer.attn.rope is not None and layer.attn.temperature is None for layer in roped.layers)
+    assert all(layer.attn.chunk == 0 for layer in roped.layers)
 
 
 @pytest.mark.parametrize("weights", ["dequantized", "quantized"])
@@ -117,11 +172,12 @@ def test_moe_split_equals_whole(tiny_files: TinyFiles, case: str, weights: str) 
 def test_quantized_experts_stay_in_blocks(tiny_files: TinyFiles, case: str) -> None:
     spec, path = ALL_CASES[case], tiny_files.path(case)
     quant, exact = whole(path, spec.n_layer, "quantized"), whole(path, spec.n_layer)
-    moe = [layer.mlp for layer in quant.layers[spec.n_dense_lead :]]
+    moe = [layer.mlp for il, layer in enumerate(quant.layers) if spec.is_moe_layer(il)]
     for mlp in moe:
         assert isinstance(mlp.gate_up, BlockExperts) and isinstance(mlp.down, BlockExperts)
         assert mlp.gate_up.qtype == spec.qtype
-    assert all(isinstance(layer.mlp.down, FloatExperts) for layer in exact.layers[spec.n_dense_lead :])
+    moe_layers = [il for il in range(spec.n_layer) if spec.is_moe_layer(il)]
+    assert all(isinstance(exact.layers[il].mlp.down, FloatExperts) for il in moe_layers)
     assert quant.weights_report.kept[spec.qtype.name] >= 2 * spec.n_layer
     expert_bytes = sum(mlp.gate_up.nbytes + mlp.down.nbytes for mlp in moe)
     file_bytes = sum(
@@ -287,8 +343,9 @@ def _bad_file(tmp_path: Path, case: str, **changes: object) -> Path:
             r"qwen2moe\.expert_used_count=7 must be between 1 and qwen2moe\.expert_count=6",
         ),
         ("olmoe", {"n_expert": 0}, r"required metadata key 'olmoe\.expert_count' is missing"),
+        ("llama4", {"moe_step": 0}, r"required metadata key 'llama4\.interleave_moe_layer_step' is missing"),
     ],
-    ids=["count", "width", "used_over_count", "no_count"],
+    ids=["count", "width", "used_over_count", "no_count", "no_interleave_step"],
 )
 def test_expert_tensors_disagreeing_with_metadata(
     tiny_files: TinyFiles, tmp_path: Path, case: str, changes: dict[str, object], message: str

@@ -108,7 +108,7 @@ def test_greedy_tokens_alone_equal_those_in_a_lane_of_8(tiny_files: TinyFiles, c
     assert len({tuple(row) for row in lane}) > 1  # the lane's other prompts go elsewhere
 
 
-@pytest.mark.parametrize("case", ["llama_q4_0", "llama_q8_0", "qwen3_q5_0", "gemma3_q4_1", "phi3_q8_0"])
+@pytest.mark.parametrize("case", ["llama_q4_0", "llama_q8_0", "qwen3_q5_0", "gemma3_q4_1", "phi3_q8_0", "granite_q8_0"])
 def test_quantized_split_equals_whole(tiny_files: TinyFiles, case: str) -> None:
     spec, path = ALL_CASES[case], tiny_files.path(case)
     ids = token_batch(spec)  # [2, 20]

@@ -33,6 +33,9 @@ FAMILY_CASES: dict[str, TinySpec] = {
     ),
     # 6 layers so that layer 5 is global; freq_base 1e6 with freq_base_swa absent (=10000).
     "gemma3": TinySpec("gemma3", n_layer=6, tied=True, sliding_window=5, rope_base=1e6, seed=9),
+    # Granite 3.x dense: embedding x12, residual branches x0.22, attention scale 1/64 instead of
+    # 1/sqrt(16), logits divided by 8 (Granite-3.1-8B's values, the attention one made tiny-sized).
+    "granite": TinySpec("granite", granite_scales=(12.0, 0.22, 0.015625, 8.0), seed=31),
 }
 
 QUIRK_CASES: dict[str, TinySpec] = {
@@ -50,6 +53,17 @@ QUIRK_CASES: dict[str, TinySpec] = {
         "llama", n_ctx=16384, rope_base=500.0, rope_yarn=(8.0, 2048), rope_attn_factor=0.8, seed=25
     ),
     "phi2_fused_qkv": TinySpec("phi2", rope_dims=6, fused_qkv=True, seed=14),
+    # Phi-3.5 / Phi-4-mini longrope. llama.cpp takes the long factors when the context per
+    # sequence (here the file's 128) exceeds the original 16; transformers when the forward's
+    # longest position does (20 tokens > 16): both use the long factors and the attention
+    # factor sqrt(1 + ln 8 / ln 16).
+    "phi3_longrope_long": TinySpec(
+        "phi3", fused_qkv=True, rope_dims=12, n_ctx=128, longrope_orig_ctx=16, seed=32
+    ),
+    # A context equal to the original one: both take the short factors (attention factor 1).
+    "phi3_longrope_short": TinySpec(
+        "phi3", fused_qkv=True, rope_dims=12, n_ctx=32, longrope_orig_ctx=32, seed=33
+    ),
     # Real Phi-3 files carry a sliding_window key that llama.cpp ignores.
     "phi3_sliding_window_key": TinySpec("phi3", fused_qkv=True, rope_dims=12, sliding_window=4, seed=18),
     # Sliding layers use freq_base_swa, global ones freq_base with linear scaling.
@@ -102,6 +116,19 @@ MOE_CASES: dict[str, TinySpec] = {
         "gpt-oss", n_layer=4, n_head=4, n_head_kv=2, head_dim=16, n_ff=32, n_expert=8, n_expert_used=2,
         n_ff_exp=32, sliding_window=6, n_ctx=16384, rope_yarn=(4.0, 4096), rope_base=150000.0, seed=30,
     ),
+    # GraniteMoeShared (llama.cpp writes it as granitemoe with ffn_*_shexp): the four scales,
+    # Mixtral's routing, a shared expert of 48.
+    "granitemoe": TinySpec(
+        "granitemoe", n_layer=3, n_ff=32, n_expert=4, n_expert_used=2, n_ff_shexp=48,
+        granite_scales=(12.0, 0.22, 0.015625, 8.0), seed=34,
+    ),
+    # Llama 4 Scout's layout: experts in layers 1 and 3 (dense 128 wide in 0 and 2), chosen by
+    # sigmoid(logit) with the weight on the expert's input, a shared expert, layer 3 NoPE, L2
+    # q/k norm after rope in the others, llama3 rope scaling as a rope_freqs tensor.
+    "llama4": TinySpec(
+        "llama4", n_layer=4, n_ff=128, n_expert=4, n_expert_used=1, n_ff_exp=32, moe_step=2,
+        rope_base=500.0, llama3_rope=(8.0, 1.0, 4.0, 64), seed=35,
+    ),
 }
 
 MOE_QUANT_CASES: dict[str, TinySpec] = {
@@ -113,10 +140,11 @@ MOE_QUANT_CASES: dict[str, TinySpec] = {
     "glm4moe_q8_0": with_changes(MOE_CASES["glm4moe"], qtype=QType.Q8_0, qk_norm=True, seed=27),
     "deepseek3_q8_0": with_changes(MOE_CASES["deepseek3"], qtype=QType.Q8_0),
     "gpt_oss_q8_0": with_changes(MOE_CASES["gpt_oss"], qtype=QType.Q8_0),
+    # GraniteMoe without the shared expert.
+    "granitemoe_q8_0": with_changes(MOE_CASES["granitemoe"], qtype=QType.Q8_0, n_ff_shexp=0),
+    # Two of four experts, and a file whose sliding_window is 0: every layer ropes.
+    "llama4_q4_0": with_changes(MOE_CASES["llama4"], qtype=QType.Q4_0, n_expert_used=2, sliding_window=0),
 }
-
-# gpt-oss files store every weight in MXFP4, for which no kernel exists: dequantized at load.
-MXFP4_CASES: dict[str, TinySpec] = {"gpt_oss_mxfp4": with_changes(MOE_CASES["gpt_oss"], qtype=QType.MXFP4)}
 
 # gpt-oss files store every weight in MXFP4, for which no kernel exists: dequantized at load.
 MXFP4_CASES: dict[str, TinySpec] = {"gpt_oss_mxfp4": with_changes(MOE_CASES["gpt_oss"], qtype=QType.MXFP4)}
@@ -128,6 +156,7 @@ QUANT_CASES: dict[str, TinySpec] = {
 QUANT_CASES["phi3_q8_0"] = with_changes(FAMILY_CASES["phi3"], qtype=QType.Q8_0)
 QUANT_CASES["gemma3_q4_1"] = with_changes(FAMILY_CASES["gemma3"], qtype=QType.Q4_1)
 QUANT_CASES["qwen3_q5_0"] = with_changes(FAMILY_CASES["qwen3"], qtype=QType.Q5_0)
+QUANT_CASES["granite_q8_0"] = with_changes(FAMILY_CASES["granite"], qtype=QType.Q8_0)
 
 ALL_CASES: dict[str, TinySpec] = {
     **FAMILY_CASES, **QUIRK_CASES, **QUANT_CASES, **MOE_CASES, **MOE_QUANT_CASES, **MXFP4_CASES,

@@ -28,12 +28,13 @@ class YarnParams:
 class RopeParams:
     """One rotary embedding: theta_i = pos * freq_scale * base^(-2i/n_rot) / factors_i, blended
     with the unscaled frequency by YaRN when `yarn` is set; cos and sin are multiplied by
-    `mscale` (YaRN's attention factor, 1 otherwise)."""
+    `mscale` (the file's rope.scaling.attn_factor, times YaRN's own attention factor)."""
 
     n_rot: int  # rotated dims per head (the rest pass through)
     base: float
     freq_scale: float  # 1 / scaling factor
-    use_factors: bool  # divide by the file's `rope_freqs` tensor
+    factors: str | None  # the global tensor of per-frequency divisors: `rope_freqs.weight`, or
+    # phi3 longrope's `rope_factors_long.weight` / `rope_factors_short.weight`; None: none
     yarn: YarnParams | None = None
     mscale: float = 1.0
 
@@ -72,8 +73,10 @@ class LayerParams:
     n_head_kv: int
     n_ff: int
     sliding_window: int  # 0 = global attention
-    rope: RopeParams
+    rope: RopeParams | None  # None: no rotary embedding (llama4's NoPE layers)
     moe: MoeParams | None  # None: a dense feed-forward of width n_ff
+    qk_l2_norm: bool = False  # q and k heads RMS-normalised without weight after rope (llama4)
+    attn_chunk: int = 0  # > 0: queries attend only to keys in their chunk of this many positions (llama4)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,9 @@ class HParams:
     final_softcap: float | None
     layers: tuple[LayerParams, ...]
     latent: LatentParams | None = None  # multi-head latent attention's ranks (deepseek2)
+    embed_scale: float | None = None  # multiplies the embeddings (gemma: sqrt(E); granite: embedding_scale)
+    residual_scale: float = 1.0  # multiplies each branch before its residual add (granite)
+    logit_scale: float = 1.0  # divides the logits (granite)
 
 
 def per_layer_values(value: Any, n_layer: int, key: str, path: str) -> list[int]:
@@ -126,7 +132,28 @@ def _check_head_dim(gf: GGUFFile, head_dim: int, n_head: int, n_head_kv: int, na
 ROPE_SCALINGS = ("none", "linear", "yarn")
 
 
-def _read_rope(gf: GGUFFile, n_rot: int, base: float, use_factors: bool, latent: bool) -> tuple[RopeParams, float]:
+def _rope_factors(gf: GGUFFile) -> str | None:
+    """The rotary frequency divisors llama.cpp uses: `rope_freqs` when present; else phi3
+    longrope's long factors when the context a sequence may reach (the file's context_length,
+    ppinfer's per-sequence limit) exceeds the original context, its short factors otherwise.
+    llama.cpp decides this once per context (n_ctx per sequence against
+    rope.scaling.original_context_length); transformers decides per forward, by the longest
+    position in it."""
+    if "rope_freqs.weight" in gf.tensors:
+        return "rope_freqs.weight"
+    long, short = "rope_factors_long.weight", "rope_factors_short.weight"
+    if long not in gf.tensors and short not in gf.tensors:
+        return None
+    arch = gf.architecture
+    n_ctx = int(gf.require(f"{arch}.context_length"))
+    n_ctx_orig = int(gf.get(f"{arch}.rope.scaling.original_context_length", n_ctx))
+    chosen = long if n_ctx > n_ctx_orig else short
+    if chosen not in gf.tensors:
+        raise ModelFileError(f"{gf.path}: tensor {chosen!r} is missing (the file has the other longrope factors)")
+    return chosen
+
+
+def _read_rope(gf: GGUFFile, n_rot: int, base: float, factors: str | None, latent: bool) -> tuple[RopeParams, float]:
     """The rotary embedding of global-attention layers, with the file's rope scaling (llama.cpp's
     keys and defaults: YaRN's ramp from the original context with betas 32 and 1, and its
     attention factor `yarn_attn_factor * attn_factor * (1 + 0.1 ln(factor))`), and the factor
@@ -147,28 +174,29 @@ def _read_rope(gf: GGUFFile, n_rot: int, base: float, use_factors: bool, latent:
     if factor < 0 or not math.isfinite(factor):
         raise ModelFileError(f"{path}: {key('factor')}={factor} must be a positive number")
     freq_scale = 1.0 / factor if scaling in ("linear", "yarn") and factor > 0 else 1.0
-    if scaling != "yarn":
-        return RopeParams(n_rot, base, freq_scale, use_factors), 1.0
+    attn_factor = float(gf.get(key("attn_factor"), 1.0))
+    if scaling != "yarn":  # llama.cpp scales every rotation by attn_factor (phi3 longrope's factor)
+        return RopeParams(n_rot, base, freq_scale, factors, mscale=attn_factor), 1.0
     yarn = YarnParams(
         orig_ctx=int(gf.get(key("original_context_length"), gf.require(f"{arch}.context_length"))),
         ext_factor=float(gf.get(key("yarn_ext_factor"), 1.0)),
         beta_fast=float(gf.get(key("yarn_beta_fast"), 32.0)),
         beta_slow=float(gf.get(key("yarn_beta_slow"), 1.0)),
     )
-    mscale = float(gf.get(key("yarn_attn_factor"), 1.0)) * float(gf.get(key("attn_factor"), 1.0))
+    mscale = float(gf.get(key("yarn_attn_factor"), 1.0)) * attn_factor
     if latent:
         score_m = mscale * (1.0 + float(gf.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0)) * math.log(factor))
-        return RopeParams(n_rot, base, freq_scale, use_factors, yarn, mscale), score_m * score_m
+        return RopeParams(n_rot, base, freq_scale, factors, yarn, mscale), score_m * score_m
     if yarn.ext_factor != 0.0:
         mscale *= 1.0 + 0.1 * math.log(1.0 / freq_scale)
-    return RopeParams(n_rot, base, freq_scale, use_factors, yarn, mscale), 1.0
+    return RopeParams(n_rot, base, freq_scale, factors, yarn, mscale), 1.0
 
 
-def _check_expert_tensors(gf: GGUFFile, moe: MoeParams, n_layer: int, n_embd: int) -> None:
-    """Every layer's expert tensors must hold expert_count experts of the expert width the
+def _check_expert_tensors(gf: GGUFFile, moe: MoeParams, moe_layers: list[int], n_embd: int) -> None:
+    """Every MoE layer's expert tensors must hold expert_count experts of the expert width the
     metadata gives (checked from the tensor index alone, identically on every rank)."""
     arch, f = gf.architecture, moe.n_ff_exp
-    for il in range(n_layer):
+    for il in moe_layers:
         for role, shape in (("gate", (moe.n_expert, f, n_embd)), ("up", (moe.n_expert, f, n_embd)),
                             ("down", (moe.n_expert, n_embd, f))):
             info = gf.tensors.get(f"blk.{il}.ffn_{role}_exps.weight")
@@ -227,7 +255,12 @@ def _read_moe(gf: GGUFFile, spec: FamilySpec, n_ff: int) -> MoeParams | None:
         n_ff_shexp = count("expert_shared_feed_forward_length", n_ff)
     elif experts.shared is SharedExpert.PLAIN:
         n_ff_shexp = n_ff_exp * count("expert_shared_count")
-    if n_ff_exp < 1 or (experts.shared is not SharedExpert.NONE and n_ff_shexp < 1):
+    elif experts.shared is SharedExpert.ONE:
+        n_ff_shexp = n_ff_exp
+    elif experts.shared is SharedExpert.SIZED:
+        n_ff_shexp = count("expert_shared_feed_forward_length", 0)
+    optional = experts.shared in (SharedExpert.NONE, SharedExpert.SIZED)
+    if n_ff_exp < 1 or (not optional and n_ff_shexp < 1):
         raise ModelFileError(f"{path}: expert width {n_ff_exp} / shared width {n_ff_shexp} must be positive")
     return MoeParams(n_expert, n_used, n_ff_exp, n_ff_shexp, gating, normalize, scale, n_group, n_group_used)
 
@@ -298,8 +331,8 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
         raise ModelFileError(f"{path}: {key('rope.dimension_count')}={n_rot} must be even and <= {head_dim}")
 
     base = float(gf.get(key("rope.freq_base"), 10000.0))
-    use_factors = "rope_freqs.weight" in gf.tensors
-    global_rope, score_factor = _read_rope(gf, n_rot, base, use_factors, latent is not None)
+    factors = _rope_factors(gf)
+    global_rope, score_factor = _read_rope(gf, n_rot, base, factors, latent is not None)
 
     window, pattern, local_rope = 0, 1, global_rope
     if spec.sliding is not None:
@@ -310,18 +343,36 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
         # Sliding layers scale like global ones (gemma2) or not at all (gemma3).
         local_rope = (
             replace(global_rope, base=swa_base) if spec.sliding.rope_scaling
-            else RopeParams(n_rot, swa_base, 1.0, use_factors)
+            else RopeParams(n_rot, swa_base, 1.0, factors)
         )
 
     def is_sliding(il: int) -> bool:
         return window > 0 and il % pattern < pattern - 1
 
     moe = _read_moe(gf, spec, n_ff[0])
-    n_dense_lead = 0
+    n_dense_lead, moe_step = 0, 1
     if moe is not None:
-        _check_expert_tensors(gf, moe, n_layer, n_embd)
-        if spec.experts is not None and spec.experts.routing_keys:
+        assert spec.experts is not None
+        if spec.experts.routing_keys:
             n_dense_lead = int(gf.get(key("leading_dense_block_count"), 0))
+        if spec.experts.interleaved:
+            moe_step = gf.require(key("interleave_moe_layer_step"))
+            if type(moe_step) is not int or moe_step < 1:
+                raise ModelFileError(
+                    f"{path}: {key('interleave_moe_layer_step')}={moe_step!r} must be a positive count"
+                )
+        _check_expert_tensors(gf, moe, [il for il in range(n_layer) if _is_moe(il, n_dense_lead, moe_step)], n_embd)
+
+    # NoPE layers (llama4): every `step`-th layer, unless the file's sliding_window is 0.
+    nope_step = 0
+    if spec.nope is not None and gf.get(key("attention.sliding_window"), None) != 0:
+        nope_step = spec.nope.step
+    qk_l2 = spec.nope is not None and spec.nope.l2_norm and (moe is None or moe.n_expert != 128)
+
+    def layer_rope(il: int) -> RopeParams | None:
+        if nope_step and (il + 1) % nope_step == 0:
+            return None
+        return local_rope if is_sliding(il) else global_rope
 
     layers = tuple(
         LayerParams(
@@ -329,8 +380,10 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
             n_head_kv=n_head_kv[il],
             n_ff=n_ff[il],
             sliding_window=window if is_sliding(il) else 0,
-            rope=local_rope if is_sliding(il) else global_rope,
-            moe=moe if il >= n_dense_lead else None,
+            rope=layer_rope(il),
+            moe=moe if _is_moe(il, n_dense_lead, moe_step) else None,
+            qk_l2_norm=qk_l2 and layer_rope(il) is not None,
+            attn_chunk=spec.nope.chunk if spec.nope is not None and nope_step and layer_rope(il) is not None else 0,
         )
         for il in range(n_layer)
     )
@@ -343,6 +396,17 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
     if spec.final_softcap_key:
         final_softcap = gf.get(key("final_logit_softcapping"), final_softcap)
         final_softcap = float(final_softcap) if final_softcap else None
+
+    embed_scale = float(n_embd) ** 0.5 if spec.embed_scale else None
+    residual_scale, logit_scale = 1.0, 1.0
+    if spec.scales:  # granite; 0 or absent means no scaling, as in llama.cpp (logit_scale is required)
+        embed_scale = float(gf.get(key("embedding_scale"), 0.0)) or None
+        residual_scale = float(gf.get(key("residual_scale"), 0.0)) or 1.0
+        logit_scale = float(gf.require(key("logit_scale"))) or 1.0
+        for name, value in (("embedding_scale", embed_scale), ("residual_scale", residual_scale),
+                            ("logit_scale", logit_scale)):
+            if value is not None and not math.isfinite(value):
+                raise ModelFileError(f"{path}: {key(name)}={value} must be a finite number")
 
     embd = gf.info("token_embd.weight")
     return HParams(
@@ -360,4 +424,12 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
         final_softcap=final_softcap,
         layers=layers,
         latent=latent,
+        embed_scale=embed_scale,
+        residual_scale=residual_scale,
+        logit_scale=logit_scale,
     )
+
+
+def _is_moe(il: int, n_dense_lead: int, step: int) -> bool:
+    """Whether layer il has experts: past the leading dense layers, and every `step`-th layer."""
+    return il >= n_dense_lead and (il + 1) % step == 0

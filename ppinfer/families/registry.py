@@ -7,11 +7,13 @@ from dataclasses import replace
 from ppinfer.errors import ModelFileError
 from ppinfer.families.spec import (
     AttnKind,
+    AttnTemperature,
     Experts,
     ExpertWidth,
     FamilySpec,
     Gating,
     Mlp,
+    NoPE,
     Norm,
     QkNorm,
     Rope,
@@ -40,8 +42,11 @@ LLAMA = FamilySpec(
     experts=Experts(
         required=False, gating=Gating.SOFTMAX, normalize=True, width_default=ExpertWidth.FF,
         shared=SharedExpert.NONE, routing_keys=False, biases=False, clamped_swiglu=False,
+        interleaved=False, weight_input=False,
     ),
     ffn_norm="ffn_norm",
+    scales=False,
+    nope=None,
     nextn_layers=False,
     attention=AttnKind.STANDARD,
     attn_sinks=False,
@@ -60,6 +65,7 @@ QWEN2MOE = replace(
     experts=Experts(
         required=True, gating=Gating.SOFTMAX, normalize=False, width_default=ExpertWidth.FF_PER_USED,
         shared=SharedExpert.GATED, routing_keys=False, biases=False, clamped_swiglu=False,
+        interleaved=False, weight_input=False,
     ),
 )
 
@@ -69,6 +75,7 @@ QWEN3MOE = replace(
     experts=Experts(
         required=True, gating=Gating.SOFTMAX, normalize=True, width_default=ExpertWidth.FF_PER_USED,
         shared=SharedExpert.NONE, routing_keys=False, biases=False, clamped_swiglu=False,
+        interleaved=False, weight_input=False,
     ),
 )
 
@@ -81,6 +88,7 @@ OLMOE = replace(
     experts=Experts(
         required=True, gating=Gating.SOFTMAX, normalize=False, width_default=ExpertWidth.FF,
         shared=SharedExpert.NONE, routing_keys=False, biases=False, clamped_swiglu=False,
+        interleaved=False, weight_input=False,
     ),
 )
 
@@ -91,6 +99,7 @@ GLM4MOE = replace(
     experts=Experts(
         required=True, gating=Gating.SIGMOID, normalize=False, width_default=ExpertWidth.FF_PER_USED,
         shared=SharedExpert.PLAIN, routing_keys=True, biases=False, clamped_swiglu=False,
+        interleaved=False, weight_input=False,
     ),
     ffn_norm="post_attention_norm",
     nextn_layers=True,
@@ -104,6 +113,7 @@ DEEPSEEK2 = replace(
     experts=Experts(
         required=True, gating=Gating.SOFTMAX, normalize=False, width_default=ExpertWidth.FF_PER_USED,
         shared=SharedExpert.PLAIN, routing_keys=True, biases=False, clamped_swiglu=False,
+        interleaved=False, weight_input=False,
     ),
 )
 
@@ -115,9 +125,40 @@ GPT_OSS = replace(
     experts=Experts(
         required=True, gating=Gating.SOFTMAX_CHOSEN, normalize=False, width_default=ExpertWidth.FF,
         shared=SharedExpert.NONE, routing_keys=False, biases=True, clamped_swiglu=True,
+        interleaved=False, weight_input=False,
     ),
     ffn_norm="post_attention_norm",
     attn_sinks=True,
+)
+
+# Granite keeps llama's layout (the converter permutes q/k for NORM rope) and adds four scales.
+GRANITE = replace(LLAMA, arch="granite", experts=None, scales=True)
+
+# Granite MoE and Granite MoE Shared: Mixtral-style routing; the shared expert (GraniteMoeShared)
+# is there when expert_shared_feed_forward_length is.
+GRANITEMOE = replace(
+    GRANITE,
+    arch="granitemoe",
+    experts=Experts(
+        required=True, gating=Gating.SOFTMAX, normalize=True, width_default=ExpertWidth.FF,
+        shared=SharedExpert.SIZED, routing_keys=False, biases=False, clamped_swiglu=False,
+        interleaved=False, weight_input=False,
+    ),
+)
+
+# Llama 4 (text): q/k as HF stores them (already pair-interleaved: NORM rope, no permutation),
+# experts every interleave_moe_layer_step layers chosen by sigmoid(logit) top-k with the weight on
+# the expert's input, one shared expert, NoPE every 4th layer with temperature tuning, L2 q/k
+# norm after rope and attention within 8192-token chunks elsewhere, rope_freqs (llama3 scaling).
+LLAMA4 = replace(
+    LLAMA,
+    arch="llama4",
+    experts=Experts(
+        required=False, gating=Gating.SIGMOID, normalize=False, width_default=ExpertWidth.FF,
+        shared=SharedExpert.ONE, routing_keys=False, biases=False, clamped_swiglu=False,
+        interleaved=True, weight_input=True,
+    ),
+    nope=NoPE(step=4, chunk=8192, temperature=AttnTemperature(floor_scale=8192, scale=0.1, offset=1.0), l2_norm=True),
 )
 
 PHI2 = replace(
@@ -176,7 +217,7 @@ FAMILIES: dict[str, FamilySpec] = {
     spec.arch: spec
     for spec in (
         LLAMA, MISTRAL3, QWEN2, QWEN3, PHI2, PHI3, STARCODER2, GEMMA, GEMMA2, GEMMA3,
-        QWEN2MOE, QWEN3MOE, OLMOE, GLM4MOE, DEEPSEEK2, GPT_OSS,
+        QWEN2MOE, QWEN3MOE, OLMOE, GLM4MOE, DEEPSEEK2, GPT_OSS, GRANITE, GRANITEMOE, LLAMA4,
     )
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)

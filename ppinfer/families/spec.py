@@ -52,6 +52,9 @@ class SharedExpert(str, Enum):
     NONE = "none"
     GATED = "gated"  # ffn_*_shexp, scaled by sigmoid(ffn_gate_inp_shexp . x) (qwen2moe)
     PLAIN = "plain"  # ffn_*_shexp added as is, expert_shared_count experts wide (glm4moe, deepseek2)
+    ONE = "one"  # ffn_*_shexp added as is, one routed expert wide (llama4)
+    SIZED = "sized"  # ffn_*_shexp added as is, expert_shared_feed_forward_length wide; none when that
+    # key is absent or 0 (granitemoe: llama.cpp maps GraniteMoeShared to the same architecture)
 
 
 class ExpertWidth(str, Enum):
@@ -97,6 +100,32 @@ class Experts:
     routing_keys: bool
     biases: bool  # a router bias `ffn_gate_inp.bias` and per-expert biases `ffn_*_exps.bias` (gpt-oss)
     clamped_swiglu: bool  # min(g, 7) sigmoid(1.702 min(g, 7)) (clamp(u, -7, 7) + 1) (gpt-oss)
+    interleaved: bool  # experts only in layers il with (il + 1) % `{arch}.interleave_moe_layer_step` == 0,
+    # a dense feed-forward of feed_forward_length in the others (llama4)
+    weight_input: bool  # the router weight multiplies the expert's input, not its output (llama4)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttnTemperature:
+    """Queries of NoPE layers scaled per position by 1 + scale ln(floor((pos + offset) / floor_scale) + 1)
+    (llama4's attention temperature tuning; llama.cpp's constants, no GGUF key)."""
+
+    floor_scale: int
+    scale: float
+    offset: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoPE:
+    """Layers without rotary embedding: il with (il + 1) % `step` == 0 (llama4), the others
+    chunked. A file whose `{arch}.attention.sliding_window` is 0 ropes every layer and chunks
+    none (llama.cpp's rule)."""
+
+    step: int
+    chunk: int  # the other layers attend within chunks of this many positions (llama.cpp: 8192)
+    temperature: AttnTemperature | None  # on the NoPE layers' queries
+    l2_norm: bool  # RMSNorm without weight of each q and k head after rope on the other layers,
+    # off when expert_count is 128 (llama.cpp: Llama 4 Maverick has none)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,6 +151,9 @@ class FamilySpec:
     attention: AttnKind
     attn_sinks: bool  # a learned logit per head `attn_sinks` joins each query's softmax (gpt-oss)
     ffn_norm: str  # the pre-feed-forward norm's tensor (glm4moe: post_attention_norm)
+    scales: bool  # granite: `{arch}.embedding_scale` multiplies the embeddings, `residual_scale` each
+    # branch before its residual add, `attention.scale` replaces 1/sqrt(D), logits divided by `logit_scale`
+    nope: NoPE | None  # layers without rotary embedding (llama4)
     nextn_layers: bool  # the trailing `nextn_predict_layers` blocks (next-token prediction
     # heads for speculative decoding) are in the file but not part of the decoder: never run,
     # never loaded, as llama.cpp skips them (glm4moe)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ppinfer.families.spec import Mlp
+from ppinfer.families.spec import AttnTemperature, Mlp
 from ppinfer.kernels import fused as fused_ops
 from ppinfer.model.cache import LayerKV
 from ppinfer.model.layers import Linear, RotaryEmbedding, apply_rope
@@ -19,7 +19,8 @@ class LayerInputs:
     """Per-forward values shared by the layers of a stage."""
 
     rope: dict[int, torch.Tensor]  # id(RotaryEmbedding) -> rotations [B, T, n_rot/2, 2] (cos, sin)
-    masks: dict[int, torch.Tensor]  # sliding window (0 = global) -> [B, 1, T, n] bool
+    masks: dict[tuple[int, int], torch.Tensor]  # (sliding window, chunk) (0 = none) -> [B, 1, T, n] bool
+    positions: torch.Tensor  # [B, T] int64 (-1 = padding)
 
 
 class Attention(nn.Module):
@@ -37,20 +38,25 @@ class Attention(nn.Module):
         n_head_kv: int,
         head_dim: int,
         scale: float,
-        rope: RotaryEmbedding,
+        rope: RotaryEmbedding | None,  # None: no rotary embedding (a NoPE layer)
         window: int,
         softcap: float | None,
-        qk_norm: nn.Module | None,  # over the [B, T, H + Hkv, D] q and k heads
+        qk_norm: nn.Module | None,  # over the [B, T, H + Hkv, D] q and k heads, before rope
         fused: bool = False,
         sinks: torch.Tensor | None = None,  # [H]: a logit per head that joins every softmax (gpt-oss)
+        post_rope_norm: nn.Module | None = None,  # over the q and k heads after rope (llama4)
+        temperature: AttnTemperature | None = None,  # per-position query scale (llama4's NoPE layers)
+        chunk: int = 0,  # > 0: attend within chunks of this many positions (llama4's rope layers)
     ) -> None:
         super().__init__()
         self.qkv, self.out = qkv, out
         self.n_head, self.n_head_kv, self.head_dim = n_head, n_head_kv, head_dim
         self.scale, self.rope, self.window, self.softcap = scale, rope, window, softcap
-        self.qk_norm = qk_norm
+        self.qk_norm, self.post_rope_norm, self.temperature = qk_norm, post_rope_norm, temperature
+        self.chunk = chunk
         self.sinks = None if sinks is None else nn.Parameter(sinks, requires_grad=False)
-        self._attend = fused_ops.attend_op() if fused and sinks is None else None
+        plain = sinks is None and rope is not None and post_rope_norm is None and temperature is None
+        self._attend = fused_ops.attend_op() if fused and plain else None
 
     def forward(self, x: torch.Tensor, kv: LayerKV, io: LayerInputs) -> torch.Tensor:
         """x [B, T, E] -> [B, T, E]; this step's keys and values go into `kv`."""
@@ -60,16 +66,20 @@ class Attention(nn.Module):
         qk, v = qkv[:, :, : h + hkv], qkv[:, :, h + hkv :]
         if self.qk_norm is not None:
             qk = self.qk_norm(qk)
-        mask = io.masks[self.window]  # [B, 1, T, n]
-        rotations = io.rope[id(self.rope)]  # [B, T, n_rot/2, 2]
-        if self._attend is not None and t == 1:
+        mask = io.masks[self.window, self.chunk]  # [B, 1, T, n]
+        if self._attend is not None and self.rope is not None and t == 1:
             y = self._attend(
-                qk, v, rotations, kv.k, kv.v, kv.table, kv.cols, mask, h, self.rope.n_rot, self.scale,
+                qk, v, io.rope[id(self.rope)], kv.k, kv.v, kv.table, kv.cols, mask, h, self.rope.n_rot, self.scale,
                 self.softcap or 0.0,
             )  # [B, 1, H D]
             return self.out(y)
-        qk = apply_rope(qk, rotations, self.rope.n_rot)  # [B, T, H + Hkv, D]
+        if self.rope is not None:
+            qk = apply_rope(qk, io.rope[id(self.rope)], self.rope.n_rot)  # [B, T, H + Hkv, D]
+        if self.post_rope_norm is not None:
+            qk = self.post_rope_norm(qk)
         q, k = qk[:, :, :h], qk[:, :, h:]
+        if self.temperature is not None:
+            q = q * self._query_scale(io.positions).to(q.dtype)
         keys, values = kv.write(k, v)  # [B, Hkv, n, D] each
         q = q.transpose(1, 2)  # [B, H, T, D]
         if self.softcap is None and self.sinks is None:
@@ -79,6 +89,13 @@ class Attention(nn.Module):
         else:
             y = self._explicit(q, keys, values, mask)
         return self.out(y.transpose(1, 2).reshape(b, t, self.n_head * d))
+
+    def _query_scale(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [B, T] -> [B, T, 1, 1]: 1 + scale ln(floor((pos + offset) / floor_scale) + 1)."""
+        temp = self.temperature
+        assert temp is not None
+        steps = torch.floor((positions.clamp(min=0).double() + temp.offset) / temp.floor_scale)
+        return (torch.log1p(steps) * temp.scale + 1.0).float()[..., None, None]
 
     def _explicit(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
@@ -134,10 +151,12 @@ class DecoderBlock(nn.Module):
         ffn_norm: nn.Module | None,  # None for the parallel form
         post_attn_norm: nn.Module | None,
         post_ffn_norm: nn.Module | None,
+        residual_scale: float = 1.0,  # multiplies each branch before its residual add (granite)
     ) -> None:
         super().__init__()
         self.attn_norm, self.attn, self.mlp = attn_norm, attn, mlp
         self.ffn_norm, self.post_attn_norm, self.post_ffn_norm = ffn_norm, post_attn_norm, post_ffn_norm
+        self.residual_scale = residual_scale
 
     def forward(self, x: torch.Tensor, kv: LayerKV, io: LayerInputs) -> torch.Tensor:
         """x [B, T, E] -> [B, T, E]."""
@@ -147,8 +166,12 @@ class DecoderBlock(nn.Module):
             return x + a + self.mlp(h)
         if self.post_attn_norm is not None:
             a = self.post_attn_norm(a)
+        if self.residual_scale != 1.0:
+            a = a * self.residual_scale
         x = x + a
         m = self.mlp(self.ffn_norm(x))
         if self.post_ffn_norm is not None:
             m = self.post_ffn_norm(m)
+        if self.residual_scale != 1.0:
+            m = m * self.residual_scale
         return x + m

@@ -211,12 +211,13 @@ class RowsView:
     offsets: torch.Tensor  # [b, T] int64: its offset in the block
     end: int
 
-    def mask(self, window: int) -> torch.Tensor:
+    def mask(self, window: int, chunk: int = 0) -> torch.Tensor:
         """Boolean attention mask [b, 1, T, end] for this forward's queries.
 
         Key j is visible to query i when it is a real token (position >= 0) not after the
-        query, and, for sliding layers, when q_pos - k_pos < window. A padding query sees only
-        itself, so its (discarded) row stays finite.
+        query, for sliding layers when q_pos - k_pos < window, and for chunked layers (llama4)
+        when both are in the same chunk of `chunk` positions. A padding query sees only itself,
+        so its (discarded) row stays finite.
         """
         b = self.table.shape[0]
         kpos = self.pool.positions[self.table].view(b, -1)[:, None, : self.end]  # [b, 1, n]
@@ -224,6 +225,8 @@ class RowsView:
         visible = (kpos >= 0) & (kpos <= qpos)  # [b, T, n]
         if window > 0:
             visible &= qpos - kpos < window
+        if chunk > 0:
+            visible &= kpos >= torch.div(qpos, chunk, rounding_mode="floor") * chunk
         slots = torch.arange(self.end, device=kpos.device)
         own = slots[None, None, :] == self.cols[:, :, None]  # [b, T, n]
         return (visible | own)[:, None]

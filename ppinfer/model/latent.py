@@ -24,6 +24,7 @@ class LatentAttention(nn.Module):
     """Attention over keys [nope | rope] and values decompressed per head from a latent."""
 
     window = 0  # global attention
+    chunk = 0  # not chunked
 
     def __init__(
         self,
@@ -60,7 +61,7 @@ class LatentAttention(nn.Module):
         v = kv_heads[..., nope:]  # [B, T, H, Dv]
         keys, values = kv.write(k, v)  # [B, H, n, D], [B, H, n, Dv]
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=io.masks[self.window], scale=self.scale
+            q.transpose(1, 2), keys, values, attn_mask=io.masks[self.window, self.chunk], scale=self.scale
         )  # [B, H, T, Dv]
         return self.out(y.transpose(1, 2).reshape(b, t, h * self.head_dim_v))
 

@@ -146,9 +146,9 @@ class RotaryEmbedding(nn.Module):
         self.n_rot = params.n_rot
         exponent = torch.arange(0, params.n_rot, 2, dtype=torch.int64, device=device).float() / params.n_rot
         inv_freq = 1.0 / (params.base**exponent)  # [n_rot/2] unscaled ("extrapolated")
-        if params.use_factors:
+        if params.factors is not None:
             if factors is None or factors.numel() != params.n_rot // 2:
-                raise ValueError(f"rope_freqs must have {params.n_rot // 2} values")
+                raise ValueError(f"{params.factors} must have {params.n_rot // 2} values")
             inv_freq = inv_freq / factors.float().to(device)
         scaled = inv_freq * params.freq_scale  # [n_rot/2] interpolated
         if params.yarn is not None:

@@ -42,6 +42,8 @@ GLOBAL_TENSORS = (
     "output.weight",
     "output.bias",
     "rope_freqs.weight",
+    "rope_factors_long.weight",
+    "rope_factors_short.weight",
 )
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.")
 
@@ -66,14 +68,16 @@ def _reorder_parts(rows: np.ndarray, sizes: tuple[int, ...], order: list[RowTran
 
 
 def _attention(
-    w: Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbedding
+    w: Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbedding | None
 ) -> Attention:
     lp, e, d, p = hp.layers[il], hp.n_embd, hp.head_dim, f"blk.{il}."
     sizes = (lp.n_head * d, lp.n_head_kv * d, lp.n_head_kv * d)
     # NEOX-mode q/k rows (and biases) are reordered into rotation pairs; v is left as stored.
     heads = (lp.n_head, lp.n_head_kv, None)
+    n_rot = rope.n_rot if rope is not None else d
+    neox = spec.rope is Rope.NEOX and rope is not None
     order: list[RowTransform] = [
-        (lambda rows, h=h: pair_order(rows, h, rope.n_rot)) if spec.rope is Rope.NEOX and h is not None else None
+        (lambda rows, h=h: pair_order(rows, h, n_rot)) if neox and h is not None else None
         for h in heads
     ]
     if w.has(p + "attn_qkv.weight"):
@@ -97,22 +101,26 @@ def _attention(
     qk_norm: nn.Module | None = None
     if spec.qk_norm is QkNorm.HEAD or (spec.qk_norm is QkNorm.HEAD_IF_PRESENT and w.has(p + "attn_q_norm.weight")):
         q_w, k_w = w.array(p + "attn_q_norm.weight", (d,)), w.array(p + "attn_k_norm.weight", (d,))
-        if spec.rope is Rope.NEOX:  # the norm acts per dim, so its weight follows the rows
-            q_w, k_w = pair_order(q_w, 1, rope.n_rot), pair_order(k_w, 1, rope.n_rot)
+        if neox:  # the norm acts per dim, so its weight follows the rows
+            q_w, k_w = pair_order(q_w, 1, n_rot), pair_order(k_w, 1, n_rot)
         per_head = np.concatenate([np.broadcast_to(q_w, (lp.n_head, d)), np.broadcast_to(k_w, (lp.n_head_kv, d))])
         qk_norm = RMSNorm(w.tensor(per_head), hp.norm_eps, w.fused)  # weight [H + Hkv, D]
     elif spec.qk_norm is QkNorm.FULL:
         q_w = w.array(p + "attn_q_norm.weight", (sizes[0],))  # [H D]
         k_w = w.array(p + "attn_k_norm.weight", (sizes[1],))  # [Hkv D]
-        if spec.rope is Rope.NEOX:
-            q_w, k_w = pair_order(q_w, lp.n_head, rope.n_rot), pair_order(k_w, lp.n_head_kv, rope.n_rot)
+        if neox:
+            q_w, k_w = pair_order(q_w, lp.n_head, n_rot), pair_order(k_w, lp.n_head_kv, n_rot)
         qk_norm = ProjectionQkNorm(
             RMSNorm(w.tensor(q_w), hp.norm_eps, w.fused), RMSNorm(w.tensor(k_w), hp.norm_eps, w.fused), lp.n_head
         )
     sinks = w.get(p + "attn_sinks.weight", (lp.n_head,)) if spec.attn_sinks else None
+    # llama4: an RMSNorm without weight of each q and k head after rope (weight ones: the same
+    # arithmetic), and the temperature on the queries of its NoPE layers.
+    post_rope_norm = RMSNorm(w.tensor(np.ones(d, dtype=np.float32)), hp.norm_eps) if lp.qk_l2_norm else None
+    temperature = spec.nope.temperature if spec.nope is not None and rope is None else None
     return Attention(
         qkv, out, lp.n_head, lp.n_head_kv, d, hp.attn_scale, rope,
-        lp.sliding_window, hp.attn_softcap, qk_norm, w.fused, sinks,
+        lp.sliding_window, hp.attn_softcap, qk_norm, w.fused, sinks, post_rope_norm, temperature, lp.attn_chunk,
     )
 
 
@@ -156,7 +164,7 @@ def _moe(w: Weights, spec: FamilySpec, hp: HParams, il: int, moe: MoeParams) -> 
     down = w.experts([(p + "ffn_down_exps.weight", expert_shapes["down"])])
     shared = shared_gate = None
     assert spec.experts is not None
-    if spec.experts.shared is not SharedExpert.NONE:
+    if spec.experts.shared is not SharedExpert.NONE and moe.n_ff_shexp > 0:
         fs = moe.n_ff_shexp
         up = w.fused_linear([(p + "ffn_gate_shexp.weight", (fs, e), None), (p + "ffn_up_shexp.weight", (fs, e), None)])
         shared = FeedForward(Mlp.SWIGLU, up, w.linear(p + "ffn_down_shexp.weight", (e, fs)), w.fused)
@@ -173,7 +181,8 @@ def _moe(w: Weights, spec: FamilySpec, hp: HParams, il: int, moe: MoeParams) -> 
         gate_up_bias = torch.cat([w.get(p + f"ffn_{role}_exps.bias", (n, f)) for role in ("gate", "up")], dim=1)
         expert_biases = (gate_up_bias, w.get(p + "ffn_down_exps.bias", (n, e)))  # [n, 2F], [n, E]
     return MoeFeedForward(
-        moe, router, gate_up, down, shared, shared_gate, bias, expert_biases, spec.experts.clamped_swiglu, w.fused
+        moe, router, gate_up, down, shared, shared_gate, bias, expert_biases, spec.experts.clamped_swiglu, w.fused,
+        spec.experts.weight_input,
     )
 
 
@@ -192,18 +201,21 @@ def _feed_forward(w: Weights, spec: FamilySpec, hp: HParams, il: int) -> nn.Modu
     return FeedForward(spec.mlp, up, down, w.fused)
 
 
-def _block(w: Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbedding) -> DecoderBlock:
+def _block(w: Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbedding | None) -> DecoderBlock:
     p, e, eps = f"blk.{il}.", hp.n_embd, hp.norm_eps
     attn_norm = w.norm(spec, p + "attn_norm", e, eps)
-    latent = spec.attention is AttnKind.LATENT
-    attn = _latent_attention(w, hp, il, rope) if latent else _attention(w, spec, hp, il, rope)
+    if spec.attention is AttnKind.LATENT:
+        assert rope is not None
+        attn: nn.Module = _latent_attention(w, hp, il, rope)
+    else:
+        attn = _attention(w, spec, hp, il, rope)
     ffn_norm = None if spec.parallel_block else w.norm(spec, p + spec.ffn_norm, e, eps)
     mlp = _feed_forward(w, spec, hp, il)
     post_attn = post_ffn = None
     if spec.post_norms:
         post_attn = w.norm(spec, p + "post_attention_norm", e, eps)
         post_ffn = w.norm(spec, p + "post_ffw_norm", e, eps)
-    return DecoderBlock(attn_norm, attn, mlp, ffn_norm, post_attn, post_ffn)
+    return DecoderBlock(attn_norm, attn, mlp, ffn_norm, post_attn, post_ffn, hp.residual_scale)
 
 
 def _check_names(gf: GGUFFile, plan: StagePlan, n_block: int, used: set[str]) -> None:
@@ -260,16 +272,16 @@ def build_stage(
     )
     w = Weights(gf, dtype, device, packed, blocks, report)
 
-    factors = None
-    if "rope_freqs.weight" in gf.tensors:
-        factors = torch.from_numpy(w.array("rope_freqs.weight", (hp.layers[0].rope.n_rot // 2,)).copy())
     ropes: dict[RopeParams, RotaryEmbedding] = {}
     layers = []
     for il in plan.layer_ids:
         params = hp.layers[il].rope
-        if params not in ropes:
+        if params is not None and params not in ropes:
+            factors = None
+            if params.factors is not None:  # rope_freqs, or longrope's chosen factors
+                factors = torch.from_numpy(w.array(params.factors, (params.n_rot // 2,)).copy())
             ropes[params] = RotaryEmbedding(params, factors, device)
-        layers.append(_block(w, spec, hp, il, ropes[params]))
+        layers.append(_block(w, spec, hp, il, None if params is None else ropes[params]))
 
     embedding = final_norm = output = None
     e, v = hp.n_embd, hp.n_vocab
@@ -280,8 +292,9 @@ def build_stage(
                 f"{gf.path}: tensor 'token_embd.weight' has shape {list(info.shape)}, expected [{v}, {e}]"
             )
         w.used.add(info.name)
-        scale = float(e) ** 0.5 if spec.embed_scale else None
-        embedding = RowEmbedding(gf.raw(info.name), info.qtype, scale, dtype, f"{gf.path}: tensor 'token_embd.weight'")
+        embedding = RowEmbedding(
+            gf.raw(info.name), info.qtype, hp.embed_scale, dtype, f"{gf.path}: tensor 'token_embd.weight'"
+        )
     if plan.is_last:
         final_norm = w.norm(spec, "output_norm", e, hp.norm_eps)
         has_output = w.has("output.weight")

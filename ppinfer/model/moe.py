@@ -78,10 +78,11 @@ class MoeFeedForward(nn.Module):
         expert_biases: tuple[torch.Tensor, torch.Tensor] | None = None,  # [n_expert, 2F] ([gate | up]), [n_expert, E]
         clamped: bool = False,  # gpt-oss's clamped SwiGLU
         fused: bool = False,
+        weight_input: bool = False,  # the router weight scales the expert's input, not its output (llama4)
     ) -> None:
         super().__init__()
         self.params = params
-        self.clamped = clamped
+        self.clamped, self.weight_input = clamped, weight_input
         self.gate_up_bias, self.down_bias = expert_biases if expert_biases is not None else (None, None)
         self.register_buffer("selection_bias", None if selection_bias is None else selection_bias.float())
         self.router, self.gate_up, self.down = router, gate_up, down
@@ -146,13 +147,17 @@ class MoeFeedForward(nn.Module):
             slots = order[start : start + count]  # [n]
             start += count
             tokens = slots // k  # [n]
-            h = self.gate_up(expert, flat[tokens])  # [n, 2F]
+            rows = flat[tokens]  # [n, E]
+            if self.weight_input:
+                rows = rows * slot_weights[slots, None]
+            h = self.gate_up(expert, rows)  # [n, 2F]
             if self.gate_up_bias is not None:
                 h = h + self.gate_up_bias[expert]
             y = self.down(expert, self._swiglu(h))  # [n, E]
             if self.down_bias is not None:
                 y = y + self.down_bias[expert]
-            y = y * slot_weights[slots, None]
+            if not self.weight_input:
+                y = y * slot_weights[slots, None]
             out.index_add_(0, tokens, y)
         if self.shared is not None:
             s = self.shared(flat)  # [N, E]

@@ -62,10 +62,11 @@ class PipelineStage(nn.Module):
         the cache rows `rows` of `cache` (increasing; rows 0..b-1 by default), each of which
         appends T slots for every layer of this stage."""
         slots = cache.rows(range(hidden.shape[0]) if rows is None else rows, positions)
-        windows = {layer.attn.window for layer in self.layers}
+        spans = {(layer.attn.window, layer.attn.chunk) for layer in self.layers}
         io = LayerInputs(
             rope={id(r): r.rotations(positions) for r in self.ropes},
-            masks={w: slots.mask(w) for w in windows},
+            masks={span: slots.mask(*span) for span in spans},
+            positions=positions,
         )
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, slots.layer(i), io)
@@ -76,6 +77,8 @@ class PipelineStage(nn.Module):
         if self.output is None or self.final_norm is None:
             raise RuntimeError(f"lm_head() called on stage {self.plan}, which is not the last stage")
         logits = self.output(self.final_norm(hidden)).float()
+        if self.hparams.logit_scale != 1.0:
+            logits = logits / self.hparams.logit_scale
         cap = self.hparams.final_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
