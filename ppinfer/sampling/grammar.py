@@ -2,7 +2,9 @@
 token by token (llguidance; see docs/benchmarks.md for why llguidance over xgrammar).
 
 - `grammar_of(response_format)`: the grammar text of a `response_format` (None for plain
-  text), or ValueError naming what is wrong with it (the HTTP 400, the `.jsonl` line's error).
+  text), or ValueError naming what is wrong with it (the HTTP 400, the `.jsonl` line's error);
+  `lark_grammar(text)` the same for a grammar written in llguidance's Lark syntax (the
+  server's tool calls).
 - `GrammarVocab`: the model's vocabulary as llguidance needs it, built once per process from
   a `VocabSource` (the last stage's tokenizer).
 - `Constraint`: one sequence's matcher: the mask of the tokens allowed next, and the token
@@ -44,9 +46,22 @@ def grammar_of(response_format: dict[str, Any] | None) -> str | None:
             schema, defaults={"whitespace_flexible": False, "coerce_one_of": False})
     except (ValueError, TypeError, RuntimeError) as exc:
         raise ValueError(f"response_format.json_schema: {exc}") from exc
+    return _valid(grammar, "response_format.json_schema")
+
+
+def lark_grammar(text: str) -> str:
+    """The llguidance grammar of `text` in llguidance's Lark syntax; raises ValueError("grammar: why")."""
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_lark(text)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"grammar: {exc}") from exc
+    return _valid(grammar, "grammar")
+
+
+def _valid(grammar: str, field: str) -> str:
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error and not error.startswith("WARNING"):
-        raise ValueError(f"response_format.json_schema: {error}")
+        raise ValueError(f"{field}: {error}")
     return grammar
 
 
@@ -88,11 +103,8 @@ class GrammarVocab:
         self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapped(source)),
                                                 eos_token=list(source.eos_ids))
 
-    def constraint(self, response_format: dict[str, Any]) -> Constraint | None:
-        """A fresh matcher for `response_format` (None for plain text)."""
-        grammar = grammar_of(response_format)
-        if grammar is None:
-            return None
+    def constraint(self, grammar: str) -> Constraint:
+        """A fresh matcher for `grammar` (from `grammar_of` or `lark_grammar`)."""
         return Constraint(llguidance.LLMatcher(self.tokenizer, grammar, log_level=0), self.size)
 
 
