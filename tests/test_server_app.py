@@ -66,7 +66,7 @@ class FakeEngine:
     fail_after: int | None = None
     script: list[str] = field(default_factory=lambda: list(SCRIPT))
     """The tokens' texts of every answer (then an end-of-generation token)."""
-    tool_syntax: ToolSyntax = ToolSyntax(ToolFormat.HERMES, False)
+    tool_syntax: ToolSyntax = field(default_factory=lambda: ToolSyntax(ToolFormat.HERMES, False))
     chat_tools: list = field(default_factory=list)
     """The `tools` each encode_chat call was given."""
     chats: list = field(default_factory=list)
