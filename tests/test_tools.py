@@ -182,6 +182,17 @@ def test_streamed_deltas_join_to_the_whole_answer(syntax: ToolSyntax, output: st
             assert len(fragments) > 1 or step > len(arguments)
 
 
+def test_an_answer_cut_short_keeps_the_calls_it_completed() -> None:
+    text = ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b"')
+    body, called = message(HERMES, text, cut=True)
+    assert called and [c["function"]["arguments"] for c in body["tool_calls"]] == ['{"a": 1, "b": 2}']
+    assert message(HERMES, text)[0] == {"role": "assistant", "content": text}  # not cut: malformed, content
+    assert message(HERMES, text[:30], cut=True)[0]["content"] == text[:30]  # no call completed
+    first, called = message(HERMES, text.replace('"b"', '"b": 3}}</tool_call>'), most=1)
+    assert called and len(first["tool_calls"]) == 1
+
+
 def test_text_that_may_begin_a_call_is_held_back() -> None:
     assert read(HERMES, "Sure <tool_", final=False).content == "Sure"
     assert read(HERMES, "Sure <tool_", final=True).content == "Sure <tool_"
@@ -255,8 +266,8 @@ def _allows(vocab: tuple[Tokenizer, GrammarVocab], grammar: str, text: str) -> b
         and matcher.is_accepting()
 
 
-def _grammar(syntax: ToolSyntax, choice: Any) -> str:
-    request = parse_tools({"tools": [WEATHER, ADD], "tool_choice": choice})
+def _grammar(syntax: ToolSyntax, choice: Any, parallel: bool = True) -> str:
+    request = parse_tools({"tools": [WEATHER, ADD], "tool_choice": choice, "parallel_tool_calls": parallel})
     assert isinstance(request, ToolRequest)
     grammar = tool_grammar(syntax, request, lambda text: None)
     assert grammar is not None
@@ -290,6 +301,16 @@ NAMED = {"type": "function", "function": {"name": "get_weather"}}
 def test_the_grammar_allows_exactly_the_calls_asked_for(vocab, syntax: ToolSyntax, choice: Any, text: str,
                                                         allowed: bool) -> None:
     assert _allows(vocab, _grammar(syntax, choice), text) == allowed
+
+
+def test_one_call_without_parallel_tool_calls(vocab) -> None:
+    one = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    assert _allows(vocab, _grammar(HERMES, "required", parallel=False), one)
+    assert not _allows(vocab, _grammar(HERMES, "required", parallel=False), f"{one}\n{one}")
+    assert not _allows(vocab, _grammar(MISTRAL, "required", parallel=False), '[TOOL_CALLS][{"name": "add", '
+                       '"arguments": {"a": 1, "b": 2}}, {"name": "add", "arguments": {"a": 1, "b": 2}}]')
+    with pytest.raises(ValueError, match=r"^parallel_tool_calls=1: must be true or false"):
+        parse_tools({"tools": [ADD], "parallel_tool_calls": 1})
 
 
 def test_every_text_the_grammar_allows_reads_back_as_its_calls() -> None:

@@ -186,7 +186,8 @@ class _Completions:
         calls = parsed.tools is not None and parsed.tools.offered is not None
         reply = Reply(kind, f"{prefix}-{secrets.token_hex(12)}", int(time.time()), self.engine.model_id,
                       self.engine.token_bytes, logprobs=parsed.logprobs is not None,
-                      tools=self.engine.tool_syntax if calls else None)
+                      tools=self.engine.tool_syntax if calls else None,
+                      most_calls=parsed.tools.most_calls if parsed.tools is not None else None)
         if parsed.stream:
             return _EventStream(
                 self._chunks(events, reply, choices, prompt_tokens, parsed.include_usage),
@@ -305,7 +306,7 @@ class _Completions:
             for choice in choices:
                 yield _sse(reply.chunk(choice.index, role=True))
         offsets = [0] * len(choices)  # where each choice's next text starts (completion logprobs)
-        calls = [ToolDeltas(reply.tools) for _ in choices] if reply.tools is not None else None
+        calls = [ToolDeltas(reply.tools, reply.most_calls) for _ in choices] if reply.tools is not None else None
         running = len(choices)
         while running:
             index, event = await events.next()
@@ -320,7 +321,8 @@ class _Completions:
             if first and choice.prompt_text:  # echo: the prompt comes first
                 text, positions = choice.prompt_text + text, choice.prompt_positions + positions
             if calls is not None:
-                for chunk in reply.tool_chunks(index, calls[index], text, isinstance(event, Finished), positions):
+                end = event if isinstance(event, Finished) else None
+                for chunk in reply.tool_chunks(index, calls[index], text, end, positions):
                     yield _sse(chunk)
             elif text or (positions and reply.logprobs):
                 yield _sse(reply.chunk(index, text, positions if reply.logprobs else None, offsets[index]))

@@ -7,6 +7,7 @@ Every check raises `ApiError`, whose message names the field as the client spell
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,7 +30,7 @@ COMMON_FIELDS = {"model", "max_tokens", "stream", "stream_options", "n", "user",
 FIELDS: dict[str, set[str]] = {
     "completion": COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix"},
     "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
-                                 "tools", "tool_choice"},
+                                 "tools", "tool_choice", "parallel_tool_calls"},
 }
 """The fields each endpoint honours; any other is a 400 naming it. `user` has no effect on
 the answer in OpenAI's API either (an end-user identifier for abuse monitoring)."""
@@ -136,7 +137,8 @@ def parse_request(kind: Endpoint, body: Any, model_id: str) -> ParsedRequest:
     try:
         tools = parse_tools(body) if kind == "chat" else None
     except ValueError as exc:
-        raise bad_request(str(exc), param="tool_choice" if str(exc).startswith("tool_choice") else "tools") from exc
+        field_name = re.match(r"[a-z_]*", str(exc)).group()  # "tools[2].function...: why" -> tools
+        raise bad_request(str(exc), param=field_name) from exc
     return ParsedRequest(
         kind=kind,
         prompts=prompts,

@@ -71,6 +71,8 @@ class Reply:
     """The request asked for log-probabilities."""
     tools: ToolSyntax | None = None
     """The syntax to read tool calls in (None: the request offers no tools)."""
+    most_calls: int | None = None
+    """Tool calls read back at most (None: all)."""
 
     def body(self, choices: list[Choice], prompt_tokens: int) -> dict[str, Any]:
         out = []
@@ -80,7 +82,7 @@ class Reply:
             body = self._choice(choice.index, choice.text, positions, 0)
             reason = choice.end.reason
             if self.tools is not None:
-                body["message"], called = message(self.tools, choice.text)
+                body["message"], called = message(self.tools, choice.text, self.most_calls, reason == "length")
                 reason = "tool_calls" if called and reason == "stop" else reason
             out.append(body | {"finish_reason": reason})
         completion = sum(c.end.completion_tokens for c in choices if c.end is not None)
@@ -98,14 +100,14 @@ class Reply:
             choice["logprobs"] = self._completion_logprobs(positions, offset) if positions else None
         return self._head(final=False) | {"choices": [choice | {"finish_reason": finish_reason}]}
 
-    def tool_chunks(self, index: int, deltas: ToolDeltas, text: str, final: bool,
+    def tool_chunks(self, index: int, deltas: ToolDeltas, text: str, end: Finished | None,
                     positions: list[Position]) -> list[dict[str, Any]]:
-        """The chat chunks of choice `index`'s new `text` when it may hold tool calls: one per
+        """The chat chunks of choice `index`'s new `text` (`end`: its last) when it may hold tool calls: one per
         delta (content, a call's start, a fragment of its arguments), the log-probabilities of
         the event's tokens on the first (or alone)."""
         logprobs = self._chat_logprobs(positions) if positions and self.logprobs else None
         chunks = []
-        for delta in deltas.push(text, final):
+        for delta in deltas.push(text, end is not None, end is not None and end.reason == "length"):
             chunks.append(self._head(final=False) | {"choices": [
                 {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}]})
             logprobs = None

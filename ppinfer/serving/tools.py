@@ -48,6 +48,13 @@ class ToolRequest:
     choice: str
     """`none`, `auto`, `required`, or `function` (the named one: `function`)."""
     function: str | None = None
+    parallel: bool = True
+    """`parallel_tool_calls`: False allows one call at most."""
+
+    @property
+    def most_calls(self) -> int | None:
+        """Calls read back at most (None: any number)."""
+        return None if self.parallel and self.choice != "function" else 1
 
     @property
     def offered(self) -> list[dict[str, Any]] | None:
@@ -73,12 +80,15 @@ def parse_tools(body: dict[str, Any]) -> ToolRequest | None:
     for i, name in enumerate(names):
         if name in names[:i]:
             raise ValueError(f"tools[{i}].function.name={name!r}: a second function of this name")
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise ValueError(f"parallel_tool_calls={parallel!r}: must be true or false")
     choice = "auto" if choice is None else choice
     if isinstance(choice, str):
         if choice not in CHOICES:
             raise ValueError(f"tool_choice={choice!r}: must be one of {', '.join(CHOICES)} or "
                               '{"type": "function", "function": {"name": ...}}')
-        request = ToolRequest(tools, choice)
+        request = ToolRequest(tools, choice, parallel=parallel)
     else:
         function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
         name = function.get("name") if isinstance(function, dict) else None
@@ -88,7 +98,7 @@ def parse_tools(body: dict[str, Any]) -> ToolRequest | None:
         if name not in names:
             raise ValueError(f"tool_choice.function.name={name!r}: no such function in tools (known: "
                               f"{', '.join(names)})")
-        request = ToolRequest(tools, "function", name)
+        request = ToolRequest(tools, "function", name, parallel)
     format_ = body.get("response_format")
     if request.constrained and isinstance(format_, dict) and format_.get("type") != "text":
         raise ValueError(f"tool_choice={_short(choice)}: cannot be combined with a response_format "
@@ -140,7 +150,7 @@ def tool_grammar(syntax: ToolSyntax, request: ToolRequest, control_token: Callab
         if request.function in (None, f["name"])
     ]
     body = bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
-    one = request.choice == "function"
+    one = request.most_calls == 1
 
     def marker(text: str) -> str:
         token = control_token(text)
@@ -164,9 +174,11 @@ def call_id(syntax: ToolSyntax) -> str:
     return f"call_{secrets.token_hex(12)}"
 
 
-def message(syntax: ToolSyntax, text: str) -> tuple[dict[str, Any], bool]:
-    """The assistant message of a whole answer, and whether it holds tool calls."""
-    reading = read(syntax, text, final=True)
+def message(syntax: ToolSyntax, text: str, most: int | None = None, cut: bool = False) -> tuple[dict[str, Any], bool]:
+    """The assistant message of a whole answer (`cut` short by its budget or not), and whether it
+    holds tool calls (the first `most` of those it wrote)."""
+    reading = read(syntax, text, final=True, cut=cut)
+    reading.calls = reading.calls[:most]
     if not reading.calls:
         return {"role": "assistant", "content": text}, False
     calls = [{"id": call_id(syntax), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
@@ -178,9 +190,12 @@ def message(syntax: ToolSyntax, text: str) -> tuple[dict[str, Any], bool]:
 class ToolDeltas:
     """One streamed choice's text turned into OpenAI's chat deltas: content, and for each call
     a first delta with its index, id, type, name and empty arguments, then fragments of its
-    arguments. What is sent is always the start of what the whole answer would hold."""
+    arguments. What is sent is always the start of what the whole answer would hold (but for
+    the first delta of a call that the token budget cuts short, which cannot be taken back)."""
 
     syntax: ToolSyntax
+    most: int | None = None
+    """Calls sent at most (those the model writes beyond are dropped)."""
     text: str = ""
     content_sent: int = 0
     arguments_sent: list[int] = field(default_factory=list)
@@ -190,10 +205,12 @@ class ToolDeltas:
     def called(self) -> bool:
         return bool(self.arguments_sent)
 
-    def push(self, text: str, final: bool) -> list[dict[str, Any]]:
-        """The deltas the new `text` brings (at the end, `final`: everything left)."""
+    def push(self, text: str, final: bool, cut: bool = False) -> list[dict[str, Any]]:
+        """The deltas the new `text` brings (at the end, `final`: everything left; `cut`: the
+        answer was cut short by its budget)."""
         self.text += text
-        reading = read(self.syntax, self.text, final)
+        reading = read(self.syntax, self.text, final, cut)
+        reading.calls = reading.calls[:self.most]
         deltas: list[dict[str, Any]] = []
         if len(reading.content) > self.content_sent:
             deltas.append({"content": reading.content[self.content_sent:]})

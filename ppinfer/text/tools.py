@@ -155,12 +155,17 @@ class Reading:
     calls: list[ToolCall] = field(default_factory=list)
 
 
-def read(syntax: ToolSyntax, text: str, final: bool) -> Reading:
+def read(syntax: ToolSyntax, text: str, final: bool, cut: bool = False) -> Reading:
     """The content and calls in `text`. While the output goes on (`final` False), text that
     may still turn out to begin a call is held back from the content, and the last call may be
     incomplete, and trailing white space is held back too (so the content read at any time is
     the start of the final content). At the end, an output that does not read entirely as
-    calls (after optional text) is all content."""
+    calls (after optional text) is all content; but an answer `cut` short (by its token budget)
+    keeps the calls it completed, without the one it was writing."""
+    if final and cut:
+        reading = read(syntax, text, final=False)
+        calls = [c for c in reading.calls if c.complete and c.name is not None]
+        return Reading(reading.content, calls) if calls else Reading(text)
     start = _call_start(syntax, text)
     if start is None:
         if final:
