@@ -15,6 +15,7 @@ token by token (llguidance; see docs/benchmarks.md for why llguidance over xgram
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,8 +109,16 @@ class GrammarVocab:
         return Constraint(llguidance.LLMatcher(self.tokenizer, grammar, log_level=0), self.size)
 
 
+_MASKS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
+"""Where the next masks are computed, while the ring carries the sampled tokens round."""
+
+
 class Constraint:
-    """One sequence's grammar state: which tokens may come next, advanced by each token drawn."""
+    """One sequence's grammar state: which tokens may come next, advanced by each token drawn.
+
+    The mask of the next token is computed in a background thread as soon as the token before
+    is known (`advance`): the last stage then has it ready when the next logits arrive, instead
+    of computing it between the output head and the sampler."""
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab: int) -> None:
         # Imported with the first constraint: llguidance.torch pulls in torch's compiler stack
@@ -118,14 +127,21 @@ class Constraint:
 
         self.matcher, self.vocab = matcher, vocab
         self._bitmask = llguidance.torch.allocate_token_bitmask(1, vocab)  # [1, ceil(V / 32)] int32
+        self._next: Future[torch.Tensor] = _MASKS.submit(self._mask)
 
-    def allowed(self) -> torch.Tensor:
-        """Bool [V]: the tokens the grammar allows next (end-of-generation once it is complete)."""
+    def _mask(self) -> torch.Tensor:
         llguidance.torch.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
         words = self._bitmask[0]  # [W] int32, bit j of word w = token 32 w + j
         bits = (words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1  # [W, 32]
         return bits.reshape(-1)[: self.vocab].bool()
 
+    def allowed(self) -> torch.Tensor:
+        """Bool [V]: the tokens the grammar allows next (end-of-generation once it is complete)."""
+        return self._next.result()
+
     def advance(self, token: int) -> None:
+        self._next.result()  # the matcher is not shared with a mask still being computed
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+        if not self.matcher.is_stopped():
+            self._next = _MASKS.submit(self._mask)
