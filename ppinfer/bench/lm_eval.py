@@ -77,8 +77,10 @@ def _scored(model: Path, ids: list[int], out: Path) -> np.ndarray:
     from hydra import compose, initialize_config_dir
 
     from ppinfer.bench.sweep import repo_root
+    from ppinfer.config import register_configs
     from ppinfer.pipeline.batch import run
 
+    register_configs()
     with initialize_config_dir(config_dir=str(repo_root() / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=[
             f"model.path={model}", "task=score", f"input.token_ids=[{','.join(map(str, ids))}]",
