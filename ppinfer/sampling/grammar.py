@@ -143,5 +143,6 @@ class Constraint:
         self._next.result()  # the matcher is not shared with a mask still being computed
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
-        if not self.matcher.is_stopped():
-            self._next = _MASKS.submit(self._mask)
+        # Also once the document is complete: the matcher then stops, and its mask is the end
+        # tokens only.
+        self._next = _MASKS.submit(self._mask)
