@@ -51,12 +51,6 @@ class ToolSyntax:
     """True when the template renders `tools` and tool messages itself; False for the fallback
     (tools described in a system message written here, `hermes` syntax)."""
 
-    @property
-    def markers(self) -> tuple[str, ...]:
-        """Marker texts the output must keep (control tokens that decoding would drop)."""
-        return {ToolFormat.HERMES: (HERMES_OPEN, HERMES_CLOSE), ToolFormat.LLAMA3: (PYTHON_TAG,),
-                ToolFormat.MISTRAL: (MISTRAL_MARKER,)}[self.format]
-
     def conversation(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
         """`messages` (OpenAI's shapes: assistant `tool_calls` with JSON-string arguments, `tool`
         messages) as the template takes them. Native: arguments become objects, as
@@ -143,8 +137,6 @@ class ToolCall:
     name: str | None
     arguments: str
     complete: bool
-    id: str | None = None
-    """The model's own id for the call (Mistral writes one), if any."""
 
 
 @dataclass
@@ -318,8 +310,7 @@ def _object_call(text: str, i: int) -> tuple[ToolCall, int | None, bool]:
         return ToolCall(None, "", False), None, False
     if not isinstance(whole.get("name"), str) or key is None:
         return ToolCall(None, "", False), None, False
-    call_id = whole.get("id") if isinstance(whole.get("id"), str) else None
-    return ToolCall(whole["name"], arguments, True, call_id), scan.end, True
+    return ToolCall(whole["name"], arguments, True), scan.end, True
 
 
 def _string_field(text: str, scan: ObjectScan, key: str) -> str | None:
