@@ -26,6 +26,7 @@ from ppinfer.sampling.params import GenerationParams
 from ppinfer.serving.app import create_app
 from ppinfer.serving.http import ConnectionLimits, HttpServer
 from ppinfer.serving.metrics import ServerMetrics
+from ppinfer.text.tools import ToolFormat, ToolSyntax
 
 MODEL = "fake-model"
 CONTEXT = 64
@@ -40,7 +41,7 @@ ANSWER_TOKENS = len(SCRIPT)
 """Completion tokens of such a request: the end-of-generation token is not counted."""
 PARTIAL = 7
 """A token id whose bytes are not a whole UTF-8 character."""
-ROLES = {"system", "user", "assistant"}
+ROLES = {"system", "user", "assistant", "tool"}
 MAX_BYTES = 64 * 1024
 """The servers' request body limit (`server.max_request_bytes`)."""
 
@@ -63,7 +64,16 @@ class FakeEngine:
     full: bool = False
     endless: bool = False
     fail_after: int | None = None
+    script: list[str] = field(default_factory=lambda: list(SCRIPT))
+    """The tokens' texts of every answer (then an end-of-generation token)."""
+    tool_syntax: ToolSyntax = field(default_factory=lambda: ToolSyntax(ToolFormat.HERMES, False))
+    chat_tools: list = field(default_factory=list)
+    """The `tools` each encode_chat call was given."""
+    chats: list = field(default_factory=list)
+    """The messages each encode_chat call was given."""
     submitted: dict[int, tuple[list[int], GenerationParams]] = field(default_factory=dict)
+    special: list[bool] = field(default_factory=list)
+    """Each submit's render_special."""
     cancelled: dict[int, float] = field(default_factory=dict)
     """Request id -> when cancel() was called (time.monotonic)."""
 
@@ -86,13 +96,18 @@ class FakeEngine:
         words = [2 + len(word) for word in text.split()]
         return [1, *words] if words else []
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, str]], tools: list | None = None) -> list[int]:
+        self.chat_tools.append(tools)
+        self.chats.append(messages)
         ids = [1]
         for i, message in enumerate(messages):
             if message["role"] not in ROLES:
                 raise ValueError(f"messages[{i}].role={message['role']!r}: unknown role")
             ids += [0, *self.encode_prompt(message["content"])[1:]]
         return ids
+
+    def control_token(self, text: str) -> int | None:
+        return None
 
     def token_bytes(self, token_id: int) -> bytes:
         if 100 <= token_id < 100 + len(SCRIPT):
@@ -102,7 +117,7 @@ class FakeEngine:
     def decode(self, ids: list[int]) -> str:
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", "replace")
 
-    def submit(self, prompt_ids, params, emit, choice=0) -> int:
+    def submit(self, prompt_ids, params, emit, choice=0, render_special=False) -> int:
         if not prompt_ids:
             raise ValueError("the prompt is empty after tokenization")
         if len(prompt_ids) + params.max_new_tokens > self.context_length:
@@ -115,6 +130,7 @@ class FakeEngine:
         with self._lock:
             request_id = len(self.submitted)
             self.submitted[request_id] = (list(prompt_ids), params)
+            self.special.append(render_special)
             self._stops[request_id] = stop = threading.Event()
         thread = threading.Thread(target=self._generate, args=(list(prompt_ids), params, emit, stop), daemon=True)
         self._threads.append(thread)
@@ -138,8 +154,9 @@ class FakeEngine:
 
     def _generate(self, prompt_ids: list[int], params: GenerationParams, emit, stop: threading.Event) -> None:
         prompt = len(prompt_ids)
-        count = SAMPLED if params.max_new_tokens >= SAMPLED else params.max_new_tokens
-        texts = ["x"] * 10**6 if self.endless else SCRIPT[:count]
+        sampled = len(self.script) + 1
+        count = sampled if params.max_new_tokens >= sampled else params.max_new_tokens
+        texts = ["x"] * 10**6 if self.endless else self.script[:count]
         k = params.logprobs
         lps = (lambda n: (_entry(n, k),)) if k is not None else (lambda n: ())
         told = None
@@ -154,7 +171,7 @@ class FakeEngine:
                 return
             emit(TokenDelta(text, (100 + n,), lps(n), told if n == 0 else None))
         last = len(texts) - 1
-        reason = "stop" if count == SAMPLED else "length"
+        reason = "stop" if count == sampled else "length"
         emit(Finished(reason, texts[-1], prompt, len(texts), token_ids=(100 + last,), logprobs=lps(last),
                       prompt_logprobs=told if last == 0 else None))
 
@@ -397,6 +414,63 @@ def test_response_format_reaches_the_engine(serve):
     assert served.engine.submitted[1][1].response_format == {"type": "text"}
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOL_SCRIPT = ["Let me check.", "\n<tool", "_call>\n{\"name\": \"get_", "weather\", \"arguments\": ",
+               "{\"city\": ", "\"Paris\"}", "}\n</tool_call>"]
+"""A hermes-syntax answer: content, then one call whose arguments are `{"city": "Paris"}`."""
+
+
+def test_tool_calls_whole_and_streamed(serve):
+    served = serve(FakeEngine(script=TOOL_SCRIPT))
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    done = served.client().chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
+    choice = done.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me check."
+    [call] = choice.message.tool_calls
+    assert (call.type, call.function.name, call.function.arguments) == ("function", "get_weather", '{"city": "Paris"}')
+    assert call.id.startswith("call_")
+    assert served.engine.chat_tools == [[WEATHER]] and served.engine.special == [True]
+    assert served.engine.submitted[0][1].grammar is None  # auto: unconstrained
+
+    chunks = list(served.client().chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER],
+                                                          stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(d.content or "" for d in deltas) == "Let me check."
+    calls = [d.tool_calls[0] for d in deltas if d.tool_calls]
+    first, rest = calls[0], calls[1:]
+    assert (first.index, first.type, first.function.name, first.function.arguments) == (0, "function",
+                                                                                     "get_weather", "")
+    assert first.id.startswith("call_") and rest
+    assert all(c.id is None and c.function.name is None and c.index == 0 for c in rest)
+    assert "".join(c.function.arguments for c in rest) == '{"city": "Paris"}'
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "tool_calls"
+
+
+def test_tool_choice_modes_reach_the_engine(serve):
+    served = serve()
+    messages = [{"role": "user", "content": "x"}]
+    client = served.client()
+    for choice in ("none", "auto", "required", {"type": "function", "function": {"name": "get_weather"}}):
+        done = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], tool_choice=choice)
+        assert done.choices[0].message.content == FULL and done.choices[0].finish_reason == "stop"  # no call
+    assert served.engine.chat_tools == [None, [WEATHER], [WEATHER], [WEATHER]]
+    assert served.engine.special == [False, True, True, True]
+    grammars = [params.grammar for _, params in served.engine.submitted.values()]
+    assert grammars[:2] == [None, None] and all("get_weather" in g for g in grammars[2:])
+
+
+def test_tool_history_reaches_the_template(serve):
+    served = serve()
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
+    messages = [{"role": "user", "content": "Weather in Rome?"}, {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    served.client().chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
+    assert served.engine.chats == [[messages[0], {"role": "assistant", "content": "", "tool_calls": [call]},
+                                    messages[2]]]
+
+
 def test_penalties_and_bias_reach_the_engine(serve):
     served = serve()
     served.client().completions.create(model=MODEL, prompt="p", presence_penalty=0.5, frequency_penalty=-1.25,
@@ -524,6 +598,25 @@ def test_prompt_too_long(shared, words, max_tokens):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "none"},
      "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER],
+                              "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice.function.name='nope': no such function"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER],
+                              "tool_choice": "sometimes"}, "tool_choice='sometimes'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER, WEATHER]},
+     "tools[1].function.name='get_weather': a second function"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]},
+     "tools[0].function.parameters"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameter": {}}}]}, "tools[0].function.parameter:"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": []}, "tools: must be"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER],
+                              "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "cannot be combined"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "tool_calls": [{"id": "1"}]}]},
+     "messages[0].tool_calls[0]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "response_format": {"type": "xml"}}, "response_format.type='xml'"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {

@@ -176,6 +176,93 @@ def test_n_choices_and_prompt_lists(server: Server) -> None:
     assert [c.text for c in again.choices] == [c.text for c in reply.choices]  # seeded: reproducible
 
 
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "London", "Rome"]},
+                                         "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "description": "The sum of two integers", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"],
+        "additionalProperties": False}}},
+]
+
+
+def _check_call(name: str, arguments: str) -> None:
+    """A call of one of `TOOLS` whose arguments follow its schema (checked by hand)."""
+    args = json.loads(arguments)
+    if name == "get_weather":
+        assert list(args) == ["city", "unit"] and args["city"] in ("Paris", "London", "Rome")
+        assert args["unit"] in ("celsius", "fahrenheit")
+    else:
+        assert name == "add" and list(args) == ["a", "b"] and all(isinstance(v, int) for v in args.values())
+
+
+def _streamed(chunks) -> tuple[str, list[tuple[str, str]], str]:
+    """A streamed answer's content, calls (name, arguments) and finish reason, rebuilt from its
+    deltas as a client would: a call's first delta has its id, type and name; then arguments."""
+    content, calls, reason = "", [], None
+    for chunk in chunks:
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        for delta in choice.delta.tool_calls or []:
+            if delta.id is not None:
+                assert delta.index == len(calls) and delta.type == "function" and delta.function.arguments == ""
+                calls.append([delta.function.name, ""])
+            else:
+                assert delta.function.name is None
+                calls[delta.index][1] += delta.function.arguments
+        reason = choice.finish_reason or reason
+    return content, [tuple(c) for c in calls], reason
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "add"}}, "auto",
+                                         "none"])
+def test_tool_choices_with_the_openai_client(server: Server, tool_choice) -> None:
+    """SmolLM2's template has no tools: the fallback describes them and asks for hermes calls.
+    Required and named choices always give calls that parse and follow the schema; streamed
+    (greedy) gives the same content and calls as whole."""
+    messages = [{"role": "user", "content": "What is 17 plus 25?"}]
+    # One call at most: a 135M model asked for calls repeats them until max_tokens otherwise.
+    args = {"model": server.model, "messages": messages, "tools": TOOLS, "tool_choice": tool_choice,
+            "max_tokens": 80, "temperature": 0, "parallel_tool_calls": False}
+    whole = server.client.chat.completions.create(**args).choices[0]
+    calls = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
+    assert _streamed(server.client.chat.completions.create(**args, stream=True)) == (
+        whole.message.content or "", calls, whole.finish_reason)
+    if tool_choice == "none":
+        plain = server.client.chat.completions.create(model=server.model, messages=messages, max_tokens=80,
+                                                      temperature=0).choices[0]
+        assert (whole.message.content, whole.finish_reason, calls) == (plain.message.content, plain.finish_reason, [])
+        return
+    if tool_choice == "auto" and not calls:
+        assert whole.finish_reason in ("stop", "length") and whole.message.content
+        return
+    assert calls and whole.finish_reason == "tool_calls"
+    assert all(c.id.startswith("call_") and c.type == "function" for c in whole.message.tool_calls)
+    for name, arguments in calls:
+        _check_call(name, arguments)
+    assert len(calls) == 1
+    if isinstance(tool_choice, dict):
+        assert [name for name, _ in calls] == ["add"]
+
+    # the call and its result go back to the model as history
+    history = [*messages, whole.message.model_dump(exclude_none=True),
+               *({"role": "tool", "tool_call_id": c.id, "content": "42"} for c in whole.message.tool_calls)]
+    after = server.client.chat.completions.create(model=server.model, messages=history, tools=TOOLS, max_tokens=20,
+                                                  temperature=0)
+    assert after.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_bad_tools_are_400s_naming_the_field(server: Server) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    for extra, field in [({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+                         ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools")]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            server.client.chat.completions.create(model=server.model, messages=messages, **({"tools": TOOLS} | extra))
+        assert caught.value.param == field and caught.value.body["message"].startswith(field)
+    assert server.client.chat.completions.create(model=server.model, messages=messages, max_tokens=2).choices
+
+
 def _one(server: Server, i: int, results: dict) -> None:
     """One client of the load test: a random budget, EOS ignored, streamed or not."""
     rng = random.Random(i)

@@ -42,7 +42,7 @@ class _Stream:
     pending: torch.Tensor | None = None
     """Logits [V] of the last prompt position seen so far (it predicts the next chunk's first token)."""
     constraint: Constraint | None = None
-    """Its grammar's state (`response_format`), advanced by every token it samples."""
+    """Its grammar's state (`response_format` or `grammar`), advanced by every token it samples."""
 
 
 @dataclass
@@ -181,13 +181,14 @@ class SampleSink:
 
 
     def _constraint(self, params: GenerationParams) -> Constraint | None:
-        if params.response_format is None:
+        grammar = params.constraint_grammar()
+        if grammar is None:
             return None
         if self._grammar is None:
             if self._grammar_factory is None:
-                raise RuntimeError("response_format needs the vocabulary: SampleSink(grammar=...)")
+                raise RuntimeError("a grammar needs the vocabulary: SampleSink(grammar=...)")
             self._grammar = self._grammar_factory()
-        return self._grammar.constraint(params.response_format)
+        return self._grammar.constraint(grammar)
 
 
 def grammar_vocab(tokenizer: Tokenizer) -> GrammarVocab:

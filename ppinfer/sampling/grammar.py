@@ -2,7 +2,9 @@
 token by token (llguidance; see docs/benchmarks.md for why llguidance over xgrammar).
 
 - `grammar_of(response_format)`: the grammar text of a `response_format` (None for plain
-  text), or ValueError naming what is wrong with it (the HTTP 400, the `.jsonl` line's error).
+  text), or ValueError naming what is wrong with it (the HTTP 400, the `.jsonl` line's error);
+  `lark_grammar(text)` the same for a grammar written in llguidance's Lark syntax (the
+  server's tool calls).
 - `GrammarVocab`: the model's vocabulary as llguidance needs it, built once per process from
   a `VocabSource` (the last stage's tokenizer).
 - `Constraint`: one sequence's matcher: the mask of the tokens allowed next, and the token
@@ -13,6 +15,7 @@ token by token (llguidance; see docs/benchmarks.md for why llguidance over xgram
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +47,22 @@ def grammar_of(response_format: dict[str, Any] | None) -> str | None:
             schema, defaults={"whitespace_flexible": False, "coerce_one_of": False})
     except (ValueError, TypeError, RuntimeError) as exc:
         raise ValueError(f"response_format.json_schema: {exc}") from exc
+    return _valid(grammar, "response_format.json_schema")
+
+
+def lark_grammar(text: str) -> str:
+    """The llguidance grammar of `text` in llguidance's Lark syntax; raises ValueError("grammar: why")."""
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_lark(text)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"grammar: {exc}") from exc
+    return _valid(grammar, "grammar")
+
+
+def _valid(grammar: str, field: str) -> str:
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error and not error.startswith("WARNING"):
-        raise ValueError(f"response_format.json_schema: {error}")
+        raise ValueError(f"{field}: {error}")
     return grammar
 
 
@@ -88,16 +104,21 @@ class GrammarVocab:
         self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapped(source)),
                                                 eos_token=list(source.eos_ids))
 
-    def constraint(self, response_format: dict[str, Any]) -> Constraint | None:
-        """A fresh matcher for `response_format` (None for plain text)."""
-        grammar = grammar_of(response_format)
-        if grammar is None:
-            return None
+    def constraint(self, grammar: str) -> Constraint:
+        """A fresh matcher for `grammar` (from `grammar_of` or `lark_grammar`)."""
         return Constraint(llguidance.LLMatcher(self.tokenizer, grammar, log_level=0), self.size)
 
 
+_MASKS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
+"""Where the next masks are computed, while the ring carries the sampled tokens round."""
+
+
 class Constraint:
-    """One sequence's grammar state: which tokens may come next, advanced by each token drawn."""
+    """One sequence's grammar state: which tokens may come next, advanced by each token drawn.
+
+    The mask of the next token is computed in a background thread as soon as the token before
+    is known (`advance`): the last stage then has it ready when the next logits arrive, instead
+    of computing it between the output head and the sampler."""
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab: int) -> None:
         # Imported with the first constraint: llguidance.torch pulls in torch's compiler stack
@@ -106,14 +127,22 @@ class Constraint:
 
         self.matcher, self.vocab = matcher, vocab
         self._bitmask = llguidance.torch.allocate_token_bitmask(1, vocab)  # [1, ceil(V / 32)] int32
+        self._next: Future[torch.Tensor] = _MASKS.submit(self._mask)
 
-    def allowed(self) -> torch.Tensor:
-        """Bool [V]: the tokens the grammar allows next (end-of-generation once it is complete)."""
+    def _mask(self) -> torch.Tensor:
         llguidance.torch.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
         words = self._bitmask[0]  # [W] int32, bit j of word w = token 32 w + j
         bits = (words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1  # [W, 32]
         return bits.reshape(-1)[: self.vocab].bool()
 
+    def allowed(self) -> torch.Tensor:
+        """Bool [V]: the tokens the grammar allows next (end-of-generation once it is complete)."""
+        return self._next.result()
+
     def advance(self, token: int) -> None:
+        self._next.result()  # the matcher is not shared with a mask still being computed
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+        # Also once the document is complete: the matcher then stops, and its mask is the end
+        # tokens only.
+        self._next = _MASKS.submit(self._mask)

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ppinfer.sampling.grammar import grammar_of
+from ppinfer.sampling.grammar import grammar_of, lark_grammar
 from ppinfer.sampling.stopping import StopConditions, unescape_stop_string
 
 SEED_RANGE = (0, 2**63 - 1)
@@ -81,6 +81,10 @@ class GenerationParams:
     """OpenAI's `response_format`: `{"type": "json_object"}` or `{"type": "json_schema",
     "json_schema": {"schema": {...}}}` constrain every sampled token to the grammar (see
     `ppinfer.sampling.grammar`); null or `{"type": "text"}`: free text."""
+    grammar: str | None = None
+    """A grammar in llguidance's Lark syntax (docs: llguidance's `syntax.md`) that every sampled
+    token must keep the text within; the server sets it for tool calls. Null: none. Not
+    together with `response_format`."""
     seed: int | None = 0
     """Seed of the sampler, so sampled runs are reproducible; each sequence's random stream is
     derived from (seed, its index). Null (server requests without a seed) draws a fresh one."""
@@ -180,13 +184,24 @@ class GenerationParams:
                 _bad("logit_bias", key, "keys must be token ids (non-negative integers)")
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high):
                 _bad(f"logit_bias[{key}]", value, f"must be a number in [{low:g}, {high:g}]")
-        grammar_of(self.response_format)  # raises ValueError("response_format...: why")
+        self.constraint_grammar()  # raises ValueError("response_format...: why") or ("grammar: why")
         for key in ("logprobs", "prompt_logprobs"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or not 0 <= value <= MAX_LOGPROBS):
                 _bad(key, value, f"must be an integer in [0, {MAX_LOGPROBS}] or null")
         return self
+
+    def constraint_grammar(self) -> str | None:
+        """The llguidance grammar that constrains the sampled tokens (None: free text); raises
+        ValueError naming the field."""
+        if self.grammar is not None:
+            if not isinstance(self.grammar, str):
+                _bad("grammar", self.grammar, "must be a string")
+            if grammar_of(self.response_format) is not None:
+                _bad("grammar", "...", "cannot be combined with a response_format other than text")
+            return lark_grammar(self.grammar)
+        return grammar_of(self.response_format)
 
     def stop_conditions(self, eog_ids: frozenset[int]) -> StopConditions:
         """When a sequence with these parameters ends."""
@@ -222,6 +237,10 @@ def _typed(key: str, value: Any, annotation: Any) -> Any:
     if kind == "dict[str, Any] | None":
         if value is not None and not isinstance(value, dict):
             _bad(key, value, "must be an object")
+        return value
+    if kind == "str | None":
+        if value is not None and not isinstance(value, str):
+            _bad(key, value, "must be a string")
         return value
     if kind == "dict[str, float]":
         if not isinstance(value, dict):

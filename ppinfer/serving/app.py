@@ -10,6 +10,8 @@ flight, which `http.HttpServer` drains at shutdown.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import json
 import secrets
 import time
@@ -31,6 +33,7 @@ from ppinfer.serving.engine import Engine, PromptTooLong
 from ppinfer.serving.metrics import ABANDONED, CLIENT_GONE, CONTENT_TYPE, CountRequests, ServerMetrics
 from ppinfer.serving.protocol import ApiError, Endpoint, ParsedRequest, bad_request, error_body, parse_request
 from ppinfer.serving.responses import Choice, Reply
+from ppinfer.serving.tools import ToolDeltas, tool_grammar
 
 RETRY_AFTER_S = 1
 """The Retry-After of a 503 when the engine's queue is full."""
@@ -167,7 +170,8 @@ class _Completions:
     async def __call__(self, request: Request, kind: Endpoint) -> Response:
         arrived = time.monotonic()
         self._check_open()
-        parsed = parse_request(kind, await _json_body(request, self.max_request_bytes), self.engine.model_id)
+        parsed = self._with_tool_grammar(
+            parse_request(kind, await _json_body(request, self.max_request_bytes), self.engine.model_id))
         prompts = [await self._encode(parsed, i, prompt) for i, prompt in enumerate(parsed.prompts)]
         params = [self._params(parsed, ids) for ids in prompts]
         choices = [
@@ -179,14 +183,26 @@ class _Completions:
         prompt_tokens = sum(len(ids) for ids in prompts)
         self.metrics.prompt_tokens.inc(prompt_tokens)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        calls = parsed.tools is not None and parsed.tools.offered is not None
         reply = Reply(kind, f"{prefix}-{secrets.token_hex(12)}", int(time.time()), self.engine.model_id,
-                      self.engine.token_bytes, logprobs=parsed.logprobs is not None)
+                      self.engine.token_bytes, logprobs=parsed.logprobs is not None,
+                      tools=self.engine.tool_syntax if calls else None,
+                      most_calls=parsed.tools.most_calls if parsed.tools is not None else None)
         if parsed.stream:
             return _EventStream(
                 self._chunks(events, reply, choices, prompt_tokens, parsed.include_usage),
                 lambda: self._finish(events), request,
             )
         return await self._whole(request, events, reply, choices, prompt_tokens)
+
+    def _with_tool_grammar(self, parsed: ParsedRequest) -> ParsedRequest:
+        """`parsed` with the grammar of its tool choice (required or a named function)."""
+        if parsed.tools is None:
+            return parsed
+        grammar = tool_grammar(self.engine.tool_syntax, parsed.tools, self.engine.control_token)
+        if grammar is None:
+            return parsed
+        return dataclasses.replace(parsed, overrides={**parsed.overrides, "grammar": grammar})
 
     def _check_open(self) -> None:
         failure = self.engine.failure()
@@ -205,7 +221,10 @@ class _Completions:
                 where = f"prompt[{index}]" if len(parsed.prompts) > 1 else "prompt"
                 raise bad_request(f"{where}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param=field)
             return list(prompt)
-        encode = self.engine.encode_prompt if parsed.kind == "completion" else self.engine.encode_chat
+        if parsed.kind == "completion":
+            encode: Callable[[Any], list[int]] = self.engine.encode_prompt
+        else:
+            encode = functools.partial(self.engine.encode_chat, tools=parsed.tools.offered if parsed.tools else None)
         try:
             return await run_in_threadpool(encode, prompt)
         except PromptTooLong as exc:
@@ -231,12 +250,14 @@ class _Completions:
         """Every choice's sequence, or none (a refusal cancels those already queued)."""
         if not self.live.add(events):
             raise ApiError(503, SHUTDOWN)
+        calls = parsed.tools is not None and parsed.tools.offered is not None
         try:
             for i, (ids, settings) in enumerate(zip(prompts, params)):
                 for j in range(parsed.n):
                     choice = i * parsed.n + j
                     try:
-                        events.request_ids[choice] = self.engine.submit(ids, settings, events.emitter(choice), j)
+                        events.request_ids[choice] = self.engine.submit(
+                            ids, settings, events.emitter(choice), j, render_special=calls)
                     except (ValueError, QueueFull, Unavailable) as exc:
                         raise self._refusal(exc, len(ids), settings, parsed) from exc
         except BaseException:
@@ -285,6 +306,7 @@ class _Completions:
             for choice in choices:
                 yield _sse(reply.chunk(choice.index, role=True))
         offsets = [0] * len(choices)  # where each choice's next text starts (completion logprobs)
+        calls = [ToolDeltas(reply.tools, reply.most_calls) for _ in choices] if reply.tools is not None else None
         running = len(choices)
         while running:
             index, event = await events.next()
@@ -298,12 +320,17 @@ class _Completions:
             text, positions = event.text, list(zip(event.token_ids, event.logprobs))
             if first and choice.prompt_text:  # echo: the prompt comes first
                 text, positions = choice.prompt_text + text, choice.prompt_positions + positions
-            if text or (positions and reply.logprobs):
+            if calls is not None:
+                end = event if isinstance(event, Finished) else None
+                for chunk in reply.tool_chunks(index, calls[index], text, end, positions):
+                    yield _sse(chunk)
+            elif text or (positions and reply.logprobs):
                 yield _sse(reply.chunk(index, text, positions if reply.logprobs else None, offsets[index]))
                 offsets[index] += len(text)
             if isinstance(event, Finished):
                 running -= 1
-                yield _sse(reply.chunk(index, finish_reason=event.reason))
+                called = calls is not None and calls[index].called and event.reason == "stop"
+                yield _sse(reply.chunk(index, finish_reason="tool_calls" if called else event.reason))
         if include_usage:
             completion = sum(c.end.completion_tokens for c in choices if c.end is not None)
             yield _sse(reply.usage_chunk(prompt_tokens, completion))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import threading
+from typing import Any
 
 from ppinfer.pipeline.intake import Intake, IntakeStats
 from ppinfer.pipeline.job import encode_prompt
@@ -16,6 +17,7 @@ from ppinfer.sampling.sampler import stream_seed
 from ppinfer.sampling.stopping import StopState
 from ppinfer.serving.engine import PromptTooLong
 from ppinfer.text.tokenizer import Tokenizer
+from ppinfer.text.tools import tool_syntax
 
 
 class PipelineEngine:
@@ -31,6 +33,7 @@ class PipelineEngine:
         self.model_id, self.tokenizer, self.context_length = model_id, tokenizer, context_length
         self.defaults, self.intake, self.chat_template = defaults, intake, chat_template
         self.vocab_size = tokenizer.vocab_size
+        self.tool_syntax = tool_syntax(chat_template if chat_template is not None else tokenizer.chat_template)
         self._eog = frozenset(tokenizer.eog_ids)
         self._ids = itertools.count()
         self._id_lock = threading.Lock()
@@ -51,10 +54,15 @@ class PipelineEngine:
         self._check_fits(text)
         return encode_prompt(self.tokenizer, text, chat=False)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         self._check_fits("".join(m["content"] for m in messages))
-        text = self.tokenizer.apply_chat_template(messages, template=self.chat_template)
+        syntax = self.tool_syntax
+        text = self.tokenizer.apply_chat_template(
+            syntax.conversation(messages, tools), template=self.chat_template, tools=tools if syntax.native else None)
         return encode_prompt(self.tokenizer, text, chat=True)
+
+    def control_token(self, text: str) -> int | None:
+        return self.tokenizer.control_token(text)
 
     def _check_fits(self, text: str) -> None:
         """Refuse, before tokenizing it, text too long for the context whatever its tokens:
@@ -73,7 +81,8 @@ class PipelineEngine:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
-    def submit(self, prompt_ids: list[int], params: GenerationParams, emit: Emit, choice: int = 0) -> int:
+    def submit(self, prompt_ids: list[int], params: GenerationParams, emit: Emit, choice: int = 0,
+               render_special: bool = False) -> int:
         if not prompt_ids:
             raise ValueError("the prompt is empty after tokenization")
         if len(prompt_ids) + params.max_new_tokens > self.context_length:
@@ -84,7 +93,7 @@ class PipelineEngine:
         with self._id_lock:
             seq = next(self._ids)
         seed = stream_seed(params.seed, choice) if params.seed is not None else secrets.randbits(63)
-        output = StopState(params.stop_conditions(self._eog), self.tokenizer.stream(skip_special=True))
+        output = StopState(params.stop_conditions(self._eog), self.tokenizer.stream(skip_special=not render_special))
         self.intake.submit(Sequence(seq, list(prompt_ids), params, seed, output=output, emit=emit))
         return seq
 

@@ -7,10 +7,12 @@ Every check raises `ApiError`, whose message names the field as the client spell
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ppinfer.sampling.params import MAX_LOGPROBS, GenerationParams
+from ppinfer.serving.tools import ToolRequest, parse_tools
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 128
@@ -27,7 +29,8 @@ become `logprobs` and `prompt_logprobs`."""
 COMMON_FIELDS = {"model", "max_tokens", "stream", "stream_options", "n", "user", *SETTINGS}
 FIELDS: dict[str, set[str]] = {
     "completion": COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix"},
-    "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"},
+    "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
+                                 "tools", "tool_choice", "parallel_tool_calls"},
 }
 """The fields each endpoint honours; any other is a 400 naming it. `user` has no effect on
 the answer in OpenAI's API either (an end-user identifier for abuse monitoring)."""
@@ -70,7 +73,7 @@ class ParsedRequest:
     """What a request asks for, before tokenization."""
 
     kind: Endpoint
-    prompts: list[Prompt] | list[list[dict[str, str]]]
+    prompts: list[Prompt] | list[list[dict[str, Any]]]
     """The completion prompts (text or token ids), or the chat's messages (one conversation)
     as `Engine.encode_chat` takes them."""
     max_tokens: int | None
@@ -81,6 +84,8 @@ class ParsedRequest:
     echo: bool = False
     stream: bool = False
     include_usage: bool = False
+    tools: ToolRequest | None = None
+    """The chat's tools and tool choice (None: no tools)."""
 
     @property
     def prompt_field(self) -> str:
@@ -129,6 +134,11 @@ def parse_request(kind: Endpoint, body: Any, model_id: str) -> ParsedRequest:
         overrides["response_format"] = body["response_format"]
     echo = _flag("echo", body.get("echo", False))
     overrides |= _logprobs(kind, body, echo)
+    try:
+        tools = parse_tools(body) if kind == "chat" else None
+    except ValueError as exc:
+        field_name = re.match(r"[a-z_]*", str(exc)).group()  # "tools[2].function...: why" -> tools
+        raise bad_request(str(exc), param=field_name) from exc
     return ParsedRequest(
         kind=kind,
         prompts=prompts,
@@ -138,6 +148,7 @@ def parse_request(kind: Endpoint, body: Any, model_id: str) -> ParsedRequest:
         echo=echo,
         stream=_flag("stream", body.get("stream", False)),
         include_usage=_include_usage(body),
+        tools=tools,
     )
 
 
@@ -234,17 +245,53 @@ def _is_ids(value: Any) -> bool:
         isinstance(i, int) and not isinstance(i, bool) for i in value)
 
 
-def _chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def _chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages: must be a non-empty list of {role, content} objects", param="messages")
     return [_chat_message(i, message) for i, message in enumerate(messages)]
 
 
-def _chat_message(i: int, message: Any) -> dict[str, str]:
+def _chat_message(i: int, message: Any) -> dict[str, Any]:
+    """One message as the chat template takes it: role and content (text), and an assistant's
+    `tool_calls` or a tool result's `tool_call_id` as OpenAI spells them."""
     where = f"messages[{i}]"
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise bad_request(f"{where}: must be an object with a string role", param="messages")
+    out: dict[str, Any] = {"role": message["role"], "content": _content(where, message)}
+    if message.get("tool_calls") is not None:
+        out["tool_calls"] = _tool_calls(where, message["role"], message["tool_calls"])
+    if message["role"] == "tool":
+        call = message.get("tool_call_id")
+        if not isinstance(call, str):
+            raise bad_request(f"{where}.tool_call_id: a tool message needs the id of the call it answers",
+                              param="messages")
+        out["tool_call_id"] = call
+    if isinstance(message.get("name"), str):
+        out["name"] = message["name"]
+    return out
+
+
+def _tool_calls(where: str, role: str, calls: Any) -> list[dict[str, Any]]:
+    if role != "assistant":
+        raise bad_request(f"{where}.tool_calls: only an assistant message has tool calls", param="messages")
+    if not isinstance(calls, list):
+        raise bad_request(f"{where}.tool_calls: must be a list", param="messages")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(call, dict) and isinstance(call.get("id"), str)
+                and call.get("type", "function") == "function" and isinstance(function, dict)
+                and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments"), str)):
+            raise bad_request(f"{where}.tool_calls[{j}]: must be {{id, type: function, function: {{name, arguments}}}} "
+                              "with string id, name and arguments", param="messages")
+        out.append({"id": call["id"], "type": "function",
+                    "function": {"name": function["name"], "arguments": function["arguments"]}})
+    return out
+
+
+def _content(where: str, message: dict[str, Any]) -> str:
     content = message.get("content") or ""
     if isinstance(content, list):
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
@@ -253,7 +300,7 @@ def _chat_message(i: int, message: Any) -> dict[str, str]:
     if not isinstance(content, str):
         raise bad_request(f"{where}.content={_short(content)}: must be a string or a list of text parts",
                           param="messages")
-    return {"role": message["role"], "content": content}
+    return content
 
 
 def _short(value: Any, limit: int = 40) -> str:

@@ -12,6 +12,8 @@ from typing import Any
 from ppinfer.pipeline.sequence import Finished, TokenDelta
 from ppinfer.sampling.logprobs import TokenLogprob
 from ppinfer.serving.protocol import Endpoint
+from ppinfer.serving.tools import ToolDeltas, message
+from ppinfer.text.tools import ToolSyntax
 
 TokenBytes = Callable[[int], bytes]
 """A token's bytes (special tokens spelled out), from the engine."""
@@ -67,6 +69,10 @@ class Reply:
     token_bytes: TokenBytes
     logprobs: bool = False
     """The request asked for log-probabilities."""
+    tools: ToolSyntax | None = None
+    """The syntax to read tool calls in (None: the request offers no tools)."""
+    most_calls: int | None = None
+    """Tool calls read back at most (None: all)."""
 
     def body(self, choices: list[Choice], prompt_tokens: int) -> dict[str, Any]:
         out = []
@@ -74,7 +80,11 @@ class Reply:
             assert choice.end is not None
             positions = choice.prompt_positions + choice.positions
             body = self._choice(choice.index, choice.text, positions, 0)
-            out.append(body | {"finish_reason": choice.end.reason})
+            reason = choice.end.reason
+            if self.tools is not None:
+                body["message"], called = message(self.tools, choice.text, self.most_calls, reason == "length")
+                reason = "tool_calls" if called and reason == "stop" else reason
+            out.append(body | {"finish_reason": reason})
         completion = sum(c.end.completion_tokens for c in choices if c.end is not None)
         return self._head(final=True) | {"choices": out, "usage": usage(prompt_tokens, completion)}
 
@@ -89,6 +99,21 @@ class Reply:
             choice = {"index": index, "text": text}
             choice["logprobs"] = self._completion_logprobs(positions, offset) if positions else None
         return self._head(final=False) | {"choices": [choice | {"finish_reason": finish_reason}]}
+
+    def tool_chunks(self, index: int, deltas: ToolDeltas, text: str, end: Finished | None,
+                    positions: list[Position]) -> list[dict[str, Any]]:
+        """The chat chunks of choice `index`'s new `text` (`end`: its last) when it may hold tool calls: one per
+        delta (content, a call's start, a fragment of its arguments), the log-probabilities of
+        the event's tokens on the first (or alone)."""
+        logprobs = self._chat_logprobs(positions) if positions and self.logprobs else None
+        chunks = []
+        for delta in deltas.push(text, end is not None, end is not None and end.reason == "length"):
+            chunks.append(self._head(final=False) | {"choices": [
+                {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}]})
+            logprobs = None
+        if logprobs is not None:
+            chunks.append(self.chunk(index, "", positions))
+        return chunks
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         return self._head(final=False) | {"choices": [], "usage": usage(prompt_tokens, completion_tokens)}

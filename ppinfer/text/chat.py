@@ -71,8 +71,10 @@ def render_chat_template(
     bos_token: str,
     eos_token: str,
     source: str,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    """Render `template` for `messages`.
+    """Render `template` for `messages` (and `tools`: OpenAI's function definitions, given to
+    the template as transformers gives them, None when there are none).
 
     `source` names where the template came from, for error messages. A syntax error in the
     template raises `ModelFileError`; a template that rejects the conversation (through
@@ -87,6 +89,7 @@ def render_chat_template(
     try:
         return compiled.render(
             messages=messages,
+            tools=tools,
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token,
             eos_token=eos_token,

@@ -166,8 +166,10 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         template: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """Render `messages` with `template`, else the file's `tokenizer.chat_template`.
+        """Render `messages` (and `tools`, OpenAI's function definitions) with `template`, else
+        the file's `tokenizer.chat_template`.
 
         The result is a prompt string to `encode(..., parse_special=True)`. Raises
         `ModelFileError` when there is no template at all.
@@ -186,7 +188,16 @@ class Tokenizer:
             bos_token=self._vocab.tokens[self.bos_id] if self.bos_id is not None else "",
             eos_token=self._vocab.tokens[self.eos_id] if self.eos_id is not None else "",
             source=source,
+            tools=tools,
         )
+
+    def control_token(self, text: str) -> int | None:
+        """The id of the control token spelled `text` (e.g. `[TOOL_CALLS]`), None if there is
+        none: such a token is never produced by plain text."""
+        ids = self.encode(text, add_bos=False, parse_special=True)
+        if len(ids) == 1 and int(self._vocab.attrs[ids[0]]) & int(TokenAttr.CONTROL):
+            return ids[0]
+        return None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
