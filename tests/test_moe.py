@@ -147,8 +147,15 @@ def test_quantized_experts_with_float_products_equal_exact(tiny_files: TinyFiles
         y = x @ ops.dequantize(w, type_id, k).T  # [n, in] @ [in, out]
         return y if bias is None else y + bias
 
+    def experts_product(x, w, type_id, k, counts):
+        """x [M, in] grouped by expert, w [n_expert, out, row_bytes] -> [M, out]."""
+        parts = x.split(counts.tolist())
+        return torch.cat([product(part, w[e], type_id, k, None) for e, part in enumerate(parts)])
+
     for module in stage.modules():
-        if isinstance(module, (BlockExperts, BlockLinear)):
+        if isinstance(module, BlockExperts):
+            module._matmul = experts_product
+        elif isinstance(module, BlockLinear):
             module._matmul = product
     assert _gap(full_logits(stage, ids), full_logits(whole(path, spec.n_layer), ids)) <= 1e-5
 
@@ -176,9 +183,10 @@ def _record_expert_calls(stage: PipelineStage, monkeypatch: pytest.MonkeyPatch) 
         for role in ("gate_up", "down"):
             module = getattr(moe, role)
 
-            def product(expert: int, x: torch.Tensor, key=(i, role), original=module.forward) -> torch.Tensor:
-                calls.setdefault(key, []).append((expert, x.shape[0]))
-                return original(expert, x)
+            def product(x: torch.Tensor, counts: torch.Tensor, key=(i, role), original=module.forward) -> torch.Tensor:
+                assert x.shape[0] == int(counts.sum())
+                calls.setdefault(key, []).extend((e, n) for e, n in enumerate(counts.tolist()) if n)
+                return original(x, counts)
 
             monkeypatch.setattr(module, "forward", product)
 
