@@ -238,8 +238,16 @@ def test_layer_costs_count_every_expert(tiny_files: TinyFiles, experts_in_blocks
     experts = 3 * n * f * e * (q4_bytes if experts_in_blocks else 4)
     assert costs.layer_expert_bytes == [experts] * spec.n_layer
     assert costs.layer_weight_bytes == [attention + small + experts] * spec.n_layer
+    # One token reads used / count of the experts; 3 tokens the share at least one of them picks.
+    share = spec.n_expert_used / n
+    assert costs.layer_read_bytes == [attention + small + round(experts * share)] * spec.n_layer
+    lane = layer_costs(str(path), 4, 0, step_tokens=3, stored_types=q4,
+                       stored_expert_types=q4 if experts_in_blocks else set())
+    assert lane.layer_read_bytes == [attention + small + round(experts * (1 - (1 - share) ** 3))] * spec.n_layer
     table = plan_table(allocate("balanced", 2, costs), costs)
-    assert "experts MiB" in table.splitlines()[0]
+    assert table.splitlines()[0].split()[-5:] == ["experts", "MiB", "read/step", "MiB", "holds"]
+    read_mib = [float(row.split()[-2]) for row in table.splitlines()[1:]]  # per rank
+    assert sum(read_mib) == pytest.approx(sum(costs.layer_read_bytes) / 2**20, abs=0.01)
 
 
 def test_stages_describe_their_experts(tiny_files: TinyFiles) -> None:
