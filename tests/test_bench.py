@@ -23,7 +23,7 @@ from ppinfer.bench.peer import left_padded
 from ppinfer.bench.planner import plan
 from ppinfer.bench.prompts import SHORT_PROMPTS, long_prompt, short_prompts
 from ppinfer.bench.report import evaluate, markdown_report, markdown_table, run_row, text_table
-from ppinfer.bench.runs import FULL, MODEL_1B, MODEL_7B, QUICK, LlamaCppRun, PeerRun, PipelineRun, Sizes
+from ppinfer.bench.runs import FULL, MODEL_1B, MODEL_7B, MODEL_MOE, QUICK, LlamaCppRun, PeerRun, PipelineRun, Sizes
 from ppinfer.bench.scenarios import SCENARIOS, SUITES
 from ppinfer.bench.serving import _in_order
 from ppinfer.bench.sweep import PromptBook, RunResult, SweepSettings, hydra_value, pipeline_command, run_llamacpp
@@ -66,10 +66,16 @@ BATCH_1B = pp(2, 1, 2, 8, model=MODEL_1B)
 ONE_STAGE_1B = pp(1, 1, 1, 8, model=MODEL_1B)
 BATCH_DEQ = pp(2, 1, 2, 16, weights="dequantized")
 MEMORY_7B = pp(4, 1, 4, 1, 8, model=MODEL_7B)
+# Issue 20's points on the Qwen3-MoE-shaped model: the same layouts as the 1.1B's.
+SINGLE_MOE = pp(1, 2, 1, 1, model=MODEL_MOE)
+BATCH_MOE = pp(2, 1, 2, 8, model=MODEL_MOE)
+MEMORY_MOE = pp(2, 1, 2, 1, 8, model=MODEL_MOE)
 LC_1 = lc(1)
 LC_32 = lc(32)
 LC_1B_1 = lc(1, MODEL_1B)
 LC_1B_16 = lc(16, MODEL_1B)
+LC_MOE_1 = lc(1, MODEL_MOE)
+LC_MOE_16 = lc(16, MODEL_MOE)
 
 
 def fake(decode: float = 10.0, prefill: float = 100.0, above_mb: tuple[float, ...] = (100.0,),
@@ -106,6 +112,7 @@ def fake(decode: float = 10.0, prefill: float = 100.0, above_mb: tuple[float, ..
     ("quant-batch", {BATCH_1B, LC_1B_16, TWO_STAGE_2x16, BATCH_DEQ, LC_32}),
     ("quant-efficiency", {BATCH_1B, ONE_STAGE_1B}),
     ("quant-7b", {MEMORY_7B}),
+    ("quant-moe", {SINGLE_MOE, BATCH_MOE, MEMORY_MOE, LC_MOE_1, LC_MOE_16}),
 ])
 def test_each_scenario_plans_exactly_the_runs_its_ratios_need(scenario: str, expected: set[Any]) -> None:
     chosen = plan([scenario], FULL)
@@ -129,19 +136,21 @@ def test_all_runs_each_shared_point_once_and_the_peers_last() -> None:
         "vs_llamacpp_batch_1b", "vs_llamacpp_batch", "vs_llamacpp_batch_dequantized", "pipeline_efficiency_1b",
     ]
     assert plan(["latency", "all", "latency"], FULL) == chosen
-    assert MEMORY_7B not in chosen.runs  # the slow suite only runs when asked for
+    assert MEMORY_7B not in chosen.runs  # the slow and moe suites only run when asked for
+    assert not {SINGLE_MOE, BATCH_MOE, MEMORY_MOE} & set(chosen.runs)
 
 
 def test_suites_expand_to_their_scenarios_and_cover_all_of_them() -> None:
     assert plan(["quant"], FULL) == plan(["quant-memory", "quant-single", "quant-batch", "quant-efficiency"], FULL)
     assert plan(["pipeline", "quant"], FULL) == plan(["all"], FULL)
     assert plan(["slow"], FULL).runs == (MEMORY_7B,)
+    assert plan(["moe"], FULL) == plan(["quant-moe"], FULL)
     assert sorted(s for suite in SUITES.values() for s in suite) == sorted(SCENARIOS)
 
 
 def test_the_default_model_is_the_only_one_the_pipeline_suite_uses() -> None:
     assert {r.model for r in plan(["pipeline"], FULL).runs} == {"default"}
-    assert {MODEL_1B, MODEL_7B} <= set(synthetic.MODELS)
+    assert {MODEL_1B, MODEL_7B, MODEL_MOE} <= set(synthetic.MODELS)
 
 
 def test_memory_points_hold_the_same_sequences_with_a_lane_per_stage() -> None:
@@ -159,7 +168,7 @@ def test_quick_shrinks_the_workload_but_keeps_the_shape() -> None:
 
 
 def test_bad_scenario_and_size_are_named() -> None:
-    with pytest.raises(ValueError, match=r"'speed'.*a suite \(pipeline, quant, slow\)"):
+    with pytest.raises(ValueError, match=r"'speed'.*a suite \(pipeline, quant, moe, slow\)"):
         plan(["speed"], FULL)
     with pytest.raises(ValueError, match="lane_size=0"):
         Sizes(lane_size=0)
@@ -432,6 +441,53 @@ def test_ppinfer_runs_the_synthetic_model_on_its_quantized_weights(tiny_syntheti
     assert np.isfinite(logits).all() and logits.std() > 0
 
 
+TINY_MOE = synthetic.SyntheticSpec(n_layer=2, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, key_length=32,
+                                   arch="qwen3moe", n_expert=4, n_expert_used=2, n_ff_exp=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tokenizer_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic.write_synthetic(tmp_path_factory.mktemp("syn") / "moe.gguf", TINY_MOE, tokenizer_source, "moe")
+
+
+def test_synthetic_moe_is_qwen3moe_shaped_with_q4_0_experts(tiny_moe: Path) -> None:
+    gf = GGUFFile(tiny_moe)
+    hp = read_hparams(gf)
+    assert (hp.arch, hp.n_layer, hp.n_embd, hp.head_dim, hp.n_vocab) == ("qwen3moe", 2, 64, 32, 262)
+    moe = {lp.moe for lp in hp.layers}.pop()
+    assert moe is not None and (moe.n_expert, moe.n_expert_used, moe.n_ff_exp) == (4, 2, 64)
+    q4_0, f32 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.F32
+    assert gf.tensors["blk.1.attn_q.weight"].shape == (128, 64)  # [heads x 32, E]: wider than E
+    assert gf.tensors["blk.1.attn_output.weight"].shape == (64, 128)
+    assert gf.tensors["blk.0.ffn_gate_exps.weight"].shape == (4, 64, 64)  # [n_expert, F, E]
+    assert gf.tensors["blk.0.ffn_down_exps.weight"].shape == (4, 64, 64)  # [n_expert, E, F]
+    assert {gf.tensors[f"blk.{i}.ffn_{r}_exps.weight"].qtype for i in (0, 1) for r in ("gate", "up", "down")} == {q4_0}
+    assert gf.tensors["blk.1.attn_k_norm.weight"].shape == (32,)
+    assert "blk.0.ffn_gate.weight" not in gf.tensors and "output.weight" not in gf.tensors
+    router = gf.load("blk.1.ffn_gate_inp.weight")  # [n_expert, E]: unit-spread logits on unit-RMS input
+    assert gf.tensors["blk.1.ffn_gate_inp.weight"].qtype == f32 and router.shape == (4, 64)
+    assert 0.7 < float(router.std()) * 64**0.5 < 1.3
+    d = float(np.float16(0.0045))
+    w = gf.load("blk.1.ffn_up_exps.weight")  # [4, 64, 64] dequantized: (q - 8) * d
+    np.testing.assert_allclose(w, np.round(w / d) * d, rtol=0, atol=1e-7)
+    assert set(np.unique(np.round(w / d)).astype(int)) == set(range(-8, 8))
+
+
+def test_synthetic_moe_runs_in_ppinfer_and_llamacpp_alike(tiny_moe: Path) -> None:
+    """Both load the file; ppinfer's quantized path stays near llama.cpp's logits."""
+    tokens = [5, 80, 200, 7, 130, 33]
+    stage = whole(tiny_moe, TINY_MOE.n_layer, weights="quantized")
+    ours = full_logits(stage, np.array([tokens], dtype=np.int64))[0]  # [T, V]
+    assert ours.shape == (6, 262) and np.isfinite(ours).all() and ours.std() > 0
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = llama_cpp.Llama(str(tiny_moe), n_ctx=64, n_threads=1, verbose=False, logits_all=True)
+    model.eval(tokens)
+    theirs = np.array(model.scores[: len(tokens)])  # [T, V]
+    # Both quantize activations to 8 bits for the products, so the logits differ by rounding only.
+    assert np.abs(ours - theirs).max() < 0.05 * np.abs(theirs).max()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
 def test_synthetic_cache_builds_once_and_leaves_no_partial_file(tokenizer_source: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(synthetic.MODELS, "tiny", TINY)
@@ -444,13 +500,19 @@ def test_synthetic_cache_builds_once_and_leaves_no_partial_file(tokenizer_source
 
 def test_full_size_synthetic_shapes_match_the_issue() -> None:
     def params(spec: synthetic.SyntheticSpec) -> int:
-        return sum(rows * cols for _, rows, cols in synthetic.matrix_shapes(spec, 49152))
+        return sum(int(np.prod(shape)) for _, shape in synthetic.matrix_shapes(spec, 49152))
 
-    one_b, seven_b = synthetic.MODELS[MODEL_1B], synthetic.MODELS[MODEL_7B]
+    one_b, seven_b, moe = (synthetic.MODELS[m] for m in (MODEL_1B, MODEL_7B, MODEL_MOE))
     # 18 bytes per 32 weights: about 604 MB and 3.8 GB with the tokenizer and norms.
     assert 600e6 < params(one_b) * 18 / 32 < 604e6
     assert 3.7e9 < params(seven_b) * 18 / 32 < 3.8e9
     assert (one_b.n_head, one_b.n_head_kv, one_b.kv_width) == (32, 4, 256)
+    # 16 layers, hidden 2048, 64 experts of width 768, 8 used: 2.9 GB, 2.7 GB of it experts.
+    assert (moe.n_layer, moe.n_embd, moe.n_expert, moe.n_ff_exp, moe.n_expert_used) == (16, 2048, 64, 768, 8)
+    assert 2.9e9 < params(moe) * 18 / 32 < 2.96e9
+    experts = sum(int(np.prod(s)) for n, s in synthetic.matrix_shapes(moe, 49152) if "_exps" in n)
+    assert experts == 16 * 3 * 64 * 768 * 2048
+    assert synthetic.cached_path(MODEL_MOE).name == "synthetic-qwen3moe-moe-q4_0.v1.gguf"
 
 
 # --- the llama.cpp peer ------------------------------------------------------------------------

@@ -203,8 +203,15 @@ def test_quantized_experts_with_float_products_equal_exact(tiny_files: TinyFiles
         y = x @ ops.dequantize(w, type_id, k).T  # [n, in] @ [in, out]
         return y if bias is None else y + bias
 
+    def experts_product(x, w, type_id, k, counts):
+        """x [M, in] grouped by expert, w [n_expert, out, row_bytes] -> [M, out]."""
+        parts = x.split(counts.tolist())
+        return torch.cat([product(part, w[e], type_id, k, None) for e, part in enumerate(parts)])
+
     for module in stage.modules():
-        if isinstance(module, (BlockExperts, BlockLinear)):
+        if isinstance(module, BlockExperts):
+            module._matmul = experts_product
+        elif isinstance(module, BlockLinear):
             module._matmul = product
     assert _gap(full_logits(stage, ids), full_logits(whole(path, spec.n_layer), ids)) <= 1e-5
 
@@ -232,9 +239,10 @@ def _record_expert_calls(stage: PipelineStage, monkeypatch: pytest.MonkeyPatch) 
         for role in ("gate_up", "down"):
             module = getattr(moe, role)
 
-            def product(expert: int, x: torch.Tensor, key=(i, role), original=module.forward) -> torch.Tensor:
-                calls.setdefault(key, []).append((expert, x.shape[0]))
-                return original(expert, x)
+            def product(x: torch.Tensor, counts: torch.Tensor, key=(i, role), original=module.forward) -> torch.Tensor:
+                assert x.shape[0] == int(counts.sum())
+                calls.setdefault(key, []).extend((e, n) for e, n in enumerate(counts.tolist()) if n)
+                return original(x, counts)
 
             monkeypatch.setattr(module, "forward", product)
 
@@ -286,8 +294,16 @@ def test_layer_costs_count_every_expert(tiny_files: TinyFiles, experts_in_blocks
     experts = 3 * n * f * e * (q4_bytes if experts_in_blocks else 4)
     assert costs.layer_expert_bytes == [experts] * spec.n_layer
     assert costs.layer_weight_bytes == [attention + small + experts] * spec.n_layer
+    # One token reads used / count of the experts; 3 tokens the share at least one of them picks.
+    share = spec.n_expert_used / n
+    assert costs.layer_read_bytes == [attention + small + round(experts * share)] * spec.n_layer
+    lane = layer_costs(str(path), 4, 0, step_tokens=3, stored_types=q4,
+                       stored_expert_types=q4 if experts_in_blocks else set())
+    assert lane.layer_read_bytes == [attention + small + round(experts * (1 - (1 - share) ** 3))] * spec.n_layer
     table = plan_table(allocate("balanced", 2, costs), costs)
-    assert "experts MiB" in table.splitlines()[0]
+    assert table.splitlines()[0].split()[-5:] == ["experts", "MiB", "read/step", "MiB", "holds"]
+    read_mib = [float(row.split()[-2]) for row in table.splitlines()[1:]]  # per rank
+    assert sum(read_mib) == pytest.approx(sum(costs.layer_read_bytes) / 2**20, abs=0.01)
 
 
 def test_stages_describe_their_experts(tiny_files: TinyFiles) -> None:

@@ -1,8 +1,9 @@
 """`python -m ppinfer.bench`: run the benchmark scenarios and report the target ratios.
 
-    python -m ppinfer.bench                         # every scenario but the slow 7B one, full size
+    python -m ppinfer.bench                         # every scenario but the MoE and 7B ones, full size
     python -m ppinfer.bench --scenario peer         # one scenario (repeat the flag for more)
     python -m ppinfer.bench --suite quant           # quantized weights vs llama.cpp on the same files
+    python -m ppinfer.bench --suite moe             # the Qwen3-MoE-shaped model vs llama.cpp (2.9 GB file)
     python -m ppinfer.bench --scenario quant-7b     # the 7B-shaped model on 4 ranks (slow)
     python -m ppinfer.bench --quick                 # tiny smoke run of every scenario
     python -m ppinfer.bench --markdown /tmp/bench.md     # the report page, to copy from into docs/benchmarks.md
@@ -50,9 +51,9 @@ SIZE_FLAGS = ("max_new_tokens", "lane_size", "long_prompt_tokens", "prefill_chun
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ppinfer.bench",
-        description="Sweep stages x lanes x sequences per lane on the default model and synthetic llama-shaped "
-                    "Q4_0 models, time transformers and llama.cpp on the same files, and report the ratios "
-                    "the pipeline targets.",
+        description="Sweep stages x lanes x sequences per lane on the default model and synthetic llama- and "
+                    "Qwen3-MoE-shaped Q4_0 models, time transformers and llama.cpp on the same files, and report the "
+                    "ratios the pipeline targets.",
     )
     parser.add_argument("--scenario", action="append", choices=(*SCENARIOS, "all"), metavar="NAME",
                         help=f"one of {', '.join(SCENARIOS)}, all (default: all but the slow suite; repeat for "

@@ -287,8 +287,9 @@ minutes, so build the wheel once into a cache outside the repository and install
 `pip install ~/.cache/ppinfer-bench/wheels/llama_cpp_python-*.whl` (installing `.[bench]` would
 rebuild any newer release). The synthetic models are built on first use into
 `~/.cache/ppinfer/bench-models/` (`python -m ppinfer.bench.synthetic` builds them ahead).
-`--suite quant` runs the llama.cpp comparisons, `--scenario quant-7b` the 7B-shaped model
-(3.8 GB, 4 ranks). llama.cpp's weights are kept out of AMX buffers, whose tile instructions
+`--suite quant` runs the llama.cpp comparisons, `--suite moe` the Qwen3-MoE-shaped model
+(2.9 GB) against llama.cpp, `--scenario quant-7b` the 7B-shaped model (3.8 GB, 4 ranks).
+llama.cpp's weights are kept out of AMX buffers, whose tile instructions
 fault on some VMs; `--llamacpp-amx` lets llama.cpp use them. llama.cpp's threads spin while
 they wait, so its figures only mean something on an otherwise idle machine.
 """

@@ -17,7 +17,9 @@ DEFAULT_MODEL = "default"
 """The model `--model` names (SmolLM2-135M-Instruct unless told otherwise)."""
 MODEL_1B = "1.1b-q4_0"
 MODEL_7B = "7b-q4_0"
-"""The synthetic models (`ppinfer.bench.synthetic.MODELS`): llama-shaped, random Q4_0 weights."""
+MODEL_MOE = "moe-q4_0"
+"""The synthetic models (`ppinfer.bench.synthetic.MODELS`): llama-shaped (1.1B, 7B) and
+Qwen3-MoE-shaped, random Q4_0 weights."""
 
 
 def _model_tag(model: str) -> str:
@@ -43,7 +45,7 @@ class Sizes:
     peer_threads: int = 2
     """Threads of the peers, transformers and llama.cpp (the same two cores the pipeline uses)."""
     quant_lane_size: int = 8
-    """Sequences per lane in the 1.1B batch point (2 lanes of it against llama.cpp's batch)."""
+    """Sequences per lane in the 1.1B and MoE batch points (2 lanes of it against llama.cpp's batch)."""
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

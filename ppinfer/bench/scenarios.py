@@ -4,8 +4,9 @@ A ratio names the runs it compares (a `Term` is one metric of one run, optionall
 a scenario is just a group of ratios and the planner derives exactly the runs those ratios
 need, each once even when several scenarios share it. Scenarios come in suites: `pipeline`
 (the pipeline's own targets, on the default model), `quant` (quantized weights
-against llama.cpp on the same files, with the synthetic 1.1B-shaped model) and `slow` (the
-synthetic 7B-shaped model); `all` is every suite but `slow`. Everything here is plain data:
+against llama.cpp on the same files, with the synthetic 1.1B-shaped model), `moe` (the
+synthetic Qwen3-MoE-shaped model against llama.cpp) and `slow` (the synthetic 7B-shaped
+model); `all` is every suite but `moe` and `slow` (their files are 2.9 and 3.8 GB). Everything here is plain data:
 the planner and the ratios can be checked without starting a process.
 """
 
@@ -25,7 +26,17 @@ from ppinfer.bench.metrics import (
     Ratio,
     Term,
 )
-from ppinfer.bench.runs import DEFAULT_MODEL, FULL, MODEL_1B, MODEL_7B, LlamaCppRun, PeerRun, PipelineRun, Sizes
+from ppinfer.bench.runs import (
+    DEFAULT_MODEL,
+    FULL,
+    MODEL_1B,
+    MODEL_7B,
+    MODEL_MOE,
+    LlamaCppRun,
+    PeerRun,
+    PipelineRun,
+    Sizes,
+)
 
 
 def _pp(sizes: Sizes, stages: int, threads: int, lanes: int, lane_size: int,
@@ -143,11 +154,12 @@ def quant_scenarios(sizes: Sizes) -> dict[str, tuple[Ratio, ...]]:
         return PipelineRun(stages=stages, threads=1, lanes=stages, lane_size=1,
                            max_new_tokens=sizes.memory_new_tokens, model=model)
 
-    single = {m: _pp(sizes, 1, 2, 1, 1, model=m) for m in (DEFAULT_MODEL, MODEL_1B)}
+    single = {m: _pp(sizes, 1, 2, 1, 1, model=m) for m in (DEFAULT_MODEL, MODEL_1B, MODEL_MOE)}
     batch = _pp(sizes, 2, 1, 2, n)  # the default model's 2 lanes of `lane_size`
     batch_1b = _pp(sizes, 2, 1, 2, q, model=MODEL_1B)
     one_stage_1b = _pp(sizes, 1, 1, 1, q, model=MODEL_1B)
-    memory_1b, memory_7b = ring(MODEL_1B, 2), ring(MODEL_7B, 4)
+    batch_moe = _pp(sizes, 2, 1, 2, q, model=MODEL_MOE)
+    memory_1b, memory_7b, memory_moe = ring(MODEL_1B, 2), ring(MODEL_7B, 4), ring(MODEL_MOE, 2)
     lc = f"llama.cpp ({sizes.peer_threads} threads)"
     lc_batch = f"{lc}, one batch"
 
@@ -204,6 +216,15 @@ def quant_scenarios(sizes: Sizes) -> dict[str, tuple[Ratio, ...]]:
             per_file("memory_per_file_7b", "7B on 4 stages: sum of the ranks' peak RSS above an idle torch process "
                      "/ file size", memory_7b, MEMORY_PER_FILE_TARGET),
         ),
+        "quant-moe": (
+            vs_llamacpp("vs_llamacpp_single_moe", f"one sequence, MoE: 1 stage x 2 threads vs {lc} (decode)",
+                        single[MODEL_MOE], llamacpp(MODEL_MOE, 1), VS_LLAMACPP_SINGLE_TARGET),
+            vs_llamacpp("vs_llamacpp_batch_moe",
+                        f"{2 * q} sequences, MoE: 2 stages x 1 thread, 2 lanes of {q} vs {lc_batch} (decode)",
+                        batch_moe, llamacpp(MODEL_MOE, 2 * q), VS_LLAMACPP_BATCH_TARGET),
+            per_file("memory_per_file_moe", "MoE on 2 stages: sum of the ranks' peak RSS above an idle torch process "
+                     "/ file size", memory_moe, MEMORY_PER_FILE_TARGET),
+        ),
     }
 
 
@@ -218,8 +239,10 @@ SCENARIOS: tuple[str, ...] = tuple(scenario_ratios(FULL))
 SUITES: dict[str, tuple[str, ...]] = {
     "pipeline": tuple(pipeline_scenarios(FULL)),
     "quant": ("quant-memory", "quant-single", "quant-batch", "quant-efficiency"),
+    "moe": ("quant-moe",),
     "slow": ("quant-7b",),
 }
-"""Named groups of scenarios; `all` is every suite but `slow` (a 3.8 GB model on 4 ranks)."""
+"""Named groups of scenarios; `all` is every suite but `moe` (a 2.9 GB model) and `slow` (a
+3.8 GB model on 4 ranks)."""
 
-ALL = tuple(s for s in SCENARIOS if s not in SUITES["slow"])
+ALL = tuple(s for s in SCENARIOS if s not in SUITES["moe"] + SUITES["slow"])

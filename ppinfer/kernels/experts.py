@@ -1,9 +1,10 @@
 """Expert weights of a Mixture-of-Experts layer kept as GGUF blocks on the CPU.
 
 A 3-D expert tensor (`ffn_*_exps`, [n_expert, out, in]) is held as the file's bytes,
-[n_expert, out, bytes_per_row] uint8. `BlockExperts(e, x)` multiplies the rows routed to
-expert e by that expert's blocks alone (one contiguous slice), so a decode step reads only
-the chosen experts' blocks, and a prefill chunk costs one product per active expert.
+[n_expert, out, bytes_per_row] uint8. `BlockExperts(x, counts)` takes the rows of a layer's
+tokens grouped by expert and multiplies each group by its expert's blocks alone, all in one
+kernel call: a decode step reads only the chosen experts' blocks, a prefill chunk costs one
+product per active expert, and the threads split every active expert's weight rows at once.
 """
 
 from __future__ import annotations
@@ -38,16 +39,17 @@ class BlockExperts(nn.Module):
         self.in_features = in_features
         self.n_expert, self.out_features = w.shape[0], w.shape[1]
         self.register_buffer("w", w.contiguous())  # [n_expert, out_features, row_bytes]
-        self._matmul = build.ops().block_matmul.default
+        self._matmul = build.ops().experts_matmul.default
 
     @property
     def nbytes(self) -> int:
         """Resident bytes: every expert's stored blocks."""
         return self.w.numel()
 
-    def forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """x [n, in_features] (the rows routed to `expert`) -> [n, out_features] in x's dtype."""
-        return self._matmul(x, self.w[expert], self._type_id, self.in_features, None)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [M, in_features], rows grouped by expert (counts [n_expert] int64 rows each, in
+        expert order) -> [M, out_features] in x's dtype, each row times its expert's weights."""
+        return self._matmul(x, self.w, self._type_id, self.in_features, counts)
 
     def extra_repr(self) -> str:
         return (

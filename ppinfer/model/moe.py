@@ -8,9 +8,12 @@ SwiGLU outputs (plus a shared expert, optionally scaled by its own sigmoid gate)
 grouped by expert, so each active expert runs one product over the rows routed to it, and
 experts nobody chose are never touched.
 
-Expert weights are held by an `experts` module called as `experts(e, x)`: float tensors on
-the exact path (`FloatExperts`), the file's blocks on the quantized path
-(`kernels.experts.BlockExperts`).
+Expert weights are held by an `experts` module called as `experts(x, counts)` on the rows of
+every (token, chosen expert) pair sorted by expert, `counts[e]` rows for expert e: float
+tensors on the exact path (`FloatExperts`, a product per active expert), the file's blocks on
+the quantized path (`kernels.experts.BlockExperts`, every active expert in one kernel call).
+A layer's routing, gather and scatter are a fixed handful of tensor operations, whatever the
+number of experts.
 """
 
 from __future__ import annotations
@@ -26,16 +29,18 @@ from ppinfer.model.layers import frozen
 
 
 class FloatExperts(nn.Module):
-    """y = x @ W[e].T for one expert e of W [n_expert, out, in] held as floats."""
+    """Rows grouped by expert times their expert's W [n_expert, out, in] held as floats."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.weight = frozen(weight)  # [n_expert, out, in]
         self.n_expert, self.out_features = weight.shape[0], weight.shape[1]
 
-    def forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """x [n, in] -> [n, out]."""
-        return F.linear(x, self.weight[expert])
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [M, in] (counts[e] rows of expert e, in expert order) -> [M, out]."""
+        parts = x.split(counts.tolist())
+        products = [F.linear(part, self.weight[e]) for e, part in enumerate(parts) if part.shape[0]]
+        return torch.cat(products) if products else x.new_zeros((0, self.out_features))
 
 
 class ConcatExperts(nn.Module):
@@ -46,9 +51,9 @@ class ConcatExperts(nn.Module):
         super().__init__()
         self.parts = nn.ModuleList(parts)
 
-    def forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """x [n, in] -> [n, sum of the parts' out]."""
-        return torch.cat([part(expert, x) for part in self.parts], dim=-1)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [M, in] grouped by expert -> [M, sum of the parts' out]."""
+        return torch.cat([part(x, counts) for part in self.parts], dim=-1)
 
 
 class SharedExpertGate(nn.Module):
@@ -70,8 +75,8 @@ class MoeFeedForward(nn.Module):
         self,
         params: MoeParams,
         router: nn.Module,  # [n_expert, E] linear: router logits
-        gate_up: nn.Module,  # experts(e, x [n, E]) -> [n, 2 F]: [gate | up] rows of expert e
-        down: nn.Module,  # experts(e, h [n, F]) -> [n, E]
+        gate_up: nn.Module,  # experts(x [M, E] grouped by expert, counts [n_expert]) -> [M, 2 F]: [gate | up]
+        down: nn.Module,  # experts(h [M, F] grouped by expert, counts [n_expert]) -> [M, E]
         shared: nn.Module | None = None,  # a dense SwiGLU feed-forward on every token
         shared_gate: nn.Module | None = None,  # scales the shared expert's output per token
         selection_bias: torch.Tensor | None = None,  # [n_expert] added to the scores to choose only
@@ -134,31 +139,24 @@ class MoeFeedForward(nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # [N, E]
         weights, chosen = self.route(flat)  # [N, k] each
         k = self.params.n_expert_used
-        # Token slots (token * k + j) grouped by expert: expert e's slots are
-        # order[starts[e] : starts[e] + counts[e]].
-        order = chosen.flatten().argsort(stable=True)  # [N k]
-        counts = torch.bincount(chosen.flatten(), minlength=self.params.n_expert).tolist()
-        slot_weights = weights.flatten().to(x.dtype)  # [N k]
-        out = torch.zeros_like(flat)  # [N, E]
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            slots = order[start : start + count]  # [n]
-            start += count
-            tokens = slots // k  # [n]
-            rows = flat[tokens]  # [n, E]
-            if self.weight_input:
-                rows = rows * slot_weights[slots, None]
-            h = self.gate_up(expert, rows)  # [n, 2F]
-            if self.gate_up_bias is not None:
-                h = h + self.gate_up_bias[expert]
-            y = self.down(expert, self._swiglu(h))  # [n, E]
-            if self.down_bias is not None:
-                y = y + self.down_bias[expert]
-            if not self.weight_input:
-                y = y * slot_weights[slots, None]
-            out.index_add_(0, tokens, y)
+        # Token slots (token * k + j) grouped by expert: expert e's are the next counts[e] of `order`.
+        experts = chosen.flatten()  # [N k]
+        order = experts.argsort(stable=True)  # [N k]
+        counts = torch.bincount(experts, minlength=self.params.n_expert)  # [n_expert]
+        tokens = order // k  # [N k]: the token of each grouped slot
+        slot_weights = weights.flatten()[order, None].to(x.dtype)  # [N k, 1]
+        rows = flat[tokens]  # [N k, E]
+        if self.weight_input:
+            rows = rows * slot_weights
+        h = self.gate_up(rows, counts)  # [N k, 2F]
+        if self.gate_up_bias is not None:
+            h = h + self.gate_up_bias[experts[order]]
+        y = self.down(self._swiglu(h), counts)  # [N k, E]
+        if self.down_bias is not None:
+            y = y + self.down_bias[experts[order]]
+        if not self.weight_input:
+            y = y * slot_weights
+        out = torch.zeros_like(flat).index_add_(0, tokens, y)  # [N, E]
         if self.shared is not None:
             s = self.shared(flat)  # [N, E]
             if self.shared_gate is not None:

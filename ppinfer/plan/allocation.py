@@ -46,6 +46,9 @@ class LayerCosts:
     layer_expert_bytes: list[int] | None = None
     """The part of each layer's weight bytes held by Mixture-of-Experts expert tensors (None or
     zeros: a dense model)."""
+    layer_read_bytes: list[int] | None = None
+    """Weight bytes one decode step of a lane reads of each layer: a MoE layer reads only the
+    experts its tokens choose (None: the weight bytes, as in a dense model)."""
 
     @property
     def embedding_cost(self) -> int:
@@ -195,12 +198,15 @@ def plan_table(layers: Sequence[int], costs: LayerCosts) -> str:
 
     Weights include the embedding on the first stage and the head on the last; the `holds`
     column says which of those a stage carries. A Mixture-of-Experts model adds the part of
-    the weights held by experts.
+    the weights held by experts and the layer weights a decode step reads (the chosen experts
+    only).
     """
     mib = 1024.0 * 1024.0
     experts = costs.layer_expert_bytes if costs.layer_expert_bytes and any(costs.layer_expert_bytes) else None
+    read = costs.layer_read_bytes if experts else None
     header = f"{'rank':>4}  {'layers':>9}  {'n':>3}  {'weights MiB':>11}  {'kv MiB':>8}  "
-    header += f"{'experts MiB':>11}  holds" if experts else "holds"
+    header += f"{'experts MiB':>11}  " if experts else ""
+    header += f"{'read/step MiB':>13}  holds" if read else "holds"
     rows = [header]
     start = 0
     last = len(layers) - 1
@@ -219,6 +225,8 @@ def plan_table(layers: Sequence[int], costs: LayerCosts) -> str:
         row = f"{rank:>4}  {span:>9}  {n:>3}  {weights / mib:>11.2f}  {kv / mib:>8.2f}  "
         if experts:
             row += f"{sum(experts[start:end]) / mib:>11.2f}  "
+        if read:
+            row += f"{sum(read[start:end]) / mib:>13.2f}  "
         rows.append(row + ("+".join(held) or "-"))
         start = end
     return "\n".join(rows)

@@ -9,7 +9,10 @@ any process group exists. The byte counts mirror what the runtime holds in memor
   the runtime dtype: `n_elements * dtype_bytes`;
 - a Mixture-of-Experts layer's 3-D expert tensors (`ffn_*_exps`) count whole, every expert
   (a stage holds them all, though a step reads only the chosen ones), by the same rule over
-  `stored_expert_types`; a layer's expert bytes are also reported on their own;
+  `stored_expert_types`; a layer's expert bytes are also reported on their own, and so are
+  the bytes a decode step reads: the layer's other weights and the share of its experts the
+  step's `step_tokens` tokens choose, 1 - (1 - used / count) ^ tokens when routing spreads
+  tokens evenly (one token: used / count);
 - `token_embd` stays in its quantized file form on the first stage (the embedding only
   gathers rows), so it costs its file bytes; a tied model's last stage holds its own copy as
   the output projection, charged like any head weight;
@@ -108,6 +111,10 @@ def layer_costs(
     latent = spec.attention is AttnKind.LATENT
     kv = _kv_bytes_per_layer(reader, path, arch, n_layers, kv_dtype_bytes or dtype_bytes, kv_tokens, latent)
     read = None if step_tokens is None else int(embd.n_bytes) // int(embd.shape[0]) * step_tokens
+    layer_read = None
+    if any(layer_experts):
+        share = _expert_read_share(reader, path, arch, n_layers, step_tokens or 1)
+        layer_read = [w - x + round(x * f) for w, x, f in zip(layer_weights, layer_experts, share)]
     return LayerCosts(
         layer_weight_bytes=layer_weights,
         layer_kv_bytes=kv,
@@ -115,7 +122,20 @@ def layer_costs(
         head_bytes=head,
         embedding_read_bytes=read,
         layer_expert_bytes=layer_experts,
+        layer_read_bytes=layer_read,
     )
+
+
+def _expert_read_share(reader: GGUFFile, path: str, arch: str, n_layers: int, tokens: int) -> list[float]:
+    """Per layer, the expected share of its experts that `tokens` tokens choose between them
+    when each picks `expert_used_count` of `expert_count` evenly."""
+    meta = reader.metadata
+    count_key, used_key = f"{arch}.expert_count", f"{arch}.expert_used_count"
+    if count_key not in meta or used_key not in meta:
+        raise ModelFileError(f"{path}: expert tensors without {count_key} and {used_key}")
+    counts = per_layer_values(meta[count_key], n_layers, count_key, path)
+    used = per_layer_values(meta[used_key], n_layers, used_key, path)
+    return [1.0 - (1.0 - k / n) ** tokens if n > 0 else 0.0 for n, k in zip(counts, used)]
 
 
 def _held(tensor: Any, dtype_bytes: int, stored_types: AbstractSet[GGMLQuantizationType]) -> int:

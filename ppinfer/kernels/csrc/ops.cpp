@@ -331,6 +331,108 @@ at::Tensor block_matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t qty
   return out;
 }
 
+// ---- Mixture-of-Experts: every active expert's product in one call ----
+
+// The rows of one expert: x rows [m0, m0 + rows) against expert e's weights, their layouts as
+// vec_dot_matmul makes them for a product of `rows` rows.
+struct ExpertGroup {
+  int64_t e;
+  int64_t m0;
+  int64_t rows;
+  RowSplit split;
+  XLayouts x;
+  int64_t units_begin;  // the group's first work unit (kRowGroup weight rows each)
+};
+
+template <typename Out>
+void expert_dot_matmul(const Shape& s, const uint8_t* w, int64_t expert_bytes, const Q8Block* xq,
+                       const std::vector<int64_t>& counts, int64_t k, Out* out) {
+  const int64_t nb = k / kQ8Elems;
+  const int64_t row_groups = (s.n + kRowGroup - 1) / kRowGroup;
+  const bool simd = use_avx2(*s.kernels);
+  const bool wide = use_avx512(*s.kernels);
+  std::vector<ExpertGroup> groups;
+  // Each group's tiles live in their own buffers (vec_dot_matmul's are one per thread).
+  std::vector<std::vector<Q8Tile16>> wide_tiles;
+  std::vector<std::vector<Q8Tile>> tiles;
+  std::vector<std::vector<Q8Tile4>> pair_tiles;
+  int64_t m0 = 0;
+  for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
+    const int64_t rows = counts[e];
+    if (rows == 0) continue;
+    const Q8Block* xg = xq + m0 * nb;
+    ExpertGroup g{e, m0, rows, RowSplit(rows, simd && wide), XLayouts{xg, nullptr, nullptr, nullptr},
+                  static_cast<int64_t>(groups.size()) * row_groups};
+    if (simd) {
+      wide_tiles.emplace_back();
+      tiles.emplace_back();
+      pair_tiles.emplace_back();
+      g.x.wide = tile_activations(xg, g.split.wide, nb, kWideLanes, wide_tiles.back());
+      g.x.tiles = tile_activations(xg + g.split.wide * nb, g.split.tiled, nb, kLanes, tiles.back());
+      g.x.pairs = tile_activations(xg + (g.split.wide + g.split.tiled) * nb, g.split.paired, nb, kPairRows,
+                                   pair_tiles.back());
+    }
+    groups.push_back(g);
+    m0 += rows;
+  }
+  const int64_t units = static_cast<int64_t>(groups.size()) * row_groups;
+  // The grain of the product of the median group's rows; whole groups' units share threads.
+  const int64_t typical_rows = std::max<int64_t>(1, m0 / std::max<int64_t>(1, static_cast<int64_t>(groups.size())));
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / (k * typical_rows * kRowGroup));
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1;) {
+      const ExpertGroup& g = groups[static_cast<size_t>(u / row_groups)];
+      const int64_t first = u - g.units_begin;
+      const int64_t last = std::min(row_groups, first + (u1 - u));  // this group's units in [u, u1)
+      const uint8_t* wg = w + g.e * expert_bytes;
+      const int64_t j0 = first * kRowGroup;
+      const int64_t j1 = std::min(s.n, last * kRowGroup);
+      Out* og = out + g.m0 * s.n;
+      if (simd) {
+        simd_dot_rows(s, wg, g.x, g.split, g.rows, k, nullptr, j0, j1, og);
+      } else {
+        scalar_dot_rows(s, wg, g.x.blocks, g.rows, k, nullptr, j0, j1, og);
+      }
+      u += last - first;
+    }
+  });
+}
+
+// experts_matmul(x [M, k], w [E, N, row_bytes], counts [E]) = for each expert e, the x rows
+// routed to it (x sorted by expert: counts[e] rows each, in expert order) @ dequant(w[e]).T;
+// [M, N]. Every row's result is the bits block_matmul(those rows, w[e]) gives; the experts'
+// products share one split of the weight rows between threads.
+at::Tensor experts_matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, int64_t k,
+                          const at::Tensor& counts_in) {
+  TORCH_CHECK(w.dim() == 3 && w.size(0) > 0 && w.is_contiguous(),
+              "experts_matmul: w must be contiguous [n_expert > 0, N, row_bytes], got ", w.sizes());
+  const Shape s = check_weight("experts_matmul", w.select(0, 0), qtype, k);
+  check_activations(x_in, k);
+  TORCH_CHECK(x_in.dim() == 2, "experts_matmul: x must be [M, k], got ", x_in.sizes());
+  TORCH_CHECK(counts_in.dim() == 1 && counts_in.size(0) == w.size(0),
+              "experts_matmul: counts must be [n_expert=", w.size(0), "], got ", counts_in.sizes());
+  const at::Tensor c = counts_in.to(at::kLong).contiguous();
+  const std::vector<int64_t> counts(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+  int64_t total = 0;
+  for (const int64_t n : counts) {
+    TORCH_CHECK(n >= 0, "experts_matmul: a negative count ", n);
+    total += n;
+  }
+  TORCH_CHECK(total == x_in.size(0), "experts_matmul: counts sum to ", total, ", x has ", x_in.size(0), " rows");
+  const at::Tensor x = x_in.contiguous();  // [M, k]
+  at::Tensor out = at::empty({x.size(0), s.n}, x.options());  // [M, N] in x's dtype
+  if (total == 0 || s.n == 0) return out;
+  const Q8Block* xq = quantize_activations(x, k);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t expert_bytes = s.n * s.row_bytes;
+  if (x.scalar_type() == at::kFloat) {
+    expert_dot_matmul(s, wp, expert_bytes, xq, counts, k, out.data_ptr<float>());
+  } else {
+    expert_dot_matmul(s, wp, expert_bytes, xq, counts, k, out.data_ptr<at::BFloat16>());
+  }
+  return out;
+}
+
 at::Tensor dequantize(const at::Tensor& w, int64_t qtype, int64_t k) {
   const Shape s = check_weight("dequantize", w, qtype, k);
   at::Tensor out = at::empty({s.n, k}, w.options().dtype(at::kFloat));  // [N, k]
@@ -352,5 +454,6 @@ std::vector<int64_t> qtypes() {
 TORCH_LIBRARY(ppinfer_kernels, m) {
   m.def("block_matmul(Tensor x, Tensor w, int qtype, int k, Tensor? bias=None) -> Tensor", &ppinfer::block_matmul);
   m.def("dequantize(Tensor w, int qtype, int k) -> Tensor", &ppinfer::dequantize);
+  m.def("experts_matmul(Tensor x, Tensor w, int qtype, int k, Tensor counts) -> Tensor", &ppinfer::experts_matmul);
   m.def("qtypes() -> int[]", &ppinfer::qtypes);
 }
