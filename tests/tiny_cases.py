@@ -113,13 +113,9 @@ MOE_QUANT_CASES: dict[str, TinySpec] = {
     "glm4moe_q8_0": with_changes(MOE_CASES["glm4moe"], qtype=QType.Q8_0, qk_norm=True, seed=27),
     "deepseek3_q8_0": with_changes(MOE_CASES["deepseek3"], qtype=QType.Q8_0),
     "gpt_oss_q8_0": with_changes(MOE_CASES["gpt_oss"], qtype=QType.Q8_0),
+    # gpt-oss files store their experts in MXFP4 (here every weight, attention included).
+    "gpt_oss_mxfp4": with_changes(MOE_CASES["gpt_oss"], qtype=QType.MXFP4),
 }
-
-# gpt-oss files store every weight in MXFP4, for which no kernel exists: dequantized at load.
-MXFP4_CASES: dict[str, TinySpec] = {"gpt_oss_mxfp4": with_changes(MOE_CASES["gpt_oss"], qtype=QType.MXFP4)}
-
-# gpt-oss files store every weight in MXFP4, for which no kernel exists: dequantized at load.
-MXFP4_CASES: dict[str, TinySpec] = {"gpt_oss_mxfp4": with_changes(MOE_CASES["gpt_oss"], qtype=QType.MXFP4)}
 
 QUANT_CASES: dict[str, TinySpec] = {
     f"llama_{q.name.lower()}": with_changes(FAMILY_CASES["llama"], qtype=q)
@@ -130,7 +126,7 @@ QUANT_CASES["gemma3_q4_1"] = with_changes(FAMILY_CASES["gemma3"], qtype=QType.Q4
 QUANT_CASES["qwen3_q5_0"] = with_changes(FAMILY_CASES["qwen3"], qtype=QType.Q5_0)
 
 ALL_CASES: dict[str, TinySpec] = {
-    **FAMILY_CASES, **QUIRK_CASES, **QUANT_CASES, **MOE_CASES, **MOE_QUANT_CASES, **MXFP4_CASES,
+    **FAMILY_CASES, **QUIRK_CASES, **QUANT_CASES, **MOE_CASES, **MOE_QUANT_CASES,
 }
 
 
