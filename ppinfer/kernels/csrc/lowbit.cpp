@@ -242,70 +242,139 @@ PPINFER_AVX2 inline __m256i codes32(const uint8_t* blk, int b) {
   return _mm256_permute2x128_si256(lo, hi, 0x20);
 }
 
-// An x block's sums of q over values 0..15 and 16..31.
-inline void half_sums(const Q8Block& x, int32_t* hs) {
-  hs[0] = hs[1] = 0;
-  for (int l = 0; l < kQ8Elems; ++l) hs[l / kHalfElems] += x.q[l];
-}
+// Loads 32 bytes in order.
+struct Load32 {
+  PPINFER_AVX2 __m256i operator()(const uint8_t* p) const { return load256(p); }
+};
 
 template <class K>
 struct Kernel : avx2::TileEntries<Kernel<K>> {
-  // 8 weight rows (lanes) against kXRows x rows. Per row and block, maddubs(u, qx) summed per
-  // half and scaled in int16 x int16 -> int32 (madd), the lanes summed per row; the offsets and
-  // mins, shared per row, come from x's half sums.
+  // 8 weight rows (lanes) against kXRows x rows: the K-quants' or MXFP4's weight_rows below.
   template <int kXRows>
   PPINFER_AVX2 static void weight_rows(const uint8_t* const* rows, const Q8Block* x, int64_t x_stride, int k,
+                                       float* acc_io, int64_t ahead) {
+    if constexpr (K::kActBlocks == 1) {
+      mxfp4_rows<kXRows>(rows, x, x_stride, k, acc_io, ahead);
+    } else {
+      kquant_rows<kXRows>(rows, x, x_stride, k, acc_io, ahead);
+    }
+  }
+
+  // MXFP4: per row and block the signed values kv (a byte shuffle of the nibbles) against qx,
+  // |kv| against qx with kv's sign (int16 pairs at most 2 * 12 * 127), the rows' sums in lanes.
+  template <int kXRows>
+  PPINFER_AVX2 static void mxfp4_rows(const uint8_t* const* rows, const Q8Block* x, int64_t x_stride, int k,
+                                      float* acc_io, int64_t ahead) {
+    const __m256i values = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12,  //
+                                            0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    __m256 acc[kXRows];
+    for (int m = 0; m < kXRows; ++m) acc[m] = _mm256_loadu_ps(acc_io + m * kLanes);
+    for (int b = 0; b < k / K::kBlockElems; ++b) {
+      const int64_t at = int64_t{b} * K::kBlockBytes;
+      __m256i y[kXRows], p[kXRows][kLanes];
+      for (int m = 0; m < kXRows; ++m) y[m] = load256(x[m * x_stride + b].q);
+      alignas(32) int32_t e[kLanes];
+      for (int r = 0; r < kLanes; ++r) {
+        avx2::prefetch_block<K::kBlockBytes>(rows[r] + at, ahead);
+        e[r] = rows[r][at];
+        const __m256i qs = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + at + 1)));
+        const __m256i nibbles = _mm256_and_si256(_mm256_srlv_epi64(qs, _mm256_set_epi64x(4, 4, 0, 0)), _mm256_set1_epi8(0x0f));
+        const __m256i kv = _mm256_shuffle_epi8(values, nibbles);
+        const __m256i magnitude = _mm256_abs_epi8(kv);
+        for (int m = 0; m < kXRows; ++m) p[m][r] = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(y[m], kv));
+      }
+      // d(e) in each row's lane: 2^(e - 128) as the float bits (e - 1) << 23, 2^-128 and 2^-129 below.
+      const __m256i ev = _mm256_load_si256(reinterpret_cast<const __m256i*>(e));
+      const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(ev, _mm256_set1_epi32(1)), 23);
+      const __m256i tiny = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), ev);
+      const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(2), ev);
+      const __m256 d = _mm256_castsi256_ps(_mm256_blendv_epi8(normal, tiny, small));
+      for (int m = 0; m < kXRows; ++m) {
+        const __m256 f = _mm256_cvtepi32_ps(avx2::lane_sums8_16(p[m]));
+        acc[m] = _mm256_fmadd_ps(d, _mm256_mul_ps(_mm256_set1_ps(x[m * x_stride + b].d), f), acc[m]);
+      }
+    }
+    for (int m = 0; m < kXRows; ++m) _mm256_storeu_ps(acc_io + m * kLanes, acc[m]);
+  }
+
+  // [sums of values 0..15 of blocks 0..3 | values 16..31 of blocks 0..3] of 4 blocks' int16 lanes
+  // (each lane pair adds up within int16), in int32.
+  PPINFER_AVX2 static __m256i half_sums4(const __m256i* p) {
+    return avx2::quad_sums(avx2::pair_sums16(p[0], p[1]), avx2::pair_sums16(p[2], p[3]));
+  }
+
+  // Q2_K / Q3_K: per row and half super-block (4 blocks), the blocks' sums of u qx per 16 values
+  // less o times x's (shared by the rows), times their scales (int32), the halves of each block
+  // added: isum exactly, as the tiles'; likewise Q2_K's min sums. The rows' sums (lanes: blocks)
+  // are then transposed to lanes = rows for the chain.
+  template <int kXRows>
+  PPINFER_AVX2 static void kquant_rows(const uint8_t* const* rows, const Q8Block* x, int64_t x_stride, int k,
                                        float* acc_io, int64_t ahead) {
     __m256 acc[kXRows];
     for (int m = 0; m < kXRows; ++m) acc[m] = _mm256_loadu_ps(acc_io + m * kLanes);
     for (int i = 0; i < k / K::kBlockElems; ++i) {
       const int64_t at = int64_t{i} * K::kBlockBytes;
-      int sc[kLanes][2 * K::kActBlocks], mn[kLanes][2 * K::kActBlocks];
-      alignas(32) float d[kLanes], dmin[kLanes];
-      for (int r = 0; r < kLanes; ++r) {
-        avx2::prefetch_block<K::kBlockBytes>(rows[r] + at, ahead);
-        K::scales(rows[r] + at, sc[r], mn[r]);
-        d[r] = K::d(rows[r] + at);
-        dmin[r] = K::dmin(rows[r] + at);
-      }
-      __m256 inner[kXRows], mins[kXRows];
-      for (int b = 0; b < K::kActBlocks; ++b) {
-        const Q8Block* xb[kXRows];
-        __m256i y[kXRows], p[kXRows][kLanes];
-        int32_t hs[kXRows][2];
-        for (int m = 0; m < kXRows; ++m) {
-          xb[m] = x + m * x_stride + i * K::kActBlocks + b;
-          y[m] = load256(xb[m]->q);
-          half_sums(*xb[m], hs[m]);
-        }
-        for (int r = 0; r < kLanes; ++r) {
-          const __m256i u = codes32<K>(rows[r] + at, b);
-          const __m256i s16 = _mm256_setr_m128i(_mm_set1_epi16(static_cast<int16_t>(sc[r][2 * b])),
-                                                _mm_set1_epi16(static_cast<int16_t>(sc[r][2 * b + 1])));
-          for (int m = 0; m < kXRows; ++m) p[m][r] = _mm256_madd_epi16(_mm256_maddubs_epi16(u, y[m]), s16);
-        }
-        int32_t lo_of[kLanes], hi_of[kLanes];
-        for (int r = 0; r < kLanes; ++r) {
-          lo_of[r] = K::kMins ? mn[r][2 * b] : K::kOffset * sc[r][2 * b];
-          hi_of[r] = K::kMins ? mn[r][2 * b + 1] : K::kOffset * sc[r][2 * b + 1];
-        }
-        const __m256i lo_v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo_of));
-        const __m256i hi_v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi_of));
-        for (int m = 0; m < kXRows; ++m) {
-          const __m256 dx = _mm256_set1_ps(xb[m]->d);
-          // offsets (o sc) or mins (m) times x's half sums, per row
-          const __m256i side = _mm256_add_epi32(_mm256_mullo_epi32(lo_v, _mm256_set1_epi32(hs[m][0])),
-                                                _mm256_mullo_epi32(hi_v, _mm256_set1_epi32(hs[m][1])));
-          __m256i isum = avx2::lane_sums8(p[m]);
-          if constexpr (!K::kMins && K::kOffset != 0) isum = _mm256_sub_epi32(isum, side);
-          inner[m] = chain(b == 0, dx, _mm256_cvtepi32_ps(isum), inner[m]);
-          if constexpr (K::kMins) mins[m] = chain(b == 0, dx, _mm256_cvtepi32_ps(side), mins[m]);
-        }
-      }
-      const __m256 dv = _mm256_load_ps(d);
+      __m256i y[kXRows][K::kActBlocks], hs[kXRows][2];  // hs: x's half sums per half super-block
       for (int m = 0; m < kXRows; ++m) {
-        acc[m] = _mm256_fmadd_ps(dv, inner[m], acc[m]);
-        if constexpr (K::kMins) acc[m] = _mm256_fnmadd_ps(_mm256_load_ps(dmin), mins[m], acc[m]);
+        const Q8Block* xs = x + m * x_stride + i * K::kActBlocks;
+        for (int h = 0; h < 2; ++h) {
+          __m256i p[4];
+          for (int t = 0; t < 4; ++t) {
+            y[m][4 * h + t] = load256(xs[4 * h + t].q);
+            p[t] = _mm256_maddubs_epi16(_mm256_set1_epi8(1), y[m][4 * h + t]);
+          }
+          hs[m][h] = half_sums4(p);
+        }
+      }
+      __m256 f[kXRows][kLanes], fm[kXRows][kLanes];  // [x row][weight row], lanes: blocks 0..7
+      for (int r = 0; r < kLanes; ++r) {
+        const uint8_t* blk = rows[r] + at;
+        avx2::prefetch_block<K::kBlockBytes>(blk, ahead);
+        int sc[16], mn[16];
+        K::scales(blk, sc, mn);
+        alignas(8) int8_t sc8[2][8], m8[2][8];  // half h: [sc(2t) for t < 4 | sc(2t + 1) for t < 4]
+        for (int j = 0; j < 16; ++j) {
+          const int h = j / 8, lane = (j % 8) / 2 + 4 * (j % 2);
+          sc8[h][lane] = static_cast<int8_t>(sc[j]);
+          m8[h][lane] = static_cast<int8_t>(mn[j]);
+        }
+        __m256i part[kXRows][2], mpart[kXRows][2];
+        for (int h = 0; h < 2; ++h) {
+          __m256i u[4];
+          for (int t = 0; t < 4; ++t) u[t] = Codes16<K>::get(blk, 4 * h + t, 0, Load32{});
+          const __m256i scales = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc8[h])));
+          const __m256i mins = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m8[h])));
+          for (int m = 0; m < kXRows; ++m) {
+            __m256i p[4];
+            for (int t = 0; t < 4; ++t) p[t] = _mm256_maddubs_epi16(u[t], y[m][4 * h + t]);
+            __m256i s = half_sums4(p);
+            if constexpr (K::kOffset != 0) s = _mm256_sub_epi32(s, _mm256_mullo_epi32(_mm256_set1_epi32(K::kOffset), hs[m][h]));
+            s = _mm256_mullo_epi32(s, scales);
+            part[m][h] = _mm256_add_epi32(s, _mm256_permute2x128_si256(s, s, 0x01));  // blocks 0..3, twice
+            if constexpr (K::kMins) {
+              const __m256i ms = _mm256_mullo_epi32(mins, hs[m][h]);
+              mpart[m][h] = _mm256_add_epi32(ms, _mm256_permute2x128_si256(ms, ms, 0x01));
+            }
+          }
+        }
+        for (int m = 0; m < kXRows; ++m) {
+          f[m][r] = _mm256_cvtepi32_ps(_mm256_blend_epi32(part[m][0], part[m][1], 0xF0));
+          if constexpr (K::kMins) fm[m][r] = _mm256_cvtepi32_ps(_mm256_blend_epi32(mpart[m][0], mpart[m][1], 0xF0));
+        }
+      }
+      const __m256 d = avx2::halves8(rows, at + K::kDAt);
+      for (int m = 0; m < kXRows; ++m) {
+        const Q8Block* xs = x + m * x_stride + i * K::kActBlocks;
+        avx2::transpose8(f[m]);  // f[m][b], lanes rows
+        __m256 inner = _mm256_setzero_ps();
+        for (int b = 0; b < K::kActBlocks; ++b) inner = chain(b == 0, _mm256_set1_ps(xs[b].d), f[m][b], inner);
+        acc[m] = _mm256_fmadd_ps(d, inner, acc[m]);
+        if constexpr (K::kMins) {
+          avx2::transpose8(fm[m]);
+          __m256 mins = _mm256_setzero_ps();
+          for (int b = 0; b < K::kActBlocks; ++b) mins = chain(b == 0, _mm256_set1_ps(xs[b].d), fm[m][b], mins);
+          acc[m] = _mm256_fnmadd_ps(avx2::halves8(rows, at + K::kDAt + 2), mins, acc[m]);
+        }
       }
     }
     for (int m = 0; m < kXRows; ++m) _mm256_storeu_ps(acc_io + m * kLanes, acc[m]);
