@@ -273,10 +273,8 @@ struct Kernel : avx2::TileEntries<Kernel<K>> {
       const int64_t at = int64_t{b} * K::kBlockBytes;
       __m256i y[kXRows], p[kXRows][kLanes];
       for (int m = 0; m < kXRows; ++m) y[m] = load256(x[m * x_stride + b].q);
-      alignas(32) int32_t e[kLanes];
       for (int r = 0; r < kLanes; ++r) {
         avx2::prefetch_block<K::kBlockBytes>(rows[r] + at, ahead);
-        e[r] = rows[r][at];
         const __m256i qs = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + at + 1)));
         const __m256i nibbles = _mm256_and_si256(_mm256_srlv_epi64(qs, _mm256_set_epi64x(4, 4, 0, 0)), _mm256_set1_epi8(0x0f));
         const __m256i kv = _mm256_shuffle_epi8(values, nibbles);
@@ -284,7 +282,8 @@ struct Kernel : avx2::TileEntries<Kernel<K>> {
         for (int m = 0; m < kXRows; ++m) p[m][r] = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(y[m], kv));
       }
       // d(e) in each row's lane: 2^(e - 128) as the float bits (e - 1) << 23, 2^-128 and 2^-129 below.
-      const __m256i ev = _mm256_load_si256(reinterpret_cast<const __m256i*>(e));
+      const __m256i ev = _mm256_setr_epi32(rows[0][at], rows[1][at], rows[2][at], rows[3][at], rows[4][at],
+                                           rows[5][at], rows[6][at], rows[7][at]);
       const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(ev, _mm256_set1_epi32(1)), 23);
       const __m256i tiny = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), ev);
       const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(2), ev);
