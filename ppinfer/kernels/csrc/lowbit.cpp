@@ -247,6 +247,36 @@ struct Load32 {
   PPINFER_AVX2 __m256i operator()(const uint8_t* p) const { return load256(p); }
 };
 
+// A K-quant block's 16 sub-block scales (and Q2_K's mins) as signed bytes, in vector form.
+template <class K>
+struct ScaleBytes;
+
+template <>
+struct ScaleBytes<Q2K> {
+  PPINFER_AVX2 static __m128i scales(const uint8_t* blk) {
+    return _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)), _mm_set1_epi8(0x0f));
+  }
+  PPINFER_AVX2 static __m128i mins(const uint8_t* blk) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+    return _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0f));
+  }
+};
+
+template <>
+struct ScaleBytes<Q3K> {
+  // Low four bits: the low nibbles of bytes 0..7 (j < 8), then their high nibbles; top two bits
+  // of scale j = 4t + i: bits 2t, 2t + 1 of byte 8 + i (one dword shifted by 0, 2, 4, 6).
+  PPINFER_AVX2 static __m128i scales(const uint8_t* blk) {
+    const __m128i low8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + Q3K::kScalesAt));
+    const __m128i nibbles = _mm_and_si128(_mm_unpacklo_epi64(low8, _mm_srli_epi16(low8, 4)), _mm_set1_epi8(0x0f));
+    int32_t top_bytes;
+    std::memcpy(&top_bytes, blk + Q3K::kScalesAt + 8, sizeof top_bytes);
+    const __m128i top = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32(top_bytes), _mm_setr_epi32(0, 2, 4, 6)), _mm_set1_epi8(3));
+    return _mm_sub_epi8(_mm_or_si128(nibbles, _mm_slli_epi16(top, 4)), _mm_set1_epi8(32));
+  }
+  PPINFER_AVX2 static __m128i mins(const uint8_t*) { return _mm_setzero_si128(); }
+};
+
 template <class K>
 struct Kernel : avx2::TileEntries<Kernel<K>> {
   // 8 weight rows (lanes) against kXRows x rows: the K-quants' or MXFP4's weight_rows below.
@@ -329,20 +359,16 @@ struct Kernel : avx2::TileEntries<Kernel<K>> {
       for (int r = 0; r < kLanes; ++r) {
         const uint8_t* blk = rows[r] + at;
         avx2::prefetch_block<K::kBlockBytes>(blk, ahead);
-        int sc[16], mn[16];
-        K::scales(blk, sc, mn);
-        alignas(8) int8_t sc8[2][8], m8[2][8];  // half h: [sc(2t) for t < 4 | sc(2t + 1) for t < 4]
-        for (int j = 0; j < 16; ++j) {
-          const int h = j / 8, lane = (j % 8) / 2 + 4 * (j % 2);
-          sc8[h][lane] = static_cast<int8_t>(sc[j]);
-          m8[h][lane] = static_cast<int8_t>(mn[j]);
-        }
+        const __m128i scale_bytes = ScaleBytes<K>::scales(blk), min_bytes = ScaleBytes<K>::mins(blk);
         __m256i part[kXRows][2], mpart[kXRows][2];
         for (int h = 0; h < 2; ++h) {
           __m256i u[4];
           for (int t = 0; t < 4; ++t) u[t] = Codes16<K>::get(blk, 4 * h + t, 0, Load32{});
-          const __m256i scales = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc8[h])));
-          const __m256i mins = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m8[h])));
+          // half h's scales [sc(8h + 2t) for t < 4 | sc(8h + 2t + 1) for t < 4], as int32
+          const __m128i pick = _mm_add_epi8(_mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 0, 0, 0, 0, 0, 0, 0, 0),
+                                            _mm_set1_epi8(static_cast<char>(8 * h)));
+          const __m256i scales = _mm256_cvtepi8_epi32(_mm_shuffle_epi8(scale_bytes, pick));
+          const __m256i mins = _mm256_cvtepi8_epi32(_mm_shuffle_epi8(min_bytes, pick));
           for (int m = 0; m < kXRows; ++m) {
             __m256i p[4];
             for (int t = 0; t < 4; ++t) p[t] = _mm256_maddubs_epi16(u[t], y[m][4 * h + t]);
