@@ -457,12 +457,29 @@ class RawTensor:
     qtype: QType
 
 
+IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+def encode_iq4_nl(array: np.ndarray) -> np.ndarray:
+    """[rows, k] float as IQ4_NL blocks ([rows, k / 32 * 18] uint8; gguf-py dequantizes but
+    cannot quantize it): per 32 values fp16 d = max|x| / 127 and each value's nearest d * kvalue
+    (value j's code in the low nibble of byte j, value j + 16's in the high nibble)."""
+    rows, k = array.shape
+    x = array.reshape(rows, k // 32, 32).astype(np.float32)
+    d = (np.abs(x).max(axis=-1, keepdims=True) / 127).astype(np.float16)  # [rows, k/32, 1]
+    codes = np.abs(d.astype(np.float32)[..., None] * IQ4_NL_VALUES - x[..., None]).argmin(-1).astype(np.uint8)
+    qs = codes[..., :16] | (codes[..., 16:] << 4)  # [rows, k/32, 16]
+    return np.concatenate([d.view(np.uint8), qs], axis=-1).reshape(rows, -1)
+
+
 def encode(array: np.ndarray, qtype: QType) -> RawTensor | np.ndarray:
     """`array` stored as `qtype` (F32/F16 as typed arrays, other types as raw blocks)."""
     if qtype == QType.F32:
         return array.astype(np.float32)
     if qtype == QType.F16:
         return array.astype(np.float16)
+    if qtype == QType.IQ4_NL:
+        return RawTensor(encode_iq4_nl(array.reshape(-1, array.shape[-1])).reshape(*array.shape[:-1], -1), qtype)
     return RawTensor(gguf.quants.quantize(array, qtype), qtype)
 
 

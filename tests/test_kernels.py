@@ -49,10 +49,17 @@ CODE_BYTES: dict[Q, tuple[tuple[int, int], ...]] = {
     Q.Q5_0: ((2, 22),),
     Q.Q5_1: ((4, 24),),
     Q.Q8_0: ((2, 34),),
+    Q.Q2_K: ((16, 80),),
+    Q.Q3_K: ((0, 96),),
     Q.Q4_K: ((16, 144),),
     Q.Q5_K: ((16, 176),),
     Q.Q6_K: ((0, 192),),
+    Q.MXFP4: ((1, 17),),
 }
+# Byte offsets of e8m0 scales (2^(e - 128)): drawn from E8M0_SCALES, which keep the products
+# within float32 (e = 255 would make 2^127 weights).
+E8M0_OFFSETS: dict[Q, tuple[int, ...]] = {Q.MXFP4: (0,)}
+E8M0_SCALES = np.array([0, 1, 2, 100, 118, 127, 128, 131, 140, 150], dtype=np.uint8)
 # fp16 scales for the random-byte blocks: zero, subnormal, tiny, ordinary, huge, both signs.
 SCALES = np.array([0.0, 6e-8, -6e-8, 1e-5, 0.01, -0.01, 0.3, -2.0, 3e4, -65504.0], dtype=np.float16)
 # x rows, one of each way block_matmul splits them (ops.cpp's RowSplit): 1 and 2 one at a time,
@@ -76,6 +83,8 @@ def random_byte_blocks(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np
     for offset in SCALE_OFFSETS[qtype]:
         halves = rng.choice(SCALES, blocks.shape[0])
         blocks[:, offset : offset + 2] = halves.view(np.uint8).reshape(-1, 2)
+    for offset in E8M0_OFFSETS.get(qtype, ()):
+        blocks[:, offset] = rng.choice(E8M0_SCALES, blocks.shape[0])
     return blocks.reshape(n, -1)
 
 

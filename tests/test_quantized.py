@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
-from ggufgen import QType, RawTensor, encoded_tensors, tiny_tensors, with_changes, write_gguf
+from ggufgen import QType, RawTensor, encode, encoded_tensors, tiny_tensors, with_changes, write_gguf
 from stage_runner import (
     LAYERS,
     PROSE,
@@ -137,17 +136,17 @@ def test_nonfinite_block_scale_names_the_tensor(tmp_path: Path) -> None:
 
 
 def test_type_without_kernel_is_dequantized_and_reported(tmp_path: Path) -> None:
-    spec = with_changes(FAMILY_CASES["llama"], qtype=QType.MXFP4)
-    path = write_gguf(tmp_path / "mxfp4.gguf", spec, encoded_tensors(spec))
+    spec = with_changes(FAMILY_CASES["llama"], qtype=QType.IQ4_NL)
+    path = write_gguf(tmp_path / "iq4_nl.gguf", spec, encoded_tensors(spec))
     stage = whole(path, spec.n_layer, "quantized")
     report = stage.weights_report
-    assert report.dequantized["MXFP4"] > 0 and "MXFP4" not in report.kept
+    assert report.dequantized["IQ4_NL"] > 0 and "IQ4_NL" not in report.kept
     assert "no kernel, dequantized" in report.describe()
     ids = token_batch(spec)
     np.testing.assert_array_equal(full_logits(stage, ids), full_logits(whole(path, spec.n_layer), ids))
 
 
-@pytest.mark.parametrize("v_type", [QType.Q8_0, QType.MXFP4], ids=["v_q8_0", "v_mxfp4_no_kernel"])
+@pytest.mark.parametrize("v_type", [QType.Q8_0, QType.IQ4_NL], ids=["v_q8_0", "v_iq4_nl_no_kernel"])
 def test_fused_parts_of_mixed_types(tmp_path: Path, v_type: QType) -> None:
     """q and k in Q4_0 with v in another type (as Q4_K_M files mix Q4_K and Q6_K): each part
     keeps its own layer, a kernel where there is one, and the stage follows the exact path."""
@@ -156,13 +155,13 @@ def test_fused_parts_of_mixed_types(tmp_path: Path, v_type: QType) -> None:
     floats = tiny_tensors(spec)
     for il in range(spec.n_layer):
         name = f"blk.{il}.attn_v.weight"
-        tensors[name] = RawTensor(gguf.quants.quantize(floats[name], v_type), v_type)
+        tensors[name] = encode(floats[name], v_type)
     path = write_gguf(tmp_path / f"mixed_{v_type.name}.gguf", spec, tensors)
     stage = whole(path, spec.n_layer, "quantized")
     assert isinstance(stage.layers[0].attn.qkv, ConcatLinear)
     report = stage.weights_report
-    if v_type == QType.MXFP4:
-        assert report.dequantized["MXFP4"] == spec.n_layer
+    if v_type == QType.IQ4_NL:
+        assert report.dequantized["IQ4_NL"] == spec.n_layer
     else:
         assert report.kept["Q8_0"] == spec.n_layer
     ids = token_batch(spec)

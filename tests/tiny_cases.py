@@ -144,10 +144,9 @@ MOE_QUANT_CASES: dict[str, TinySpec] = {
     "granitemoe_q8_0": with_changes(MOE_CASES["granitemoe"], qtype=QType.Q8_0, n_ff_shexp=0),
     # Two of four experts, and a file whose sliding_window is 0: every layer ropes.
     "llama4_q4_0": with_changes(MOE_CASES["llama4"], qtype=QType.Q4_0, n_expert_used=2, sliding_window=0),
+    # gpt-oss files store their experts in MXFP4 (here every weight, attention included).
+    "gpt_oss_mxfp4": with_changes(MOE_CASES["gpt_oss"], qtype=QType.MXFP4),
 }
-
-# gpt-oss files store every weight in MXFP4, for which no kernel exists: dequantized at load.
-MXFP4_CASES: dict[str, TinySpec] = {"gpt_oss_mxfp4": with_changes(MOE_CASES["gpt_oss"], qtype=QType.MXFP4)}
 
 QUANT_CASES: dict[str, TinySpec] = {
     f"llama_{q.name.lower()}": with_changes(FAMILY_CASES["llama"], qtype=q)
@@ -159,7 +158,7 @@ QUANT_CASES["qwen3_q5_0"] = with_changes(FAMILY_CASES["qwen3"], qtype=QType.Q5_0
 QUANT_CASES["granite_q8_0"] = with_changes(FAMILY_CASES["granite"], qtype=QType.Q8_0)
 
 ALL_CASES: dict[str, TinySpec] = {
-    **FAMILY_CASES, **QUIRK_CASES, **QUANT_CASES, **MOE_CASES, **MOE_QUANT_CASES, **MXFP4_CASES,
+    **FAMILY_CASES, **QUIRK_CASES, **QUANT_CASES, **MOE_CASES, **MOE_QUANT_CASES,
 }
 
 

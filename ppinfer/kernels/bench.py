@@ -38,12 +38,15 @@ def best_ms(fn, min_seconds: float = 0.3, min_runs: int = 5) -> float:
 
 
 def random_blocks(qtype: GGMLQuantizationType, n: int, k: int, rng: np.random.Generator) -> torch.Tensor:
-    """[n, row_bytes] uint8: random codes, fp16 scales in [-0.01, 0.01]."""
+    """[n, row_bytes] uint8: random codes, fp16 scales in [-0.01, 0.01] (MXFP4: power-of-two
+    scales 2^-16 .. 2^-4)."""
     block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (n * k // block_elems, block_bytes), dtype=np.uint8)
     for offset in SCALE_OFFSETS[qtype]:
         scales = rng.uniform(-0.01, 0.01, raw.shape[0]).astype(np.float16)
         raw[:, offset : offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+    if qtype == GGMLQuantizationType.MXFP4:
+        raw[:, 0] = rng.integers(112, 125, raw.shape[0])  # e8m0: 2^(e - 128)
     return torch.from_numpy(raw.reshape(n, -1))
 
 

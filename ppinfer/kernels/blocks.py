@@ -13,7 +13,8 @@ from gguf import GGMLQuantizationType as Q
 # Byte offsets of the fp16 scale fields inside one block, per type (ggml's block layouts).
 SCALE_OFFSETS: dict[Q, tuple[int, ...]] = {
     Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,),
-    Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
+    Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
+    Q.MXFP4: (),  # its e8m0 scale byte decodes to a finite power of two whatever its value
 }
 
 

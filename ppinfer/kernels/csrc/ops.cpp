@@ -66,6 +66,9 @@ const QTypeKernels* find_kernels(int64_t qtype) {
   for (int i = 0; i < kKQuantKernelCount; ++i) {
     if (kKQuantKernels[i].ggml_type == qtype) return &kKQuantKernels[i];
   }
+  for (int i = 0; i < kLowBitKernelCount; ++i) {
+    if (kLowBitKernels[i].ggml_type == qtype) return &kLowBitKernels[i];
+  }
   return nullptr;
 }
 
@@ -444,6 +447,7 @@ std::vector<int64_t> qtypes() {
   std::vector<int64_t> types;
   for (int i = 0; i < kLegacyKernelCount; ++i) types.push_back(kLegacyKernels[i].ggml_type);
   for (int i = 0; i < kKQuantKernelCount; ++i) types.push_back(kKQuantKernels[i].ggml_type);
+  for (int i = 0; i < kLowBitKernelCount; ++i) types.push_back(kLowBitKernels[i].ggml_type);
   return types;
 }
 

@@ -1,5 +1,6 @@
 // Block kernels over GGUF's stored formats: the contract between the per-type files
-// (legacy.cpp: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0; kquants.cpp: Q4_K Q5_K Q6_K) and ops.cpp, which
+// (legacy.cpp: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0; kquants.cpp: Q4_K Q5_K Q6_K; lowbit.cpp: Q2_K Q3_K
+// MXFP4) and ops.cpp, which
 // quantizes activations, splits rows over torch's intra-op threads and registers the ops.
 //
 // Every weight row is `k` values stored as k / block_elems consecutive GGUF blocks, byte for
@@ -193,6 +194,8 @@ extern const QTypeKernels kLegacyKernels[];
 extern const int kLegacyKernelCount;
 extern const QTypeKernels kKQuantKernels[];
 extern const int kKQuantKernelCount;
+extern const QTypeKernels kLowBitKernels[];  // lowbit.cpp: Q2_K, Q3_K, MXFP4
+extern const int kLowBitKernelCount;
 
 // IEEE half to float, without any CPU feature.
 inline float fp16_to_fp32(uint16_t h) {
