@@ -261,18 +261,20 @@ def test_instruction_sets_agree(ops, use_isa, qtype: Q) -> None:
     """Every SIMD variant does each output's float chain with the same operations in the same
     order (only the integer block dots, which are exact, differ in how they are computed), so
     AVX-512 VNNI and AVX2 give the same bits; the portable code sums in another order, within
-    twice the accumulation bound of them. 45 rows: two groups of 16 for AVX-512, then 8 + 4 + 1."""
+    twice the accumulation bound of them. 45 rows: two groups of 16 for AVX-512, then 8 + 4 + 1;
+    1 and 2 rows: the weight-rows kernels (decode), AVX-512's against AVX2's."""
     k = row_values(qtype)
-    raw = weight_cases(qtype, 37, k)[0]
-    w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
-    o = offsets(raw, qtype)
-    x = activations(45, k, seed=5)
-    results = {}
-    for name in ("avx2", "avx512vnni", "scalar"):
-        use_isa(name)
-        results[name] = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), k).double().numpy()
-    np.testing.assert_array_equal(results["avx512vnni"], results["avx2"])
-    assert (np.abs(results["avx2"] - results["scalar"]) <= 2 * accum_bound(x, w, o)).all()
+    for case, raw in enumerate(weight_cases(qtype, 37, k)):
+        w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
+        o = offsets(raw, qtype)
+        for rows in (1, 2, 45):
+            x = activations(rows, k, seed=5 + rows)
+            results = {}
+            for name in ("avx2", "avx512vnni", "scalar"):
+                use_isa(name)
+                results[name] = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), k).double().numpy()
+            np.testing.assert_array_equal(results["avx512vnni"], results["avx2"], err_msg=f"case {case}, M={rows}")
+            assert (np.abs(results["avx2"] - results["scalar"]) <= 2 * accum_bound(x, w, o)).all()
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 23])
