@@ -35,7 +35,7 @@ from conftest import ISAS
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-from ppinfer.kernels import build, cpu
+from ppinfer.kernels import build, cpu, select
 from ppinfer.kernels.blocks import SCALE_OFFSETS
 
 EPS32 = 2.0**-24  # unit roundoff of float32
@@ -158,6 +158,25 @@ def test_auto_isa_follows_the_cpu_flags(ops) -> None:
             else:
                 with pytest.raises(RuntimeError, match=f"cannot run '{name}' here: this CPU lacks"):
                     ops.set_isa(name)
+    finally:
+        ops.set_isa("auto")
+
+
+def test_kernel_isa_env_forces_a_run_s_instruction_set(ops, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PPINFER_KERNEL_ISA picks the variant a whole run takes (the stage table names it); a name
+    that is not a variant, or one this CPU lacks, is one error line naming the value."""
+    try:
+        for name in ISAS:
+            monkeypatch.setenv(select.ISA_ENV, name)
+            if ops.isa_unavailable(name):
+                with pytest.raises(ValueError, match=f"PPINFER_KERNEL_ISA='{name}': this CPU cannot run it"):
+                    select.block_backend(torch.device("cpu"))
+                continue
+            assert select.block_backend(torch.device("cpu")).describe() == f"block kernels ({name})"
+            assert ops.isa() == name
+        monkeypatch.setenv(select.ISA_ENV, "avx512")
+        with pytest.raises(ValueError, match="PPINFER_KERNEL_ISA='avx512': expected one of auto, avx512vnni"):
+            select.block_backend(torch.device("cpu"))
     finally:
         ops.set_isa("auto")
 
