@@ -35,7 +35,7 @@ from conftest import ISAS
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-from ppinfer.kernels import build, cpu
+from ppinfer.kernels import build, cpu, select
 from ppinfer.kernels.blocks import SCALE_OFFSETS
 
 EPS32 = 2.0**-24  # unit roundoff of float32
@@ -171,6 +171,25 @@ def test_auto_isa_follows_the_cpu_flags(ops) -> None:
         ops.set_isa("auto")
 
 
+def test_kernel_isa_env_forces_a_run_s_instruction_set(ops, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PPINFER_KERNEL_ISA picks the variant a whole run takes (the stage table names it); a name
+    that is not a variant, or one this CPU lacks, is one error line naming the value."""
+    try:
+        for name in ISAS:
+            monkeypatch.setenv(select.ISA_ENV, name)
+            if ops.isa_unavailable(name):
+                with pytest.raises(ValueError, match=f"PPINFER_KERNEL_ISA='{name}': this CPU cannot run it"):
+                    select.block_backend(torch.device("cpu"))
+                continue
+            assert select.block_backend(torch.device("cpu")).describe() == f"block kernels ({name})"
+            assert ops.isa() == name
+        monkeypatch.setenv(select.ISA_ENV, "avx512")
+        with pytest.raises(ValueError, match="PPINFER_KERNEL_ISA='avx512': expected one of auto, avx512vnni"):
+            select.block_backend(torch.device("cpu"))
+    finally:
+        ops.set_isa("auto")
+
+
 def test_row_split_runs_on_torchs_threads() -> None:
     """at::parallel_for is an OpenMP region compiled into the library where torch's threads are
     OpenMP's: built without -fopenmp it silently runs on one thread."""
@@ -270,18 +289,20 @@ def test_instruction_sets_agree(ops, use_isa, qtype: Q) -> None:
     """Every SIMD variant does each output's float chain with the same operations in the same
     order (only the integer block dots, which are exact, differ in how they are computed), so
     AVX-512 VNNI and AVX2 give the same bits; the portable code sums in another order, within
-    twice the accumulation bound of them. 45 rows: two groups of 16 for AVX-512, then 8 + 4 + 1."""
+    twice the accumulation bound of them. 45 rows: two groups of 16 for AVX-512, then 8 + 4 + 1;
+    1 and 2 rows: the weight-rows kernels (decode), AVX-512's against AVX2's."""
     k = row_values(qtype)
-    raw = weight_cases(qtype, 37, k)[0]
-    w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
-    o = offsets(raw, qtype)
-    x = activations(45, k, seed=5)
-    results = {}
-    for name in ("avx2", "avx512vnni", "scalar"):
-        use_isa(name)
-        results[name] = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), k).double().numpy()
-    np.testing.assert_array_equal(results["avx512vnni"], results["avx2"])
-    assert (np.abs(results["avx2"] - results["scalar"]) <= 2 * accum_bound(x, w, o)).all()
+    for case, raw in enumerate(weight_cases(qtype, 37, k)):
+        w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
+        o = offsets(raw, qtype)
+        for rows in (1, 2, 45):
+            x = activations(rows, k, seed=5 + rows)
+            results = {}
+            for name in ("avx2", "avx512vnni", "scalar"):
+                use_isa(name)
+                results[name] = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), k).double().numpy()
+            np.testing.assert_array_equal(results["avx512vnni"], results["avx2"], err_msg=f"case {case}, M={rows}")
+            assert (np.abs(results["avx2"] - results["scalar"]) <= 2 * accum_bound(x, w, o)).all()
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 23])

@@ -49,13 +49,13 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, tmp: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, model: Path, tmp: Path, extra: tuple[str, ...] = (), weights: str = "dequantized") -> None:
         self.port = _free_port()
         self.out = tmp
         self.url = f"http://127.0.0.1:{self.port}"
         args = [
             f"model.path={model}", f"server.port={self.port}", f"server.api_key={KEY}", "server.context_length=384",
-            "server.max_queue=128", "pipeline.microbatches=2", "pipeline.lane_size=4", "runtime.weights=dequantized",
+            "server.max_queue=128", "pipeline.microbatches=2", "pipeline.lane_size=4", f"runtime.weights={weights}",
             f"server.header_timeout_s={HEADER_TIMEOUT_S}", f"server.stall_timeout_s={STALL_TIMEOUT_S}",
             f"output.dir={tmp}", *extra,
         ]
@@ -112,11 +112,11 @@ def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
     srv.stop()
 
 
-def _batch_text(model: Path, prompt: str, tokens: int, out: Path) -> str:
+def _batch_text(model: Path, prompt: str, tokens: int, out: Path, weights: str = "dequantized") -> str:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=[
             f"model.path={model}", f"prompts={json.dumps([prompt])}", f"generation.max_new_tokens={tokens}",
-            "runtime.weights=dequantized", f"output.dir={out}",
+            f"runtime.weights={weights}", f"output.dir={out}",
         ])
     assert run(cfg, environ={}) == 0
     return json.loads((out / "results.jsonl").read_text().splitlines()[0])["text"]
@@ -303,6 +303,44 @@ def test_load_64_concurrent_clients_each_get_exactly_their_tokens(server: Server
         assert reasons == ["length"], f"client {i}: finish reasons {reasons}"
     after = server.client.completions.create(model=server.model, prompt="Hello", max_tokens=2, temperature=0)
     assert after.usage.completion_tokens == 2
+
+
+def test_quantized_greedy_tokens_alone_equal_those_among_16_concurrent_requests(smollm2_path: Path,
+                                                                               tmp_path: Path) -> None:
+    """With the default (quantized) weights every product row is the same bits whatever shares
+    it, so a prompt's greedy tokens are the same sent alone, among 15 other requests in flight
+    (2 lanes of 8: its rows beside different neighbours, prefill and decode) and from the batch
+    command (one stage, one sequence)."""
+    srv = Server(smollm2_path, tmp_path, ("pipeline.lane_size=8",), weights="quantized")
+    try:
+        prompt, tokens = "The lighthouse keeper climbed the stairs and", 16
+
+        def greedy() -> tuple[list[str], str]:
+            done = srv.client.completions.create(model=srv.model, prompt=prompt, max_tokens=tokens, temperature=0,
+                                                 logprobs=1)
+            return done.choices[0].logprobs.tokens, done.choices[0].text
+
+        alone = greedy()
+        among: dict[int, tuple[list[str], str] | str] = {}
+
+        def client(i: int) -> None:
+            if i == 0:
+                among[i] = greedy()
+                return
+            done = srv.client.completions.create(  # neighbours of other lengths, greedy and sampled
+                model=srv.model, prompt=f"Fact {i}: the sea " + "is deep and " * (i % 5), max_tokens=8 + i % 9,
+                temperature=0.0 if i % 2 else 0.8, seed=i, extra_body={"ignore_eos": True})
+            among[i] = done.choices[0].text
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert sorted(among) == list(range(16))
+        assert among[0] == alone
+    finally:
+        srv.stop()
+    assert alone[1] == _batch_text(smollm2_path, prompt, tokens, tmp_path / "batch", weights="quantized")
 
 
 def test_closing_a_stream_cancels_it_and_the_server_goes_on(server: Server) -> None:

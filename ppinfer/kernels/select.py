@@ -12,6 +12,7 @@ supports no type and its description says why, so the stage table shows the fall
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,12 @@ from torch import nn
 
 from ppinfer.kernels import build, cpu, experts, int4
 from ppinfer.kernels.capabilities import cpu_capabilities
+
+ISA_ENV = "PPINFER_KERNEL_ISA"
+"""Forces the CPU block kernels' instruction set for a whole run (a benchmark of the AVX2 path on
+an AVX-512 CPU, say): one of KERNEL_ISAS; unset or "auto" takes the best the CPU runs.
+`PPINFER_CPU_BASELINE=1` forces "scalar" whatever it says."""
+KERNEL_ISAS = ("auto", "avx512vnni", "avx2", "scalar")
 
 WEIGHT_MODES = ("quantized", "dequantized")
 """How a model's weights are held (`runtime.weights`): in their stored blocks, multiplied by
@@ -78,6 +85,21 @@ def block_backend(device: torch.device) -> BlockBackend:
     problem = build.unavailable_reason()
     if problem is not None:
         return BlockBackend(device, frozenset(), f"no block kernels ({problem})")
-    # Process-wide: the portable dots when the baseline is forced, else what the CPU has.
-    build.set_isa("scalar" if cpu_capabilities().baseline else "auto")
+    # Process-wide: the portable dots when the baseline is forced, else the forced or best one.
+    build.set_isa(kernel_isa())
     return BlockBackend(device, frozenset(cpu.supported_types()), f"block kernels ({build.isa()})")
+
+
+def kernel_isa() -> str:
+    """The instruction set the CPU block kernels take in this process: "scalar" under
+    PPINFER_CPU_BASELINE, else PPINFER_KERNEL_ISA's (default "auto"); a name outside KERNEL_ISAS,
+    or one this CPU cannot run, is a ValueError naming it."""
+    if cpu_capabilities().baseline:
+        return "scalar"
+    name = os.environ.get(ISA_ENV, "") or "auto"
+    if name not in KERNEL_ISAS:
+        raise ValueError(f"{ISA_ENV}={name!r}: expected one of {', '.join(KERNEL_ISAS)}")
+    why = build.ops().isa_unavailable(name)
+    if why:
+        raise ValueError(f"{ISA_ENV}={name!r}: this CPU cannot run it ({why})")
+    return name

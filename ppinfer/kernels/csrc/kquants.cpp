@@ -641,18 +641,144 @@ struct Q6KKernel16 {
 using Q4KKernel16 = ScaleMinKernel16<false>;
 using Q5KKernel16 = ScaleMinKernel16<true>;
 
+// Weight rows (avx512.h): 8 weight rows against kXRows x rows, the row pairs (r, r + 4) in one
+// vector, each block's integer dots by dpbusd and row_sums8; the float chain is the AVX2
+// weight-rows kernel's, operation for operation (f_j exact in both).
+
+// Q4_K and Q5_K (kFifthBit): the AVX2 ScaleMinKernel::weight_rows.
+template <bool kFifthBit>
+struct ScaleMinRows16 {
+  static constexpr int kBlockBytes = kFifthBit ? kQ5KBytes : kQ4KBytes;
+  static constexpr int kQsAt = kFifthBit ? kQ5KQsAt : kQ4KQsAt;
+  static constexpr int kPairs = kLanes / 2;
+
+  template <int kXRows>
+  PPINFER_AVX512 static void weight_rows(const uint8_t* const* rows, const Q8Block* x, int64_t x_stride, int k,
+                                         float* acc_io, int64_t ahead) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    __m256 acc[kXRows];
+    for (int m = 0; m < kXRows; ++m) acc[m] = _mm256_loadu_ps(acc_io + m * kLanes);
+    for (int i = 0; i < k / kSuperElems; ++i) {
+      const int64_t at = int64_t{i} * kBlockBytes;
+      __m256 scales[kLanes], mins[kLanes];  // [row], lanes j; transposed below to [j], lanes rows
+      for (int r = 0; r < kLanes; ++r) {
+        avx2::prefetch_block<kBlockBytes>(rows[r] + at, ahead);
+        const __m256i all = scale_min_bytes(rows[r] + at + kKScalesAt);
+        scales[r] = _mm256_cvtepi32_ps(scale_min_ints(all, 0));
+        mins[r] = _mm256_cvtepi32_ps(scale_min_ints(all, 4));
+      }
+      avx2::transpose8(scales);
+      avx2::transpose8(mins);
+      __m512i qh[kPairs];
+      if constexpr (kFifthBit) {
+        for (int r = 0; r < kPairs; ++r) qh[r] = avx512::pair_bytes32(rows[r] + at + kQ5KQhAt, rows[r + kPairs] + at + kQ5KQhAt);
+      }
+      __m256 inner[kXRows], mn[kXRows];
+#pragma GCC unroll 8
+      for (int j = 0; j < kActPerSuper; ++j) {
+        __m512i y[kXRows], p[kXRows][kPairs];
+        for (int m = 0; m < kXRows; ++m) y[m] = avx512::x_twice(x[m * x_stride + i * kActPerSuper + j].q);
+        for (int r = 0; r < kPairs; ++r) {
+          const int64_t qs = at + kQsAt + 32 * (j / 2);
+          const __m512i packed = avx512::pair_bytes32(rows[r] + qs, rows[r + kPairs] + qs);
+          __m512i q = _mm512_and_si512(j % 2 ? _mm512_srli_epi16(packed, 4) : packed, low4);
+          if constexpr (kFifthBit) {
+            const __mmask64 set = _mm512_test_epi8_mask(qh[r], _mm512_set1_epi8(static_cast<char>(1 << j)));
+            q = _mm512_or_si512(q, _mm512_maskz_mov_epi8(set, _mm512_set1_epi8(0x10)));
+          }
+          for (int m = 0; m < kXRows; ++m) p[m][r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, y[m]);
+        }
+        for (int m = 0; m < kXRows; ++m) {
+          const Q8Block& xb = x[m * x_stride + i * kActPerSuper + j];
+          const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(avx512::row_sums8(p[m])), scales[j]);
+          inner[m] = chain(j == 0, _mm256_set1_ps(xb.d), f, inner[m]);
+          mn[m] = chain(j == 0, mins[j], _mm256_set1_ps(xb.s), mn[m]);
+        }
+      }
+      const __m256 d = avx2::halves8(rows, at), dmin = avx2::halves8(rows, at + 2);
+      for (int m = 0; m < kXRows; ++m) {
+        acc[m] = _mm256_fmadd_ps(d, inner[m], acc[m]);
+        acc[m] = _mm256_fnmadd_ps(dmin, mn[m], acc[m]);
+      }
+    }
+    for (int m = 0; m < kXRows; ++m) _mm256_storeu_ps(acc_io + m * kLanes, acc[m]);
+  }
+};
+
+// Q6_K: the AVX2 Q6KKernel::weight_rows. Block b's f is sc[2b] (sum(q qx) - 32 sum(qx)) over
+// values 0..15 plus sc[2b + 1] times the same over 16..31, all in int32: dpbusd's lanes 0-3 of
+// a row hold values 0..15, lanes 4-7 values 16..31, so the scales multiply lanes before the sum.
+struct Q6KRows16 {
+  static constexpr int kPairs = kLanes / 2;
+
+  template <int kXRows>
+  PPINFER_AVX512 static void weight_rows(const uint8_t* const* rows, const Q8Block* x, int64_t x_stride, int k,
+                                         float* acc_io, int64_t ahead) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f), bits45 = _mm512_set1_epi8(0x30);
+    // Lane l of a row pair's scale pick: sc[2b + l / 4] of row a (l < 8), of row b (16 + ...) after.
+    const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 16, 16, 16, 16, 17, 17, 17, 17);
+    __m256 acc[kXRows];
+    for (int m = 0; m < kXRows; ++m) acc[m] = _mm256_loadu_ps(acc_io + m * kLanes);
+    for (int i = 0; i < k / kSuperElems; ++i) {
+      const int64_t at = int64_t{i} * kQ6KBytes;
+      __m512i sc[kPairs][2];  // the 16 scales of rows r and r + 4, as int32
+      for (int r = 0; r < kPairs; ++r) {
+        avx2::prefetch_block<kQ6KBytes>(rows[r] + at, ahead);
+        avx2::prefetch_block<kQ6KBytes>(rows[r + kPairs] + at, ahead);
+        for (int h = 0; h < 2; ++h) {
+          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r + h * kPairs] + at + kQ6KScAt));
+          sc[r][h] = _mm512_cvtepi8_epi32(bytes);
+        }
+      }
+      __m256 inner[kXRows];
+#pragma GCC unroll 8
+      for (int b = 0; b < kActPerSuper; ++b) {
+        const int half = b / 4, t = b % 4;
+        __m512i y[kXRows], start[kXRows], p[kXRows][kPairs];
+        for (int m = 0; m < kXRows; ++m) {
+          y[m] = avx512::x_twice(x[m * x_stride + i * kActPerSuper + b].q);
+          const __m512i zero = _mm512_setzero_si512();
+          start[m] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(32), y[m]));
+        }
+        const __m512i pick_b = _mm512_add_epi32(pick, _mm512_set1_epi32(2 * b));
+        for (int r = 0; r < kPairs; ++r) {
+          const int64_t ql_at = at + 64 * half + 32 * (t % 2), qh_at = at + kQ6KQhAt + 32 * half;
+          const __m512i ql = avx512::pair_bytes32(rows[r] + ql_at, rows[r + kPairs] + ql_at);
+          const __m512i qh = avx512::pair_bytes32(rows[r] + qh_at, rows[r + kPairs] + qh_at);
+          const __m512i low = _mm512_and_si512(t >= 2 ? _mm512_srli_epi16(ql, 4) : ql, low4);
+          const __m512i top = 2 * t <= 4 ? _mm512_slli_epi16(qh, 4 - 2 * t) : _mm512_srli_epi16(qh, 2 * t - 4);
+          const __m512i q = _mm512_or_si512(low, _mm512_and_si512(top, bits45));
+          const __m512i scale = _mm512_permutex2var_epi32(sc[r][0], pick_b, sc[r][1]);
+          for (int m = 0; m < kXRows; ++m) {
+            p[m][r] = _mm512_mullo_epi32(_mm512_dpbusd_epi32(start[m], q, y[m]), scale);
+          }
+        }
+        for (int m = 0; m < kXRows; ++m) {
+          const __m256 f = _mm256_cvtepi32_ps(avx512::row_sums8(p[m]));
+          const float dx = x[m * x_stride + i * kActPerSuper + b].d;
+          inner[m] = chain(b == 0, _mm256_set1_ps(dx), f, inner[m]);
+        }
+      }
+      const __m256 d = avx2::halves8(rows, at + kQ6KDAt);
+      for (int m = 0; m < kXRows; ++m) acc[m] = _mm256_fmadd_ps(d, inner[m], acc[m]);
+    }
+    for (int m = 0; m < kXRows; ++m) _mm256_storeu_ps(acc_io + m * kLanes, acc[m]);
+  }
+};
+
 #endif  // PPINFER_HAS_AVX512
 
 }  // namespace
 
-#define PPINFER_KQUANT_AVX2(Kernel, Kernel16)                                             \
-  PPINFER_AVX2_FN(dot_weight_rows_avx2<Kernel>), PPINFER_AVX2_FN(dot_tile_avx2<Kernel>), \
-      PPINFER_AVX2_FN(dot_pair_tile_avx2<Kernel>), PPINFER_AVX512_FN(dot_tile16_avx512<Kernel16>)
+#define PPINFER_KQUANT_AVX2(Kernel, Kernel16, Rows16)                                          \
+  PPINFER_AVX2_FN(dot_weight_rows_avx2<Kernel>), PPINFER_AVX2_FN(dot_tile_avx2<Kernel>),       \
+      PPINFER_AVX2_FN(dot_pair_tile_avx2<Kernel>), PPINFER_AVX512_FN(dot_tile16_avx512<Kernel16>), \
+      PPINFER_AVX512_FN(dot_weight_rows_avx512<Rows16>)
 
 const QTypeKernels kKQuantKernels[] = {
-    {kQ4KType, kSuperElems, kQ4KBytes, dot_q4_k_scalar, dequant_q4_k, PPINFER_KQUANT_AVX2(ScaleMinKernel<false>, Q4KKernel16)},
-    {kQ5KType, kSuperElems, kQ5KBytes, dot_q5_k_scalar, dequant_q5_k, PPINFER_KQUANT_AVX2(ScaleMinKernel<true>, Q5KKernel16)},
-    {kQ6KType, kSuperElems, kQ6KBytes, dot_q6_k_scalar, dequant_q6_k, PPINFER_KQUANT_AVX2(Q6KKernel, Q6KKernel16)},
+    {kQ4KType, kSuperElems, kQ4KBytes, dot_q4_k_scalar, dequant_q4_k, PPINFER_KQUANT_AVX2(ScaleMinKernel<false>, Q4KKernel16, ScaleMinRows16<false>)},
+    {kQ5KType, kSuperElems, kQ5KBytes, dot_q5_k_scalar, dequant_q5_k, PPINFER_KQUANT_AVX2(ScaleMinKernel<true>, Q5KKernel16, ScaleMinRows16<true>)},
+    {kQ6KType, kSuperElems, kQ6KBytes, dot_q6_k_scalar, dequant_q6_k, PPINFER_KQUANT_AVX2(Q6KKernel, Q6KKernel16, Q6KRows16)},
 };
 const int kKQuantKernelCount = sizeof(kKQuantKernels) / sizeof(kKQuantKernels[0]);
 

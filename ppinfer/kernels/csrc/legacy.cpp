@@ -434,6 +434,64 @@ struct Tile16 {
   }
 };
 
+// Weight rows (avx512.h): per block, the codes of the row pairs (j, j + 4), their products with
+// x by dpbusd, each row's sum, and the AVX2 weight-rows update of `Block` (its float operations,
+// lane for lane: the same bits). `Pair` gives a row pair's codes as unsigned bytes.
+template <int kBytes, int kQhAt>
+struct PairCodes {
+  static constexpr bool kSigned = false;
+  PPINFER_AVX512 static __m512i codes(const uint8_t* a, const uint8_t* b) {
+    const __m512i q = avx512::pair_nibble_codes(a + kBytes - kHalf, b + kBytes - kHalf);
+    if constexpr (kQhAt >= 0) return _mm512_or_si512(q, avx512::pair_fifth_bits(a + kQhAt, b + kQhAt));
+    return q;
+  }
+};
+
+// Q8_0's signed codes go in as q + 128 (q xor 0x80); each row's sums start from -128 sum(qx).
+struct Q8_0PairCodes {
+  static constexpr bool kSigned = true;
+  PPINFER_AVX512 static __m512i codes(const uint8_t* a, const uint8_t* b) {
+    return _mm512_xor_si512(avx512::pair_bytes32(a + 2, b + 2), _mm512_set1_epi8(static_cast<char>(0x80)));
+  }
+};
+
+template <class Block, class Pair>
+struct WeightRows16 {
+  template <int kXRows>
+  PPINFER_AVX512 static void weight_rows(const uint8_t* const* rows, const Q8Block* x, int64_t x_stride, int k,
+                                         float* acc_io, int64_t ahead) {
+    __m256 acc[kXRows];
+    for (int m = 0; m < kXRows; ++m) acc[m] = _mm256_loadu_ps(acc_io + m * kLanes);
+    for (int b = 0; b < k / kBlock; ++b) {
+      const int64_t at = int64_t{b} * Block::kBytes;
+      __m512i y[kXRows], start[kXRows], p[kXRows][kLanes / 2];
+      for (int m = 0; m < kXRows; ++m) {
+        y[m] = avx512::x_twice(x[m * x_stride + b].q);
+        start[m] = _mm512_setzero_si512();
+        if constexpr (Pair::kSigned) {  // -128 times each 4 values' sum of qx
+          start[m] = _mm512_sub_epi32(start[m], _mm512_dpbusd_epi32(start[m], _mm512_set1_epi8(static_cast<char>(0x80)), y[m]));
+        }
+      }
+      for (int j = 0; j < kLanes / 2; ++j) {
+        avx2::prefetch_block<Block::kBytes>(rows[j] + at, ahead);
+        avx2::prefetch_block<Block::kBytes>(rows[j + kLanes / 2] + at, ahead);
+        const __m512i q = Pair::codes(rows[j] + at, rows[j + kLanes / 2] + at);
+        for (int m = 0; m < kXRows; ++m) p[m][j] = _mm512_dpbusd_epi32(start[m], q, y[m]);
+      }
+      const RowScales scales = Block::row_scales(rows, at);
+      for (int m = 0; m < kXRows; ++m) {
+        const __m256 f = _mm256_cvtepi32_ps(avx512::row_sums8(p[m]));
+        acc[m] = Block::update_rows(scales, f, x[m * x_stride + b], acc[m]);
+      }
+    }
+    for (int m = 0; m < kXRows; ++m) _mm256_storeu_ps(acc_io + m * kLanes, acc[m]);
+  }
+};
+
+using Q4_0Pair = PairCodes<kQ4_0Bytes, -1>;
+using Q4_1Pair = PairCodes<kQ4_1Bytes, -1>;
+using Q5_0Pair = PairCodes<kQ5_0Bytes, 2>;
+using Q5_1Pair = PairCodes<kQ5_1Bytes, 4>;
 using Q4_0Block16 = Symmetric16<kQ4_0Bytes, 8, -1>;
 using Q5_0Block16 = Symmetric16<kQ5_0Bytes, 16, 2>;
 using Q4_1Block16 = Offset16<kQ4_1Bytes, -1>;
@@ -443,20 +501,21 @@ using Q5_1Block16 = Offset16<kQ5_1Bytes, 4>;
 
 }  // namespace
 
-#define PPINFER_LEGACY_AVX2(Block, Block16)                                                              \
+#define PPINFER_LEGACY_AVX2(Block, Block16, Pair)                                                        \
   PPINFER_AVX2_FN(dot_weight_rows_avx2<WeightRows<Block>>), PPINFER_AVX2_FN(dot_tile_avx2<Tile<Block>>), \
-      PPINFER_AVX2_FN(dot_pair_tile_avx2<Tile<Block>>), PPINFER_AVX512_FN(dot_tile16_avx512<Tile16<Block16>>)
+      PPINFER_AVX2_FN(dot_pair_tile_avx2<Tile<Block>>), PPINFER_AVX512_FN(dot_tile16_avx512<Tile16<Block16>>), \
+      PPINFER_AVX512_FN(dot_weight_rows_avx512<WeightRows16<Block, Pair>>)
 
 const QTypeKernels kLegacyKernels[] = {
     {2, kBlock, kQ4_0Bytes, dot_symmetric_scalar<kQ4_0Bytes, 8, false>, dequant_symmetric<kQ4_0Bytes, 8, false>,
-     PPINFER_LEGACY_AVX2(Q4_0Block, Q4_0Block16)},
+     PPINFER_LEGACY_AVX2(Q4_0Block, Q4_0Block16, Q4_0Pair)},
     {3, kBlock, kQ4_1Bytes, dot_offset_scalar<kQ4_1Bytes, false>, dequant_offset<kQ4_1Bytes, false>,
-     PPINFER_LEGACY_AVX2(Q4_1Block, Q4_1Block16)},
+     PPINFER_LEGACY_AVX2(Q4_1Block, Q4_1Block16, Q4_1Pair)},
     {6, kBlock, kQ5_0Bytes, dot_symmetric_scalar<kQ5_0Bytes, 16, true>, dequant_symmetric<kQ5_0Bytes, 16, true>,
-     PPINFER_LEGACY_AVX2(Q5_0Block, Q5_0Block16)},
+     PPINFER_LEGACY_AVX2(Q5_0Block, Q5_0Block16, Q5_0Pair)},
     {7, kBlock, kQ5_1Bytes, dot_offset_scalar<kQ5_1Bytes, true>, dequant_offset<kQ5_1Bytes, true>,
-     PPINFER_LEGACY_AVX2(Q5_1Block, Q5_1Block16)},
-    {8, kBlock, kQ8_0Bytes, dot_q8_0_scalar, dequant_q8_0, PPINFER_LEGACY_AVX2(Q8_0Block, Q8_0Block16)},
+     PPINFER_LEGACY_AVX2(Q5_1Block, Q5_1Block16, Q5_1Pair)},
+    {8, kBlock, kQ8_0Bytes, dot_q8_0_scalar, dequant_q8_0, PPINFER_LEGACY_AVX2(Q8_0Block, Q8_0Block16, Q8_0PairCodes)},
 };
 const int kLegacyKernelCount = sizeof(kLegacyKernels) / sizeof(kLegacyKernels[0]);
 

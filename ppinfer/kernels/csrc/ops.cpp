@@ -79,6 +79,12 @@ bool use_avx2(const QTypeKernels& t) {
 
 bool use_avx512(const QTypeKernels& t) { return active_isa() >= Isa::kAvx512Vnni && t.dot_tile16_avx512 != nullptr; }
 
+// The weight-rows kernel: AVX-512 VNNI's where it runs (the same bits as AVX2's).
+DotWeightRowsFn weight_rows_kernel(const QTypeKernels& t) {
+  const bool wide = active_isa() >= Isa::kAvx512Vnni && t.dot_weight_rows_avx512 != nullptr;
+  return wide ? t.dot_weight_rows_avx512 : t.dot_weight_rows_avx2;
+}
+
 // ---- argument checks ----
 
 struct Shape {
@@ -211,6 +217,7 @@ template <typename Out>
 void simd_dot_rows(const Shape& s, const uint8_t* w, const XLayouts& x, const RowSplit& split, int64_t rows, int64_t k,
                    const float* bias, int64_t j0, int64_t j1, Out* out) {
   const QTypeKernels& t = *s.kernels;
+  const DotWeightRowsFn weight_rows = weight_rows_kernel(t);
   // With no groups, x is a few rows: whole rows per call cost the fewest calls. Wide tiles
   // take smaller chunks (768 bytes a block and group: the up to kMaxWideGroups groups of one
   // call, 24 KiB, stay in L1; measured against 16 blocks: docs/kernels.md).
@@ -266,7 +273,7 @@ void simd_dot_rows(const Shape& s, const uint8_t* w, const XLayouts& x, const Ro
       for (int64_t m = first_single; m < rows; m += kMaxWeightRowsX) {
         const int x_rows = static_cast<int>(std::min<int64_t>(kMaxWeightRowsX, rows - m));
         const bool first_read = m == 0;  // the others prefetch nothing new
-        t.dot_weight_rows_avx2(lanes, x.blocks + m * kc.nb + c0, kc.nb, x_rows, values,
+        weight_rows(lanes, x.blocks + m * kc.nb + c0, kc.nb, x_rows, values,
                                single_acc.data() + (m - first_single) * kLanes, first_read ? ahead : 0);
       }
     }

@@ -137,6 +137,7 @@ struct QTypeKernels {
   DotPairTileFn dot_pair_tile_avx2;
   // Compiled with PPINFER_AVX512; nullptr where the compiler cannot.
   DotTile16Fn dot_tile16_avx512;
+  DotWeightRowsFn dot_weight_rows_avx512;  // the AVX2 weight-rows lanes, integer dots by VNNI
 };
 
 #if defined(PPINFER_X86)
@@ -186,6 +187,15 @@ PPINFER_AVX512 void dot_tile16_avx512(const uint8_t* w, const Q8Tile16* x, int64
     default:
       return Kernel::template tile16<kMaxWideGroups>(w, x, stride, k, acc, ahead);
   }
+}
+
+// A table's dot_weight_rows_avx512 entry from `Kernel::template weight_rows<kXRows>(...)`, as
+// dot_weight_rows_avx2's.
+template <class Kernel>
+PPINFER_AVX512 void dot_weight_rows_avx512(const uint8_t* const* rows, const Q8Block* x, int64_t x_stride,
+                                           int x_rows, int k, float* acc, int64_t ahead) {
+  if (x_rows == 1) return Kernel::template weight_rows<1>(rows, x, x_stride, k, acc, ahead);
+  return Kernel::template weight_rows<kMaxWeightRowsX>(rows, x, x_stride, k, acc, ahead);
 }
 #endif
 
