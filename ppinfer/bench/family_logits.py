@@ -14,7 +14,9 @@ arrays; ppinfer ignores it), then one sequence of random token ids is scored by
 
 Printed per case: max |Δlogit| between ppinfer's exact path and llama.cpp over all positions,
 divided by the range (max - min) of llama.cpp's logits; and, where the file is not F32, the
-mean over positions of KL(exact || ppinfer quantized) and KL(exact || llama.cpp). A case that
+mean over positions of KL(exact || ppinfer quantized) and KL(exact || llama.cpp), with the
+standard error of their per-position difference (on tiny random MoE files one expert choice
+that flips on a near tie dominates the mean, so the error bar matters). A case that
 llama.cpp does not load gets the last error line of its log instead.
 
     python -m ppinfer.bench.family_logits                       # every case
@@ -144,11 +146,11 @@ def llamacpp_child(path: Path, ids: Sequence[Sequence[int]], out: Path, threads:
     np.save(out, np.stack(logits))
 
 
-def mean_kl(exact: np.ndarray, other: np.ndarray) -> float:
-    """Mean over positions of KL(exact || other) for [..., V] logits, in float64."""
+def kl_per_position(exact: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """KL(exact || other) at every position of [..., V] logits, in float64, flattened."""
     p = torch.log_softmax(torch.from_numpy(exact).double(), -1)
     q = torch.log_softmax(torch.from_numpy(other).double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
+    return (p.exp() * (p - q)).sum(-1).flatten().numpy()
 
 
 def relative_gap(ours: np.ndarray, theirs: np.ndarray) -> float:
@@ -167,6 +169,9 @@ class Row:
     """Mean KL(exact || ppinfer quantized); None for F32 files."""
     kl_llamacpp: float | None
     """Mean KL(exact || llama.cpp)."""
+    kl_diff_se: float | None
+    """Standard error of the mean of the per-position difference of the two KLs (positions
+    taken as independent): how far apart the two means may be by chance."""
     top1_llamacpp: float | None
     """Share of positions where llama.cpp's top token is the exact path's."""
     error: str = ""
@@ -177,14 +182,21 @@ def compare(case: str, path: Path, arch: str, qtype: str, ids: np.ndarray, threa
     exact = ppinfer_logits(path, ids, "dequantized")  # [S, T, V]
     quantized = ppinfer_logits(path, ids, "quantized") if qtype != "F32" else None
     theirs, error = llamacpp_logits(add_tokenizer(path, workdir / f"{case}.tok.gguf"), ids, threads)
-    kl_ours = mean_kl(exact, quantized) if quantized is not None else None
+    kl_ours = kl_per_position(exact, quantized) if quantized is not None else None  # [S T]
+    mean_ours = None if kl_ours is None else float(kl_ours.mean())
     if theirs is None:
-        return Row(case, arch, qtype, None, kl_ours, None, None, error)
+        return Row(case, arch, qtype, None, mean_ours, None, None, None, error)
     if theirs.shape != exact.shape:
-        return Row(case, arch, qtype, None, kl_ours, None, None, f"llama.cpp logits {theirs.shape} vs {exact.shape}")
+        return Row(case, arch, qtype, None, mean_ours, None, None, None,
+                   f"llama.cpp logits {theirs.shape} vs {exact.shape}")
     top1 = float((theirs.argmax(-1) == exact.argmax(-1)).mean())
-    return Row(case, arch, qtype, relative_gap(exact, theirs), kl_ours,
-               mean_kl(exact, theirs) if qtype != "F32" else None, top1)
+    gap = relative_gap(exact, theirs)
+    if kl_ours is None:
+        return Row(case, arch, qtype, gap, None, None, None, top1)
+    kl_theirs = kl_per_position(exact, theirs)  # [S T]
+    diff = kl_ours - kl_theirs
+    return Row(case, arch, qtype, gap, mean_ours, float(kl_theirs.mean()),
+               float(diff.std(ddof=1) / np.sqrt(diff.size)), top1)
 
 
 def load_cases(tests_dir: Path) -> tuple[dict[str, Any], Callable[[Path, Any], Path]]:
@@ -205,15 +217,16 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def markdown(rows: Sequence[Row]) -> str:
-    lines = ["| case | arch | type | max gap / range | KL ppinfer quantized | KL llama.cpp | llama.cpp top-1 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| case | arch | type | max gap / range | KL ppinfer quantized | KL llama.cpp | SE of KL difference "
+             "| llama.cpp top-1 |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.error and r.gap is None:
             lines.append(f"| {r.case} | {r.arch} | {r.qtype} | not loaded: {r.error} | "
-                         f"{fmt(r.kl_ppinfer, '.2e')} | - | - |")
+                         f"{fmt(r.kl_ppinfer, '.2e')} | - | - | - |")
             continue
         lines.append(f"| {r.case} | {r.arch} | {r.qtype} | {fmt(r.gap, '.1e')} | {fmt(r.kl_ppinfer, '.2e')} | "
-                     f"{fmt(r.kl_llamacpp, '.2e')} | {fmt(r.top1_llamacpp, '.2f')} |")
+                     f"{fmt(r.kl_llamacpp, '.2e')} | {fmt(r.kl_diff_se, '.1e')} | {fmt(r.top1_llamacpp, '.2f')} |")
     return "\n".join(lines)
 
 
@@ -227,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("cases", nargs="*", help="case names from tests/tiny_cases.py (default: all)")
     parser.add_argument("--tests-dir", type=Path, default=TESTS_DIR)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--sequences", type=int, default=8, help="random sequences of %d tokens per case" % TOKENS)
+    parser.add_argument("--sequences", type=int, default=8, help=f"random sequences of {TOKENS} tokens per case")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
