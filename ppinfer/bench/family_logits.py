@@ -1,9 +1,10 @@
 """Every tiny family file against llama.cpp itself: `python -m ppinfer.bench.family_logits [CASE ...]`.
 
-The tests write one tiny random-weight GGUF file per family, quirk and storage type
-(`tests/tiny_cases.py`, run from a source checkout). Each is copied here with a small
+The tests' writer makes one tiny random-weight GGUF file per family, quirk and storage type
+(`tests/tiny_cases.py` `ALL_CASES`, plus the shapes of `tests/llamacpp_cases.py` that llama.cpp
+loads where a test case's does not; run from a source checkout). Each is copied with a small
 SentencePiece-style tokenizer section (llama.cpp refuses a file without `tokenizer.ggml.*`
-arrays; ppinfer ignores it), then one sequence of random token ids is scored by
+arrays; ppinfer ignores it), then `--sequences` random sequences of 20 token ids are scored by
 
 - ppinfer's exact path: one whole-model stage, float32, every weight dequantized;
 - ppinfer's quantized path (`weights="quantized"`: the block kernels), for stored types other
@@ -17,7 +18,8 @@ divided by the range (max - min) of llama.cpp's logits; and, where the file is n
 mean over positions of KL(exact || ppinfer quantized) and KL(exact || llama.cpp), with the
 standard error of their per-position difference (on tiny random MoE files one expert choice
 that flips on a near tie dominates the mean, so the error bar matters). A case that
-llama.cpp does not load gets the last error line of its log instead.
+llama.cpp does not load gets llama.cpp's loading error (or the last error line of its log)
+instead.
 
     python -m ppinfer.bench.family_logits                       # every case
     python -m ppinfer.bench.family_logits llama gemma2 --json out.json
@@ -39,6 +41,8 @@ import gguf
 import numpy as np
 import torch
 
+from ppinfer.bench.llamacpp import INSTALL_HINT
+from ppinfer.bench.sweep import llamacpp_installed
 from ppinfer.families.hparams import read_hparams
 from ppinfer.gguf.reader import GGUFFile
 from ppinfer.model import build_stage
@@ -244,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
+    if not llamacpp_installed():
+        raise SystemExit(f"llama-cpp-python is not installed: {INSTALL_HINT}")
     all_cases, write = load_cases(args.tests_dir)
     unknown = [c for c in args.cases if c not in all_cases]
     if unknown:
