@@ -9,7 +9,7 @@ padding and for slots not written yet), and the attention mask is derived from t
 positions alone, so each sequence sees exactly the keys it would see if it ran alone.
 
 Keys and values are stored in the pool's type (`runtime.kv_dtype`: float16 by default,
-float32 for the exact path, or Q8_0 blocks, see `kvquant`) and widened when attention reads
+float32 for the exact path, or Q8_0 blocks, see `ppinfer.model.kvquant`) and widened when attention reads
 them.
 
 A forward works on any set of rows (`KVCache.rows`): a decode step computes only the rows
@@ -30,8 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ppinfer.model import kvquant
-from ppinfer.model.kvquant import KVType
+from ppinfer.model.kvquant import KVType, dequantize_q8_0, quantize_q8_0, storage
 
 BLOCK_SIZE = 16
 """Slots per block."""
@@ -67,8 +66,8 @@ class KVPool:
         if n_blocks < 1:
             raise ValueError(f"a KV pool needs at least one block, got {n_blocks}")
         self.n_blocks, self.dtype = n_blocks, dtype
-        k_type, k_row = kvquant.storage(dtype, head_dim)  # Q8_0: uint8 rows of D / 32 * 34 bytes
-        v_type, v_row = kvquant.storage(dtype, head_dim if head_dim_v is None else head_dim_v)
+        k_type, k_row = storage(dtype, head_dim)  # Q8_0: uint8 rows of D / 32 * 34 bytes
+        v_type, v_row = storage(dtype, head_dim if head_dim_v is None else head_dim_v)
         # [N + 1, Hkv, BLOCK_SIZE, D] per layer (block 0 is NULL_BLOCK)
         self.k = [torch.zeros(n_blocks + 1, h, BLOCK_SIZE, k_row, dtype=k_type, device=device) for h in n_head_kv]
         # [N + 1, Hkv, BS, Dv]
@@ -261,10 +260,10 @@ class LayerKV:
 
     def _stored(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] in the pool's element type (Q8_0 blocks: uint8 [..., D / 32 * 34])."""
-        return kvquant.quantize_q8_0(x) if self.k.dtype == torch.uint8 else x.to(self.k.dtype)
+        return quantize_q8_0(x) if self.k.dtype == torch.uint8 else x.to(self.k.dtype)
 
     def _gather(self, pool: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         b, nb = self.table.shape
         _, hkv, bs, d = pool.shape
         rows = pool[self.table].transpose(1, 2).reshape(b, hkv, nb * bs, d)[:, :, : self.end]  # [b, Hkv, end, D]
-        return kvquant.dequantize_q8_0(rows, dtype) if pool.dtype == torch.uint8 else rows.to(dtype)
+        return dequantize_q8_0(rows, dtype) if pool.dtype == torch.uint8 else rows.to(dtype)
