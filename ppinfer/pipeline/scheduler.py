@@ -35,6 +35,7 @@ in the order it receives them, so each send meets its receive by construction:
   back (`released()`, before the step) and waits again, first in line; it resumes by a
   prefill of its prompt and the tokens it has generated, which samples its next token. Its
   row's own need always makes it a candidate, so a step is never short of blocks.
+
 Lanes take turns round-robin, so with M >= S every stage has work at every tick after the fill
 (stage s works on lane (t - s) mod M at tick t).
 
