@@ -293,4 +293,4 @@ def test_q8_0_cache_stays_close_to_float32(model: str, request: pytest.FixtureRe
     q8 = chunked_logits([stage], ids, 1, kvquant.Q8_0)
     kl, top1 = kl_and_top1(exact, q8)
     assert kl <= KV_Q8_0_KL, f"{model}: mean KL {kl:.2e}"
-    assert top1 >= 0.97, f"{model}: top-1 agreement {top1:.1%}"
+    assert top1 >= 0.95, f"{model}: top-1 agreement {top1:.1%}"
