@@ -49,9 +49,9 @@ def blocks_for(tokens: int) -> int:
 
 class KVPool:
     """One stage's keys and values for every lane: `n_blocks` blocks of `BLOCK_SIZE` slots per
-    layer. The tensors are allocated zeroed up front; on the CPU their pages become resident
-    only when a block is first written, and freed blocks are reused first, so the resident
-    memory follows the most tokens held at once."""
+    layer. The tensors are allocated up front and left untouched (a block is zeroed when first
+    taken); on the CPU their pages become resident only then, and freed blocks are reused
+    first, so the resident memory follows the most tokens held at once."""
 
     def __init__(
         self,
@@ -68,10 +68,12 @@ class KVPool:
         self.n_blocks, self.dtype = n_blocks, dtype
         k_type, k_row = storage(dtype, head_dim)  # Q8_0: uint8 rows of D / 32 * 34 bytes
         v_type, v_row = storage(dtype, head_dim if head_dim_v is None else head_dim_v)
-        # [N + 1, Hkv, BLOCK_SIZE, D] per layer (block 0 is NULL_BLOCK)
-        self.k = [torch.zeros(n_blocks + 1, h, BLOCK_SIZE, k_row, dtype=k_type, device=device) for h in n_head_kv]
+        # [N + 1, Hkv, BLOCK_SIZE, D] per layer (block 0 is NULL_BLOCK). Left unwritten: a block's
+        # memory is zeroed when it is first taken, so on the CPU its pages become resident then.
+        self.k = [torch.empty(n_blocks + 1, h, BLOCK_SIZE, k_row, dtype=k_type, device=device) for h in n_head_kv]
         # [N + 1, Hkv, BS, Dv]
-        self.v = [torch.zeros(*k.shape[:-1], v_row, dtype=v_type, device=device) for k in self.k]
+        self.v = [torch.empty(*k.shape[:-1], v_row, dtype=v_type, device=device) for k in self.k]
+        self._zero(NULL_BLOCK)
         self.positions = torch.full((n_blocks + 1, BLOCK_SIZE), -1, dtype=torch.int64, device=device)  # [N + 1, BS]
         self._fresh = list(range(n_blocks, 0, -1))  # never written: taken first, lowest id first
         self._idle: OrderedDict[int, None] = OrderedDict()  # held by no row, least recently used first
@@ -108,6 +110,7 @@ class KVPool:
         least recently used idle one."""
         if self._fresh:
             block = self._fresh.pop()
+            self._zero(block)
         elif self._idle:
             block, _ = self._idle.popitem(last=False)
             if self.on_evict is not None:
@@ -118,6 +121,13 @@ class KVPool:
         self.positions[block].fill_(-1)
         self.peak_used = max(self.peak_used, self.used)
         return block
+
+    def _zero(self, block: int) -> None:
+        """Finite contents for a block never written: attention multiplies the values of masked
+        slots by probability 0, which must not meet a NaN."""
+        for k, v in zip(self.k, self.v):
+            k[block].zero_()
+            v[block].zero_()
 
     def share(self, blocks: Sequence[int]) -> None:
         """One more row holds `blocks` (idle ones become held again)."""
