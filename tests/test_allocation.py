@@ -421,6 +421,15 @@ def test_kv_pool_size_default_and_minimum(tiny_model: Path, tmp_path: Path) -> N
         dtype: layer_costs(str(tiny_model), 4, 1000, kv_dtype_bytes=size) for dtype, size in (("16", 2), ("32", 4))
     }
     assert [2 * b for b in costs["16"].layer_kv_bytes] == costs["32"].layer_kv_bytes
+    q8 = layer_costs(str(tiny_model), 4, 1024, kv_dtype_bytes=34 / 32).layer_kv_bytes
+    assert [b * 128 for b in q8] == [b * 34 for b in layer_costs(str(tiny_model), 4, 1024).layer_kv_bytes]
+
+
+def test_q8_0_kv_needs_head_sizes_of_whole_blocks(tiny_model: Path, tmp_path: Path) -> None:
+    """The tiny model's heads of 16 values cannot be cut into Q8_0 blocks of 32: one line
+    naming the value, before any process group exists."""
+    with pytest.raises(ConfigError, match=r"runtime\.kv_dtype=q8_0: head size 16 is not a multiple of 32"):
+        _prepared(tiny_model, tmp_path, 2, TWO_PROMPTS, "runtime.kv_dtype=q8_0")
 
 
 def test_score_sizes_for_its_one_long_sequence(tiny_model: Path, tmp_path: Path) -> None:

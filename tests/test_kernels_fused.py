@@ -2,7 +2,8 @@
 
 rms_norm: x / sqrt(mean(x^2) + eps) * w. glu: act(gate) * up. attend: rotary embedding of q and k (pairs (x[2i],
 x[2i+1]) turned by (cos, sin)), the new keys and values stored at their slots of a paged pool
-(float32, float16 or bfloat16; each row reads its slots through its block table), then softmax
+(float32, float16 or bfloat16, or GGUF Q8_0 blocks checked with gguf-py's quantizer; each row
+reads its slots through its block table), then softmax
 attention under a boolean mask, each query head reading kv head h // (H / Hkv), with
 tanh(s / c) * c on the scores when a softcap c is given.
 
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType, quants
 
 from ppinfer.kernels import build, fused
 
@@ -90,15 +93,16 @@ def rotate(x: torch.Tensor, rot: torch.Tensor, n_rot: int) -> torch.Tensor:
     return y
 
 
-def reference_attend(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap):
+def reference_attend(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, store=True):
     """Output [b, T, H D] and the pools after the write, in float64: each row's logical cache
     is read through its block table (slot s: block table[row, s // BS], offset s % BS); the
-    new keys and values are rounded to the pool's dtype first, as the op stores them."""
+    new keys and values are rounded to the pool's dtype first, as the op stores them (with
+    `store` false the pools already hold them)."""
     b, t, _, d = qk.shape
     hkv, bs = k_pool.shape[1], k_pool.shape[2]
     turned = rotate(qk.double(), rot, n_rot)
     kp, vp = k_pool.double().clone(), v_pool.double().clone()
-    for i in range(b):
+    for i in range(b if store else 0):
         for j in range(t):
             s = int(cols[i, j])
             block, off = int(table[i, s // bs]), s % bs
@@ -169,6 +173,64 @@ def test_attend_matches_float64(case: str, kv_dtype: str, isa: str) -> None:
     written = torch.zeros(POOL, bs, dtype=torch.bool)
     written[table.gather(1, cols // bs), cols % bs] = True  # [POOL, BS]: only these slots may change
     assert torch.equal(k_pool.transpose(1, 2)[~written], k_before.transpose(1, 2)[~written])
+
+
+def gguf_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] float32 -> uint8 [..., D / 32 * 34], quantized by gguf-py."""
+    return torch.from_numpy(quants.quantize(x.numpy(), GGMLQuantizationType.Q8_0))
+
+
+def gguf_dequantized(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 Q8_0 blocks [..., R] -> float64 [..., R / 34 * 32], dequantized by gguf-py."""
+    return torch.from_numpy(quants.dequantize(packed.numpy(), GGMLQuantizationType.Q8_0).astype(np.float64))
+
+
+Q8_CASES = {
+    # b, T, H, Hkv, D, n_rot, softcap, ragged, block size
+    "decode one row": (1, 1, 9, 3, 64, 64, 0.0, False, 4),
+    "decode a lane, ragged, softcap": (5, 1, 4, 2, 32, 32, 5.0, True, 4),
+    "prefill chunk, partial rotary, 3 blocks a head": (3, 4, 8, 2, 96, 40, 0.0, True, 16),
+}
+
+
+@pytest.mark.parametrize("case", list(Q8_CASES))
+def test_attend_over_q8_0_blocks(case: str, isa: str) -> None:
+    """A Q8_0 pool: the new values are stored exactly as gguf-py quantizes them, the new keys
+    as gguf-py quantizes the rotated keys (within one quantum: the op rotates in float32), and
+    the output is float64 attention over the pool's contents as gguf-py dequantizes them."""
+    b, t, h, hkv, d, n_rot, softcap, ragged, bs = Q8_CASES[case]
+    g = torch.Generator().manual_seed(list(Q8_CASES).index(case))
+    qkv = torch.randn(b, t, h + 2 * hkv, d, generator=g)
+    qkv[..., :16] *= 3.0  # blocks of different scales within a head
+    qk, v = qkv[:, :, : h + hkv], qkv[:, :, h + hkv :]
+    angles = torch.rand(b, t, n_rot // 2, generator=g) * 6.3
+    rot = torch.stack([angles.cos(), angles.sin()], dim=-1)  # [b, T, n_rot/2, 2]
+    k_pool = gguf_q8_0(torch.randn(POOL, hkv, bs, d, generator=g))  # [N, Hkv, BS, D / 32 * 34]
+    v_pool = gguf_q8_0(torch.randn(POOL, hkv, bs, d, generator=g))
+    k_pool[3, 0, 1] = gguf_q8_0(torch.zeros(d))  # an all-zero slot: scale 0
+    nb = -(-SLOTS // bs)
+    table = torch.randperm(POOL, generator=g)[: b * nb].view(b, nb)
+    starts = torch.randint(0, SLOTS - t - 2, (b,), generator=g) if ragged else torch.full((b,), 3)
+    cols = starts[:, None] + torch.arange(t)  # [b, T]
+    n = int(cols.max()) + 1
+    mask = torch.rand(b, 1, t, n, generator=g) < 0.6
+    mask.scatter_(3, cols[:, None, :, None], True)
+    k_before = k_pool.clone()
+
+    got = fused.attend_op()(qk, v, rot, k_pool, v_pool, table, cols, mask, h, n_rot, 0.3, softcap)
+
+    blocks, offsets = table.gather(1, cols // bs), cols % bs  # [b, T]
+    assert torch.equal(v_pool[blocks, :, offsets], gguf_q8_0(v.contiguous()))
+    turned = rotate(qk.double(), rot, n_rot)[:, :, h:].float()  # [b, T, Hkv, D]
+    stored, want = gguf_dequantized(k_pool[blocks, :, offsets]), gguf_dequantized(gguf_q8_0(turned.contiguous()))
+    quantum = turned.abs().view(b, t, hkv, d // 32, 32).amax(-1).repeat_interleave(32, -1).double() / 127
+    assert ((stored - want).abs() <= quantum * 1.01).all()
+    written = torch.zeros(POOL, bs, dtype=torch.bool)
+    written[blocks, offsets] = True
+    assert torch.equal(k_pool.transpose(1, 2)[~written], k_before.transpose(1, 2)[~written])
+    k_float, v_float = gguf_dequantized(k_pool), gguf_dequantized(v_pool)  # [N, Hkv, BS, D] float64
+    expected, _, _ = reference_attend(qk, v, rot, k_float, v_float, table, cols, mask, h, n_rot, 0.3, softcap, False)
+    torch.testing.assert_close(got.double(), expected, atol=TOL, rtol=TOL)
 
 
 def test_attend_query_with_no_visible_key_gives_zeros(isa: str) -> None:

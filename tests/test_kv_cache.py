@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType, quants
+from ggufgen import with_changes, write_tiny_gguf
 from stage_runner import (
     LAYERS,
     PROSE,
@@ -28,6 +30,7 @@ from tiny_cases import ALL_CASES, TinyFiles, token_batch
 
 import ppinfer
 from ppinfer.kernels import fused
+from ppinfer.model import KVPool, kvquant
 from ppinfer.model.cache import BLOCK_SIZE
 from ppinfer.pipeline.runtime import StageRunner
 from ppinfer.pipeline.scheduler import Scheduler
@@ -217,3 +220,77 @@ def test_float16_cache_stays_close_to_float32(model: str, request: pytest.Fixtur
     kl, top1 = kl_and_top1(exact, half)
     assert kl <= KV_FLOAT16_KL, f"{model}: mean KL {kl:.2e}"
     assert top1 >= 0.99, f"{model}: top-1 agreement {top1:.1%}"
+
+
+Q8_HEAD_CASES = {
+    "llama": with_changes(ALL_CASES["llama"], head_dim=32, seed=31),
+    "gemma3": with_changes(ALL_CASES["gemma3"], head_dim=64, seed=32),  # sliding layers, q/k norm
+}
+
+
+@pytest.fixture(scope="module", params=list(Q8_HEAD_CASES))
+def q8_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny model whose head size Q8_0 blocks divide."""
+    spec = Q8_HEAD_CASES[request.param]
+    return spec, write_tiny_gguf(tmp_path_factory.mktemp("q8") / f"{request.param}.gguf", spec)
+
+
+def test_q8_0_blocks_are_gguf_q8_0() -> None:
+    """The unfused paths' packing equals gguf-py's Q8_0 quantizer byte for byte (ties of the
+    rounding and all-zero blocks included), and widening equals gguf-py's dequantization."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 96, generator=g) * torch.tensor([0.01, 1.0, 300.0]).repeat_interleave(32)
+    x[0, 0, :32] = 0.0
+    x[1, 1, :32] = torch.arange(32) - 16.0  # 127 / 16 * k: values at exact halves after scaling
+    packed = kvquant.quantize_q8_0(x)  # [3, 5, 102]
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 3 * 34)
+    assert np.array_equal(packed.numpy(), quants.quantize(x.numpy(), GGMLQuantizationType.Q8_0))
+    widened = kvquant.dequantize_q8_0(packed, torch.float32)
+    assert np.array_equal(widened.numpy(), quants.dequantize(packed.numpy(), GGMLQuantizationType.Q8_0))
+
+
+def test_q8_0_pool_takes_34_bytes_per_32_values() -> None:
+    """Bytes per cached token: (k, v) x heads x D / 32 x 34 per layer, 34 / 128 of float32's."""
+    f32 = KVPool(2, [3, 1], 64, 4, torch.float32, torch.device("cpu"))
+    q8 = KVPool(2, [3, 1], 64, 4, kvquant.Q8_0, torch.device("cpu"))
+    assert q8.block_bytes == BLOCK_SIZE * 2 * (3 + 1) * 2 * 34
+    assert q8.block_bytes * 128 == f32.block_bytes * 34
+    with pytest.raises(ValueError, match=r"runtime\.kv_dtype=q8_0: head size 48 is not a multiple of 32"):
+        KVPool(1, [1], 48, 4, kvquant.Q8_0, torch.device("cpu"))
+
+
+def test_q8_0_decode_and_prefill_stay_close_to_float32(q8_model) -> None:
+    """Decode one token a step (the fused op reading Q8_0 blocks) and prefill in chunks of 5
+    (keys and values quantized and widened in torch) against float32 keys and values: the
+    same top tokens and a small KL; the two Q8_0 paths agree with each other far more closely
+    than either with float32, as they store the same blocks."""
+    spec, path = q8_model
+    stage = whole(path, spec.n_layer)
+    ids = token_batch(spec, batch=1, length=LENGTH, seed=5)  # [1, T]
+    exact = chunked_logits([stage], ids, 1, torch.float32)
+    stepped = chunked_logits([stage], ids, 1, kvquant.Q8_0)
+    chunked = chunked_logits([stage], ids, 5, kvquant.Q8_0)
+    kl, top1 = kl_and_top1(exact, stepped)
+    assert 0 < kl <= 1e-3 and top1 >= 0.9, f"decode: KL {kl:.2e}, top-1 {top1:.0%}"
+    kl_chunked, _ = kl_and_top1(exact, chunked)
+    assert kl_chunked <= 1e-3, f"chunked prefill: KL {kl_chunked:.2e}"
+    assert _gap(stepped[:5], chunked[:5]) <= 0.1 * _gap(stepped[:5], exact[:5]) + 1e-5
+
+
+KV_Q8_0_KL = 2e-3
+"""Mean KL of next-token distributions with Q8_0 keys and values against float32 ones."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_q8_0_cache_stays_close_to_float32(model: str, request: pytest.FixtureRequest) -> None:
+    """runtime.kv_dtype=q8_0 on the real models, prose fed one token per step (the fused decode
+    attention reading Q8_0 blocks) against the same steps over float32 keys and values."""
+    path = request.getfixturevalue(f"{model}_path")
+    stage = whole(path, LAYERS[model])
+    ids = np.array([ppinfer.load_tokenizer(path).encode(PROSE)], dtype=np.int64)  # [1, T]
+    exact = chunked_logits([stage], ids, 1, torch.float32)
+    q8 = chunked_logits([stage], ids, 1, kvquant.Q8_0)
+    kl, top1 = kl_and_top1(exact, q8)
+    assert kl <= KV_Q8_0_KL, f"{model}: mean KL {kl:.2e}"
+    assert top1 >= 0.95, f"{model}: top-1 agreement {top1:.1%}"

@@ -275,6 +275,7 @@ def test_event_files_per_rank(launch: Launch) -> None:
         "throughput/prefill_tokens_per_s",
         "throughput/decode_tokens_per_s",
         "throughput/time_to_first_token_s",
+        "kv_cache/preemptions",
     }
     # Throughput on the rank that writes output.dir: the first, where the sampled ids arrive.
     per_rank = {0: {"range/embed_ms", "range/wait_ms", *throughput},

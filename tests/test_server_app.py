@@ -144,7 +144,7 @@ class FakeEngine:
 
     def stats(self) -> IntakeStats:
         return IntakeStats(waiting=3, running=2, stage_busy_seconds=(1.0, 3.0), uptime_s=4.0,
-                           kv=KVStats(blocks_used=5, blocks_total=64, prefix_hit_rate=0.5))
+                           kv=KVStats(blocks_used=5, blocks_total=64, prefix_hit_rate=0.5, preemptions=2))
 
     def close(self) -> None:
         for stop in self._stops.values():
@@ -785,6 +785,7 @@ def test_metrics(serve):
     assert samples[("ppinfer_running_sequences", ())] == 2
     assert samples[("ppinfer_kv_blocks_used", ())] == 5 and samples[("ppinfer_kv_blocks_total", ())] == 64
     assert samples[("ppinfer_prefix_cache_hit_rate", ())] == 0.5
+    assert samples[("ppinfer_kv_preemptions_total", ())] == 2
     assert samples[("ppinfer_stage_busy_fraction", (("stage", "0"),))] == 0.25
     assert samples[("ppinfer_stage_busy_fraction", (("stage", "1"),))] == 0.75
 

@@ -37,9 +37,10 @@ def resolve_dtype(cfg: AnyConfig, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_kv_dtype(cfg: AnyConfig) -> torch.dtype:
-    """The KV cache's element type (`runtime.kv_dtype`)."""
-    return DTYPES[cfg.runtime.kv_dtype]
+def resolve_kv_dtype(cfg: AnyConfig) -> torch.dtype | str:
+    """The KV cache's storage type (`runtime.kv_dtype`): a float dtype, or the name `q8_0`."""
+    name = cfg.runtime.kv_dtype
+    return DTYPES.get(name, name)
 
 
 def resolve_threads(cfg: AnyConfig, local_world_size: int, cpu_count: int | None = None) -> int:

@@ -19,7 +19,7 @@ from ppinfer.sampling.params import GenerationParams
 TASKS = ("generate", "score")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-KV_DTYPE_NAMES = ("float16", "bfloat16", "float32")
+KV_DTYPE_NAMES = ("float16", "bfloat16", "float32", "q8_0")
 MIN_REQUEST_BYTES = 1024
 """The smallest `server.max_request_bytes`: room for a request's JSON fields."""
 TIMEOUT_RANGE_S = (1.0, 86400.0)
@@ -90,10 +90,14 @@ class RuntimeConfig:
     weight is dequantized to `dtype` at load (the exact reference path)."""
     kv_dtype: str = "float16"
     """Element type of the KV cache: `float16` (half the bytes of float32; attention widens
-    each key and value as it reads it), `bfloat16`, or `float32` (the exact reference path)."""
+    each key and value as it reads it), `bfloat16`, `float32` (the exact reference path), or
+    `q8_0` (blocks of 32 int8 values and a float16 scale, 34 bytes per 32 values, read in place
+    by the CPU's fused decode attention; head sizes a multiple of 32)."""
     kv_cache_tokens: int | None = None
     """Tokens the KV cache of each stage holds, shared by every row of every lane in blocks of
-    16 slots; a sequence is admitted when the blocks its prompt and token budget may need are
+    16 slots. A greedy sequence is admitted when its prompt's blocks (and a block to grow into
+    for each such running sequence) are free, and is preempted (recomputed later) if the pool
+    runs dry; any other is admitted when the blocks its prompt and token budget may need are
     free. Null: room for every row at full length (the server: at least 2,048 tokens a row).
     At least one full row (`server.context_length`, or the longest prompt plus its budget)."""
     timeout_s: float = 60.0

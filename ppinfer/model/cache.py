@@ -8,8 +8,9 @@ grow to any length the pool allows. Each slot records its token's rope position 
 padding and for slots not written yet), and the attention mask is derived from those
 positions alone, so each sequence sees exactly the keys it would see if it ran alone.
 
-Keys and values are stored in the pool's dtype (`runtime.kv_dtype`: float16 by default,
-float32 for the exact path) and widened when attention reads them.
+Keys and values are stored in the pool's type (`runtime.kv_dtype`: float16 by default,
+float32 for the exact path, or Q8_0 blocks, see `ppinfer.model.kvquant`) and widened when attention reads
+them.
 
 A forward works on any set of rows (`KVCache.rows`): a decode step computes only the rows
 that decode, whichever rows between them are free or still in prefill.
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ppinfer.model.kvquant import KVType, dequantize_q8_0, quantize_q8_0, storage
+
 BLOCK_SIZE = 16
 """Slots per block."""
 NULL_BLOCK = 0
@@ -46,9 +49,9 @@ def blocks_for(tokens: int) -> int:
 
 class KVPool:
     """One stage's keys and values for every lane: `n_blocks` blocks of `BLOCK_SIZE` slots per
-    layer. The tensors are allocated zeroed up front; on the CPU their pages become resident
-    only when a block is first written, and freed blocks are reused first, so the resident
-    memory follows the most tokens held at once."""
+    layer. The tensors are allocated up front and left untouched (a block is zeroed when first
+    taken); on the CPU their pages become resident only then, and freed blocks are reused
+    first, so the resident memory follows the most tokens held at once."""
 
     def __init__(
         self,
@@ -56,18 +59,21 @@ class KVPool:
         n_head_kv: list[int],
         head_dim: int,
         n_blocks: int,
-        dtype: torch.dtype,
+        dtype: KVType,
         device: torch.device,
         head_dim_v: int | None = None,  # values' head size when it differs from the keys' (latent attention)
     ) -> None:
         if n_blocks < 1:
             raise ValueError(f"a KV pool needs at least one block, got {n_blocks}")
         self.n_blocks, self.dtype = n_blocks, dtype
-        shape = (n_blocks + 1, BLOCK_SIZE, head_dim)  # block 0 is NULL_BLOCK
-        # [N + 1, Hkv, BLOCK_SIZE, D] per layer
-        self.k = [torch.zeros(shape[0], n_head_kv[i], *shape[1:], dtype=dtype, device=device) for i in range(n_layers)]
-        dv = head_dim if head_dim_v is None else head_dim_v
-        self.v = [torch.zeros(*k.shape[:-1], dv, dtype=dtype, device=device) for k in self.k]  # [N + 1, Hkv, BS, Dv]
+        k_type, k_row = storage(dtype, head_dim)  # Q8_0: uint8 rows of D / 32 * 34 bytes
+        v_type, v_row = storage(dtype, head_dim if head_dim_v is None else head_dim_v)
+        # [N + 1, Hkv, BLOCK_SIZE, D] per layer (block 0 is NULL_BLOCK). Left unwritten: a block's
+        # memory is zeroed when it is first taken, so on the CPU its pages become resident then.
+        self.k = [torch.empty(n_blocks + 1, h, BLOCK_SIZE, k_row, dtype=k_type, device=device) for h in n_head_kv]
+        # [N + 1, Hkv, BS, Dv]
+        self.v = [torch.empty(*k.shape[:-1], v_row, dtype=v_type, device=device) for k in self.k]
+        self._zero(NULL_BLOCK)
         self.positions = torch.full((n_blocks + 1, BLOCK_SIZE), -1, dtype=torch.int64, device=device)  # [N + 1, BS]
         self._fresh = list(range(n_blocks, 0, -1))  # never written: taken first, lowest id first
         self._idle: OrderedDict[int, None] = OrderedDict()  # held by no row, least recently used first
@@ -104,6 +110,7 @@ class KVPool:
         least recently used idle one."""
         if self._fresh:
             block = self._fresh.pop()
+            self._zero(block)
         elif self._idle:
             block, _ = self._idle.popitem(last=False)
             if self.on_evict is not None:
@@ -114,6 +121,13 @@ class KVPool:
         self.positions[block].fill_(-1)
         self.peak_used = max(self.peak_used, self.used)
         return block
+
+    def _zero(self, block: int) -> None:
+        """Finite contents for a block never written: attention multiplies the values of masked
+        slots by probability 0, which must not meet a NaN."""
+        for k, v in zip(self.k, self.v):
+            k[block].zero_()
+            v[block].zero_()
 
     def share(self, blocks: Sequence[int]) -> None:
         """One more row holds `blocks` (idle ones become held again)."""
@@ -253,12 +267,16 @@ class LayerKV:
     def write(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k [b, T, Hkv, D], v [b, T, Hkv, Dv]; returns the keys and values to attend to,
         [b, Hkv, end, D] and [b, Hkv, end, Dv], in k's dtype (gathered from the rows' blocks)."""
-        self.k[self.blocks, :, self.offsets] = k.to(self.k.dtype)  # indexed view is [b, T, Hkv, D]
-        self.v[self.blocks, :, self.offsets] = v.to(self.v.dtype)
+        self.k[self.blocks, :, self.offsets] = self._stored(k)  # indexed view is [b, T, Hkv, D]
+        self.v[self.blocks, :, self.offsets] = self._stored(v)
         return self._gather(self.k, k.dtype), self._gather(self.v, v.dtype)
+
+    def _stored(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] in the pool's element type (Q8_0 blocks: uint8 [..., D / 32 * 34])."""
+        return quantize_q8_0(x) if self.k.dtype == torch.uint8 else x.to(self.k.dtype)
 
     def _gather(self, pool: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         b, nb = self.table.shape
         _, hkv, bs, d = pool.shape
-        rows = pool[self.table]  # [b, nb, Hkv, BS, D]
-        return rows.transpose(1, 2).reshape(b, hkv, nb * bs, d)[:, :, : self.end].to(dtype)
+        rows = pool[self.table].transpose(1, 2).reshape(b, hkv, nb * bs, d)[:, :, : self.end]  # [b, Hkv, end, D]
+        return dequantize_q8_0(rows, dtype) if pool.dtype == torch.uint8 else rows.to(dtype)

@@ -11,6 +11,7 @@ from ppinfer.families.hparams import HParams
 from ppinfer.kernels.select import BLOCK_LINEARS
 from ppinfer.model.block import DecoderBlock, LayerInputs
 from ppinfer.model.cache import BLOCK_SIZE, KVCache, KVPool, blocks_for
+from ppinfer.model.kvquant import KVType
 from ppinfer.model.layers import PackedLinear, RotaryEmbedding, RowEmbedding
 from ppinfer.model.moe import MoeFeedForward
 from ppinfer.model.report import WeightsReport
@@ -84,9 +85,9 @@ class PipelineStage(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def new_pool(self, tokens: int, dtype: torch.dtype | None = None) -> KVPool:
+    def new_pool(self, tokens: int, dtype: KVType | None = None) -> KVPool:
         """A KV cache pool for this stage's layers with room for `tokens` slots (rounded up to
-        whole blocks), keys and values stored in `dtype` (the stage's dtype by default)."""
+        whole blocks), keys and values stored as `dtype` (the stage's dtype by default)."""
         return KVPool(
             n_layers=self.plan.n_layers,
             n_head_kv=[self.hparams.layers[i].n_head_kv for i in self.plan.layer_ids],
@@ -97,7 +98,7 @@ class PipelineStage(nn.Module):
             head_dim_v=self.hparams.head_dim_v,
         )
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, dtype: KVType | None = None) -> KVCache:
         """A fresh KV cache for one lane of `batch` sequences of up to `max_len` tokens, over a
         pool of its own that holds them all."""
         return KVCache(self.new_pool(batch * blocks_for(max_len) * BLOCK_SIZE, dtype), batch, max_len)

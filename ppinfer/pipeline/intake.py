@@ -60,6 +60,8 @@ class KVStats:
     blocks_total: int = 0
     prefix_hit_rate: float = 0.0
     """Share of admitted prompt tokens found in cached blocks."""
+    preemptions: int = 0
+    """Sequences that gave their blocks back mid-answer, to be recomputed (since the start)."""
 
 
 class Intake:

@@ -26,7 +26,9 @@ from ppinfer.families import HParams, get_spec, read_hparams
 from ppinfer.gguf import GGUFFile
 from ppinfer.hub import resolve_model_path
 from ppinfer.kernels.select import block_backend
+from ppinfer.model import kvquant
 from ppinfer.model.cache import BLOCK_SIZE, blocks_for
+from ppinfer.model.kvquant import KVType
 from ppinfer.pipeline.outputs import output_dir_problem
 from ppinfer.pipeline.prefix import PrefixIndex
 from ppinfer.pipeline.scheduler import Scheduler
@@ -94,7 +96,7 @@ class Job:
     capacity: int
     """KV slots of one cache row: the longest prompt (a group pads to its longest) plus the
     largest token budget (for the server, `server.context_length`)."""
-    kv_dtype: torch.dtype
+    kv_dtype: KVType
     kv_tokens: int
     """Slots of each stage's KV cache pool, a whole number of blocks (`runtime.kv_cache_tokens`)."""
     out_dir: Path
@@ -285,6 +287,11 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool, se
         capacity = row_capacity(prompts, [0 if cfg.task == "score" else p.max_new_tokens for p in params])
     refill_chunk = min(cfg.pipeline.refill_chunk, prefill_chunk)
     kv_dtype = resolve_kv_dtype(cfg)
+    for size in {hp.head_dim, hp.head_dim_v or hp.head_dim}:
+        try:
+            kvquant.storage(kv_dtype, size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
     kv_tokens = _kv_tokens(cfg, n_lanes * lane_size, capacity, serve)
     backend = block_backend(device)
     quantized = cfg.runtime.weights == "quantized"
@@ -292,7 +299,7 @@ def prepare(cfg: Any, env: DistEnv, cuda_available: bool, family_given: bool, se
         str(model_path), torch.finfo(dtype).bits // 8, kv_tokens, reader=gf,
         step_tokens=lane_size, stored_types=backend.types if quantized else frozenset(),
         stored_expert_types=backend.expert_types if quantized else frozenset(),
-        kv_dtype_bytes=torch.finfo(kv_dtype).bits // 8,
+        kv_dtype_bytes=kvquant.bytes_per_value(kv_dtype),
     )
     layers = allocate(cfg.pipeline.layers, env.world, costs)
     if env.rank == 0:

@@ -91,6 +91,7 @@ def throughput(counts: TokenCounts, loop_start: float, loop_end: float) -> dict[
         "throughput/prefill_tokens_per_s": prefill,
         "throughput/decode_tokens_per_s": decode,
         "throughput/time_to_first_token_s": (counts.first_token_at or loop_end) - loop_start,
+        "kv_cache/preemptions": float(counts.preemptions),
     }
 
 

@@ -280,6 +280,7 @@ def _metrics(
         "decode_tokens_per_s": counts.generated_tokens / counts.decode_s if counts.decode_s else 0.0,
         "time_to_first_token_s": (counts.first_token_at or clock.loop_end) - clock.loop_start,
         "prefix_cache_hit_rate": counts.cached_tokens / counts.looked_up_tokens if counts.looked_up_tokens else 0.0,
+        "preemptions": counts.preemptions,
         "wall_s": max(s.wall_s for s in stages),
         "per_stage": [
             s.as_dict(i, (starts[i], starts[i] + job.layers[i])) for i, s in enumerate(stages)

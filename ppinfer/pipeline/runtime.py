@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ppinfer.model import KVCache, KVPool, PipelineStage
+from ppinfer.model.kvquant import KVType
 from ppinfer.pipeline.intake import Intake, KVStats
 from ppinfer.pipeline.prefix import PrefixIndex
 from ppinfer.pipeline.scheduler import Scheduler
@@ -85,7 +86,7 @@ class StageRunner:
         lane_size: int,
         capacity: int,
         kv_tokens: int,
-        kv_dtype: torch.dtype,
+        kv_dtype: KVType,
         sink: Sink | None = None,
         tracer: Tracer = NULL_TRACER,
     ) -> None:
@@ -202,15 +203,12 @@ def run_first(
             intake.progress(busy, kv_stats(runner, scheduler))
             sequences.tokens_arrived(item, sampled.tokens.tolist(), sampled.logprobs)
             scheduler.tokens_arrived(action.lane)
-            released = scheduler.released()
-            if released:
-                runner.release(released)
-                if transport is not None:
-                    transport.send_release(encode_release(released))
+            release(runner, scheduler, transport)
             if transport is not None and scheduler.awaiting():
                 transport.expect_tokens()
             continue
         item = action
+        release(runner, scheduler, transport)  # rows preempted by this turn, before its items
         attached = scheduler.attached()
         if attached:
             runner.attach(attached)
@@ -239,6 +237,16 @@ def run_first(
     if scheduler.prefix is not None:
         sequences.counts.looked_up_tokens = scheduler.prefix.looked_up_tokens
         sequences.counts.cached_tokens = scheduler.prefix.hit_tokens
+    sequences.counts.preemptions = scheduler.preemptions
+
+
+def release(runner: StageRunner, scheduler: Scheduler, transport: Transport | None) -> None:
+    """Give back, on every stage, the KV blocks of the rows the scheduler freed."""
+    released = scheduler.released()
+    if released:
+        runner.release(released)
+        if transport is not None:
+            transport.send_release(encode_release(released))
 
 
 def kv_stats(runner: StageRunner, scheduler: Scheduler) -> KVStats:
@@ -248,6 +256,7 @@ def kv_stats(runner: StageRunner, scheduler: Scheduler) -> KVStats:
         blocks_used=pool.used if pool is not None else 0,
         blocks_total=pool.n_blocks if pool is not None else 0,
         prefix_hit_rate=prefix.hit_rate if prefix is not None else 0.0,
+        preemptions=scheduler.preemptions,
     )
 
 

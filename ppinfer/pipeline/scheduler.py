@@ -23,8 +23,18 @@ in the order it receives them, so each send meets its receive by construction:
   lane's next turn.
 - the KV pool: every stage holds the same `pool_blocks` blocks and takes and frees them at
   the same points of the same order of work, so the first stage's accounting holds for all.
-  A group is admitted only when the blocks its members may need (padded prompt plus token
-  budget) fit beside those every running sequence may still need: the pool never runs dry.
+  Each row counts the blocks it holds or has reserved (`_Row.held`). A sequence that can be
+  preempted (`Sequence.preemptable`: greedy, nothing kept for it on the last stage but its
+  cache) reserves its padded context only, and a group of them is admitted when that, plus
+  one block for every preemptable row running after it (room to grow for the next 16
+  tokens), fits beside what the rows hold: admission by current need. Any other sequence
+  reserves its whole worst case (padded prompt plus token budget) and never runs dry.
+- preemption: before a lane's decode step, if its rows need more new blocks than are free, the
+  newest preemptable sequence whose row has nothing in flight (a row of this lane, or of a
+  lane with no sampling item out; rows of a group still in prefill excepted) gives its blocks
+  back (`released()`, before the step) and waits again, first in line; it resumes by a
+  prefill of its prompt and the tokens it has generated, which samples its next token. Its
+  row's own need always makes it a candidate, so a step is never short of blocks.
 
 Lanes take turns round-robin, so with M >= S every stage has work at every tick after the fill
 (stage s works on lane (t - s) mod M at tick t).
@@ -53,7 +63,15 @@ from ppinfer.pipeline.work import AwaitTokens, ItemKind, RowStep, WorkItem
 class _Row:
     seq: Sequence
     next_pos: int  # rope position of the next token fed to this row
-    blocks: int  # KV blocks the row may fill: its padded prompt and token budget
+    floor: int  # KV blocks reserved from admission: the padded context (preemptable), else the worst case
+    slots: int  # cache slots the row has been given (left padding and cached prefix included)
+    order: int  # admission order: the highest is the newest
+    in_group: bool = True  # its group's prefill is still going
+
+    @property
+    def held(self) -> int:
+        """KV blocks the row holds or has reserved."""
+        return max(blocks_for(self.slots), self.floor)
 
 
 @dataclass
@@ -75,9 +93,14 @@ class _Lane:
 
 
 def _row_blocks(width: int, sequence: Sequence) -> int:
-    """KV blocks a sequence may fill in a group padded to `width`: the padded prompt and every
-    token it may generate but the last (which is sampled, never fed back)."""
-    return blocks_for(width + max(sequence.budget - 1, 0))
+    """KV blocks a sequence may fill in a group padded to `width`: the padded context and every
+    token it may still generate but the last (which is sampled, never fed back)."""
+    return blocks_for(width + max(sequence.remaining - 1, 0))
+
+
+def _floor(width: int, sequence: Sequence) -> int:
+    """KV blocks a sequence reserves when admitted in a group padded to `width`."""
+    return blocks_for(width) if sequence.preemptable else _row_blocks(width, sequence)
 
 
 def prefill_chunks(width: int, chunk: int) -> list[tuple[int, int]]:
@@ -117,6 +140,8 @@ class Scheduler:
         if pool_blocks is not None and pool_blocks < blocks_for(capacity):
             raise ValueError(f"a pool of {pool_blocks} KV blocks cannot hold one row of {capacity} slots")
         self._released: list[tuple[int, int]] = []  # (lane, row) freed since `released()`
+        self.preemptions = 0  # sequences sent back to the queue for want of KV blocks
+        self._admitted = 0  # sequences placed in rows so far (their admission order)
         self.prefix = prefix
         self._attached: list[tuple[int, int, list[int]]] = []  # (lane, row, blocks) since `attached()`
         self._lanes = [_Lane([None] * lane_size) for _ in range(n_lanes)]
@@ -168,9 +193,9 @@ class Scheduler:
         placed = self._lanes[lane_id].rows[row]
         return placed.seq if placed is not None else None
 
-    def committed_blocks(self) -> int:
-        """KV blocks the running sequences may fill."""
-        return sum(row.blocks for lane in self._lanes for row in lane.rows if row is not None)
+    def held_blocks(self) -> int:
+        """KV blocks the running sequences hold or have reserved."""
+        return sum(row.held for lane in self._lanes for row in lane.rows if row is not None)
 
     def released(self) -> list[tuple[int, int]]:
         """The (lane, row) pairs freed since the last call: every stage gives their KV blocks
@@ -205,7 +230,9 @@ class Scheduler:
         """The next action of the first stage, or None when there is nothing to do now."""
         if self._ready:
             return self._ready.popleft()
-        for _ in range(self.n_lanes):
+        # Two rounds: a lane whose turn only preempted (its rows went back to the queue) is
+        # visited again to admit what waits.
+        for _ in range(2 * self.n_lanes):
             lane_id = self._turn
             lane = self._lanes[lane_id]
             if lane.outstanding:
@@ -233,6 +260,7 @@ class Scheduler:
 
     def _lane_turn(self, lane_id: int, lane: _Lane) -> list[WorkItem]:
         self._admit(lane_id, lane)
+        self._make_room(lane_id, lane)
         items = []
         decode = self._decode_item(lane_id, lane)
         if decode is not None:
@@ -253,37 +281,73 @@ class Scheduler:
         if not free:
             return
         members: list[Sequence] = []
-        spare = None if self.pool_blocks is None else self.pool_blocks - self.committed_blocks()
+        spare = None if self.pool_blocks is None else self.pool_blocks - self.held_blocks()
+        growing = sum(row.seq.preemptable for ln in self._lanes for row in ln.rows if row is not None)
         cached = self._cached_blocks(self._waiting[0])
         for sequence in self._waiting:
             if len(members) == len(free) or (members and (cached or self._cached_blocks(sequence))):
                 break  # a prompt that starts in cached blocks goes alone, without left padding
             group = [*members, sequence]
-            width = max(m.prompt_len for m in group)
-            if members and width + max(max(m.budget for m in group) - 1, 0) > self.capacity:
+            width = max(m.context_len for m in group)
+            if members and width + max(max(m.remaining for m in group) - 1, 0) > self.capacity:
                 break  # the padded group would overflow a row: admit it with the next group
-            if spare is not None and sum(_row_blocks(width, m) for m in group) > spare:
-                break  # the pool cannot hold it yet: finishing sequences will free blocks
+            margin = growing + sum(m.preemptable for m in group)  # a block each to grow into
+            if spare is not None and sum(_floor(width, m) for m in group) + margin > spare and (
+                members or self.running > 0
+            ):
+                break  # the pool cannot hold it yet: finishing or preempted sequences free blocks
             members.append(sequence)
         if not members:
             return
         for _ in members:
             self._waiting.popleft()
-        width = max(m.prompt_len for m in members)
+        width = max(m.context_len for m in members)
         refill = any(row is not None and row.seq.status is Status.DECODING for row in lane.rows)
         rows = free[: len(members)]
+        skip = len(cached) * BLOCK_SIZE
         for r, m in zip(rows, members):
-            lane.rows[r] = _Row(m, next_pos=m.prompt_len, blocks=_row_blocks(width, m))
-            m.status = Status.PREFILLING
-            if self.prefix is not None and not m.scored:
+            self._admitted += 1
+            lane.rows[r] = _Row(m, next_pos=m.context_len, floor=_floor(width, m), slots=skip, order=self._admitted)
+            if self.prefix is not None and not m.scored and m.generated == 0:
                 self.prefix.count(m.prompt_len, len(cached))
+            m.status = Status.PREFILLING
         if cached:
             self._attached.append((lane_id, rows[0], cached))
-        skip = len(cached) * BLOCK_SIZE
         lane.group = _Group(
-            rows, members, [width - m.prompt_len for m in members],
+            rows, members, [width - m.context_len for m in members],
             deque(prefill_chunks(width - skip, self.refill_chunk if refill else self.chunk)), cached=skip,
         )
+
+    def _make_room(self, lane_id: int, lane: _Lane) -> None:
+        """Preempt the newest quiescent preemptable sequences until the lane's decode step has
+        the new blocks it needs."""
+        if self.pool_blocks is None:
+            return
+        while True:
+            rows = [row for row in lane.rows if row is not None and row.seq.status is Status.DECODING]
+            need = sum(max(0, blocks_for(row.slots + 1) - row.held) for row in rows)
+            if need <= self.pool_blocks - self.held_blocks():
+                return
+            candidates = [
+                (row.order, lane_id if ln is lane else other, r)
+                for other, ln in enumerate(self._lanes) if ln is lane or not ln.outstanding
+                for r, row in enumerate(ln.rows)
+                if row is not None and row.seq.preemptable and not row.in_group
+            ]
+            assert candidates, "a row short of KV blocks is itself preemptable"
+            _, victim_lane, victim_row = max(candidates)
+            self._preempt(victim_lane, victim_row)
+
+    def _preempt(self, lane_id: int, r: int) -> None:
+        """Send the sequence in row `r` of lane `lane_id` back to the queue, first in line; its
+        blocks go back on every stage before the next item."""
+        row = self._lanes[lane_id].rows[r]
+        assert row is not None
+        self._lanes[lane_id].rows[r] = None
+        self._released.append((lane_id, r))
+        row.seq.status = Status.WAITING
+        self._waiting.appendleft(row.seq)
+        self.preemptions += 1
 
     def _prefill_item(self, lane_id: int, lane: _Lane) -> WorkItem:
         group = lane.group
@@ -291,6 +355,11 @@ class Scheduler:
         start, length = group.chunks.popleft()
         last = not group.chunks
         first = group.cached + start
+        for r in group.rows:
+            placed = lane.rows[r]
+            assert placed is not None
+            placed.slots += length
+            placed.in_group = not last
         rows = tuple(
             RowStep(r, seq.id, first - pad, reset=start == 0)
             for r, seq, pad in zip(group.rows, group.seqs, group.pads)
@@ -305,6 +374,7 @@ class Scheduler:
             if row is not None and row.seq.status is Status.DECODING:
                 steps.append(RowStep(r, row.seq.id, row.next_pos))
                 row.next_pos += 1
+                row.slots += 1
         if not steps:
             return None
         return WorkItem(lane_id, ItemKind.DECODE, tuple(steps), 1, samples=True)

@@ -5,7 +5,9 @@ read the same object.
 Life (`Status`): WAITING (queued) -> PREFILLING (in a row, its prompt going through the
 stages) -> DECODING (its first token sampled) -> FINISHED (`finish_reason` says why). A
 sequence may finish from any state: a cancel ends a waiting one at once, and a running one
-when its next ids arrive (its row is in flight until then).
+when its next ids arrive (its row is in flight until then). A preempted sequence (the KV pool
+ran dry) goes from DECODING back to WAITING, first in line, and is prefilled again with its
+prompt and the tokens it has generated (`context_len`).
 
 Events (`emit`): the text as it becomes final (`TokenDelta`), then one `Finished`, delivered
 from the first rank's loop, in order.
@@ -101,6 +103,33 @@ class Sequence:
     def budget(self) -> int:
         """Tokens it may generate (0 when scored)."""
         return 0 if self.scored else self.params.max_new_tokens
+
+    @property
+    def generated(self) -> int:
+        """Tokens it has generated so far."""
+        return len(self.output.token_ids) if self.output is not None else 0
+
+    @property
+    def context_len(self) -> int:
+        """Tokens a row must be fed to continue it: the prompt, and after a preemption the
+        tokens generated so far too (recomputed, not kept)."""
+        return self.prompt_len + self.generated
+
+    @property
+    def remaining(self) -> int:
+        """Tokens it may still generate."""
+        return self.budget - self.generated
+
+    @property
+    def preemptable(self) -> bool:
+        """Whether it may give its KV blocks back mid-answer and be recomputed later with the
+        same tokens: greedy, with nothing the last stage keeps per sequence beside its cache
+        (a random stream, penalty counts, a grammar's state, log-probabilities)."""
+        p = self.params
+        return (
+            not self.scored and p.greedy and p.repetition_penalty == 1.0 and not p.penalized
+            and p.response_format is None and p.logprobs is None and p.prompt_logprobs is None
+        )
 
     @property
     def finished(self) -> bool:

@@ -31,6 +31,7 @@ class TokenCounts:
     first_token_at: float | None = None
     looked_up_tokens: int = 0  # prompt tokens of sequences admitted with a prefix cache lookup
     cached_tokens: int = 0  # of those, tokens found in cached KV blocks (not prefilled again)
+    preemptions: int = 0  # sequences that gave their KV blocks back mid-answer (recomputed later)
     sampled: dict[int, int] = field(default_factory=dict)  # sequence -> ids received
     last_done: float = field(default_factory=time.perf_counter)
 
@@ -105,7 +106,8 @@ class Sequences:
             if logprobs is not None and logprobs[i] is not None:
                 sequence.record(logprobs[i])
             self.counts.sampled[step.seq] = self.counts.sampled.get(step.seq, 0) + 1
-            if item.kind is ItemKind.PREFILL:
+            first = item.kind is ItemKind.PREFILL and sequence.generated == 0  # not a preempted one's recompute
+            if first:
                 self.counts.prompt_tokens += sequence.prompt_len
                 self.counts.first_token_at = self.counts.first_token_at or now
             if sequence.ending is not None:
@@ -115,7 +117,7 @@ class Sequences:
                 self._end(sequence, "stop")
                 continue
             assert sequence.output is not None
-            if item.kind is ItemKind.PREFILL:
+            if first:
                 self.counts.first_tokens += 1
             else:
                 self.counts.generated_tokens += 1

@@ -32,11 +32,15 @@ def run_order(
     s finishes after `samples(s)` sampled tokens (its first comes from prefill; a scored
     sequence after prefill). `on_release` gets the rows freed by each arrival and `on_attach`
     the rows admitted onto cached blocks, before the next action is yielded (as a rank gives
-    their KV blocks back, or starts the rows on them)."""
+    their KV blocks back, or starts the rows on them). A shaped sequence keeps no tokens, so a
+    preempted one is prefilled again from its prompt alone (a real one: with its tokens)."""
     for sequence in sequences:
         scheduler.add(sequence)
     sampled: dict[int, int] = {}
     while (action := scheduler.next()) is not None:
+        released = scheduler.released()  # rows preempted by this turn
+        if released and on_release is not None:
+            on_release(released)
         attached = scheduler.attached()
         if attached and on_attach is not None:
             on_attach(attached)

@@ -50,7 +50,7 @@ def layer_costs(
     step_tokens: int | None = None,
     stored_types: AbstractSet[GGMLQuantizationType] = frozenset(),
     stored_expert_types: AbstractSet[GGMLQuantizationType] | None = None,
-    kv_dtype_bytes: int | None = None,
+    kv_dtype_bytes: float | None = None,
 ) -> LayerCosts:
     """Per-stage memory costs of the GGUF at `path` for a runtime dtype and KV capacity.
 
@@ -59,7 +59,7 @@ def layer_costs(
     `step_tokens` (tokens embedded per decode step, i.e. a lane's sequences), when given,
     sets `embedding_read_bytes`; `stored_types` are the tensor types held in their blocks, and
     `stored_expert_types` those of expert tensors (None: the same); `kv_dtype_bytes` is the KV
-    cache's element size (the runtime dtype's by default).
+    cache's bytes per value (the runtime dtype's element size by default; 34 / 32 for Q8_0).
     A caller that has already opened the file may pass it as `reader` (`path` then only
     names it in errors).
     """
@@ -153,7 +153,7 @@ def _held_with_prefix(
 
 
 def _kv_bytes_per_layer(
-    reader: GGUFFile, path: str, arch: str, n_layers: int, dtype_bytes: int, kv_tokens: int, latent: bool
+    reader: GGUFFile, path: str, arch: str, n_layers: int, dtype_bytes: float, kv_tokens: int, latent: bool
 ) -> list[int]:
     """Cached bytes per layer. Latent attention caches every query head's decompressed key and
     value, of the per-head sizes `*_length_mla` where the file gives them."""
@@ -181,5 +181,5 @@ def _kv_bytes_per_layer(
         head_dim = embedding_length // n_heads[layer]
         k_len = int(key_length) if key_length is not None else head_dim
         v_len = int(value_length) if value_length is not None else head_dim
-        per_layer.append(kv_tokens * n_kv_heads[layer] * (k_len + v_len) * dtype_bytes)
+        per_layer.append(int(kv_tokens * n_kv_heads[layer] * (k_len + v_len) * dtype_bytes))
     return per_layer

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ppinfer.pipeline.sequence import Event, Finished
@@ -101,6 +101,8 @@ class _EngineGauges(Collector):
         yield GaugeMetricFamily("ppinfer_prefix_cache_hit_rate",
                                 "Share of admitted prompt tokens found in cached KV blocks.",
                                 value=stats.kv.prefix_hit_rate)
+        yield CounterMetricFamily("ppinfer_kv_preemptions", "Sequences preempted for want of KV blocks "
+                                  "(their blocks freed, recomputed later).", value=stats.kv.preemptions)
         busy = GaugeMetricFamily("ppinfer_stage_busy_fraction",
                                  "Fraction of the uptime each pipeline stage spent computing.", labels=["stage"])
         for stage, seconds in enumerate(stats.stage_busy_seconds):

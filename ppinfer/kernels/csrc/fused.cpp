@@ -6,8 +6,9 @@
 //   or [P, D] for per-head weights over x's last two dims [..., P, D].
 // attend(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap): rotary
 //   embedding of q and k, the new keys and values written into a paged cache (blocks of
-//   [Hkv, BS, D] keys and values, float32, float16 or bfloat16: each batch row's slot s lives in
-//   block table[row, s / BS] at offset s % BS) at the slots `cols`, and grouped-query
+//   [Hkv, BS, D] keys and values, float32, float16 or bfloat16, or [Hkv, BS, D / 32 * 34] bytes
+//   of Q8_0 blocks: each batch row's slot s lives in block table[row, s / BS] at offset s % BS)
+//   at the slots `cols`, and grouped-query
 //   attention over each row's slots [0, n) under `mask`, with an optional tanh softcap on the
 //   scores; returns [b, T, H * D] float32, the layout the output projection takes.
 // glu(h [..., 2F], kind): act(gate) * up for the fused [gate | up] projection, act SiLU
@@ -43,6 +44,34 @@ namespace {
 
 // Work (multiply-adds) below which a range of rows or heads is not split between threads.
 constexpr int64_t kGrainMacs = int64_t{1} << 14;
+
+// 32 cached values x[i] ~= d * q[i], GGUF's Q8_0 block (the float16 scale, then the 32 int8
+// values): a slot of a Q8_0 cache is D / 32 of them, a quarter of float32's bytes plus the scales.
+struct KvQ8 {
+  uint16_t d;  // IEEE half
+  int8_t q[kQ8Elems];
+};
+static_assert(sizeof(KvQ8) == 34, "a Q8_0 block is 34 bytes");
+
+// One key's or value's d floats rounded into a cache slot of type T.
+template <class T>
+inline void store(const float* x, T* dst, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<T>(x[i]);
+}
+// Q8_0 as GGUF quantizes it: d = max |x| / 127 over each 32 values, q = round(x / d) (halves away
+// from zero), d stored as float16.
+template <>
+inline void store(const float* x, KvQ8* dst, int64_t d) {
+  for (int64_t b = 0; b < d / kQ8Elems; ++b) {
+    const float* xb = x + b * kQ8Elems;
+    float amax = 0.0f;
+    for (int i = 0; i < kQ8Elems; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float scale = amax / 127.0f;
+    const float inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+    for (int i = 0; i < kQ8Elems; ++i) dst[b].q[i] = static_cast<int8_t>(std::round(xb[i] * inv));
+    dst[b].d = c10::Half(scale).x;
+  }
+}
 
 // y = x with pairs (x[2i], x[2i+1]) of the first n_rot values rotated by (cos, sin) = rot[i].
 inline void rotate(const float* x, const float* rot, int64_t n_rot, int64_t d, float* y) {
@@ -137,22 +166,23 @@ at::Tensor glu(const at::Tensor& h_in, int64_t kind) {
 constexpr int64_t kAhead = 8;
 
 // One query token's attention for the `group` query heads that read one kv head. Slot s's key
-// is at keys + blocks[s / bs] * block_stride + (s % bs) * d (values likewise).
+// is at keys + blocks[s / bs] * block_stride + (s % bs) * row (values likewise), in units of T:
+// row is d for a float cache, d / 32 for Q8_0 blocks.
 template <class T>
 struct GroupTask {
   const float* q;          // [group, d] rotated queries
   const T* keys;           // the pool's first block, at this kv head
   const T* values;
   const int64_t* blocks;   // [ceil(n / bs)] the row's block ids
-  int64_t bs, block_stride;
+  int64_t bs, block_stride, row;
   const bool* visible;     // [n]
   int64_t n, d, group;
   float scale, cap;        // cap 0: no softcap
   float* scratch;          // [group * (n + 2)]: scores, then each head's max and sum
   float* out;              // [group, d]
 
-  const T* key(int64_t s) const { return keys + blocks[s / bs] * block_stride + (s % bs) * d; }
-  const T* value(int64_t s) const { return values + blocks[s / bs] * block_stride + (s % bs) * d; }
+  const T* key(int64_t s) const { return keys + blocks[s / bs] * block_stride + (s % bs) * row; }
+  const T* value(int64_t s) const { return values + blocks[s / bs] * block_stride + (s % bs) * row; }
 };
 
 // The portable dots and sums (the compiler vectorizes the eight independent partial sums); the
@@ -175,6 +205,26 @@ struct ScalarVec {
   static void axpy(float p, const T* x, float* y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] += p * static_cast<float>(x[i]);
   }
+  // Q8_0: each block's integer-valued dot in float, times its scale.
+  static float dot(const float* a, const KvQ8* b, int64_t n) {
+    float s = 0.0f;
+    for (int64_t k = 0; k < n / kQ8Elems; ++k) {
+      const float* ak = a + k * kQ8Elems;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int i = 0; i < kQ8Elems; i += 8) {
+        for (int l = 0; l < 8; ++l) acc[l] += ak[i + l] * static_cast<float>(b[k].q[i + l]);
+      }
+      const float blk = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+      s += blk * fp16_to_fp32(b[k].d);
+    }
+    return s;
+  }
+  static void axpy(float p, const KvQ8* x, float* y, int64_t n) {
+    for (int64_t k = 0; k < n / kQ8Elems; ++k) {
+      const float pd = p * fp16_to_fp32(x[k].d);
+      for (int i = 0; i < kQ8Elems; ++i) y[k * kQ8Elems + i] += pd * static_cast<float>(x[k].q[i]);
+    }
+  }
 };
 
 // Scores of every visible slot for every head (keys read once for the group), softmax, then
@@ -185,14 +235,14 @@ PPINFER_ALWAYS_INLINE void attend_group(const GroupTask<T>& a) {
   float* best = scores + a.group * a.n;
   float* total = best + a.group;
   const float none = -std::numeric_limits<float>::infinity();
-  const int64_t line = 64 / sizeof(T);  // elements per cache line
+  const int64_t row_bytes = a.row * static_cast<int64_t>(sizeof(T));
   std::fill(best, best + a.group, none);
   for (int64_t s = 0; s < a.n; ++s) {
     if (!a.visible[s]) continue;
     const T* k = a.key(s);
     if (s + kAhead < a.n) {
-      const T* ahead = a.key(s + kAhead);
-      for (int64_t x = 0; x < a.d; x += line) PPINFER_PREFETCH(ahead + x);
+      const char* ahead = reinterpret_cast<const char*>(a.key(s + kAhead));
+      for (int64_t x = 0; x < row_bytes; x += 64) PPINFER_PREFETCH(ahead + x);
     }
     for (int64_t e = 0; e < a.group; ++e) {
       float score = Vec::dot(a.q + e * a.d, k, a.d) * a.scale;
@@ -208,8 +258,8 @@ PPINFER_ALWAYS_INLINE void attend_group(const GroupTask<T>& a) {
     if (!a.visible[s]) continue;
     const T* v = a.value(s);
     if (s + kAhead < a.n) {
-      const T* ahead = a.value(s + kAhead);
-      for (int64_t x = 0; x < a.d; x += line) PPINFER_PREFETCH(ahead + x);
+      const char* ahead = reinterpret_cast<const char*>(a.value(s + kAhead));
+      for (int64_t x = 0; x < row_bytes; x += 64) PPINFER_PREFETCH(ahead + x);
     }
     for (int64_t e = 0; e < a.group; ++e) {
       const float p = std::exp(scores[e * a.n + s] - best[e]);
@@ -262,6 +312,38 @@ struct Avx2Vec {
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, load8(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; ++i) y[i] += p * static_cast<float>(x[i]);
   }
+  // Q8_0: per block, four eight-lane products of the widened int8 values, then one fma with the
+  // block's scale.
+  PPINFER_AVX2 static inline float dot(const float* a, const KvQ8* b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t k = 0; k < n / kQ8Elems; ++k) {
+      const float* ak = a + k * kQ8Elems;
+      __m256 blk = _mm256_mul_ps(_mm256_loadu_ps(ak), widen8(b[k].q));
+      blk = _mm256_fmadd_ps(_mm256_loadu_ps(ak + 8), widen8(b[k].q + 8), blk);
+      blk = _mm256_fmadd_ps(_mm256_loadu_ps(ak + 16), widen8(b[k].q + 16), blk);
+      blk = _mm256_fmadd_ps(_mm256_loadu_ps(ak + 24), widen8(b[k].q + 24), blk);
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(b[k].d)), blk, acc);
+    }
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+    return _mm_cvtss_f32(s4);
+  }
+  PPINFER_AVX2 static inline void axpy(float p, const KvQ8* x, float* y, int64_t n) {
+    for (int64_t k = 0; k < n / kQ8Elems; ++k) {
+      const __m256 pd = _mm256_set1_ps(p * _cvtsh_ss(x[k].d));
+      float* yk = y + k * kQ8Elems;
+      for (int i = 0; i < kQ8Elems; i += 8) {
+        _mm256_storeu_ps(yk + i, _mm256_fmadd_ps(pd, widen8(x[k].q + i), _mm256_loadu_ps(yk + i)));
+      }
+    }
+  }
+
+ private:
+  // Eight int8 values to float32.
+  PPINFER_AVX2 static inline __m256 widen8(const int8_t* q) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+  }
 };
 
 template <class T>
@@ -271,24 +353,29 @@ template <class T>
 void attend_group_avx2(const GroupTask<T>& a) { attend_group<ScalarVec>(a); }
 #endif
 
+// T is the cache's element (float, c10::Half, c10::BFloat16) or KvQ8 for Q8_0 blocks; the pools'
+// strides are in their own elements (bytes for Q8_0) and become units of T here.
 template <class T>
 void attend_typed(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rot, const at::Tensor& k_pool,
                   const at::Tensor& v_pool, const at::Tensor& table, const at::Tensor& cols, const at::Tensor& mask,
                   int64_t n_head, int64_t n_rot, double scale, double softcap, at::Tensor& out) {
   const int64_t b = qk.size(0), t = qk.size(1), d = qk.size(3), h = n_head;
   const int64_t hkv = k_pool.size(1), bs = k_pool.size(2), nb = table.size(1), n = mask.size(3);
+  const int64_t unit = static_cast<int64_t>(sizeof(T)) / k_pool.element_size();  // pool elements per T
+  const int64_t row = k_pool.size(3) / unit, head_stride = k_pool.stride(1) / unit;
+  const int64_t block_stride = k_pool.stride(0) / unit;
   const float* rp = rot.data_ptr<float>();
   const float* qkp = qk.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  T* kc = k_pool.data_ptr<T>();
-  T* vc = v_pool.data_ptr<T>();
+  T* kc = reinterpret_cast<T*>(k_pool.data_ptr());
+  T* vc = reinterpret_cast<T*>(v_pool.data_ptr());
   const int64_t* tp = table.data_ptr<int64_t>();
   const int64_t* cp = cols.data_ptr<int64_t>();
   const auto at_qk = [&](int64_t i, int64_t j, int64_t head) {
     return qkp + i * qk.stride(0) + j * qk.stride(1) + head * qk.stride(2);
   };
   const auto slot = [&](T* pool, int64_t i, int64_t g, int64_t s) {
-    return pool + tp[i * nb + s / bs] * k_pool.stride(0) + g * k_pool.stride(1) + (s % bs) * d;
+    return pool + tp[i * nb + s / bs] * block_stride + g * head_stride + (s % bs) * row;
   };
 
   // The new tokens' keys (rotated) and values into their slots, rounded to the cache's type.
@@ -299,9 +386,8 @@ void attend_typed(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
       const int64_t s = cp[i * t + j];
       for (int64_t g = 0; g < hkv; ++g) {
         rotate(at_qk(i, j, h + g), r, n_rot, d, rotated.data());
-        std::copy(rotated.begin(), rotated.end(), slot(kc, i, g, s));
-        const float* src = vp + i * v.stride(0) + j * v.stride(1) + g * v.stride(2);
-        std::copy(src, src + d, slot(vc, i, g, s));
+        store(rotated.data(), slot(kc, i, g, s), d);
+        store(vp + i * v.stride(0) + j * v.stride(1) + g * v.stride(2), slot(vc, i, g, s), d);
       }
     }
   }
@@ -320,8 +406,8 @@ void attend_typed(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
       for (int64_t e = 0; e < group; ++e) {
         rotate(at_qk(i, j, g * group + e), rp + (i * t + j) * n_rot, n_rot, d, q.data() + e * d);
       }
-      const GroupTask<T> work{q.data(), kc + g * k_pool.stride(1), vc + g * v_pool.stride(1), tp + i * nb, bs,
-                              k_pool.stride(0), mp + (i * t + j) * n, n, d, group, scalef, cap, scratch.data(),
+      const GroupTask<T> work{q.data(), kc + g * head_stride, vc + g * head_stride, tp + i * nb, bs, block_stride,
+                              row, mp + (i * t + j) * n, n, d, group, scalef, cap, scratch.data(),
                               outp + ((i * t + j) * h + g * group) * d};
       run_group(work);
     }
@@ -336,16 +422,18 @@ at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
   check_float_cpu(op, "v", v, 4);  // [b, T, Hkv, D]
   const at::ScalarType kv = k_pool.scalar_type();
   TORCH_CHECK(k_pool.device().is_cpu() && k_pool.dim() == 4 && k_pool.is_contiguous() &&
-                  (kv == at::kFloat || kv == at::kHalf || kv == at::kBFloat16),
-              op, ": k_pool must be a contiguous float32, float16 or bfloat16 CPU tensor [N, Hkv, BS, D], got ", kv,
-              " ", k_pool.sizes());
+                  (kv == at::kFloat || kv == at::kHalf || kv == at::kBFloat16 || kv == at::kByte),
+              op, ": k_pool must be a contiguous float32, float16 or bfloat16 CPU tensor [N, Hkv, BS, D] or uint8 ",
+              "Q8_0 blocks [N, Hkv, BS, D / 32 * 34], got ", kv, " ", k_pool.sizes());
   TORCH_CHECK(v_pool.scalar_type() == kv && v_pool.sizes() == k_pool.sizes() && v_pool.is_contiguous(), op,
               ": v_pool ", v_pool.scalar_type(), " ", v_pool.sizes(), " does not match k_pool ", k_pool.sizes());
   const int64_t b = qk.size(0), t = qk.size(1), d = qk.size(3);
   const int64_t hkv = k_pool.size(1), bs = k_pool.size(2), h = n_head;
   TORCH_CHECK(h > 0 && hkv > 0 && h % hkv == 0 && qk.size(2) == h + hkv, op, ": qk ", qk.sizes(), " for ", h,
               " query heads and a cache of ", hkv, " kv heads");
-  TORCH_CHECK(k_pool.size(3) == d, op, ": pool ", k_pool.sizes(), " does not match qk ", qk.sizes());
+  const int64_t row = kv == at::kByte ? d / kQ8Elems * static_cast<int64_t>(sizeof(KvQ8)) : d;
+  TORCH_CHECK((kv != at::kByte || d % kQ8Elems == 0) && k_pool.size(3) == row, op, ": pool ", k_pool.sizes(),
+              " does not match qk ", qk.sizes(), kv == at::kByte ? " (Q8_0: head size a multiple of 32)" : "");
   TORCH_CHECK(v.sizes() == at::IntArrayRef({b, t, hkv, d}), op, ": v ", v.sizes(), " does not match qk ", qk.sizes());
   const at::Tensor table = table_in.contiguous();  // [b, nb] int64: each row's block ids
   TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 2 && table.size(0) == b, op,
@@ -383,8 +471,10 @@ at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
     attend_typed<float>(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, out);
   } else if (kv == at::kHalf) {
     attend_typed<c10::Half>(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, out);
-  } else {
+  } else if (kv == at::kBFloat16) {
     attend_typed<c10::BFloat16>(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, out);
+  } else {
+    attend_typed<KvQ8>(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, out);
   }
   return out;
 }

@@ -1,0 +1,95 @@
+"""Preemption: a KV pool too small for every sequence's full length. Sequences are admitted by
+current need; when a decode step finds the pool dry, the newest sequence gives its blocks back
+on every stage and is later prefilled again with its prompt and the tokens it had generated.
+
+Reference: the same prompts with a pool large enough for all of them at full length (nothing
+preempted). Greedy tokens must be identical, and the preemptions counted in metrics.json and
+TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pipeline_driver import Run, run_all, run_command, torchrun_command
+from pipeline_models import ADD_BOS, PIPELINE_SPECS, TokenizerChoice, write_pipeline_model
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ppinfer.model.cache import BLOCK_SIZE
+from ppinfer.pipeline.job import DistEnv
+
+PROMPTS = ("the cat in the hat sat on the mat", "x", "pipelines keep every stage busy", "Hi there",
+           "1 2 3 4 5 6 7 8 9 10 11 12", "gloo on cpu")
+MAX_NEW = 40
+ROW = 80  # slots of one row: the longest prompt plus its budget, in whole blocks
+SMALL_POOL = ROW + BLOCK_SIZE  # tokens of each stage's pool: one row and a block, for 4 rows
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("preempt") / "llama.gguf"
+    return write_pipeline_model(path, PIPELINE_SPECS["llama"], TokenizerChoice(add_bos=ADD_BOS["llama"]))
+
+
+def overrides(model: Path, out: Path, *more: str) -> list[str]:
+    prompts = "[" + ",".join(f"'{p}'" for p in PROMPTS) + "]"
+    return [f"model.path={model}", f"output.dir={out}", f"prompts={prompts}", f"generation.max_new_tokens={MAX_NEW}",
+            "generation.ignore_eos=true", "runtime.kv_dtype=float32", "pipeline.microbatches=2",
+            "pipeline.lane_size=2", *more]
+
+
+def tokens(out: Path) -> list[list[int]]:
+    return [json.loads(line)["token_ids"] for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The prompts with a pool that holds every row at full length."""
+    out = tmp_path_factory.mktemp("large")
+    run_all([Run("large", tuple(overrides(model, out)))], DistEnv(0, 1, 0, 1))
+    assert metrics(out)["preemptions"] == 0
+    return out
+
+
+def test_greedy_tokens_with_a_small_pool_equal_a_large_pool(model: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "small"
+    run_all([Run("small", tuple(overrides(model, out, f"runtime.kv_cache_tokens={SMALL_POOL}",
+                                          "profile=tensorboard")))], DistEnv(0, 1, 0, 1))
+    assert tokens(out) == tokens(reference)
+    assert all(len(t) == MAX_NEW for t in tokens(out))
+    counted = metrics(out)["preemptions"]
+    assert counted > 0, "the pool never ran dry: the test does not exercise preemption"
+    events = list((out / "tensorboard" / "rank0").glob("events.out.tfevents.*"))
+    assert len(events) == 1, events
+    acc = EventAccumulator(str(events[0]), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert acc.Scalars("kv_cache/preemptions")[0].value == counted
+
+
+def test_sampled_sequences_are_never_preempted(model: Path, tmp_path: Path) -> None:
+    """Sequences with a random stream reserve their worst case: a pool that holds one row and
+    a block runs them with no preemption, and the same tokens as a large pool."""
+    sampled = ("generation.temperature=0.8", "generation.seed=3")
+    small, large = tmp_path / "small", tmp_path / "large"
+    run_all([Run("small", tuple(overrides(model, small, f"runtime.kv_cache_tokens={SMALL_POOL}", *sampled))),
+             Run("large", tuple(overrides(model, large, *sampled)))], DistEnv(0, 1, 0, 1))
+    assert metrics(small)["preemptions"] == 0
+    assert tokens(small) == tokens(large)
+
+
+@pytest.mark.slow
+def test_preemption_across_two_stages(model: Path, reference: Path, tmp_path: Path) -> None:
+    """Two ranks: the preempted rows' blocks are given back on both stages (the release goes
+    down the ring before the next item), and the tokens equal the large pool's on one."""
+    out = tmp_path / "two"
+    args = overrides(model, out, f"runtime.kv_cache_tokens={SMALL_POOL}")
+    done = run_command(torchrun_command("--standalone", "--nproc_per_node=2", "launch/infer.py", *args), 240)
+    assert done.returncode == 0, done.tail()
+    assert tokens(out) == tokens(reference)
+    assert metrics(out)["preemptions"] > 0
