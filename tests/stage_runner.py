@@ -77,15 +77,17 @@ def chunked_logits(
     `pipeline.prefill_chunk=chunk` (and decode, at chunk 1) runs it."""
     tokens = torch.from_numpy(ids)  # [1, T]
     states = [stage.new_cache(batch=1, max_len=tokens.shape[1], dtype=kv_dtype) for stage in stages]
-    out = []
+    hidden_states = []
     for start in range(0, tokens.shape[1], chunk):
         piece = tokens[:, start:start + chunk]
         positions = arange_positions(1, piece.shape[1], start)
         hidden = stages[0].embed(piece)
         for stage, state in zip(stages, states):
             hidden = stage.forward(hidden, positions, state)
-        out.append(stages[-1].lm_head(hidden)[0].numpy())
-    return np.concatenate(out)
+        hidden_states.append(hidden)  # [1, chunk, E]
+    # One pass of the output head over every position (a real model's head is the largest
+    # weight: reading it per step would cost more than the steps).
+    return stages[-1].lm_head(torch.cat(hidden_states, dim=1))[0].numpy()
 
 
 def fed_ids(item: WorkItem, seqs: list[np.ndarray]) -> torch.Tensor:

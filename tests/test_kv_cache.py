@@ -206,20 +206,24 @@ KV_FLOAT16_KL = 1e-4
 """Mean KL of next-token distributions with a float16 KV cache against float32 keys and
 values: at most 1e-4 (a tenth of what quantized weights cost, see test_quantized)."""
 
+KV_Q8_0_KL = 2e-3
+"""Mean KL of next-token distributions with Q8_0 keys and values against float32 ones."""
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
-def test_float16_cache_stays_close_to_float32(model: str, request: pytest.FixtureRequest) -> None:
-    """The default KV dtype on the real models, prose fed one token per step (the fused decode
-    attention reading float16 keys and values) against the same steps over float32 ones."""
+def test_compact_caches_stay_close_to_float32(model: str, request: pytest.FixtureRequest) -> None:
+    """The default KV dtype (float16) and q8_0 on the real models, prose fed one token per step
+    (the fused decode attention reading float16 keys and values, or Q8_0 blocks) against the
+    same steps over float32 ones."""
     path = request.getfixturevalue(f"{model}_path")
     stage = whole(path, LAYERS[model])
     ids = np.array([ppinfer.load_tokenizer(path).encode(PROSE)], dtype=np.int64)  # [1, T]
     exact = chunked_logits([stage], ids, 1, torch.float32)
-    half = chunked_logits([stage], ids, 1, torch.float16)
-    kl, top1 = kl_and_top1(exact, half)
-    assert kl <= KV_FLOAT16_KL, f"{model}: mean KL {kl:.2e}"
-    assert top1 >= 0.99, f"{model}: top-1 agreement {top1:.1%}"
+    for dtype, bound, top1_floor in ((torch.float16, KV_FLOAT16_KL, 0.99), (kvquant.Q8_0, KV_Q8_0_KL, 0.95)):
+        kl, top1 = kl_and_top1(exact, chunked_logits([stage], ids, 1, dtype))
+        assert kl <= bound, f"{model}, {dtype}: mean KL {kl:.2e}"
+        assert top1 >= top1_floor, f"{model}, {dtype}: top-1 agreement {top1:.1%}"
 
 
 Q8_HEAD_CASES = {
@@ -275,22 +279,3 @@ def test_q8_0_decode_and_prefill_stay_close_to_float32(q8_model) -> None:
     kl_chunked, _ = kl_and_top1(exact, chunked)
     assert kl_chunked <= 1e-3, f"chunked prefill: KL {kl_chunked:.2e}"
     assert _gap(stepped[:5], chunked[:5]) <= 0.1 * _gap(stepped[:5], exact[:5]) + 1e-5
-
-
-KV_Q8_0_KL = 2e-3
-"""Mean KL of next-token distributions with Q8_0 keys and values against float32 ones."""
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
-def test_q8_0_cache_stays_close_to_float32(model: str, request: pytest.FixtureRequest) -> None:
-    """runtime.kv_dtype=q8_0 on the real models, prose fed one token per step (the fused decode
-    attention reading Q8_0 blocks) against the same steps over float32 keys and values."""
-    path = request.getfixturevalue(f"{model}_path")
-    stage = whole(path, LAYERS[model])
-    ids = np.array([ppinfer.load_tokenizer(path).encode(PROSE)], dtype=np.int64)  # [1, T]
-    exact = chunked_logits([stage], ids, 1, torch.float32)
-    q8 = chunked_logits([stage], ids, 1, kvquant.Q8_0)
-    kl, top1 = kl_and_top1(exact, q8)
-    assert kl <= KV_Q8_0_KL, f"{model}: mean KL {kl:.2e}"
-    assert top1 >= 0.95, f"{model}: top-1 agreement {top1:.1%}"

@@ -113,7 +113,31 @@ def test_prompts_on_cached_blocks_equal_each_sequence_alone(tiny_files: TinyFile
     on_cache = {seq: pos for seq, pos in first_prefill.items() if pos > 0}
     assert 32 in on_cache.values(), first_prefill  # two blocks of the shared beginning reused
     if pool_blocks == 64:
-        # Sequences 0 and 1 are admitted together before anything is cached (0 left-padded, so
-        # only 1 registers); 2 and 3 find both shared blocks, 4 the first one, 5 nothing.
-        assert on_cache == {2: 32, 3: 32, 4: 16}, first_prefill
-        assert index.hit_tokens == 32 + 32 + 16
+        # Sequence 1's first block is sequence 0's, in prefill: it waits for 0's blocks rather
+        # than joining 0's group, and then starts on both shared blocks, as 2 and 3 do; 4 finds
+        # the first one, 5 nothing.
+        assert on_cache == {1: 32, 2: 32, 3: 32, 4: 16}, first_prefill
+        assert index.hit_tokens == 32 + 32 + 32 + 16
+
+
+def test_the_choices_of_one_prompt_prefill_it_once() -> None:
+    """Four sequences with one 40-token prompt (a request's n = 4): the first prefills it, the
+    others wait for its blocks rather than joining its group, then start on its two full blocks
+    and prefill only the 8 tokens past them. Without a prefix index all four prefill all 40."""
+
+    def prefilled(index: PrefixIndex | None) -> list[tuple[int, int]]:
+        scheduler = Scheduler(2, 4, 16, 64, pool_blocks=64, prefix=index)
+        prompt = list(range(100, 140))
+        tokens: list[tuple[int, int]] = []  # (sequence, tokens) of each prefill row
+        for action in run_order(scheduler, [_sequence(i, prompt, 3) for i in range(4)], lambda s: 3):
+            if isinstance(action, WorkItem) and action.kind is ItemKind.PREFILL:
+                tokens += [(row.seq, action.length) for row in action.rows]
+                if action.samples and index is not None:
+                    for row in action.rows:  # the blocks a stage would have given the row
+                        index.register(prompt, [10 * row.seq + b for b in range(3)])
+        return tokens
+
+    shared = prefilled(PrefixIndex())
+    assert sorted(shared) == [(0, 8), (0, 16), (0, 16), (1, 8), (2, 8), (3, 8)], shared
+    alone = prefilled(None)
+    assert sum(n for _, n in alone) == 4 * 40

@@ -9,7 +9,8 @@ blocks for the same prefix, because every stage takes and frees blocks at the sa
 the same order of work; an idle block leaves the index when its pool takes it for new tokens.
 
 Only rows without left padding hold a prompt at its own slots, so only those register, and a
-prompt that finds cached blocks is admitted as a group of one.
+prompt that finds cached blocks is admitted as a group of one. A prompt whose first block a
+prompt in prefill is computing waits until it is registered (the scheduler's admission).
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@ in the order it receives them, so each send meets its receive by construction:
 
 - admission: when a lane has free rows and sequences wait, its free rows take the oldest
   waiting sequences, as one prefill group (prompts left-padded to the group's longest); a
-  row's cache is reset by the group's first chunk;
+  row's cache is reset by the group's first chunk. With prefix caching, a prompt that starts
+  in cached blocks is admitted alone, and one whose first block is the first block of a prompt
+  still in prefill (the n choices of a request, chats sharing a system prompt) waits for that
+  prefill to end and starts on its blocks, so shared blocks are computed once;
 - prefill: a group's prompts go through in chunks of at most `chunk` tokens, or of at most
   `refill_chunk` when the group joins rows that are decoding (a refill): spread over several
   turns, a newcomer's prompt never holds one stage long while the others run out of work.
@@ -209,16 +212,38 @@ class Scheduler:
         attached, self._attached = self._attached, []
         return attached
 
-    def _cached_blocks(self, sequence: Sequence) -> list[int]:
-        """Cached blocks the sequence may start on: not for scored sequences nor those that want
-        their prompt's log-probabilities (every position's logits are wanted), nor with a
-        repetition penalty (the last stage counts the prompt's tokens as they go through)."""
+    def _uses_cache(self, sequence: Sequence) -> bool:
+        """Whether the sequence may start on cached blocks: not a scored sequence nor one that
+        wants its prompt's log-probabilities (every position's logits are wanted), nor one with
+        a repetition penalty (the last stage counts the prompt's tokens as they go through)."""
         params = sequence.params
-        if self.prefix is None or sequence.scored or params.prompt_logprobs is not None:
-            return []
-        if params.repetition_penalty != 1.0:
+        return (
+            self.prefix is not None and not sequence.scored and params.prompt_logprobs is None
+            and params.repetition_penalty == 1.0
+        )
+
+    def _cached_blocks(self, sequence: Sequence) -> list[int]:
+        """Cached blocks the sequence may start on."""
+        if self.prefix is None or not self._uses_cache(sequence):
             return []
         return self.prefix.lookup(sequence.prompt)
+
+    def _awaits_prefix(self, sequence: Sequence, members: list[Sequence]) -> bool:
+        """Whether `sequence`'s first block is the first block of a prompt now being prefilled
+        (by a lane's group, or in `members`, the group being formed) that will be registered
+        when its prefill ends: the sequence then waits and starts on those blocks instead of
+        computing them once more (the n choices of one request, chats sharing a system prompt)."""
+        if not self._uses_cache(sequence) or sequence.prompt_len <= BLOCK_SIZE:
+            return False
+        head = sequence.prompt[:BLOCK_SIZE]
+        pending = [*members]
+        for lane in self._lanes:
+            if lane.group is not None:
+                pending += [m for m, pad in zip(lane.group.seqs, lane.group.pads) if pad == 0]
+        return any(
+            not m.scored and m.generated == 0 and m.prompt_len >= BLOCK_SIZE and m.prompt[:BLOCK_SIZE] == head
+            for m in pending
+        )
 
     def idle(self) -> bool:
         """Nothing running, nothing waiting, nothing in flight."""
@@ -287,6 +312,8 @@ class Scheduler:
         for sequence in self._waiting:
             if len(members) == len(free) or (members and (cached or self._cached_blocks(sequence))):
                 break  # a prompt that starts in cached blocks goes alone, without left padding
+            if not cached and self._awaits_prefix(sequence, members):
+                break  # its first blocks are being computed: it starts on them once they are
             group = [*members, sequence]
             width = max(m.context_len for m in group)
             if members and width + max(max(m.remaining for m in group) - 1, 0) > self.capacity:
