@@ -19,6 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ppinfer.model.cache import BLOCK_SIZE
 from ppinfer.pipeline.job import DistEnv
+from ppinfer.pipeline.sequence import Sequence
+from ppinfer.sampling.params import GenerationParams
 
 PROMPTS = ("the cat in the hat sat on the mat", "x", "pipelines keep every stage busy", "Hi there",
            "1 2 3 4 5 6 7 8 9 10 11 12", "gloo on cpu")
@@ -93,3 +95,15 @@ def test_preemption_across_two_stages(model: Path, reference: Path, tmp_path: Pa
     assert done.returncode == 0, done.tail()
     assert tokens(out) == tokens(reference)
     assert metrics(out)["preemptions"] > 0
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"temperature": 0.8}, {"repetition_penalty": 1.1}, {"presence_penalty": 0.5}, {"logprobs": 2},
+     {"response_format": {"type": "json_object"}}, {"grammar": 'start: "yes" | "no"'}],
+)
+def test_only_stateless_greedy_sequences_are_preemptable(settings: dict) -> None:
+    """A sequence may be recomputed after a preemption only when nothing but its cache holds
+    its state: greedy, and no penalty counts, log-probabilities or grammar state."""
+    assert Sequence(0, [1, 2], GenerationParams(temperature=0.0), 0).preemptable
+    assert not Sequence(0, [1, 2], GenerationParams(**{"temperature": 0.0, **settings}), 0).preemptable

@@ -128,7 +128,8 @@ class Sequence:
         p = self.params
         return (
             not self.scored and p.greedy and p.repetition_penalty == 1.0 and not p.penalized
-            and p.response_format is None and p.logprobs is None and p.prompt_logprobs is None
+            and p.response_format is None and p.grammar is None
+            and p.logprobs is None and p.prompt_logprobs is None
         )
 
     @property
