@@ -48,24 +48,43 @@ SCALE_PATTERNS[Q.Q5_K] = SCALE_PATTERNS[Q.Q4_K]
 EXTREME_HALVES = np.array([65504.0, -65504.0, 1.0, 6e-8, 6.1e-5], dtype=np.float16)  # 6e-8, 6.1e-5: subnormal
 
 
-def saturated_blocks(qtype: Q, n: int, k: int) -> np.ndarray:
-    """[n, row_bytes] uint8: every block all-zero or all-one codes, one scale pattern and
-    extreme fp16 fields, cycling through all combinations."""
-    block_bytes = GGML_QUANT_SIZES[qtype][1]
-    halves = itertools.product(EXTREME_HALVES, repeat=len(HALVES[qtype]))
-    combos = list(itertools.product((0x00, 0xFF), SCALE_PATTERNS[qtype], halves))
-    n_blocks = n * k // 256
+CODE_PATTERNS = dict.fromkeys(KQUANTS, (0x00, 0xFF))  # every code at its smallest or largest
+
+
+def patterned_blocks(
+    qtype: Q,
+    n: int,
+    k: int,
+    codes: dict[Q, tuple[tuple[int, int], ...]],
+    code_patterns: dict[Q, tuple[int, ...]],
+    scales: dict[Q, tuple[int, int]],
+    scale_patterns: dict[Q, tuple[bytes, ...]],
+    halves: dict[Q, tuple[int, ...]],
+) -> np.ndarray:
+    """[n, row_bytes] uint8: every block one code byte over its `codes` ranges, one scale
+    pattern over its `scales` range and extreme values in the fp16 fields at `halves`,
+    cycling through all combinations."""
+    block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
+    fields = list(itertools.product(EXTREME_HALVES, repeat=len(halves[qtype])))
+    combos = list(itertools.product(code_patterns[qtype], scale_patterns[qtype], fields))
+    n_blocks = n * k // block_elems
     assert n_blocks >= len(combos), "too few blocks to cover every combination"
     blocks = np.zeros((n_blocks, block_bytes), dtype=np.uint8)
     for b in range(n_blocks):
-        code, scales, fields = combos[b % len(combos)]
-        for lo, hi in CODES[qtype]:
+        code, pattern, values = combos[b % len(combos)]
+        for lo, hi in codes[qtype]:
             blocks[b, lo:hi] = code
-        lo, hi = SCALES[qtype]
-        blocks[b, lo:hi] = np.frombuffer(scales, dtype=np.uint8)
-        for offset, half in zip(HALVES[qtype], fields):
+        lo, hi = scales[qtype]
+        blocks[b, lo:hi] = np.frombuffer(pattern, dtype=np.uint8)
+        for offset, half in zip(halves[qtype], values):
             blocks[b, offset : offset + 2] = np.array([half], dtype=np.float16).view(np.uint8)
     return blocks.reshape(n, -1)
+
+
+def saturated_blocks(qtype: Q, n: int, k: int) -> np.ndarray:
+    """[n, row_bytes] uint8: every block all-zero or all-one codes, one scale pattern and
+    extreme fp16 fields, cycling through all combinations."""
+    return patterned_blocks(qtype, n, k, CODES, CODE_PATTERNS, SCALES, SCALE_PATTERNS, HALVES)
 
 
 def q8_exact(rows: int, k: int, rng: np.random.Generator, full: bool = False) -> torch.Tensor:

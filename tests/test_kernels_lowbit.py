@@ -18,8 +18,6 @@ accumulation, `accum` in the docstring of tests/test_kernels.py.
 
 from __future__ import annotations
 
-import itertools
-
 import gguf
 import numpy as np
 import pytest
@@ -27,7 +25,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from test_kernels import accum_bound, offsets
-from test_kernels_kquants import q8_exact
+from test_kernels_kquants import patterned_blocks, q8_exact
 
 from ppinfer.kernels import cpu, select
 
@@ -47,27 +45,12 @@ SCALE_PATTERNS = {
     Q.Q3_K: (b"\xff" * 12, b"\x00" * 12, b"\x00" * 8 + b"\xaa" * 4),
 }
 HALVES = {Q.MXFP4: (), Q.Q2_K: (80, 82), Q.Q3_K: (108,)}
-EXTREME_HALVES = np.array([65504.0, -65504.0, 1.0, 6e-8, 6.1e-5], dtype=np.float16)  # 6e-8, 6.1e-5: subnormal
 
 
 def saturated_blocks(qtype: Q, n: int, k: int) -> np.ndarray:
     """[n, row_bytes] uint8: every block one code pattern, one scale pattern and extreme fp16
     fields, cycling through all combinations."""
-    block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
-    halves = list(itertools.product(EXTREME_HALVES, repeat=len(HALVES[qtype])))
-    combos = list(itertools.product(CODE_PATTERNS[qtype], SCALE_PATTERNS[qtype], halves))
-    n_blocks = n * k // block_elems
-    assert n_blocks >= len(combos), "too few blocks to cover every combination"
-    blocks = np.zeros((n_blocks, block_bytes), dtype=np.uint8)
-    for b in range(n_blocks):
-        code, scales, fields = combos[b % len(combos)]
-        for lo, hi in CODES[qtype]:
-            blocks[b, lo:hi] = code
-        lo, hi = SCALES[qtype]
-        blocks[b, lo:hi] = np.frombuffer(scales, dtype=np.uint8)
-        for offset, half in zip(HALVES[qtype], fields):
-            blocks[b, offset : offset + 2] = np.array([half], dtype=np.float16).view(np.uint8)
-    return blocks.reshape(n, -1)
+    return patterned_blocks(qtype, n, k, CODES, CODE_PATTERNS, SCALES, SCALE_PATTERNS, HALVES)
 
 
 def test_lowbit_types_are_supported_and_mxfp4_experts_stay_in_blocks() -> None:
