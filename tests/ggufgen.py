@@ -133,6 +133,9 @@ class TinySpec:
     computed as llama.cpp's converter computes it from a llama3 rope_scaling."""
     granite_scales: tuple[float, float, float, float] | None = None
     """granite's (embedding_scale, residual_scale, attention.scale, logit_scale)."""
+    rope_finetuned: bool | None = None
+    """rope.scaling.finetuned (None leaves the key out): granite's rope switch, false for no rope
+    in any layer."""
     moe_step: int = 0
     """interleave_moe_layer_step (llama4; written when > 0): experts in layers il with
     (il + 1) % moe_step == 0 only."""
@@ -417,6 +420,8 @@ def _write_metadata(w: gguf.GGUFWriter, spec: TinySpec, name: str) -> None:
         w.add_residual_scale(residual)
         w.add_attention_scale(attention)
         w.add_logit_scale(logit)
+    if spec.rope_finetuned is not None:
+        w.add_rope_scaling_finetuned(spec.rope_finetuned)
     if spec.moe_step:
         w.add_interleave_moe_layer_step(spec.moe_step)
     if spec.sliding_window is not None:

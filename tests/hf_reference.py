@@ -40,6 +40,7 @@ from transformers import (
     GptOssConfig,
     GraniteConfig,
     GraniteMoeConfig,
+    GraniteMoeHybridConfig,
     GraniteMoeSharedConfig,
     Llama4TextConfig,
     LlamaConfig,
@@ -222,13 +223,23 @@ def hf_config(spec: TinySpec) -> PretrainedConfig:
 
 def _granite_config(spec: TinySpec, common: dict[str, object], rope: dict[str, object]) -> PretrainedConfig:
     """Granite (dense), GraniteMoe, or GraniteMoeShared when the file has a shared expert; the
-    four multipliers from the file's scales."""
+    four multipliers from the file's scales. A file whose rope.scaling.finetuned is false: a
+    GraniteMoeHybrid of attention layers only without rotary embedding (Granite 4's NoPE
+    attention; its dense feed-forward, or shared expert, is its `shared_mlp`)."""
     assert spec.granite_scales is not None
     embedding, residual, attention, logit = spec.granite_scales
     scales: dict[str, object] = {
         "embedding_multiplier": embedding, "residual_multiplier": residual, "attention_multiplier": attention,
         "logits_scaling": logit, "rms_norm_eps": 1e-5, "rope_parameters": rope,
     }
+    if spec.rope_finetuned is False:
+        assert spec.arch == "granite" or spec.n_ff_shexp, "GraniteMoeHybrid's experts come with a shared_mlp"
+        return GraniteMoeHybridConfig(
+            **dict(common, intermediate_size=spec.expert_width), **scales, position_embedding_type=None,
+            layer_types=["full_attention"] * spec.n_layer, num_local_experts=spec.n_expert,
+            num_experts_per_tok=spec.n_expert_used,
+            shared_intermediate_size=spec.n_ff if spec.arch == "granite" else spec.n_ff_shexp,
+        )
     if spec.arch == "granite":
         return GraniteConfig(**common, **scales)
     moe: dict[str, object] = dict(
@@ -312,7 +323,7 @@ def _granite_llama4_experts(
     gate_up_proj [n, E, 2F] ([gate | up] columns) and down_proj [n, F, E]; its shared expert has
     the usual gate/up/down projections (mapped by name)."""
     layer, role = name.split(".")[1], name.split(".")[2]
-    granite = spec.arch == "granitemoe"
+    granite = spec.arch in ("granite", "granitemoe")
     prefix = f"model.layers.{layer}." + ("block_sparse_moe.experts." if granite else "feed_forward.experts.")
     up = tensors.get(name.replace("_gate_", "_up_"))
     if role == "ffn_gate_exps":  # [n, F, E] gate and up
@@ -426,10 +437,13 @@ def _hf_name(arch: str, gguf_name: str) -> str:
 def hf_state_dict(spec: TinySpec, tensors: dict[str, np.ndarray], unpermute_qk: bool = True) -> dict[str, torch.Tensor]:
     """Map GGUF tensors onto transformers parameter names, undoing the converter's changes."""
     out: dict[str, torch.Tensor] = {}
+    if spec.arch == "granite" and spec.rope_finetuned is False:
+        # GraniteMoeHybrid holds a dense feed-forward as its shared_mlp, as a shared expert.
+        tensors = {_as_shared_expert(name): w for name, w in tensors.items()}
     for name, w in tensors.items():
         if name.startswith("rope_") or ".ffn_up_exps." in name:
             continue
-        if spec.arch == "granitemoe" and ".ffn_up_shexp." in name:
+        if spec.arch in ("granite", "granitemoe") and ".ffn_up_shexp." in name:
             continue  # fused with ffn_gate_shexp into shared_mlp.input_linear
         if name.startswith("blk.") and int(name.split(".")[1]) >= spec.n_layer:
             continue  # next-token prediction blocks: not part of the decoder
@@ -438,7 +452,7 @@ def hf_state_dict(spec: TinySpec, tensors: dict[str, np.ndarray], unpermute_qk: 
         if spec.arch == "gpt-oss" and "_exps." in name:
             _gpt_oss_experts(name, w, tensors, out)
             continue
-        if spec.arch in ("granitemoe", "llama4") and ("_exps." in name or "_shexp." in name):
+        if spec.arch in ("granite", "granitemoe", "llama4") and ("_exps." in name or "_shexp." in name):
             _granite_llama4_experts(spec, name, w, tensors, out)
             continue
         if ".attn_k_b." in name:  # [H, R, nope] and [H, Dv, R] -> kv_b [H (nope + Dv), R]
@@ -463,6 +477,14 @@ def hf_state_dict(spec: TinySpec, tensors: dict[str, np.ndarray], unpermute_qk: 
             continue
         out[_hf_name(spec.arch, name)] = _qk_fix(spec, name, w, unpermute_qk)
     return out
+
+
+def _as_shared_expert(name: str) -> str:
+    """blk.N.ffn_{gate,up,down}.weight -> blk.N.ffn_{gate,up,down}_shexp.weight; others as they are."""
+    parts = name.split(".")
+    if parts[0] == "blk" and parts[2] in ("ffn_gate", "ffn_up", "ffn_down"):
+        parts[2] += "_shexp"
+    return ".".join(parts)
 
 
 def _qk_fix(spec: TinySpec, name: str, w: np.ndarray, unpermute_qk: bool) -> torch.Tensor:

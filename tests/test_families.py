@@ -8,9 +8,12 @@ just as ppinfer does, so the same 1e-4 bound applies to them.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from ggufgen import encoded_tensors, write_gguf
 from hf_reference import hf_logits, reference_model
 from stage_runner import arange_positions, full_logits, step, whole
 from tiny_cases import ALL_CASES, FAMILY_CASES, QUANT_CASES, QUIRK_CASES, TinyFiles, token_batch
@@ -123,6 +126,26 @@ def test_longrope_factors_are_chosen_by_the_context_as_llama_cpp_does(tiny_files
     assert float(np.abs(full_logits(stage, short) - full_logits(stage, ids)[:, :16]).max()) <= 1e-5
     reference = reference_model(path, spec)
     assert float(np.abs(full_logits(stage, short) - hf_logits(reference, short)).max()) > 0.1
+
+
+def test_granite_rope_switch(tiny_files: TinyFiles, tmp_path: Path) -> None:
+    """`granite.rope.scaling.finetuned`: false leaves every layer without rope, true (granitemoe's
+    file) or absent (granite's) ropes every layer, as llama.cpp reads it; any other type is one
+    error line naming the key and the value. Without rope, decoding one token at a time (the
+    unfused attention: the fused decode op rotates) matches transformers too."""
+    for case, roped in (("granite_nope", False), ("granitemoe", True), ("granite", True)):
+        stage = whole(tiny_files.path(case), ALL_CASES[case].n_layer)
+        assert [layer.attn.rope is not None for layer in stage.layers] == [roped] * ALL_CASES[case].n_layer, case
+    spec, path = ALL_CASES["granite_nope"], tiny_files.path("granite_nope")
+    ids = token_batch(spec)  # [2, 20]
+    expected = hf_logits(reference_model(path, spec), ids)  # [2, 20, V]
+    assert float(np.abs(_decoded_one_token_at_a_time(whole(path, spec.n_layer), ids) - expected).max()) <= TOLERANCE
+    spec = ALL_CASES["granite"]
+    path = write_gguf(
+        tmp_path / "bad.gguf", spec, encoded_tensors(spec), extra={"granite.rope.scaling.finetuned": "false"}
+    )
+    with pytest.raises(ModelFileError, match=r"granite\.rope\.scaling\.finetuned='false' must be a boolean$"):
+        whole(path, spec.n_layer)
 
 
 def test_unsupported_architecture_lists_the_supported_ones() -> None:

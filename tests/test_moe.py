@@ -34,6 +34,7 @@ from pipeline_driver import run_command, torchrun_command
 from pipeline_models import N_VOCAB, greedy_recompute, write_pipeline_model
 from stage_runner import arange_positions, build, chained_logits, full_logits, kl_and_top1, whole
 from tiny_cases import ALL_CASES, MOE_CASES, MOE_QUANT_CASES, TinyFiles, token_batch
+from transformers.models.llama4.modeling_llama4 import Llama4TextWeightlessRMSNorm
 
 import ppinfer
 from ppinfer.errors import ModelFileError
@@ -127,6 +128,27 @@ def test_llama4_nope_temperature_and_chunks_match_transformers(
     monkeypatch.setitem(registry.FAMILIES, case, replace(registry.LLAMA4, nope=changed))
     assert _gap(full_logits(whole(path, spec.n_layer), ids), expected) <= TOLERANCE
     assert _gap(_decoded_through_stages(path, spec.n_layer, ids), expected) <= TOLERANCE
+
+
+def test_llama4_128_experts_have_no_qk_norm(tiny_files: TinyFiles) -> None:
+    """Llama 4 Maverick's 128 experts: no layer normalises q and k after rope (llama.cpp's rule;
+    transformers' use_qk_norm false, which the matches above hold ppinfer to). The same file
+    through transformers with Scout's L2 norm in its rope layers is far away, so those matches
+    tell the two rules apart."""
+    case = "llama4_128e"
+    spec, path = ALL_CASES[case], tiny_files.path(case)
+    stage = whole(path, spec.n_layer)
+    assert [layer.attn.post_rope_norm is None for layer in stage.layers] == [True] * 4
+    assert [layer.attn.rope is None for layer in stage.layers] == [False, False, False, True]
+    assert [layer.mlp.params.n_expert if isinstance(layer.mlp, MoeFeedForward) else 0 for layer in stage.layers] == [
+        0, 128, 0, 128
+    ]
+    reference = reference_model(path, spec)
+    for layer in reference.model.layers:
+        if layer.self_attn.use_rope:
+            layer.self_attn.qk_norm = Llama4TextWeightlessRMSNorm(reference.config.rms_norm_eps)
+    ids = token_batch(spec)  # [2, 20]
+    assert _gap(full_logits(stage, ids), hf_logits(reference, ids)) > 1000 * TOLERANCE
 
 
 def test_llama4_layers(tiny_files: TinyFiles) -> None:

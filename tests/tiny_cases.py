@@ -74,6 +74,10 @@ QUIRK_CASES: dict[str, TinySpec] = {
     "gemma3_final_softcap": TinySpec(
         "gemma3", n_layer=6, tied=True, sliding_window=5, final_softcap=3.0, seed=16,
     ),
+    # rope.scaling.finetuned = false: llama.cpp ropes no layer of a granite file (Granite 4's NoPE
+    # attention; transformers: GraniteMoeHybrid with position_embedding_type None). Attention
+    # scale 1/4 and residual 0.5 so that rope matters: roped, the logits move by ~0.25.
+    "granite_nope": TinySpec("granite", granite_scales=(12.0, 0.5, 0.25, 2.0), rope_finetuned=False, seed=36),
 }
 
 MOE_CASES: dict[str, TinySpec] = {
@@ -117,10 +121,11 @@ MOE_CASES: dict[str, TinySpec] = {
         n_ff_exp=32, sliding_window=6, n_ctx=16384, rope_yarn=(4.0, 4096), rope_base=150000.0, seed=30,
     ),
     # GraniteMoeShared (llama.cpp writes it as granitemoe with ffn_*_shexp): the four scales,
-    # Mixtral's routing, a shared expert of 48.
+    # Mixtral's routing, a shared expert of 48, and rope.scaling.finetuned = true (rope on) as the
+    # converter writes it for Granite 4's attention-only files.
     "granitemoe": TinySpec(
         "granitemoe", n_layer=3, n_ff=32, n_expert=4, n_expert_used=2, n_ff_shexp=48,
-        granite_scales=(12.0, 0.22, 0.015625, 8.0), seed=34,
+        granite_scales=(12.0, 0.22, 0.015625, 8.0), rope_finetuned=True, seed=34,
     ),
     # Llama 4 Scout's layout: experts in layers 1 and 3 (dense 128 wide in 0 and 2), chosen by
     # sigmoid(logit) with the weight on the expert's input, a shared expert, layer 3 NoPE, L2
@@ -128,6 +133,12 @@ MOE_CASES: dict[str, TinySpec] = {
     "llama4": TinySpec(
         "llama4", n_layer=4, n_ff=128, n_expert=4, n_expert_used=1, n_ff_exp=32, moe_step=2,
         rope_base=500.0, llama3_rope=(8.0, 1.0, 4.0, 64), seed=35,
+    ),
+    # Llama 4 Maverick's layout: 128 experts (here 8 wide), which llama.cpp and transformers
+    # (use_qk_norm false) run without the L2 q/k norm.
+    "llama4_128e": TinySpec(
+        "llama4", n_layer=4, n_ff=128, n_expert=128, n_expert_used=1, n_ff_exp=8, moe_step=2,
+        rope_base=500.0, llama3_rope=(8.0, 1.0, 4.0, 64), seed=37,
     ),
 }
 

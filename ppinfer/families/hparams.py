@@ -282,6 +282,15 @@ def decoder_layers(gf: GGUFFile, spec: FamilySpec) -> tuple[int, int]:
     return n_block - n_nextn, n_block
 
 
+def _rope_switch(gf: GGUFFile, name: str) -> bool:
+    """Whether the layers rope, from a family's on/off key (absent: on), which llama.cpp reads as a
+    boolean and refuses otherwise."""
+    value = gf.get(name, True)
+    if type(value) is not bool:
+        raise ModelFileError(f"{gf.path}: {name}={value!r} must be a boolean")
+    return value
+
+
 def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
     """Read and check the header of `gf` (spec looked up from general.architecture if None)."""
     arch = gf.architecture
@@ -367,10 +376,14 @@ def read_hparams(gf: GGUFFile, spec: FamilySpec | None = None) -> HParams:
     nope_step = 0
     if spec.nope is not None and gf.get(key("attention.sliding_window"), None) != 0:
         nope_step = spec.nope.step
-    qk_l2 = spec.nope is not None and spec.nope.l2_norm and (moe is None or moe.n_expert != 128)
+    qk_l2 = (
+        spec.nope is not None and spec.nope.l2_norm
+        and (moe is None or moe.n_expert != spec.nope.l2_norm_off_experts)
+    )
+    rope_on = _rope_switch(gf, key("rope.scaling.finetuned")) if spec.rope_switch else True
 
     def layer_rope(il: int) -> RopeParams | None:
-        if nope_step and (il + 1) % nope_step == 0:
+        if not rope_on or (nope_step and (il + 1) % nope_step == 0):
             return None
         return local_rope if is_sliding(il) else global_rope
 

@@ -47,6 +47,7 @@ LLAMA = FamilySpec(
     ffn_norm="ffn_norm",
     scales=False,
     nope=None,
+    rope_switch=False,
     nextn_layers=False,
     attention=AttnKind.STANDARD,
     attn_sinks=False,
@@ -131,8 +132,9 @@ GPT_OSS = replace(
     attn_sinks=True,
 )
 
-# Granite keeps llama's layout (the converter permutes q/k for NORM rope) and adds four scales.
-GRANITE = replace(LLAMA, arch="granite", experts=None, scales=True)
+# Granite keeps llama's layout (the converter permutes q/k for NORM rope) and adds four scales;
+# rope.scaling.finetuned = false makes every layer NoPE.
+GRANITE = replace(LLAMA, arch="granite", experts=None, scales=True, rope_switch=True)
 
 # Granite MoE and Granite MoE Shared: Mixtral-style routing; the shared expert (GraniteMoeShared)
 # is there when expert_shared_feed_forward_length is.
@@ -149,7 +151,8 @@ GRANITEMOE = replace(
 # Llama 4 (text): q/k as HF stores them (already pair-interleaved: NORM rope, no permutation),
 # experts every interleave_moe_layer_step layers chosen by sigmoid(logit) top-k with the weight on
 # the expert's input, one shared expert, NoPE every 4th layer with temperature tuning, L2 q/k
-# norm after rope and attention within 8192-token chunks elsewhere, rope_freqs (llama3 scaling).
+# norm after rope (not in 128-expert files: Maverick) and attention within 8192-token chunks
+# elsewhere, rope_freqs (llama3 scaling).
 LLAMA4 = replace(
     LLAMA,
     arch="llama4",
@@ -158,7 +161,10 @@ LLAMA4 = replace(
         shared=SharedExpert.ONE, routing_keys=False, biases=False, clamped_swiglu=False,
         interleaved=True, weight_input=True,
     ),
-    nope=NoPE(step=4, chunk=8192, temperature=AttnTemperature(floor_scale=8192, scale=0.1, offset=1.0), l2_norm=True),
+    nope=NoPE(
+        step=4, chunk=8192, temperature=AttnTemperature(floor_scale=8192, scale=0.1, offset=1.0), l2_norm=True,
+        l2_norm_off_experts=128,
+    ),
 )
 
 PHI2 = replace(

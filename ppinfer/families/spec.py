@@ -125,7 +125,8 @@ class NoPE:
     chunk: int  # the other layers attend within chunks of this many positions (llama.cpp: 8192)
     temperature: AttnTemperature | None  # on the NoPE layers' queries
     l2_norm: bool  # RMSNorm without weight of each q and k head after rope on the other layers,
-    # off when expert_count is 128 (llama.cpp: Llama 4 Maverick has none)
+    l2_norm_off_experts: int | None  # ...except in files with this expert_count (llama.cpp and
+    # transformers: Llama 4 Maverick, 128 experts, has none; Scout, 16, has it)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,6 +155,8 @@ class FamilySpec:
     scales: bool  # granite: `{arch}.embedding_scale` multiplies the embeddings, `residual_scale` each
     # branch before its residual add, `attention.scale` replaces 1/sqrt(D), logits divided by `logit_scale`
     nope: NoPE | None  # layers without rotary embedding (llama4)
+    rope_switch: bool  # `{arch}.rope.scaling.finetuned` = false turns rope off in every layer; absent
+    # or true: on (granite, as llama.cpp reads it: the converter writes false for NoPE Granite 4 files)
     nextn_layers: bool  # the trailing `nextn_predict_layers` blocks (next-token prediction
     # heads for speculative decoding) are in the file but not part of the decoder: never run,
     # never loaded, as llama.cpp skips them (glm4moe)
