@@ -12,6 +12,7 @@ import torch
 
 from ppinfer.model import KVCache, KVPool, PipelineStage
 from ppinfer.model.kvquant import KVType
+from ppinfer.pipeline.heap import trim_heap
 from ppinfer.pipeline.intake import Intake, KVStats
 from ppinfer.pipeline.prefix import PrefixIndex
 from ppinfer.pipeline.scheduler import Scheduler
@@ -146,6 +147,11 @@ class StageRunner:
         result = StepResult(out)
         if self.sink is not None:
             result.sampled = self.sink.consume(self.stage, item, ids, out)
+        if item.kind is ItemKind.PREFILL and item.samples and self.stage.device.type == "cpu":
+            # The group's last chunk: the free heap its chunks' activations left goes back,
+            # so resident memory follows the cached tokens (see `ppinfer.pipeline.heap`).
+            with self.tracer.range("trim_heap"):
+                trim_heap()
         end = time.perf_counter()
         self.clock.compute_s += end - start
         self.clock.spans.append(Span(start, end, item.lane, item.kind))
