@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kv-dtype", default="float16")
     parser.add_argument("--prompt-tokens", type=int, default=500)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--decode-tokens", type=int, default=64, help="new tokens of the decode-rate waves (0: none)")
+    parser.add_argument("--decode-tokens", type=int, default=128, help="new tokens of the decode-rate waves (0: none)")
     parser.add_argument("overrides", nargs="+", help="launch/serve.py overrides, model.path=... among them")
     args = parser.parse_args(argv)
     if not any(o.startswith("model.path=") for o in args.overrides):
