@@ -168,11 +168,16 @@ class SampleSink:
         stream = self._streams.get(key)
         if step.reset or stream is None or stream.seq != step.seq:
             admission = self._admitted.pop(step.seq)
-            params = admission.params
+            params, before = admission.params, list(admission.generated)
+            # Resumed after a preemption (`before`: its tokens so far, which its recompute feeds
+            # again): the random stream goes on past the draws they took, the penalties count
+            # them, and the prompt's log-probabilities were sent with its first token.
             history: list[int] | None = [] if params.repetition_penalty != 1.0 else None
-            stream = _Stream(step.seq, params, stream_generator(admission.stream_seed), history,
-                             generated=[] if params.penalized else None,
-                             prompt_logprobs=[] if params.prompt_logprobs is not None else None,
+            draws = 0 if params.greedy else len(before)
+            fresh = not before and params.prompt_logprobs is not None
+            stream = _Stream(step.seq, params, stream_generator(admission.stream_seed, draws), history,
+                             generated=before if params.penalized else None,
+                             prompt_logprobs=[] if fresh else None,
                              constraint=self._constraint(params))
             self._streams[key] = stream
         if stream.history is not None and item.kind is ItemKind.PREFILL:
