@@ -102,6 +102,23 @@ def test_sampled_tokens_with_a_small_pool_equal_a_large_pool(
     assert tokens(out) == tokens(sampled_reference)
 
 
+GRAMMAR = "generation.grammar='start: /[a-z]{25}[0-9]{25}/'"
+"""A grammar whose mask depends on how far the matcher has gone (letters, then digits)."""
+
+
+def test_constrained_tokens_with_a_small_pool_equal_a_large_pool(model: Path, tmp_path: Path) -> None:
+    """A sequence with a grammar is resumed with a matcher that has consumed its tokens so far:
+    letters until the 25th, digits after, as with a large pool."""
+    small, large = tmp_path / "small", tmp_path / "large"
+    run_all([Run("small", tuple(overrides(model, small, f"runtime.kv_cache_tokens={SMALL_POOL}", *SAMPLED, GRAMMAR))),
+             Run("large", tuple(overrides(model, large, *SAMPLED, GRAMMAR)))], DistEnv(0, 1, 0, 1))
+    assert metrics(small)["preemptions"] > 0, "the pool never ran dry: the test does not exercise preemption"
+    assert metrics(large)["preemptions"] == 0
+    texts = [json.loads(line)["text"] for line in (large / "results.jsonl").read_text().splitlines()]
+    assert all(t[:25].isalpha() and t[25:50].isdigit() for t in texts), texts
+    assert tokens(small) == tokens(large)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sampled", [False, True])
 def test_preemption_across_two_stages(
@@ -120,13 +137,14 @@ def test_preemption_across_two_stages(
 
 
 @pytest.mark.parametrize(
-    ("settings", "preemptable"),
-    [({"temperature": 0.0}, True), ({"temperature": 0.8}, True), ({"repetition_penalty": 1.1}, True),
-     ({"presence_penalty": 0.5}, True), ({"logprobs": 2, "prompt_logprobs": 1}, True),
-     ({"response_format": {"type": "json_object"}}, False), ({"grammar": 'start: "yes" | "no"'}, False)],
+    "settings",
+    [{"temperature": 0.0}, {"temperature": 0.8}, {"repetition_penalty": 1.1}, {"presence_penalty": 0.5},
+     {"logprobs": 2, "prompt_logprobs": 1}, {"response_format": {"type": "json_object"}},
+     {"grammar": 'start: "yes" | "no"'}],
 )
-def test_every_generated_sequence_but_a_constrained_one_is_preemptable(settings: dict, preemptable: bool) -> None:
-    """The last stage rebuilds a resumed sequence's random stream, penalty counts and history
-    from its admission; a grammar matcher it does not rebuild."""
-    assert Sequence(0, [1, 2], GenerationParams(**settings), 0).preemptable is preemptable
+def test_every_generated_sequence_is_preemptable(settings: dict) -> None:
+    """The last stage rebuilds a resumed sequence's random stream, penalty counts, history and
+    grammar state from its admission; a scored sequence is never preempted (it generates
+    nothing to grow into)."""
+    assert Sequence(0, [1, 2], GenerationParams(**settings), 0).preemptable
     assert not Sequence(0, [1, 2], GenerationParams(**settings), 0, scored=True).preemptable

@@ -96,10 +96,9 @@ class RuntimeConfig:
     kv_cache_tokens: int | None = None
     """Tokens the KV cache of each stage holds, shared by every row of every lane in blocks of
     16 slots. A sequence is admitted when its prompt's blocks (and a block to grow into for each
-    running sequence) are free, and is preempted (recomputed later) if the pool runs dry; one
-    with a grammar is admitted when the blocks its prompt and token budget may need are free.
-    Null: room for every row at full length (the server: at least 2,048 tokens a row). At
-    least one full row (`server.context_length`, or the longest prompt plus its budget)."""
+    running sequence) are free, and is preempted (recomputed later) if the pool runs dry.
+    Null: room for every row at full length (the server: at least 2,048 tokens a row). At least
+    one full row (`server.context_length`, or the longest prompt plus its budget)."""
     timeout_s: float = 60.0
     """Process-group timeout, so a rank whose peer died fails instead of waiting forever.
     Seconds, from 1 to 86400 (one day); see `TIMEOUT_RANGE_S`."""

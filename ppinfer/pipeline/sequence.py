@@ -123,13 +123,12 @@ class Sequence:
     @property
     def preemptable(self) -> bool:
         """Whether it may give its KV blocks back mid-answer and be recomputed later with the
-        same tokens. The last stage rebuilds what it keeps per sequence from the admission of
-        the recompute: the random stream's position (one draw per sampled token), the penalty
-        counts (the tokens generated so far) and the repetition history (every token fed). A
-        grammar's matcher is not rebuilt (it would have to be advanced again over every
-        generated token), so a constrained sequence is never preempted."""
-        p = self.params
-        return not self.scored and p.response_format is None and p.grammar is None
+        same tokens: every generated sequence. The last stage rebuilds what it keeps per
+        sequence from the admission of the recompute, which carries the tokens generated so
+        far: the random stream's position (one draw per sampled token), the penalty counts, the
+        grammar matcher's state (it consumes them again) and the repetition history (every
+        token fed)."""
+        return not self.scored
 
     @property
     def finished(self) -> bool:
