@@ -16,8 +16,10 @@ import pytest
 import torch
 from pipeline_models import PIPELINE_SPECS, write_pipeline_model
 from stage_runner import full_logits, whole
+from tiny_cases import ALL_CASES, TinyFiles
 
 from ppinfer.bench import synthetic
+from ppinfer.bench.kv_memory import Timing, decode_rate, kv_bytes_float32, prompts
 from ppinfer.bench.llamacpp import Entry, context_size, prefill_entries, step_entries
 from ppinfer.bench.peer import left_padded
 from ppinfer.bench.planner import plan
@@ -613,3 +615,21 @@ def test_serving_pairs_alternate_which_side_runs_first(reference_first: bool) ->
 
     assert _in_order(side("ours", 1.0), side("reference", 2.0), reference_first) == (1.0, 2.0)
     assert calls == (["reference", "ours"] if reference_first else ["ours", "reference"])
+
+
+def test_kv_memory_decode_rate_counts_the_window_where_every_request_decodes() -> None:
+    """Two requests of 11 tokens (10 after the first), first tokens at 0 s and 2 s, ends at
+    10 s and 12 s: both decode from 2 s to 10 s, 8 tokens each at 1 token/s: 2 tokens/s. No
+    common window: 0."""
+    assert decode_rate([Timing(0.0, 10.0, 11), Timing(2.0, 12.0, 11)]) == pytest.approx(2.0)
+    assert decode_rate([Timing(0.0, 1.0, 11), Timing(2.0, 3.0, 11)]) == 0.0
+
+
+def test_kv_memory_prompts_and_float32_kv_bytes(tiny_files: TinyFiles) -> None:
+    """Prompts are distinct from their first block on; float32 K/V bytes a token = 2 (k, v) x
+    layers x KV heads x head size x 4 bytes."""
+    batch = prompts(8, 40)
+    assert len(batch) == 8 and all(len(p) == 40 for p in batch)
+    assert len({tuple(p[:16]) for p in batch}) == 8
+    spec = ALL_CASES["llama"]
+    assert kv_bytes_float32(tiny_files.path("llama")) == 2 * spec.n_layer * spec.n_head_kv * spec.head_dim * 4

@@ -3,8 +3,8 @@ current need; when a decode step finds the pool dry, the newest sequence gives i
 on every stage and is later prefilled again with its prompt and the tokens it had generated.
 
 Reference: the same prompts with a pool large enough for all of them at full length (nothing
-preempted). Greedy tokens must be identical, and the preemptions counted in metrics.json and
-TensorBoard.
+preempted). Greedy tokens, and sampled ones with a seed and penalties, must be identical, and
+the preemptions counted in metrics.json and TensorBoard.
 """
 
 from __future__ import annotations
@@ -74,23 +74,62 @@ def test_greedy_tokens_with_a_small_pool_equal_a_large_pool(model: Path, referen
     assert acc.Scalars("kv_cache/preemptions")[0].value == counted
 
 
-def test_sampled_sequences_are_never_preempted(model: Path, tmp_path: Path) -> None:
-    """Sequences with a random stream reserve their worst case: a pool that holds one row and
-    a block runs them with no preemption, and the same tokens as a large pool."""
-    sampled = ("generation.temperature=0.8", "generation.seed=3")
+SAMPLED = ("generation.temperature=0.8", "generation.seed=3", "generation.repetition_penalty=1.1",
+           "generation.presence_penalty=0.5", "generation.frequency_penalty=0.3")
+"""Settings with a random stream and penalty counts, which the last stage must rebuild for a
+resumed sequence."""
+
+
+@pytest.fixture(scope="module")
+def sampled_reference(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The prompts sampled (`SAMPLED`) with a pool that holds every row at full length."""
+    out = tmp_path_factory.mktemp("large-sampled")
+    run_all([Run("large", tuple(overrides(model, out, *SAMPLED)))], DistEnv(0, 1, 0, 1))
+    assert metrics(out)["preemptions"] == 0
+    return out
+
+
+def test_sampled_tokens_with_a_small_pool_equal_a_large_pool(
+    model: Path, sampled_reference: Path, tmp_path: Path
+) -> None:
+    """Sampled sequences with penalties are preempted and resumed: their random streams go on
+    where they stood and their penalties count the tokens generated before, so every token
+    equals the large pool's."""
+    out = tmp_path / "small"
+    run_all([Run("small", tuple(overrides(model, out, f"runtime.kv_cache_tokens={SMALL_POOL}", *SAMPLED)))],
+            DistEnv(0, 1, 0, 1))
+    assert metrics(out)["preemptions"] > 0, "the pool never ran dry: the test does not exercise preemption"
+    assert tokens(out) == tokens(sampled_reference)
+
+
+GRAMMAR = "generation.grammar='start: /[a-z]{25}[0-9]{25}/'"
+"""A grammar whose mask depends on how far the matcher has gone (letters, then digits)."""
+
+
+def test_constrained_tokens_with_a_small_pool_equal_a_large_pool(model: Path, tmp_path: Path) -> None:
+    """A sequence with a grammar is resumed with a matcher that has consumed its tokens so far:
+    letters until the 25th, digits after, as with a large pool."""
     small, large = tmp_path / "small", tmp_path / "large"
-    run_all([Run("small", tuple(overrides(model, small, f"runtime.kv_cache_tokens={SMALL_POOL}", *sampled))),
-             Run("large", tuple(overrides(model, large, *sampled)))], DistEnv(0, 1, 0, 1))
-    assert metrics(small)["preemptions"] == 0
+    run_all([Run("small", tuple(overrides(model, small, f"runtime.kv_cache_tokens={SMALL_POOL}", *SAMPLED, GRAMMAR))),
+             Run("large", tuple(overrides(model, large, *SAMPLED, GRAMMAR)))], DistEnv(0, 1, 0, 1))
+    assert metrics(small)["preemptions"] > 0, "the pool never ran dry: the test does not exercise preemption"
+    assert metrics(large)["preemptions"] == 0
+    texts = [json.loads(line)["text"] for line in (large / "results.jsonl").read_text().splitlines()]
+    assert all(t[:25].isalpha() and t[25:50].isdigit() for t in texts), texts
     assert tokens(small) == tokens(large)
 
 
 @pytest.mark.slow
-def test_preemption_across_two_stages(model: Path, reference: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sampled", [False, True])
+def test_preemption_across_two_stages(
+    model: Path, sampled: bool, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """Two ranks: the preempted rows' blocks are given back on both stages (the release goes
-    down the ring before the next item), and the tokens equal the large pool's on one."""
+    down the ring before the next item), and the tokens (greedy, or sampled with penalties)
+    equal the large pool's on one."""
+    reference = request.getfixturevalue("sampled_reference" if sampled else "reference")
     out = tmp_path / "two"
-    args = overrides(model, out, f"runtime.kv_cache_tokens={SMALL_POOL}")
+    args = overrides(model, out, f"runtime.kv_cache_tokens={SMALL_POOL}", *(SAMPLED if sampled else ()))
     done = run_command(torchrun_command("--standalone", "--nproc_per_node=2", "launch/infer.py", *args), 240)
     assert done.returncode == 0, done.tail()
     assert tokens(out) == tokens(reference)
@@ -99,11 +138,13 @@ def test_preemption_across_two_stages(model: Path, reference: Path, tmp_path: Pa
 
 @pytest.mark.parametrize(
     "settings",
-    [{"temperature": 0.8}, {"repetition_penalty": 1.1}, {"presence_penalty": 0.5}, {"logprobs": 2},
-     {"response_format": {"type": "json_object"}}, {"grammar": 'start: "yes" | "no"'}],
+    [{"temperature": 0.0}, {"temperature": 0.8}, {"repetition_penalty": 1.1}, {"presence_penalty": 0.5},
+     {"logprobs": 2, "prompt_logprobs": 1}, {"response_format": {"type": "json_object"}},
+     {"grammar": 'start: "yes" | "no"'}],
 )
-def test_only_stateless_greedy_sequences_are_preemptable(settings: dict) -> None:
-    """A sequence may be recomputed after a preemption only when nothing but its cache holds
-    its state: greedy, and no penalty counts, log-probabilities or grammar state."""
-    assert Sequence(0, [1, 2], GenerationParams(temperature=0.0), 0).preemptable
-    assert not Sequence(0, [1, 2], GenerationParams(**{"temperature": 0.0, **settings}), 0).preemptable
+def test_every_generated_sequence_is_preemptable(settings: dict) -> None:
+    """The last stage rebuilds a resumed sequence's random stream, penalty counts, history and
+    grammar state from its admission; a scored sequence is never preempted (it generates
+    nothing to grow into)."""
+    assert Sequence(0, [1, 2], GenerationParams(**settings), 0).preemptable
+    assert not Sequence(0, [1, 2], GenerationParams(**settings), 0, scored=True).preemptable

@@ -29,6 +29,7 @@ from ppinfer.sampling.sampler import (
     make_generator,
     pad_history,
     sample,
+    stream_generator,
 )
 
 
@@ -400,3 +401,18 @@ def test_logprobs_are_the_log_softmax_with_the_top_k() -> None:
 def test_new_settings_are_bounded(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"^{field}"):
         GenerationParams().updated({field: value})
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 0.8}, {"temperature": 1.0, "top_k": 3, "top_p": 0.9}])
+def test_a_stream_resumed_at_a_position_draws_what_the_sampler_would_draw_next(settings: dict) -> None:
+    """`stream_generator(seed, n)` stands where a stream stands after `n` sampled tokens (how
+    the last stage resumes a preempted sequence): the tokens sampled from it next equal those
+    of the stream that sampled the first `n`."""
+    params = GenerationParams(**settings)
+    logits = torch.randn(12, 1, 50, generator=torch.Generator().manual_seed(4))  # [steps, 1, V]
+    running = stream_generator(99)
+    tokens = [int(sample(step, params, [running])[0]) for step in logits]
+    resumed = stream_generator(99, 7)
+    assert [int(sample(step, params, [resumed])[0]) for step in logits[7:]] == tokens[7:]
+    fresh = stream_generator(99)
+    assert [int(sample(step, params, [fresh])[0]) for step in logits[7:]] != tokens[7:], "position not tested"

@@ -95,11 +95,10 @@ class RuntimeConfig:
     by the CPU's fused decode attention; head sizes a multiple of 32)."""
     kv_cache_tokens: int | None = None
     """Tokens the KV cache of each stage holds, shared by every row of every lane in blocks of
-    16 slots. A greedy sequence is admitted when its prompt's blocks (and a block to grow into
-    for each such running sequence) are free, and is preempted (recomputed later) if the pool
-    runs dry; any other is admitted when the blocks its prompt and token budget may need are
-    free. Null: room for every row at full length (the server: at least 2,048 tokens a row).
-    At least one full row (`server.context_length`, or the longest prompt plus its budget)."""
+    16 slots. A sequence is admitted when its prompt's blocks (and a block to grow into for each
+    running sequence) are free, and is preempted (recomputed later) if the pool runs dry.
+    Null: room for every row at full length (the server: at least 2,048 tokens a row). At least
+    one full row (`server.context_length`, or the longest prompt plus its budget)."""
     timeout_s: float = 60.0
     """Process-group timeout, so a rank whose peer died fails instead of waiting forever.
     Seconds, from 1 to 86400 (one day); see `TIMEOUT_RANGE_S`."""

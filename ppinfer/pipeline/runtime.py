@@ -12,6 +12,7 @@ import torch
 
 from ppinfer.model import KVCache, KVPool, PipelineStage
 from ppinfer.model.kvquant import KVType
+from ppinfer.pipeline.heap import trim_heap
 from ppinfer.pipeline.intake import Intake, KVStats
 from ppinfer.pipeline.prefix import PrefixIndex
 from ppinfer.pipeline.scheduler import Scheduler
@@ -121,11 +122,20 @@ class StageRunner:
             self.lane_cache(lane).attach(row, blocks)
 
     def release(self, rows: list[tuple[int, int]]) -> None:
-        """Give the KV blocks of these (lane, row) pairs back to the pool."""
+        """Give the KV blocks of these (lane, row) pairs back to the pool. When no row holds a
+        sequence any more, the working memory of the last steps goes back to the system."""
         for lane, row in rows:
             cache = self.caches[lane]
             if cache is not None:
                 cache.reset(row, row + 1)
+        if rows and not any(cache is not None and any(cache.lengths) for cache in self.caches):
+            self._trim_heap()
+
+    def _trim_heap(self) -> None:
+        """Return the free C heap to the system (CPU only; see `ppinfer.pipeline.heap`)."""
+        if self.stage.device.type == "cpu":
+            with self.tracer.range("trim_heap"):
+                trim_heap()
 
     def admit(self, admissions: list[Admission]) -> None:
         """Sequences about to start (last stage: their sampling settings)."""
@@ -146,6 +156,10 @@ class StageRunner:
         result = StepResult(out)
         if self.sink is not None:
             result.sampled = self.sink.consume(self.stage, item, ids, out)
+        if item.kind is ItemKind.PREFILL and item.samples:
+            # The group's last chunk: the heap its chunks' activations left goes back, so that
+            # resident memory follows the cached tokens.
+            self._trim_heap()
         end = time.perf_counter()
         self.clock.compute_s += end - start
         self.clock.spans.append(Span(start, end, item.lane, item.kind))

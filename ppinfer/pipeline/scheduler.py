@@ -27,11 +27,10 @@ in the order it receives them, so each send meets its receive by construction:
 - the KV pool: every stage holds the same `pool_blocks` blocks and takes and frees them at
   the same points of the same order of work, so the first stage's accounting holds for all.
   Each row counts the blocks it holds or has reserved (`_Row.held`). A sequence that can be
-  preempted (`Sequence.preemptable`: greedy, nothing kept for it on the last stage but its
-  cache) reserves its padded context only, and a group of them is admitted when that, plus
-  one block for every preemptable row running after it (room to grow for the next 16
-  tokens), fits beside what the rows hold: admission by current need. Any other sequence
-  reserves its whole worst case (padded prompt plus token budget) and never runs dry.
+  preempted (`Sequence.preemptable`: every generated one) reserves its padded context only,
+  and a group of them is admitted when that, plus one block for every preemptable row running
+  after it (room to grow for the next 16 tokens), fits beside what the rows hold: admission by
+  current need. A scored sequence reserves its prompt (it generates nothing).
 - preemption: before a lane's decode step, if its rows need more new blocks than are free, the
   newest preemptable sequence whose row has nothing in flight (a row of this lane, or of a
   lane with no sampling item out; rows of a group still in prefill excepted) gives its blocks

@@ -123,14 +123,12 @@ class Sequence:
     @property
     def preemptable(self) -> bool:
         """Whether it may give its KV blocks back mid-answer and be recomputed later with the
-        same tokens: greedy, with nothing the last stage keeps per sequence beside its cache
-        (a random stream, penalty counts, a grammar's state, log-probabilities)."""
-        p = self.params
-        return (
-            not self.scored and p.greedy and p.repetition_penalty == 1.0 and not p.penalized
-            and p.response_format is None and p.grammar is None
-            and p.logprobs is None and p.prompt_logprobs is None
-        )
+        same tokens: every generated sequence. The last stage rebuilds what it keeps per
+        sequence from the admission of the recompute, which carries the tokens generated so
+        far: the random stream's position (one draw per sampled token), the penalty counts, the
+        grammar matcher's state (it consumes them again) and the repetition history (every
+        token fed)."""
+        return not self.scored
 
     @property
     def finished(self) -> bool:

@@ -79,10 +79,14 @@ class Sequences:
         return list(self._live)
 
     def admissions(self, item: WorkItem) -> list[Admission]:
-        """What the last stage needs of the sequences `item` starts: their settings and seeds,
-        sent once per sequence, ahead of its first chunk."""
+        """What the last stage needs of the sequences `item` starts: their settings and seeds
+        (and, resuming after a preemption, the tokens generated so far), sent once per
+        sequence, ahead of its first chunk."""
         starts = [self._live[step.seq] for step in item.rows if step.reset]
-        return [Admission(s.id, s.stream_seed, s.params) for s in starts if not s.scored]
+        return [
+            Admission(s.id, s.stream_seed, s.params, tuple(s.output.token_ids) if s.output is not None else ())
+            for s in starts if not s.scored
+        ]
 
     def input_ids(self, item: WorkItem) -> torch.Tensor:
         """The ids `item` feeds: [b, T] int64 (0 on padding)."""

@@ -168,19 +168,25 @@ class SampleSink:
         stream = self._streams.get(key)
         if step.reset or stream is None or stream.seq != step.seq:
             admission = self._admitted.pop(step.seq)
-            params = admission.params
+            params, before = admission.params, list(admission.generated)
+            # Resumed after a preemption (`before`: its tokens so far, which its recompute feeds
+            # again): the random stream goes on past the draws they took, the penalties count
+            # them, the grammar has consumed them, and the prompt's log-probabilities were sent
+            # with its first token.
             history: list[int] | None = [] if params.repetition_penalty != 1.0 else None
-            stream = _Stream(step.seq, params, stream_generator(admission.stream_seed), history,
-                             generated=[] if params.penalized else None,
-                             prompt_logprobs=[] if params.prompt_logprobs is not None else None,
-                             constraint=self._constraint(params))
+            draws = 0 if params.greedy else len(before)
+            fresh = not before and params.prompt_logprobs is not None
+            stream = _Stream(step.seq, params, stream_generator(admission.stream_seed, draws), history,
+                             generated=before if params.penalized else None,
+                             prompt_logprobs=[] if fresh else None,
+                             constraint=self._constraint(params, before))
             self._streams[key] = stream
         if stream.history is not None and item.kind is ItemKind.PREFILL:
             # the prompt's tokens, padding excluded (decode inputs were sampled here already)
             stream.history.extend(ids[max(0, -step.first_pos):].tolist())
 
 
-    def _constraint(self, params: GenerationParams) -> Constraint | None:
+    def _constraint(self, params: GenerationParams, consumed: list[int]) -> Constraint | None:
         grammar = params.constraint_grammar()
         if grammar is None:
             return None
@@ -188,7 +194,7 @@ class SampleSink:
             if self._grammar_factory is None:
                 raise RuntimeError("a grammar needs the vocabulary: SampleSink(grammar=...)")
             self._grammar = self._grammar_factory()
-        return self._grammar.constraint(grammar)
+        return self._grammar.constraint(grammar, consumed)
 
 
 def grammar_vocab(tokenizer: Tokenizer) -> GrammarVocab:

@@ -111,21 +111,26 @@ class LinkSizes:
 
 @dataclass(frozen=True)
 class Admission:
-    """What the last stage needs to sample a sequence: its settings and its random stream."""
+    """What the last stage needs to sample a sequence: its settings and its random stream, and
+    for a sequence resumed after a preemption the tokens it had generated (its random stream
+    goes on past them, its penalties count them)."""
 
     seq: int
     stream_seed: int
     params: GenerationParams
+    generated: tuple[int, ...] = ()
 
 
 def encode_admissions(admissions: list[Admission]) -> bytes:
-    records = [{"seq": a.seq, "stream_seed": a.stream_seed, "params": dataclasses.asdict(a.params)} for a in admissions]
+    records = [{"seq": a.seq, "stream_seed": a.stream_seed, "params": dataclasses.asdict(a.params),
+                "generated": list(a.generated)} for a in admissions]
     return json.dumps(records).encode()
 
 
 def decode_admissions(payload: bytes) -> list[Admission]:
     """The records of `encode_admissions` (settings validated where the sequence was made)."""
-    return [Admission(r["seq"], r["stream_seed"], GenerationParams(**r["params"])) for r in json.loads(payload)]
+    return [Admission(r["seq"], r["stream_seed"], GenerationParams(**r["params"]), tuple(r["generated"]))
+            for r in json.loads(payload)]
 
 
 def encode_release(rows: list[tuple[int, int]]) -> bytes:

@@ -104,9 +104,13 @@ class GrammarVocab:
         self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapped(source)),
                                                 eos_token=list(source.eos_ids))
 
-    def constraint(self, grammar: str) -> Constraint:
-        """A fresh matcher for `grammar` (from `grammar_of` or `lark_grammar`)."""
-        return Constraint(llguidance.LLMatcher(self.tokenizer, grammar, log_level=0), self.size)
+    def constraint(self, grammar: str, consumed: Sequence[int] = ()) -> Constraint:
+        """A matcher for `grammar` (from `grammar_of` or `lark_grammar`) that has consumed the
+        tokens `consumed` (a sequence resumed after a preemption: those it had drawn)."""
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if consumed and not matcher.consume_tokens(list(consumed)):
+            raise RuntimeError(f"the grammar refused the tokens it had allowed: {matcher.get_error()}")
+        return Constraint(matcher, self.size)
 
 
 _MASKS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")

@@ -57,10 +57,14 @@ def make_generator(seed: int, index: int) -> torch.Generator:
     return stream_generator(stream_seed(seed, index))
 
 
-def stream_generator(seed: int) -> torch.Generator:
-    """A CPU generator started at a stream seed (see ``stream_seed``)."""
+def stream_generator(seed: int, position: int = 0) -> torch.Generator:
+    """A CPU generator started at a stream seed (see ``stream_seed``), past its first
+    ``position`` draws: where the stream of a sequence that has sampled ``position`` tokens
+    stands (the stream position is the step count)."""
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed)
+    for _ in range(position):
+        torch.rand((), generator=generator, dtype=torch.float64)  # as `_draw_uniforms` draws
     return generator
 
 
