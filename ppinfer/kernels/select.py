@@ -1,8 +1,9 @@
 """Which kernel multiplies stored GGUF blocks on a device: the one place that decides.
 
 - CPU: ppinfer's own block kernels (`ppinfer.kernels.cpu`), AVX-512 VNNI or AVX2 where the
-  CPU has it and portable C++ elsewhere, for every type they implement; the stage table names
-  the instruction set taken.
+  CPU has it and portable C++ elsewhere, for every type they implement; with AVX2 or better the
+  types that have a packed layout are packed at load (16 rows interleaved, what the decode
+  products stream fastest). The stage table names the instruction set and the packed types.
 - CUDA: torch's int4 kernel for the types whose blocks are exactly int4 groups of 32
   (`ppinfer.kernels.int4`); other types are dequantized to the runtime dtype.
 
@@ -44,6 +45,7 @@ class BlockBackend:
     device: torch.device
     types: frozenset[GGMLQuantizationType]
     name: str  # for the stage table
+    packed: frozenset[GGMLQuantizationType] = frozenset()  # held 16 rows interleaved (CPU)
 
     def supports(self, qtype: GGMLQuantizationType) -> bool:
         return qtype in self.types
@@ -56,7 +58,7 @@ class BlockBackend:
         if self.device.type == "cuda":
             return int4.Int4Linear(raw, qtype, in_features, self.device, bias)
         weight = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))  # [out, bytes_per_row]
-        return cpu.BlockLinear(weight, qtype, in_features, bias)
+        return cpu.BlockLinear(weight, qtype, in_features, bias, packed=qtype in self.packed)
 
     @property
     def expert_types(self) -> frozenset[GGMLQuantizationType]:
@@ -70,7 +72,7 @@ class BlockBackend:
     def experts(self, raw: np.ndarray, qtype: GGMLQuantizationType, in_features: int) -> nn.Module:
         """Per-expert products over `raw` ([n_expert, out, bytes_per_row] uint8, copied)."""
         weight = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))  # [n_expert, out, bytes_per_row]
-        return experts.BlockExperts(weight, qtype, in_features)
+        return experts.BlockExperts(weight, qtype, in_features, packed=qtype in self.packed)
 
     def describe(self) -> str:
         return self.name
@@ -87,7 +89,12 @@ def block_backend(device: torch.device) -> BlockBackend:
         return BlockBackend(device, frozenset(), f"no block kernels ({problem})")
     # Process-wide: the portable dots when the baseline is forced, else the forced or best one.
     build.set_isa(kernel_isa())
-    return BlockBackend(device, frozenset(cpu.supported_types()), f"block kernels ({build.isa()})")
+    isa = build.isa()
+    packed = cpu.packed_types() if isa != "scalar" else frozenset()
+    name = f"block kernels ({isa})"
+    if packed:
+        name = f"block kernels ({isa}; {'/'.join(sorted(t.name for t in packed))} rows packed by 16)"
+    return BlockBackend(device, frozenset(cpu.supported_types()), name, packed)
 
 
 def kernel_isa() -> str:
