@@ -21,7 +21,7 @@ class BlockExperts(nn.Module):
 
     `w` is [n_expert, out_features, bytes_per_row] uint8, owned by the module (a copy, not a
     view into a memory-mapped file); with `packed` each expert's rows are held 16 interleaved
-    (`ppinfer.kernels.cpu.packed_types`), the same bits out."""
+    (`ppinfer.kernels.cpu.packed_types`) in new memory, the same bits out, and `w` is only read."""
 
     def __init__(self, w: torch.Tensor, qtype: GGMLQuantizationType, in_features: int, packed: bool = False) -> None:
         super().__init__()

@@ -14,6 +14,7 @@ supports no type and its description says why, so the stage table shows the fall
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,8 +58,9 @@ class BlockBackend:
         release the file pages it views)."""
         if self.device.type == "cuda":
             return int4.Int4Linear(raw, qtype, in_features, self.device, bias)
-        weight = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))  # [out, bytes_per_row]
-        return cpu.BlockLinear(weight, qtype, in_features, bias, packed=qtype in self.packed)
+        packed = qtype in self.packed
+        weight = _blocks_tensor(raw, copy=not packed)  # [out, bytes_per_row]
+        return cpu.BlockLinear(weight, qtype, in_features, bias, packed=packed)
 
     @property
     def expert_types(self) -> frozenset[GGMLQuantizationType]:
@@ -71,11 +73,22 @@ class BlockBackend:
 
     def experts(self, raw: np.ndarray, qtype: GGMLQuantizationType, in_features: int) -> nn.Module:
         """Per-expert products over `raw` ([n_expert, out, bytes_per_row] uint8, copied)."""
-        weight = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))  # [n_expert, out, bytes_per_row]
-        return experts.BlockExperts(weight, qtype, in_features, packed=qtype in self.packed)
+        packed = qtype in self.packed
+        weight = _blocks_tensor(raw, copy=not packed)  # [n_expert, out, bytes_per_row]
+        return experts.BlockExperts(weight, qtype, in_features, packed=packed)
 
     def describe(self) -> str:
         return self.name
+
+
+def _blocks_tensor(raw: np.ndarray, copy: bool) -> torch.Tensor:
+    """raw's bytes as a uint8 tensor: a copy the module may own, or (for packing, which only
+    reads them into new memory) a view of the caller's array, read-only file pages included."""
+    if copy:
+        return torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))
+    with warnings.catch_warnings():  # the view is never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(raw, dtype=np.uint8))
 
 
 def block_backend(device: torch.device) -> BlockBackend:
