@@ -125,30 +125,31 @@ PPINFER_AVX2 inline __m256 field8(const uint8_t* p, int f, int h) {
 template <int kFields>
 struct Nibbles8 {
   static constexpr int kHeader = 2 * kFields;
-  PPINFER_AVX2 static __m256i isum(const __m256i* lo, const __m256i* hi, const Q8Block& x) {
-    __m256i sum = _mm256_setzero_si256();
-#pragma GCC unroll 8
-    for (int c = 0; c < 4; ++c) {
-      sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(x_dword(x, c))));
-      sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(x_dword(x, 4 + c))));
-    }
-    return _mm256_madd_epi16(sum, _mm256_set1_epi16(1));
-  }
+  // Each dword of codes is decoded once and met by every x row before the next (the x rows'
+  // sums stay in registers: AVX2 has 16).
   template <int kX>
   PPINFER_AVX2 static void half(const uint8_t* p, int h, const Q8Block* x, int64_t x_stride, __m256* acc) {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
-    __m256i lo[4], hi[4];
+    __m256i sum[kX];
+#pragma GCC unroll 8
+    for (int m = 0; m < kX; ++m) sum[m] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int c = 0; c < 4; ++c) {
       const __m256i v = avx2::load256(p + kHeader * kGroupRows + c * kDwordBytes * kGroupRows + 32 * h);
-      lo[c] = _mm256_and_si256(v, low4);
-      hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      const __m256i lo = _mm256_and_si256(v, low4);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+#pragma GCC unroll 8
+      for (int m = 0; m < kX; ++m) {
+        const Q8Block& xb = x[m * x_stride];
+        sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x_dword(xb, c))));
+        sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x_dword(xb, 4 + c))));
+      }
     }
     const __m256 d = field8(p, 0, h);
 #pragma GCC unroll 8
     for (int m = 0; m < kX; ++m) {
       const Q8Block& xb = x[m * x_stride];
-      const __m256 f = _mm256_cvtepi32_ps(isum(lo, hi, xb));
+      const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[m], _mm256_set1_epi16(1)));
       if constexpr (kFields == 1) {  // Q4_0: acc = fma(d, fma(dx, f, -(8 s)), acc)
         const __m256 t = _mm256_fmsub_ps(_mm256_set1_ps(xb.d), f, _mm256_set1_ps(xb.s * 8));
         acc[m] = _mm256_fmadd_ps(d, t, acc[m]);
@@ -161,28 +162,28 @@ struct Nibbles8 {
 };
 
 // Q8_0: 32 signed codes; |q| against x with q's sign (pairs up to 2 * 128 * 127, so each
-// dword's products go to int32 on their own).
+// dword's products go to int32 on their own). Dword by dword, as above.
 struct Signed8 {
   template <int kX>
   PPINFER_AVX2 static void half(const uint8_t* p, int h, const Q8Block* x, int64_t x_stride, __m256* acc) {
-    __m256i q[8], abs_q[8];
+    __m256i sum[kX];
+#pragma GCC unroll 8
+    for (int m = 0; m < kX; ++m) sum[m] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
-      q[c] = avx2::load256(p + 2 * kGroupRows + c * kDwordBytes * kGroupRows + 32 * h);
-      abs_q[c] = _mm256_abs_epi8(q[c]);
+      const __m256i q = avx2::load256(p + 2 * kGroupRows + c * kDwordBytes * kGroupRows + 32 * h);
+      const __m256i abs_q = _mm256_abs_epi8(q);
+#pragma GCC unroll 8
+      for (int m = 0; m < kX; ++m) {
+        const __m256i signed_x = _mm256_sign_epi8(_mm256_set1_epi32(x_dword(x[m * x_stride], c)), q);
+        sum[m] = _mm256_add_epi32(sum[m], _mm256_madd_epi16(_mm256_maddubs_epi16(abs_q, signed_x), _mm256_set1_epi16(1)));
+      }
     }
     const __m256 d = field8(p, 0, h);
 #pragma GCC unroll 8
     for (int m = 0; m < kX; ++m) {
-      const Q8Block& xb = x[m * x_stride];
-      __m256i sum = _mm256_setzero_si256();
-#pragma GCC unroll 8
-      for (int c = 0; c < 8; ++c) {
-        const __m256i pairs = _mm256_maddubs_epi16(abs_q[c], _mm256_sign_epi8(_mm256_set1_epi32(x_dword(xb, c)), q[c]));
-        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-      }
-      const __m256 f = _mm256_cvtepi32_ps(sum);
-      acc[m] = _mm256_fmadd_ps(d, _mm256_mul_ps(_mm256_set1_ps(xb.d), f), acc[m]);  // fma(d, dx * f, acc)
+      const __m256 f = _mm256_cvtepi32_ps(sum[m]);
+      acc[m] = _mm256_fmadd_ps(d, _mm256_mul_ps(_mm256_set1_ps(x[m * x_stride].d), f), acc[m]);  // fma(d, dx * f, acc)
     }
   }
 };
