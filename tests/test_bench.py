@@ -72,8 +72,13 @@ MEMORY_7B = pp(4, 1, 4, 1, 8, model=MODEL_7B)
 SINGLE_MOE = pp(1, 2, 1, 1, model=MODEL_MOE)
 BATCH_MOE = pp(2, 1, 2, 8, model=MODEL_MOE)
 MEMORY_MOE = pp(2, 1, 2, 1, 8, model=MODEL_MOE)
+# Issue 19's prefill points: one 512-token prompt on the 1.1B, in one chunk on 1 stage x 2
+# threads, in the runtime's chunks on 2 stages x 1 thread, against llama.cpp's prefill.
+PREFILL_1B_1x2 = pp(1, 2, 1, 1, 4, prompts="long", prefill_chunk=512, model=MODEL_1B)
+PREFILL_1B_2x1 = pp(2, 1, 1, 1, 4, prompts="long", model=MODEL_1B)
 LC_1 = lc(1)
 LC_32 = lc(32)
+LC_1B_PREFILL = LlamaCppRun(threads=2, sequences=1, max_new_tokens=4, prompts="long", model=MODEL_1B)
 LC_1B_1 = lc(1, MODEL_1B)
 LC_1B_16 = lc(16, MODEL_1B)
 LC_MOE_1 = lc(1, MODEL_MOE)
@@ -124,18 +129,19 @@ def test_each_scenario_plans_exactly_the_runs_its_ratios_need(scenario: str, exp
 
 def test_all_runs_each_shared_point_once_and_the_peers_last() -> None:
     chosen = plan(["all"], FULL)
-    # pipeline suite: 10 ppinfer points + 2 transformers batches; quant suite: 7 more ppinfer
-    # points (2 of its 9 are shared with the pipeline suite) + 4 llama.cpp points.
-    assert len(chosen.runs) == 23
+    # pipeline suite: 10 ppinfer points + 2 transformers batches; quant suite: 9 more ppinfer
+    # points (2 of its 11 are shared with the pipeline suite) + 5 llama.cpp points.
+    assert len(chosen.runs) == 26
     assert chosen.runs.count(TWO_STAGE_2x16) == 1  # shared by efficiency, threads, peer and quant-batch
     kinds = [type(r) for r in chosen.runs]
-    assert kinds == [PipelineRun] * 17 + [PeerRun] * 2 + [LlamaCppRun] * 4
+    assert kinds == [PipelineRun] * 19 + [PeerRun] * 2 + [LlamaCppRun] * 5
     assert [r.key for r in chosen.ratios] == [
         "pipeline_efficiency", "decode_idle", "stages_vs_threads", "vs_transformers_batch",
         "vs_transformers_single", "single_sequence_latency", "chunked_prefill", "memory_per_rank",
         "memory_per_file", "memory_per_file_dequantized", "memory_vs_llamacpp",
         "vs_llamacpp_single", "vs_llamacpp_single_1b", "vs_llamacpp_single_dequantized",
-        "vs_llamacpp_batch_1b", "vs_llamacpp_batch", "vs_llamacpp_batch_dequantized", "pipeline_efficiency_1b",
+        "vs_llamacpp_batch_1b", "vs_llamacpp_batch", "vs_llamacpp_batch_dequantized",
+        "vs_llamacpp_prefill_1b_1x2", "vs_llamacpp_prefill_1b_2x1", "pipeline_efficiency_1b",
     ]
     assert plan(["latency", "all", "latency"], FULL) == chosen
     assert MEMORY_7B not in chosen.runs  # the slow and moe suites only run when asked for
@@ -143,7 +149,8 @@ def test_all_runs_each_shared_point_once_and_the_peers_last() -> None:
 
 
 def test_suites_expand_to_their_scenarios_and_cover_all_of_them() -> None:
-    assert plan(["quant"], FULL) == plan(["quant-memory", "quant-single", "quant-batch", "quant-efficiency"], FULL)
+    quant = ["quant-memory", "quant-single", "quant-batch", "quant-prefill", "quant-efficiency"]
+    assert plan(["quant"], FULL) == plan(quant, FULL)
     assert plan(["pipeline", "quant"], FULL) == plan(["all"], FULL)
     assert plan(["slow"], FULL).runs == (MEMORY_7B,)
     assert plan(["moe"], FULL) == plan(["quant-moe"], FULL)
@@ -211,6 +218,9 @@ def _all_results() -> dict[Any, dict[str, Any]]:
         LC_32: fake(decode=124.0),
         LC_1B_1: fake(decode=10.0, above_mb=(1150.0,)),
         LC_1B_16: fake(decode=50.0),
+        PREFILL_1B_1x2: fake(prefill=150.0),
+        PREFILL_1B_2x1: fake(prefill=110.0),
+        LC_1B_PREFILL: fake(prefill=125.0),
     }
 
 
@@ -235,6 +245,8 @@ def test_ratios_match_hand_computed_values() -> None:
         "vs_llamacpp_batch_1b": (45 / 50, False),  # 0.9 < 1
         "vs_llamacpp_batch": (93 / 124, False),
         "vs_llamacpp_batch_dequantized": (80 / 124, None),
+        "vs_llamacpp_prefill_1b_1x2": (150 / 125, True),  # 1.2 >= 1
+        "vs_llamacpp_prefill_1b_2x1": (110 / 125, False),  # 0.88 < 1
         "pipeline_efficiency_1b": (45 / (2 * 25), True),  # 0.9
         "memory_per_file_7b": (4200 / 3600, True),  # 1.167
     }

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType
 from stage_runner import full_logits, kl_and_top1, whole
 from tiny_cases import ALL_CASES, TinyFiles, token_batch
 
 from ppinfer.kernels import build
 from ppinfer.kernels.capabilities import BASELINE_ENV, cpu_capabilities
+from ppinfer.kernels.cpu import BlockLinear
 
 
 def test_probe_promises_only_what_onednn_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,8 +54,14 @@ def test_baseline_quantized_stage_runs_the_portable_kernels(
 
 
 def test_stage_table_names_the_instruction_set_taken(tiny_files: TinyFiles) -> None:
-    """Without the baseline switch the stage takes the best variant this CPU runs, and says which."""
+    """Without the baseline switch the stage takes the best variant this CPU runs, and says which
+    and which types it holds packed (all its Q4_1 layers then are)."""
     spec, path = ALL_CASES["llama_q4_1"], tiny_files.path("llama_q4_1")
     stage = whole(path, spec.n_layer, "quantized")
     best = next(name for name in ("avx512vnni", "avx2", "scalar") if not build.ops().isa_unavailable(name))
-    assert stage.weights_report.block_kernel == f"block kernels ({best})"
+    if best == "scalar":
+        assert stage.weights_report.block_kernel == "block kernels (scalar)"
+        return
+    assert stage.weights_report.block_kernel == f"block kernels ({best}; Q4_0/Q4_1/Q8_0 rows packed by 16)"
+    layers = [m for m in stage.modules() if isinstance(m, BlockLinear) and m.qtype == GGMLQuantizationType.Q4_1]
+    assert layers and all(m.packed for m in layers)

@@ -181,7 +181,10 @@ def test_kernel_isa_env_forces_a_run_s_instruction_set(ops, monkeypatch: pytest.
                 with pytest.raises(ValueError, match=f"PPINFER_KERNEL_ISA='{name}': this CPU cannot run it"):
                     select.block_backend(torch.device("cpu"))
                 continue
-            assert select.block_backend(torch.device("cpu")).describe() == f"block kernels ({name})"
+            backend = select.block_backend(torch.device("cpu"))
+            assert backend.describe().startswith(f"block kernels ({name}")
+            # Rows are packed where the SIMD kernels run; the portable path reads them row-major.
+            assert (Q.Q4_0 in backend.packed) == (name != "scalar")
             assert ops.isa() == name
         monkeypatch.setenv(select.ISA_ENV, "avx512")
         with pytest.raises(ValueError, match="PPINFER_KERNEL_ISA='avx512': expected one of auto, avx512vnni"):
@@ -346,6 +349,57 @@ def test_result_of_a_row_does_not_depend_on_its_batch(ops, isa: str, qtype: Q, k
         torch.set_num_threads(before)
 
 
+# ---- packed rows (16 rows interleaved block by block) ----
+
+PACKED = tuple(sorted(cpu.packed_types()))
+
+
+@pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)
+def test_packed_rows_unpack_to_the_stored_rows(ops, qtype: Q) -> None:
+    k = row_values(qtype)
+    for raw in weight_cases(qtype, 37, k):  # 37 rows: two full groups of 16 and a short one
+        packed = ops.pack_rows(torch.from_numpy(raw), int(qtype), k)
+        assert packed.shape == (3, 16 * raw.shape[1])
+        assert torch.equal(ops.unpack_rows(packed, int(qtype), k, 37), torch.from_numpy(raw))
+
+
+@pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)
+def test_packed_matmul_is_block_matmul_bit_for_bit(ops, isa: str, qtype: Q) -> None:
+    """Packed products follow every output's chain of the row-major ones, so they are the same
+    bits (and so within test_block_matmul_within_the_q8_bound of gguf-py) for every number of x
+    rows (1 to 4 in one call, more in calls of 4 and k-chunks), on one thread or two, with a
+    short last group (37 rows), and k = 8192 spanning many chunks."""
+    rng = np.random.default_rng(3)
+    for n, k in ((37, 256), (19, 8192)):
+        raw = torch.from_numpy(random_byte_blocks(qtype, n, k, rng))
+        packed = ops.pack_rows(raw, int(qtype), k)
+        bias = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        x = torch.randn(41, k, generator=torch.Generator().manual_seed(k))
+        before = torch.get_num_threads()
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for rows in (1, 2, 3, 4, 5, 9, 17, 41):
+                    want = ops.block_matmul(x[:rows], raw, int(qtype), k, bias)
+                    got = ops.packed_matmul(x[:rows], packed, int(qtype), k, n, bias)
+                    assert torch.equal(got, want), f"n={n} k={k} M={rows}, {threads} threads"
+        finally:
+            torch.set_num_threads(before)
+
+
+def test_block_linear_packs_rows_where_asked(ops) -> None:
+    qtype, k, n = Q.Q4_0, 64, 21
+    raw = torch.from_numpy(weight_cases(qtype, n, k)[0].copy())
+    bias = torch.randn(n)
+    plain, packed = cpu.BlockLinear(raw, qtype, k, bias), cpu.BlockLinear(raw, qtype, k, bias, packed=True)
+    assert packed.packed and packed.w.shape == (2, 16 * raw.shape[1])  # 21 rows fill two groups
+    assert torch.equal(packed.rows(), raw)
+    x = activations(3, k, seed=4)
+    assert torch.equal(packed(x), plain(x))
+    with pytest.raises(ValueError, match="Q5_0 has no packed layout"):
+        cpu.BlockLinear(torch.zeros(4, 44, dtype=torch.uint8), Q.Q5_0, 64, packed=True)
+
+
 # ---- BlockLinear ----
 
 
@@ -399,6 +453,13 @@ def test_bad_inputs_give_clear_errors(ops) -> None:
         (lambda: ops.block_matmul(x, w, 2, 64, torch.zeros(5)), r"bias must be a float32 or bfloat16 CPU tensor \[4\]"),
         (lambda: ops.dequantize(w, 2, 60), "k=60 is not a positive multiple"),
         (lambda: ops.set_isa("avx512"), "expected 'auto', 'scalar', 'avx2' or 'avx512vnni', got 'avx512'"),
+        (lambda: ops.pack_rows(w, 6, 64), "GGML type 6 has no packed layout"),
+        (lambda: ops.pack_rows(w[:, :18], 2, 64), "w has 18 bytes per row; k=64 takes 36"),
+        (lambda: ops.packed_matmul(x, w, 2, 64, 4), r"packed weights have shape \[4, 36\], expected \[1, 576\]"),
+        (
+            lambda: ops.packed_matmul(x[:, :32], ops.pack_rows(w, 2, 64), 2, 64, 4),
+            r"x must be a float32 or bfloat16 CPU tensor \[..., k=64\]",
+        ),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):

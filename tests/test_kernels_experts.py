@@ -50,6 +50,27 @@ def test_each_group_meets_its_own_expert(ops, isa: str, qtype: Q, k: int) -> Non
         start += rows
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_packed_experts_give_the_row_major_bits(ops, isa: str, qtype: Q) -> None:
+    """Experts held 16 rows interleaved (csrc/packed.cpp) multiply to experts_matmul's bits, so
+    to the checks above, on one thread or two; 40 rows leave a short last group."""
+    rng = np.random.default_rng(int(qtype) + 7)
+    w = random_experts(rng, qtype, len(COUNTS), 40, 256)  # [E, n, row_bytes]
+    packed = torch.stack([ops.pack_rows(w[e].contiguous(), int(qtype), 256) for e in range(len(COUNTS))])
+    x = torch.from_numpy(rng.standard_normal((sum(COUNTS), 256)).astype(np.float32))  # [M, k]
+    counts = torch.tensor(COUNTS)
+    want = ops.experts_matmul(x, w, int(qtype), 256, counts)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            assert torch.equal(ops.packed_experts_matmul(x, packed, int(qtype), 256, 40, counts), want)
+    finally:
+        torch.set_num_threads(threads)
+    module = BlockExperts(w, qtype, 256, packed=True)
+    assert module.packed and torch.equal(module(x, counts), want)
+
+
 def test_threads_do_not_change_the_bits(ops) -> None:
     rng = np.random.default_rng(1)
     w = random_experts(rng, Q.Q4_0, len(COUNTS), 64, 128)

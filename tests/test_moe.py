@@ -220,8 +220,14 @@ def test_quantized_experts_with_float_products_equal_exact(tiny_files: TinyFiles
     for module in stage.modules():
         if isinstance(module, BlockExperts):
             module._matmul = experts_product
+            module._packed_matmul = lambda x, w, type_id, k, n, counts: experts_product(
+                x, torch.stack([ops.unpack_rows(we, type_id, k, n) for we in w]), type_id, k, counts
+            )
         elif isinstance(module, BlockLinear):
             module._matmul = product
+            module._packed_matmul = lambda x, w, type_id, k, n, bias: product(
+                x, ops.unpack_rows(w, type_id, k, n), type_id, k, bias
+            )
     assert _gap(full_logits(stage, ids), full_logits(whole(path, spec.n_layer), ids)) <= 1e-5
 
 

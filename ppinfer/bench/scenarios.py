@@ -59,6 +59,8 @@ VS_LLAMACPP_BATCH_TARGET = 1.0
 """Two lanes on 2 stages x 1 thread against llama.cpp's batched decoding of the same sequences."""
 VS_LLAMACPP_BATCH_AIM = 1.5
 """The aim for 32 sequences of the default model (an overhead-bound 135M model)."""
+VS_LLAMACPP_PREFILL_TARGET = 1.0
+"""A long prompt's prefill on the 1.1B, 1 stage x 2 threads or 2 stages x 1 thread, against llama.cpp's."""
 EFFICIENCY_TARGET = 0.90
 """2 stages x 1 thread with 2 lanes against twice 1 stage x 1 thread with 1 lane (the 1.1B)."""
 
@@ -160,6 +162,16 @@ def quant_scenarios(sizes: Sizes) -> dict[str, tuple[Ratio, ...]]:
     one_stage_1b = _pp(sizes, 1, 1, 1, q, model=MODEL_1B)
     batch_moe = _pp(sizes, 2, 1, 2, q, model=MODEL_MOE)
     memory_1b, memory_7b, memory_moe = ring(MODEL_1B, 2), ring(MODEL_7B, 4), ring(MODEL_MOE, 2)
+    # One long prompt, then a few tokens: on one stage in one chunk (the 8-bit GEMM of every
+    # layer), on two in the runtime's chunks, which follow each other through the stages.
+    prefill_1b = {
+        (stages, threads): PipelineRun(stages=stages, threads=threads, lanes=1, lane_size=1,
+                                       max_new_tokens=sizes.prefill_new_tokens, prompts="long",
+                                       prefill_chunk=chunk, model=MODEL_1B)
+        for stages, threads, chunk in ((1, 2, sizes.long_prompt_tokens), (2, 1, None))
+    }
+    prefill_peer = LlamaCppRun(threads=sizes.peer_threads, sequences=1, max_new_tokens=sizes.prefill_new_tokens,
+                               prompts="long", model=MODEL_1B)
     lc = f"llama.cpp ({sizes.peer_threads} threads)"
     lc_batch = f"{lc}, one batch"
 
@@ -205,6 +217,14 @@ def quant_scenarios(sizes: Sizes) -> dict[str, tuple[Ratio, ...]]:
                         f"{2 * n} sequences, default model, runtime.weights=dequantized: 2 stages x 1 thread vs "
                         f"{lc_batch} (decode)", _dequantized(batch), llamacpp(DEFAULT_MODEL, 2 * n), None),
         ),
+        "quant-prefill": tuple(
+            Ratio(key=f"vs_llamacpp_prefill_1b_{stages}x{threads}",
+                  title=f"{sizes.long_prompt_tokens}-token prompt, 1.1B: {stages} stage(s) x {threads} thread(s) vs "
+                        f"{lc} (prefill)",
+                  numerator=Term(run, PREFILL), denominator=Term(prefill_peer, PREFILL),
+                  target=VS_LLAMACPP_PREFILL_TARGET, higher_is_better=True)
+            for (stages, threads), run in prefill_1b.items()
+        ),
         "quant-efficiency": (
             Ratio(key="pipeline_efficiency_1b",
                   title=f"1.1B: 2 stages x 1 thread, 2 lanes of {q} vs twice 1 stage x 1 thread, 1 lane of {q} "
@@ -238,7 +258,7 @@ SCENARIOS: tuple[str, ...] = tuple(scenario_ratios(FULL))
 
 SUITES: dict[str, tuple[str, ...]] = {
     "pipeline": tuple(pipeline_scenarios(FULL)),
-    "quant": ("quant-memory", "quant-single", "quant-batch", "quant-efficiency"),
+    "quant": ("quant-memory", "quant-single", "quant-batch", "quant-prefill", "quant-efficiency"),
     "moe": ("quant-moe",),
     "slow": ("quant-7b",),
 }

@@ -2,12 +2,16 @@
 
     python -m ppinfer.kernels.bench [--threads 1 2] [--rows 1 16] [--types Q4_0 Q4_1 Q8_0]
                                     [--shapes 11008x4096 2048x2048 5632x2048] [--isa avx2]
+                                    [--copies 8]
 
 Prints a markdown table (the one in docs/kernels.md): best-of-N milliseconds per product,
-and the weight bytes each product reads per second. Weights are random blocks with sane
-fp16 scales (speed does not depend on the values). The first lines give this machine's
-single-thread read and copy bandwidth, the bound a decode-sized product approaches. Large M
-(a prefill chunk, `--rows 512`) shows the 8-bit GEMM's rate; GMAC/s counts M * N * k per second.
+and the weight bytes each product reads per second; for the types with a packed layout also
+`packed_matmul` on the same weight packed (csrc/packed.cpp). `--copies N` cycles through N
+copies of each weight per timed run, so that they come from memory rather than the caches.
+Weights are random blocks with sane fp16 scales (speed does not depend on the values). The
+first lines give this machine's single-thread read and copy bandwidth, the bound a decode-sized
+product approaches. Large M (a prefill chunk, `--rows 512`) shows the 8-bit GEMM's rate; GMAC/s
+counts M * N * k per second.
 """
 
 from __future__ import annotations
@@ -60,30 +64,49 @@ def bandwidth_lines() -> list[str]:
     return [f"single-thread read (sum of 256 MiB): {read:.1f} GB/s; copy: {copy:.1f} GB/s copied"]
 
 
-def table(threads: list[int], rows: list[int], types: list[GGMLQuantizationType], shapes=SHAPES) -> list[str]:
+def table(
+    threads: list[int], rows: list[int], types: list[GGMLQuantizationType], shapes=SHAPES, copies: int = 1
+) -> list[str]:
     ops = build.ops()
+    packable = set(ops.packed_qtypes())
     rng = np.random.default_rng(0)
     lines = [
-        "| W (N x k) | type | M | threads | block_matmul ms | GB/s (weights) | GMAC/s | F.linear f32 ms | speedup |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| W (N x k) | type | M | threads | block_matmul ms | GB/s (weights) | GMAC/s | packed ms | packed speedup "
+        "| F.linear f32 ms | speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, k in shapes:
         for qtype in types:
             if k % GGML_QUANT_SIZES[qtype][0]:
                 continue
             w = random_blocks(qtype, n, k, rng)
+            ws = [w] + [w.clone() for _ in range(copies - 1)]
+            wps = [ops.pack_rows(c, int(qtype), k) for c in ws] if int(qtype) in packable else []
             dense = ops.dequantize(w, int(qtype), k)  # [n, k]
             for m in rows:
                 x = torch.randn(m, k)
+
+                def row_major(x=x, qtype=qtype, k=k, ws=ws) -> None:
+                    for c in ws:
+                        ops.block_matmul(x, c, int(qtype), k)
+
+                def packed_rows(x=x, qtype=qtype, n=n, k=k, wps=wps) -> None:
+                    for c in wps:
+                        ops.packed_matmul(x, c, int(qtype), k, n)
+
                 for t in threads:
                     torch.set_num_threads(t)
-                    ms = best_ms(lambda x=x, w=w, qtype=qtype, k=k: ops.block_matmul(x, w, int(qtype), k))
+                    ms = best_ms(row_major) / copies
+                    packed = "-", "-"
+                    if wps:
+                        pms = best_ms(packed_rows) / copies
+                        packed = f"{pms:.3f}", f"{ms / pms:.2f}x"
                     ref = best_ms(lambda x=x, dense=dense: F.linear(x, dense))
                     gbs = w.numel() / ms / 1e6
                     gmacs = m * n * k / ms / 1e6
                     lines.append(
-                        f"| {n}x{k} | {qtype.name} | {m} | {t} | {ms:.2f} | {gbs:.1f} | {gmacs:.0f} | {ref:.2f} "
-                        f"| {ref / ms:.1f}x |"
+                        f"| {n}x{k} | {qtype.name} | {m} | {t} | {ms:.3f} | {gbs:.1f} | {gmacs:.0f} | {packed[0]} "
+                        f"| {packed[1]} | {ref:.2f} | {ref / ms:.1f}x |"
                     )
     return lines
 
@@ -104,11 +127,12 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=["Q4_0", "Q4_1", "Q8_0"])
     parser.add_argument("--shapes", type=shape, nargs="+", help="weights as NxK (out x in features)")
     parser.add_argument("--isa", default="auto", help="the kernels' instruction set: auto, avx512vnni, avx2, scalar")
+    parser.add_argument("--copies", type=int, default=1, help="copies of each weight cycled per timed run")
     args = parser.parse_args()
     types = [GGMLQuantizationType[name] for name in args.types]
     build.set_isa(args.isa)
     print(f"isa: {build.isa()}")
-    lines = bandwidth_lines() + table(args.threads, args.rows, types, args.shapes or SHAPES)
+    lines = bandwidth_lines() + table(args.threads, args.rows, types, args.shapes or SHAPES, max(1, args.copies))
     for line in lines:
         print(line, flush=True)
 

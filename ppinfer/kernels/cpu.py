@@ -2,7 +2,9 @@
 
 `BlockLinear` keeps a weight as the file's bytes ([out, bytes_per_row] uint8) and multiplies
 it in place with the C++ block kernels (`ppinfer.kernels.build`): a 4-bit weight takes about
-a seventh of its float32 size in memory, and a decode step reads it at that size.
+a seventh of its float32 size in memory, and a decode step reads it at that size. Types with a
+packed layout (`packed_types`) may keep the same bytes with 16 rows interleaved block by block
+(csrc/packed.cpp), which the decode products stream fastest; the products are the same bits.
 """
 
 from __future__ import annotations
@@ -12,6 +14,13 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from ppinfer.kernels import build
+
+
+def packed_types() -> frozenset[GGMLQuantizationType]:
+    """The types whose rows the kernels can interleave 16 at a time (csrc/packed.cpp)."""
+    if build.unavailable_reason() is not None:
+        return frozenset()
+    return frozenset(GGMLQuantizationType(t) for t in build.ops().packed_qtypes())
 
 
 def supported_types() -> tuple[GGMLQuantizationType, ...]:
@@ -26,12 +35,19 @@ class BlockLinear(nn.Module):
 
     `w` is [out_features, bytes_per_row] uint8, the row's blocks byte for byte as stored; the
     module keeps it as given, so pass memory the module may own (a copy, not a view into a
-    memory-mapped file). `forward` takes x [..., in_features] in float32 or bfloat16 and
-    returns [..., out_features] in x's dtype.
+    memory-mapped file), or with `packed` (one of `packed_types`) it holds them in the packed
+    layout, new memory of the same bytes plus the zero rows that fill the last group of 16, and
+    `w` is only read. `forward` takes
+    x [..., in_features] in float32 or bfloat16 and returns [..., out_features] in x's dtype.
     """
 
     def __init__(
-        self, w: torch.Tensor, qtype: GGMLQuantizationType, in_features: int, bias: torch.Tensor | None = None
+        self,
+        w: torch.Tensor,
+        qtype: GGMLQuantizationType,
+        in_features: int,
+        bias: torch.Tensor | None = None,
+        packed: bool = False,
     ) -> None:
         super().__init__()
         qtype = GGMLQuantizationType(qtype)
@@ -49,15 +65,22 @@ class BlockLinear(nn.Module):
             raise ValueError(
                 f"BlockLinear: w has {w.shape[1]} bytes per row; {in_features} {qtype.name} values take {row_bytes}"
             )
+        if packed and qtype not in packed_types():
+            raise ValueError(f"BlockLinear: {qtype.name} has no packed layout")
         self.qtype = qtype
         self._type_id = int(qtype)
         self.in_features = in_features
         self.out_features = w.shape[0]
-        self.register_buffer("w", w.contiguous())  # [out_features, row_bytes]
+        self.packed = packed
+        ops = build.ops()
+        if packed:
+            w = ops.pack_rows(w, self._type_id, in_features)  # [ceil(out_features / 16), 16 * row_bytes]
+        self.register_buffer("w", w.contiguous())  # [out_features, row_bytes], or packed as above
         if bias is not None:
             bias = bias.detach().to(torch.float32).contiguous()  # [out_features]; bfloat16 works too
         self.register_buffer("bias", bias)
-        self._matmul = build.ops().block_matmul.default
+        self._matmul = ops.block_matmul.default
+        self._packed_matmul = ops.packed_matmul.default
 
     @property
     def nbytes(self) -> int:
@@ -65,9 +88,20 @@ class BlockLinear(nn.Module):
         bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
         return self.w.numel() + bias
 
+    def rows(self) -> torch.Tensor:
+        """The weight's blocks row by row, [out_features, row_bytes] uint8, as the file stores them."""
+        if not self.packed:
+            return self.w
+        return build.ops().unpack_rows(self.w, self._type_id, self.in_features, self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return self._packed_matmul(x, self.w, self._type_id, self.in_features, self.out_features, self.bias)
         return self._matmul(x, self.w, self._type_id, self.in_features, self.bias)  # [..., out_features]
 
     def extra_repr(self) -> str:
         bias = self.bias is not None
-        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}, bias={bias}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}, "
+            f"bias={bias}, packed={self.packed}"
+        )

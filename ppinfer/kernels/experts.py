@@ -20,9 +20,10 @@ class BlockExperts(nn.Module):
     """y = x @ W[e].T for one expert e of W [n_expert, out_features, in_features] in blocks.
 
     `w` is [n_expert, out_features, bytes_per_row] uint8, owned by the module (a copy, not a
-    view into a memory-mapped file)."""
+    view into a memory-mapped file); with `packed` each expert's rows are held 16 interleaved
+    (`ppinfer.kernels.cpu.packed_types`) in new memory, the same bits out, and `w` is only read."""
 
-    def __init__(self, w: torch.Tensor, qtype: GGMLQuantizationType, in_features: int) -> None:
+    def __init__(self, w: torch.Tensor, qtype: GGMLQuantizationType, in_features: int, packed: bool = False) -> None:
         super().__init__()
         qtype = GGMLQuantizationType(qtype)
         block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
@@ -38,8 +39,21 @@ class BlockExperts(nn.Module):
         self._type_id = int(qtype)
         self.in_features = in_features
         self.n_expert, self.out_features = w.shape[0], w.shape[1]
-        self.register_buffer("w", w.contiguous())  # [n_expert, out_features, row_bytes]
-        self._matmul = build.ops().experts_matmul.default
+        self.packed = packed
+        ops = build.ops()
+        if packed:
+            if int(qtype) not in ops.packed_qtypes():
+                raise ValueError(f"BlockExperts: {qtype.name} has no packed layout")
+            first = ops.pack_rows(w[0], self._type_id, in_features)
+            packed_w = torch.empty((self.n_expert, *first.shape), dtype=torch.uint8)
+            packed_w[0] = first
+            for e in range(1, self.n_expert):
+                packed_w[e] = ops.pack_rows(w[e], self._type_id, in_features)
+            w = packed_w
+        # [n_expert, out_features, row_bytes], or [n_expert, ceil(out_features / 16), 16 * row_bytes] packed
+        self.register_buffer("w", w.contiguous())
+        self._matmul = ops.experts_matmul.default
+        self._packed_matmul = ops.packed_experts_matmul.default
 
     @property
     def nbytes(self) -> int:
@@ -49,10 +63,12 @@ class BlockExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, in_features], rows grouped by expert (counts [n_expert] int64 rows each, in
         expert order) -> [M, out_features] in x's dtype, each row times its expert's weights."""
+        if self.packed:
+            return self._packed_matmul(x, self.w, self._type_id, self.in_features, self.out_features, counts)
         return self._matmul(x, self.w, self._type_id, self.in_features, counts)
 
     def extra_repr(self) -> str:
         return (
             f"n_expert={self.n_expert}, in_features={self.in_features}, out_features={self.out_features}, "
-            f"qtype={self.qtype.name}"
+            f"qtype={self.qtype.name}, packed={self.packed}"
         )
