@@ -100,7 +100,7 @@ void unpack_group(const PackedKernels& t, const uint8_t* in, int64_t row_bytes, 
 
 #if defined(PPINFER_X86)
 
-// x dword c (values 4c .. 4c+3 of an x block) in every 32-bit lane.
+// x dword c: values 4c .. 4c+3 of an x block as one int32, for the kernels to broadcast.
 inline int32_t x_dword(const Q8Block& x, int c) {
   int32_t v;
   std::memcpy(&v, x.q + kDwordBytes * c, sizeof v);
@@ -110,7 +110,9 @@ inline int32_t x_dword(const Q8Block& x, int c) {
 template <int kBlockBytes>
 inline void prefetch_packed(const uint8_t* p, int64_t ahead) {
   if (ahead == 0) return;
-  for (int i = 0; i < kGroupRows * kBlockBytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + ahead + i), _MM_HINT_T0);
+  for (int i = 0; i < kGroupRows * kBlockBytes; i += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + ahead + i), _MM_HINT_T0);
+  }
 }
 
 // ---- AVX2: the group as two halves of 8 rows (lanes), each its own 256 bits of every field ----
