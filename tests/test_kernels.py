@@ -183,8 +183,10 @@ def test_kernel_isa_env_forces_a_run_s_instruction_set(ops, monkeypatch: pytest.
                 continue
             backend = select.block_backend(torch.device("cpu"))
             assert backend.describe().startswith(f"block kernels ({name}")
-            # Rows are packed where the SIMD kernels run; the portable path reads them row-major.
+            # Rows are packed where the SIMD kernels run (Q4_K where AVX-512 VNNI does); the
+            # portable path reads them row-major.
             assert (Q.Q4_0 in backend.packed) == (name != "scalar")
+            assert (Q.Q4_K in backend.packed) == (name == "avx512vnni")
             assert ops.isa() == name
         monkeypatch.setenv(select.ISA_ENV, "avx512")
         with pytest.raises(ValueError, match="PPINFER_KERNEL_ISA='avx512': expected one of auto, avx512vnni"):
@@ -351,7 +353,7 @@ def test_result_of_a_row_does_not_depend_on_its_batch(ops, isa: str, qtype: Q, k
 
 # ---- packed rows (16 rows interleaved block by block) ----
 
-PACKED = tuple(sorted(cpu.packed_types()))
+PACKED = tuple(sorted(cpu.packed_types()))  # every type with the layout, whatever the CPU runs
 
 
 @pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)

@@ -16,6 +16,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
+from ppinfer.kernels.bench import random_blocks
 from ppinfer.kernels.experts import BlockExperts
 
 # Groups of every size class the kernels split rows into: none, 1, 2 (weight-rows kernel), 3-5
@@ -50,12 +51,12 @@ def test_each_group_meets_its_own_expert(ops, isa: str, qtype: Q, k: int) -> Non
         start += rows
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K])
 def test_packed_experts_give_the_row_major_bits(ops, isa: str, qtype: Q) -> None:
     """Experts held 16 rows interleaved (csrc/packed.cpp) multiply to experts_matmul's bits, so
     to the checks above, on one thread or two; 40 rows leave a short last group."""
     rng = np.random.default_rng(int(qtype) + 7)
-    w = random_experts(rng, qtype, len(COUNTS), 40, 256)  # [E, n, row_bytes]
+    w = random_blocks(qtype, len(COUNTS) * 40, 256, rng).reshape(len(COUNTS), 40, -1)  # [E, n, row_bytes]
     packed = torch.stack([ops.pack_rows(w[e].contiguous(), int(qtype), 256) for e in range(len(COUNTS))])
     x = torch.from_numpy(rng.standard_normal((sum(COUNTS), 256)).astype(np.float32))  # [M, k]
     counts = torch.tensor(COUNTS)

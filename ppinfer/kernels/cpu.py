@@ -16,11 +16,12 @@ from torch import nn
 from ppinfer.kernels import build
 
 
-def packed_types() -> frozenset[GGMLQuantizationType]:
-    """The types whose rows the kernels can interleave 16 at a time (csrc/packed.cpp)."""
+def packed_types(runnable: bool = False) -> frozenset[GGMLQuantizationType]:
+    """The types whose rows the kernels can interleave 16 at a time (csrc/packed.cpp); with
+    `runnable`, those whose packed products have a kernel on the active instruction set."""
     if build.unavailable_reason() is not None:
         return frozenset()
-    return frozenset(GGMLQuantizationType(t) for t in build.ops().packed_qtypes())
+    return frozenset(GGMLQuantizationType(t) for t in build.ops().packed_qtypes(runnable))
 
 
 def supported_types() -> tuple[GGMLQuantizationType, ...]:

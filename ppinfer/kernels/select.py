@@ -103,7 +103,7 @@ def block_backend(device: torch.device) -> BlockBackend:
     # Process-wide: the portable dots when the baseline is forced, else the forced or best one.
     build.set_isa(kernel_isa())
     isa = build.isa()
-    packed = cpu.packed_types() if isa != "scalar" else frozenset()
+    packed = cpu.packed_types(runnable=True)
     name = f"block kernels ({isa})"
     if packed:
         name = f"block kernels ({isa}; {'/'.join(sorted(t.name for t in packed))} rows packed by 16)"

@@ -1,6 +1,6 @@
 // Weight rows packed 16 at a time (namespace ppinfer_kernels ops pack_rows, unpack_rows,
 // packed_matmul, packed_experts_matmul): the layout the decode products stream, for Q4_0, Q4_1
-// and Q8_0.
+// and Q8_0 (AVX2 and AVX-512 VNNI kernels) and Q4_K (AVX-512 VNNI).
 //
 // Row-major blocks (qtypes.h) leave a kernel that puts one weight row in each vector lane to
 // gather every row's scales and to add up every row's partial sums across the lanes of a
@@ -39,22 +39,23 @@ constexpr int kGroupRows = 16;  // weight rows per packed group (one 512-bit lan
 constexpr int kDwordBytes = 4;
 // x rows per kernel call: their chains stay in registers next to the decoded block.
 constexpr int kMaxXRows = 4;
-// Blocks per k-chunk when several x rows meet a group (the group's chunk stays in L1 while
+// x blocks per k-chunk when several x rows meet a group (the group's chunk stays in L1 while
 // every x row passes); one x row takes the whole row as one chunk.
 constexpr int64_t kChunkBlocks = 16;
 constexpr int64_t kGrainMacs = int64_t{1} << 15;
 
 // acc[m * kGroupRows + i] (in / out): the chains of the group's weight row i against x row m
-// (m < x_rows <= kMaxXRows, x row m's blocks at x + m * x_stride) over `blocks` blocks of 32
-// values, w at the group's first packed block of them. Each packed block read also prefetches
+// (m < x_rows <= kMaxXRows, x row m's 32-value blocks at x + m * x_stride) over `blocks` weight
+// blocks, w at the group's first packed block of them. Each packed block read also prefetches
 // the one `ahead` bytes past it.
 using DotPackedFn = void (*)(const uint8_t* w, const Q8Block* x, int64_t x_stride, int x_rows, int blocks,
                              float* acc, int64_t ahead);
 
 struct PackedKernels {
   int ggml_type;
+  int block_elems;  // values per block: 32, or 256 (K-quants: 8 x blocks per weight block)
   int fields;       // fp16 fields at the start of a block
-  int block_bytes;  // bytes of one row's block (32 values)
+  int block_bytes;  // bytes of one row's block
   DotPackedFn avx2;
   DotPackedFn avx512;
 };
@@ -319,7 +320,74 @@ struct Signed16 {
   }
 };
 
-template <class Block, int kBlockBytes>
+// Q4_K (256 values: sub-blocks j of 32, w = d sc_j q - dmin m_j): fields d and dmin; dwords
+// 0-2 a row's packed 6-bit scales and mins, dword 3 + 8p + t its qs bytes 32p + 4t .. +3, whose
+// low nibbles are values 4t .. 4t+3 of sub-block 2p and high nibbles those of 2p + 1. The chain
+// per super-block is the row-major kernels' (kquants.cpp): f_j = float(sum q qx) * sc_j,
+// inner = dx_0 f_0, then fma(dx_j, f_j, inner); mins = m_0 s_0, then fma(m_j, s_j, mins);
+// acc = fma(d, inner, acc), then fnmadd(dmin, mins, acc).
+struct Q4K16 {
+  static constexpr int kHeader = 4;
+  static constexpr int kSubBlocks = 8;
+  // Byte j % 4 of `packed` (the 6-bit values of sub-blocks 4 (j / 4) ..) as floats.
+  PPINFER_AVX512 static __m512 byte_float(__m512i packed, int j) {
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(packed, 8 * (j % 4)), _mm512_set1_epi32(0xff)));
+  }
+  template <int kX>
+  PPINFER_AVX512 static void block(const uint8_t* p, const Q8Block* x, int64_t x_stride, __m512* acc) {
+    // The scales and mins of the 16 rows, as unpack_scale_min unpacks one row's.
+    const __m512i lo = codes16(p, kHeader, 0), mid = codes16(p, kHeader, 1), hi = codes16(p, kHeader, 2);
+    const __m512i six = _mm512_set1_epi32(0x3f3f3f3f), four = _mm512_set1_epi32(0x0f0f0f0f);
+    const __m512i two = _mm512_set1_epi32(0x03030303);
+    const __m512i sc03 = _mm512_and_si512(lo, six), m03 = _mm512_and_si512(mid, six);
+    const __m512i sc47 = _mm512_or_si512(_mm512_and_si512(hi, four),
+                                         _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(lo, 6), two), 4));
+    const __m512i m47 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(hi, 4), four),
+                                        _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(mid, 6), two), 4));
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m512 inner[kX], mins[kX];
+#pragma GCC unroll 4
+    for (int pair = 0; pair < kSubBlocks / 2; ++pair) {
+      __m512i sum[kX][2];
+#pragma GCC unroll 8
+      for (int m = 0; m < kX; ++m) sum[m][0] = sum[m][1] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) {
+        const __m512i v = codes16(p, kHeader, 3 + 8 * pair + t);
+        const __m512i even = _mm512_and_si512(v, low4);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+#pragma GCC unroll 8
+        for (int m = 0; m < kX; ++m) {
+          const Q8Block* xm = x + m * x_stride;
+          sum[m][0] = _mm512_dpbusd_epi32(sum[m][0], even, _mm512_set1_epi32(x_dword(xm[2 * pair], t)));
+          sum[m][1] = _mm512_dpbusd_epi32(sum[m][1], odd, _mm512_set1_epi32(x_dword(xm[2 * pair + 1], t)));
+        }
+      }
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const int j = 2 * pair + h;
+        const __m512 sc = byte_float(j < 4 ? sc03 : sc47, j), mn = byte_float(j < 4 ? m03 : m47, j);
+#pragma GCC unroll 8
+        for (int m = 0; m < kX; ++m) {
+          const Q8Block& xb = x[m * x_stride + j];
+          const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(sum[m][h]), sc);
+          const __m512 dx = _mm512_set1_ps(xb.d), sx = _mm512_set1_ps(xb.s);
+          inner[m] = j == 0 ? _mm512_mul_ps(dx, f) : _mm512_fmadd_ps(dx, f, inner[m]);
+          mins[m] = j == 0 ? _mm512_mul_ps(mn, sx) : _mm512_fmadd_ps(mn, sx, mins[m]);
+        }
+      }
+    }
+    const __m512 d = field16(p, 0), dmin = field16(p, 1);
+#pragma GCC unroll 8
+    for (int m = 0; m < kX; ++m) {
+      acc[m] = _mm512_fmadd_ps(d, inner[m], acc[m]);
+      acc[m] = _mm512_fnmadd_ps(dmin, mins[m], acc[m]);
+    }
+  }
+};
+
+// kXBlocks: 32-value x blocks per weight block.
+template <class Block, int kBlockBytes, int kXBlocks = 1>
 struct Packed16 {
   template <int kX>
   PPINFER_AVX512 static void run(const uint8_t* w, const Q8Block* x, int64_t x_stride, int blocks, float* acc_io,
@@ -329,7 +397,7 @@ struct Packed16 {
     for (int m = 0; m < kX; ++m) acc[m] = _mm512_loadu_ps(acc_io + m * kGroupRows);
     for (int b = 0; b < blocks; ++b, w += kGroupRows * kBlockBytes) {
       prefetch_packed<kBlockBytes>(w, ahead);
-      Block::template block<kX>(w, x + b, x_stride, acc);
+      Block::template block<kX>(w, x + b * kXBlocks, x_stride, acc);
     }
 #pragma GCC unroll 8
     for (int m = 0; m < kX; ++m) _mm512_storeu_ps(acc_io + m * kGroupRows, acc[m]);
@@ -356,14 +424,17 @@ PPINFER_AVX512 void dot_packed_avx512(const uint8_t* w, const Q8Block* x, int64_
 constexpr int kQ4_0Bytes = 18;
 constexpr int kQ4_1Bytes = 20;
 constexpr int kQ8_0Bytes = 34;
+constexpr int kQ4KElems = 256;
+constexpr int kQ4KBytes = 144;
 
 const PackedKernels kPacked[] = {
-    {2, 1, kQ4_0Bytes, PPINFER_AVX2_FN(dot_packed_avx2<Packed8<Nibbles8<1>, kQ4_0Bytes>>),
+    {2, kQ8Elems, 1, kQ4_0Bytes, PPINFER_AVX2_FN(dot_packed_avx2<Packed8<Nibbles8<1>, kQ4_0Bytes>>),
      PPINFER_AVX512_FN(dot_packed_avx512<Packed16<Nibbles16<1>, kQ4_0Bytes>>)},
-    {3, 2, kQ4_1Bytes, PPINFER_AVX2_FN(dot_packed_avx2<Packed8<Nibbles8<2>, kQ4_1Bytes>>),
+    {3, kQ8Elems, 2, kQ4_1Bytes, PPINFER_AVX2_FN(dot_packed_avx2<Packed8<Nibbles8<2>, kQ4_1Bytes>>),
      PPINFER_AVX512_FN(dot_packed_avx512<Packed16<Nibbles16<2>, kQ4_1Bytes>>)},
-    {8, 1, kQ8_0Bytes, PPINFER_AVX2_FN(dot_packed_avx2<Packed8<Signed8, kQ8_0Bytes>>),
+    {8, kQ8Elems, 1, kQ8_0Bytes, PPINFER_AVX2_FN(dot_packed_avx2<Packed8<Signed8, kQ8_0Bytes>>),
      PPINFER_AVX512_FN(dot_packed_avx512<Packed16<Signed16, kQ8_0Bytes>>)},
+    {12, kQ4KElems, 2, kQ4KBytes, nullptr, PPINFER_AVX512_FN(dot_packed_avx512<Packed16<Q4K16, kQ4KBytes, kQ4KElems / kQ8Elems>>)},
 };
 
 const PackedKernels* find_packed(int64_t qtype) {
@@ -385,19 +456,22 @@ DotPackedFn packed_kernel(const PackedKernels& t) {
 
 struct PackedShape {
   const PackedKernels* kernels;
-  int64_t nb;         // blocks per row
+  int64_t nb;         // weight blocks per row
+  int64_t xb;         // 32-value x blocks per row
   int64_t groups;     // packed groups of kGroupRows rows
   int64_t row_bytes;  // row-major bytes per row
+
+  int64_t unit() const { return xb / nb; }  // x blocks per weight block
 };
 
 PackedShape packed_shape(const char* op, int64_t qtype, int64_t k, int64_t n) {
   const PackedKernels* t = find_packed(qtype);
   TORCH_CHECK(t != nullptr, op, ": GGML type ", qtype, " has no packed layout");
-  TORCH_CHECK(k > 0 && k % kQ8Elems == 0 && k <= (int64_t{1} << 30), op, ": k=", k,
-              " is not a positive multiple of 32 up to 2^30");
+  TORCH_CHECK(k > 0 && k % t->block_elems == 0 && k <= (int64_t{1} << 30), op, ": k=", k,
+              " is not a positive multiple of ", t->block_elems, " up to 2^30");
   TORCH_CHECK(n >= 0, op, ": n=", n, " is negative");
-  const int64_t nb = k / kQ8Elems;
-  return {t, nb, (n + kGroupRows - 1) / kGroupRows, nb * t->block_bytes};
+  const int64_t nb = k / t->block_elems;
+  return {t, nb, k / kQ8Elems, (n + kGroupRows - 1) / kGroupRows, nb * t->block_bytes};
 }
 
 void check_packed(const char* op, const at::Tensor& wp, const PackedShape& s) {
@@ -445,7 +519,7 @@ template <typename Out>
 void packed_dot_groups(const PackedShape& s, DotPackedFn dot, const uint8_t* wp, const Q8Block* xq, int64_t rows,
                        int64_t n, const float* bias, int64_t g0, int64_t g1, Out* out) {
   const int64_t group_bytes = s.nb * packed_block_bytes(*s.kernels);
-  const int64_t chunk = rows == 1 ? s.nb : std::min(s.nb, kChunkBlocks);
+  const int64_t chunk = rows == 1 ? s.nb : std::min(s.nb, std::max<int64_t>(1, kChunkBlocks / s.unit()));
   // Prefetch the next group's block while this one's is used, once per block (by the first x rows).
   const int64_t ahead = group_bytes;
   std::vector<float> acc(static_cast<size_t>(rows * kGroupRows));  // [m, group row]
@@ -456,7 +530,7 @@ void packed_dot_groups(const PackedShape& s, DotPackedFn dot, const uint8_t* wp,
       const int blocks = static_cast<int>(std::min(chunk, s.nb - c0));
       for (int64_t m = 0; m < rows; m += kMaxXRows) {
         const int x_rows = static_cast<int>(std::min<int64_t>(kMaxXRows, rows - m));
-        dot(group + c0 * packed_block_bytes(*s.kernels), xq + m * s.nb + c0, s.nb, x_rows, blocks,
+        dot(group + c0 * packed_block_bytes(*s.kernels), xq + m * s.xb + c0 * s.unit(), s.xb, x_rows, blocks,
             acc.data() + m * kGroupRows, m == 0 && g + 1 < g1 ? ahead : 0);
       }
     }
@@ -570,10 +644,10 @@ at::Tensor packed_experts_matmul(const at::Tensor& x_in, const at::Tensor& wp, i
       const int64_t g0 = u % s.groups, g1 = std::min(s.groups, g0 + (u1 - u));
       const int64_t m0 = first[e], rows = first[e + 1] - first[e];
       if (x.scalar_type() == at::kFloat) {
-        packed_dot_groups(s, dot, w + e * expert_bytes, xq + m0 * s.nb, rows, n, nullptr, g0, g1,
+        packed_dot_groups(s, dot, w + e * expert_bytes, xq + m0 * s.xb, rows, n, nullptr, g0, g1,
                           out.data_ptr<float>() + m0 * n);
       } else {
-        packed_dot_groups(s, dot, w + e * expert_bytes, xq + m0 * s.nb, rows, n, nullptr, g0, g1,
+        packed_dot_groups(s, dot, w + e * expert_bytes, xq + m0 * s.xb, rows, n, nullptr, g0, g1,
                           out.data_ptr<at::BFloat16>() + m0 * n);
       }
       u += g1 - g0;
@@ -582,9 +656,14 @@ at::Tensor packed_experts_matmul(const at::Tensor& x_in, const at::Tensor& wp, i
   return out;
 }
 
-std::vector<int64_t> packed_qtypes() {
+// The types with a packed layout (pack_rows, unpack_rows and the products take them all); with
+// `runnable`, only those whose packed products have a kernel on the active instruction set
+// (the others unpack and take the row-major path).
+std::vector<int64_t> packed_qtypes(bool runnable) {
   std::vector<int64_t> types;
-  for (const PackedKernels& t : kPacked) types.push_back(t.ggml_type);
+  for (const PackedKernels& t : kPacked) {
+    if (!runnable || packed_kernel(t) != nullptr) types.push_back(t.ggml_type);
+  }
   return types;
 }
 
@@ -598,5 +677,5 @@ TORCH_LIBRARY_FRAGMENT(ppinfer_kernels, m) {
         &ppinfer::packed_matmul);
   m.def("packed_experts_matmul(Tensor x, Tensor wp, int qtype, int k, int n, Tensor counts) -> Tensor",
         &ppinfer::packed_experts_matmul);
-  m.def("packed_qtypes() -> int[]", &ppinfer::packed_qtypes);
+  m.def("packed_qtypes(bool runnable=False) -> int[]", &ppinfer::packed_qtypes);
 }
