@@ -38,8 +38,8 @@ class BlockLinear(nn.Module):
     module keeps it as given, so pass memory the module may own (a copy, not a view into a
     memory-mapped file), or with `packed` (one of `packed_types`) it holds them in the packed
     layout, new memory of the same bytes plus the zero rows that fill the last group of 16, and
-    `w` is only read. `forward` takes
-    x [..., in_features] in float32 or bfloat16 and returns [..., out_features] in x's dtype.
+    `w` is only read. `forward` takes x [..., in_features] in float32 or bfloat16 and returns
+    [..., out_features] in x's dtype.
     """
 
     def __init__(

@@ -7,7 +7,7 @@
 // vector, per block: more instructions than bytes when one x row meets the weights. Packed,
 // the 16 rows of a group keep block b of all 16 rows together, and in each field lane i is row
 // i's:
-//   [fp16 field f of rows 0..15]              for each of the type's fp16 fields (d; d, m)
+//   [fp16 field f of rows 0..15]              for each of the type's fp16 fields (d; d, m; d, dmin)
 //   [dword c of rows 0..15's codes]           for c = 0 .. code_bytes / 4 - 1
 // so one 512-bit load is one dword of codes for 16 rows, dpbusd against the x dword broadcast
 // adds each row's four products in its own lane, and the scales come in one load. A group of
@@ -329,7 +329,8 @@ struct Signed16 {
 struct Q4K16 {
   static constexpr int kHeader = 4;
   static constexpr int kSubBlocks = 8;
-  // Byte j % 4 of `packed` (the 6-bit values of sub-blocks 4 (j / 4) ..) as floats.
+  // Byte j % 4 of each lane of `packed` (which holds the 6-bit scales, or mins, of sub-blocks
+  // 0-3 or 4-7 of the lane's row) as a float: sub-block j's.
   PPINFER_AVX512 static __m512 byte_float(__m512i packed, int j) {
     return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(packed, 8 * (j % 4)), _mm512_set1_epi32(0xff)));
   }
