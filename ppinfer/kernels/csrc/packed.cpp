@@ -1,6 +1,6 @@
 // Weight rows packed 16 at a time (namespace ppinfer_kernels ops pack_rows, unpack_rows,
-// packed_matmul, packed_experts_matmul): the layout the decode products stream, for Q4_0, Q4_1
-// and Q8_0 (AVX2 and AVX-512 VNNI kernels) and Q4_K (AVX-512 VNNI).
+// packed_matmul, packed_experts_matmul): the layout the decode products stream, for Q4_0, Q4_1,
+// Q8_0 and Q4_K (AVX2 and AVX-512 VNNI kernels).
 //
 // Row-major blocks (qtypes.h) leave a kernel that puts one weight row in each vector lane to
 // gather every row's scales and to add up every row's partial sums across the lanes of a
@@ -194,7 +194,72 @@ struct Signed8 {
 // One x row streams both halves of each block (a decode step reads the weights once, in order);
 // several x rows take one half at a time over the chunk, so their chains and the half's codes
 // fit AVX2's 16 registers (the chunk is in L1 for the second pass).
-template <class Block, int kBlockBytes>
+// Q4_K (see Q4K16 below for the layout and the chain) on 8 rows: 6-bit scales and mins
+// unpacked in lanes; maddubs products are at most 2 * 15 * 127, so a sub-block's 8 dwords add
+// up within int16.
+struct Q4K8 {
+  static constexpr int kHeader = 4;
+  PPINFER_AVX2 static __m256i dwords8(const uint8_t* p, int c, int h) {
+    return avx2::load256(p + kHeader * kGroupRows + c * kDwordBytes * kGroupRows + 32 * h);
+  }
+  // Byte j % 4 of each lane of `packed` (the scales, or mins, of sub-blocks 0-3 or 4-7 of the
+  // lane's row) as a float: sub-block j's.
+  PPINFER_AVX2 static __m256 byte_float(__m256i packed, int j) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(packed, 8 * (j % 4)), _mm256_set1_epi32(0xff)));
+  }
+  template <int kX>
+  PPINFER_AVX2 static void half(const uint8_t* p, int h, const Q8Block* x, int64_t x_stride, __m256* acc) {
+    const __m256i lo = dwords8(p, 0, h), mid = dwords8(p, 1, h), hi = dwords8(p, 2, h);
+    const __m256i six = _mm256_set1_epi32(0x3f3f3f3f), four = _mm256_set1_epi32(0x0f0f0f0f);
+    const __m256i two = _mm256_set1_epi32(0x03030303);
+    const __m256i sc03 = _mm256_and_si256(lo, six), m03 = _mm256_and_si256(mid, six);
+    const __m256i sc47 = _mm256_or_si256(_mm256_and_si256(hi, four),
+                                         _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(lo, 6), two), 4));
+    const __m256i m47 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(hi, 4), four),
+                                        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(mid, 6), two), 4));
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256 inner[kX], mins[kX];
+    for (int pair = 0; pair < 4; ++pair) {
+      __m256i sum[kX][2];
+#pragma GCC unroll 8
+      for (int m = 0; m < kX; ++m) sum[m][0] = sum[m][1] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) {
+        const __m256i v = dwords8(p, 3 + 8 * pair + t, h);
+        const __m256i even = _mm256_and_si256(v, low4);
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+#pragma GCC unroll 8
+        for (int m = 0; m < kX; ++m) {
+          const Q8Block* xm = x + m * x_stride;
+          sum[m][0] = _mm256_add_epi16(sum[m][0], _mm256_maddubs_epi16(even, _mm256_set1_epi32(x_dword(xm[2 * pair], t))));
+          sum[m][1] = _mm256_add_epi16(sum[m][1],
+                                       _mm256_maddubs_epi16(odd, _mm256_set1_epi32(x_dword(xm[2 * pair + 1], t))));
+        }
+      }
+      for (int e = 0; e < 2; ++e) {
+        const int j = 2 * pair + e;
+        const __m256 sc = byte_float(j < 4 ? sc03 : sc47, j), mn = byte_float(j < 4 ? m03 : m47, j);
+#pragma GCC unroll 8
+        for (int m = 0; m < kX; ++m) {
+          const Q8Block& xb = x[m * x_stride + j];
+          const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sum[m][e], _mm256_set1_epi16(1))), sc);
+          const __m256 dx = _mm256_set1_ps(xb.d), sx = _mm256_set1_ps(xb.s);
+          inner[m] = j == 0 ? _mm256_mul_ps(dx, f) : _mm256_fmadd_ps(dx, f, inner[m]);
+          mins[m] = j == 0 ? _mm256_mul_ps(mn, sx) : _mm256_fmadd_ps(mn, sx, mins[m]);
+        }
+      }
+    }
+    const __m256 d = field8(p, 0, h), dmin = field8(p, 1, h);
+#pragma GCC unroll 8
+    for (int m = 0; m < kX; ++m) {
+      acc[m] = _mm256_fmadd_ps(d, inner[m], acc[m]);
+      acc[m] = _mm256_fnmadd_ps(dmin, mins[m], acc[m]);
+    }
+  }
+};
+
+// kXBlocks: 32-value x blocks per weight block.
+template <class Block, int kBlockBytes, int kXBlocks = 1>
 struct Packed8 {
   template <int kX, int kH0, int kH1>
   PPINFER_AVX2 static void halves(const uint8_t* w, const Q8Block* x, int64_t x_stride, int blocks,
@@ -206,7 +271,7 @@ struct Packed8 {
     }
     for (int b = 0; b < blocks; ++b, w += kGroupRows * kBlockBytes) {
       prefetch_packed<kBlockBytes>(w, ahead);
-      for (int h = kH0; h < kH1; ++h) Block::template half<kX>(w, h, x + b, x_stride, acc[h]);
+      for (int h = kH0; h < kH1; ++h) Block::template half<kX>(w, h, x + b * kXBlocks, x_stride, acc[h]);
     }
     for (int h = kH0; h < kH1; ++h) {
 #pragma GCC unroll 8
@@ -435,7 +500,8 @@ const PackedKernels kPacked[] = {
      PPINFER_AVX512_FN(dot_packed_avx512<Packed16<Nibbles16<2>, kQ4_1Bytes>>)},
     {8, kQ8Elems, 1, kQ8_0Bytes, PPINFER_AVX2_FN(dot_packed_avx2<Packed8<Signed8, kQ8_0Bytes>>),
      PPINFER_AVX512_FN(dot_packed_avx512<Packed16<Signed16, kQ8_0Bytes>>)},
-    {12, kQ4KElems, 2, kQ4KBytes, nullptr, PPINFER_AVX512_FN(dot_packed_avx512<Packed16<Q4K16, kQ4KBytes, kQ4KElems / kQ8Elems>>)},
+    {12, kQ4KElems, 2, kQ4KBytes, PPINFER_AVX2_FN(dot_packed_avx2<Packed8<Q4K8, kQ4KBytes, kQ4KElems / kQ8Elems>>),
+     PPINFER_AVX512_FN(dot_packed_avx512<Packed16<Q4K16, kQ4KBytes, kQ4KElems / kQ8Elems>>)},
 };
 
 const PackedKernels* find_packed(int64_t qtype) {
