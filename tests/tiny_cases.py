@@ -74,7 +74,7 @@ QUIRK_CASES: dict[str, TinySpec] = {
     "gemma3_final_softcap": TinySpec(
         "gemma3", n_layer=6, tied=True, sliding_window=5, final_softcap=3.0, seed=16,
     ),
-    # rope.scaling.finetuned = false: llama.cpp ropes no layer of a granite file (Granite 4's NoPE
+    # A false rope.scaling.finetuned: llama.cpp ropes no layer of a granite file (Granite 4's NoPE
     # attention; transformers: GraniteMoeHybrid with position_embedding_type None). Attention
     # scale 1/4 and residual 0.5 so that rope matters: roped, the logits move by ~0.25.
     "granite_nope": TinySpec("granite", granite_scales=(12.0, 0.5, 0.25, 2.0), rope_finetuned=False, seed=36),

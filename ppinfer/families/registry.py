@@ -133,7 +133,7 @@ GPT_OSS = replace(
 )
 
 # Granite keeps llama's layout (the converter permutes q/k for NORM rope) and adds four scales;
-# rope.scaling.finetuned = false makes every layer NoPE.
+# a false rope.scaling.finetuned makes every layer NoPE.
 GRANITE = replace(LLAMA, arch="granite", experts=None, scales=True, rope_switch=True)
 
 # Granite MoE and Granite MoE Shared: Mixtral-style routing; the shared expert (GraniteMoeShared)

@@ -290,21 +290,6 @@ struct Packed8 {
   }
 };
 
-template <class Kernel>
-PPINFER_AVX2 void dot_packed_avx2(const uint8_t* w, const Q8Block* x, int64_t x_stride, int x_rows, int blocks,
-                                  float* acc, int64_t ahead) {
-  switch (x_rows) {
-    case 1:
-      return Kernel::template run<1>(w, x, x_stride, blocks, acc, ahead);
-    case 2:
-      return Kernel::template run<2>(w, x, x_stride, blocks, acc, ahead);
-    case 3:
-      return Kernel::template run<3>(w, x, x_stride, blocks, acc, ahead);
-    default:
-      return Kernel::template run<kMaxXRows>(w, x, x_stride, blocks, acc, ahead);
-  }
-}
-
 #endif  // PPINFER_X86
 
 #if defined(PPINFER_HAS_AVX512)
@@ -470,9 +455,13 @@ struct Packed16 {
   }
 };
 
+#endif  // PPINFER_HAS_AVX512
+
+// A table entry (DotPackedFn) from `Kernel::template run<kX>(w, x, x_stride, blocks, acc, ahead)`,
+// whose instantiations carry their instruction set's target attribute.
 template <class Kernel>
-PPINFER_AVX512 void dot_packed_avx512(const uint8_t* w, const Q8Block* x, int64_t x_stride, int x_rows, int blocks,
-                                      float* acc, int64_t ahead) {
+void dot_packed(const uint8_t* w, const Q8Block* x, int64_t x_stride, int x_rows, int blocks, float* acc,
+                int64_t ahead) {
   switch (x_rows) {
     case 1:
       return Kernel::template run<1>(w, x, x_stride, blocks, acc, ahead);
@@ -485,8 +474,6 @@ PPINFER_AVX512 void dot_packed_avx512(const uint8_t* w, const Q8Block* x, int64_
   }
 }
 
-#endif  // PPINFER_HAS_AVX512
-
 constexpr int kQ4_0Bytes = 18;
 constexpr int kQ4_1Bytes = 20;
 constexpr int kQ8_0Bytes = 34;
@@ -494,14 +481,14 @@ constexpr int kQ4KElems = 256;
 constexpr int kQ4KBytes = 144;
 
 const PackedKernels kPacked[] = {
-    {2, kQ8Elems, 1, kQ4_0Bytes, PPINFER_AVX2_FN(dot_packed_avx2<Packed8<Nibbles8<1>, kQ4_0Bytes>>),
-     PPINFER_AVX512_FN(dot_packed_avx512<Packed16<Nibbles16<1>, kQ4_0Bytes>>)},
-    {3, kQ8Elems, 2, kQ4_1Bytes, PPINFER_AVX2_FN(dot_packed_avx2<Packed8<Nibbles8<2>, kQ4_1Bytes>>),
-     PPINFER_AVX512_FN(dot_packed_avx512<Packed16<Nibbles16<2>, kQ4_1Bytes>>)},
-    {8, kQ8Elems, 1, kQ8_0Bytes, PPINFER_AVX2_FN(dot_packed_avx2<Packed8<Signed8, kQ8_0Bytes>>),
-     PPINFER_AVX512_FN(dot_packed_avx512<Packed16<Signed16, kQ8_0Bytes>>)},
-    {12, kQ4KElems, 2, kQ4KBytes, PPINFER_AVX2_FN(dot_packed_avx2<Packed8<Q4K8, kQ4KBytes, kQ4KElems / kQ8Elems>>),
-     PPINFER_AVX512_FN(dot_packed_avx512<Packed16<Q4K16, kQ4KBytes, kQ4KElems / kQ8Elems>>)},
+    {2, kQ8Elems, 1, kQ4_0Bytes, PPINFER_AVX2_FN(dot_packed<Packed8<Nibbles8<1>, kQ4_0Bytes>>),
+     PPINFER_AVX512_FN(dot_packed<Packed16<Nibbles16<1>, kQ4_0Bytes>>)},
+    {3, kQ8Elems, 2, kQ4_1Bytes, PPINFER_AVX2_FN(dot_packed<Packed8<Nibbles8<2>, kQ4_1Bytes>>),
+     PPINFER_AVX512_FN(dot_packed<Packed16<Nibbles16<2>, kQ4_1Bytes>>)},
+    {8, kQ8Elems, 1, kQ8_0Bytes, PPINFER_AVX2_FN(dot_packed<Packed8<Signed8, kQ8_0Bytes>>),
+     PPINFER_AVX512_FN(dot_packed<Packed16<Signed16, kQ8_0Bytes>>)},
+    {12, kQ4KElems, 2, kQ4KBytes, PPINFER_AVX2_FN(dot_packed<Packed8<Q4K8, kQ4KBytes, kQ4KElems / kQ8Elems>>),
+     PPINFER_AVX512_FN(dot_packed<Packed16<Q4K16, kQ4KBytes, kQ4KElems / kQ8Elems>>)},
 };
 
 const PackedKernels* find_packed(int64_t qtype) {
