@@ -91,7 +91,10 @@ def chunked_logits(
 
 
 def fed_ids(item: WorkItem, seqs: list[np.ndarray]) -> torch.Tensor:
-    """The ids `item` feeds when sequence s is `seqs[s]`: [b, T] int64, 0 on left padding."""
+    """The ids `item` feeds when sequence s is `seqs[s]`: [b, T] int64, 0 on left padding;
+    with a folded chunk [1, N], its parts' ids one after another (as the first rank feeds them)."""
+    if item.folded is not None:
+        return torch.cat([fed_ids(part, seqs).flatten() for part in item.parts])[None]
     ids = torch.zeros(len(item.rows), item.length, dtype=torch.int64)
     for i, row in enumerate(item.rows):
         for t in range(max(0, -row.first_pos), item.length):
@@ -100,8 +103,14 @@ def fed_ids(item: WorkItem, seqs: list[np.ndarray]) -> torch.Tensor:
 
 
 def assert_as_alone(item: WorkItem, logits: torch.Tensor, alone: list[np.ndarray], tolerance: float) -> None:
-    """`logits` [b, T, V] of `item` equal, at every real position, each sequence's logits alone
-    (`alone[s]` [positions, V])."""
+    """`logits` [b, T, V] of `item` ([1, N, V] with a folded chunk, its parts' one after
+    another) equal, at every real position, each sequence's logits alone (`alone[s]`
+    [positions, V])."""
+    if item.folded is not None:
+        pieces = logits[0].split([len(part.rows) * part.length for part in item.parts])
+        for part, piece in zip(item.parts, pieces):
+            assert_as_alone(part, piece.view(len(part.rows), part.length, -1), alone, tolerance)
+        return
     for i, row in enumerate(item.rows):
         for t in range(item.length):
             pos = row.first_pos + t

@@ -381,12 +381,12 @@ def test_huge_prefill_chunk_is_capped_by_the_longest_prompt(tiny_model: Path, tm
     longest = max(len(p) for p in job.prompts)
     assert job.prefill_chunk == longest < 100
     sizes = LinkSizes.of(TINY.n_embd, job.lane_size, job.prefill_chunk, job.dtype, stages=2)
-    # Control block: 8 header words, 1 busy word per stage, 4 words per row (row, seq,
-    # first_pos, reset) = 8 + 2 + 2 * 4 = 18 int64 words.
-    assert sizes.control_words == 18
+    # Control block: 10 header words, 1 busy word per stage, 4 words per row (row, seq,
+    # first_pos, reset) = 10 + 2 + 2 * 4 = 20 int64 words.
+    assert sizes.control_words == 20
     # A decode step inline: control, 2 x 1 input ids, 2 x 1 x E float32 values.
-    assert sizes.item_bytes == (18 + 2) * 8 + 2 * TINY.n_embd * 4
-    assert sizes.token_bytes == (18 + 2) * 8
+    assert sizes.item_bytes == (20 + 2) * 8 + 2 * TINY.n_embd * 4
+    assert sizes.token_bytes == (20 + 2) * 8
     # 2 rows x the longest prompt, each token an int64 id and E float32 values.
     assert sizes.large_bytes == 2 * longest * (8 + TINY.n_embd * 4)
     # A chunk shorter than the prompts is kept as configured.
@@ -450,8 +450,15 @@ def test_control_block_fits_its_words_and_round_trips() -> None:
     rows = (RowStep(0, 7, -2, reset=True), RowStep(2, 8, -1), RowStep(5, 9, 5))
     control = Control(Msg.ITEM, WorkItem(1, ItemKind.PREFILL, rows, 4, True), (0.25, 1.5, 0.0))
     words = control.encode(3)
-    assert len(words) == LinkSizes.of(16, 3, 4, torch.float32, stages=3).control_words == 8 + 3 + 3 * 4
+    assert len(words) == LinkSizes.of(16, 3, 4, torch.float32, stages=3).control_words == 10 + 3 + 3 * 4
     assert Control.decode(words, 3) == control
+    # A decode step of rows 1 and 4 with a chunk of rows 0, 2 and 3 folded in: 5 rows of a lane of 5.
+    chunk = WorkItem(1, ItemKind.PREFILL, (RowStep(0, 7, 3), RowStep(2, 8, 0, reset=True), RowStep(3, 9, -1)), 4, True)
+    step = WorkItem(1, ItemKind.DECODE, (RowStep(1, 3, 40), RowStep(4, 5, 12)), 1, True, folded=chunk)
+    folded = Control(Msg.ITEM, step, (0.5, 0.0, 0.0))
+    words = folded.encode(3)
+    assert len(words) == LinkSizes.of(16, 5, 4, torch.float32, stages=3).control_words
+    assert Control.decode(words, 3) == folded and step.tokens == 2 + 3 * 4
     admit = Control(Msg.ADMIT, busy_s=(0.0, 0.0, 0.0), payload=1234)
     assert Control.decode(admit.encode(3) + [0] * 12, 3) == admit
     release = Control(Msg.RELEASE, busy_s=(0.0, 0.0, 0.0), payload=17)

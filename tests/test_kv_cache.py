@@ -116,19 +116,21 @@ def test_left_padded_lane_equals_each_sequence_alone(tiny_files: TinyFiles, case
 
 
 @pytest.mark.parametrize(
-    ("case", "fused_ops"), [("llama", True), ("gemma2", True), ("gemma3", True), ("llama", False), ("gemma3", False)]
+    ("case", "fused_ops", "fold"),
+    [("llama", True, True), ("gemma2", True, True), ("gemma3", True, True), ("llama", False, True),
+     ("gemma3", False, True), ("llama", True, False)],
 )
 @torch.no_grad()
 def test_refilled_lane_equals_each_sequence_alone(
-    tiny_files: TinyFiles, case: str, fused_ops: bool, monkeypatch: pytest.MonkeyPatch
+    tiny_files: TinyFiles, case: str, fused_ops: bool, fold: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One lane of 3 rows run in the scheduler's own order: groups left-padded together, rows
     freed and refilled (the cache row reset by the newcomer's first chunk), a newcomer's
-    chunks interleaved with its neighbours' decode steps, rows of different lengths in one
-    step, steps over rows that are not consecutive and a group admitted into rows apart. Every
-    sequence's logits at every position it is fed equal those of the sequence alone. Decode
-    steps run through the fused attention op, and again through torch's ops (the path of other
-    dtypes and devices)."""
+    chunks folded into its neighbours' decode steps (or, `fold` off, interleaved with them),
+    rows of different lengths in one step, steps over rows that are not consecutive and a group
+    admitted into rows apart. Every sequence's logits at every position it is fed equal those
+    of the sequence alone. Decode steps run through the fused attention op, and again through
+    torch's ops (the path of other dtypes and devices)."""
     if not fused_ops:
         monkeypatch.setattr(fused, "available", lambda device, dtype: False)
     spec, path = ALL_CASES[case], tiny_files.path(case)
@@ -139,24 +141,25 @@ def test_refilled_lane_equals_each_sequence_alone(
     seqs = [rng.integers(0, spec.n_vocab, p + n - 1, dtype=np.int64) for p, n in zip(prompts, samples)]
     alone = [full_logits(stage, s[None])[0] for s in seqs]  # each [p + n - 1, V]
     sequences = [shaped(i, p, n) for i, (p, n) in enumerate(zip(prompts, samples))]
-    order = list(run_order(Scheduler(1, 3, 4, capacity), sequences, lambda s: samples[s]))
+    order = list(run_order(Scheduler(1, 3, 4, capacity, fold=fold), sequences, lambda s: samples[s]))
     runner = StageRunner(stage, n_lanes=1, lane_size=3, capacity=capacity, kv_tokens=3 * capacity,
                          kv_dtype=torch.float32)
-    seen = {"rows apart": 0, "group apart": 0, "reused": 0, "uneven": 0, "padded": 0}
+    seen = {"rows apart": 0, "group apart": 0, "reused": 0, "uneven": 0, "padded": 0, "folded": int(not fold)}
     used: set[int] = set()
     for item in (a for a in order if isinstance(a, WorkItem)):
-        ids = fed_ids(item, seqs)  # [b, T]
+        seen["folded"] += item.folded is not None
         state = runner.caches[0]
-        rows = item.row_ids
-        if state is not None and len({state.lengths[r] for r in rows}) > 1:
-            seen["uneven"] += 1
-        apart = rows[-1] - rows[0] >= len(rows)
-        seen["rows apart"] += apart and item.kind is ItemKind.DECODE
-        seen["group apart"] += apart and item.kind is ItemKind.PREFILL
-        seen["reused"] += sum(row.reset and row.row in used for row in item.rows)
-        seen["padded"] += sum(row.first_pos < 0 for row in item.rows)
-        used.update(rows)
-        logits = stage.lm_head(runner.run(item, ids, None).hidden)  # [b, T, V]
+        for part in item.parts:
+            rows = part.row_ids
+            if state is not None and len({state.lengths[r] for r in rows}) > 1:
+                seen["uneven"] += 1
+            apart = rows[-1] - rows[0] >= len(rows)
+            seen["rows apart"] += apart and part.kind is ItemKind.DECODE
+            seen["group apart"] += apart and part.kind is ItemKind.PREFILL
+            seen["reused"] += sum(row.reset and row.row in used for row in part.rows)
+            seen["padded"] += sum(row.first_pos < 0 for row in part.rows)
+            used.update(rows)
+        logits = stage.lm_head(runner.run(item, fed_ids(item, seqs), None).hidden)  # [b, T, V] or [1, N, V]
         assert_as_alone(item, logits, alone, TOLERANCE)
     assert all(seen.values()), f"the order misses a case it is meant to cover: {seen}"
 
@@ -191,8 +194,8 @@ def test_lanes_sharing_a_tight_pool_equal_each_sequence_alone(
         waited += scheduler.waiting > 0 and free_rows > 0
         if not isinstance(action, WorkItem):
             continue
-        logits = stage.lm_head(runner.run(action, fed_ids(action, seqs), None).hidden)  # [b, T, V]
-        for row in action.rows:
+        logits = stage.lm_head(runner.run(action, fed_ids(action, seqs), None).hidden)  # [b, T, V] or [1, N, V]
+        for row in (row for part in action.parts for row in part.rows):
             for block in runner.caches[action.lane].tables[row.row]:
                 owners.setdefault(block, set()).add(action.lane)
         assert_as_alone(action, logits, alone, TOLERANCE)

@@ -80,9 +80,10 @@ SMOL_EXPLICIT = {1: [30], 2: [20, 10], 3: [6, 12, 12], 4: [3, 9, 9, 9]}
 SMOL_NEW = 8
 SMOL_SCORE_TEXT = "The ocean covers most of the Earth, and"
 
-TINY_KINDS = ("balanced", "uniform-chunk3", "explicit-m5-eos", "waves-eos", "m1", "sampled-m3", "sampled-m1", "score")
+TINY_KINDS = ("balanced", "uniform-chunk3", "explicit-m5-eos", "waves-eos", "waves-apart-eos", "m1", "sampled-m3",
+              "sampled-m1", "score")
 GREEDY_KINDS = ("balanced", "uniform-chunk3", "m1")
-EOS_KINDS = ("explicit-m5-eos", "waves-eos")
+EOS_KINDS = ("explicit-m5-eos", "waves-eos", "waves-apart-eos")
 CASES = [(m, k) for m in TINY for k in TINY_KINDS] + [
     ("smollm2", "greedy"),
     ("smollm2", "quantized"),
@@ -115,20 +116,23 @@ def case_overrides(model: str, kind: str, stages: int) -> dict[str, str]:
     # The tiny models run the exact path (their weights are float32): a float32 KV cache.
     base = {"prompts": hydra_list(PROMPTS), "generation.max_new_tokens": str(MAX_NEW), "runtime.kv_dtype": "float32"}
     explicit = hydra_list(EXPLICIT[stages])
+    waves = {
+        "pipeline.layers": "uniform",
+        "pipeline.microbatches": "2",
+        "pipeline.lane_size": "2",
+        "pipeline.prefill_chunk": "4",
+        "pipeline.refill_chunk": "1",
+        "prompts": hydra_list(WAVE_PROMPTS),
+    }
     per_kind = {
         # A chunk far longer than any prompt must cost nothing (buffers sized by the prompts).
         "balanced": {"pipeline.layers": "balanced", "pipeline.prefill_chunk": "100000000"},
         "uniform-chunk3": {"pipeline.layers": "uniform", "pipeline.microbatches": "2", "pipeline.prefill_chunk": "3"},
         "explicit-m5-eos": {"pipeline.layers": explicit, "pipeline.microbatches": "5"},
-        # Refills (7 prompts, 4 rows) go one token per chunk next to their decoding neighbour.
-        "waves-eos": {
-            "pipeline.layers": "uniform",
-            "pipeline.microbatches": "2",
-            "pipeline.lane_size": "2",
-            "pipeline.prefill_chunk": "4",
-            "pipeline.refill_chunk": "1",
-            "prompts": hydra_list(WAVE_PROMPTS),
-        },
+        # Refills (7 prompts, 4 rows) go one token per chunk, folded into their decoding
+        # neighbour's steps, or (apart) as items of their own between them.
+        "waves-eos": waves,
+        "waves-apart-eos": {**waves, "pipeline.fold_refill": "false"},
         "m1": {"pipeline.layers": "balanced", "pipeline.microbatches": "1", "pipeline.prefill_chunk": "1"},
         "sampled-m3": {**SAMPLING, "pipeline.layers": "uniform", "pipeline.microbatches": "3"},
         "sampled-m1": {
@@ -258,7 +262,7 @@ def test_single_process_greedy_matches_recompute(suite: Suite, single: SinglePro
     """Lanes, left padding, chunked prefill and the KV cache change nothing: the tokens are
     the recomputed greedy ones, cut at the first end-of-generation id."""
     file_key = f"{model}-eos" if kind in EOS_KINDS else model
-    n = len(WAVE_PROMPTS) if kind == "waves-eos" else len(PROMPTS)
+    n = len(WAVE_PROMPTS) if kind.startswith("waves") else len(PROMPTS)
     got = results(single.out(f"{model}-{kind}"))
     assert [r["prompt_ids"] for r in got] == suite.prompt_ids[model][:n]
     expected = [truncate_at(c, suite.eog[file_key]) for c in suite.recomputed[model][:n]]

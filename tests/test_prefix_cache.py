@@ -102,12 +102,13 @@ def test_prompts_on_cached_blocks_equal_each_sequence_alone(tiny_files: TinyFile
                             on_attach=runner.attach):
         if not isinstance(action, WorkItem):
             continue
-        if action.kind is ItemKind.PREFILL:
-            for row in action.rows:
-                first_prefill.setdefault(row.seq, row.first_pos)
-        logits = stage.lm_head(runner.run(action, fed_ids(action, seqs), None).hidden)  # [b, T, V]
-        if action.kind is ItemKind.PREFILL and action.samples:
-            register_prefixes(index, runner, sequences.get, action)
+        prefills = [part for part in action.parts if part.kind is ItemKind.PREFILL]
+        for row in (row for part in prefills for row in part.rows):
+            first_prefill.setdefault(row.seq, row.first_pos)
+        logits = stage.lm_head(runner.run(action, fed_ids(action, seqs), None).hidden)  # [b, T, V] or [1, N, V]
+        for part in prefills:
+            if part.samples:
+                register_prefixes(index, runner, sequences.get, part)
         assert_as_alone(action, logits, alone, TOLERANCE)
     assert scheduler.idle()
     on_cache = {seq: pos for seq, pos in first_prefill.items() if pos > 0}
@@ -130,10 +131,11 @@ def test_the_choices_of_one_prompt_prefill_it_once() -> None:
         prompt = list(range(100, 140))
         tokens: list[tuple[int, int]] = []  # (sequence, tokens) of each prefill row
         for action in run_order(scheduler, [_sequence(i, prompt, 3) for i in range(4)], lambda s: 3):
-            if isinstance(action, WorkItem) and action.kind is ItemKind.PREFILL:
-                tokens += [(row.seq, action.length) for row in action.rows]
-                if action.samples and index is not None:
-                    for row in action.rows:  # the blocks a stage would have given the row
+            parts = action.parts if isinstance(action, WorkItem) else ()
+            for part in (part for part in parts if part.kind is ItemKind.PREFILL):
+                tokens += [(row.seq, part.length) for row in part.rows]
+                if part.samples and index is not None:
+                    for row in part.rows:  # the blocks a stage would have given the row
                         index.register(prompt, [10 * row.seq + b for b in range(3)])
         return tokens
 

@@ -7,7 +7,8 @@ the model.
   gemma-3 Q4_K_M), with top-1 agreement of at least 95%.
 - A split of quantized stages computes exactly what the whole quantized model computes.
 - Batch invariance: a prompt's greedy tokens, and every logit on the way, are the same bits
-  decoded alone and as one sequence in a lane of 8.
+  decoded alone and as one sequence in a lane of 8; a prefill chunk folded into a decode step
+  changes no bit of either.
 - Weights are held as blocks (the tied output head included), bad blocks fail by name, a
   type with no kernel is dequantized and reported, not an error, and fused projections whose
   parts are stored in different types keep a layer per part.
@@ -105,6 +106,36 @@ def test_greedy_tokens_alone_equal_those_in_a_lane_of_8(tiny_files: TinyFiles, c
     np.testing.assert_array_equal(alone[0], lane[0])
     np.testing.assert_array_equal(alone_logits[0], lane_logits[0])
     assert len({tuple(row) for row in lane}) > 1  # the lane's other prompts go elsewhere
+
+
+@pytest.mark.parametrize("case", ["llama_q4_0", "gemma3_q4_1", "qwen3moe_q4_0", "deepseek3_q8_0", "gpt_oss_q8_0"])
+def test_a_folded_chunk_gives_the_bits_of_two_forwards(tiny_files: TinyFiles, case: str) -> None:
+    """A decode step of two rows with another row's prefill chunk folded in (one ragged
+    forward: the products see 2 + 9 rows at once, attention runs per piece) gives every logit
+    of the step and of the chunk that the two forwards apart give: the same 8-bit path for
+    every row count, each row attending over its own keys. Covers sliding windows (gemma3),
+    experts (qwen3moe), latent attention (deepseek3, piece by piece) and sinks (gpt-oss)."""
+    spec, path = ALL_CASES[case], tiny_files.path(case)
+    stage = whole(path, spec.n_layer, "quantized")
+    ids = torch.from_numpy(token_batch(spec, batch=3, length=12, seed=5))  # [3, 12]
+    step_ids, step_pos = ids[:2, 11:12], arange_positions(2, 1, 11)  # rows 0, 1 decode their 12th token
+    chunk_ids, chunk_pos = ids[2:, :9], arange_positions(1, 9)  # row 2 prefills 9 tokens
+
+    def run(folded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = stage.new_cache(3, 16)
+        with torch.inference_mode():
+            stage.forward(stage.embed(ids[:2, :11]), arange_positions(2, 11), cache, [0, 1])
+            if folded:
+                flat = torch.cat([step_ids.flatten(), chunk_ids.flatten()])[None]  # [1, 11]
+                out = stage.forward_ragged(stage.embed(flat), [(step_pos, [0, 1]), (chunk_pos, [2])], cache)[0]
+                return stage.lm_head(out[None, :2]), stage.lm_head(out[None, 2:])
+            a = stage.forward(stage.embed(step_ids), step_pos, cache, [0, 1])  # [2, 1, E]
+            b = stage.forward(stage.embed(chunk_ids), chunk_pos, cache, [2])  # [1, 9, E]
+            return stage.lm_head(a.flatten(0, 1)[None]), stage.lm_head(b)
+
+    apart, folded = run(False), run(True)
+    torch.testing.assert_close(folded[0], apart[0], rtol=0, atol=0)
+    torch.testing.assert_close(folded[1], apart[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", ["llama_q4_0", "llama_q8_0", "qwen3_q5_0", "gemma3_q4_1", "phi3_q8_0", "granite_q8_0"])

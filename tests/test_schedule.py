@@ -28,6 +28,7 @@ import itertools
 import random
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -71,15 +72,18 @@ def make_order(
     budgets: list[int] | None = None,
     capacity: int | None = None,
     refill_chunk: int | None = None,
+    fold: bool = False,
 ) -> Order:
     """The scheduler's full order when sequence s (prompt of `prompts[s]` tokens, budget
     `budgets[s]`, by default `samples[s]`) ends after `samples[s]` sampled ids. The default
-    capacity is the one a batch job sizes its rows for: longest prompt + largest budget - 1."""
+    capacity is the one a batch job sizes its rows for: longest prompt + largest budget - 1.
+    The orders by hand below are written without folding (`fold`); the random contract
+    checks run both ways."""
     budgets = samples if budgets is None else budgets
     if capacity is None:
         capacity = max(prompts) + max(max(budgets) - 1, 0)
     sequences = [shaped(s, p, b) for s, (p, b) in enumerate(zip(prompts, budgets))]
-    scheduler = Scheduler(lanes, lane_size, chunk, capacity, refill_chunk)
+    scheduler = Scheduler(lanes, lane_size, chunk, capacity, refill_chunk, fold=fold)
     return list(run_order(scheduler, sequences, lambda s: samples[s]))
 
 
@@ -189,52 +193,72 @@ def check_order(
     """Assert the scheduling contract on a whole order (see the module docstring); a group
     that joins decoding rows goes in chunks of `refill_chunk` (None: `chunk`)."""
     refill_chunk = chunk if refill_chunk is None else min(refill_chunk, chunk)
-    chunk_of: dict[int, int] = {}  # sequence -> the chunk its group was split by
-    place: dict[int, tuple[int, int]] = {}  # sequence -> (lane, row) it was admitted to
-    holder: dict[tuple[int, int], int] = {}  # (lane, row) -> sequence, until its last ids arrive
-    in_flight: dict[int, deque[WorkItem]] = defaultdict(deque)  # lane -> sampling items, oldest first
-    received: Counter[int] = Counter()  # sequence -> ids arrived
-    width: dict[int, int] = {}  # sequence -> padded prompt width of its group
-    got: dict[int, list[tuple[ItemKind, int, int, bool, bool]]] = defaultdict(list)
-    admitted: list[int] = []
+    seen = _Seen(prompts, lanes, lane_size, chunk, refill_chunk)
     for action in order:
         if isinstance(action, AwaitTokens):
-            assert in_flight[action.lane], f"lane {action.lane} awaits ids it never asked for"
-            for seq in in_flight[action.lane].popleft().seqs:
-                received[seq] += 1
-                if received[seq] == samples[seq]:
-                    del holder[place[seq]]
+            assert seen.in_flight[action.lane], f"lane {action.lane} awaits ids it never asked for"
+            for seq in seen.in_flight[action.lane].popleft().seqs:
+                seen.received[seq] += 1
+                if seen.received[seq] == samples[seq]:
+                    del seen.holder[seen.place[seq]]
             continue
-        item = action
-        assert 0 <= item.lane < lanes and item.rows and all(0 <= r < lane_size for r in item.row_ids), item
+        if action.folded is not None:
+            assert action.kind is D and action.folded.kind is P and action.folded.lane == action.lane, action
+            assert not set(action.row_ids) & set(action.folded.row_ids), f"{action}: a row in both parts"
+        for item in action.parts:  # a folded chunk is held to the same contract as an item of its own
+            seen.check(item)
+    assert not any(seen.in_flight.values()), "some sampled ids were never received"
+    assert not seen.holder, f"rows never freed: {seen.holder}"
+    assert seen.admitted == list(range(len(prompts))), "sequences must be admitted once each, oldest first"
+    for s, prompt in enumerate(prompts):
+        assert seen.width[s] + samples[s] - 1 <= capacity, f"sequence {s} overflows its row"
+        assert seen.got[s] == expected_items(prompt, seen.width[s], seen.chunk_of[s], samples[s]), f"sequence {s}"
+
+
+@dataclass
+class _Seen:
+    """What an order has done so far, for `check_order`."""
+
+    prompts: list[int]
+    lanes: int
+    lane_size: int
+    chunk: int
+    refill_chunk: int
+    chunk_of: dict[int, int] = field(default_factory=dict)  # sequence -> the chunk its group was split by
+    place: dict[int, tuple[int, int]] = field(default_factory=dict)  # sequence -> (lane, row) it was admitted to
+    holder: dict[tuple[int, int], int] = field(default_factory=dict)  # (lane, row) -> sequence, until its last ids
+    in_flight: dict[int, deque[WorkItem]] = field(default_factory=lambda: defaultdict(deque))  # lane -> sampling items
+    received: Counter[int] = field(default_factory=Counter)  # sequence -> ids arrived
+    width: dict[int, int] = field(default_factory=dict)  # sequence -> padded prompt width of its group
+    got: dict[int, list[tuple[ItemKind, int, int, bool, bool]]] = field(default_factory=lambda: defaultdict(list))
+    admitted: list[int] = field(default_factory=list)
+
+    def check(self, item: WorkItem) -> None:
+        """One item (or one part of a folded one) against the contract."""
+        assert 0 <= item.lane < self.lanes and item.rows, item
+        assert all(0 <= r < self.lane_size for r in item.row_ids), item
         assert item.row_ids == sorted(set(item.row_ids)), f"{item}: rows not increasing"
         if item.kind is D:
-            decoding = {s for (lane, _), s in holder.items() if lane == item.lane and received[s] >= 1}
+            decoding = {s for (lane, _), s in self.holder.items() if lane == item.lane and self.received[s] >= 1}
             assert set(item.seqs) == decoding, f"{item} is not one step of every decoding row"
-        newcomers = [s for s in item.seqs if s not in place]
+        newcomers = [s for s in item.seqs if s not in self.place]
         if newcomers:
             assert item.kind is P and newcomers == item.seqs, f"{item} mixes a new group with running rows"
-            admitted += newcomers
-            refill = any(lane == item.lane and received[s] >= 1 for (lane, _), s in holder.items())
-            chunk_of.update(dict.fromkeys(newcomers, refill_chunk if refill else chunk))
-        waiting_ids = {s for it in in_flight[item.lane] for s in it.seqs}
+            self.admitted += newcomers
+            refill = any(lane == item.lane and self.received[s] >= 1 for (lane, _), s in self.holder.items())
+            self.chunk_of.update(dict.fromkeys(newcomers, self.refill_chunk if refill else self.chunk))
+        waiting_ids = {s for it in self.in_flight[item.lane] for s in it.seqs}
         for row in item.rows:
             here = (item.lane, row.row)
             if row.seq in newcomers:
-                assert here not in holder, f"sequence {row.seq} took {here} from sequence {holder.get(here)}"
-                holder[here], place[row.seq] = row.seq, here
-                width[row.seq] = max(prompts[s] for s in newcomers)
-            assert place[row.seq] == here, f"sequence {row.seq} moved from {place[row.seq]} to {here}"
+                assert here not in self.holder, f"sequence {row.seq} took {here} from {self.holder.get(here)}"
+                self.holder[here], self.place[row.seq] = row.seq, here
+                self.width[row.seq] = max(self.prompts[s] for s in newcomers)
+            assert self.place[row.seq] == here, f"sequence {row.seq} moved from {self.place[row.seq]} to {here}"
             assert row.seq not in waiting_ids, f"{item} computes sequence {row.seq} before its ids arrived"
-            got[row.seq].append((item.kind, row.first_pos, item.length, item.samples, row.reset))
+            self.got[row.seq].append((item.kind, row.first_pos, item.length, item.samples, row.reset))
         if item.samples:
-            in_flight[item.lane].append(item)
-    assert not any(in_flight.values()), "some sampled ids were never received"
-    assert not holder, f"rows never freed: {holder}"
-    assert admitted == list(range(len(prompts))), "sequences must be admitted once each, oldest first"
-    for s, prompt in enumerate(prompts):
-        assert width[s] + samples[s] - 1 <= capacity, f"sequence {s} overflows its row"
-        assert got[s] == expected_items(prompt, width[s], chunk_of[s], samples[s]), f"sequence {s}"
+            self.in_flight[item.lane].append(item)
 
 
 def expected_items(prompt: int, width: int, chunk: int, samples: int) -> list[tuple[ItemKind, int, int, bool, bool]]:
@@ -268,11 +292,17 @@ def scenario(lanes: int, lane_size: int, seed: int, tight: bool) -> tuple[list[i
 @pytest.mark.parametrize("lane_size", [1, 2, 3])
 @pytest.mark.parametrize("tight", [False, True], ids=["roomy", "tight"])
 @pytest.mark.parametrize("refill", [None, 1, 2], ids=["refill-as-chunk", "refill-1", "refill-2"])
-def test_order_honours_the_contract(lanes: int, lane_size: int, tight: bool, refill: int | None) -> None:
+@pytest.mark.parametrize("fold", [False, True], ids=["apart", "folded"])
+def test_order_honours_the_contract(lanes: int, lane_size: int, tight: bool, refill: int | None, fold: bool) -> None:
     for seed in range(5):
         prompts, samples, budgets, capacity = scenario(lanes, lane_size, seed, tight)
-        order = make_order(prompts, lanes, 3, samples, lane_size, budgets, capacity, refill)
+        order = make_order(prompts, lanes, 3, samples, lane_size, budgets, capacity, refill, fold)
         check_order(order, prompts, lanes, lane_size, 3, samples, capacity, refill)
+        if fold:  # a refill chunk never goes apart from its lane's decode step
+            assert not any(
+                isinstance(a, WorkItem) and isinstance(b, WorkItem) and a.kind is D and b.kind is P and a.lane == b.lane
+                for a, b in itertools.pairwise(order)
+            )
 
 
 @pytest.mark.parametrize("lanes", LANES)
@@ -305,18 +335,18 @@ def test_freed_row_takes_the_oldest_waiting_sequence_and_restarts_it() -> None:
     """One lane of 2 rows; prompts 2, 2, 3, 1 tokens; 2, 4, 2, 1 sampled ids.
 
     Turn 1 admits 0 and 1 as one group. After turn 2's decode, 0 is done: at turn 3 its row
-    takes 2 (the oldest waiting, not 3): 1's decode step, then 2's whole prompt (its first
-    chunk resets the row; positions start at 0 again, not where sequence 0 stopped). Turn 4
+    takes 2 (the oldest waiting, not 3): 1's decode step with 2's whole prompt folded in (its
+    first chunk resets the row; positions start at 0 again, not where sequence 0 stopped), whose
+    ids come back as two answers. Turn 4
     decodes both rows, 2 from its own prompt's end (3). Both end: turn 5 admits 3 into row 0,
     the first free row."""
-    order = make_order([2, 2, 3, 1], 1, 8, [2, 4, 2, 1], lane_size=2)
+    order = make_order([2, 2, 3, 1], 1, 8, [2, 4, 2, 1], lane_size=2, fold=True)
     assert order == [
         WorkItem(0, P, (step(0, 0, 0, True), step(1, 1, 0, True)), 2, True),
         AwaitTokens(0),
         WorkItem(0, D, (step(0, 0, 2), step(1, 1, 2)), 1, True),
         AwaitTokens(0),  # 0 has its 2 ids: row 0 is free
-        WorkItem(0, D, (step(1, 1, 3),), 1, True),
-        WorkItem(0, P, (step(0, 2, 0, True),), 3, True),
+        WorkItem(0, D, (step(1, 1, 3),), 1, True, folded=WorkItem(0, P, (step(0, 2, 0, True),), 3, True)),
         AwaitTokens(0),
         AwaitTokens(0),
         WorkItem(0, D, (step(0, 2, 3), step(1, 1, 4)), 1, True),
@@ -454,8 +484,8 @@ def test_finished_sequences_are_reported_by_id_and_free_their_rows() -> None:
     assert scheduler.next() == AwaitTokens(0)
     assert arrive(scheduler, 0, finished=[1]) == group
     assert scheduler.running == 1
-    assert scheduler.next() == WorkItem(0, D, (step(0, 0, 1),), 1, True)
-    assert scheduler.next() == WorkItem(0, P, (step(1, 2, 0, True),), 1, True)
+    refill = WorkItem(0, P, (step(1, 2, 0, True),), 1, True)
+    assert scheduler.next() == WorkItem(0, D, (step(0, 0, 1),), 1, True, folded=refill)
 
 
 def test_refill_keeps_more_slots_busy_than_fixed_batches() -> None:
@@ -489,10 +519,11 @@ def test_occupancy_counts_live_rows_of_decode_steps_only() -> None:
 # ---- action lists: matching sends and receives, no deadlock --------------------------------
 
 
-def check_channels(acts: list[list[Action]], n_items: int, sampling: set[int]) -> None:
+def check_channels(acts: list[list[Action]], n_items: int, answers: list[int]) -> None:
     """Every stage computes every item once in issue order; on each channel (src, dst) the
     items received are the items sent, in the same order; activations go s -> s + 1 and ids
-    go from the last stage to stage 0, once per sampling item."""
+    go from the last stage to stage 0, `answers[i]` times for item i (once per sampling
+    part)."""
     n = len(acts)
     sent: dict[tuple[int, int], list[int]] = defaultdict(list)
     received: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -506,7 +537,7 @@ def check_channels(acts: list[list[Action]], n_items: int, sampling: set[int]) -
     assert sent == received
     expected = {(s, s + 1): list(range(n_items)) for s in range(n - 1)}
     if n > 1:
-        expected[(n - 1, 0)] = sorted(sampling)
+        expected[(n - 1, 0)] = [i for i, count in enumerate(answers) for _ in range(count)]
     assert {k: v for k, v in sent.items() if v} == {k: v for k, v in expected.items() if v}
 
 
@@ -515,7 +546,7 @@ def refills(order: Order) -> int:
     seen: set[tuple[int, int]] = set()
     count = 0
     for item in items_of(order):
-        for row in item.rows:
+        for row in (row for part in item.parts for row in part.rows):
             if row.reset:
                 count += (item.lane, row.row) in seen
                 seen.add((item.lane, row.row))
@@ -525,19 +556,22 @@ def refills(order: Order) -> int:
 @pytest.mark.parametrize("stages", STAGES)
 @pytest.mark.parametrize("lanes", LANES)
 @pytest.mark.parametrize("lane_size", [1, 3])
-def test_every_send_is_received_and_nothing_deadlocks(stages: int, lanes: int, lane_size: int) -> None:
+@pytest.mark.parametrize("fold", [False, True], ids=["apart", "folded"])
+def test_every_send_is_received_and_nothing_deadlocks(stages: int, lanes: int, lane_size: int, fold: bool) -> None:
     """Random budgets and finishes, more sequences than slots: rows are refilled while their
-    neighbours decode, a lane has up to two sampling items in flight."""
+    neighbours decode, a lane has up to two sampling items in flight (or one item whose two
+    parts both sample)."""
     for seed, score in [(0, False), (1, False), (2, True)]:
         prompts, samples, budgets, capacity = scenario(lanes, lane_size, seed + 10 * stages, tight=seed == 1)
         if score:
             order = score_order(prompts, lanes, 3, lane_size)
         else:
-            order = make_order(prompts, lanes, 3, samples, lane_size, budgets, capacity)
+            order = make_order(prompts, lanes, 3, samples, lane_size, budgets, capacity, fold=fold)
         assert refills(order) > 0
         items = items_of(order)
         acts = stage_actions(order, stages)
-        check_channels(acts, len(items), {i for i, it in enumerate(items) if it.samples})
+        answers = [sum(part.samples for part in it.parts) for it in items]
+        check_channels(acts, len(items), answers)
         timeline = simulate(acts, lambda s, i: 1.0 + 0.5 * ((s + i) % 3))  # uneven costs
         for s in range(stages):
             assert sorted(i for _, _, i in timeline.busy[s]) == list(range(len(items)))
@@ -547,7 +581,7 @@ def test_a_lane_can_have_two_sampling_items_in_flight() -> None:
     """The chunked-admission case above: turn 4 issues 0's decode step and 2's last chunk;
     the scheduler expects their ids in issue order (the order every stage keeps), and the
     lane goes on only when both arrived; the action lists run on 1..4 stages."""
-    scheduler = Scheduler(1, 2, 2, 8)
+    scheduler = Scheduler(1, 2, 2, 8, fold=False)
     for seq, (prompt, budget) in enumerate([(1, 5), (1, 1), (5, 2)]):
         scheduler.add(shaped(seq, prompt, budget))
     samples = [5, 1, 2]

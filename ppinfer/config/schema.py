@@ -62,6 +62,10 @@ class PipelineConfig:
     """Prompt tokens per prefill step for sequences admitted next to rows that are decoding
     (at most `prefill_chunk`). Short refill chunks keep the ring moving while a newcomer's
     prompt goes through; 16 measured best or tied for lanes of 2 to 16 (docs/benchmarks.md)."""
+    fold_refill: bool = True
+    """A refill chunk rides in its lane's decode step: one forward computes the decoding rows'
+    next tokens and the newcomer's chunk, streaming every weight once for both (false: the
+    chunk is an item of its own, right after the step)."""
 
 
 @dataclass(kw_only=True)

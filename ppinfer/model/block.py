@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,32 @@ class LayerInputs:
     rope: dict[int, torch.Tensor]  # id(RotaryEmbedding) -> rotations [B, T, n_rot/2, 2] (cos, sin)
     masks: dict[tuple[int, int], torch.Tensor]  # (sliding window, chunk) (0 = none) -> [B, 1, T, n] bool
     positions: torch.Tensor  # [B, T] int64 (-1 = padding)
+
+
+@dataclass
+class Piece:
+    """One rectangle of a ragged forward (`DecoderBlock.ragged`): `rows` x `length` tokens,
+    with their slots in one layer's cache and their per-forward inputs."""
+
+    rows: int
+    length: int
+    kv: LayerKV
+    io: LayerInputs
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.length
+
+
+def attend_ragged(attn: nn.Module, x: torch.Tensor, pieces: list[Piece]) -> torch.Tensor:
+    """x [1, N, E], the pieces' tokens one after another (each piece row by row) -> [1, N, E]:
+    each piece attends over its own rows' keys. `Attention` projects all N tokens at once;
+    any other attention runs piece by piece."""
+    if isinstance(attn, Attention):
+        return attn.ragged(x, pieces)
+    parts = x[0].split([p.tokens for p in pieces])  # [b_i T_i, E] each
+    outs = [attn(part.view(p.rows, p.length, -1), p.kv, p.io).flatten(0, 1) for part, p in zip(parts, pieces)]
+    return torch.cat(outs)[None]
 
 
 class Attention(nn.Module):
@@ -56,23 +83,39 @@ class Attention(nn.Module):
         self.chunk = chunk
         self.sinks = None if sinks is None else nn.Parameter(sinks, requires_grad=False)
         plain = sinks is None and rope is not None and post_rope_norm is None and temperature is None
-        self._attend = fused_ops.attend_op() if fused and plain else None
+        self._attend_op = fused_ops.attend_op() if fused and plain else None
 
     def forward(self, x: torch.Tensor, kv: LayerKV, io: LayerInputs) -> torch.Tensor:
         """x [B, T, E] -> [B, T, E]; this step's keys and values go into `kv`."""
         b, t, _ = x.shape
-        d, h, hkv = self.head_dim, self.n_head, self.n_head_kv
-        qkv = self.qkv(x).view(b, t, h + 2 * hkv, d)  # [B, T, H + 2 Hkv, D]
+        qkv = self.qkv(x).view(b, t, self.n_head + 2 * self.n_head_kv, self.head_dim)  # [B, T, H + 2 Hkv, D]
+        return self.out(self._attend(qkv, kv, io))
+
+    def ragged(self, x: torch.Tensor, pieces: list[Piece]) -> torch.Tensor:
+        """x [1, N, E] (see `attend_ragged`) -> [1, N, E]: one projection in and one out for
+        every piece's tokens, attention piece by piece."""
+        qkv = self.qkv(x)[0]  # [N, (H + 2 Hkv) D]
+        heads = self.n_head + 2 * self.n_head_kv
+        ys = [
+            self._attend(part.view(p.rows, p.length, heads, self.head_dim), p.kv, p.io).flatten(0, 1)
+            for part, p in zip(qkv.split([p.tokens for p in pieces]), pieces)
+        ]  # [b_i T_i, H D] each
+        return self.out(torch.cat(ys)[None])
+
+    def _attend(self, qkv: torch.Tensor, kv: LayerKV, io: LayerInputs) -> torch.Tensor:
+        """qkv [B, T, H + 2 Hkv, D] -> attention output [B, T, H D]; the keys and values go
+        into `kv`."""
+        b, t, _, d = qkv.shape
+        h, hkv = self.n_head, self.n_head_kv
         qk, v = qkv[:, :, : h + hkv], qkv[:, :, h + hkv :]
         if self.qk_norm is not None:
             qk = self.qk_norm(qk)
         mask = io.masks[self.window, self.chunk]  # [B, 1, T, n]
-        if self._attend is not None and self.rope is not None and t == 1:
-            y = self._attend(
+        if self._attend_op is not None and self.rope is not None and t == 1:
+            return self._attend_op(
                 qk, v, io.rope[id(self.rope)], kv.k, kv.v, kv.table, kv.cols, mask, h, self.rope.n_rot, self.scale,
                 self.softcap or 0.0,
             )  # [B, 1, H D]
-            return self.out(y)
         if self.rope is not None:
             qk = apply_rope(qk, io.rope[id(self.rope)], self.rope.n_rot)  # [B, T, H + Hkv, D]
         if self.post_rope_norm is not None:
@@ -88,7 +131,7 @@ class Attention(nn.Module):
             )
         else:
             y = self._explicit(q, keys, values, mask)
-        return self.out(y.transpose(1, 2).reshape(b, t, self.n_head * d))
+        return y.transpose(1, 2).reshape(b, t, h * d)
 
     def _query_scale(self, positions: torch.Tensor) -> torch.Tensor:
         """positions [B, T] -> [B, T, 1, 1]: 1 + scale ln(floor((pos + offset) / floor_scale) + 1)."""
@@ -160,8 +203,17 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: LayerKV, io: LayerInputs) -> torch.Tensor:
         """x [B, T, E] -> [B, T, E]."""
+        return self._residual(x, lambda h: self.attn(h, kv, io))
+
+    def ragged(self, x: torch.Tensor, pieces: list[Piece]) -> torch.Tensor:
+        """x [1, N, E], several pieces' tokens one after another (see `attend_ragged`) ->
+        [1, N, E]: the norms, projections and MLP run once over all N tokens."""
+        return self._residual(x, lambda h: attend_ragged(self.attn, h, pieces))
+
+    def _residual(self, x: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The block around its attention `attend`: normed x [.., E] -> [.., E]."""
         h = self.attn_norm(x)
-        a = self.attn(h, kv, io)
+        a = attend(h)
         if self.ffn_norm is None:
             return x + a + self.mlp(h)
         if self.post_attn_norm is not None:

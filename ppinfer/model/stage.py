@@ -9,8 +9,8 @@ from torch import nn
 
 from ppinfer.families.hparams import HParams
 from ppinfer.kernels.select import BLOCK_LINEARS
-from ppinfer.model.block import DecoderBlock, LayerInputs
-from ppinfer.model.cache import BLOCK_SIZE, KVCache, KVPool, blocks_for
+from ppinfer.model.block import DecoderBlock, LayerInputs, Piece
+from ppinfer.model.cache import BLOCK_SIZE, KVCache, KVPool, RowsView, blocks_for
 from ppinfer.model.kvquant import KVType
 from ppinfer.model.layers import PackedLinear, RotaryEmbedding, RowEmbedding
 from ppinfer.model.moe import MoeFeedForward
@@ -63,15 +63,38 @@ class PipelineStage(nn.Module):
         the cache rows `rows` of `cache` (increasing; rows 0..b-1 by default), each of which
         appends T slots for every layer of this stage."""
         slots = cache.rows(range(hidden.shape[0]) if rows is None else rows, positions)
+        io = self._inputs(slots, positions)
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, slots.layer(i), io)
+        return hidden
+
+    def forward_ragged(
+        self, hidden: torch.Tensor, pieces: Sequence[tuple[torch.Tensor, Sequence[int]]], cache: KVCache
+    ) -> torch.Tensor:
+        """Several pieces of work on one lane's rows in one forward: piece i is `(positions
+        [b_i, T_i], rows)` as in `forward` (distinct rows for distinct pieces), and hidden
+        [1, N, E] holds their tokens one after another, each piece row by row (N = sum b_i T_i).
+        Returns [1, N, E]. Norms, projections and the MLP stream each weight once for all N
+        tokens; attention runs piece by piece, each row over its own keys (a decode step and a
+        newcomer's prefill chunk share the step)."""
+        views = [(cache.rows(rows, positions), positions) for positions, rows in pieces]
+        inputs = [self._inputs(slots, positions) for slots, positions in views]
+        for i, layer in enumerate(self.layers):
+            parts = [
+                Piece(positions.shape[0], positions.shape[1], slots.layer(i), io)
+                for (slots, positions), io in zip(views, inputs)
+            ]
+            hidden = layer.ragged(hidden, parts)
+        return hidden
+
+    def _inputs(self, slots: RowsView, positions: torch.Tensor) -> LayerInputs:
+        """The rotations and masks every layer of this stage uses for `slots`."""
         spans = {(layer.attn.window, layer.attn.chunk) for layer in self.layers}
-        io = LayerInputs(
+        return LayerInputs(
             rope={id(r): r.rotations(positions) for r in self.ropes},
             masks={span: slots.mask(*span) for span in spans},
             positions=positions,
         )
-        for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, slots.layer(i), io)
-        return hidden
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, E] -> logits [B, T, V] float32. Last stage only."""

@@ -110,6 +110,7 @@ class Job:
         return Scheduler(
             self.n_lanes, self.lane_size, self.prefill_chunk, self.capacity, self.refill_chunk,
             pool_blocks=blocks_for(self.kv_tokens), prefix=PrefixIndex() if self.cfg.server.prefix_cache else None,
+            fold=self.cfg.pipeline.fold_refill,
         )
 
     @property

@@ -111,9 +111,10 @@ class StageRunner:
 
     def cache_for(self, item: WorkItem) -> KVCache:
         cache = self.lane_cache(item.lane)
-        for step in item.rows:
-            if step.reset and step.first_pos <= 0:  # (first_pos > 0: attached to cached blocks)
-                cache.reset(step.row, step.row + 1)
+        for part in item.parts:
+            for step in part.rows:
+                if step.reset and step.first_pos <= 0:  # (first_pos > 0: attached to cached blocks)
+                    cache.reset(step.row, step.row + 1)
         return cache
 
     def attach(self, rows: list[tuple[int, int, list[int]]]) -> None:
@@ -143,21 +144,29 @@ class StageRunner:
             self.sink.admit(admissions)
 
     def run(self, item: WorkItem, ids: torch.Tensor, hidden: torch.Tensor | None) -> StepResult:
-        """Embed `ids` [b, T] (first stage) or take `hidden` [b, T, E]; run this stage's
-        layers for the item's rows, then the sink if this is the last stage."""
+        """Embed `ids` [b, T] (first stage) or take `hidden` [b, T, E] ([1, N] and [1, N, E]
+        for an item with a folded chunk); run this stage's layers for the item's rows, then
+        the sink, part by part, if this is the last stage."""
         start = time.perf_counter()
         cache = self.cache_for(item)
-        positions = item_positions(item).to(self.stage.device)
+        device = self.stage.device
         if hidden is None:
             with self.tracer.range("embed"):
-                hidden = self.stage.embed(ids.to(self.stage.device))
+                hidden = self.stage.embed(ids.to(device))
         with self.tracer.range("layers"):
-            out = self.stage.forward(hidden, positions, cache, item.row_ids)
+            if item.folded is None:
+                out = self.stage.forward(hidden, item_positions(item).to(device), cache, item.row_ids)
+            else:
+                pieces = [(item_positions(part).to(device), part.row_ids) for part in item.parts]
+                out = self.stage.forward_ragged(hidden, pieces, cache)
         result = StepResult(out)
         if self.sink is not None:
-            result.sampled = self.sink.consume(self.stage, item, ids, out)
-        if item.kind is ItemKind.PREFILL and item.samples:
-            # The group's last chunk: the heap its chunks' activations left goes back, so that
+            for part, part_ids, part_out in zip(item.parts, _split(item, ids), _split(item, out)):
+                sampled = self.sink.consume(self.stage, part, part_ids, part_out)
+                if sampled is not None:
+                    result.sampled.append((part, sampled))
+        if any(part.kind is ItemKind.PREFILL and part.samples for part in item.parts):
+            # A group's last chunk: the heap its chunks' activations left goes back, so that
             # resident memory follows the cached tokens.
             self._trim_heap()
         end = time.perf_counter()
@@ -176,8 +185,18 @@ class StageRunner:
 class StepResult:
     """What one work item produced on this stage."""
 
-    hidden: torch.Tensor  # [b, T, E]
-    sampled: Sampled | None = None  # last stage: sampled ids [b] after a sampling item
+    hidden: torch.Tensor  # [b, T, E] ([1, N, E] with a folded chunk)
+    sampled: list[tuple[WorkItem, Sampled]] = field(default_factory=list)
+    """Last stage: each sampling part of the item with its sampled ids [b], in part order."""
+
+
+def _split(item: WorkItem, x: torch.Tensor) -> list[torch.Tensor]:
+    """x [b, T, ...] of `item`, or [1, N, ...] with a folded chunk -> one [b_i, T_i, ...]
+    tensor per part."""
+    if item.folded is None:
+        return [x]
+    parts = x[0].split([len(part.rows) * part.length for part in item.parts])
+    return [t.view(len(part.rows), part.length, *t.shape[1:]) for t, part in zip(parts, item.parts)]
 
 
 def run_first(
@@ -235,14 +254,16 @@ def run_first(
                 transport.send_admit(encode_admissions(admissions))
         ids = sequences.input_ids(item)
         result = runner.run(item, ids, None)
-        if scheduler.prefix is not None and item.kind is ItemKind.PREFILL and item.samples:
-            register_prefixes(scheduler.prefix, runner, sequences.get, item)
+        if scheduler.prefix is not None:
+            for part in item.parts:
+                if part.kind is ItemKind.PREFILL and part.samples:
+                    register_prefixes(scheduler.prefix, runner, sequences.get, part)
         if transport is not None:
             transport.send_item(Control(Msg.ITEM, item, runner.busy(0, (), world)), ids, result.hidden)
-            if item.samples:
+            if any(part.samples for part in item.parts):
                 transport.expect_tokens()
-        elif result.sampled is not None:
-            local.append(result.sampled)
+        else:
+            local.extend(sampled for _, sampled in result.sampled)
         runner.tracer.step()
     if transport is not None:
         transport.send_stop()
@@ -321,9 +342,11 @@ def run_relay(runner: StageRunner, transport: Transport) -> None:
         passed = Control(control.msg, item, runner.busy(transport.rank, control.busy_s, transport.world))
         if not last:
             transport.send_item(passed, received.ids, result.hidden)
-        elif result.sampled is not None:
-            logprobs = result.sampled.logprobs
-            transport.send_tokens(passed, result.sampled.tokens, encode_logprobs(logprobs) if logprobs else b"")
+        else:
+            for part, sampled in result.sampled:
+                logprobs = sampled.logprobs
+                answered = Control(control.msg, part, passed.busy_s)
+                transport.send_tokens(answered, sampled.tokens, encode_logprobs(logprobs) if logprobs else b"")
         runner.tracer.step()
     transport.flush()
     runner.clock.loop_end = time.perf_counter()

@@ -18,9 +18,11 @@ in the order it receives them, so each send meets its receive by construction:
   are free or still in prefill are left out: an item's rows need not be consecutive). After a
   sampling item the last stage sends the ids back to the first stage; the lane's next step can
   only start when they have arrived;
-- a lane's turn issues its decode step and then its group's next prefill chunk, so a
-  newcomer's prompt is interleaved with its neighbours' decoding; a lane with nothing to
-  decode issues all of its group's chunks back to back;
+- a lane's turn issues its decode step with its group's next prefill chunk folded in (one
+  forward computes both, streaming each weight once: `WorkItem.folded`; or, with `fold` off,
+  the chunk as an item of its own right after), so a newcomer's prompt is interleaved with
+  its neighbours' decoding; a lane with nothing to decode issues all of its group's chunks
+  back to back;
 - a finished (or cancelled) sequence frees its row when its last ids arrive (`released()`
   lists the rows whose KV blocks every stage gives back then); the row is refilled at the
   lane's next turn.
@@ -53,7 +55,7 @@ telling the scheduler they arrived. `ppinfer.pipeline.simulate` drives it withou
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ppinfer.model.cache import BLOCK_SIZE, blocks_for
 from ppinfer.pipeline.prefix import PrefixIndex
@@ -128,6 +130,7 @@ class Scheduler:
         refill_chunk: int | None = None,
         pool_blocks: int | None = None,
         prefix: PrefixIndex | None = None,
+        fold: bool = True,
     ) -> None:
         refill_chunk = chunk if refill_chunk is None else refill_chunk
         if n_lanes < 1 or lane_size < 1 or chunk < 1 or refill_chunk < 1:
@@ -145,6 +148,7 @@ class Scheduler:
         self.preemptions = 0  # sequences sent back to the queue for want of KV blocks
         self._admitted = 0  # sequences placed in rows so far (their admission order)
         self.prefix = prefix
+        self.fold = fold  # a refill chunk rides in its lane's decode step
         self._attached: list[tuple[int, int, list[int]]] = []  # (lane, row, blocks) since `attached()`
         self._lanes = [_Lane([None] * lane_size) for _ in range(n_lanes)]
         self._waiting: deque[Sequence] = deque()
@@ -287,14 +291,17 @@ class Scheduler:
         self._make_room(lane_id, lane)
         items = []
         decode = self._decode_item(lane_id, lane)
-        if decode is not None:
-            items.append(decode)
-        if lane.group is not None:
-            while lane.group is not None and (decode is None or len(items) < 2):
+        if decode is None:
+            while lane.group is not None:
                 items.append(self._prefill_item(lane_id, lane))
+        elif lane.group is None:
+            items.append(decode)
+        elif self.fold:
+            items.append(replace(decode, folded=self._prefill_item(lane_id, lane)))
+        else:
+            items += [decode, self._prefill_item(lane_id, lane)]
         for item in items:
-            if item.samples:
-                lane.outstanding.append(item)
+            lane.outstanding.extend(part for part in item.parts if part.samples)
         return items
 
     def _admit(self, lane_id: int, lane: _Lane) -> None:

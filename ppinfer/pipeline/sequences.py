@@ -82,14 +82,17 @@ class Sequences:
         """What the last stage needs of the sequences `item` starts: their settings and seeds
         (and, resuming after a preemption, the tokens generated so far), sent once per
         sequence, ahead of its first chunk."""
-        starts = [self._live[step.seq] for step in item.rows if step.reset]
+        starts = [self._live[step.seq] for part in item.parts for step in part.rows if step.reset]
         return [
             Admission(s.id, s.stream_seed, s.params, tuple(s.output.token_ids) if s.output is not None else ())
             for s in starts if not s.scored
         ]
 
     def input_ids(self, item: WorkItem) -> torch.Tensor:
-        """The ids `item` feeds: [b, T] int64 (0 on padding)."""
+        """The ids `item` feeds: [b, T] int64 (0 on padding); with a folded chunk, [1, N]: the
+        parts' ids one after another, each part row by row."""
+        if item.folded is not None:
+            return torch.cat([self.input_ids(part).flatten() for part in item.parts])[None]
         ids = torch.zeros((len(item.rows), item.length), dtype=torch.int64)
         for i, step in enumerate(item.rows):
             sequence = self._live[step.seq]

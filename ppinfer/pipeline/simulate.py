@@ -86,8 +86,9 @@ def stage_actions(order: list[WorkItem | AwaitTokens], n_stages: int) -> list[li
         acts[0].append(Action("compute", -1, i))
         if n_stages > 1:
             acts[0].append(Action("send", 1, i))
-        if action.samples:
-            outstanding.setdefault(action.lane, deque()).append(i)
+        for part in action.parts:  # each sampling part's ids come back on their own
+            if part.samples:
+                outstanding.setdefault(action.lane, deque()).append(i)
         i += 1
     for s in range(1, n_stages):
         for idx, item in enumerate(items):
@@ -95,8 +96,8 @@ def stage_actions(order: list[WorkItem | AwaitTokens], n_stages: int) -> list[li
             acts[s].append(Action("compute", -1, idx))
             if s < last:
                 acts[s].append(Action("send", s + 1, idx))
-            elif item.samples:
-                acts[s].append(Action("send", 0, idx))
+            else:
+                acts[s] += [Action("send", 0, idx) for part in item.parts if part.samples]
     return acts
 
 

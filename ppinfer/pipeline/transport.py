@@ -40,7 +40,8 @@ _SEND_BUFFERS = 4  # rotating send buffers per link; a buffer is reused 4 sends 
 
 @dataclass
 class Received:
-    """One message from the previous stage. `ids` [b, T] and `hidden` [b, T, E] for an item,
+    """One message from the previous stage. `ids` [b, T] and `hidden` [b, T, E] for an item
+    ([1, N] and [1, N, E] for one with a folded chunk, see `Sequences.input_ids`),
     `payload` for an admission; the tensors are valid until the next receive."""
 
     control: Control
@@ -151,8 +152,8 @@ class Transport:
     # ---- sending (asynchronous) -------------------------------------------------------------
 
     def send_item(self, control: Control, ids: torch.Tensor, hidden: torch.Tensor) -> None:
-        """The item of `control` with its input ids [b, T] int64 and hidden [b, T, E] to the
-        next stage: inline when it fits, else right behind."""
+        """The item of `control` with its input ids [b, T] int64 and hidden [b, T, E] ([1, N]
+        and [1, N, E] with a folded chunk) to the next stage: inline when it fits, else right behind."""
         assert self._items_out is not None and control.item is not None
         start = time.perf_counter()
         with self.tracer.range("send"):
@@ -243,7 +244,8 @@ class Transport:
             received = Received(control)
         else:
             item = control.item
-            b, t = len(item.rows), item.length
+            # [b, T] rows of T tokens; a folded item's parts one after another, [1, N]
+            b, t = (len(item.rows), item.length) if item.folded is None else (1, item.tokens)
             n_ids, n_hidden = b * t * 8, b * t * self.hidden_size * (torch.finfo(self.dtype).bits // 8)
             if control.msg is Msg.ITEM:
                 data = buf[self.sizes.control_words * 8:]

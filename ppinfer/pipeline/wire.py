@@ -2,8 +2,11 @@
 admission records that carry each sequence's settings to the last stage.
 
 Control block: `HEADER` fields (message kind, lane, item kind, rows, tokens per row, whether it
-samples, the size of a payload that follows), each stage's busy seconds so far (in
-microseconds), then `ROW_FIELDS` per row of the item (row, sequence, first position, reset).
+samples, the size of a payload that follows, and the rows, tokens per row and sampling of a
+folded prefill chunk, 0 rows when there is none), each stage's busy seconds so far (in
+microseconds), then `ROW_FIELDS` per row of the item, the folded chunk's rows after the item's
+(row, sequence, first position, reset). A folded chunk's rows are other rows of the same lane,
+so a block sized for the largest lane holds both.
 Every block of a link has the same size (sized for the largest lane), so a receiver can post
 its receive before the sender is ready.
 
@@ -30,7 +33,7 @@ from ppinfer.pipeline.work import ItemKind, RowStep, WorkItem
 from ppinfer.sampling.logprobs import RowLogprobs
 from ppinfer.sampling.params import GenerationParams
 
-HEADER = 8  # int64 fields before the per-stage and per-row parts of a control block
+HEADER = 10  # int64 fields before the per-stage and per-row parts of a control block
 ROW_FIELDS = 4  # int64 fields per row: row, seq, first_pos, reset
 
 
@@ -61,14 +64,17 @@ class Control:
         return HEADER + stages + rows * ROW_FIELDS
 
     def encode(self, stages: int) -> list[int]:
-        fields = [int(self.msg), 0, 0, 0, 0, 0, self.payload, 0]
+        fields = [int(self.msg), 0, 0, 0, 0, 0, self.payload, 0, 0, 0]
         busy = [int(s * 1e6) for s in self.busy_s] + [0] * (stages - len(self.busy_s))
         rows: list[int] = []
         it = self.item
         if it is not None:
             fields[1:6] = [it.lane, int(it.kind), len(it.rows), it.length, int(it.samples)]
-            for step in it.rows:
-                rows += [step.row, step.seq, step.first_pos, int(step.reset)]
+            if it.folded is not None:
+                fields[7:10] = [len(it.folded.rows), it.folded.length, int(it.folded.samples)]
+            for part in it.parts:
+                for step in part.rows:
+                    rows += [step.row, step.seq, step.first_pos, int(step.reset)]
         return fields + busy + rows
 
     @classmethod
@@ -77,12 +83,16 @@ class Control:
         busy = tuple(v / 1e6 for v in raw[HEADER:HEADER + stages])
         if msg in (Msg.STOP, Msg.PING, Msg.ADMIT, Msg.RELEASE, Msg.ATTACH):
             return cls(msg, busy_s=busy, payload=raw[6])
-        n_rows, at = raw[3], HEADER + stages
-        steps = tuple(
+        n_rows, n_folded, at = raw[3], raw[7], HEADER + stages
+        steps = [
             RowStep(row[0], row[1], row[2], bool(row[3]))
-            for row in (raw[at + r * ROW_FIELDS: at + (r + 1) * ROW_FIELDS] for r in range(n_rows))
-        )
-        return cls(msg, WorkItem(raw[1], ItemKind(raw[2]), steps, raw[4], bool(raw[5])), busy, payload=raw[6])
+            for row in (raw[at + r * ROW_FIELDS: at + (r + 1) * ROW_FIELDS] for r in range(n_rows + n_folded))
+        ]
+        folded = None
+        if n_folded:
+            folded = WorkItem(raw[1], ItemKind.PREFILL, tuple(steps[n_rows:]), raw[8], bool(raw[9]))
+        item = WorkItem(raw[1], ItemKind(raw[2]), tuple(steps[:n_rows]), raw[4], bool(raw[5]), folded)
+        return cls(msg, item, busy, payload=raw[6])
 
 
 @dataclass(frozen=True)

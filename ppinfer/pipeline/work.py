@@ -3,7 +3,7 @@ crosses the wire (see `ppinfer.pipeline.wire`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 import torch
@@ -36,6 +36,22 @@ class WorkItem:
     rows: tuple[RowStep, ...]
     length: int  # tokens per row in this item (T)
     samples: bool  # the last stage samples each row's next token after this item
+    folded: WorkItem | None = None
+    """A prefill chunk of the lane's group (other rows of the same lane) computed in the same
+    forward as this decode step: every weight is streamed once for both (`parts`)."""
+
+    @property
+    def parts(self) -> tuple[WorkItem, ...]:
+        """What one forward computes: the item (without its folded chunk), then the folded
+        chunk. Each part is fed, sampled and answered as an item of its own."""
+        if self.folded is None:
+            return (self,)
+        return (replace(self, folded=None), self.folded)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens one forward of the item computes, its folded chunk's included."""
+        return sum(len(part.rows) * part.length for part in self.parts)
 
     @property
     def seqs(self) -> list[int]:
