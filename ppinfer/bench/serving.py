@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,9 +109,11 @@ async def _streams(url: str, model: str, prompts: list[str], tokens: int) -> lis
         return list(await asyncio.gather(*(_stream(client, url, model, p, tokens) for p in prompts)))
 
 
-def server_run(model: Path, prompts: list[str], tokens: int, port: int) -> dict:
-    """Start the server, stream `prompts` concurrently, stop it; rates and latencies."""
-    overrides = [f"model.path={model}", "server.context_length=512", *[o for o in RING if not o.startswith("chat")]]
+def server_run(model: Path, prompts: list[str], tokens: int, port: int, extra: Sequence[str] = ()) -> dict:
+    """Start the server (with the `extra` overrides), stream `prompts` concurrently, stop it;
+    rates and latencies."""
+    overrides = [f"model.path={model}", "server.context_length=512", *[o for o in RING if not o.startswith("chat")],
+                 *extra]
     with running_server(overrides, port) as (url, model_id):
         start = time.perf_counter()
         clients = asyncio.run(_streams(url, model_id, prompts, tokens))
@@ -162,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=32, help="concurrent streaming clients (default 32)")
     parser.add_argument("--repeat", type=int, default=3, help="pairs measured per ratio (default 3)")
     parser.add_argument("--port", type=int, default=8321)
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Hydra override for every run (repeatable), e.g. pipeline.fold_refill=false")
+    parser.add_argument("--only", choices=["batching", "server"], help="measure one of the two ratios")
     args = parser.parse_args(argv)
+    extra = list(args.override)
     model = ensure_model("smollm2-135m-instruct")
     prompts = CHAT_PROMPTS[: args.clients]
     with tempfile.TemporaryDirectory(prefix="ppinfer-serving-bench-") as tmp:
@@ -170,11 +176,11 @@ def main(argv: list[str] | None = None) -> int:
 
         def batching_pair(reference_first: bool) -> tuple[float, float, str]:
             def eos() -> float:
-                return batch_rate(model, CHAT_PROMPTS, work / "eos", ["generation.max_new_tokens=128"])[0]
+                return batch_rate(model, CHAT_PROMPTS, work / "eos", ["generation.max_new_tokens=128", *extra])[0]
 
             def uniform() -> float:
                 return batch_rate(model, CHAT_PROMPTS, work / "uniform",
-                                  ["generation.max_new_tokens=48", "generation.ignore_eos=true"])[0]
+                                  ["generation.max_new_tokens=48", "generation.ignore_eos=true", *extra])[0]
 
             ours, ref = _in_order(eos, uniform, reference_first)
             return ours, ref, f"EOS workload {ours:.1f} tok/s, uniform {ref:.1f} tok/s"
@@ -182,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         def server_pair(reference_first: bool) -> tuple[float, float, str]:
             def batch() -> float:
                 return batch_rate(model, prompts, work / "batch32",
-                                  [f"generation.max_new_tokens={args.tokens}", "generation.ignore_eos=true"])[0]
+                                  [f"generation.max_new_tokens={args.tokens}", "generation.ignore_eos=true", *extra])[0]
 
-            served, batch_tps = _in_order(lambda: server_run(model, prompts, args.tokens, args.port), batch,
+            served, batch_tps = _in_order(lambda: server_run(model, prompts, args.tokens, args.port, extra), batch,
                                           reference_first)
             return served["tokens_per_s"], batch_tps, (
                 f"{args.clients} streaming clients {served['tokens_per_s']:.1f} tok/s, batch command {batch_tps:.1f} "
@@ -193,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{served['itl_p95_s'] * 1e3:.1f} ms"
             )
 
-        _pairs("continuous batching", 0.85, args.repeat, batching_pair)
-        _pairs("server", 0.9, args.repeat, server_pair)
+        if args.only != "server":
+            _pairs("continuous batching", 0.9, args.repeat, batching_pair)
+        if args.only != "batching":
+            _pairs("server", 0.9, args.repeat, server_pair)
     return 0
 
 
