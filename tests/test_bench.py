@@ -4,6 +4,7 @@ hand-made metrics with hand-computed expected values, the tables, the synthetic 
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from stage_runner import full_logits, whole
 from tiny_cases import ALL_CASES, TinyFiles
 
 from ppinfer.bench import synthetic
+from ppinfer.bench.kv_greedy import Answers, compare, cut_at_end, first_difference
+from ppinfer.bench.kv_greedy import run_llamacpp as kv_greedy_llamacpp
 from ppinfer.bench.kv_memory import Timing, decode_rate, kv_bytes_float32, prompts
 from ppinfer.bench.llamacpp import Entry, context_size, prefill_entries, step_entries
 from ppinfer.bench.peer import left_padded
@@ -645,3 +648,34 @@ def test_kv_memory_prompts_and_float32_kv_bytes(tiny_files: TinyFiles) -> None:
     assert len({tuple(p[:16]) for p in batch}) == 8
     spec = ALL_CASES["llama"]
     assert kv_bytes_float32(tiny_files.path("llama")) == 2 * spec.n_layer * spec.n_head_kv * spec.head_dim * 4
+
+
+def test_kv_greedy_counts_changed_answers_from_their_first_differing_token() -> None:
+    """Equal answers do not count; a changed one counts from its first differing token, an answer
+    that stops early from the shorter one's end; answers are cut after their first end token."""
+    assert first_difference([5, 6, 7], [5, 6, 7]) is None
+    assert first_difference([5, 6, 7], [5, 9, 7]) == 1
+    assert first_difference([5, 6], [5, 6, 2, 8]) == 2
+    change = compare(Answers("a", [[1, 2], [3, 4], [5]]), Answers("b", [[1, 2], [3, 9], [6]]))
+    assert (change.changed, change.prompts, change.median_first) == ([(1, 1), (2, 0)], 3, 0.5)
+    assert cut_at_end([4, 2, 7, 2], {2}) == [4, 2]
+    assert cut_at_end([4, 7], {2}) == [4, 7]
+
+
+def test_kv_greedy_llamacpp_point_sets_the_cache_types(tiny_synthetic: Path, tmp_path: Path) -> None:
+    """The llama.cpp child with F32 and with F16 keys and values (flash attention off) returns
+    each prompt's greedy tokens; a context field llama.cpp does not have fails the point."""
+    pytest.importorskip("llama_cpp")
+    args = argparse.Namespace(threads=1, new_tokens=3)
+    prompts = [[1, 40, 41, 42], [1, 50]]
+    for kv in ("f32", "f16"):
+        answers = kv_greedy_llamacpp(tiny_synthetic, kv, False, prompts, set(), args, tmp_path)
+        assert [len(t) for t in answers.tokens] == [3, 3]
+        spec = json.loads((tmp_path / f"llamacpp-{kv}-fa0.json").read_text())
+        assert spec["context"] == {"type_k": int(kv == "f16"), "type_v": int(kv == "f16"), "flash_attn_type": 0}
+    spec_file = tmp_path / "bad.json"
+    spec_file.write_text(json.dumps({"model": str(tiny_synthetic), "threads": 1, "new_tokens": 1, "prompts": [[1]],
+                                     "out": str(tmp_path / "bad-out.json"), "context": {"no_such_field": 1}}))
+    done = subprocess.run([sys.executable, "-I", str(ROOT / "ppinfer/bench/llamacpp.py"), str(spec_file)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "no field 'no_such_field'" in done.stderr

@@ -22,9 +22,11 @@ touched, and decoding touches all of them; the file-backed and anonymous shares 
 are recorded too.
 
 SPEC.json: {"model": FILE, "threads": T, "new_tokens": N, "prompts": [[ids...], ...], "out": FILE,
-"drop_buffer_types": [NAME, ...]}; the prompt ids come from ppinfer's tokenizer, so llama.cpp
-sees exactly the runtime's ids; the named CPU buffer types (e.g. AMX) are kept from llama.cpp
-(see `drop_buffer_types`).
+"drop_buffer_types": [NAME, ...], "context": {FIELD: VALUE, ...}}; the prompt ids come from ppinfer's
+tokenizer, so llama.cpp sees exactly the runtime's ids; the named CPU buffer types (e.g. AMX) are
+kept from llama.cpp (see `drop_buffer_types`); `context` sets fields of llama.cpp's context
+parameters (e.g. `type_k`, `type_v`: GGML types, 0 = F32, 1 = F16; `flash_attn_type`: 0 off, 1 on).
+The output holds each sequence's greedy tokens too (`tokens`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -145,7 +147,7 @@ class Session:
     """A llama.cpp model and context sized for `n_seq` sequences, with a batch and a greedy sampler."""
 
     def __init__(self, model_path: Path, threads: int, n_seq: int, n_ctx: int, n_batch: int,
-                 drop_buffers: Sequence[str] = ()) -> None:
+                 drop_buffers: Sequence[str] = (), context: Mapping[str, int] | None = None) -> None:
         import llama_cpp  # after the caller's RSS baseline: loading the library is llama.cpp's memory
 
         self.lib = llama_cpp
@@ -159,6 +161,10 @@ class Session:
         params.n_ctx, params.n_batch, params.n_seq_max = n_ctx, n_batch, n_seq
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True
+        for field, value in (context or {}).items():
+            if not hasattr(params, field):
+                raise ValueError(f"llama.cpp's context parameters have no field {field!r}")
+            setattr(params, field, value)
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx}, n_seq_max={n_seq})")
@@ -233,10 +239,10 @@ def library_version(lib: Any) -> str:
 
 
 def measure(model: Path, threads: int, prompts: Sequence[Sequence[int]], new_tokens: int,
-            drop_buffers: Sequence[str] = ()) -> dict[str, Any]:
+            drop_buffers: Sequence[str] = (), context: Mapping[str, int] | None = None) -> dict[str, Any]:
     lengths = [len(p) for p in prompts]
     session = Session(model, threads, len(prompts), context_size(lengths, new_tokens),
-                      n_batch=max(sum(lengths), len(prompts)), drop_buffers=drop_buffers)
+                      n_batch=max(sum(lengths), len(prompts)), drop_buffers=drop_buffers, context=context)
     try:
         # Untimed warm-up of the same shapes (prefill and one step): one-off initialisation and
         # first touches of the weights do not count against llama.cpp.
@@ -267,6 +273,8 @@ def measure(model: Path, threads: int, prompts: Sequence[Sequence[int]], new_tok
         "time_to_first_token_s": ttft,
         "wall_s": t.end - t.start,
         **info,
+        "context": dict(context or {}),
+        "tokens": t.tokens,
     }
 
 
@@ -283,7 +291,7 @@ def main(argv: Sequence[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     model = Path(spec["model"])
     metrics = measure(model, int(spec["threads"]), spec["prompts"], int(spec["new_tokens"]),
-                      spec.get("drop_buffer_types", ()))
+                      spec.get("drop_buffer_types", ()), spec.get("context"))
     peak = peak_rss_bytes()
     metrics["model"] = str(model)
     metrics["per_stage"] = [
