@@ -41,7 +41,7 @@ import gguf
 import numpy as np
 import torch
 
-from ppinfer.bench.llamacpp import INSTALL_HINT
+from ppinfer.bench.llamacpp import INSTALL_HINT, drop_buffer_types
 from ppinfer.bench.sweep import llamacpp_installed
 from ppinfer.families.hparams import read_hparams
 from ppinfer.gguf.reader import GGUFFile
@@ -132,8 +132,11 @@ def failure_reason(log: str, returncode: int) -> str:
 
 def llamacpp_child(path: Path, ids: Sequence[Sequence[int]], out: Path, threads: int) -> None:
     """Score each sequence of `ids` with llama.cpp from an empty cache: F32 KV cache, one batch
-    per sequence, logits for every position; saves [S, T, V]."""
+    per sequence, logits for every position, weights kept out of AMX buffers (their tile
+    instructions fault on some VMs; see `llamacpp.drop_buffer_types`); saves [S, T, V]."""
     import llama_cpp
+
+    drop_buffer_types(Path(llama_cpp.__file__).parent / "lib", ["AMX"])
 
     length = len(ids[0])
     n_ctx = max(length, read_hparams(GGUFFile(path)).n_ctx)
