@@ -90,7 +90,7 @@ def test_token_by_token_decode_matches_transformers(tiny_files: TinyFiles, case:
     ids = token_batch(spec)  # [2, 20]
     expected = hf_logits(reference_model(path, spec), ids)  # [2, 20, V]
     stage = whole(path, spec.n_layer)
-    assert any(getattr(m, "_attend", None) for m in stage.modules()) == fused.available(stage.device, stage.dtype)
+    assert any(getattr(m, "_attend_op", None) for m in stage.modules()) == fused.available(stage.device, stage.dtype)
     got = _decoded_one_token_at_a_time(stage, ids)
     assert float(np.abs(got - expected).max()) <= TOLERANCE
 
@@ -105,7 +105,7 @@ def test_decode_without_the_fused_ops_matches_transformers(
     spec, path = ALL_CASES[case], tiny_files.path(case)
     ids = token_batch(spec)
     stage = whole(path, spec.n_layer)
-    assert not any(getattr(m, "_attend", None) or getattr(m, "_fused", None) for m in stage.modules())
+    assert not any(getattr(m, "_attend_op", None) or getattr(m, "_fused", None) for m in stage.modules())
     expected = hf_logits(reference_model(path, spec), ids)
     got = _decoded_one_token_at_a_time(stage, ids)
     assert float(np.abs(got - expected).max()) <= TOLERANCE
