@@ -137,8 +137,8 @@ void dequant_q8_0(const uint8_t* w, float* out, int k) {
 //   Q4_1 / Q5_1 (w = d q + m):                acc = fma(m, s, fma(d * dx, f, acc))
 //   Q8_0 (w = d q):                           acc = fma(d, dx * f, acc)
 // Each kind of block below has row_codes (a block's codes in value order) and row_products
-// (lanes summing to their integer dot with one activation block: int16 where kNarrowProducts,
-// else int32), the block's decoding for tiles (its codes twice over, see avx2::dword) and
+// (lanes summing to their integer dot with one activation block, by the integer dot Dot of
+// avx2.h: Dot::products where kNarrowProducts, else int32), the block's decoding for tiles (its codes twice over, see avx2::dword) and
 // tile_isum (x row r's integer dot in lane r), and the two forms of its update: rows (lanes =
 // weight rows, scales gathered by row_scales) and tile (lanes = x rows, see avx2::Layout).
 
@@ -192,9 +192,10 @@ struct UnsignedCodes {
     if constexpr (kQhAt >= 0) return _mm256_or_si256(q, fifth_bits(w + kQhAt, FifthBits::kInOrder));
     return q;
   }
-  // int16 lanes, at most 2 * 31 * 127: two of them add up within int16.
+  // MaddubsDot's int16 lanes are at most 2 * 31 * 127: two of them add up within int16.
   static constexpr bool kNarrowProducts = true;
-  PPINFER_AVX2 static __m256i row_products(__m256i q, __m256i y) { return _mm256_maddubs_epi16(q, y); }
+  template <class Dot>
+  PPINFER_AVX2 static __m256i row_products(__m256i q, __m256i y) { return Dot::products(q, y); }
   template <class XTile>
   PPINFER_AVX2 static TwiceCodes decode(const avx2::Layout<XTile>& layout, const uint8_t* w) {
     const __m256i both = layout.bytes16(w + kQsAt);
@@ -273,8 +274,9 @@ struct Q8_0Block {
 
   PPINFER_AVX2 static __m256i row_codes(const uint8_t* w) { return load256(w + 2); }
   static constexpr bool kNarrowProducts = false;  // int32 lanes
+  template <class Dot>
   PPINFER_AVX2 static __m256i row_products(__m256i q, __m256i y) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(y, q)), avx2::ones16());
+    return Dot::widen(Dot::products(_mm256_abs_epi8(q), _mm256_sign_epi8(y, q)));
   }
   template <class XTile>
   PPINFER_AVX2 static Codes decode(const avx2::Layout<XTile>& layout, const uint8_t* w) {
@@ -307,7 +309,7 @@ struct Q8_0Block {
 
 // 8 weight rows against kXRows x rows: lane j of x row m's vector is weight row j's chain.
 // Each weight block is decoded once for all of them.
-template <class Block>
+template <class Block, class Dot>
 struct WeightRows {
   template <int kXRows>
   PPINFER_AVX2 static void weight_rows(const uint8_t* const* rows, const Q8Block* x, int64_t x_stride, int k,
@@ -321,11 +323,11 @@ struct WeightRows {
       for (int j = 0; j < kLanes; ++j) {
         avx2::prefetch_block<Block::kBytes>(rows[j] + at, ahead);
         const __m256i q = Block::row_codes(rows[j] + at);
-        for (int m = 0; m < kXRows; ++m) p[m][j] = Block::row_products(q, y[m]);
+        for (int m = 0; m < kXRows; ++m) p[m][j] = Block::template row_products<Dot>(q, y[m]);
       }
       const RowScales scales = Block::row_scales(rows, at);
       for (int m = 0; m < kXRows; ++m) {
-        const __m256i isum = Block::kNarrowProducts ? avx2::lane_sums8_16(p[m]) : avx2::lane_sums8(p[m]);
+        const __m256i isum = Block::kNarrowProducts ? avx2::product_sums8<Dot>(p[m]) : avx2::lane_sums8(p[m]);
         acc[m] = Block::update_rows(scales, _mm256_cvtepi32_ps(isum), x[m * x_stride + b], acc[m]);
       }
     }
@@ -501,10 +503,12 @@ using Q5_1Block16 = Offset16<kQ5_1Bytes, 4>;
 
 }  // namespace
 
-#define PPINFER_LEGACY_AVX2(Block, Block16, Pair)                                                        \
-  PPINFER_AVX2_FN(dot_weight_rows_avx2<WeightRows<Block>>), PPINFER_AVX2_FN(dot_tile_avx2<Tile<Block>>), \
-      PPINFER_AVX2_FN(dot_pair_tile_avx2<Tile<Block>>), PPINFER_AVX512_FN(dot_tile16_avx512<Tile16<Block16>>), \
-      PPINFER_AVX512_FN(dot_weight_rows_avx512<WeightRows16<Block, Pair>>)
+#define PPINFER_LEGACY_AVX2(Block, Block16, Pair)                                                             \
+  PPINFER_AVX2_FN(dot_weight_rows_avx2<WeightRows<Block, avx2::MaddubsDot>>),                                   \
+      PPINFER_AVX2_FN(dot_tile_avx2<Tile<Block>>), PPINFER_AVX2_FN(dot_pair_tile_avx2<Tile<Block>>),           \
+      PPINFER_AVX512_FN(dot_tile16_avx512<Tile16<Block16>>),                                                   \
+      PPINFER_AVX512_FN(dot_weight_rows_avx512<WeightRows16<Block, Pair>>),                                    \
+      PPINFER_AVXVNNI_FN(dot_weight_rows_avx2<avx2::OnAvxVnni<WeightRows<Block, avx2::VnniDot>>>)
 
 const QTypeKernels kLegacyKernels[] = {
     {2, kBlock, kQ4_0Bytes, dot_symmetric_scalar<kQ4_0Bytes, 8, false>, dequant_symmetric<kQ4_0Bytes, 8, false>,

@@ -79,10 +79,11 @@ bool use_avx2(const QTypeKernels& t) {
 
 bool use_avx512(const QTypeKernels& t) { return active_isa() >= Isa::kAvx512Vnni && t.dot_tile16_avx512 != nullptr; }
 
-// The weight-rows kernel: AVX-512 VNNI's where it runs (the same bits as AVX2's).
+// The weight-rows kernel: AVX-512 VNNI's or AVX-VNNI's where it runs (the same bits as AVX2's).
 DotWeightRowsFn weight_rows_kernel(const QTypeKernels& t) {
-  const bool wide = active_isa() >= Isa::kAvx512Vnni && t.dot_weight_rows_avx512 != nullptr;
-  return wide ? t.dot_weight_rows_avx512 : t.dot_weight_rows_avx2;
+  if (active_isa() >= Isa::kAvx512Vnni && t.dot_weight_rows_avx512 != nullptr) return t.dot_weight_rows_avx512;
+  if (active_isa() == Isa::kAvxVnni && t.dot_weight_rows_avxvnni != nullptr) return t.dot_weight_rows_avxvnni;
+  return t.dot_weight_rows_avx2;
 }
 
 // ---- argument checks ----
