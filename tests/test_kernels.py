@@ -294,8 +294,9 @@ def test_instruction_sets_agree(ops, use_isa, qtype: Q) -> None:
     order (only the integer block dots, which are exact, differ in how they are computed), so
     AVX-512 VNNI, AVX-VNNI and AVX2 give the same bits (those of them this CPU runs); the
     portable code sums in another order, within twice the accumulation bound of them. 45 rows:
-    two groups of 16 for AVX-512, then 8 + 4 + 1; 1 and 2 rows: the weight-rows kernels
-    (decode), AVX-512's and AVX-VNNI's against AVX2's."""
+    two groups of 16 for AVX-512, then 8 + 4 + 1, and on the others 5 x 8 (tiles) + 4 (pair
+    tile) + 1; 1 and 2 rows: the weight-rows kernels (decode), AVX-512's and AVX-VNNI's against
+    AVX2's."""
     k = row_values(qtype)
     wider = [name for name in ("avx512vnni", "avxvnni") if not ops.isa_unavailable(name)]
     for case, raw in enumerate(weight_cases(qtype, 37, k)):

@@ -290,8 +290,8 @@ PPINFER_AVX2 inline __m256i bit_to_4(__m256i v, int j) {
 }
 
 // Q4_K and Q5_K (kFifthBit): codes of 32-value block j are the low (even j) or high (odd j)
-// nibbles of qs[32 (j / 2) + l], Q5_K's fifth bit bit j of qh[l]. weight_rows takes its integer
-// dots from Dot (avx2.h: MaddubsDot, or VnniDot for AVX-VNNI).
+// nibbles of qs[32 (j / 2) + l], Q5_K's fifth bit bit j of qh[l]. The kernels take their
+// integer dots from Dot (avx2.h: MaddubsDot, or VnniDot for AVX-VNNI).
 template <bool kFifthBit, class Dot>
 struct ScaleMinKernel : avx2::TileEntries<ScaleMinKernel<kFifthBit, Dot>> {
   static constexpr int kBlockBytes = kFifthBit ? kQ5KBytes : kQ4KBytes;
@@ -382,13 +382,8 @@ struct ScaleMinKernel : avx2::TileEntries<ScaleMinKernel<kFifthBit, Dot>> {
         const __m256 m = L::mix(row_m);
         for (int g = 0; g < kGroups; ++g) {
           const XTile& xt = xs[g * stride + j];
-          __m256i isum;
-          if constexpr (kFifthBit) {  // codes <= 31: int16 holds 4 groups' products
-            isum = _mm256_add_epi32(_mm256_madd_epi16(avx2::tile_products16<0, 4>(lo, hi, xt), sc),
-                                    _mm256_madd_epi16(avx2::tile_products16<4, 8>(lo, hi, xt), sc));
-          } else {
-            isum = _mm256_madd_epi16(avx2::tile_products16<0, 8>(lo, hi, xt), sc);
-          }
+          // MaddubsDot's int16 holds 8 groups' products of codes <= 15, 4 of codes <= 31.
+          const __m256i isum = avx2::scaled_tile_sum<0, 8, kFifthBit ? 4 : 8, Dot>(lo, hi, xt, sc);
           inner[g] = chain(j == 0, L::d(xt), _mm256_cvtepi32_ps(isum), inner[g]);
           mn[g] = chain(j == 0, m, L::s(xt), mn[g]);
         }
@@ -406,7 +401,7 @@ struct ScaleMinKernel : avx2::TileEntries<ScaleMinKernel<kFifthBit, Dot>> {
 // Q6_K: 32-value block b = 4 half + t of a super-block takes its low nibbles from
 // ql[64 half + 32 (t % 2) + l] (high nibbles for t >= 2) and its top two bits from bits 2t, 2t+1
 // of qh[32 half + l]; its codes are q - 32 with q in 0..63, scales sc[2b] (values 0..15) and
-// sc[2b + 1] (16..31). weight_rows takes its integer dots from Dot, as ScaleMinKernel's.
+// sc[2b + 1] (16..31). The kernels take their integer dots from Dot, as ScaleMinKernel's.
 template <class Dot>
 struct Q6KKernel : avx2::TileEntries<Q6KKernel<Dot>> {
   // Block b's codes q (0..63) from `at` (0 or 16) of its 32 values, loaded by `load`.
@@ -495,8 +490,8 @@ struct Q6KKernel : avx2::TileEntries<Q6KKernel<Dot>> {
   }
 
   // Tiles (qtypes.h): one weight row against kGroups groups of 8 x rows, or two against 4.
-  // Products with q (<= 63) two groups of 4 at a time in int16, scaled, less 32 sc times x's
-  // half sums.
+  // Products with q (<= 63) summed per 16 values (MaddubsDot: two groups of 4 at a time in
+  // int16), scaled, less 32 sc times x's half sums.
   template <int kGroups, class XTile>
   PPINFER_AVX2 static void run(const avx2::Layout<XTile>& layout, const uint8_t* w, const XTile* x, int64_t stride,
                                int k, float* acc_io, int64_t ahead) {
@@ -524,12 +519,8 @@ struct Q6KKernel : avx2::TileEntries<Q6KKernel<Dot>> {
         const __m256i scale_lo = L::mix(sc_lo), scale_hi = L::mix(sc_hi), offset_scale = L::mix(offset_scales);
         for (int g = 0; g < kGroups; ++g) {
           const XTile& xt = xs[g * stride + b];
-          const __m256i low_half =
-              _mm256_add_epi32(_mm256_madd_epi16(avx2::tile_products16<0, 2>(lo, hi, xt), scale_lo),
-                               _mm256_madd_epi16(avx2::tile_products16<2, 4>(lo, hi, xt), scale_lo));
-          const __m256i high_half =
-              _mm256_add_epi32(_mm256_madd_epi16(avx2::tile_products16<4, 6>(lo, hi, xt), scale_hi),
-                               _mm256_madd_epi16(avx2::tile_products16<6, 8>(lo, hi, xt), scale_hi));
+          const __m256i low_half = avx2::scaled_tile_sum<0, 4, 2, Dot>(lo, hi, xt, scale_lo);
+          const __m256i high_half = avx2::scaled_tile_sum<4, 8, 2, Dot>(lo, hi, xt, scale_hi);
           const __m256i offset = _mm256_madd_epi16(L::half_sums(xt), offset_scale);
           const __m256i isum = _mm256_sub_epi32(_mm256_add_epi32(low_half, high_half), offset);
           inner[g] = chain(b == 0, L::d(xt), _mm256_cvtepi32_ps(isum), inner[g]);
@@ -779,13 +770,15 @@ template <class Dot>
 using Q5KKernel = ScaleMinKernel<true, Dot>;
 #endif
 
-// The table entries of Kernel<Dot> (AVX2, and AVX-VNNI's weight rows), Kernel16 and Rows16.
+// The table entries of Kernel<Dot> (AVX2, AVX-VNNI), Kernel16 and Rows16.
 #define PPINFER_KQUANT_AVX2(Kernel, Kernel16, Rows16)                                                      \
   PPINFER_AVX2_FN(dot_weight_rows_avx2<Kernel<avx2::MaddubsDot>>),                                         \
       PPINFER_AVX2_FN(dot_tile_avx2<Kernel<avx2::MaddubsDot>>),                                            \
       PPINFER_AVX2_FN(dot_pair_tile_avx2<Kernel<avx2::MaddubsDot>>),                                       \
       PPINFER_AVX512_FN(dot_tile16_avx512<Kernel16>), PPINFER_AVX512_FN(dot_weight_rows_avx512<Rows16>), \
-      PPINFER_AVXVNNI_FN(dot_weight_rows_avx2<avx2::OnAvxVnni<Kernel<avx2::VnniDot>>>)
+      PPINFER_AVXVNNI_FN(dot_weight_rows_avx2<avx2::OnAvxVnni<Kernel<avx2::VnniDot>>>),                    \
+      PPINFER_AVXVNNI_FN(dot_tile_avx2<avx2::OnAvxVnni<Kernel<avx2::VnniDot>>>),                           \
+      PPINFER_AVXVNNI_FN(dot_pair_tile_avx2<avx2::OnAvxVnni<Kernel<avx2::VnniDot>>>)
 
 const QTypeKernels kKQuantKernels[] = {
     {kQ4KType, kSuperElems, kQ4KBytes, dot_q4_k_scalar, dequant_q4_k, PPINFER_KQUANT_AVX2(Q4KKernel, Q4KKernel16, ScaleMinRows16<false>)},

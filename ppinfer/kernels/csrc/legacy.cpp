@@ -212,14 +212,15 @@ struct UnsignedCodes {
     }
     return c;
   }
-  // Products with codes <= 15 stay within int16 for all 8 groups of 4, with codes <= 31 for 4.
-  template <class XTile>
+  // MaddubsDot's products with codes <= 15 stay within int16 for all 8 groups of 4, with codes
+  // <= 31 for 4.
+  template <class Dot, class XTile>
   PPINFER_AVX2 static __m256i tile_isum(const TwiceCodes& c, const XTile& x) {
     if constexpr (kQhAt < 0) {
-      return _mm256_madd_epi16(avx2::tile_products16<0, 8>(c.lo, c.hi, x), avx2::ones16());
+      return Dot::widen(avx2::tile_products<0, 8, Dot>(c.lo, c.hi, x));
     } else {
-      return _mm256_add_epi32(_mm256_madd_epi16(avx2::tile_products16<0, 4>(c.lo, c.hi, x), avx2::ones16()),
-                              _mm256_madd_epi16(avx2::tile_products16<4, 8>(c.lo, c.hi, x), avx2::ones16()));
+      return _mm256_add_epi32(Dot::widen(avx2::tile_products<0, 4, Dot>(c.lo, c.hi, x)),
+                              Dot::widen(avx2::tile_products<4, 8, Dot>(c.lo, c.hi, x)));
     }
   }
 };
@@ -283,17 +284,16 @@ struct Q8_0Block {
     const TwiceCodes q{layout.bytes16(w + 2), layout.bytes16(w + 2 + kHalf)};
     return {q, {_mm256_abs_epi8(q.lo), _mm256_abs_epi8(q.hi)}};
   }
-  template <int kT, class XTile>
+  template <int kT, class Dot, class XTile>
   PPINFER_AVX2 static __m256i group_isum(const Codes& c, const XTile& x) {
     const __m256i q = avx2::dword<kT>(c.q.lo, c.q.hi);
     const __m256i signed_x = _mm256_sign_epi8(avx2::Layout<XTile>::q(x, kT), q);
-    const __m256i pairs = _mm256_maddubs_epi16(avx2::dword<kT>(c.abs_q.lo, c.abs_q.hi), signed_x);
-    const __m256i sum = _mm256_madd_epi16(pairs, avx2::ones16());
-    if constexpr (kT + 1 < kQ8Elems / 4) return _mm256_add_epi32(sum, group_isum<kT + 1>(c, x));
-    return sum;
+    const __m256i abs_q = avx2::dword<kT>(c.abs_q.lo, c.abs_q.hi);
+    if constexpr (kT + 1 < kQ8Elems / 4) return Dot::add32(group_isum<kT + 1, Dot>(c, x), abs_q, signed_x);
+    return Dot::widen(Dot::products(abs_q, signed_x));
   }
-  template <class XTile>
-  PPINFER_AVX2 static __m256i tile_isum(const Codes& c, const XTile& x) { return group_isum<0>(c, x); }
+  template <class Dot, class XTile>
+  PPINFER_AVX2 static __m256i tile_isum(const Codes& c, const XTile& x) { return group_isum<0, Dot>(c, x); }
   PPINFER_AVX2 static RowScales row_scales(const uint8_t* const* rows, int64_t at) {
     return {avx2::halves8(rows, at), _mm256_setzero_ps()};
   }
@@ -337,8 +337,8 @@ struct WeightRows {
 
 // Tiles: one weight row against kGroups groups of 8 x rows (lane r of acc[g]: x row 8g + r), or
 // two weight rows against 4 x rows (pair_tile). Each weight block is decoded once for all of them.
-template <class Block>
-struct Tile : avx2::TileEntries<Tile<Block>> {
+template <class Block, class Dot>
+struct Tile : avx2::TileEntries<Tile<Block, Dot>> {
   template <int kGroups, class XTile>
   PPINFER_AVX2 static void run(const avx2::Layout<XTile>& layout, const uint8_t* w, const XTile* x, int64_t stride,
                                int k, float* acc_io, int64_t ahead) {
@@ -351,7 +351,8 @@ struct Tile : avx2::TileEntries<Tile<Block>> {
       const auto codes = Block::decode(layout, w);
       for (int g = 0; g < kGroups; ++g) {
         const XTile& xt = x[g * stride + b];
-        acc[g] = Block::update_tile(layout, w, _mm256_cvtepi32_ps(Block::tile_isum(codes, xt)), xt, acc[g]);
+        const __m256i isum = Block::template tile_isum<Dot>(codes, xt);
+        acc[g] = Block::update_tile(layout, w, _mm256_cvtepi32_ps(isum), xt, acc[g]);
       }
     }
     for (int g = 0; g < kGroups; ++g) _mm256_storeu_ps(acc_io + g * kLanes, acc[g]);
@@ -505,10 +506,13 @@ using Q5_1Block16 = Offset16<kQ5_1Bytes, 4>;
 
 #define PPINFER_LEGACY_AVX2(Block, Block16, Pair)                                                             \
   PPINFER_AVX2_FN(dot_weight_rows_avx2<WeightRows<Block, avx2::MaddubsDot>>),                                   \
-      PPINFER_AVX2_FN(dot_tile_avx2<Tile<Block>>), PPINFER_AVX2_FN(dot_pair_tile_avx2<Tile<Block>>),           \
+      PPINFER_AVX2_FN(dot_tile_avx2<Tile<Block, avx2::MaddubsDot>>),                                           \
+      PPINFER_AVX2_FN(dot_pair_tile_avx2<Tile<Block, avx2::MaddubsDot>>),                                      \
       PPINFER_AVX512_FN(dot_tile16_avx512<Tile16<Block16>>),                                                   \
       PPINFER_AVX512_FN(dot_weight_rows_avx512<WeightRows16<Block, Pair>>),                                    \
-      PPINFER_AVXVNNI_FN(dot_weight_rows_avx2<avx2::OnAvxVnni<WeightRows<Block, avx2::VnniDot>>>)
+      PPINFER_AVXVNNI_FN(dot_weight_rows_avx2<avx2::OnAvxVnni<WeightRows<Block, avx2::VnniDot>>>),             \
+      PPINFER_AVXVNNI_FN(dot_tile_avx2<avx2::OnAvxVnni<Tile<Block, avx2::VnniDot>>>),                          \
+      PPINFER_AVXVNNI_FN(dot_pair_tile_avx2<avx2::OnAvxVnni<Tile<Block, avx2::VnniDot>>>)
 
 const QTypeKernels kLegacyKernels[] = {
     {2, kBlock, kQ4_0Bytes, dot_symmetric_scalar<kQ4_0Bytes, 8, false>, dequant_symmetric<kQ4_0Bytes, 8, false>,
