@@ -72,6 +72,7 @@ struct VnniDot {
   PPINFER_AVXVNNI static __m256i widen(__m256i sum) { return sum; }
   PPINFER_AVXVNNI static __m256i pair_sums(__m256i a, __m256i b) { return avx2::pair_sums(a, b); }
   PPINFER_AVXVNNI static __m256i add32(__m256i sum, __m256i u, __m256i s) { return add(sum, u, s); }
+  // sum times the int16 scale in the low half of each int32 lane of scale16, sign-extended.
   PPINFER_AVXVNNI static __m256i widen_scaled(__m256i sum, __m256i scale16) {
     return _mm256_mullo_epi32(sum, _mm256_srai_epi32(_mm256_slli_epi32(scale16, 16), 16));
   }

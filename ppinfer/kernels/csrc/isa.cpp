@@ -8,6 +8,10 @@
 #include <atomic>
 #include <string>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
+
 #include "isa.h"
 #include "qtypes.h"
 
@@ -16,6 +20,15 @@ namespace {
 
 constexpr const char* kNames[] = {"scalar", "avx2", "avxvnni", "avx512vnni"};
 constexpr int kLevels = sizeof(kNames) / sizeof(kNames[0]);
+
+#if defined(PPINFER_HAS_AVXVNNI)
+// AVX-VNNI: CPUID leaf 7, sub-leaf 1, EAX bit 4 (asked directly: not every compiler's
+// __builtin_cpu_supports knows the name). Its YMM state is the one the AVX2 check confirmed.
+bool cpu_has_avx_vnni() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0 && (eax & (1u << 4)) != 0;
+}
+#endif
 
 // Why this CPU (or this build) cannot run `isa`, or nullptr.
 const char* missing(Isa isa) {
@@ -28,7 +41,7 @@ const char* missing(Isa isa) {
   if (isa == Isa::kAvx2) return nullptr;
   if (isa == Isa::kAvxVnni) {
 #if defined(PPINFER_HAS_AVXVNNI)
-    return __builtin_cpu_supports("avxvnni") ? nullptr : "this CPU lacks AVX-VNNI";
+    return cpu_has_avx_vnni() ? nullptr : "this CPU lacks AVX-VNNI";
 #else
     return "this build's compiler has no AVX-VNNI target";
 #endif
