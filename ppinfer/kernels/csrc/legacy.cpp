@@ -137,10 +137,11 @@ void dequant_q8_0(const uint8_t* w, float* out, int k) {
 //   Q4_1 / Q5_1 (w = d q + m):                acc = fma(m, s, fma(d * dx, f, acc))
 //   Q8_0 (w = d q):                           acc = fma(d, dx * f, acc)
 // Each kind of block below has row_codes (a block's codes in value order) and row_products
-// (lanes summing to their integer dot with one activation block, by the integer dot Dot of
-// avx2.h: Dot::products where kNarrowProducts, else int32), the block's decoding for tiles (its codes twice over, see avx2::dword) and
-// tile_isum (x row r's integer dot in lane r), and the two forms of its update: rows (lanes =
-// weight rows, scales gathered by row_scales) and tile (lanes = x rows, see avx2::Layout).
+// (lanes summing to their integer dot with one activation block: Dot::products where
+// kNarrowProducts, else int32), the block's decoding for tiles (its codes twice over, see
+// avx2::dword) and tile_isum (x row r's integer dot in lane r), and the two forms of its update:
+// rows (lanes = weight rows, scales gathered by row_scales) and tile (lanes = x rows, see
+// avx2::Layout). The integer dots are Dot's (avx2.h: MaddubsDot, or VnniDot for AVX-VNNI).
 
 using avx2::load256;
 
