@@ -42,7 +42,7 @@ def ops():
     return torch.ops.ppinfer_kernels
 
 
-ISAS = ("avx512vnni", "avx2", "scalar")  # the kernels' instruction sets, best first
+ISAS = ("avx512vnni", "avxvnni", "avx2", "scalar")  # the kernels' instruction sets, best first
 
 
 def _select_isa(ops, isa: str) -> None:

@@ -58,7 +58,7 @@ def test_stage_table_names_the_instruction_set_taken(tiny_files: TinyFiles) -> N
     and which types it holds packed (all its Q4_1 layers then are)."""
     spec, path = ALL_CASES["llama_q4_1"], tiny_files.path("llama_q4_1")
     stage = whole(path, spec.n_layer, "quantized")
-    best = next(name for name in ("avx512vnni", "avx2", "scalar") if not build.ops().isa_unavailable(name))
+    best = next(name for name in ("avx512vnni", "avxvnni", "avx2", "scalar") if not build.ops().isa_unavailable(name))
     if best == "scalar":
         assert stage.weights_report.block_kernel == "block kernels (scalar)"
         return

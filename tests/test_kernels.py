@@ -154,6 +154,7 @@ def test_auto_isa_follows_the_cpu_flags(ops) -> None:
     runs = {
         "scalar": True,
         "avx2": {"avx2", "fma", "f16c"} <= flags,
+        "avxvnni": {"avx2", "fma", "f16c", "avx_vnni"} <= flags,
         "avx512vnni": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags,
     }
     try:
@@ -291,20 +292,24 @@ def test_activations_round_to_nearest_q8(ops, isa: str) -> None:
 def test_instruction_sets_agree(ops, use_isa, qtype: Q) -> None:
     """Every SIMD variant does each output's float chain with the same operations in the same
     order (only the integer block dots, which are exact, differ in how they are computed), so
-    AVX-512 VNNI and AVX2 give the same bits; the portable code sums in another order, within
-    twice the accumulation bound of them. 45 rows: two groups of 16 for AVX-512, then 8 + 4 + 1;
-    1 and 2 rows: the weight-rows kernels (decode), AVX-512's against AVX2's."""
+    AVX-512 VNNI, AVX-VNNI and AVX2 give the same bits (those of them this CPU runs); the
+    portable code sums in another order, within twice the accumulation bound of them. 45 rows:
+    two groups of 16 for AVX-512, then 8 + 4 + 1, and on the others 5 x 8 (tiles) + 4 (pair
+    tile) + 1; 1 and 2 rows: the weight-rows kernels (decode), AVX-512's and AVX-VNNI's against
+    AVX2's."""
     k = row_values(qtype)
+    wider = [name for name in ("avx512vnni", "avxvnni") if not ops.isa_unavailable(name)]
     for case, raw in enumerate(weight_cases(qtype, 37, k)):
         w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
         o = offsets(raw, qtype)
         for rows in (1, 2, 45):
             x = activations(rows, k, seed=5 + rows)
             results = {}
-            for name in ("avx2", "avx512vnni", "scalar"):
+            for name in ["avx2", "scalar", *wider]:
                 use_isa(name)
                 results[name] = ops.block_matmul(x, torch.from_numpy(raw), int(qtype), k).double().numpy()
-            np.testing.assert_array_equal(results["avx512vnni"], results["avx2"], err_msg=f"case {case}, M={rows}")
+            for name in wider:
+                np.testing.assert_array_equal(results[name], results["avx2"], err_msg=f"{name}, case {case}, M={rows}")
             assert (np.abs(results["avx2"] - results["scalar"]) <= 2 * accum_bound(x, w, o)).all()
 
 
@@ -452,7 +457,7 @@ def test_bad_inputs_give_clear_errors(ops) -> None:
         (lambda: ops.block_matmul(x.to("meta"), w, 2, 64), "x must be on the CPU"),
         (lambda: ops.block_matmul(x, w, 2, 64, torch.zeros(5)), r"bias must be a float32 or bfloat16 CPU tensor \[4\]"),
         (lambda: ops.dequantize(w, 2, 60), "k=60 is not a positive multiple"),
-        (lambda: ops.set_isa("avx512"), "expected 'auto', 'scalar', 'avx2' or 'avx512vnni', got 'avx512'"),
+        (lambda: ops.set_isa("avx512"), "expected 'auto', 'scalar', 'avx2', 'avxvnni' or 'avx512vnni', got 'avx512'"),
         (lambda: ops.pack_rows(w, 6, 64), "GGML type 6 has no packed layout"),
         (lambda: ops.pack_rows(w[:, :18], 2, 64), "w has 18 bytes per row; k=64 takes 36"),
         (lambda: ops.packed_matmul(x, w, 2, 64, 4), r"packed weights have shape \[4, 36\], expected \[1, 576\]"),

@@ -1,10 +1,11 @@
 """Times the CPU block kernels against float32 F.linear on the dequantized weight.
 
     python -m ppinfer.kernels.bench [--threads 1 2] [--rows 1 16] [--types Q4_0 Q4_1 Q8_0]
-                                    [--shapes 11008x4096 2048x2048 5632x2048] [--isa avx2]
+                                    [--shapes 11008x4096 2048x2048 5632x2048] [--isa avx2 avxvnni]
                                     [--copies 8]
 
-Prints a markdown table (the one in docs/kernels.md): best-of-N milliseconds per product,
+Prints a markdown table (the one in docs/kernels.md) per instruction set named (`--isa`, the
+default "auto"): best-of-N milliseconds per product,
 and the weight bytes each product reads per second; for the types with a packed layout also
 `packed_matmul` on the same weight packed (csrc/packed.cpp). `--copies N` cycles through N
 copies of each weight per timed run, so that they come from memory rather than the caches.
@@ -126,15 +127,22 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--types", nargs="+", default=["Q4_0", "Q4_1", "Q8_0"])
     parser.add_argument("--shapes", type=shape, nargs="+", help="weights as NxK (out x in features)")
-    parser.add_argument("--isa", default="auto", help="the kernels' instruction set: auto, avx512vnni, avx2, scalar")
+    parser.add_argument(
+        "--isa",
+        nargs="+",
+        default=["auto"],
+        help="instruction sets (a table each): auto, avx512vnni, avxvnni, avx2, scalar",
+    )
     parser.add_argument("--copies", type=int, default=1, help="copies of each weight cycled per timed run")
     args = parser.parse_args()
     types = [GGMLQuantizationType[name] for name in args.types]
-    build.set_isa(args.isa)
-    print(f"isa: {build.isa()}")
-    lines = bandwidth_lines() + table(args.threads, args.rows, types, args.shapes or SHAPES, max(1, args.copies))
-    for line in lines:
+    for line in bandwidth_lines():
         print(line, flush=True)
+    for isa in args.isa:
+        build.set_isa(isa)
+        print(f"isa: {build.isa()}")
+        for line in table(args.threads, args.rows, types, args.shapes or SHAPES, max(1, args.copies)):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -153,12 +153,13 @@ def ops():
 
 
 def isa() -> str:
-    """The instruction set the dots run with now: "avx2" or "scalar"."""
+    """The instruction set the dots run with now: "avx512vnni", "avxvnni", "avx2" or "scalar"."""
     return ops().isa()
 
 
 def set_isa(name: str) -> None:
-    """"auto": AVX2 where this CPU has AVX2, FMA and F16C; "scalar": the portable C++ dots."""
+    """"auto": the best this CPU runs (AVX-512 VNNI, else AVX-VNNI, else AVX2 with FMA and F16C);
+    a named one it runs ("avx512vnni", "avxvnni", "avx2"); "scalar": the portable C++ dots."""
     ops().set_isa(name)
 
 

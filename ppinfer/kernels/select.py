@@ -1,7 +1,7 @@
 """Which kernel multiplies stored GGUF blocks on a device: the one place that decides.
 
-- CPU: ppinfer's own block kernels (`ppinfer.kernels.cpu`), AVX-512 VNNI or AVX2 where the
-  CPU has it and portable C++ elsewhere, for every type they implement; with AVX2 or better the
+- CPU: ppinfer's own block kernels (`ppinfer.kernels.cpu`), AVX-512 VNNI, AVX-VNNI or AVX2 where
+  the CPU has it and portable C++ elsewhere, for every type they implement; with AVX2 or better the
   types that have a packed layout are packed at load (16 rows interleaved, what the decode
   products stream fastest). The stage table names the instruction set and the packed types.
 - CUDA: torch's int4 kernel for the types whose blocks are exactly int4 groups of 32
@@ -29,7 +29,7 @@ ISA_ENV = "PPINFER_KERNEL_ISA"
 """Forces the CPU block kernels' instruction set for a whole run (a benchmark of the AVX2 path on
 an AVX-512 CPU, say): one of KERNEL_ISAS; unset or "auto" takes the best the CPU runs.
 `PPINFER_CPU_BASELINE=1` forces "scalar" whatever it says."""
-KERNEL_ISAS = ("auto", "avx512vnni", "avx2", "scalar")
+KERNEL_ISAS = ("auto", "avx512vnni", "avxvnni", "avx2", "scalar")
 
 WEIGHT_MODES = ("quantized", "dequantized")
 """How a model's weights are held (`runtime.weights`): in their stored blocks, multiplied by

@@ -40,18 +40,74 @@ PPINFER_AVX2 inline __m256i octet_sums(__m256i abcd, __m256i efgh) {
   return _mm256_add_epi32(_mm256_blend_epi32(abcd, efgh, 0xF0), _mm256_permute2x128_si256(abcd, efgh, 0x21));
 }
 
-// [sum of p[0]'s lanes, ..., sum of p[7]'s lanes] (exact, in int32).
+// ---- the integer dots: unsigned code bytes u times signed x bytes s ----
+// Dot::products(u, s) holds each 4 products u[4i..4i+3] s[4i..4i+3] of int32 lane i, summed
+// (Dot::widen gives that sum in int32); Dot::add(sum, u, s) adds them to a sum of such vectors;
+// Dot::pair_sums is pair_sums for them. Both dots give the same exact integers wherever
+// MaddubsDot's int16 lanes stay in range (each kernel says why they do), so a kernel over
+// either gives the same bits.
+
+// AVX2: maddubs's int16 pair sums (int16 lanes; sums of them must stay within int16), widened
+// to int32 by madd.
+struct MaddubsDot {
+  static constexpr bool kInt16 = true;  // products and their sums are int16 lanes
+  PPINFER_AVX2 static __m256i products(__m256i u, __m256i s) { return _mm256_maddubs_epi16(u, s); }
+  PPINFER_AVX2 static __m256i add(__m256i sum, __m256i u, __m256i s) { return _mm256_add_epi16(sum, products(u, s)); }
+  PPINFER_AVX2 static __m256i widen(__m256i sum) { return _mm256_madd_epi16(sum, ones16()); }
+  PPINFER_AVX2 static __m256i pair_sums(__m256i a, __m256i b) { return pair_sums16(a, b); }
+  // sum (int32 lanes) plus widen(products(u, s)).
+  PPINFER_AVX2 static __m256i add32(__m256i sum, __m256i u, __m256i s) {
+    return _mm256_add_epi32(sum, widen(products(u, s)));
+  }
+  // widen(sum) times scale16's int16 lanes (the same scale in both of each int32 lane).
+  PPINFER_AVX2 static __m256i widen_scaled(__m256i sum, __m256i scale16) { return _mm256_madd_epi16(sum, scale16); }
+};
+
+#if defined(PPINFER_HAS_AVXVNNI)
+// AVX-VNNI: dpbusd adds the 4 products to the int32 lane (exact).
+struct VnniDot {
+  static constexpr bool kInt16 = false;
+  PPINFER_AVXVNNI static __m256i add(__m256i sum, __m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(sum, u, s); }
+  PPINFER_AVXVNNI static __m256i products(__m256i u, __m256i s) { return add(_mm256_setzero_si256(), u, s); }
+  PPINFER_AVXVNNI static __m256i widen(__m256i sum) { return sum; }
+  PPINFER_AVXVNNI static __m256i pair_sums(__m256i a, __m256i b) { return avx2::pair_sums(a, b); }
+  PPINFER_AVXVNNI static __m256i add32(__m256i sum, __m256i u, __m256i s) { return add(sum, u, s); }
+  // sum times the int16 scale in the low half of each int32 lane of scale16, sign-extended.
+  PPINFER_AVXVNNI static __m256i widen_scaled(__m256i sum, __m256i scale16) {
+    return _mm256_mullo_epi32(sum, _mm256_srai_epi32(_mm256_slli_epi32(scale16, 16), 16));
+  }
+};
+
+// Kernel's entry points compiled for AVX-VNNI (Kernel: an AVX2 kernel over VnniDot), each
+// forwarding to Kernel's function of the same name.
+template <class Kernel>
+struct OnAvxVnni {
+  template <int kN, class... Args>
+  PPINFER_AVXVNNI_ENTRY static void run(Args... args) { Kernel::template run<kN>(args...); }
+  template <int kN, class... Args>
+  PPINFER_AVXVNNI_ENTRY static void weight_rows(Args... args) { Kernel::template weight_rows<kN>(args...); }
+  template <int kN, class... Args>
+  PPINFER_AVXVNNI_ENTRY static void tile(Args... args) { Kernel::template tile<kN>(args...); }
+  template <class... Args>
+  PPINFER_AVXVNNI_ENTRY static void pair_tile(Args... args) { Kernel::pair_tile(args...); }
+};
+#endif
+
+// [sum of p[0]'s lanes, ..., sum of p[7]'s lanes] in int32 (exact), for Dot::products p[j].
+template <class Dot>
+PPINFER_AVX2 inline __m256i product_sums8(const __m256i* p) {
+  return octet_sums(quad_sums(Dot::pair_sums(p[0], p[1]), Dot::pair_sums(p[2], p[3])),
+                    quad_sums(Dot::pair_sums(p[4], p[5]), Dot::pair_sums(p[6], p[7])));
+}
+
+// The same for int32 lanes p[j].
 PPINFER_AVX2 inline __m256i lane_sums8(const __m256i* p) {
   return octet_sums(quad_sums(pair_sums(p[0], p[1]), pair_sums(p[2], p[3])),
                     quad_sums(pair_sums(p[4], p[5]), pair_sums(p[6], p[7])));
 }
 
-// The same for int16 lanes p[j] (maddubs products) whose pairs add up within int16: [sum of p[0]'s
-// lanes, ...] in int32.
-PPINFER_AVX2 inline __m256i lane_sums8_16(const __m256i* p) {
-  return octet_sums(quad_sums(pair_sums16(p[0], p[1]), pair_sums16(p[2], p[3])),
-                    quad_sums(pair_sums16(p[4], p[5]), pair_sums16(p[6], p[7])));
-}
+// The same for int16 lanes p[j] (maddubs products) whose pairs add up within int16.
+PPINFER_AVX2 inline __m256i lane_sums8_16(const __m256i* p) { return product_sums8<MaddubsDot>(p); }
 
 // Transposes 8 vectors of 8 floats: v[i] lane j becomes v[j] lane i.
 PPINFER_AVX2 inline void transpose8(__m256* v) {
@@ -181,13 +237,30 @@ struct Bytes16 {
   PPINFER_AVX2 __m256i operator()(const uint8_t* p) const { return layout.bytes16(p); }
 };
 
-// sum over t in [kFirst, kLast) of maddubs(dword t of the codes, tile.q[t]), in int16 lanes:
-// each lane pair holds its x row's products with codes 4t..4t+3. The caller keeps the sum in range.
-template <int kFirst, int kLast, class XTile>
-PPINFER_AVX2 inline __m256i tile_products16(__m256i lo, __m256i hi, const XTile& x) {
-  __m256i sum = _mm256_maddubs_epi16(dword<kFirst>(lo, hi), Layout<XTile>::q(x, kFirst));
-  if constexpr (kFirst + 1 < kLast) sum = _mm256_add_epi16(sum, tile_products16<kFirst + 1, kLast>(lo, hi, x));
-  return sum;
+// The sum over t in [kFirst, kLast) of Dot::products(dword t of the codes, tile.q[t]): each
+// int32 lane holds its x row's products with codes 4t..4t+3 (MaddubsDot: in its two int16
+// lanes, whose sums the caller keeps in range).
+template <int kFirst, int kLast, class Dot = MaddubsDot, class XTile>
+PPINFER_AVX2 inline __m256i tile_products(__m256i lo, __m256i hi, const XTile& x) {
+  const __m256i codes = dword<kFirst>(lo, hi), xq = Layout<XTile>::q(x, kFirst);
+  if constexpr (kFirst + 1 == kLast) {
+    return Dot::products(codes, xq);
+  } else {
+    return Dot::add(tile_products<kFirst + 1, kLast, Dot>(lo, hi, x), codes, xq);
+  }
+}
+
+// The same summed in int32, times scale16 (Dot::widen_scaled), kInt16Groups groups at a time
+// where Dot's sums are int16 (the most that stay in range), all at once otherwise.
+template <int kFirst, int kLast, int kInt16Groups, class Dot, class XTile>
+PPINFER_AVX2 inline __m256i scaled_tile_sum(__m256i lo, __m256i hi, const XTile& x, __m256i scale16) {
+  if constexpr (!Dot::kInt16 || kLast - kFirst <= kInt16Groups) {
+    return Dot::widen_scaled(tile_products<kFirst, kLast, Dot>(lo, hi, x), scale16);
+  } else {
+    constexpr int kMid = kFirst + kInt16Groups;
+    return _mm256_add_epi32(Dot::widen_scaled(tile_products<kFirst, kMid, Dot>(lo, hi, x), scale16),
+                            scaled_tile_sum<kMid, kLast, kInt16Groups, Dot>(lo, hi, x, scale16));
+  }
 }
 
 // The two tile entry points of a kernel whose `run<kGroups>(layout, w, x, stride, k, acc, ahead)`

@@ -1,6 +1,6 @@
 // The instruction set the block kernels run with, and its ops (namespace ppinfer_kernels):
 //   isa() -> the active one's name; set_isa(name) -> "auto" (the best this CPU runs), or a
-//   named one, which must be one the CPU runs: "scalar", "avx2", "avx512vnni";
+//   named one, which must be one the CPU runs: "scalar", "avx2", "avxvnni", "avx512vnni";
 //   isa_unavailable(name) -> why this CPU or build cannot run `name` ("" where it can, and for
 //   "auto").
 #include <torch/library.h>
@@ -8,13 +8,27 @@
 #include <atomic>
 #include <string>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
+
 #include "isa.h"
 #include "qtypes.h"
 
 namespace ppinfer {
 namespace {
 
-constexpr const char* kNames[] = {"scalar", "avx2", "avx512vnni"};
+constexpr const char* kNames[] = {"scalar", "avx2", "avxvnni", "avx512vnni"};
+constexpr int kLevels = sizeof(kNames) / sizeof(kNames[0]);
+
+#if defined(PPINFER_HAS_AVXVNNI)
+// AVX-VNNI: CPUID leaf 7, sub-leaf 1, EAX bit 4 (asked directly: not every compiler's
+// __builtin_cpu_supports knows the name). Its YMM state is the one the AVX2 check confirmed.
+bool cpu_has_avx_vnni() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0 && (eax & (1u << 4)) != 0;
+}
+#endif
 
 // Why this CPU (or this build) cannot run `isa`, or nullptr.
 const char* missing(Isa isa) {
@@ -25,6 +39,13 @@ const char* missing(Isa isa) {
     return "this CPU lacks AVX2, FMA or F16C";
   }
   if (isa == Isa::kAvx2) return nullptr;
+  if (isa == Isa::kAvxVnni) {
+#if defined(PPINFER_HAS_AVXVNNI)
+    return cpu_has_avx_vnni() ? nullptr : "this CPU lacks AVX-VNNI";
+#else
+    return "this build's compiler has no AVX-VNNI target";
+#endif
+  }
 #if defined(PPINFER_HAS_AVX512)
   if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))) {
@@ -40,7 +61,7 @@ const char* missing(Isa isa) {
 }
 
 Isa best() {
-  for (Isa isa : {Isa::kAvx512Vnni, Isa::kAvx2}) {
+  for (Isa isa : {Isa::kAvx512Vnni, Isa::kAvxVnni, Isa::kAvx2}) {
     if (missing(isa) == nullptr) return isa;
   }
   return Isa::kScalar;
@@ -52,10 +73,10 @@ std::atomic<int>& level() {
 }
 
 Isa parse(const std::string& name) {
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < kLevels; ++i) {
     if (name == kNames[i]) return static_cast<Isa>(i);
   }
-  TORCH_CHECK(false, "set_isa: expected 'auto', 'scalar', 'avx2' or 'avx512vnni', got '", name, "'");
+  TORCH_CHECK(false, "set_isa: expected 'auto', 'scalar', 'avx2', 'avxvnni' or 'avx512vnni', got '", name, "'");
 }
 
 std::string isa() { return kNames[level().load()]; }

@@ -290,9 +290,10 @@ PPINFER_AVX2 inline __m256i bit_to_4(__m256i v, int j) {
 }
 
 // Q4_K and Q5_K (kFifthBit): codes of 32-value block j are the low (even j) or high (odd j)
-// nibbles of qs[32 (j / 2) + l], Q5_K's fifth bit bit j of qh[l].
-template <bool kFifthBit>
-struct ScaleMinKernel : avx2::TileEntries<ScaleMinKernel<kFifthBit>> {
+// nibbles of qs[32 (j / 2) + l], Q5_K's fifth bit bit j of qh[l]. The kernels take their
+// integer dots from Dot (avx2.h: MaddubsDot, or VnniDot for AVX-VNNI).
+template <bool kFifthBit, class Dot>
+struct ScaleMinKernel : avx2::TileEntries<ScaleMinKernel<kFifthBit, Dot>> {
   static constexpr int kBlockBytes = kFifthBit ? kQ5KBytes : kQ4KBytes;
   static constexpr int kQsAt = kFifthBit ? kQ5KQsAt : kQ4KQsAt;
 
@@ -329,15 +330,15 @@ struct ScaleMinKernel : avx2::TileEntries<ScaleMinKernel<kFifthBit>> {
       __m256 inner[kXRows], mn[kXRows];
 #pragma GCC unroll 8
       for (int j = 0; j < kActPerSuper; ++j) {
-        __m256i y[kXRows], p[kXRows][kLanes];  // p: int16 products, at most 2 * 31 * 127
+        __m256i y[kXRows], p[kXRows][kLanes];  // p: Dot::products (MaddubsDot: at most 2 * 31 * 127)
         for (int m = 0; m < kXRows; ++m) y[m] = load256(x[m * x_stride + i * kActPerSuper + j].q);
         for (int r = 0; r < kLanes; ++r) {
           const __m256i q = codes(rows[r] + at, j, 0, Load32{});
-          for (int m = 0; m < kXRows; ++m) p[m][r] = _mm256_maddubs_epi16(q, y[m]);
+          for (int m = 0; m < kXRows; ++m) p[m][r] = Dot::products(q, y[m]);
         }
         for (int m = 0; m < kXRows; ++m) {
           const Q8Block& xb = x[m * x_stride + i * kActPerSuper + j];
-          const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(avx2::lane_sums8_16(p[m])), scales[j]);
+          const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(avx2::product_sums8<Dot>(p[m])), scales[j]);
           inner[m] = chain(j == 0, _mm256_set1_ps(xb.d), f, inner[m]);
           mn[m] = chain(j == 0, mins[j], _mm256_set1_ps(xb.s), mn[m]);
         }
@@ -381,13 +382,8 @@ struct ScaleMinKernel : avx2::TileEntries<ScaleMinKernel<kFifthBit>> {
         const __m256 m = L::mix(row_m);
         for (int g = 0; g < kGroups; ++g) {
           const XTile& xt = xs[g * stride + j];
-          __m256i isum;
-          if constexpr (kFifthBit) {  // codes <= 31: int16 holds 4 groups' products
-            isum = _mm256_add_epi32(_mm256_madd_epi16(avx2::tile_products16<0, 4>(lo, hi, xt), sc),
-                                    _mm256_madd_epi16(avx2::tile_products16<4, 8>(lo, hi, xt), sc));
-          } else {
-            isum = _mm256_madd_epi16(avx2::tile_products16<0, 8>(lo, hi, xt), sc);
-          }
+          // MaddubsDot's int16 holds 8 groups' products of codes <= 15, 4 of codes <= 31.
+          const __m256i isum = avx2::scaled_tile_sum<0, 8, kFifthBit ? 4 : 8, Dot>(lo, hi, xt, sc);
           inner[g] = chain(j == 0, L::d(xt), _mm256_cvtepi32_ps(isum), inner[g]);
           mn[g] = chain(j == 0, m, L::s(xt), mn[g]);
         }
@@ -405,8 +401,9 @@ struct ScaleMinKernel : avx2::TileEntries<ScaleMinKernel<kFifthBit>> {
 // Q6_K: 32-value block b = 4 half + t of a super-block takes its low nibbles from
 // ql[64 half + 32 (t % 2) + l] (high nibbles for t >= 2) and its top two bits from bits 2t, 2t+1
 // of qh[32 half + l]; its codes are q - 32 with q in 0..63, scales sc[2b] (values 0..15) and
-// sc[2b + 1] (16..31).
-struct Q6KKernel : avx2::TileEntries<Q6KKernel> {
+// sc[2b + 1] (16..31). The kernels take their integer dots from Dot, as ScaleMinKernel's.
+template <class Dot>
+struct Q6KKernel : avx2::TileEntries<Q6KKernel<Dot>> {
   // Block b's codes q (0..63) from `at` (0 or 16) of its 32 values, loaded by `load`.
   template <class Load>
   PPINFER_AVX2 static __m256i codes(const uint8_t* blk, int b, int at, Load load) {
@@ -430,10 +427,10 @@ struct Q6KKernel : avx2::TileEntries<Q6KKernel> {
                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), bits45));
   }
 
-  // Per-(block, 16 values) sums of 4 blocks' int16 lanes: [block 0..3 values 0..15 | block 0..3
-  // values 16..31] in int32 (each lane pair must add up within int16).
+  // Per-(block, 16 values) sums of 4 blocks' Dot::products: [block 0..3 values 0..15 | block
+  // 0..3 values 16..31] in int32 (MaddubsDot's lane pairs must add up within int16).
   PPINFER_AVX2 static __m256i half_sums(const __m256i* p) {
-    return avx2::quad_sums(avx2::pair_sums16(p[0], p[1]), avx2::pair_sums16(p[2], p[3]));
+    return avx2::quad_sums(Dot::pair_sums(p[0], p[1]), Dot::pair_sums(p[2], p[3]));
   }
 
   // 8 weight rows against kXRows x rows (x row m's blocks at x + m * x_stride). Per row and half
@@ -456,7 +453,7 @@ struct Q6KKernel : avx2::TileEntries<Q6KKernel> {
           __m256i p[4];
           for (int t = 0; t < 4; ++t) {
             y[m][4 * half + t] = load256(xs[4 * half + t].q);
-            p[t] = _mm256_maddubs_epi16(_mm256_set1_epi8(32), y[m][4 * half + t]);
+            p[t] = Dot::products(_mm256_set1_epi8(32), y[m][4 * half + t]);
           }
           offsets[m][half] = half_sums(p);
         }
@@ -471,8 +468,8 @@ struct Q6KKernel : avx2::TileEntries<Q6KKernel> {
           const __m128i sc8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[r] + at + kQ6KScAt + 8 * half));
           const __m256 scales = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_shuffle_epi8(sc8, scale_order)));
           for (int m = 0; m < kXRows; ++m) {
-            __m256i p[4];  // int16, at most 2 * 63 * 127
-            for (int t = 0; t < 4; ++t) p[t] = _mm256_maddubs_epi16(q[t], y[m][4 * half + t]);
+            __m256i p[4];  // MaddubsDot: int16, at most 2 * 63 * 127
+            for (int t = 0; t < 4; ++t) p[t] = Dot::products(q[t], y[m][4 * half + t]);
             const __m256 scaled =
                 _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(half_sums(p), offsets[m][half])), scales);
             block_sums[m][half] = _mm256_add_ps(scaled, _mm256_permute2f128_ps(scaled, scaled, 0x01));
@@ -493,8 +490,8 @@ struct Q6KKernel : avx2::TileEntries<Q6KKernel> {
   }
 
   // Tiles (qtypes.h): one weight row against kGroups groups of 8 x rows, or two against 4.
-  // Products with q (<= 63) two groups of 4 at a time in int16, scaled, less 32 sc times x's
-  // half sums.
+  // Products with q (<= 63) summed per 16 values (MaddubsDot: two groups of 4 at a time in
+  // int16), scaled, less 32 sc times x's half sums.
   template <int kGroups, class XTile>
   PPINFER_AVX2 static void run(const avx2::Layout<XTile>& layout, const uint8_t* w, const XTile* x, int64_t stride,
                                int k, float* acc_io, int64_t ahead) {
@@ -522,12 +519,8 @@ struct Q6KKernel : avx2::TileEntries<Q6KKernel> {
         const __m256i scale_lo = L::mix(sc_lo), scale_hi = L::mix(sc_hi), offset_scale = L::mix(offset_scales);
         for (int g = 0; g < kGroups; ++g) {
           const XTile& xt = xs[g * stride + b];
-          const __m256i low_half =
-              _mm256_add_epi32(_mm256_madd_epi16(avx2::tile_products16<0, 2>(lo, hi, xt), scale_lo),
-                               _mm256_madd_epi16(avx2::tile_products16<2, 4>(lo, hi, xt), scale_lo));
-          const __m256i high_half =
-              _mm256_add_epi32(_mm256_madd_epi16(avx2::tile_products16<4, 6>(lo, hi, xt), scale_hi),
-                               _mm256_madd_epi16(avx2::tile_products16<6, 8>(lo, hi, xt), scale_hi));
+          const __m256i low_half = avx2::scaled_tile_sum<0, 4, 2, Dot>(lo, hi, xt, scale_lo);
+          const __m256i high_half = avx2::scaled_tile_sum<4, 8, 2, Dot>(lo, hi, xt, scale_hi);
           const __m256i offset = _mm256_madd_epi16(L::half_sums(xt), offset_scale);
           const __m256i isum = _mm256_sub_epi32(_mm256_add_epi32(low_half, high_half), offset);
           inner[g] = chain(b == 0, L::d(xt), _mm256_cvtepi32_ps(isum), inner[g]);
@@ -770,14 +763,26 @@ struct Q6KRows16 {
 
 }  // namespace
 
-#define PPINFER_KQUANT_AVX2(Kernel, Kernel16, Rows16)                                          \
-  PPINFER_AVX2_FN(dot_weight_rows_avx2<Kernel>), PPINFER_AVX2_FN(dot_tile_avx2<Kernel>),       \
-      PPINFER_AVX2_FN(dot_pair_tile_avx2<Kernel>), PPINFER_AVX512_FN(dot_tile16_avx512<Kernel16>), \
-      PPINFER_AVX512_FN(dot_weight_rows_avx512<Rows16>)
+#if defined(PPINFER_X86)
+template <class Dot>
+using Q4KKernel = ScaleMinKernel<false, Dot>;
+template <class Dot>
+using Q5KKernel = ScaleMinKernel<true, Dot>;
+#endif
+
+// The table entries of Kernel<Dot> (AVX2, AVX-VNNI), Kernel16 and Rows16.
+#define PPINFER_KQUANT_AVX2(Kernel, Kernel16, Rows16)                                                      \
+  PPINFER_AVX2_FN(dot_weight_rows_avx2<Kernel<avx2::MaddubsDot>>),                                         \
+      PPINFER_AVX2_FN(dot_tile_avx2<Kernel<avx2::MaddubsDot>>),                                            \
+      PPINFER_AVX2_FN(dot_pair_tile_avx2<Kernel<avx2::MaddubsDot>>),                                       \
+      PPINFER_AVX512_FN(dot_tile16_avx512<Kernel16>), PPINFER_AVX512_FN(dot_weight_rows_avx512<Rows16>), \
+      PPINFER_AVXVNNI_FN(dot_weight_rows_avx2<avx2::OnAvxVnni<Kernel<avx2::VnniDot>>>),                    \
+      PPINFER_AVXVNNI_FN(dot_tile_avx2<avx2::OnAvxVnni<Kernel<avx2::VnniDot>>>),                           \
+      PPINFER_AVXVNNI_FN(dot_pair_tile_avx2<avx2::OnAvxVnni<Kernel<avx2::VnniDot>>>)
 
 const QTypeKernels kKQuantKernels[] = {
-    {kQ4KType, kSuperElems, kQ4KBytes, dot_q4_k_scalar, dequant_q4_k, PPINFER_KQUANT_AVX2(ScaleMinKernel<false>, Q4KKernel16, ScaleMinRows16<false>)},
-    {kQ5KType, kSuperElems, kQ5KBytes, dot_q5_k_scalar, dequant_q5_k, PPINFER_KQUANT_AVX2(ScaleMinKernel<true>, Q5KKernel16, ScaleMinRows16<true>)},
+    {kQ4KType, kSuperElems, kQ4KBytes, dot_q4_k_scalar, dequant_q4_k, PPINFER_KQUANT_AVX2(Q4KKernel, Q4KKernel16, ScaleMinRows16<false>)},
+    {kQ5KType, kSuperElems, kQ5KBytes, dot_q5_k_scalar, dequant_q5_k, PPINFER_KQUANT_AVX2(Q5KKernel, Q5KKernel16, ScaleMinRows16<true>)},
     {kQ6KType, kSuperElems, kQ6KBytes, dot_q6_k_scalar, dequant_q6_k, PPINFER_KQUANT_AVX2(Q6KKernel, Q6KKernel16, Q6KRows16)},
 };
 const int kKQuantKernelCount = sizeof(kKQuantKernels) / sizeof(kKQuantKernels[0]);

@@ -137,10 +137,11 @@ void dequant_q8_0(const uint8_t* w, float* out, int k) {
 //   Q4_1 / Q5_1 (w = d q + m):                acc = fma(m, s, fma(d * dx, f, acc))
 //   Q8_0 (w = d q):                           acc = fma(d, dx * f, acc)
 // Each kind of block below has row_codes (a block's codes in value order) and row_products
-// (lanes summing to their integer dot with one activation block: int16 where kNarrowProducts,
-// else int32), the block's decoding for tiles (its codes twice over, see avx2::dword) and
-// tile_isum (x row r's integer dot in lane r), and the two forms of its update: rows (lanes =
-// weight rows, scales gathered by row_scales) and tile (lanes = x rows, see avx2::Layout).
+// (lanes summing to their integer dot with one activation block: Dot::products where
+// kNarrowProducts, else int32), the block's decoding for tiles (its codes twice over, see
+// avx2::dword) and tile_isum (x row r's integer dot in lane r), and the two forms of its update:
+// rows (lanes = weight rows, scales gathered by row_scales) and tile (lanes = x rows, see
+// avx2::Layout). The integer dots are Dot's (avx2.h: MaddubsDot, or VnniDot for AVX-VNNI).
 
 using avx2::load256;
 
@@ -192,9 +193,10 @@ struct UnsignedCodes {
     if constexpr (kQhAt >= 0) return _mm256_or_si256(q, fifth_bits(w + kQhAt, FifthBits::kInOrder));
     return q;
   }
-  // int16 lanes, at most 2 * 31 * 127: two of them add up within int16.
+  // MaddubsDot's int16 lanes are at most 2 * 31 * 127: two of them add up within int16.
   static constexpr bool kNarrowProducts = true;
-  PPINFER_AVX2 static __m256i row_products(__m256i q, __m256i y) { return _mm256_maddubs_epi16(q, y); }
+  template <class Dot>
+  PPINFER_AVX2 static __m256i row_products(__m256i q, __m256i y) { return Dot::products(q, y); }
   template <class XTile>
   PPINFER_AVX2 static TwiceCodes decode(const avx2::Layout<XTile>& layout, const uint8_t* w) {
     const __m256i both = layout.bytes16(w + kQsAt);
@@ -211,14 +213,15 @@ struct UnsignedCodes {
     }
     return c;
   }
-  // Products with codes <= 15 stay within int16 for all 8 groups of 4, with codes <= 31 for 4.
-  template <class XTile>
+  // MaddubsDot's products with codes <= 15 stay within int16 for all 8 groups of 4, with codes
+  // <= 31 for 4.
+  template <class Dot, class XTile>
   PPINFER_AVX2 static __m256i tile_isum(const TwiceCodes& c, const XTile& x) {
     if constexpr (kQhAt < 0) {
-      return _mm256_madd_epi16(avx2::tile_products16<0, 8>(c.lo, c.hi, x), avx2::ones16());
+      return Dot::widen(avx2::tile_products<0, 8, Dot>(c.lo, c.hi, x));
     } else {
-      return _mm256_add_epi32(_mm256_madd_epi16(avx2::tile_products16<0, 4>(c.lo, c.hi, x), avx2::ones16()),
-                              _mm256_madd_epi16(avx2::tile_products16<4, 8>(c.lo, c.hi, x), avx2::ones16()));
+      return _mm256_add_epi32(Dot::widen(avx2::tile_products<0, 4, Dot>(c.lo, c.hi, x)),
+                              Dot::widen(avx2::tile_products<4, 8, Dot>(c.lo, c.hi, x)));
     }
   }
 };
@@ -273,25 +276,25 @@ struct Q8_0Block {
 
   PPINFER_AVX2 static __m256i row_codes(const uint8_t* w) { return load256(w + 2); }
   static constexpr bool kNarrowProducts = false;  // int32 lanes
+  template <class Dot>
   PPINFER_AVX2 static __m256i row_products(__m256i q, __m256i y) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(y, q)), avx2::ones16());
+    return Dot::widen(Dot::products(_mm256_abs_epi8(q), _mm256_sign_epi8(y, q)));
   }
   template <class XTile>
   PPINFER_AVX2 static Codes decode(const avx2::Layout<XTile>& layout, const uint8_t* w) {
     const TwiceCodes q{layout.bytes16(w + 2), layout.bytes16(w + 2 + kHalf)};
     return {q, {_mm256_abs_epi8(q.lo), _mm256_abs_epi8(q.hi)}};
   }
-  template <int kT, class XTile>
+  template <int kT, class Dot, class XTile>
   PPINFER_AVX2 static __m256i group_isum(const Codes& c, const XTile& x) {
     const __m256i q = avx2::dword<kT>(c.q.lo, c.q.hi);
     const __m256i signed_x = _mm256_sign_epi8(avx2::Layout<XTile>::q(x, kT), q);
-    const __m256i pairs = _mm256_maddubs_epi16(avx2::dword<kT>(c.abs_q.lo, c.abs_q.hi), signed_x);
-    const __m256i sum = _mm256_madd_epi16(pairs, avx2::ones16());
-    if constexpr (kT + 1 < kQ8Elems / 4) return _mm256_add_epi32(sum, group_isum<kT + 1>(c, x));
-    return sum;
+    const __m256i abs_q = avx2::dword<kT>(c.abs_q.lo, c.abs_q.hi);
+    if constexpr (kT + 1 < kQ8Elems / 4) return Dot::add32(group_isum<kT + 1, Dot>(c, x), abs_q, signed_x);
+    return Dot::widen(Dot::products(abs_q, signed_x));
   }
-  template <class XTile>
-  PPINFER_AVX2 static __m256i tile_isum(const Codes& c, const XTile& x) { return group_isum<0>(c, x); }
+  template <class Dot, class XTile>
+  PPINFER_AVX2 static __m256i tile_isum(const Codes& c, const XTile& x) { return group_isum<0, Dot>(c, x); }
   PPINFER_AVX2 static RowScales row_scales(const uint8_t* const* rows, int64_t at) {
     return {avx2::halves8(rows, at), _mm256_setzero_ps()};
   }
@@ -307,7 +310,7 @@ struct Q8_0Block {
 
 // 8 weight rows against kXRows x rows: lane j of x row m's vector is weight row j's chain.
 // Each weight block is decoded once for all of them.
-template <class Block>
+template <class Block, class Dot>
 struct WeightRows {
   template <int kXRows>
   PPINFER_AVX2 static void weight_rows(const uint8_t* const* rows, const Q8Block* x, int64_t x_stride, int k,
@@ -321,11 +324,11 @@ struct WeightRows {
       for (int j = 0; j < kLanes; ++j) {
         avx2::prefetch_block<Block::kBytes>(rows[j] + at, ahead);
         const __m256i q = Block::row_codes(rows[j] + at);
-        for (int m = 0; m < kXRows; ++m) p[m][j] = Block::row_products(q, y[m]);
+        for (int m = 0; m < kXRows; ++m) p[m][j] = Block::template row_products<Dot>(q, y[m]);
       }
       const RowScales scales = Block::row_scales(rows, at);
       for (int m = 0; m < kXRows; ++m) {
-        const __m256i isum = Block::kNarrowProducts ? avx2::lane_sums8_16(p[m]) : avx2::lane_sums8(p[m]);
+        const __m256i isum = Block::kNarrowProducts ? avx2::product_sums8<Dot>(p[m]) : avx2::lane_sums8(p[m]);
         acc[m] = Block::update_rows(scales, _mm256_cvtepi32_ps(isum), x[m * x_stride + b], acc[m]);
       }
     }
@@ -335,8 +338,8 @@ struct WeightRows {
 
 // Tiles: one weight row against kGroups groups of 8 x rows (lane r of acc[g]: x row 8g + r), or
 // two weight rows against 4 x rows (pair_tile). Each weight block is decoded once for all of them.
-template <class Block>
-struct Tile : avx2::TileEntries<Tile<Block>> {
+template <class Block, class Dot>
+struct Tile : avx2::TileEntries<Tile<Block, Dot>> {
   template <int kGroups, class XTile>
   PPINFER_AVX2 static void run(const avx2::Layout<XTile>& layout, const uint8_t* w, const XTile* x, int64_t stride,
                                int k, float* acc_io, int64_t ahead) {
@@ -349,7 +352,8 @@ struct Tile : avx2::TileEntries<Tile<Block>> {
       const auto codes = Block::decode(layout, w);
       for (int g = 0; g < kGroups; ++g) {
         const XTile& xt = x[g * stride + b];
-        acc[g] = Block::update_tile(layout, w, _mm256_cvtepi32_ps(Block::tile_isum(codes, xt)), xt, acc[g]);
+        const __m256i isum = Block::template tile_isum<Dot>(codes, xt);
+        acc[g] = Block::update_tile(layout, w, _mm256_cvtepi32_ps(isum), xt, acc[g]);
       }
     }
     for (int g = 0; g < kGroups; ++g) _mm256_storeu_ps(acc_io + g * kLanes, acc[g]);
@@ -501,10 +505,15 @@ using Q5_1Block16 = Offset16<kQ5_1Bytes, 4>;
 
 }  // namespace
 
-#define PPINFER_LEGACY_AVX2(Block, Block16, Pair)                                                        \
-  PPINFER_AVX2_FN(dot_weight_rows_avx2<WeightRows<Block>>), PPINFER_AVX2_FN(dot_tile_avx2<Tile<Block>>), \
-      PPINFER_AVX2_FN(dot_pair_tile_avx2<Tile<Block>>), PPINFER_AVX512_FN(dot_tile16_avx512<Tile16<Block16>>), \
-      PPINFER_AVX512_FN(dot_weight_rows_avx512<WeightRows16<Block, Pair>>)
+#define PPINFER_LEGACY_AVX2(Block, Block16, Pair)                                                             \
+  PPINFER_AVX2_FN(dot_weight_rows_avx2<WeightRows<Block, avx2::MaddubsDot>>),                                   \
+      PPINFER_AVX2_FN(dot_tile_avx2<Tile<Block, avx2::MaddubsDot>>),                                           \
+      PPINFER_AVX2_FN(dot_pair_tile_avx2<Tile<Block, avx2::MaddubsDot>>),                                      \
+      PPINFER_AVX512_FN(dot_tile16_avx512<Tile16<Block16>>),                                                   \
+      PPINFER_AVX512_FN(dot_weight_rows_avx512<WeightRows16<Block, Pair>>),                                    \
+      PPINFER_AVXVNNI_FN(dot_weight_rows_avx2<avx2::OnAvxVnni<WeightRows<Block, avx2::VnniDot>>>),             \
+      PPINFER_AVXVNNI_FN(dot_tile_avx2<avx2::OnAvxVnni<Tile<Block, avx2::VnniDot>>>),                          \
+      PPINFER_AVXVNNI_FN(dot_pair_tile_avx2<avx2::OnAvxVnni<Tile<Block, avx2::VnniDot>>>)
 
 const QTypeKernels kLegacyKernels[] = {
     {2, kBlock, kQ4_0Bytes, dot_symmetric_scalar<kQ4_0Bytes, 8, false>, dequant_symmetric<kQ4_0Bytes, 8, false>,

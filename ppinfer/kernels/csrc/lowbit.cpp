@@ -441,8 +441,8 @@ struct Kernel : avx2::TileEntries<Kernel<K>> {
         const __m256i scale_lo = L::mix(s_lo), scale_hi = L::mix(s_hi), side_scale = L::mix(side);
         for (int g = 0; g < kGroups; ++g) {
           const XTile& xt = xs[g * stride + b];
-          __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(avx2::tile_products16<0, 4>(lo, hi, xt), scale_lo),
-                                          _mm256_madd_epi16(avx2::tile_products16<4, 8>(lo, hi, xt), scale_hi));
+          __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(avx2::tile_products<0, 4>(lo, hi, xt), scale_lo),
+                                          _mm256_madd_epi16(avx2::tile_products<4, 8>(lo, hi, xt), scale_hi));
           const __m256i side_sum = _mm256_madd_epi16(L::half_sums(xt), side_scale);
           if constexpr (!K::kMins && K::kOffset != 0) isum = _mm256_sub_epi32(isum, side_sum);
           inner[g] = chain(b == 0, L::d(xt), _mm256_cvtepi32_ps(isum), inner[g]);

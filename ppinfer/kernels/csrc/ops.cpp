@@ -79,10 +79,21 @@ bool use_avx2(const QTypeKernels& t) {
 
 bool use_avx512(const QTypeKernels& t) { return active_isa() >= Isa::kAvx512Vnni && t.dot_tile16_avx512 != nullptr; }
 
-// The weight-rows kernel: AVX-512 VNNI's where it runs (the same bits as AVX2's).
+// The weight-rows kernel: AVX-512 VNNI's or AVX-VNNI's where it runs (the same bits as AVX2's).
 DotWeightRowsFn weight_rows_kernel(const QTypeKernels& t) {
-  const bool wide = active_isa() >= Isa::kAvx512Vnni && t.dot_weight_rows_avx512 != nullptr;
-  return wide ? t.dot_weight_rows_avx512 : t.dot_weight_rows_avx2;
+  if (active_isa() >= Isa::kAvx512Vnni && t.dot_weight_rows_avx512 != nullptr) return t.dot_weight_rows_avx512;
+  if (active_isa() == Isa::kAvxVnni && t.dot_weight_rows_avxvnni != nullptr) return t.dot_weight_rows_avxvnni;
+  return t.dot_weight_rows_avx2;
+}
+
+// The tile and pair tile kernels: AVX-VNNI's where it runs (the same bits as AVX2's).
+DotTileFn tile_kernel(const QTypeKernels& t) {
+  return active_isa() == Isa::kAvxVnni && t.dot_tile_avxvnni != nullptr ? t.dot_tile_avxvnni : t.dot_tile_avx2;
+}
+
+DotPairTileFn pair_tile_kernel(const QTypeKernels& t) {
+  const bool vnni = active_isa() == Isa::kAvxVnni && t.dot_pair_tile_avxvnni != nullptr;
+  return vnni ? t.dot_pair_tile_avxvnni : t.dot_pair_tile_avx2;
 }
 
 // ---- argument checks ----
@@ -218,6 +229,8 @@ void simd_dot_rows(const Shape& s, const uint8_t* w, const XLayouts& x, const Ro
                    const float* bias, int64_t j0, int64_t j1, Out* out) {
   const QTypeKernels& t = *s.kernels;
   const DotWeightRowsFn weight_rows = weight_rows_kernel(t);
+  const DotTileFn tile = tile_kernel(t);
+  const DotPairTileFn pair_tile = pair_tile_kernel(t);
   // With no groups, x is a few rows: whole rows per call cost the fewest calls. Wide tiles
   // take smaller chunks (768 bytes a block and group: the up to kMaxWideGroups groups of one
   // call, 24 KiB, stay in L1; measured against 16 blocks: docs/kernels.md).
@@ -257,14 +270,14 @@ void simd_dot_rows(const Shape& s, const uint8_t* w, const XLayouts& x, const Ro
       for (int64_t g = 0; g < split.groups; g += kMaxTileGroups) {
         const int groups = static_cast<int>(std::min<int64_t>(kMaxTileGroups, split.groups - g));
         for (int64_t i = 0; i < count; ++i) {
-          t.dot_tile_avx2(chunk + i * s.row_bytes, x.tiles + g * kc.nb + c0, kc.nb, groups, values,
-                          tile_acc.data() + (i * split.groups + g) * kLanes, g == 0 && !read ? ahead : 0);
+          tile(chunk + i * s.row_bytes, x.tiles + g * kc.nb + c0, kc.nb, groups, values,
+               tile_acc.data() + (i * split.groups + g) * kLanes, g == 0 && !read ? ahead : 0);
         }
       }
       if (split.paired > 0) {
         for (int64_t i = 0; i < count; i += 2) {  // a last row without a pair is paired with itself
-          t.dot_pair_tile_avx2(chunk + i * s.row_bytes, i + 1 < count ? s.row_bytes : 0, x.pairs + c0, values,
-                               pair_acc.data() + i * kPairRows, first_paired == 0 ? ahead : 0);
+          pair_tile(chunk + i * s.row_bytes, i + 1 < count ? s.row_bytes : 0, x.pairs + c0, values,
+                    pair_acc.data() + i * kPairRows, first_paired == 0 ? ahead : 0);
         }
       }
       if (singles == 0) continue;
@@ -274,7 +287,7 @@ void simd_dot_rows(const Shape& s, const uint8_t* w, const XLayouts& x, const Ro
         const int x_rows = static_cast<int>(std::min<int64_t>(kMaxWeightRowsX, rows - m));
         const bool first_read = m == 0;  // the others prefetch nothing new
         weight_rows(lanes, x.blocks + m * kc.nb + c0, kc.nb, x_rows, values,
-                               single_acc.data() + (m - first_single) * kLanes, first_read ? ahead : 0);
+                    single_acc.data() + (m - first_single) * kLanes, first_read ? ahead : 0);
       }
     }
     for (int64_t i = 0; i < count; ++i) {

@@ -1,6 +1,6 @@
 // Weight rows packed 16 at a time (namespace ppinfer_kernels ops pack_rows, unpack_rows,
 // packed_matmul, packed_experts_matmul): the layout the decode products stream, for Q4_0, Q4_1,
-// Q8_0 and Q4_K (AVX2 and AVX-512 VNNI kernels).
+// Q8_0 and Q4_K (AVX2, AVX-VNNI and AVX-512 VNNI kernels).
 //
 // Row-major blocks (qtypes.h) leave a kernel that puts one weight row in each vector lane to
 // gather every row's scales and to add up every row's partial sums across the lanes of a
@@ -57,6 +57,7 @@ struct PackedKernels {
   int fields;       // fp16 fields at the start of a block
   int block_bytes;  // bytes of one row's block
   DotPackedFn avx2;
+  DotPackedFn avxvnni;  // the AVX2 kernel over AVX-VNNI's dots
   DotPackedFn avx512;
 };
 
@@ -123,9 +124,11 @@ PPINFER_AVX2 inline __m256 field8(const uint8_t* p, int f, int h) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + f * 2 * kGroupRows + 16 * h)));
 }
 
+// Each kernel takes its integer dots from Dot (avx2.h: MaddubsDot, or VnniDot for AVX-VNNI).
+
 // Q4_0 / Q4_1: 16 code bytes, dword c's low nibbles values 4c .. 4c+3, its high ones 16 + 4c ...
 // maddubs products are at most 2 * 15 * 127, so the 8 of a block add up within int16.
-template <int kFields>
+template <int kFields, class Dot>
 struct Nibbles8 {
   static constexpr int kHeader = 2 * kFields;
   // Each dword of codes is decoded once and met by every x row before the next (the x rows'
@@ -144,15 +147,15 @@ struct Nibbles8 {
 #pragma GCC unroll 8
       for (int m = 0; m < kX; ++m) {
         const Q8Block& xb = x[m * x_stride];
-        sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x_dword(xb, c))));
-        sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x_dword(xb, 4 + c))));
+        sum[m] = Dot::add(sum[m], lo, _mm256_set1_epi32(x_dword(xb, c)));
+        sum[m] = Dot::add(sum[m], hi, _mm256_set1_epi32(x_dword(xb, 4 + c)));
       }
     }
     const __m256 d = field8(p, 0, h);
 #pragma GCC unroll 8
     for (int m = 0; m < kX; ++m) {
       const Q8Block& xb = x[m * x_stride];
-      const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[m], _mm256_set1_epi16(1)));
+      const __m256 f = _mm256_cvtepi32_ps(Dot::widen(sum[m]));
       if constexpr (kFields == 1) {  // Q4_0: acc = fma(d, fma(dx, f, -(8 s)), acc)
         const __m256 t = _mm256_fmsub_ps(_mm256_set1_ps(xb.d), f, _mm256_set1_ps(xb.s * 8));
         acc[m] = _mm256_fmadd_ps(d, t, acc[m]);
@@ -166,6 +169,7 @@ struct Nibbles8 {
 
 // Q8_0: 32 signed codes; |q| against x with q's sign (pairs up to 2 * 128 * 127, so each
 // dword's products go to int32 on their own). Dword by dword, as above.
+template <class Dot>
 struct Signed8 {
   template <int kX>
   PPINFER_AVX2 static void half(const uint8_t* p, int h, const Q8Block* x, int64_t x_stride, __m256* acc) {
@@ -179,7 +183,7 @@ struct Signed8 {
 #pragma GCC unroll 8
       for (int m = 0; m < kX; ++m) {
         const __m256i signed_x = _mm256_sign_epi8(_mm256_set1_epi32(x_dword(x[m * x_stride], c)), q);
-        sum[m] = _mm256_add_epi32(sum[m], _mm256_madd_epi16(_mm256_maddubs_epi16(abs_q, signed_x), _mm256_set1_epi16(1)));
+        sum[m] = Dot::add32(sum[m], abs_q, signed_x);
       }
     }
     const __m256 d = field8(p, 0, h);
@@ -197,6 +201,7 @@ struct Signed8 {
 // Q4_K (see Q4K16 below for the layout and the chain) on 8 rows: 6-bit scales and mins
 // unpacked in lanes; maddubs products are at most 2 * 15 * 127, so a sub-block's 8 dwords add
 // up within int16.
+template <class Dot>
 struct Q4K8 {
   static constexpr int kHeader = 4;
   PPINFER_AVX2 static __m256i dwords8(const uint8_t* p, int c, int h) {
@@ -231,9 +236,8 @@ struct Q4K8 {
 #pragma GCC unroll 8
         for (int m = 0; m < kX; ++m) {
           const Q8Block* xm = x + m * x_stride;
-          sum[m][0] = _mm256_add_epi16(sum[m][0], _mm256_maddubs_epi16(even, _mm256_set1_epi32(x_dword(xm[2 * pair], t))));
-          sum[m][1] = _mm256_add_epi16(sum[m][1],
-                                       _mm256_maddubs_epi16(odd, _mm256_set1_epi32(x_dword(xm[2 * pair + 1], t))));
+          sum[m][0] = Dot::add(sum[m][0], even, _mm256_set1_epi32(x_dword(xm[2 * pair], t)));
+          sum[m][1] = Dot::add(sum[m][1], odd, _mm256_set1_epi32(x_dword(xm[2 * pair + 1], t)));
         }
       }
       for (int e = 0; e < 2; ++e) {
@@ -242,7 +246,7 @@ struct Q4K8 {
 #pragma GCC unroll 8
         for (int m = 0; m < kX; ++m) {
           const Q8Block& xb = x[m * x_stride + j];
-          const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sum[m][e], _mm256_set1_epi16(1))), sc);
+          const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(Dot::widen(sum[m][e])), sc);
           const __m256 dx = _mm256_set1_ps(xb.d), sx = _mm256_set1_ps(xb.s);
           inner[m] = j == 0 ? _mm256_mul_ps(dx, f) : _mm256_fmadd_ps(dx, f, inner[m]);
           mins[m] = j == 0 ? _mm256_mul_ps(mn, sx) : _mm256_fmadd_ps(mn, sx, mins[m]);
@@ -480,14 +484,24 @@ constexpr int kQ8_0Bytes = 34;
 constexpr int kQ4KElems = 256;
 constexpr int kQ4KBytes = 144;
 
+template <class Dot>
+using Q4_0Half = Nibbles8<1, Dot>;
+template <class Dot>
+using Q4_1Half = Nibbles8<2, Dot>;
+
+// The AVX2 and AVX-VNNI entries of the 8-row kernel Packed8<Half<Dot>, ...>.
+#define PPINFER_PACKED8(Half, ...)                                                      \
+  PPINFER_AVX2_FN(dot_packed<Packed8<Half<avx2::MaddubsDot>, __VA_ARGS__>>),            \
+      PPINFER_AVXVNNI_FN(dot_packed<avx2::OnAvxVnni<Packed8<Half<avx2::VnniDot>, __VA_ARGS__>>>)
+
 const PackedKernels kPacked[] = {
-    {2, kQ8Elems, 1, kQ4_0Bytes, PPINFER_AVX2_FN(dot_packed<Packed8<Nibbles8<1>, kQ4_0Bytes>>),
+    {2, kQ8Elems, 1, kQ4_0Bytes, PPINFER_PACKED8(Q4_0Half, kQ4_0Bytes),
      PPINFER_AVX512_FN(dot_packed<Packed16<Nibbles16<1>, kQ4_0Bytes>>)},
-    {3, kQ8Elems, 2, kQ4_1Bytes, PPINFER_AVX2_FN(dot_packed<Packed8<Nibbles8<2>, kQ4_1Bytes>>),
+    {3, kQ8Elems, 2, kQ4_1Bytes, PPINFER_PACKED8(Q4_1Half, kQ4_1Bytes),
      PPINFER_AVX512_FN(dot_packed<Packed16<Nibbles16<2>, kQ4_1Bytes>>)},
-    {8, kQ8Elems, 1, kQ8_0Bytes, PPINFER_AVX2_FN(dot_packed<Packed8<Signed8, kQ8_0Bytes>>),
+    {8, kQ8Elems, 1, kQ8_0Bytes, PPINFER_PACKED8(Signed8, kQ8_0Bytes),
      PPINFER_AVX512_FN(dot_packed<Packed16<Signed16, kQ8_0Bytes>>)},
-    {12, kQ4KElems, 2, kQ4KBytes, PPINFER_AVX2_FN(dot_packed<Packed8<Q4K8, kQ4KBytes, kQ4KElems / kQ8Elems>>),
+    {12, kQ4KElems, 2, kQ4KBytes, PPINFER_PACKED8(Q4K8, kQ4KBytes, kQ4KElems / kQ8Elems),
      PPINFER_AVX512_FN(dot_packed<Packed16<Q4K16, kQ4KBytes, kQ4KElems / kQ8Elems>>)},
 };
 
@@ -502,6 +516,7 @@ const PackedKernels* find_packed(int64_t qtype) {
 // unpacked rows).
 DotPackedFn packed_kernel(const PackedKernels& t) {
   if (active_isa() >= Isa::kAvx512Vnni && t.avx512 != nullptr) return t.avx512;
+  if (active_isa() == Isa::kAvxVnni && t.avxvnni != nullptr) return t.avxvnni;
   if (active_isa() >= Isa::kAvx2) return t.avx2;
   return nullptr;
 }

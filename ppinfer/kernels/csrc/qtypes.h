@@ -38,6 +38,21 @@
 #define PPINFER_AVX512_FN(...) nullptr
 #endif
 
+// The AVX-VNNI functions (PPINFER_AVXVNNI: AVX2, FMA, F16C and the VEX-encoded 256-bit dpbusd,
+// run only where the CPU has them) need a compiler that knows the target name (GCC 11, clang
+// 12); elsewhere their entries are nullptr and the AVX2 code serves. They are the AVX2 kernels
+// over another integer dot (avx2::VnniDot): an entry (PPINFER_AVXVNNI_ENTRY) is flattened, so
+// the AVX2 bodies it calls, and the VNNI dots they call, are all compiled into it.
+#if defined(PPINFER_X86) && ((defined(__clang__) && __clang_major__ >= 12) || \
+                             (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define PPINFER_HAS_AVXVNNI 1
+#define PPINFER_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
+#define PPINFER_AVXVNNI_ENTRY __attribute__((target("avx2,fma,f16c,avxvnni"), flatten))
+#define PPINFER_AVXVNNI_FN(...) __VA_ARGS__
+#else
+#define PPINFER_AVXVNNI_FN(...) nullptr
+#endif
+
 namespace ppinfer {
 
 // Whether the AVX2 code runs now: the CPU has AVX2, FMA and F16C and set_isa did not force
@@ -138,9 +153,17 @@ struct QTypeKernels {
   // Compiled with PPINFER_AVX512; nullptr where the compiler cannot.
   DotTile16Fn dot_tile16_avx512;
   DotWeightRowsFn dot_weight_rows_avx512;  // the AVX2 weight-rows lanes, integer dots by VNNI
+  // The AVX2 kernels with AVX-VNNI's integer dots (the same bits); nullptr where there are none
+  // (the AVX2 ones serve) or the compiler cannot.
+  DotWeightRowsFn dot_weight_rows_avxvnni;
+  DotTileFn dot_tile_avxvnni;
+  DotPairTileFn dot_pair_tile_avxvnni;
 };
 
 #if defined(PPINFER_X86)
+// These entries carry the AVX2 target, so an AVX2 kernel is compiled into them; they serve the
+// AVX-VNNI entries too, with Kernel = avx2::OnAvxVnni<...> (whose functions carry that target).
+
 // A table's dot_weight_rows_avx2 entry from `Kernel::template weight_rows<kXRows>(rows, x,
 // x_stride, k, acc, ahead)`.
 template <class Kernel>
