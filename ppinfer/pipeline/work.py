@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from enum import IntEnum
+from functools import cached_property
 
 import torch
 
@@ -40,10 +41,11 @@ class WorkItem:
     """A prefill chunk of the lane's group (other rows of the same lane) computed in the same
     forward as this decode step: every weight is streamed once for both (`parts`)."""
 
-    @property
+    @cached_property
     def parts(self) -> tuple[WorkItem, ...]:
         """What one forward computes: the item (without its folded chunk), then the folded
-        chunk. Each part is fed, sampled and answered as an item of its own."""
+        chunk. Each part is fed, sampled and answered as an item of its own. (Made once per
+        item: every stage reads it several times a step.)"""
         if self.folded is None:
             return (self,)
         return (replace(self, folded=None), self.folded)
