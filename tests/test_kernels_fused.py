@@ -233,6 +233,66 @@ def test_attend_over_q8_0_blocks(case: str, isa: str) -> None:
     torch.testing.assert_close(got.double(), expected, atol=TOL, rtol=TOL)
 
 
+@pytest.mark.parametrize("d", [96, 128])
+@pytest.mark.parametrize("kv_dtype", [*KV_DTYPES, "q8_0"])
+def test_attend_gives_a_query_the_same_bits_however_its_prompt_is_fed(kv_dtype: str, d: int, isa: str) -> None:
+    """37 tokens attended in one prefill, left-padded by 13 slots in a group of two rows (a
+    prefill group's shape, the other row longer), one token per call (decode) and in chunks of
+    20 and 17: every query's output is the same bits, since each sum runs over its visible keys
+    in their order. The float caches are also checked against float64 (more than eight keys a
+    query, and heads wider than one 64-lane pass)."""
+    h, hkv, bs, length, pad = 6, 2, 16, 37, 13
+    g = torch.Generator().manual_seed(d)
+    qkv = torch.randn(pad + length, h + 2 * hkv, d, generator=g)  # the prompt's tokens last
+    others = torch.randn(pad + length, h + 2 * hkv, d, generator=g)
+    angles = torch.rand(pad + length, d // 2, generator=g) * 6.3
+    rot = torch.stack([angles.cos(), angles.sin()], dim=-1)  # [50, D/2, 2]: position p's rotation
+    prompt = qkv[pad:]  # [37, H + 2 Hkv, D]
+
+    def pools() -> tuple[torch.Tensor, torch.Tensor]:
+        if kv_dtype == "q8_0":
+            shape, dtype = (16, hkv, bs, d // 32 * 34), torch.uint8
+        else:
+            shape, dtype = (16, hkv, bs, d), KV_DTYPES[kv_dtype]
+        return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+
+    def attend(x, rots, table, cols, mask, kv):
+        """x [b, T, H + 2 Hkv, D] -> [b, T, H D]."""
+        return fused.attend_op()(x[:, :, : h + hkv], x[:, :, h + hkv :], rots, *kv, table, cols, mask, h, d, 0.1, 0.0)
+
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    table = torch.tensor([[3, 8, 1]])
+
+    def fed(spans: list[tuple[int, int]]) -> torch.Tensor:
+        """The prompt alone, one call per span of its tokens -> [37, H D]."""
+        kv = pools()
+        outs = [
+            attend(prompt[None, a:b], rot[None, a:b], table, torch.arange(a, b)[None], causal[None, None, a:b, :b], kv)
+            for a, b in spans
+        ]
+        return torch.cat(outs, dim=1)[0]
+
+    alone, chunks = fed([(0, length)]), fed([(0, 20), (20, length)])
+    stepped = fed([(i, i + 1) for i in range(length)])
+    mask = torch.zeros(2, 1, pad + length, pad + length, dtype=torch.bool)
+    mask[0, 0, :pad, :pad] = torch.eye(pad, dtype=torch.bool)  # padding sees only itself
+    mask[0, 0, pad:, pad:] = causal
+    mask[1, 0] = torch.ones(pad + length, pad + length, dtype=torch.bool).tril()
+    rots = torch.stack([torch.cat([rot[:pad], rot[:length]]), rot])  # [2, 50, D/2, 2]
+    tables = torch.tensor([[9, 2, 14, 6], [0, 11, 4, 13]])
+    cols = torch.arange(pad + length).expand(2, -1)
+    padded = attend(torch.stack([qkv, others]), rots, tables, cols, mask, pools())[0, pad:]
+    assert torch.equal(padded, alone) and torch.equal(stepped, alone) and torch.equal(chunks, alone)
+    if kv_dtype != "q8_0":
+        k_pool, v_pool = pools()
+        qk, v = prompt[None, :, : h + hkv], prompt[None, :, h + hkv :]
+        cols = torch.arange(length)[None]
+        rots = rot[None, :length]
+        expected, _, _ = reference_attend(qk, v, rots, k_pool, v_pool, table, cols, causal[None, None], h, d, 0.1, 0.0)
+        tol = {"float32": TOL, "float16": 2e-3, "bfloat16": 2e-2}[kv_dtype]
+        torch.testing.assert_close(alone[None].double(), expected, atol=tol, rtol=tol)
+
+
 def test_attend_query_with_no_visible_key_gives_zeros(isa: str) -> None:
     qk, v = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 1, 8)
     k_pool, v_pool = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)

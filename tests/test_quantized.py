@@ -108,6 +108,31 @@ def test_greedy_tokens_alone_equal_those_in_a_lane_of_8(tiny_files: TinyFiles, c
     assert len({tuple(row) for row in lane}) > 1  # the lane's other prompts go elsewhere
 
 
+@pytest.mark.parametrize("case", ["llama_q4_0", "gemma3_q4_1", "qwen3_q5_0"])
+def test_a_prompt_gives_the_same_bits_alone_left_padded_and_token_by_token(tiny_files: TinyFiles, case: str) -> None:
+    """Attention sums over each query's visible keys in their order, whatever the forward's
+    width, so a prompt's logits are the same bits as one prefill alone, left-padded by 13
+    slots beside a longer prompt (a prefill group's shape), and fed one token per step (a
+    decode, or a preempted sequence recomputed). torch's attention gives none of the three
+    the same bits; the 8-bit products already take one path for every row count."""
+    spec, path = ALL_CASES[case], tiny_files.path(case)
+    stage = whole(path, spec.n_layer, "quantized")
+    pad, length = 13, 17
+    prompts = token_batch(spec, batch=2, length=pad + length, seed=5)  # [2, 30]
+    prompt = prompts[:1, pad:]  # [1, 17]
+    alone = step(stage, torch.from_numpy(prompt), arange_positions(1, length), stage.new_cache(batch=1, max_len=length))
+    positions = arange_positions(2, pad + length).clone()  # [2, 30]
+    positions[0, :pad] = -1
+    positions[0, pad:] = torch.arange(length)
+    beside = step(stage, torch.from_numpy(prompts), positions, stage.new_cache(batch=2, max_len=pad + length))
+    state = stage.new_cache(batch=1, max_len=length)
+    stepped = [
+        step(stage, torch.from_numpy(prompt[:, i, None]), arange_positions(1, 1, i), state) for i in range(length)
+    ]
+    np.testing.assert_array_equal(beside[:1, pad:], alone)
+    np.testing.assert_array_equal(np.concatenate(stepped, axis=1), alone)
+
+
 @pytest.mark.parametrize("case", ["llama_q4_0", "gemma3_q4_1", "qwen3moe_q4_0", "deepseek3_q8_0", "gpt_oss_q8_0"])
 def test_a_folded_chunk_gives_the_bits_of_two_forwards(tiny_files: TinyFiles, case: str) -> None:
     """A decode step of two rows with another row's prefill chunk folded in (one ragged

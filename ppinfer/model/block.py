@@ -111,7 +111,7 @@ class Attention(nn.Module):
         if self.qk_norm is not None:
             qk = self.qk_norm(qk)
         mask = io.masks[self.window, self.chunk]  # [B, 1, T, n]
-        if self._attend_op is not None and self.rope is not None and t == 1:
+        if self._attend_op is not None and self.rope is not None:
             return self._attend_op(
                 qk, v, io.rope[id(self.rope)], kv.k, kv.v, kv.table, kv.cols, mask, h, self.rope.n_rot, self.scale,
                 self.softcap or 0.0,

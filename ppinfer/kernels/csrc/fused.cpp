@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "qtypes.h"
@@ -178,7 +179,8 @@ struct GroupTask {
   const bool* visible;     // [n]
   int64_t n, d, group;
   float scale, cap;        // cap 0: no softcap
-  float* scratch;          // [group * (n + 2)]: scores, then each head's max and sum
+  float* scratch;          // [group * (n + 8)]: scores, then each head's max and sum
+  const T** listed;        // [2 * (n + 8)]: the visible slots' keys and values (attend_listed_avx2)
   float* out;              // [group, d]
 
   const T* key(int64_t s) const { return keys + blocks[s / bs] * block_stride + (s % bs) * row; }
@@ -346,8 +348,147 @@ struct Avx2Vec {
   }
 };
 
+// exp(x) in eight lanes for x <= 0 (softmax weights): x = k ln2 + r with |r| <= ln2 / 2, e^r from
+// Cephes' degree-7 polynomial in r, times 2^k put into the exponent; 0 below -87.3 (where float
+// runs out of normal numbers), -inf included. Within 2 ulp of exp over that range.
+PPINFER_AVX2 inline __m256 exp8(__m256 x) {
+  const __m256 floor = _mm256_set1_ps(-87.33654475f);
+  const __m256 under = _mm256_cmp_ps(x, floor, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, floor);
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i k_int = _mm256_cvtps_epi32(k);
+  const __m256 two_k = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k_int, _mm256_set1_epi32(127)), 23));
+  return _mm256_andnot_ps(under, _mm256_mul_ps(y, two_k));
+}
+
+// The eight sums of eight accumulators, each over the tree ((a0 + a4) + (a2 + a6)) + ((a1 + a5) +
+// (a3 + a7)) of its lanes, in lane order [0, 2, 4, 6, 1, 3, 5, 7]: every sum is the same bits
+// whichever accumulators share the call, so a query's scores do not depend on its neighbours.
+PPINFER_AVX2 inline __m256 hsum8x8(const __m256* a) {
+  __m256 t[4];  // t[p] = [a_2p lanes l + l+4 (l < 4), a_2p+1 likewise]
+  for (int p = 0; p < 4; ++p) {
+    t[p] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * p], a[2 * p + 1], 0x20),
+                         _mm256_permute2f128_ps(a[2 * p], a[2 * p + 1], 0x31));
+  }
+  __m256 u[2];  // lanes l + l+2 (l < 2) of t: u[0] = [a0 a0 a2 a2 | a1 a1 a3 a3], u[1] for a4-a7
+  for (int p = 0; p < 2; ++p) {
+    u[p] = _mm256_add_ps(_mm256_shuffle_ps(t[2 * p], t[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(t[2 * p], t[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  return _mm256_add_ps(_mm256_shuffle_ps(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm256_shuffle_ps(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// One query's attention over a float32, float16 or bfloat16 cache, the same arithmetic for a
+// decode step and for every token of a prefill: the visible slots are listed in order first, so
+// each sum runs over the visible keys' ordinals, never over slot numbers that padding or a
+// group's width would shift. Scores: a dot per key in eight lanes then hsum8x8, eight keys at a
+// time; weights: exp8 over the list; the normaliser: eight lanes by ordinal then the same tree;
+// the values: each output lane summed in key order, in registers.
 template <class T>
-PPINFER_AVX2 void attend_group_avx2(const GroupTask<T>& a) { attend_group<Avx2Vec>(a); }
+PPINFER_AVX2 void attend_listed_avx2(const GroupTask<T>& a) {
+  const int64_t d = a.d;
+  const T** keys = a.listed;  // the visible slots' keys and values, in slot order
+  const T** values = a.listed + a.n + 8;
+  int64_t m = 0;
+  for (int64_t s = 0; s < a.n; ++s) {
+    if (!a.visible[s]) continue;
+    keys[m] = a.key(s);
+    values[m++] = a.value(s);
+  }
+  const int64_t m8 = (m + 7) / 8 * 8;
+  std::fill(a.out, a.out + a.group * d, 0.0f);
+  if (m == 0) return;  // no visible key (never for a real query: it sees its own slot)
+  const int64_t row_bytes = a.row * static_cast<int64_t>(sizeof(T));
+  const auto prefetch = [&](const T* p) {
+    for (int64_t x = 0; x < row_bytes; x += 64) PPINFER_PREFETCH(reinterpret_cast<const char*>(p) + x);
+  };
+  for (int64_t o = m; o < m8; ++o) keys[o] = keys[m - 1];  // lanes past the list, discarded
+  float* scores = a.scratch;  // [group, m8]
+  alignas(32) float sums[8];
+  constexpr int kOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};  // hsum8x8's lanes
+  for (int64_t o = 0; o < m8; o += 8) {
+    for (int64_t x = o + 8; x < std::min(o + 16, m); ++x) prefetch(keys[x]);
+    for (int64_t e = 0; e < a.group; ++e) {
+      const float* q = a.q + e * d;
+      __m256 acc[8];
+      for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 8 <= d; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i);
+        for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(qv, load8(keys[o + k] + i), acc[k]);
+      }
+      _mm256_store_ps(sums, hsum8x8(acc));
+      for (int k = 0; k < 8; ++k) {
+        float s = sums[k];
+        for (int64_t j = i; j < d; ++j) s += q[j] * static_cast<float>(keys[o + kOrder[k]][j]);
+        scores[e * m8 + o + kOrder[k]] = s;
+      }
+    }
+  }
+  for (int64_t e = 0; e < a.group; ++e) {
+    float* p = scores + e * m8;
+    float best = -std::numeric_limits<float>::infinity();
+    for (int64_t o = 0; o < m; ++o) {
+      float s = p[o] * a.scale;
+      if (a.cap > 0) s = std::tanh(s / a.cap) * a.cap;
+      p[o] = s;
+      best = std::max(best, s);
+    }
+    std::fill(p + m, p + m8, -std::numeric_limits<float>::infinity());
+    const __m256 top = _mm256_set1_ps(best);
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t o = 0; o < m8; o += 8) {
+      const __m256 w = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + o), top));
+      _mm256_storeu_ps(p + o, w);
+      total = _mm256_add_ps(total, w);
+    }
+    __m256 lanes[8] = {total, total, total, total, total, total, total, total};
+    const float inv = 1.0f / _mm256_cvtss_f32(hsum8x8(lanes));
+    float* out = a.out + e * d;
+    int64_t x0 = 0;
+    for (; x0 + 64 <= d; x0 += 64) {  // 64 output lanes at a time in eight registers
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t o = 0; o < m; ++o) {
+        if (e == 0 && x0 == 0 && o + kAhead < m) prefetch(values[o + kAhead]);
+        const __m256 w = _mm256_set1_ps(p[o]);
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(w, load8(values[o] + x0 + 8 * j), acc[j]);
+      }
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + x0 + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
+    }
+    for (; x0 + 8 <= d; x0 += 8) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t o = 0; o < m; ++o) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[o]), load8(values[o] + x0), acc);
+      _mm256_storeu_ps(out + x0, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+    }
+    for (; x0 < d; ++x0) {
+      float acc = 0.0f;
+      for (int64_t o = 0; o < m; ++o) acc += p[o] * static_cast<float>(values[o][x0]);
+      out[x0] = acc * inv;
+    }
+  }
+}
+
+// Q8_0 caches keep the slot-order pass (their dots go block by block).
+template <class T>
+PPINFER_AVX2 void attend_group_avx2(const GroupTask<T>& a) {
+  if constexpr (std::is_same_v<T, KvQ8>) {
+    attend_group<Avx2Vec>(a);
+  } else {
+    attend_listed_avx2(a);
+  }
+}
 #else
 template <class T>
 void attend_group_avx2(const GroupTask<T>& a) { attend_group<ScalarVec>(a); }
@@ -400,7 +541,8 @@ void attend_typed(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
   const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, 2 * n * d * group));
   // One task per (row, query token, kv head): the group of query heads reading that kv head.
   at::parallel_for(0, b * t * hkv, grain, [&](int64_t task0, int64_t task1) {
-    std::vector<float> q(group * d), scratch(group * (n + 2));
+    std::vector<float> q(group * d), scratch(group * (n + 8));
+    std::vector<const T*> listed(2 * (n + 8));
     for (int64_t task = task0; task < task1; ++task) {
       const int64_t i = task / (t * hkv), j = task / hkv % t, g = task % hkv;
       for (int64_t e = 0; e < group; ++e) {
@@ -408,7 +550,7 @@ void attend_typed(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
       }
       const GroupTask<T> work{q.data(), kc + g * head_stride, vc + g * head_stride, tp + i * nb, bs, block_stride,
                               row, mp + (i * t + j) * n, n, d, group, scalef, cap, scratch.data(),
-                              outp + ((i * t + j) * h + g * group) * d};
+                              listed.data(), outp + ((i * t + j) * h + g * group) * d};
       run_group(work);
     }
   });
