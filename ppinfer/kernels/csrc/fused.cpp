@@ -165,6 +165,8 @@ at::Tensor glu(const at::Tensor& h_in, int64_t kind) {
 // rows of SmolLM2: 140-150 us a layer against about 200 without; 4 and 16 slots ahead did no
 // better). A prefetch never faults, past the end of the cache included.
 constexpr int64_t kAhead = 8;
+// Keys whose values the heads of a group take turns on (32 float32 heads of 64: 8 KiB, in L1).
+constexpr int64_t kValueChunk = 32;
 
 // One query token's attention for the `group` query heads that read one kv head. Slot s's key
 // is at keys + blocks[s / bs] * block_stride + (s % bs) * row (values likewise), in units of T:
@@ -181,6 +183,7 @@ struct GroupTask {
   float scale, cap;        // cap 0: no softcap
   float* scratch;          // [group * (n + 8)]: scores, then each head's max and sum
   const T** listed;        // [2 * (n + 8)]: the visible slots' keys and values (attend_listed_avx2)
+  bool ahead;              // prefetch the next keys and values (a decode step's cache comes from memory)
   float* out;              // [group, d]
 
   const T* key(int64_t s) const { return keys + blocks[s / bs] * block_stride + (s % bs) * row; }
@@ -401,10 +404,13 @@ PPINFER_AVX2 void attend_listed_avx2(const GroupTask<T>& a) {
   const T** keys = a.listed;  // the visible slots' keys and values, in slot order
   const T** values = a.listed + a.n + 8;
   int64_t m = 0;
-  for (int64_t s = 0; s < a.n; ++s) {
-    if (!a.visible[s]) continue;
-    keys[m] = a.key(s);
-    values[m++] = a.value(s);
+  for (int64_t first = 0, block = 0; first < a.n; first += a.bs, ++block) {  // a block's slots at a time
+    const int64_t at = a.blocks[block] * a.block_stride, last = std::min(a.n, first + a.bs);
+    for (int64_t s = first; s < last; ++s) {
+      if (!a.visible[s]) continue;
+      keys[m] = a.keys + at + (s - first) * a.row;
+      values[m++] = a.values + at + (s - first) * a.row;
+    }
   }
   const int64_t m8 = (m + 7) / 8 * 8;
   std::fill(a.out, a.out + a.group * d, 0.0f);
@@ -415,38 +421,48 @@ PPINFER_AVX2 void attend_listed_avx2(const GroupTask<T>& a) {
   };
   for (int64_t o = m; o < m8; ++o) keys[o] = keys[m - 1];  // lanes past the list, discarded
   float* scores = a.scratch;  // [group, m8]
-  alignas(32) float sums[8];
-  constexpr int kOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};  // hsum8x8's lanes
+  // hsum8x8 returns accumulators 0, 2, 4, 6, 1, 3, 5, 7: accumulator k takes key o + kKey[k], so
+  // that the eight sums come out in key order.
+  constexpr int kKey[8] = {0, 4, 1, 5, 2, 6, 3, 7};
   for (int64_t o = 0; o < m8; o += 8) {
-    for (int64_t x = o + 8; x < std::min(o + 16, m); ++x) prefetch(keys[x]);
+    for (int64_t x = o + 8; a.ahead && x < std::min(o + 16, m); ++x) {
+      prefetch(keys[x]);
+      prefetch(values[x]);
+    }
     for (int64_t e = 0; e < a.group; ++e) {
       const float* q = a.q + e * d;
+      float* out = scores + e * m8 + o;
       __m256 acc[8];
       for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
       int64_t i = 0;
       for (; i + 8 <= d; i += 8) {
         const __m256 qv = _mm256_loadu_ps(q + i);
-        for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(qv, load8(keys[o + k] + i), acc[k]);
+        for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(qv, load8(keys[o + kKey[k]] + i), acc[k]);
       }
-      _mm256_store_ps(sums, hsum8x8(acc));
-      for (int k = 0; k < 8; ++k) {
-        float s = sums[k];
-        for (int64_t j = i; j < d; ++j) s += q[j] * static_cast<float>(keys[o + kOrder[k]][j]);
-        scores[e * m8 + o + kOrder[k]] = s;
+      _mm256_storeu_ps(out, hsum8x8(acc));
+      for (int k = 0; k < 8 && i < d; ++k) {  // heads of a size not a multiple of 8
+        for (int64_t j = i; j < d; ++j) out[k] += q[j] * static_cast<float>(keys[o + k][j]);
       }
     }
   }
+  float* inv = scores + a.group * m8;  // [group]: 1 / each head's normaliser
+  const float none = -std::numeric_limits<float>::infinity();
   for (int64_t e = 0; e < a.group; ++e) {
     float* p = scores + e * m8;
-    float best = -std::numeric_limits<float>::infinity();
-    for (int64_t o = 0; o < m; ++o) {
-      float s = p[o] * a.scale;
-      if (a.cap > 0) s = std::tanh(s / a.cap) * a.cap;
-      p[o] = s;
-      best = std::max(best, s);
+    std::fill(p + m, p + m8, none);
+    if (a.cap > 0) {
+      for (int64_t o = 0; o < m; ++o) p[o] = std::tanh(p[o] * a.scale / a.cap) * a.cap;
     }
-    std::fill(p + m, p + m8, -std::numeric_limits<float>::infinity());
-    const __m256 top = _mm256_set1_ps(best);
+    const __m256 scale = _mm256_set1_ps(a.cap > 0 ? 1.0f : a.scale);
+    __m256 top = _mm256_set1_ps(none);
+    for (int64_t o = 0; o < m8; o += 8) {
+      const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(p + o), scale);
+      _mm256_storeu_ps(p + o, s);
+      top = _mm256_max_ps(top, s);
+    }
+    top = _mm256_max_ps(top, _mm256_permute2f128_ps(top, top, 1));  // the max is exact in any order
+    top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, _MM_SHUFFLE(1, 0, 3, 2)));
+    top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, _MM_SHUFFLE(2, 3, 0, 1)));
     __m256 total = _mm256_setzero_ps();
     for (int64_t o = 0; o < m8; o += 8) {
       const __m256 w = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + o), top));
@@ -454,29 +470,37 @@ PPINFER_AVX2 void attend_listed_avx2(const GroupTask<T>& a) {
       total = _mm256_add_ps(total, w);
     }
     __m256 lanes[8] = {total, total, total, total, total, total, total, total};
-    const float inv = 1.0f / _mm256_cvtss_f32(hsum8x8(lanes));
-    float* out = a.out + e * d;
-    int64_t x0 = 0;
-    for (; x0 + 64 <= d; x0 += 64) {  // 64 output lanes at a time in eight registers
-      __m256 acc[8];
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-      for (int64_t o = 0; o < m; ++o) {
-        if (e == 0 && x0 == 0 && o + kAhead < m) prefetch(values[o + kAhead]);
-        const __m256 w = _mm256_set1_ps(p[o]);
-        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(w, load8(values[o] + x0 + 8 * j), acc[j]);
+    inv[e] = 1.0f / _mm256_cvtss_f32(hsum8x8(lanes));
+  }
+  // The values' weighted sums, kValueChunk keys at a time so that every head of the group reads
+  // them from L1; each output lane still adds its terms in key order.
+  for (int64_t first = 0; first < m; first += kValueChunk) {
+    const int64_t last = std::min(m, first + kValueChunk);
+    for (int64_t e = 0; e < a.group; ++e) {
+      const float* p = scores + e * m8;
+      float* out = a.out + e * d;
+      int64_t x0 = 0;
+      for (; x0 + 64 <= d; x0 += 64) {  // 64 output lanes at a time in eight registers
+        __m256 acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_loadu_ps(out + x0 + 8 * j);
+        for (int64_t o = first; o < last; ++o) {
+          const __m256 w = _mm256_set1_ps(p[o]);
+          for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(w, load8(values[o] + x0 + 8 * j), acc[j]);
+        }
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + x0 + 8 * j, acc[j]);
       }
-      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + x0 + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
+      for (; x0 + 8 <= d; x0 += 8) {
+        __m256 acc = _mm256_loadu_ps(out + x0);
+        for (int64_t o = first; o < last; ++o) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[o]), load8(values[o] + x0), acc);
+        _mm256_storeu_ps(out + x0, acc);
+      }
+      for (; x0 < d; ++x0) {
+        for (int64_t o = first; o < last; ++o) out[x0] += p[o] * static_cast<float>(values[o][x0]);
+      }
     }
-    for (; x0 + 8 <= d; x0 += 8) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t o = 0; o < m; ++o) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[o]), load8(values[o] + x0), acc);
-      _mm256_storeu_ps(out + x0, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
-    }
-    for (; x0 < d; ++x0) {
-      float acc = 0.0f;
-      for (int64_t o = 0; o < m; ++o) acc += p[o] * static_cast<float>(values[o][x0]);
-      out[x0] = acc * inv;
-    }
+  }
+  for (int64_t e = 0; e < a.group; ++e) {
+    for (int64_t x = 0; x < d; ++x) a.out[e * d + x] *= inv[e];
   }
 }
 
@@ -544,13 +568,16 @@ void attend_typed(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
     std::vector<float> q(group * d), scratch(group * (n + 8));
     std::vector<const T*> listed(2 * (n + 8));
     for (int64_t task = task0; task < task1; ++task) {
-      const int64_t i = task / (t * hkv), j = task / hkv % t, g = task % hkv;
+      // Queries taken first, last, second, second to last, ...: under a causal mask a query's
+      // cost grows with its position, so any run of tasks a thread takes is a fair share.
+      const int64_t i = task / (t * hkv), u = task / hkv % t, g = task % hkv;
+      const int64_t j = u % 2 == 0 ? u / 2 : t - 1 - u / 2;
       for (int64_t e = 0; e < group; ++e) {
         rotate(at_qk(i, j, g * group + e), rp + (i * t + j) * n_rot, n_rot, d, q.data() + e * d);
       }
       const GroupTask<T> work{q.data(), kc + g * head_stride, vc + g * head_stride, tp + i * nb, bs, block_stride,
                               row, mp + (i * t + j) * n, n, d, group, scalef, cap, scratch.data(),
-                              listed.data(), outp + ((i * t + j) * h + g * group) * d};
+                              listed.data(), t == 1, outp + ((i * t + j) * h + g * group) * d};
       run_group(work);
     }
   });
