@@ -55,7 +55,9 @@ class Attention(nn.Module):
 
     q and k heads are normalised and rotated together as one `[B, T, H + Hkv, D]` view of
     the fused projection (fewer, larger kernels than per-tensor work). With `fused` (float32 on
-    the CPU), a decode step's rotation, cache write and attention are one op."""
+    the CPU), rotation, cache write and attention are one op for decode and prefill alike, whose
+    sums run over each query's visible keys in order: a query's result does not depend on the
+    forward's width, padding or chunking (batch invariance)."""
 
     def __init__(
         self,
