@@ -405,6 +405,36 @@ def test_block_linear_packs_rows_where_asked(ops) -> None:
         cpu.BlockLinear(torch.zeros(4, 44, dtype=torch.uint8), Q.Q5_0, 64, packed=True)
 
 
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def anon_huge_kib(address: int) -> int:
+    """AnonHugePages (KiB) of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if head:
+            inside = int(head[1], 16) <= address < int(head[2], 16)
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
+def test_streamed_weights_sit_on_huge_pages(ops) -> None:
+    """Weight buffers of 2 MiB or more are advised onto 2 MiB pages (a decode step then misses
+    the TLB once a huge page, not once every 4 KiB), in the plain and the packed layout; smaller
+    ones are ordinary tensors. The blocks are the stored ones either way."""
+    small = ops.empty_on_huge_pages([3, 5])
+    assert small.shape == (3, 5) and small.dtype == torch.uint8
+    qtype, k, n = Q.Q4_0, 4096, 1024  # 2.25 MiB of blocks
+    raw = torch.from_numpy(random_byte_blocks(qtype, n, k, np.random.default_rng(5)))
+    for packed in (False, True):
+        layer = cpu.BlockLinear(raw, qtype, k, packed=packed)
+        assert torch.equal(layer.rows(), raw)
+        assert anon_huge_kib(layer.w.data_ptr()) >= 2048, f"packed={packed}"
+
+
 # ---- BlockLinear ----
 
 

@@ -76,7 +76,9 @@ class BlockLinear(nn.Module):
         ops = build.ops()
         if packed:
             w = ops.pack_rows(w, self._type_id, in_features)  # [ceil(out_features / 16), 16 * row_bytes]
-        self.register_buffer("w", w.contiguous())  # [out_features, row_bytes], or packed as above
+        else:
+            w = ops.empty_on_huge_pages(list(w.shape)).copy_(w)  # a decode step streams it: 2 MiB pages
+        self.register_buffer("w", w)  # [out_features, row_bytes], or packed as above (on huge pages)
         if bias is not None:
             bias = bias.detach().to(torch.float32).contiguous()  # [out_features]; bfloat16 works too
         self.register_buffer("bias", bias)

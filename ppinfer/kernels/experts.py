@@ -45,13 +45,15 @@ class BlockExperts(nn.Module):
             if int(qtype) not in ops.packed_qtypes():
                 raise ValueError(f"BlockExperts: {qtype.name} has no packed layout")
             first = ops.pack_rows(w[0], self._type_id, in_features)
-            packed_w = torch.empty((self.n_expert, *first.shape), dtype=torch.uint8)
+            packed_w = ops.empty_on_huge_pages([self.n_expert, *first.shape])
             packed_w[0] = first
             for e in range(1, self.n_expert):
                 packed_w[e] = ops.pack_rows(w[e], self._type_id, in_features)
             w = packed_w
+        else:
+            w = ops.empty_on_huge_pages(list(w.shape)).copy_(w)  # a decode step streams it: 2 MiB pages
         # [n_expert, out_features, row_bytes], or [n_expert, ceil(out_features / 16), 16 * row_bytes] packed
-        self.register_buffer("w", w.contiguous())
+        self.register_buffer("w", w)
         self._matmul = ops.experts_matmul.default
         self._packed_matmul = ops.packed_experts_matmul.default
 

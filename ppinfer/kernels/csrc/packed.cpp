@@ -30,6 +30,7 @@
 #include "activations.h"
 #include "avx2.h"
 #include "isa.h"
+#include "pages.h"
 #include "qtypes.h"
 
 namespace ppinfer {
@@ -559,7 +560,7 @@ at::Tensor pack_rows(const at::Tensor& w, int64_t qtype, int64_t k) {
   TORCH_CHECK(w.size(1) == s.row_bytes, "pack_rows: w has ", w.size(1), " bytes per row; k=", k, " takes ",
               s.row_bytes);
   const at::Tensor rows = w.contiguous();
-  at::Tensor out = at::empty({s.groups, s.nb * packed_block_bytes(*s.kernels)}, w.options());
+  at::Tensor out = empty_on_huge_pages({s.groups, s.nb * packed_block_bytes(*s.kernels)});
   const int64_t n = w.size(0);
   at::parallel_for(0, s.groups, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
