@@ -5,7 +5,8 @@ x[2i+1]) turned by (cos, sin)), the new keys and values stored at their slots of
 (float32, float16 or bfloat16, or GGUF Q8_0 blocks checked with gguf-py's quantizer; each row
 reads its slots through its block table), then softmax
 attention under a boolean mask, each query head reading kv head h // (H / Hkv), with
-tanh(s / c) * c on the scores when a softcap c is given.
+tanh(s / c) * c on the scores when a softcap c is given and a sink logit per head as one more
+softmax column whose probability is dropped (gpt-oss) when sinks are given.
 
 Bound: float32 arithmetic on values of order 1 over at most a few hundred terms, against
 float64: 1e-5 absolute is loose by two orders of magnitude and would catch any wrong index,
@@ -93,11 +94,14 @@ def rotate(x: torch.Tensor, rot: torch.Tensor, n_rot: int) -> torch.Tensor:
     return y
 
 
-def reference_attend(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, store=True):
+def reference_attend(
+    qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, store=True, sinks=None
+):
     """Output [b, T, H D] and the pools after the write, in float64: each row's logical cache
     is read through its block table (slot s: block table[row, s // BS], offset s % BS); the
     new keys and values are rounded to the pool's dtype first, as the op stores them (with
-    `store` false the pools already hold them)."""
+    `store` false the pools already hold them). `sinks` [H]: a logit per head joins each
+    softmax as one more column whose probability is dropped."""
     b, t, _, d = qk.shape
     hkv, bs = k_pool.shape[1], k_pool.shape[2]
     turned = rotate(qk.double(), rot, n_rot)
@@ -119,7 +123,10 @@ def reference_attend(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_ro
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.nan_to_num(scores.softmax(-1))  # a query with no visible key: zeros
+    if sinks is not None:
+        sink = sinks.double().view(1, n_head, 1, 1).expand(b, -1, t, 1)  # [b, H, T, 1]
+        scores = torch.cat([scores, sink], dim=-1)
+    probs = torch.nan_to_num(scores.softmax(-1))[..., :n]  # a query with no visible key: zeros
     y = (probs @ values).transpose(1, 2).reshape(b, t, n_head * d)
     return y, kp, vp
 
@@ -137,9 +144,10 @@ SLOTS = 12  # slots each row may use
 KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+@pytest.mark.parametrize("sinks", [False, True], ids=["", "sinks"])
 @pytest.mark.parametrize("kv_dtype", list(KV_DTYPES))
 @pytest.mark.parametrize("case", list(CASES))
-def test_attend_matches_float64(case: str, kv_dtype: str, isa: str) -> None:
+def test_attend_matches_float64(case: str, kv_dtype: str, sinks: bool, isa: str) -> None:
     b, t, h, hkv, d, n_rot, softcap, ragged, bs = CASES[case]
     dtype = KV_DTYPES[kv_dtype]
     g = torch.Generator().manual_seed(list(CASES).index(case))
@@ -156,12 +164,13 @@ def test_attend_matches_float64(case: str, kv_dtype: str, isa: str) -> None:
     n = int(cols.max()) + 1
     mask = torch.rand(b, 1, t, n, generator=g) < 0.6
     mask.scatter_(3, cols[:, None, :, None], True)  # a query always sees its own slot
+    sink = torch.randn(h, generator=g) * 2 if sinks else None  # [H]
     expected, k_after, v_after = reference_attend(
-        qk, v, rot, k_pool, v_pool, table, cols, mask, h, n_rot, 0.3, softcap
+        qk, v, rot, k_pool, v_pool, table, cols, mask, h, n_rot, 0.3, softcap, sinks=sink
     )
     k_before = k_pool.clone()
 
-    got = fused.attend_op()(qk, v, rot, k_pool, v_pool, table, cols, mask, h, n_rot, 0.3, softcap)
+    got = fused.attend_op()(qk, v, rot, k_pool, v_pool, table, cols, mask, h, n_rot, 0.3, softcap, sink)
 
     assert got.shape == (b, t, h * d) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, atol=TOL, rtol=TOL)
@@ -324,6 +333,8 @@ def test_bad_inputs_are_one_line_errors() -> None:
         attend(qk, v, rot, k_pool, v_pool, table, torch.tensor([[0]]), mask, 3, 8, 1.0, 0.0)
     with pytest.raises(RuntimeError, match="attend: mask must be bool"):
         attend(qk, v, rot, k_pool, v_pool, table, torch.tensor([[0]]), mask.float(), 2, 8, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"attend: sinks must be float32 \[2\] on the CPU, got Float \[3\]"):
+        attend(qk, v, rot, k_pool, v_pool, table, torch.tensor([[0]]), mask, 2, 8, 1.0, 0.0, torch.zeros(3))
     with pytest.raises(RuntimeError, match="attend: k_pool must be a contiguous float32, float16 or bfloat16"):
         attend(qk, v, rot, k_pool.double(), v_pool.double(), table, torch.tensor([[0]]), mask, 2, 8, 1.0, 0.0)
 

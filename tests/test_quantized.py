@@ -108,7 +108,7 @@ def test_greedy_tokens_alone_equal_those_in_a_lane_of_8(tiny_files: TinyFiles, c
     assert len({tuple(row) for row in lane}) > 1  # the lane's other prompts go elsewhere
 
 
-@pytest.mark.parametrize("case", ["llama_q4_0", "gemma3_q4_1", "qwen3_q5_0"])
+@pytest.mark.parametrize("case", ["llama_q4_0", "gemma3_q4_1", "qwen3_q5_0", "gpt_oss_q8_0"])
 def test_a_prompt_gives_the_same_bits_alone_left_padded_and_token_by_token(tiny_files: TinyFiles, case: str) -> None:
     """Attention sums over each query's visible keys in their order, whatever the forward's
     width, so a prompt's logits are the same bits as one prefill alone, left-padded by 13

@@ -84,7 +84,7 @@ class Attention(nn.Module):
         self.qk_norm, self.post_rope_norm, self.temperature = qk_norm, post_rope_norm, temperature
         self.chunk = chunk
         self.sinks = None if sinks is None else nn.Parameter(sinks, requires_grad=False)
-        plain = sinks is None and rope is not None and post_rope_norm is None and temperature is None
+        plain = rope is not None and post_rope_norm is None and temperature is None
         self._attend_op = fused_ops.attend_op() if fused and plain else None
 
     def forward(self, x: torch.Tensor, kv: LayerKV, io: LayerInputs) -> torch.Tensor:
@@ -116,8 +116,8 @@ class Attention(nn.Module):
         if self._attend_op is not None and self.rope is not None:
             return self._attend_op(
                 qk, v, io.rope[id(self.rope)], kv.k, kv.v, kv.table, kv.cols, mask, h, self.rope.n_rot, self.scale,
-                self.softcap or 0.0,
-            )  # [B, 1, H D]
+                self.softcap or 0.0, self.sinks,
+            )  # [B, T, H D]
         if self.rope is not None:
             qk = apply_rope(qk, io.rope[id(self.rope)], self.rope.n_rot)  # [B, T, H + Hkv, D]
         if self.post_rope_norm is not None:

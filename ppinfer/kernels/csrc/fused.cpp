@@ -4,13 +4,15 @@
 // rms_norm(x [..., D], w, eps): x * (1 / sqrt(mean(x^2) + eps)) * w, the sum of squares in
 //   double as llama.cpp takes it (and the scale too, so that no square overflows); w is [D],
 //   or [P, D] for per-head weights over x's last two dims [..., P, D].
-// attend(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap): rotary
+// attend(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, sinks): rotary
 //   embedding of q and k, the new keys and values written into a paged cache (blocks of
 //   [Hkv, BS, D] keys and values, float32, float16 or bfloat16, or [Hkv, BS, D / 32 * 34] bytes
 //   of Q8_0 blocks: each batch row's slot s lives in block table[row, s / BS] at offset s % BS)
 //   at the slots `cols`, and grouped-query
 //   attention over each row's slots [0, n) under `mask`, with an optional tanh softcap on the
-//   scores; returns [b, T, H * D] float32, the layout the output projection takes.
+//   scores and an optional sink logit per query head that joins each softmax and takes its share
+//   of the weight to nowhere (gpt-oss); returns [b, T, H * D] float32, the layout the output
+//   projection takes.
 // glu(h [..., 2F], kind): act(gate) * up for the fused [gate | up] projection, act SiLU
 //   (kind 0) or tanh-approximated GELU (kind 1); returns [..., F].
 //
@@ -181,6 +183,7 @@ struct GroupTask {
   const bool* visible;     // [n]
   int64_t n, d, group;
   float scale, cap;        // cap 0: no softcap
+  const float* sinks;      // [group]: each query head's sink logit, or null (none)
   float* scratch;          // [group * (n + 8)]: scores, then each head's max and sum
   const T** listed;        // [2 * (n + 8)]: the visible slots' keys and values (attend_listed_avx2)
   bool ahead;              // prefetch the next keys and values (a decode step's cache comes from memory)
@@ -258,6 +261,7 @@ PPINFER_ALWAYS_INLINE void attend_group(const GroupTask<T>& a) {
   }
   std::fill(a.out, a.out + a.group * a.d, 0.0f);
   if (best[0] == none) return;  // no visible key (never for a real query: it sees its own slot)
+  for (int64_t e = 0; a.sinks != nullptr && e < a.group; ++e) best[e] = std::max(best[e], a.sinks[e]);
   std::fill(total, total + a.group, 0.0f);
   for (int64_t s = 0; s < a.n; ++s) {
     if (!a.visible[s]) continue;
@@ -272,6 +276,7 @@ PPINFER_ALWAYS_INLINE void attend_group(const GroupTask<T>& a) {
       Vec::axpy(p, v, a.out + e * a.d, a.d);
     }
   }
+  for (int64_t e = 0; a.sinks != nullptr && e < a.group; ++e) total[e] += std::exp(a.sinks[e] - best[e]);
   for (int64_t e = 0; e < a.group; ++e) {
     const float inv = 1.0f / total[e];
     for (int64_t x = 0; x < a.d; ++x) a.out[e * a.d + x] *= inv;
@@ -463,6 +468,7 @@ PPINFER_AVX2 void attend_listed_avx2(const GroupTask<T>& a) {
     top = _mm256_max_ps(top, _mm256_permute2f128_ps(top, top, 1));  // the max is exact in any order
     top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, _MM_SHUFFLE(1, 0, 3, 2)));
     top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, _MM_SHUFFLE(2, 3, 0, 1)));
+    if (a.sinks != nullptr) top = _mm256_max_ps(top, _mm256_set1_ps(a.sinks[e]));
     __m256 total = _mm256_setzero_ps();
     for (int64_t o = 0; o < m8; o += 8) {
       const __m256 w = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + o), top));
@@ -470,7 +476,9 @@ PPINFER_AVX2 void attend_listed_avx2(const GroupTask<T>& a) {
       total = _mm256_add_ps(total, w);
     }
     __m256 lanes[8] = {total, total, total, total, total, total, total, total};
-    inv[e] = 1.0f / _mm256_cvtss_f32(hsum8x8(lanes));
+    float sum = _mm256_cvtss_f32(hsum8x8(lanes));
+    if (a.sinks != nullptr) sum += _mm256_cvtss_f32(exp8(_mm256_sub_ps(_mm256_set1_ps(a.sinks[e]), top)));
+    inv[e] = 1.0f / sum;
   }
   // The values' weighted sums, kValueChunk keys at a time so that every head of the group reads
   // them from L1; each output lane still adds its terms in key order.
@@ -523,7 +531,7 @@ void attend_group_avx2(const GroupTask<T>& a) { attend_group<ScalarVec>(a); }
 template <class T>
 void attend_typed(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rot, const at::Tensor& k_pool,
                   const at::Tensor& v_pool, const at::Tensor& table, const at::Tensor& cols, const at::Tensor& mask,
-                  int64_t n_head, int64_t n_rot, double scale, double softcap, at::Tensor& out) {
+                  int64_t n_head, int64_t n_rot, double scale, double softcap, const float* sinks, at::Tensor& out) {
   const int64_t b = qk.size(0), t = qk.size(1), d = qk.size(3), h = n_head;
   const int64_t hkv = k_pool.size(1), bs = k_pool.size(2), nb = table.size(1), n = mask.size(3);
   const int64_t unit = static_cast<int64_t>(sizeof(T)) / k_pool.element_size();  // pool elements per T
@@ -576,7 +584,8 @@ void attend_typed(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
         rotate(at_qk(i, j, g * group + e), rp + (i * t + j) * n_rot, n_rot, d, q.data() + e * d);
       }
       const GroupTask<T> work{q.data(), kc + g * head_stride, vc + g * head_stride, tp + i * nb, bs, block_stride,
-                              row, mp + (i * t + j) * n, n, d, group, scalef, cap, scratch.data(),
+                              row, mp + (i * t + j) * n, n, d, group, scalef, cap,
+                              sinks != nullptr ? sinks + g * group : nullptr, scratch.data(),
                               listed.data(), t == 1, outp + ((i * t + j) * h + g * group) * d};
       run_group(work);
     }
@@ -585,7 +594,8 @@ void attend_typed(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
 
 at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rot_in, const at::Tensor& k_pool,
                   const at::Tensor& v_pool, const at::Tensor& table_in, const at::Tensor& cols_in,
-                  const at::Tensor& mask_in, int64_t n_head, int64_t n_rot, double scale, double softcap) {
+                  const at::Tensor& mask_in, int64_t n_head, int64_t n_rot, double scale, double softcap,
+                  const std::optional<at::Tensor>& sinks_in) {
   constexpr const char* op = "attend";
   check_float_cpu(op, "qk", qk, 4);  // [b, T, H + Hkv, D]
   check_float_cpu(op, "v", v, 4);  // [b, T, Hkv, D]
@@ -635,15 +645,23 @@ at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
     }
   }
 
+  at::Tensor sinks;  // [H] float32
+  if (sinks_in.has_value()) {
+    sinks = sinks_in->contiguous();
+    TORCH_CHECK(sinks.device().is_cpu() && sinks.scalar_type() == at::kFloat && sinks.dim() == 1 && sinks.size(0) == h,
+                op, ": sinks must be float32 [", h, "] on the CPU, got ", sinks.scalar_type(), " ", sinks.sizes());
+  }
+  const float* sp = sinks.defined() ? sinks.data_ptr<float>() : nullptr;
+
   at::Tensor out = at::empty({b, t, h * d}, qk.options());  // [b, T, H * D]
   if (kv == at::kFloat) {
-    attend_typed<float>(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, out);
+    attend_typed<float>(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, sp, out);
   } else if (kv == at::kHalf) {
-    attend_typed<c10::Half>(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, out);
+    attend_typed<c10::Half>(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, sp, out);
   } else if (kv == at::kBFloat16) {
-    attend_typed<c10::BFloat16>(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, out);
+    attend_typed<c10::BFloat16>(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, sp, out);
   } else {
-    attend_typed<KvQ8>(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, out);
+    attend_typed<KvQ8>(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, sp, out);
   }
   return out;
 }
@@ -656,6 +674,6 @@ TORCH_LIBRARY_FRAGMENT(ppinfer_kernels, m) {
   m.def("glu(Tensor h, int kind) -> Tensor", &ppinfer::glu);
   m.def(
       "attend(Tensor qk, Tensor v, Tensor rot, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor table, Tensor cols, "
-      "Tensor mask, int n_head, int n_rot, float scale, float softcap) -> Tensor",
+      "Tensor mask, int n_head, int n_rot, float scale, float softcap, Tensor? sinks=None) -> Tensor",
       &ppinfer::attend);
 }
