@@ -34,11 +34,11 @@ def supported_types() -> tuple[GGMLQuantizationType, ...]:
 class BlockLinear(nn.Module):
     """y = x @ W.T + bias with W held as GGUF blocks.
 
-    `w` is [out_features, bytes_per_row] uint8, the row's blocks byte for byte as stored; the
-    module keeps it as given, so pass memory the module may own (a copy, not a view into a
-    memory-mapped file), or with `packed` (one of `packed_types`) it holds them in the packed
-    layout, new memory of the same bytes plus the zero rows that fill the last group of 16, and
-    `w` is only read. `forward` takes x [..., in_features] in float32 or bfloat16 and returns
+    `w` is [out_features, bytes_per_row] uint8, the row's blocks byte for byte as stored, and is
+    only read (a view into a memory-mapped file will do): the module copies the blocks into new
+    memory, on huge pages where Linux grants them (`empty_on_huge_pages`), or with `packed` (one
+    of `packed_types`) into the packed layout, the same bytes plus the zero rows that fill the
+    last group of 16. `forward` takes x [..., in_features] in float32 or bfloat16 and returns
     [..., out_features] in x's dtype.
     """
 

@@ -19,9 +19,10 @@ from ppinfer.kernels import build
 class BlockExperts(nn.Module):
     """y = x @ W[e].T for one expert e of W [n_expert, out_features, in_features] in blocks.
 
-    `w` is [n_expert, out_features, bytes_per_row] uint8, owned by the module (a copy, not a
-    view into a memory-mapped file); with `packed` each expert's rows are held 16 interleaved
-    (`ppinfer.kernels.cpu.packed_types`) in new memory, the same bits out, and `w` is only read."""
+    `w` is [n_expert, out_features, bytes_per_row] uint8 and is only read (a view into a
+    memory-mapped file will do): the module copies the blocks into new memory on huge pages where
+    Linux grants them, with `packed` each expert's rows 16 interleaved
+    (`ppinfer.kernels.cpu.packed_types`), the same bits out."""
 
     def __init__(self, w: torch.Tensor, qtype: GGMLQuantizationType, in_features: int, packed: bool = False) -> None:
         super().__init__()

@@ -54,13 +54,11 @@ class BlockBackend:
     def linear(
         self, raw: np.ndarray, qtype: GGMLQuantizationType, in_features: int, bias: torch.Tensor | None
     ) -> nn.Module:
-        """A linear over `raw` ([out, bytes_per_row] uint8 blocks, copied: the caller may
-        release the file pages it views)."""
+        """A linear over `raw` ([out, bytes_per_row] uint8 blocks, which the module copies: the
+        caller may release the file pages it views)."""
         if self.device.type == "cuda":
             return int4.Int4Linear(raw, qtype, in_features, self.device, bias)
-        packed = qtype in self.packed
-        weight = _blocks_tensor(raw, copy=not packed)  # [out, bytes_per_row]
-        return cpu.BlockLinear(weight, qtype, in_features, bias, packed=packed)
+        return cpu.BlockLinear(_blocks_view(raw), qtype, in_features, bias, packed=qtype in self.packed)
 
     @property
     def expert_types(self) -> frozenset[GGMLQuantizationType]:
@@ -72,20 +70,17 @@ class BlockBackend:
         return qtype in self.expert_types
 
     def experts(self, raw: np.ndarray, qtype: GGMLQuantizationType, in_features: int) -> nn.Module:
-        """Per-expert products over `raw` ([n_expert, out, bytes_per_row] uint8, copied)."""
-        packed = qtype in self.packed
-        weight = _blocks_tensor(raw, copy=not packed)  # [n_expert, out, bytes_per_row]
-        return experts.BlockExperts(weight, qtype, in_features, packed=packed)
+        """Per-expert products over `raw` ([n_expert, out, bytes_per_row] uint8, which the module
+        copies)."""
+        return experts.BlockExperts(_blocks_view(raw), qtype, in_features, packed=qtype in self.packed)
 
     def describe(self) -> str:
         return self.name
 
 
-def _blocks_tensor(raw: np.ndarray, copy: bool) -> torch.Tensor:
-    """raw's bytes as a uint8 tensor: a copy the module may own, or (for packing, which only
-    reads them into new memory) a view of the caller's array, read-only file pages included."""
-    if copy:
-        return torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))
+def _blocks_view(raw: np.ndarray) -> torch.Tensor:
+    """raw's bytes as a uint8 tensor viewing the caller's array, read-only file pages included
+    (the block modules only read them into new memory)."""
     with warnings.catch_warnings():  # the view is never written
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(np.ascontiguousarray(raw, dtype=np.uint8))
