@@ -113,8 +113,8 @@ def test_a_prompt_gives_the_same_bits_alone_left_padded_and_token_by_token(tiny_
     """Attention sums over each query's visible keys in their order, whatever the forward's
     width, so a prompt's logits are the same bits as one prefill alone, left-padded by 13
     slots beside a longer prompt (a prefill group's shape), and fed one token per step (a
-    decode, or a preempted sequence recomputed). torch's attention gives none of the three
-    the same bits; the 8-bit products already take one path for every row count."""
+    decode, or a preempted sequence recomputed). With torch's attention for prefill this test
+    fails; the 8-bit products already take one path for every row count."""
     spec, path = ALL_CASES[case], tiny_files.path(case)
     stage = whole(path, spec.n_layer, "quantized")
     pad, length = 13, 17
