@@ -191,6 +191,11 @@ struct GroupTask {
 
   const T* key(int64_t s) const { return keys + blocks[s / bs] * block_stride + (s % bs) * row; }
   const T* value(int64_t s) const { return values + blocks[s / bs] * block_stride + (s % bs) * row; }
+  // A slot's key or value into the cache, a 64-byte line at a time.
+  void prefetch(const T* slot) const {
+    const char* p = reinterpret_cast<const char*>(slot);
+    for (int64_t x = 0; x < row * static_cast<int64_t>(sizeof(T)); x += 64) PPINFER_PREFETCH(p + x);
+  }
 };
 
 // The portable dots and sums (the compiler vectorizes the eight independent partial sums); the
@@ -243,15 +248,11 @@ PPINFER_ALWAYS_INLINE void attend_group(const GroupTask<T>& a) {
   float* best = scores + a.group * a.n;
   float* total = best + a.group;
   const float none = -std::numeric_limits<float>::infinity();
-  const int64_t row_bytes = a.row * static_cast<int64_t>(sizeof(T));
   std::fill(best, best + a.group, none);
   for (int64_t s = 0; s < a.n; ++s) {
     if (!a.visible[s]) continue;
     const T* k = a.key(s);
-    if (s + kAhead < a.n) {
-      const char* ahead = reinterpret_cast<const char*>(a.key(s + kAhead));
-      for (int64_t x = 0; x < row_bytes; x += 64) PPINFER_PREFETCH(ahead + x);
-    }
+    if (s + kAhead < a.n) a.prefetch(a.key(s + kAhead));
     for (int64_t e = 0; e < a.group; ++e) {
       float score = Vec::dot(a.q + e * a.d, k, a.d) * a.scale;
       if (a.cap > 0) score = std::tanh(score / a.cap) * a.cap;
@@ -266,10 +267,7 @@ PPINFER_ALWAYS_INLINE void attend_group(const GroupTask<T>& a) {
   for (int64_t s = 0; s < a.n; ++s) {
     if (!a.visible[s]) continue;
     const T* v = a.value(s);
-    if (s + kAhead < a.n) {
-      const char* ahead = reinterpret_cast<const char*>(a.value(s + kAhead));
-      for (int64_t x = 0; x < row_bytes; x += 64) PPINFER_PREFETCH(ahead + x);
-    }
+    if (s + kAhead < a.n) a.prefetch(a.value(s + kAhead));
     for (int64_t e = 0; e < a.group; ++e) {
       const float p = std::exp(scores[e * a.n + s] - best[e]);
       total[e] += p;
@@ -420,10 +418,6 @@ PPINFER_AVX2 void attend_listed_avx2(const GroupTask<T>& a) {
   const int64_t m8 = (m + 7) / 8 * 8;
   std::fill(a.out, a.out + a.group * d, 0.0f);
   if (m == 0) return;  // no visible key (never for a real query: it sees its own slot)
-  const int64_t row_bytes = a.row * static_cast<int64_t>(sizeof(T));
-  const auto prefetch = [&](const T* p) {
-    for (int64_t x = 0; x < row_bytes; x += 64) PPINFER_PREFETCH(reinterpret_cast<const char*>(p) + x);
-  };
   for (int64_t o = m; o < m8; ++o) keys[o] = keys[m - 1];  // lanes past the list, discarded
   float* scores = a.scratch;  // [group, m8]
   // hsum8x8 returns accumulators 0, 2, 4, 6, 1, 3, 5, 7: accumulator k takes key o + kKey[k], so
@@ -431,8 +425,8 @@ PPINFER_AVX2 void attend_listed_avx2(const GroupTask<T>& a) {
   constexpr int kKey[8] = {0, 4, 1, 5, 2, 6, 3, 7};
   for (int64_t o = 0; o < m8; o += 8) {
     for (int64_t x = o + 8; a.ahead && x < std::min(o + 16, m); ++x) {
-      prefetch(keys[x]);
-      prefetch(values[x]);
+      a.prefetch(keys[x]);
+      a.prefetch(values[x]);
     }
     for (int64_t e = 0; e < a.group; ++e) {
       const float* q = a.q + e * d;
@@ -475,7 +469,7 @@ PPINFER_AVX2 void attend_listed_avx2(const GroupTask<T>& a) {
       _mm256_storeu_ps(p + o, w);
       total = _mm256_add_ps(total, w);
     }
-    __m256 lanes[8] = {total, total, total, total, total, total, total, total};
+    __m256 lanes[8] = {total, total, total, total, total, total, total, total};  // lane 0: total's tree
     float sum = _mm256_cvtss_f32(hsum8x8(lanes));
     if (a.sinks != nullptr) sum += _mm256_cvtss_f32(exp8(_mm256_sub_ps(_mm256_set1_ps(a.sinks[e]), top)));
     inv[e] = 1.0f / sum;
