@@ -9,6 +9,9 @@ the model.
 - Batch invariance: a prompt's greedy tokens, and every logit on the way, are the same bits
   decoded alone and as one sequence in a lane of 8; a prefill chunk folded into a decode step
   changes no bit of either.
+- A layer whose every part has a fused op runs as one `DecoderLayer` call, the same bits as its
+  modules one by one (softcaps, q/k norms, post-branch norms, biases and residual scales
+  included).
 - Weights are held as blocks (the tied output head included), bad blocks fail by name, a
   type with no kernel is dequantized and reported, not an error, and fused projections whose
   parts are stored in different types keep a layer per part.
@@ -163,6 +166,46 @@ def test_a_folded_chunk_gives_the_bits_of_two_forwards(tiny_files: TinyFiles, ca
     torch.testing.assert_close(folded[1], apart[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "case", ["llama_q4_0", "qwen3_q5_0", "gemma3_q4_1", "gemma2_q8_0", "qwen2_q8_0", "granite_q8_0"]
+)
+def test_a_layer_op_gives_the_bits_of_its_modules(tiny_files: TinyFiles, case: str) -> None:
+    """Every layer of these quantized stages is one `DecoderLayer` call; with the calls taken
+    away the modules run one by one, and every logit of a left-padded prefill and of the decode
+    steps after it is the same bits."""
+    spec, path = ALL_CASES[case], tiny_files.path(case)
+    stage = whole(path, spec.n_layer, "quantized")
+    layer_ops = [layer.layer_op for layer in stage.layers]
+    assert all(op is not None for op in layer_ops)
+    prompts = torch.from_numpy(token_batch(spec, batch=2, length=11, seed=5))  # [2, 11]
+    positions = arange_positions(2, 11)
+    positions[1] = torch.cat((torch.full((4,), -1), torch.arange(7)))  # the second prompt: 7 tokens, left-padded
+
+    def run() -> list[torch.Tensor]:
+        state = stage.new_cache(batch=2, max_len=16)
+        logits = [torch.from_numpy(step(stage, prompts, positions, state))]
+        for i in range(4):
+            ids = logits[-1][:, -1:].argmax(-1)  # [2, 1]
+            logits.append(torch.from_numpy(step(stage, ids, positions[:, -1:] + 1 + i, state)))
+        return logits
+
+    fused = run()
+    for layer in stage.layers:
+        layer.layer_op = None
+    apart = run()
+    for a, b in zip(fused, apart, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_layers_without_a_fused_op_for_every_part_run_module_by_module(tiny_files: TinyFiles) -> None:
+    """Float weights (the exact path) and a MoE feed-forward keep their modules."""
+    llama, moe = ALL_CASES["llama_q4_0"], ALL_CASES["qwen3moe_q4_0"]
+    assert all(layer.layer_op is None for layer in whole(tiny_files.path("llama_q4_0"), llama.n_layer).layers)
+    assert all(
+        layer.layer_op is None for layer in whole(tiny_files.path("qwen3moe_q4_0"), moe.n_layer, "quantized").layers
+    )
+
+
 @pytest.mark.parametrize("case", ["llama_q4_0", "llama_q8_0", "qwen3_q5_0", "gemma3_q4_1", "phi3_q8_0", "granite_q8_0"])
 def test_quantized_split_equals_whole(tiny_files: TinyFiles, case: str) -> None:
     spec, path = ALL_CASES[case], tiny_files.path(case)
@@ -215,6 +258,8 @@ def test_fused_parts_of_mixed_types(tmp_path: Path, v_type: QType) -> None:
     path = write_gguf(tmp_path / f"mixed_{v_type.name}.gguf", spec, tensors)
     stage = whole(path, spec.n_layer, "quantized")
     assert isinstance(stage.layers[0].attn.qkv, ConcatLinear)
+    # Parts that all stay blocks still make one layer call; a dequantized part does not.
+    assert (stage.layers[0].layer_op is not None) == (v_type != QType.IQ4_NL)
     report = stage.weights_report
     if v_type == QType.IQ4_NL:
         assert report.dequantized["IQ4_NL"] == spec.n_layer

@@ -167,6 +167,8 @@ QUANT_CASES["phi3_q8_0"] = with_changes(FAMILY_CASES["phi3"], qtype=QType.Q8_0)
 QUANT_CASES["gemma3_q4_1"] = with_changes(FAMILY_CASES["gemma3"], qtype=QType.Q4_1)
 QUANT_CASES["qwen3_q5_0"] = with_changes(FAMILY_CASES["qwen3"], qtype=QType.Q5_0)
 QUANT_CASES["granite_q8_0"] = with_changes(FAMILY_CASES["granite"], qtype=QType.Q8_0)
+QUANT_CASES["gemma2_q8_0"] = with_changes(FAMILY_CASES["gemma2"], qtype=QType.Q8_0)
+QUANT_CASES["qwen2_q8_0"] = with_changes(FAMILY_CASES["qwen2"], qtype=QType.Q8_0)
 
 ALL_CASES: dict[str, TinySpec] = {
     **FAMILY_CASES, **QUIRK_CASES, **QUANT_CASES, **MOE_CASES, **MOE_QUANT_CASES,

@@ -40,3 +40,20 @@ def attend_op():
     logit per head joins each softmax, its weight going nowhere). Decode and prefill share its
     arithmetic: a query's result depends only on its visible keys, in order."""
     return build.ops().attend.default
+
+
+def decoder_layer(
+    n_head: int, n_head_kv: int, head_dim: int, n_rot: int, scale: float, softcap: float, glu_kind: int,
+    residual_scale: float,
+) -> torch.ScriptObject:
+    """A `DecoderLayer` (csrc/block.cpp): a pre-norm layer whose projections are GGUF blocks as
+    one call, `forward(x [b, T, E], rot, k_pool, v_pool, table, cols, mask) -> [b, T, E]` (the
+    last six as `attend` takes them), once its norms (`set_norm(name, w, eps)`: attn_norm,
+    ffn_norm, and optionally qk_norm, post_attn_norm, post_ffn_norm), projections
+    (`add_projection(name, w, qtype, k, n, packed, bias)`: qkv, out, up, down, each one or more
+    parts whose outputs are concatenated) and sinks (`set_sinks`) are set. The same bits as the
+    ops called one by one."""
+    build.ops()  # loads the library, which registers the class
+    return torch.classes.ppinfer_kernels.DecoderLayer(
+        n_head, n_head_kv, head_dim, n_rot, scale, softcap, glu_kind, residual_scale
+    )

@@ -94,6 +94,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self._fused = fused_ops.rms_norm_op() if fused else None  # float32 CPU stages only
 
+    @property
+    def fused(self) -> bool:
+        """Whether the fused op (csrc/fused.cpp) computes it."""
+        return self._fused is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused is not None:
             return self._fused(x, self.weight, self.eps)

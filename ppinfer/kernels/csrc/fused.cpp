@@ -32,6 +32,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ops.h"
 #include "qtypes.h"
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -92,6 +93,8 @@ void check_float_cpu(const char* op, const char* name, const at::Tensor& t, int6
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dims, got ", t.sizes());
   TORCH_CHECK(t.stride(dim - 1) == 1, op, ": ", name, "'s last dim must be contiguous");
 }
+
+}  // namespace
 
 at::Tensor rms_norm(const at::Tensor& x_in, const std::optional<at::Tensor>& w_in, double eps) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() >= 1,
@@ -161,6 +164,8 @@ at::Tensor glu(const at::Tensor& h_in, int64_t kind) {
   });
   return out;
 }
+
+namespace {
 
 // Slots ahead of the one in use whose key (first pass) or value (second pass) is prefetched, a
 // 64-byte line at a time: the cache of a decode step mostly comes from memory (measured on 8
@@ -586,6 +591,8 @@ void attend_typed(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
   });
 }
 
+}  // namespace
+
 at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rot_in, const at::Tensor& k_pool,
                   const at::Tensor& v_pool, const at::Tensor& table_in, const at::Tensor& cols_in,
                   const at::Tensor& mask_in, int64_t n_head, int64_t n_rot, double scale, double softcap,
@@ -660,7 +667,6 @@ at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
   return out;
 }
 
-}  // namespace
 }  // namespace ppinfer
 
 TORCH_LIBRARY_FRAGMENT(ppinfer_kernels, m) {

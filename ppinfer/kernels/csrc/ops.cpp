@@ -31,6 +31,7 @@
 
 #include "activations.h"
 #include "isa.h"
+#include "ops.h"
 #include "qtypes.h"
 
 
@@ -329,6 +330,8 @@ void vec_dot_matmul(const Shape& s, const uint8_t* w, const Q8Block* xq, int64_t
   });
 }
 
+}  // namespace
+
 // ---- ops ----
 
 at::Tensor block_matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, int64_t k,
@@ -470,8 +473,6 @@ std::vector<int64_t> qtypes() {
   for (int i = 0; i < kLowBitKernelCount; ++i) types.push_back(kLowBitKernels[i].ggml_type);
   return types;
 }
-
-}  // namespace
 
 }  // namespace ppinfer
 

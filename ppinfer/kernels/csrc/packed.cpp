@@ -19,7 +19,6 @@
 // the row-major weights, for every number of x rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -31,6 +30,7 @@
 #include "avx2.h"
 #include "isa.h"
 #include "pages.h"
+#include "ops.h"
 #include "qtypes.h"
 
 namespace ppinfer {
@@ -614,6 +614,8 @@ void packed_dot_groups(const PackedShape& s, DotPackedFn dot, const uint8_t* wp,
   }
 }
 
+}  // namespace
+
 // packed_matmul(x [..., k], wp, qtype, k, n, bias) = block_matmul(x, unpack_rows(wp, qtype, k, n),
 // qtype, k, bias), the same bits; where the active instruction set has no packed kernel (the
 // portable path) it is computed exactly so.
@@ -622,13 +624,7 @@ at::Tensor packed_matmul(const at::Tensor& x_in, const at::Tensor& wp, int64_t q
   const PackedShape s = packed_shape("packed_matmul", qtype, k, n);
   check_packed("packed_matmul", wp, s);
   const DotPackedFn dot = packed_kernel(*s.kernels);
-  if (dot == nullptr) {
-    static auto block_matmul = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("ppinfer_kernels::block_matmul", "")
-                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                                                     const std::optional<at::Tensor>&)>();
-    return block_matmul.call(x_in, unpack_rows(wp, qtype, k, n), qtype, k, bias);
-  }
+  if (dot == nullptr) return block_matmul(x_in, unpack_rows(wp, qtype, k, n), qtype, k, bias);
   TORCH_CHECK(x_in.device().is_cpu() && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16) &&
                   x_in.dim() >= 1 && x_in.size(-1) == k,
               "packed_matmul: x must be a float32 or bfloat16 CPU tensor [..., k=", k, "], got ", x_in.scalar_type(),
@@ -658,6 +654,8 @@ at::Tensor packed_matmul(const at::Tensor& x_in, const at::Tensor& wp, int64_t q
   return out;
 }
 
+namespace {
+
 // packed_experts_matmul(x [M, k], wp [E, groups, group_bytes], qtype, k, n, counts [E]) =
 // experts_matmul(x, the experts' unpacked rows, qtype, k, counts), the same bits: x sorted by
 // expert, counts[e] rows each; the threads split every active expert's groups at once.
@@ -671,13 +669,9 @@ at::Tensor packed_experts_matmul(const at::Tensor& x_in, const at::Tensor& wp, i
   const int64_t experts = wp.size(0);
   const DotPackedFn dot = packed_kernel(*s.kernels);
   if (dot == nullptr) {
-    static auto experts_matmul = c10::Dispatcher::singleton()
-                                     .findSchemaOrThrow("ppinfer_kernels::experts_matmul", "")
-                                     .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                                                       const at::Tensor&)>();
     std::vector<at::Tensor> rows;
     for (int64_t e = 0; e < experts; ++e) rows.push_back(unpack_rows(wp.select(0, e), qtype, k, n));
-    return experts_matmul.call(x_in, at::stack(rows), qtype, k, counts_in);
+    return experts_matmul(x_in, at::stack(rows), qtype, k, counts_in);
   }
   TORCH_CHECK(x_in.device().is_cpu() && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16) &&
                   x_in.dim() == 2 && x_in.size(1) == k,
