@@ -9,9 +9,9 @@ the model.
 - Batch invariance: a prompt's greedy tokens, and every logit on the way, are the same bits
   decoded alone and as one sequence in a lane of 8; a prefill chunk folded into a decode step
   changes no bit of either.
-- A layer whose every part has a fused op runs as one `DecoderLayer` call, the same bits as its
-  modules one by one (softcaps, q/k norms, post-branch norms, biases and residual scales
-  included).
+- A layer whose every part the `DecoderLayer` op knows runs as one call, the same bits as its
+  modules one by one (softcaps, q/k norms, post-branch norms, biases, residual scales, float
+  weights, routed and shared experts included); the other layers keep their modules.
 - Weights are held as blocks (the tied output head included), bad blocks fail by name, a
   type with no kernel is dequantized and reported, not an error, and fused projections whose
   parts are stored in different types keep a layer per part.
@@ -166,17 +166,29 @@ def test_a_folded_chunk_gives_the_bits_of_two_forwards(tiny_files: TinyFiles, ca
     torch.testing.assert_close(folded[1], apart[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    "case", ["llama_q4_0", "qwen3_q5_0", "gemma3_q4_1", "gemma2_q8_0", "qwen2_q8_0", "granite_q8_0"]
-)
+LAYER_OP_CASES = {
+    "llama_q4_0": "quantized",
+    "qwen3_q5_0": "quantized",  # q/k norms, row-major blocks
+    "gemma3_q4_1": "quantized",  # post-branch norms, sliding windows, GELU
+    "gemma2_q8_0": "quantized",  # softcap
+    "qwen2_q8_0": "quantized",  # qkv bias
+    "granite_q8_0": "quantized",  # residual scale
+    "llama": "dequantized",  # float32 weights prepacked for oneDNN
+    "qwen3moe_q4_0": "quantized",  # softmax routing, normalised
+    "qwen2moe_q8_0": "quantized",  # a shared expert behind its sigmoid gate
+    "glm4moe_q8_0": "quantized",  # sigmoid routing with a selection bias, a shared expert, a dense first layer
+    "granitemoe_q8_0": "quantized",  # experts with residual scales
+}
+
+
+@pytest.mark.parametrize("case", list(LAYER_OP_CASES))
 def test_a_layer_op_gives_the_bits_of_its_modules(tiny_files: TinyFiles, case: str) -> None:
-    """Every layer of these quantized stages is one `DecoderLayer` call; with the calls taken
-    away the modules run one by one, and every logit of a left-padded prefill and of the decode
-    steps after it is the same bits."""
+    """Every layer of these stages is one `DecoderLayer` call; with the calls taken away the
+    modules run one by one, and every logit of a left-padded prefill and of the decode steps
+    after it is the same bits."""
     spec, path = ALL_CASES[case], tiny_files.path(case)
-    stage = whole(path, spec.n_layer, "quantized")
-    layer_ops = [layer.layer_op for layer in stage.layers]
-    assert all(op is not None for op in layer_ops)
+    stage = whole(path, spec.n_layer, LAYER_OP_CASES[case])
+    assert all(layer.layer_op is not None for layer in stage.layers)
     prompts = torch.from_numpy(token_batch(spec, batch=2, length=11, seed=5))  # [2, 11]
     positions = arange_positions(2, 11)
     positions[1] = torch.cat((torch.full((4,), -1), torch.arange(7)))  # the second prompt: 7 tokens, left-padded
@@ -197,13 +209,23 @@ def test_a_layer_op_gives_the_bits_of_its_modules(tiny_files: TinyFiles, case: s
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_layers_without_a_fused_op_for_every_part_run_module_by_module(tiny_files: TinyFiles) -> None:
-    """Float weights (the exact path) and a MoE feed-forward keep their modules."""
-    llama, moe = ALL_CASES["llama_q4_0"], ALL_CASES["qwen3moe_q4_0"]
-    assert all(layer.layer_op is None for layer in whole(tiny_files.path("llama_q4_0"), llama.n_layer).layers)
-    assert all(
-        layer.layer_op is None for layer in whole(tiny_files.path("qwen3moe_q4_0"), moe.n_layer, "quantized").layers
-    )
+@pytest.mark.parametrize(
+    "case", ["olmoe_q5_0", "deepseek3_q8_0", "gpt_oss_q8_0", "llama4_q4_0", "phi3_q8_0", "qwen3moe"]
+)
+def test_layers_with_a_part_the_layer_op_lacks_keep_their_modules(tiny_files: TinyFiles, case: str) -> None:
+    """Per-projection q/k norms (olmoe), latent attention (deepseek), softmax over the chosen
+    experts with biases and a clamped SwiGLU (gpt-oss), NoPE and L2 q/k norms (llama4) and float
+    experts keep every layer's modules; phi3's layers, all plain, are one call each."""
+    spec = ALL_CASES[case]
+    weights = "dequantized" if case == "qwen3moe" else "quantized"
+    layers = whole(tiny_files.path(case), spec.n_layer, weights).layers
+    with_op = [layer.layer_op is not None for layer in layers]
+    if case == "phi3_q8_0":
+        assert all(with_op)
+    elif case == "llama4_q4_0":  # the rope layers' attention has an L2 norm after rotation
+        assert not any(with_op)
+    else:
+        assert not any(with_op), with_op
 
 
 @pytest.mark.parametrize("case", ["llama_q4_0", "llama_q8_0", "qwen3_q5_0", "gemma3_q4_1", "phi3_q8_0", "granite_q8_0"])
@@ -258,8 +280,8 @@ def test_fused_parts_of_mixed_types(tmp_path: Path, v_type: QType) -> None:
     path = write_gguf(tmp_path / f"mixed_{v_type.name}.gguf", spec, tensors)
     stage = whole(path, spec.n_layer, "quantized")
     assert isinstance(stage.layers[0].attn.qkv, ConcatLinear)
-    # Parts that all stay blocks still make one layer call; a dequantized part does not.
-    assert (stage.layers[0].layer_op is not None) == (v_type != QType.IQ4_NL)
+    # The parts, blocks or a dequantized float part, are one layer call: the same bits as the modules.
+    assert all(layer.layer_op is not None for layer in stage.layers)
     report = stage.weights_report
     if v_type == QType.IQ4_NL:
         assert report.dequantized["IQ4_NL"] == spec.n_layer
@@ -270,3 +292,6 @@ def test_fused_parts_of_mixed_types(tmp_path: Path, v_type: QType) -> None:
     quant = full_logits(stage, ids).reshape(-1, spec.n_vocab)
     kl, top1 = kl_and_top1(exact, quant)
     assert kl < 1e-3 and top1 >= 0.9, f"KL {kl:.3g}, top-1 {top1:.0%}"
+    for layer in stage.layers:
+        layer.layer_op = None
+    np.testing.assert_array_equal(full_logits(stage, ids).reshape(-1, spec.n_vocab), quant)

@@ -43,17 +43,14 @@ def attend_op():
 
 
 def decoder_layer(
-    n_head: int, n_head_kv: int, head_dim: int, n_rot: int, scale: float, softcap: float, glu_kind: int,
-    residual_scale: float,
+    n_head: int, n_head_kv: int, head_dim: int, n_rot: int, scale: float, softcap: float, residual_scale: float
 ) -> torch.ScriptObject:
-    """A `DecoderLayer` (csrc/block.cpp): a pre-norm layer whose projections are GGUF blocks as
-    one call, `forward(x [b, T, E], rot, k_pool, v_pool, table, cols, mask) -> [b, T, E]` (the
-    last six as `attend` takes them), once its norms (`set_norm(name, w, eps)`: attn_norm,
-    ffn_norm, and optionally qk_norm, post_attn_norm, post_ffn_norm), projections
-    (`add_projection(name, w, qtype, k, n, packed, bias)`: qkv, out, up, down, each one or more
-    parts whose outputs are concatenated) and sinks (`set_sinks`) are set. The same bits as the
-    ops called one by one."""
+    """A `DecoderLayer` (csrc/block.cpp): a pre-norm layer as one call, `forward(x [b, T, E],
+    rot, k_pool, v_pool, table, cols, mask) -> [b, T, E]` (the last six as `attend` takes them),
+    once its parts are set: norms (`set_norm(name, w, eps)`), projections (`add_projection(name,
+    kind, w, qtype, k, n, bias)`, one or more parts whose outputs are concatenated), sinks, and a
+    gated MLP (`set_gated_mlp(glu_kind)`) or routed experts (`set_moe`, `set_experts`). The same
+    bits as the layer's modules; `ppinfer.model.layer_op` builds one from them."""
     build.ops()  # loads the library, which registers the class
-    return torch.classes.ppinfer_kernels.DecoderLayer(
-        n_head, n_head_kv, head_dim, n_rot, scale, softcap, glu_kind, residual_scale
-    )
+    layer = torch.classes.ppinfer_kernels.DecoderLayer
+    return layer(n_head, n_head_kv, head_dim, n_rot, scale, softcap, residual_scale)

@@ -11,9 +11,8 @@ from torch import nn
 
 from ppinfer.families.spec import AttnTemperature, Mlp
 from ppinfer.kernels import fused as fused_ops
-from ppinfer.kernels.cpu import BlockLinear
 from ppinfer.model.cache import LayerKV
-from ppinfer.model.layers import ConcatLinear, Linear, RMSNorm, RotaryEmbedding, apply_rope
+from ppinfer.model.layers import Linear, RotaryEmbedding, apply_rope
 
 
 @dataclass
@@ -87,6 +86,11 @@ class Attention(nn.Module):
         self.sinks = None if sinks is None else nn.Parameter(sinks, requires_grad=False)
         plain = rope is not None and post_rope_norm is None and temperature is None
         self._attend_op = fused_ops.attend_op() if fused and plain else None
+
+    @property
+    def fused(self) -> bool:
+        """Whether rotation, cache write and attention are the one fused op."""
+        return self._attend_op is not None
 
     def forward(self, x: torch.Tensor, kv: LayerKV, io: LayerInputs) -> torch.Tensor:
         """x [B, T, E] -> [B, T, E]; this step's keys and values go into `kv`."""
@@ -173,6 +177,11 @@ class FeedForward(nn.Module):
         self._glu = fused_ops.glu_op() if fused and kind is not Mlp.GELU else None
         self._glu_kind = 0 if kind is Mlp.SWIGLU else 1
 
+    @property
+    def glu_kind(self) -> int | None:
+        """The fused `glu` op's kind (0 SiLU, 1 GELU), or None where the activation is torch ops."""
+        return self._glu_kind if self._glu is not None else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)  # [B, T, 2F] gated ([gate | up]) or [B, T, F]
         if self.kind is Mlp.GELU:
@@ -189,9 +198,8 @@ class DecoderBlock(nn.Module):
     attention+MLP form with one shared norm (phi2). The MLP is a `FeedForward` or a
     `MoeFeedForward`.
 
-    Where every part has a fused CPU op (float32 stages: RMSNorms, the fused attention, a gated
-    MLP, projections kept as GGUF blocks), `layer_op` runs the whole block as one call to those
-    same ops (`fused_ops.decoder_layer`), the same bits without the host's cost between them."""
+    `layer_op`, where the loader sets one (`ppinfer.model.layer_op`), runs the whole block as one
+    call to the ops its modules call, the same bits without the host's cost between them."""
 
     def __init__(
         self,
@@ -207,7 +215,7 @@ class DecoderBlock(nn.Module):
         self.attn_norm, self.attn, self.mlp = attn_norm, attn, mlp
         self.ffn_norm, self.post_attn_norm, self.post_ffn_norm = ffn_norm, post_attn_norm, post_ffn_norm
         self.residual_scale = residual_scale
-        self.layer_op = self._one_op()  # None: module by module
+        self.layer_op: torch.ScriptObject | None = None  # None: module by module
 
     def forward(self, x: torch.Tensor, kv: LayerKV, io: LayerInputs) -> torch.Tensor:
         """x [B, T, E] -> [B, T, E]."""
@@ -240,33 +248,3 @@ class DecoderBlock(nn.Module):
             m = m * self.residual_scale
         return x + m
 
-    def _one_op(self) -> torch.ScriptObject | None:
-        """The block as one `DecoderLayer` call, or None where a part has no fused op."""
-        attn, mlp = self.attn, self.mlp
-        if not (isinstance(attn, Attention) and attn._attend_op is not None and attn.rope is not None):
-            return None
-        if not (isinstance(mlp, FeedForward) and mlp._glu is not None) or self.ffn_norm is None:
-            return None
-        norms = {
-            "attn_norm": self.attn_norm, "ffn_norm": self.ffn_norm, "qk_norm": attn.qk_norm,
-            "post_attn_norm": self.post_attn_norm, "post_ffn_norm": self.post_ffn_norm,
-        }
-        projections = {"qkv": attn.qkv, "out": attn.out, "up": mlp.up, "down": mlp.down}
-        if not all(n is None or (isinstance(n, RMSNorm) and n.fused) for n in norms.values()):
-            return None
-        parts = {name: list(p.parts) if isinstance(p, ConcatLinear) else [p] for name, p in projections.items()}
-        if not all(isinstance(part, BlockLinear) for ps in parts.values() for part in ps):
-            return None
-        op = fused_ops.decoder_layer(
-            attn.n_head, attn.n_head_kv, attn.head_dim, attn.rope.n_rot, attn.scale, attn.softcap or 0.0,
-            mlp._glu_kind, self.residual_scale,
-        )
-        for name, norm in norms.items():
-            if norm is not None:
-                op.set_norm(name, norm.weight, norm.eps)
-        for name, ps in parts.items():
-            for p in ps:
-                op.add_projection(name, p.w, int(p.qtype), p.in_features, p.out_features, p.packed, p.bias)
-        if attn.sinks is not None:
-            op.set_sinks(attn.sinks)
-        return op

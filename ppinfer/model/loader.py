@@ -23,6 +23,7 @@ from ppinfer.kernels.capabilities import cpu_capabilities
 from ppinfer.kernels.select import WEIGHT_MODES, block_backend
 from ppinfer.model.block import Attention, DecoderBlock, FeedForward
 from ppinfer.model.latent import LatentAttention, LowRankQuery
+from ppinfer.model.layer_op import layer_op
 from ppinfer.model.layers import (
     ProjectionQkNorm,
     RMSNorm,
@@ -215,7 +216,9 @@ def _block(w: Weights, spec: FamilySpec, hp: HParams, il: int, rope: RotaryEmbed
     if spec.post_norms:
         post_attn = w.norm(spec, p + "post_attention_norm", e, eps)
         post_ffn = w.norm(spec, p + "post_ffw_norm", e, eps)
-    return DecoderBlock(attn_norm, attn, mlp, ffn_norm, post_attn, post_ffn, hp.residual_scale)
+    block = DecoderBlock(attn_norm, attn, mlp, ffn_norm, post_attn, post_ffn, hp.residual_scale)
+    block.layer_op = layer_op(block)
+    return block
 
 
 def _check_names(gf: GGUFFile, plan: StagePlan, n_block: int, used: set[str]) -> None:

@@ -95,6 +95,11 @@ class MoeFeedForward(nn.Module):
         self._glu = fused_ops.glu_op() if fused else None
 
     @property
+    def fused(self) -> bool:
+        """Whether the SwiGLU is the fused `glu` op."""
+        return self._glu is not None
+
+    @property
     def expert_bytes(self) -> int:
         """Bytes held by the routed experts (blocks or floats)."""
         tensors = [*self.gate_up.parameters(), *self.gate_up.buffers(), *self.down.parameters(), *self.down.buffers()]

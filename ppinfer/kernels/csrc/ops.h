@@ -16,6 +16,8 @@ at::Tensor experts_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtyp
 // packed.cpp
 at::Tensor packed_matmul(const at::Tensor& x, const at::Tensor& wp, int64_t qtype, int64_t k, int64_t n,
                          const std::optional<at::Tensor>& bias);
+at::Tensor packed_experts_matmul(const at::Tensor& x, const at::Tensor& wp, int64_t qtype, int64_t k, int64_t n,
+                                 const at::Tensor& counts);
 // fused.cpp
 at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& w, double eps);
 at::Tensor glu(const at::Tensor& h, int64_t kind);

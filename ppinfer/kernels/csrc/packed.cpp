@@ -654,8 +654,6 @@ at::Tensor packed_matmul(const at::Tensor& x_in, const at::Tensor& wp, int64_t q
   return out;
 }
 
-namespace {
-
 // packed_experts_matmul(x [M, k], wp [E, groups, group_bytes], qtype, k, n, counts [E]) =
 // experts_matmul(x, the experts' unpacked rows, qtype, k, counts), the same bits: x sorted by
 // expert, counts[e] rows each; the threads split every active expert's groups at once.
@@ -723,6 +721,8 @@ at::Tensor packed_experts_matmul(const at::Tensor& x_in, const at::Tensor& wp, i
 // The types with a packed layout (pack_rows, unpack_rows and the products take them all); with
 // `runnable`, only those whose packed products have a kernel on the active instruction set
 // (the others unpack and take the row-major path).
+namespace {
+
 std::vector<int64_t> packed_qtypes(bool runnable) {
   std::vector<int64_t> types;
   for (const PackedKernels& t : kPacked) {
