@@ -6,6 +6,7 @@
     python -m ppinfer.bench --suite moe             # the Qwen3-MoE-shaped model vs llama.cpp (2.9 GB file)
     python -m ppinfer.bench --scenario quant-7b     # the 7B-shaped model on 4 ranks (slow)
     python -m ppinfer.bench --quick                 # tiny smoke run of every scenario
+    python -m ppinfer.bench --rounds 3              # every point three times over; each ratio's median
     python -m ppinfer.bench --markdown /tmp/bench.md     # the report page, to copy from into docs/benchmarks.md
     python -m ppinfer.bench --dry-run               # the plan and commands, nothing run
 
@@ -34,6 +35,7 @@ from ppinfer.bench.report import (
     llamacpp_build,
     machine_info,
     markdown_report,
+    median_of_rounds,
     model_files,
     run_row,
     text_ratios,
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where each point's prompts, log and metrics go (default outputs/bench)")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the report as Markdown")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per point (default 1800)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every point this many times, round after round (so ppinfer and its peers "
+                             "alternate), and report each ratio's median round (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and commands, run nothing")
     parser.add_argument("--check", action="store_true", help="exit 3 when a target is missed")
     return parser
@@ -116,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = plan([*(args.scenario or []), *(args.suite or [])] or ["all"], sizes)
     if args.model is not None and not args.model.is_file():
         parser.error(f"--model {args.model}: no such file")
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: must be at least 1")
     models = _models(chosen, args.model, build=not args.dry_run)
     settings = SweepSettings(models=models, workdir=args.workdir.resolve(), sizes=sizes, timeout_s=args.timeout,
                              llamacpp_drop_buffers=() if args.llamacpp_amx else ("AMX",))
@@ -129,20 +136,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "ppinfer.bench", *(sys.argv[1:] if argv is None else argv)])
     machine = machine_info(repo_root(), command)  # dated when the run starts
     machine["models"] = model_files(models)
-    results = sweep(chosen, settings, book)
-    machine["llama.cpp"] = llamacpp_build(results) or "not run"
-    by_run = {r.run: r.metrics for r in results}
-    ratios = [evaluate(r, by_run) for r in chosen.ratios]
-    rows = [run_row(r.run, r.metrics, r.error, r.skipped) for r in results]
-    print(text_table(RUN_HEADERS, rows))
-    print()
+    rounds: list[list[RunResult]] = []
+    per_round: list[list[RatioResult]] = []
+    for i in range(1, args.rounds + 1):
+        round_settings = settings
+        if args.rounds > 1:
+            round_settings = dataclasses.replace(settings, workdir=settings.workdir / f"round{i}")
+            logging.getLogger("ppinfer.bench").info("round %d of %d", i, args.rounds)
+        results = sweep(chosen, round_settings, book)
+        by_run = {r.run: r.metrics for r in results}
+        rounds.append(results)
+        per_round.append([evaluate(r, by_run) for r in chosen.ratios])
+        if args.rounds > 1:
+            _write_json(round_settings.workdir / "results.json", machine, sizes, results, per_round[-1])
+    machine["llama.cpp"] = llamacpp_build([r for results in rounds for r in results]) or "not run"
+    ratios = [median_of_rounds(list(values)) for values in zip(*per_round, strict=True)]
+    for i, results in enumerate(rounds, 1):
+        if args.rounds > 1:
+            print(f"round {i} of {args.rounds}")
+        print(text_table(RUN_HEADERS, [run_row(r.run, r.metrics, r.error, r.skipped) for r in results]))
+        print()
     print(text_ratios(ratios))
-    _write_json(settings.workdir / "results.json", machine, sizes, results, ratios)
+    _write_json(settings.workdir / "results.json", machine, sizes, [r for results in rounds for r in results], ratios)
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown_report(machine, ratios, results), encoding="utf-8")
+        args.markdown.write_text(markdown_report(machine, ratios, rounds), encoding="utf-8")
         logging.getLogger("ppinfer.bench").info("wrote %s", args.markdown)
-    return exit_code(results, ratios, args.check)
+    return exit_code([r for results in rounds for r in results], ratios, args.check)
 
 
 def exit_code(results: Sequence[RunResult], ratios: Sequence[RatioResult], check: bool) -> int:

@@ -113,6 +113,18 @@ def evaluate(ratio: Ratio, results: Mapping[Run, Metrics | None]) -> RatioResult
     return RatioResult(ratio, value, f"{_term_text(numerator, top)} / {_term_text(ratio.denominator, bottom)}{note}")
 
 
+def median_of_rounds(rounds: Sequence[RatioResult]) -> RatioResult:
+    """One ratio evaluated in each of several rounds -> the round whose value is the median
+    (the lower of the middle two for an even count), its detail preceded by every round's
+    value; no value where no round has one."""
+    valued = sorted((r for r in rounds if r.value is not None), key=lambda r: r.value or 0.0)
+    values = ", ".join(f"{r.value:.3f}" if r.value is not None else "-" for r in rounds)
+    if not valued:
+        return RatioResult(rounds[0].ratio, None, f"no round gave a value ({values}); round 1: {rounds[0].detail}")
+    middle = valued[(len(valued) - 1) // 2]
+    return RatioResult(middle.ratio, middle.value, f"median of {len(rounds)} rounds ({values}); {middle.detail}")
+
+
 def _num(value: Any, digits: int) -> str:
     return f"{float(value):.{digits}f}" if value is not None else "-"
 
@@ -295,8 +307,11 @@ they wait, so its figures only mean something on an otherwise idle machine.
 """
 
 
-def markdown_report(machine: Mapping[str, str], ratios: Sequence[RatioResult], runs: Sequence[Outcome]) -> str:
-    """The whole benchmark page: machine, ratios against their targets, every run, method."""
+def markdown_report(
+    machine: Mapping[str, str], ratios: Sequence[RatioResult], rounds: Sequence[Sequence[Outcome]]
+) -> str:
+    """The whole benchmark page: machine, ratios against their targets, every round's runs,
+    method."""
     machine_rows = [[k, f"`{v}`" if k == "command" else v] for k, v in machine.items()]
     parts = [
         "# ppinfer benchmarks",
@@ -306,9 +321,9 @@ def markdown_report(machine: Mapping[str, str], ratios: Sequence[RatioResult], r
         markdown_table(("", ""), machine_rows),
         "## Targets",
         markdown_table(RATIO_HEADERS, [ratio_row(r) for r in ratios]),
-        "## Runs",
-        markdown_table(RUN_HEADERS, [run_row(o.run, o.metrics, o.error, o.skipped) for o in runs]),
-        "## How the numbers are measured",
-        METHOD_NOTES,
     ]
+    for i, runs in enumerate(rounds, 1):
+        parts.append("## Runs" if len(rounds) == 1 else f"## Runs, round {i} of {len(rounds)}")
+        parts.append(markdown_table(RUN_HEADERS, [run_row(o.run, o.metrics, o.error, o.skipped) for o in runs]))
+    parts += ["## How the numbers are measured", METHOD_NOTES]
     return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
