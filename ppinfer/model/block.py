@@ -55,9 +55,11 @@ class Attention(nn.Module):
 
     q and k heads are normalised and rotated together as one `[B, T, H + Hkv, D]` view of
     the fused projection (fewer, larger kernels than per-tensor work). With `fused` (float32 on
-    the CPU), rotation, cache write and attention are one op for decode and prefill alike, whose
-    sums run over each query's visible keys in order: a query's result does not depend on the
-    forward's width, padding or chunking (batch invariance)."""
+    the CPU), cache write and attention are one op for decode and prefill alike, whose sums run
+    over each query's visible keys in order: a query's result does not depend on the forward's
+    width, padding or chunking (batch invariance). The op rotates q and k too where nothing
+    comes between rotation and attention (`plain`); llama4's layers (NoPE, an L2 norm after
+    rotation, a query temperature) prepare q and k in torch and hand them over unrotated."""
 
     def __init__(
         self,
@@ -84,12 +86,13 @@ class Attention(nn.Module):
         self.qk_norm, self.post_rope_norm, self.temperature = qk_norm, post_rope_norm, temperature
         self.chunk = chunk
         self.sinks = None if sinks is None else nn.Parameter(sinks, requires_grad=False)
-        plain = rope is not None and post_rope_norm is None and temperature is None
-        self._attend_op = fused_ops.attend_op() if fused and plain else None
+        self.plain = rope is not None and post_rope_norm is None and temperature is None
+        self._attend_op = fused_ops.attend_op() if fused else None
+        self.register_buffer("_no_rotation", torch.empty(0), persistent=False)  # the op's rot where n_rot is 0
 
     @property
     def fused(self) -> bool:
-        """Whether rotation, cache write and attention are the one fused op."""
+        """Whether cache write and attention (and, where `plain`, rotation) are the one fused op."""
         return self._attend_op is not None
 
     def forward(self, x: torch.Tensor, kv: LayerKV, io: LayerInputs) -> torch.Tensor:
@@ -118,18 +121,19 @@ class Attention(nn.Module):
         if self.qk_norm is not None:
             qk = self.qk_norm(qk)
         mask = io.masks[self.window, self.chunk]  # [B, 1, T, n]
-        if self._attend_op is not None and self.rope is not None:
+        if self._attend_op is not None and self.plain:
+            assert self.rope is not None
             return self._attend_op(
                 qk, v, io.rope[id(self.rope)], kv.k, kv.v, kv.table, kv.cols, mask, h, self.rope.n_rot, self.scale,
                 self.softcap or 0.0, self.sinks,
             )  # [B, T, H D]
-        if self.rope is not None:
-            qk = apply_rope(qk, io.rope[id(self.rope)], self.rope.n_rot)  # [B, T, H + Hkv, D]
-        if self.post_rope_norm is not None:
-            qk = self.post_rope_norm(qk)
+        qk = self._positioned(qk, io)
+        if self._attend_op is not None:
+            return self._attend_op(
+                qk, v, self._no_rotation, kv.k, kv.v, kv.table, kv.cols, mask, h, 0, self.scale, self.softcap or 0.0,
+                self.sinks,
+            )  # [B, T, H D]
         q, k = qk[:, :, :h], qk[:, :, h:]
-        if self.temperature is not None:
-            q = q * self._query_scale(io.positions).to(q.dtype)
         keys, values = kv.write(k, v)  # [B, Hkv, n, D] each
         q = q.transpose(1, 2)  # [B, H, T, D]
         if self.softcap is None and self.sinks is None:
@@ -139,6 +143,18 @@ class Attention(nn.Module):
         else:
             y = self._explicit(q, keys, values, mask)
         return y.transpose(1, 2).reshape(b, t, h * d)
+
+    def _positioned(self, qk: torch.Tensor, io: LayerInputs) -> torch.Tensor:
+        """qk [B, T, H + Hkv, D] rotated, normalised after rotation and with its queries scaled
+        by their positions' temperature, where the layer has each."""
+        if self.rope is not None:
+            qk = apply_rope(qk, io.rope[id(self.rope)], self.rope.n_rot)
+        if self.post_rope_norm is not None:
+            qk = self.post_rope_norm(qk)
+        if self.temperature is not None:
+            q = qk[:, :, : self.n_head] * self._query_scale(io.positions).to(qk.dtype)
+            qk = torch.cat((q, qk[:, :, self.n_head :]), dim=2)
+        return qk
 
     def _query_scale(self, positions: torch.Tensor) -> torch.Tensor:
         """positions [B, T] -> [B, T, 1, 1]: 1 + scale ln(floor((pos + offset) / floor_scale) + 1)."""

@@ -26,8 +26,9 @@ from ppinfer.model.moe import MoeFeedForward
 def layer_op(block: DecoderBlock) -> torch.ScriptObject | None:
     """`block` as one `DecoderLayer` call, or None where a part has no counterpart in it."""
     attn = block.attn
-    if not isinstance(attn, Attention) or not attn.fused or attn.rope is None or block.ffn_norm is None:
+    if not isinstance(attn, Attention) or not (attn.fused and attn.plain) or block.ffn_norm is None:
         return None
+    assert attn.rope is not None
     norms = {
         "attn_norm": block.attn_norm, "ffn_norm": block.ffn_norm, "qk_norm": attn.qk_norm,
         "post_attn_norm": block.post_attn_norm, "post_ffn_norm": block.post_ffn_norm,
