@@ -16,6 +16,7 @@ sign or scale.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -242,15 +243,29 @@ def test_attend_over_q8_0_blocks(case: str, isa: str) -> None:
     torch.testing.assert_close(got.double(), expected, atol=TOL, rtol=TOL)
 
 
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """torch's intra-op threads set to 2 for the test, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("hkv", [2, 1])
 @pytest.mark.parametrize("d", [96, 128])
 @pytest.mark.parametrize("kv_dtype", [*KV_DTYPES, "q8_0"])
-def test_attend_gives_a_query_the_same_bits_however_its_prompt_is_fed(kv_dtype: str, d: int, isa: str) -> None:
+def test_attend_gives_a_query_the_same_bits_however_its_prompt_is_fed(
+    kv_dtype: str, d: int, hkv: int, isa: str
+) -> None:
     """37 tokens attended in one prefill, left-padded by 13 slots in a group of two rows (a
     prefill group's shape, the other row longer), one token per call (decode) and in chunks of
     20 and 17: every query's output is the same bits, since each sum runs over its visible keys
     in their order. The float caches are also checked against float64 (more than eight keys a
-    query, and heads wider than one 64-lane pass)."""
-    h, hkv, bs, length, pad = 6, 2, 16, 37, 13
+    query, and heads wider than one 64-lane pass). On 2 threads, a one-token call with one kv
+    head splits its 6 query heads between the threads; the bits stay the same."""
+    h, bs, length, pad = 6, 16, 37, 13
     g = torch.Generator().manual_seed(d)
     qkv = torch.randn(pad + length, h + 2 * hkv, d, generator=g)  # the prompt's tokens last
     others = torch.randn(pad + length, h + 2 * hkv, d, generator=g)

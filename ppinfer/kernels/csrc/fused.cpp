@@ -569,23 +569,32 @@ void attend_typed(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
   const int64_t group = h / hkv;
   const float scalef = static_cast<float>(scale), cap = static_cast<float>(softcap);
   const auto run_group = avx2_active() ? attend_group_avx2<T> : attend_group_scalar<T>;
-  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, 2 * n * d * group));
-  // One task per (row, query token, kv head): the group of query heads reading that kv head.
-  at::parallel_for(0, b * t * hkv, grain, [&](int64_t task0, int64_t task1) {
-    std::vector<float> q(group * d), scratch(group * (n + 8));
+  // One task per (row, query token, kv head): the group of query heads reading that kv head, or,
+  // where there are fewer of those than threads (a one-row decode step of gemma-3-270m, whose
+  // one kv head serves 4 query heads), each group in as many parts as threads (each reads the
+  // keys and values again, which costs more than it saves while every thread has a group).
+  // Each head's sums are its own, so the split changes no bit.
+  const int64_t groups = b * t * hkv, threads = at::get_num_threads();
+  const int64_t splits = groups < threads ? std::min(group, threads) : 1;
+  const int64_t per = (group + splits - 1) / splits;  // query heads a task (the last may have fewer)
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, 2 * n * d * per));
+  at::parallel_for(0, groups * splits, grain, [&](int64_t task0, int64_t task1) {
+    std::vector<float> q(per * d), scratch(per * (n + 8));
     std::vector<const T*> listed(2 * (n + 8));
     for (int64_t task = task0; task < task1; ++task) {
       // Queries taken first, last, second, second to last, ...: under a causal mask a query's
       // cost grows with its position, so any run of tasks a thread takes is a fair share.
-      const int64_t i = task / (t * hkv), u = task / hkv % t, g = task % hkv;
+      const int64_t i = task / (t * hkv * splits), u = task / (hkv * splits) % t, g = task / splits % hkv;
       const int64_t j = u % 2 == 0 ? u / 2 : t - 1 - u / 2;
-      for (int64_t e = 0; e < group; ++e) {
-        rotate(at_qk(i, j, g * group + e), rp + (i * t + j) * n_rot, n_rot, d, q.data() + e * d);
+      const int64_t first = task % splits * per, heads = std::min(group, first + per) - first;
+      const int64_t head0 = g * group + first;  // the task's first query head
+      for (int64_t e = 0; e < heads; ++e) {
+        rotate(at_qk(i, j, head0 + e), rp + (i * t + j) * n_rot, n_rot, d, q.data() + e * d);
       }
       const GroupTask<T> work{q.data(), kc + g * head_stride, vc + g * head_stride, tp + i * nb, bs, block_stride,
-                              row, mp + (i * t + j) * n, n, d, group, scalef, cap,
-                              sinks != nullptr ? sinks + g * group : nullptr, scratch.data(),
-                              listed.data(), t == 1, outp + ((i * t + j) * h + g * group) * d};
+                              row, mp + (i * t + j) * n, n, d, heads, scalef, cap,
+                              sinks != nullptr ? sinks + head0 : nullptr, scratch.data(),
+                              listed.data(), t == 1, outp + ((i * t + j) * h + head0) * d};
       run_group(work);
     }
   });
