@@ -150,6 +150,7 @@ MOE_QUANT_CASES: dict[str, TinySpec] = {
     # GLM-4.5 (355B) adds per-head q/k norms.
     "glm4moe_q8_0": with_changes(MOE_CASES["glm4moe"], qtype=QType.Q8_0, qk_norm=True, seed=27),
     "deepseek3_q8_0": with_changes(MOE_CASES["deepseek3"], qtype=QType.Q8_0),
+    "deepseek2_q8_0": with_changes(MOE_CASES["deepseek2"], qtype=QType.Q8_0),
     "gpt_oss_q8_0": with_changes(MOE_CASES["gpt_oss"], qtype=QType.Q8_0),
     # GraniteMoe without the shared expert.
     "granitemoe_q8_0": with_changes(MOE_CASES["granitemoe"], qtype=QType.Q8_0, n_ff_shexp=0),

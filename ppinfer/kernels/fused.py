@@ -32,10 +32,11 @@ def glu_op():
 
 
 def attend_op():
-    """attend(qk [b, T, H + Hkv, D], v [b, T, Hkv, D], rot [b, T, n_rot/2, 2], k_pool,
-    v_pool [N, Hkv, BS, D] (float32, float16 or bfloat16), table [b, nb], cols [b, T],
-    mask [b, 1, T, n], n_head, n_rot, scale, softcap, sinks [H] | None) -> [b, T, H * D] float32:
-    rotates q and k, writes k and v at each row's slots `cols` (slot s: block table[row, s // BS],
+    """attend(qk [b, T, H + Hkv, D], v [b, T, Hkv, Dv], rot [b, T, n_rot/2, 2], k_pool
+    [N, Hkv, BS, D], v_pool [N, Hkv, BS, Dv] (float32, float16 or bfloat16, or Q8_0 blocks),
+    table [b, nb], cols [b, T], mask [b, 1, T, n], n_head, n_rot, scale, softcap, sinks [H] | None)
+    -> [b, T, H * Dv] float32:
+    rotates q and k (n_rot 0: neither), writes k and v at each row's slots `cols` (slot s: block table[row, s // BS],
     offset s % BS), and attends over the rows' slots [0, n) under `mask` (softcap 0: none; a sink
     logit per head joins each softmax, its weight going nowhere). Decode and prefill share its
     arithmetic: a query's result depends only on its visible keys, in order."""

@@ -6,7 +6,9 @@ non-rotary key part and value; the query of each head is its non-rotary part fol
 its rotary part. The decompressed per-head keys and values go into the KV cache as any
 other attention's do (the cache holds full keys and values, not the latent: simpler, and
 exact; the latent form would hold (kv_lora_rank + n_rot) values per token instead of
-n_head (D + Dv)).
+n_head (D + Dv)). With `fused` (float32 on the CPU) the cache write and attention are the
+fused `attend` op, given q and k rotated here (n_rot 0), so the layer is batch-invariant as the
+others are.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ppinfer.kernels import fused as fused_ops
 from ppinfer.model.block import LayerInputs
 from ppinfer.model.cache import LayerKV
 from ppinfer.model.layers import RotaryEmbedding, apply_rope
@@ -39,12 +42,15 @@ class LatentAttention(nn.Module):
         kv_lora_rank: int,
         scale: float,
         rope: RotaryEmbedding,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         self.q, self.kv_a, self.kv_norm, self.kv_b, self.out = q, kv_a, kv_norm, kv_b, out
         self.n_head, self.head_dim, self.head_dim_v = n_head, head_dim, head_dim_v
         self.kv_lora_rank, self.scale, self.rope = kv_lora_rank, scale, rope
         self.nope = head_dim - rope.n_rot
+        self._attend_op = fused_ops.attend_op() if fused else None
+        self.register_buffer("_no_rotation", torch.empty(0), persistent=False)  # the op's rot: q and k come rotated
 
     def forward(self, x: torch.Tensor, kv: LayerKV, io: LayerInputs) -> torch.Tensor:
         """x [B, T, E] -> [B, T, E]; this step's decompressed keys and values go into `kv`."""
@@ -59,11 +65,16 @@ class LatentAttention(nn.Module):
         kv_heads = self.kv_b(c).view(b, t, h, nope + self.head_dim_v)  # [B, T, H, nope + Dv]
         k = torch.cat((kv_heads[..., :nope], k_rope.expand(b, t, h, n_rot)), dim=-1)  # [B, T, H, D]
         v = kv_heads[..., nope:]  # [B, T, H, Dv]
+        mask = io.masks[self.window, self.chunk]  # [B, 1, T, n]
+        if self._attend_op is not None:
+            qk = torch.cat((q, k), dim=2)  # [B, T, 2H, D]
+            y = self._attend_op(
+                qk, v, self._no_rotation, kv.k, kv.v, kv.table, kv.cols, mask, h, 0, self.scale, 0.0, None
+            )  # [B, T, H Dv]
+            return self.out(y)
         keys, values = kv.write(k, v)  # [B, H, n, D], [B, H, n, Dv]
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=io.masks[self.window, self.chunk], scale=self.scale
-        )  # [B, H, T, Dv]
-        return self.out(y.transpose(1, 2).reshape(b, t, h * self.head_dim_v))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=self.scale)
+        return self.out(y.transpose(1, 2).reshape(b, t, h * self.head_dim_v))  # [B, H, T, Dv] -> [B, T, E]
 
 
 class LowRankQuery(nn.Module):

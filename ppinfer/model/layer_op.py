@@ -19,7 +19,7 @@ from ppinfer.kernels import fused as fused_ops
 from ppinfer.kernels.cpu import BlockLinear
 from ppinfer.kernels.experts import BlockExperts
 from ppinfer.model.block import Attention, DecoderBlock, FeedForward
-from ppinfer.model.layers import ConcatLinear, Linear, PackedLinear, RMSNorm
+from ppinfer.model.layers import ConcatLinear, Linear, PackedLinear, RMSNorm, RowLinear
 from ppinfer.model.moe import MoeFeedForward
 
 
@@ -57,7 +57,8 @@ def _add(op: torch.ScriptObject, name: str, linear: nn.Module) -> bool:
         kind = "packed" if linear.packed else "blocks"
         op.add_projection(name, kind, linear.w, int(linear.qtype), linear.in_features, linear.out_features, linear.bias)
     elif isinstance(linear, Linear):
-        op.add_projection(name, "float", linear.weight, 0, 0, 0, linear.bias)
+        kind = "rows" if isinstance(linear, RowLinear) else "float"
+        op.add_projection(name, kind, linear.weight, 0, 0, 0, linear.bias)
     elif isinstance(linear, PackedLinear):
         for w, bias in zip(linear.blocks, linear.biases, strict=True):
             op.add_projection(name, "onednn", w, 0, 0, 0, bias)
@@ -83,13 +84,14 @@ def _set_mlp(op: torch.ScriptObject, mlp: nn.Module) -> bool:
         or (shared is not None and not (isinstance(shared, FeedForward) and shared.glu_kind == 0))
     ):
         return False
-    gate = mlp.shared_gate.weight if mlp.shared_gate is not None else None
     op.set_moe(
         p.n_expert, p.n_expert_used, 0 if p.gating is Gating.SOFTMAX else 1, p.normalize, p.weights_scale,
-        mlp.selection_bias, gate,
+        mlp.selection_bias,
     )
     for name, experts in (("gate_up", mlp.gate_up), ("down", mlp.down)):
         op.set_experts(name, experts.w, int(experts.qtype), experts.in_features, experts.out_features, experts.packed)
     if not _add(op, "router", mlp.router):
+        return False
+    if mlp.shared_gate is not None and not _add(op, "shared_gate", mlp.shared_gate.linear):
         return False
     return shared is None or (_add(op, "shared_up", shared.up) and _add(op, "shared_down", shared.down))

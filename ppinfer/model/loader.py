@@ -152,7 +152,7 @@ def _latent_attention(w: Weights, hp: HParams, il: int, rope: RotaryEmbedding) -
         v_b = w.array(p + "attn_v_b.weight", (h, dv, r))  # [H, Dv, R]
         kv_b = w.linear_from(np.concatenate([k_b, v_b], axis=1).reshape(h * (nope + dv), r))
     out = w.linear(p + "attn_output.weight", (e, h * dv))
-    return LatentAttention(q, kv_a, kv_norm, kv_b, out, h, d, dv, r, hp.attn_scale, rope)
+    return LatentAttention(q, kv_a, kv_norm, kv_b, out, h, d, dv, r, hp.attn_scale, rope, w.fused)
 
 
 def _moe(w: Weights, spec: FamilySpec, hp: HParams, il: int, moe: MoeParams) -> MoeFeedForward:
@@ -160,7 +160,8 @@ def _moe(w: Weights, spec: FamilySpec, hp: HParams, il: int, moe: MoeParams) -> 
     expert_shapes = {"gate": (n, f, e), "up": (n, f, e), "down": (n, e, f)}  # checked by read_hparams
     assert spec.experts is not None
     biases = spec.experts.biases
-    router = w.linear(p + "ffn_gate_inp.weight", (n, e), w.get(p + "ffn_gate_inp.bias", (n,)) if biases else None)
+    router_bias = w.get(p + "ffn_gate_inp.bias", (n,)) if biases else None
+    router = w.small_linear(p + "ffn_gate_inp.weight", (n, e), router_bias)
     gate_up = w.experts([(p + f"ffn_{role}_exps.weight", expert_shapes[role]) for role in ("gate", "up")])
     down = w.experts([(p + "ffn_down_exps.weight", expert_shapes["down"])])
     shared = shared_gate = None

@@ -25,7 +25,7 @@ from torch import nn
 from ppinfer.families.hparams import MoeParams
 from ppinfer.families.spec import Gating
 from ppinfer.kernels import fused as fused_ops
-from ppinfer.model.layers import frozen
+from ppinfer.model.layers import RowLinear, frozen
 
 
 class FloatExperts(nn.Module):
@@ -57,15 +57,16 @@ class ConcatExperts(nn.Module):
 
 
 class SharedExpertGate(nn.Module):
-    """sigmoid(x . w): one scalar per token scaling the shared expert's output (qwen2moe)."""
+    """sigmoid(x . w): one scalar per token scaling the shared expert's output (qwen2moe), each
+    token's dot on its own (`RowLinear`)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        self.weight = frozen(weight)  # [E]
+        self.linear = RowLinear(weight[None])  # [1, E]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, E] -> [N, 1]."""
-        return torch.sigmoid(x @ self.weight[:, None])
+        return torch.sigmoid(self.linear(x))
 
 
 class MoeFeedForward(nn.Module):

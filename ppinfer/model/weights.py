@@ -18,7 +18,7 @@ from ppinfer.gguf.reader import GGUFFile
 from ppinfer.kernels import fused as fused_ops
 from ppinfer.kernels.blocks import nonfinite_scale_block
 from ppinfer.kernels.select import BlockBackend
-from ppinfer.model.layers import ConcatLinear, LayerNorm, Linear, PackedLinear, RMSNorm
+from ppinfer.model.layers import ConcatLinear, LayerNorm, Linear, PackedLinear, RMSNorm, RowLinear
 from ppinfer.model.moe import ConcatExperts, FloatExperts
 from ppinfer.model.report import WeightsReport
 
@@ -116,6 +116,16 @@ class Weights:
         layer = PackedLinear(blocks, bias)
         self.gf.release(name)
         return layer
+
+    def small_linear(self, name: str, shape: tuple[int, int], bias: torch.Tensor | None = None) -> nn.Module:
+        """A small weight `name` [out, in] (a MoE router): as `linear`, except that a float one
+        on the quantized path is a `RowLinear`, so that its rows stay batch-invariant."""
+        if self.blocks is None:
+            return self.linear(name, shape, bias)
+        stored = self.stored(name, shape)
+        if stored is not None:
+            return self.block_linear([stored], [stored.raw], bias)
+        return RowLinear(self.get(name, shape), bias)
 
     def fused_linear(
         self, parts: list[tuple[str, tuple[int, int], RowTransform]], biases: list[np.ndarray | None] | None = None

@@ -47,9 +47,10 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const std::op
 }
 
 // y = x @ W.T + bias for one stored weight: GGUF blocks row by row or packed 16 rows at a time,
-// float32 (F.linear), or float32 prepacked for oneDNN.
+// float32 (F.linear; kRows: one row at a time, each copied to fresh memory, as RowLinear does),
+// or float32 prepacked for oneDNN.
 struct Part {
-  enum class Kind { kBlocks, kPacked, kFloat, kOneDnn };
+  enum class Kind { kBlocks, kPacked, kFloat, kRows, kOneDnn };
   Kind kind = Kind::kBlocks;
   at::Tensor w;
   int64_t qtype = 0, k = 0, n = 0;  // blocks only
@@ -63,6 +64,15 @@ struct Part {
         return packed_matmul(x, w, qtype, k, n, bias);
       case Kind::kFloat:
         return at::linear(x, w, bias);
+      case Kind::kRows: {
+        const at::Tensor flat = x.reshape({-1, x.size(-1)});  // [M, in]
+        if (flat.size(0) == 0) return at::linear(x, w, bias);
+        std::vector<at::Tensor> rows;
+        for (int64_t i = 0; i < flat.size(0); ++i) rows.push_back(at::linear(flat[i].clone().unsqueeze(0), w, bias));
+        std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+        sizes.back() = -1;
+        return at::cat(rows).view(sizes);
+      }
       case Kind::kOneDnn:
         return onednn_linear(x, w, bias);
     }
@@ -74,7 +84,8 @@ Part::Kind part_kind(const std::string& kind) {
   if (kind == "blocks") return Part::Kind::kBlocks;
   if (kind == "packed") return Part::Kind::kPacked;
   if (kind == "float") return Part::Kind::kFloat;
-  TORCH_CHECK(kind == "onednn", "DecoderLayer: weight kind must be blocks, packed, float or onednn, got ", kind);
+  if (kind == "rows") return Part::Kind::kRows;
+  TORCH_CHECK(kind == "onednn", "DecoderLayer: weight kind must be blocks, packed, float, rows or onednn, got ", kind);
   return Part::Kind::kOneDnn;
 }
 
@@ -122,7 +133,7 @@ struct Moe {
   Projection router;
   Experts gate_up, down;
   std::optional<GatedMlp> shared;
-  std::optional<at::Tensor> shared_gate;  // [E]: the shared expert's output scaled by sigmoid(x . gate)
+  Projection shared_gate;  // [1, E] (or none): the shared expert's output scaled by sigmoid(x . gate)
 
   at::Tensor operator()(const at::Tensor& x) const {
     const at::Tensor flat = x.reshape({-1, x.size(-1)});  // [N, E]
@@ -143,7 +154,7 @@ struct Moe {
     at::Tensor out = at::zeros_like(flat).index_add_(0, tokens, y);  // [N, E]
     if (shared.has_value()) {
       at::Tensor s = (*shared)(flat);  // [N, E]
-      if (shared_gate.has_value()) s = s * at::matmul(flat, shared_gate->unsqueeze(1)).sigmoid().to(s.scalar_type());
+      if (!shared_gate.empty()) s = s * shared_gate(flat).sigmoid().to(s.scalar_type());
       out = out + s;
     }
     return out.view_as(x);
@@ -163,8 +174,8 @@ class DecoderLayer : public torch::CustomClassHolder {
   // name: attn_norm, ffn_norm, qk_norm, post_attn_norm or post_ffn_norm.
   void set_norm(const std::string& name, const at::Tensor& w, double eps) { norm(name) = Norm{w, eps}; }
 
-  // name: qkv, out, up ([gate | up]), down, router, shared_up or shared_down; kind: blocks,
-  // packed, float or onednn (qtype, k and n for blocks only). Each call adds a part, whose
+  // name: qkv, out, up ([gate | up]), down, router, shared_up, shared_down or shared_gate; kind:
+  // blocks, packed, float, rows or onednn (qtype, k and n for blocks only). Each call adds a part, whose
   // output follows the earlier parts'.
   void add_projection(const std::string& name, const std::string& kind, const at::Tensor& w, int64_t qtype, int64_t k,
                       int64_t n, const std::optional<at::Tensor>& bias) {
@@ -181,12 +192,12 @@ class DecoderLayer : public torch::CustomClassHolder {
   }
 
   // The feed-forward is routed experts (set_experts, then add_projection: the router, and the
-  // shared expert's up and down where it has one); gating 0 softmax, 1 sigmoid.
+  // shared expert's up, down and gate where it has them); gating 0 softmax, 1 sigmoid.
   void set_moe(int64_t n_expert, int64_t n_used, int64_t gating, bool normalize, double weights_scale,
-               const std::optional<at::Tensor>& selection_bias, const std::optional<at::Tensor>& shared_gate) {
+               const std::optional<at::Tensor>& selection_bias) {
     TORCH_CHECK(n_used > 0 && n_used <= n_expert && (gating == kSoftmax || gating == kSigmoid),
                 "DecoderLayer: ", n_used, " of ", n_expert, " experts, gating ", gating);
-    moe_ = Moe{n_expert, n_used, gating, normalize, weights_scale, selection_bias, Projection{}, {}, {}, {}, shared_gate};
+    moe_ = Moe{n_expert, n_used, gating, normalize, weights_scale, selection_bias, Projection{}, {}, {}, {}, {}};
   }
 
   // name: gate_up ([n_expert, 2F, E] as [gate | up]) or down; set_moe first.
@@ -233,10 +244,11 @@ class DecoderLayer : public torch::CustomClassHolder {
     if (name == "out") return out_;
     if (name == "up") return mlp_.up;
     if (name == "down") return mlp_.down;
-    TORCH_CHECK(name == "router" || name == "shared_up" || name == "shared_down", "DecoderLayer: no projection named ",
-                name);
+    TORCH_CHECK(name == "router" || name == "shared_up" || name == "shared_down" || name == "shared_gate",
+                "DecoderLayer: no projection named ", name);
     TORCH_CHECK(moe_.has_value(), "DecoderLayer: set_moe before the projection ", name);
     if (name == "router") return moe_->router;
+    if (name == "shared_gate") return moe_->shared_gate;
     if (!moe_->shared.has_value()) moe_->shared.emplace();
     return name == "shared_up" ? moe_->shared->up : moe_->shared->down;
   }

@@ -5,13 +5,13 @@
 //   double as llama.cpp takes it (and the scale too, so that no square overflows); w is [D],
 //   or [P, D] for per-head weights over x's last two dims [..., P, D].
 // attend(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, sinks): rotary
-//   embedding of q and k, the new keys and values written into a paged cache (blocks of
-//   [Hkv, BS, D] keys and values, float32, float16 or bfloat16, or [Hkv, BS, D / 32 * 34] bytes
-//   of Q8_0 blocks: each batch row's slot s lives in block table[row, s / BS] at offset s % BS)
-//   at the slots `cols`, and grouped-query
+//   embedding of q and k (none where n_rot is 0), the new keys and values written into a paged
+//   cache (blocks of [Hkv, BS, D] keys and [Hkv, BS, Dv] values, float32, float16 or bfloat16,
+//   or [Hkv, BS, D / 32 * 34] bytes of Q8_0 blocks: each batch row's slot s lives in block
+//   table[row, s / BS] at offset s % BS) at the slots `cols`, and grouped-query
 //   attention over each row's slots [0, n) under `mask`, with an optional tanh softcap on the
 //   scores and an optional sink logit per query head that joins each softmax and takes its share
-//   of the weight to nowhere (gpt-oss); returns [b, T, H * D] float32, the layout the output
+//   of the weight to nowhere (gpt-oss); returns [b, T, H * Dv] float32, the layout the output
 //   projection takes.
 // glu(h [..., 2F], kind): act(gate) * up for the fused [gate | up] projection, act SiLU
 //   (kind 0) or tanh-approximated GELU (kind 1); returns [..., F].
@@ -176,30 +176,31 @@ constexpr int64_t kAhead = 8;
 constexpr int64_t kValueChunk = 32;
 
 // One query token's attention for the `group` query heads that read one kv head. Slot s's key
-// is at keys + blocks[s / bs] * block_stride + (s % bs) * row (values likewise), in units of T:
-// row is d for a float cache, d / 32 for Q8_0 blocks.
+// is at keys + blocks[s / bs] * block_stride + (s % bs) * row, its value at values + blocks[s /
+// bs] * v_block_stride + (s % bs) * v_row, in units of T: a row is d (dv) for a float cache,
+// d / 32 (dv / 32) for Q8_0 blocks.
 template <class T>
 struct GroupTask {
   const float* q;          // [group, d] rotated queries
-  const T* keys;           // the pool's first block, at this kv head
+  const T* keys;           // the pools' first blocks, at this kv head
   const T* values;
   const int64_t* blocks;   // [ceil(n / bs)] the row's block ids
-  int64_t bs, block_stride, row;
+  int64_t bs, block_stride, row, v_block_stride, v_row;
   const bool* visible;     // [n]
-  int64_t n, d, group;
+  int64_t n, d, dv, group; // dv: a value's width (deepseek2's are narrower than its keys)
   float scale, cap;        // cap 0: no softcap
   const float* sinks;      // [group]: each query head's sink logit, or null (none)
   float* scratch;          // [group * (n + 8)]: scores, then each head's max and sum
   const T** listed;        // [2 * (n + 8)]: the visible slots' keys and values (attend_listed_avx2)
   bool ahead;              // prefetch the next keys and values (a decode step's cache comes from memory)
-  float* out;              // [group, d]
+  float* out;              // [group, dv]
 
   const T* key(int64_t s) const { return keys + blocks[s / bs] * block_stride + (s % bs) * row; }
-  const T* value(int64_t s) const { return values + blocks[s / bs] * block_stride + (s % bs) * row; }
-  // A slot's key or value into the cache, a 64-byte line at a time.
-  void prefetch(const T* slot) const {
+  const T* value(int64_t s) const { return values + blocks[s / bs] * v_block_stride + (s % bs) * v_row; }
+  // A slot's key (`width` row) or value (v_row) into the cache, a 64-byte line at a time.
+  void prefetch(const T* slot, int64_t width) const {
     const char* p = reinterpret_cast<const char*>(slot);
-    for (int64_t x = 0; x < row * static_cast<int64_t>(sizeof(T)); x += 64) PPINFER_PREFETCH(p + x);
+    for (int64_t x = 0; x < width * static_cast<int64_t>(sizeof(T)); x += 64) PPINFER_PREFETCH(p + x);
   }
 };
 
@@ -257,7 +258,7 @@ PPINFER_ALWAYS_INLINE void attend_group(const GroupTask<T>& a) {
   for (int64_t s = 0; s < a.n; ++s) {
     if (!a.visible[s]) continue;
     const T* k = a.key(s);
-    if (s + kAhead < a.n) a.prefetch(a.key(s + kAhead));
+    if (s + kAhead < a.n) a.prefetch(a.key(s + kAhead), a.row);
     for (int64_t e = 0; e < a.group; ++e) {
       float score = Vec::dot(a.q + e * a.d, k, a.d) * a.scale;
       if (a.cap > 0) score = std::tanh(score / a.cap) * a.cap;
@@ -265,24 +266,24 @@ PPINFER_ALWAYS_INLINE void attend_group(const GroupTask<T>& a) {
       best[e] = std::max(best[e], score);
     }
   }
-  std::fill(a.out, a.out + a.group * a.d, 0.0f);
+  std::fill(a.out, a.out + a.group * a.dv, 0.0f);
   if (best[0] == none) return;  // no visible key (never for a real query: it sees its own slot)
   for (int64_t e = 0; a.sinks != nullptr && e < a.group; ++e) best[e] = std::max(best[e], a.sinks[e]);
   std::fill(total, total + a.group, 0.0f);
   for (int64_t s = 0; s < a.n; ++s) {
     if (!a.visible[s]) continue;
     const T* v = a.value(s);
-    if (s + kAhead < a.n) a.prefetch(a.value(s + kAhead));
+    if (s + kAhead < a.n) a.prefetch(a.value(s + kAhead), a.v_row);
     for (int64_t e = 0; e < a.group; ++e) {
       const float p = std::exp(scores[e * a.n + s] - best[e]);
       total[e] += p;
-      Vec::axpy(p, v, a.out + e * a.d, a.d);
+      Vec::axpy(p, v, a.out + e * a.dv, a.dv);
     }
   }
   for (int64_t e = 0; a.sinks != nullptr && e < a.group; ++e) total[e] += std::exp(a.sinks[e] - best[e]);
   for (int64_t e = 0; e < a.group; ++e) {
     const float inv = 1.0f / total[e];
-    for (int64_t x = 0; x < a.d; ++x) a.out[e * a.d + x] *= inv;
+    for (int64_t x = 0; x < a.dv; ++x) a.out[e * a.dv + x] *= inv;
   }
 }
 
@@ -408,20 +409,21 @@ PPINFER_AVX2 inline __m256 hsum8x8(const __m256* a) {
 // the values: each output lane summed in key order, in registers.
 template <class T>
 PPINFER_AVX2 void attend_listed_avx2(const GroupTask<T>& a) {
-  const int64_t d = a.d;
+  const int64_t d = a.d, dv = a.dv;
   const T** keys = a.listed;  // the visible slots' keys and values, in slot order
   const T** values = a.listed + a.n + 8;
   int64_t m = 0;
   for (int64_t first = 0, block = 0; first < a.n; first += a.bs, ++block) {  // a block's slots at a time
-    const int64_t at = a.blocks[block] * a.block_stride, last = std::min(a.n, first + a.bs);
+    const int64_t at = a.blocks[block] * a.block_stride, v_at = a.blocks[block] * a.v_block_stride;
+    const int64_t last = std::min(a.n, first + a.bs);
     for (int64_t s = first; s < last; ++s) {
       if (!a.visible[s]) continue;
       keys[m] = a.keys + at + (s - first) * a.row;
-      values[m++] = a.values + at + (s - first) * a.row;
+      values[m++] = a.values + v_at + (s - first) * a.v_row;
     }
   }
   const int64_t m8 = (m + 7) / 8 * 8;
-  std::fill(a.out, a.out + a.group * d, 0.0f);
+  std::fill(a.out, a.out + a.group * dv, 0.0f);
   if (m == 0) return;  // no visible key (never for a real query: it sees its own slot)
   for (int64_t o = m; o < m8; ++o) keys[o] = keys[m - 1];  // lanes past the list, discarded
   float* scores = a.scratch;  // [group, m8]
@@ -430,8 +432,8 @@ PPINFER_AVX2 void attend_listed_avx2(const GroupTask<T>& a) {
   constexpr int kKey[8] = {0, 4, 1, 5, 2, 6, 3, 7};
   for (int64_t o = 0; o < m8; o += 8) {
     for (int64_t x = o + 8; a.ahead && x < std::min(o + 16, m); ++x) {
-      a.prefetch(keys[x]);
-      a.prefetch(values[x]);
+      a.prefetch(keys[x], a.row);
+      a.prefetch(values[x], a.v_row);
     }
     for (int64_t e = 0; e < a.group; ++e) {
       const float* q = a.q + e * d;
@@ -485,9 +487,9 @@ PPINFER_AVX2 void attend_listed_avx2(const GroupTask<T>& a) {
     const int64_t last = std::min(m, first + kValueChunk);
     for (int64_t e = 0; e < a.group; ++e) {
       const float* p = scores + e * m8;
-      float* out = a.out + e * d;
+      float* out = a.out + e * dv;
       int64_t x0 = 0;
-      for (; x0 + 64 <= d; x0 += 64) {  // 64 output lanes at a time in eight registers
+      for (; x0 + 64 <= dv; x0 += 64) {  // 64 output lanes at a time in eight registers
         __m256 acc[8];
         for (int j = 0; j < 8; ++j) acc[j] = _mm256_loadu_ps(out + x0 + 8 * j);
         for (int64_t o = first; o < last; ++o) {
@@ -496,18 +498,18 @@ PPINFER_AVX2 void attend_listed_avx2(const GroupTask<T>& a) {
         }
         for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + x0 + 8 * j, acc[j]);
       }
-      for (; x0 + 8 <= d; x0 += 8) {
+      for (; x0 + 8 <= dv; x0 += 8) {
         __m256 acc = _mm256_loadu_ps(out + x0);
         for (int64_t o = first; o < last; ++o) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[o]), load8(values[o] + x0), acc);
         _mm256_storeu_ps(out + x0, acc);
       }
-      for (; x0 < d; ++x0) {
+      for (; x0 < dv; ++x0) {
         for (int64_t o = first; o < last; ++o) out[x0] += p[o] * static_cast<float>(values[o][x0]);
       }
     }
   }
   for (int64_t e = 0; e < a.group; ++e) {
-    for (int64_t x = 0; x < d; ++x) a.out[e * d + x] *= inv[e];
+    for (int64_t x = 0; x < dv; ++x) a.out[e * dv + x] *= inv[e];
   }
 }
 
@@ -531,11 +533,13 @@ template <class T>
 void attend_typed(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rot, const at::Tensor& k_pool,
                   const at::Tensor& v_pool, const at::Tensor& table, const at::Tensor& cols, const at::Tensor& mask,
                   int64_t n_head, int64_t n_rot, double scale, double softcap, const float* sinks, at::Tensor& out) {
-  const int64_t b = qk.size(0), t = qk.size(1), d = qk.size(3), h = n_head;
+  const int64_t b = qk.size(0), t = qk.size(1), d = qk.size(3), dv = v.size(3), h = n_head;
   const int64_t hkv = k_pool.size(1), bs = k_pool.size(2), nb = table.size(1), n = mask.size(3);
   const int64_t unit = static_cast<int64_t>(sizeof(T)) / k_pool.element_size();  // pool elements per T
   const int64_t row = k_pool.size(3) / unit, head_stride = k_pool.stride(1) / unit;
   const int64_t block_stride = k_pool.stride(0) / unit;
+  const int64_t v_row = v_pool.size(3) / unit, v_head_stride = v_pool.stride(1) / unit;
+  const int64_t v_block_stride = v_pool.stride(0) / unit;
   const float* rp = rot.data_ptr<float>();
   const float* qkp = qk.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
@@ -546,8 +550,11 @@ void attend_typed(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
   const auto at_qk = [&](int64_t i, int64_t j, int64_t head) {
     return qkp + i * qk.stride(0) + j * qk.stride(1) + head * qk.stride(2);
   };
-  const auto slot = [&](T* pool, int64_t i, int64_t g, int64_t s) {
-    return pool + tp[i * nb + s / bs] * block_stride + g * head_stride + (s % bs) * row;
+  const auto key_slot = [&](int64_t i, int64_t g, int64_t s) {
+    return kc + tp[i * nb + s / bs] * block_stride + g * head_stride + (s % bs) * row;
+  };
+  const auto value_slot = [&](int64_t i, int64_t g, int64_t s) {
+    return vc + tp[i * nb + s / bs] * v_block_stride + g * v_head_stride + (s % bs) * v_row;
   };
 
   // The new tokens' keys (rotated) and values into their slots, rounded to the cache's type.
@@ -558,8 +565,8 @@ void attend_typed(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
       const int64_t s = cp[i * t + j];
       for (int64_t g = 0; g < hkv; ++g) {
         rotate(at_qk(i, j, h + g), r, n_rot, d, rotated.data());
-        store(rotated.data(), slot(kc, i, g, s), d);
-        store(vp + i * v.stride(0) + j * v.stride(1) + g * v.stride(2), slot(vc, i, g, s), d);
+        store(rotated.data(), key_slot(i, g, s), d);
+        store(vp + i * v.stride(0) + j * v.stride(1) + g * v.stride(2), value_slot(i, g, s), dv);
       }
     }
   }
@@ -591,10 +598,10 @@ void attend_typed(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
       for (int64_t e = 0; e < heads; ++e) {
         rotate(at_qk(i, j, head0 + e), rp + (i * t + j) * n_rot, n_rot, d, q.data() + e * d);
       }
-      const GroupTask<T> work{q.data(), kc + g * head_stride, vc + g * head_stride, tp + i * nb, bs, block_stride,
-                              row, mp + (i * t + j) * n, n, d, heads, scalef, cap,
+      const GroupTask<T> work{q.data(), kc + g * head_stride, vc + g * v_head_stride, tp + i * nb, bs, block_stride,
+                              row, v_block_stride, v_row, mp + (i * t + j) * n, n, d, dv, heads, scalef, cap,
                               sinks != nullptr ? sinks + head0 : nullptr, scratch.data(),
-                              listed.data(), t == 1, outp + ((i * t + j) * h + head0) * d};
+                              listed.data(), t == 1, outp + ((i * t + j) * h + head0) * dv};
       run_group(work);
     }
   });
@@ -608,22 +615,27 @@ at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
                   const std::optional<at::Tensor>& sinks_in) {
   constexpr const char* op = "attend";
   check_float_cpu(op, "qk", qk, 4);  // [b, T, H + Hkv, D]
-  check_float_cpu(op, "v", v, 4);  // [b, T, Hkv, D]
+  check_float_cpu(op, "v", v, 4);  // [b, T, Hkv, Dv]
   const at::ScalarType kv = k_pool.scalar_type();
   TORCH_CHECK(k_pool.device().is_cpu() && k_pool.dim() == 4 && k_pool.is_contiguous() &&
                   (kv == at::kFloat || kv == at::kHalf || kv == at::kBFloat16 || kv == at::kByte),
               op, ": k_pool must be a contiguous float32, float16 or bfloat16 CPU tensor [N, Hkv, BS, D] or uint8 ",
               "Q8_0 blocks [N, Hkv, BS, D / 32 * 34], got ", kv, " ", k_pool.sizes());
-  TORCH_CHECK(v_pool.scalar_type() == kv && v_pool.sizes() == k_pool.sizes() && v_pool.is_contiguous(), op,
-              ": v_pool ", v_pool.scalar_type(), " ", v_pool.sizes(), " does not match k_pool ", k_pool.sizes());
-  const int64_t b = qk.size(0), t = qk.size(1), d = qk.size(3);
+  const int64_t b = qk.size(0), t = qk.size(1), d = qk.size(3), dv = v.size(3);
   const int64_t hkv = k_pool.size(1), bs = k_pool.size(2), h = n_head;
   TORCH_CHECK(h > 0 && hkv > 0 && h % hkv == 0 && qk.size(2) == h + hkv, op, ": qk ", qk.sizes(), " for ", h,
               " query heads and a cache of ", hkv, " kv heads");
   const int64_t row = kv == at::kByte ? d / kQ8Elems * static_cast<int64_t>(sizeof(KvQ8)) : d;
   TORCH_CHECK((kv != at::kByte || d % kQ8Elems == 0) && k_pool.size(3) == row, op, ": pool ", k_pool.sizes(),
               " does not match qk ", qk.sizes(), kv == at::kByte ? " (Q8_0: head size a multiple of 32)" : "");
-  TORCH_CHECK(v.sizes() == at::IntArrayRef({b, t, hkv, d}), op, ": v ", v.sizes(), " does not match qk ", qk.sizes());
+  TORCH_CHECK(v.size(0) == b && v.size(1) == t && v.size(2) == hkv && dv > 0, op, ": v ", v.sizes(),
+              " does not match qk ", qk.sizes());
+  const int64_t v_row = kv == at::kByte ? dv / kQ8Elems * static_cast<int64_t>(sizeof(KvQ8)) : dv;
+  TORCH_CHECK(v_pool.scalar_type() == kv && v_pool.is_contiguous() && v_pool.dim() == 4 &&
+                  v_pool.size(0) == k_pool.size(0) && v_pool.size(1) == hkv && v_pool.size(2) == bs &&
+                  v_pool.size(3) == v_row && (kv != at::kByte || dv % kQ8Elems == 0),
+              op, ": v_pool ", v_pool.scalar_type(), " ", v_pool.sizes(), " does not match k_pool ", k_pool.sizes(),
+              " and v ", v.sizes());
   const at::Tensor table = table_in.contiguous();  // [b, nb] int64: each row's block ids
   TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 2 && table.size(0) == b, op,
               ": table must be int64 [", b, ", nb], got ", table.scalar_type(), " ", table.sizes());
@@ -663,7 +675,7 @@ at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
   }
   const float* sp = sinks.defined() ? sinks.data_ptr<float>() : nullptr;
 
-  at::Tensor out = at::empty({b, t, h * d}, qk.options());  // [b, T, H * D]
+  at::Tensor out = at::empty({b, t, h * dv}, qk.options());  // [b, T, H * Dv]
   if (kv == at::kFloat) {
     attend_typed<float>(qk, v, rot, k_pool, v_pool, table, cols, mask, n_head, n_rot, scale, softcap, sp, out);
   } else if (kv == at::kHalf) {
