@@ -125,7 +125,9 @@ class Weights:
         stored = self.stored(name, shape)
         if stored is not None:
             return self.block_linear([stored], [stored.raw], bias)
-        return RowLinear(self.get(name, shape), bias)
+        layer = RowLinear(self.get(name, shape), bias)
+        self.gf.release(name)
+        return layer
 
     def fused_linear(
         self, parts: list[tuple[str, tuple[int, int], RowTransform]], biases: list[np.ndarray | None] | None = None
