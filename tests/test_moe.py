@@ -40,7 +40,7 @@ import ppinfer
 from ppinfer.errors import ModelFileError
 from ppinfer.families import read_hparams, registry
 from ppinfer.gguf import GGUFFile
-from ppinfer.kernels.cpu import BlockLinear
+from ppinfer.kernels.cpu import BlockLinear, InvariantLinear
 from ppinfer.kernels.experts import BlockExperts
 from ppinfer.model import PipelineStage
 from ppinfer.model.moe import FloatExperts, MoeFeedForward
@@ -225,6 +225,8 @@ def test_quantized_experts_with_float_products_equal_exact(tiny_files: TinyFiles
             module._packed_matmul = lambda x, w, type_id, k, n, counts: experts_product(
                 x, torch.stack([ops.unpack_rows(we, type_id, k, n) for we in w]), type_id, k, counts
             )
+        elif isinstance(module, InvariantLinear):  # float weights: torch's product, as on the exact path
+            module._matmul = torch.nn.functional.linear
         elif isinstance(module, BlockLinear):
             module._matmul = product
             module._packed_matmul = lambda x, w, type_id, k, n, bias: product(

@@ -5,6 +5,7 @@ it in place with the C++ block kernels (`ppinfer.kernels.build`): a 4-bit weight
 a seventh of its float32 size in memory, and a decode step reads it at that size. Types with a
 packed layout (`packed_types`) may keep the same bytes with 16 rows interleaved block by block
 (csrc/packed.cpp), which the decode products stream fastest; the products are the same bits.
+`InvariantLinear` is their float counterpart on a quantized stage (csrc/floats.cpp).
 """
 
 from __future__ import annotations
@@ -108,3 +109,21 @@ class BlockLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}, "
             f"bias={bias}, packed={self.packed}"
         )
+
+
+class InvariantLinear(nn.Module):
+    """y = x @ W.T + bias for a float32 weight, every output one fixed chain (csrc/floats.cpp):
+    a row's result does not depend on the rows beside it, as a float GEMM's does (its blocking
+    follows the row count). A quantized stage's float weights use it (MoE routers, a DeepSeek
+    file's assembled decompression, F16 or F32 tensors, types without a kernel), so the stage
+    stays batch-invariant; within 15% of torch's GEMM for prefill, faster for one row."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.float().contiguous(), requires_grad=False)  # [out, in]
+        self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
+        self._matmul = build.ops().float_matmul.default
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] float32 -> [..., out]."""
+        return self._matmul(x, self.weight, self.bias)

@@ -31,6 +31,12 @@ def glu_op():
     return build.ops().glu.default
 
 
+def sigmoid_op():
+    """sigmoid(x) float32, element by element in scalar code: an element's result does not
+    depend on where it sits in x (torch's vector body and scalar tail round differently)."""
+    return build.ops().sigmoid.default
+
+
 def attend_op():
     """attend(qk [b, T, H + Hkv, D], v [b, T, Hkv, Dv], rot [b, T, n_rot/2, 2], k_pool
     [N, Hkv, BS, D], v_pool [N, Hkv, BS, Dv] (float32, float16 or bfloat16, or Q8_0 blocks),

@@ -16,10 +16,10 @@ from torch import nn
 
 from ppinfer.families.spec import Gating
 from ppinfer.kernels import fused as fused_ops
-from ppinfer.kernels.cpu import BlockLinear
+from ppinfer.kernels.cpu import BlockLinear, InvariantLinear
 from ppinfer.kernels.experts import BlockExperts
 from ppinfer.model.block import Attention, DecoderBlock, FeedForward
-from ppinfer.model.layers import ConcatLinear, Linear, PackedLinear, RMSNorm, RowLinear
+from ppinfer.model.layers import ConcatLinear, Linear, PackedLinear, RMSNorm
 from ppinfer.model.moe import MoeFeedForward
 
 
@@ -56,8 +56,8 @@ def _add(op: torch.ScriptObject, name: str, linear: nn.Module) -> bool:
     if isinstance(linear, BlockLinear):
         kind = "packed" if linear.packed else "blocks"
         op.add_projection(name, kind, linear.w, int(linear.qtype), linear.in_features, linear.out_features, linear.bias)
-    elif isinstance(linear, Linear):
-        kind = "rows" if isinstance(linear, RowLinear) else "float"
+    elif isinstance(linear, (Linear, InvariantLinear)):
+        kind = "invariant" if isinstance(linear, InvariantLinear) else "float"
         op.add_projection(name, kind, linear.weight, 0, 0, 0, linear.bias)
     elif isinstance(linear, PackedLinear):
         for w, bias in zip(linear.blocks, linear.biases, strict=True):

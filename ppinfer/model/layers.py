@@ -36,22 +36,6 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class RowLinear(Linear):
-    """A float linear one row at a time, each row first copied to fresh memory: a float GEMM's
-    blocking, and so its rounding, depends on how many rows it multiplies (and a vector
-    kernel's on where a row sits), so a row's result would depend on the other rows of the
-    forward. The quantized path's small float weights (MoE routers, the shared expert's gate)
-    use it: their products stay batch-invariant like the block products."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out]."""
-        flat = x.reshape(-1, x.shape[-1])  # [M, in]
-        if flat.shape[0] == 0:
-            return F.linear(x, self.weight, self.bias)
-        rows = [F.linear(row.clone()[None], self.weight, self.bias) for row in flat]  # [1, out] each
-        return torch.cat(rows).view(*x.shape[:-1], -1)
-
-
 class PackedLinear(nn.Module):
     """y = x W^T (+ b) on the CPU with W prepacked into oneDNN's blocked layout: the same
     math (float32 or bfloat16), 1.2-2x faster than the default GEMM for decode-sized batches.

@@ -161,7 +161,7 @@ def _moe(w: Weights, spec: FamilySpec, hp: HParams, il: int, moe: MoeParams) -> 
     assert spec.experts is not None
     biases = spec.experts.biases
     router_bias = w.get(p + "ffn_gate_inp.bias", (n,)) if biases else None
-    router = w.small_linear(p + "ffn_gate_inp.weight", (n, e), router_bias)
+    router = w.linear(p + "ffn_gate_inp.weight", (n, e), router_bias)
     gate_up = w.experts([(p + f"ffn_{role}_exps.weight", expert_shapes[role]) for role in ("gate", "up")])
     down = w.experts([(p + "ffn_down_exps.weight", expert_shapes["down"])])
     shared = shared_gate = None
@@ -174,7 +174,7 @@ def _moe(w: Weights, spec: FamilySpec, hp: HParams, il: int, moe: MoeParams) -> 
         name = p + "ffn_gate_inp_shexp.weight"
         stored_shape = w.gf.info(name).shape  # llama.cpp accepts [E] and [1, E]
         gate = w.array(name, stored_shape if stored_shape in ((e,), (1, e)) else (e,))
-        shared_gate = SharedExpertGate(w.tensor(gate.reshape(e)))
+        shared_gate = SharedExpertGate(w.linear_from(gate.reshape(1, e)), w.fused)
     bias = None
     if spec.experts.routing_keys and w.has(p + "exp_probs_b.bias"):
         bias = torch.from_numpy(w.array(p + "exp_probs_b.bias", (n,)).copy())  # [n_expert] float32

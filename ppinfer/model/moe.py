@@ -25,7 +25,7 @@ from torch import nn
 from ppinfer.families.hparams import MoeParams
 from ppinfer.families.spec import Gating
 from ppinfer.kernels import fused as fused_ops
-from ppinfer.model.layers import RowLinear, frozen
+from ppinfer.model.layers import frozen
 
 
 class FloatExperts(nn.Module):
@@ -57,16 +57,16 @@ class ConcatExperts(nn.Module):
 
 
 class SharedExpertGate(nn.Module):
-    """sigmoid(x . w): one scalar per token scaling the shared expert's output (qwen2moe), each
-    token's dot on its own (`RowLinear`)."""
+    """sigmoid(x . w): one scalar per token scaling the shared expert's output (qwen2moe)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, linear: nn.Module, fused: bool = False) -> None:
         super().__init__()
-        self.linear = RowLinear(weight[None])  # [1, E]
+        self.linear = linear  # [E] -> [1]
+        self._sigmoid = fused_ops.sigmoid_op() if fused else torch.sigmoid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, E] -> [N, 1]."""
-        return torch.sigmoid(self.linear(x))
+        return self._sigmoid(self.linear(x))
 
 
 class MoeFeedForward(nn.Module):
@@ -94,6 +94,7 @@ class MoeFeedForward(nn.Module):
         self.router, self.gate_up, self.down = router, gate_up, down
         self.shared, self.shared_gate = shared, shared_gate
         self._glu = fused_ops.glu_op() if fused else None
+        self._sigmoid = fused_ops.sigmoid_op() if fused else torch.sigmoid  # position-independent where fused
 
     @property
     def fused(self) -> bool:
@@ -113,7 +114,7 @@ class MoeFeedForward(nn.Module):
         if p.gating is Gating.SOFTMAX_CHOSEN:
             chosen_logits, chosen = logits.topk(p.n_expert_used, dim=-1)  # [N, k] each
             return chosen_logits.softmax(dim=-1), chosen
-        probs = logits.softmax(dim=-1) if p.gating is Gating.SOFTMAX else logits.sigmoid()
+        probs = logits.softmax(dim=-1) if p.gating is Gating.SOFTMAX else self._sigmoid(logits)
         scores = probs if self.selection_bias is None else probs + self.selection_bias  # [N, n_expert]
         if p.n_group > 1:
             groups = scores.view(scores.shape[0], p.n_group, -1)  # [N, G, n_expert / G]

@@ -17,8 +17,9 @@ from ppinfer.families.spec import FamilySpec, Norm
 from ppinfer.gguf.reader import GGUFFile
 from ppinfer.kernels import fused as fused_ops
 from ppinfer.kernels.blocks import nonfinite_scale_block
+from ppinfer.kernels.cpu import InvariantLinear
 from ppinfer.kernels.select import BlockBackend
-from ppinfer.model.layers import ConcatLinear, LayerNorm, Linear, PackedLinear, RMSNorm, RowLinear
+from ppinfer.model.layers import ConcatLinear, LayerNorm, Linear, PackedLinear, RMSNorm
 from ppinfer.model.moe import ConcatExperts, FloatExperts
 from ppinfer.model.report import WeightsReport
 
@@ -43,7 +44,8 @@ RowTransform = Callable[[np.ndarray], np.ndarray] | None
 class Weights:
     """Reads tensors of one file into torch, recording which names were consumed; builds
     linear layers: over the stored blocks where a kernel serves their type (`blocks`), else
-    over float weights, prepacked for oneDNN when `packed`."""
+    over float weights: on a quantized float32 CPU stage as `InvariantLinear` (batch-invariant
+    like the block products), elsewhere prepacked for oneDNN when `packed`."""
 
     def __init__(
         self, gf: GGUFFile, dtype: torch.dtype, device: torch.device, packed: bool,
@@ -52,6 +54,7 @@ class Weights:
         self.gf, self.dtype, self.device, self.packed = gf, dtype, device, packed
         self.blocks, self.report = blocks, report
         self.fused = fused_ops.available(device, dtype)  # norms and decode attention in one op each
+        self.invariant = blocks is not None and self.fused  # float weights as InvariantLinear
         self.used: set[str] = set()
 
     def has(self, name: str) -> bool:
@@ -105,27 +108,20 @@ class Weights:
         return module
 
     def linear(self, name: str, shape: tuple[int, int], bias: torch.Tensor | None = None) -> nn.Module:
-        """The weight `name` [out, in] as a linear layer."""
+        """The weight `name` [out, in] as a linear layer (a float one on a quantized stage as an
+        `InvariantLinear`, so the stage stays batch-invariant)."""
         stored = self.stored(name, shape)
         if stored is not None:
             return self.block_linear([stored], [stored.raw], bias)
+        if self.invariant:
+            layer = InvariantLinear(self.get(name, shape), bias)
+            self.gf.release(name)
+            return layer
         if not self.packed:
             return Linear(self.get(name, shape), bias)
         self.used.add(name)
         blocks = (self.tensor(self.gf.load_rows(name, a, b)) for a, b in self.gf.row_blocks(name, PACK_BLOCK_ELEMENTS))
         layer = PackedLinear(blocks, bias)
-        self.gf.release(name)
-        return layer
-
-    def small_linear(self, name: str, shape: tuple[int, int], bias: torch.Tensor | None = None) -> nn.Module:
-        """A small weight `name` [out, in] (a MoE router): as `linear`, except that a float one
-        on the quantized path is a `RowLinear`, so that its rows stay batch-invariant."""
-        if self.blocks is None:
-            return self.linear(name, shape, bias)
-        stored = self.stored(name, shape)
-        if stored is not None:
-            return self.block_linear([stored], [stored.raw], bias)
-        layer = RowLinear(self.get(name, shape), bias)
         self.gf.release(name)
         return layer
 
@@ -163,9 +159,12 @@ class Weights:
         return self.linear_from(transform(weight) if transform is not None else weight, bias)
 
     def linear_from(self, weight: np.ndarray, bias: np.ndarray | None = None) -> nn.Module:
-        """A linear layer over a weight assembled at load time (fused qkv, gate/up)."""
+        """A linear layer over a weight assembled at load time (fused qkv, gate/up; an
+        `InvariantLinear` on a quantized stage)."""
         w = self.tensor(weight)
         b = self.tensor(bias) if bias is not None else None
+        if self.invariant:
+            return InvariantLinear(w, b)
         return PackedLinear([w], b) if self.packed else Linear(w, b)
 
     def experts(self, parts: list[tuple[str, tuple[int, int, int]]]) -> nn.Module:

@@ -47,10 +47,10 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const std::op
 }
 
 // y = x @ W.T + bias for one stored weight: GGUF blocks row by row or packed 16 rows at a time,
-// float32 (F.linear; kRows: one row at a time, each copied to fresh memory, as RowLinear does),
-// or float32 prepacked for oneDNN.
+// float32 (F.linear, or float_matmul's fixed chains: InvariantLinear), or float32 prepacked for
+// oneDNN.
 struct Part {
-  enum class Kind { kBlocks, kPacked, kFloat, kRows, kOneDnn };
+  enum class Kind { kBlocks, kPacked, kFloat, kInvariant, kOneDnn };
   Kind kind = Kind::kBlocks;
   at::Tensor w;
   int64_t qtype = 0, k = 0, n = 0;  // blocks only
@@ -64,15 +64,8 @@ struct Part {
         return packed_matmul(x, w, qtype, k, n, bias);
       case Kind::kFloat:
         return at::linear(x, w, bias);
-      case Kind::kRows: {
-        const at::Tensor flat = x.reshape({-1, x.size(-1)});  // [M, in]
-        if (flat.size(0) == 0) return at::linear(x, w, bias);
-        std::vector<at::Tensor> rows;
-        for (int64_t i = 0; i < flat.size(0); ++i) rows.push_back(at::linear(flat[i].clone().unsqueeze(0), w, bias));
-        std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
-        sizes.back() = -1;
-        return at::cat(rows).view(sizes);
-      }
+      case Kind::kInvariant:
+        return float_matmul(x, w, bias);
       case Kind::kOneDnn:
         return onednn_linear(x, w, bias);
     }
@@ -84,8 +77,8 @@ Part::Kind part_kind(const std::string& kind) {
   if (kind == "blocks") return Part::Kind::kBlocks;
   if (kind == "packed") return Part::Kind::kPacked;
   if (kind == "float") return Part::Kind::kFloat;
-  if (kind == "rows") return Part::Kind::kRows;
-  TORCH_CHECK(kind == "onednn", "DecoderLayer: weight kind must be blocks, packed, float, rows or onednn, got ", kind);
+  if (kind == "invariant") return Part::Kind::kInvariant;
+  TORCH_CHECK(kind == "onednn", "DecoderLayer: weight kind must be blocks, packed, float, invariant or onednn, got ", kind);
   return Part::Kind::kOneDnn;
 }
 
@@ -138,7 +131,7 @@ struct Moe {
   at::Tensor operator()(const at::Tensor& x) const {
     const at::Tensor flat = x.reshape({-1, x.size(-1)});  // [N, E]
     const at::Tensor probs = gating == kSoftmax ? router(flat).to(at::kFloat).softmax(-1)
-                                                : router(flat).to(at::kFloat).sigmoid();  // [N, n_expert]
+                                                : ppinfer::sigmoid(router(flat).to(at::kFloat));  // [N, n_expert]
     const at::Tensor scores = selection_bias.has_value() ? probs + *selection_bias : probs;
     const at::Tensor chosen = std::get<1>(scores.topk(n_used, -1));  // [N, k]
     at::Tensor weights = probs.gather(1, chosen);                     // [N, k]
@@ -154,7 +147,7 @@ struct Moe {
     at::Tensor out = at::zeros_like(flat).index_add_(0, tokens, y);  // [N, E]
     if (shared.has_value()) {
       at::Tensor s = (*shared)(flat);  // [N, E]
-      if (!shared_gate.empty()) s = s * shared_gate(flat).sigmoid().to(s.scalar_type());
+      if (!shared_gate.empty()) s = s * ppinfer::sigmoid(shared_gate(flat)).to(s.scalar_type());
       out = out + s;
     }
     return out.view_as(x);
@@ -175,7 +168,7 @@ class DecoderLayer : public torch::CustomClassHolder {
   void set_norm(const std::string& name, const at::Tensor& w, double eps) { norm(name) = Norm{w, eps}; }
 
   // name: qkv, out, up ([gate | up]), down, router, shared_up, shared_down or shared_gate; kind:
-  // blocks, packed, float, rows or onednn (qtype, k and n for blocks only). Each call adds a part, whose
+  // blocks, packed, float, invariant or onednn (qtype, k and n for blocks only). Each call adds a part, whose
   // output follows the earlier parts'.
   void add_projection(const std::string& name, const std::string& kind, const at::Tensor& w, int64_t qtype, int64_t k,
                       int64_t n, const std::optional<at::Tensor>& bias) {

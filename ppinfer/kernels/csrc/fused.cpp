@@ -165,6 +165,22 @@ at::Tensor glu(const at::Tensor& h_in, int64_t kind) {
   return out;
 }
 
+// 1 / (1 + exp(-x)) element by element in plain scalar code: an element's result does not depend
+// on where it sits in x. (torch's sigmoid rounds differently in its vector body and its scalar
+// tail, so a row of router scores would depend on how many rows share the tensor.)
+at::Tensor sigmoid(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat,
+              "sigmoid: x must be a float32 CPU tensor, got ", x_in.scalar_type(), " on ", x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, x.numel(), kGrainMacs, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) op[i] = 1.0f / (1.0f + std::exp(-xp[i]));
+  });
+  return out;
+}
+
 namespace {
 
 // Slots ahead of the one in use whose key (first pass) or value (second pass) is prefetched, a
@@ -693,6 +709,7 @@ at::Tensor attend(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& r
 TORCH_LIBRARY_FRAGMENT(ppinfer_kernels, m) {
   m.def("rms_norm(Tensor x, Tensor? w, float eps) -> Tensor", &ppinfer::rms_norm);
   m.def("glu(Tensor h, int kind) -> Tensor", &ppinfer::glu);
+  m.def("sigmoid(Tensor x) -> Tensor", &ppinfer::sigmoid);
   m.def(
       "attend(Tensor qk, Tensor v, Tensor rot, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor table, Tensor cols, "
       "Tensor mask, int n_head, int n_rot, float scale, float softcap, Tensor? sinks=None) -> Tensor",
