@@ -41,6 +41,7 @@ from tiny_cases import ALL_CASES, FAMILY_CASES, TinyFiles, token_batch
 
 import ppinfer
 from ppinfer.errors import ModelFileError
+from ppinfer.kernels import fused as fused_ops
 from ppinfer.kernels.cpu import InvariantLinear
 from ppinfer.kernels.select import BLOCK_LINEARS
 from ppinfer.model import PipelineStage
@@ -218,6 +219,25 @@ def test_a_layer_op_gives_the_bits_of_its_modules(tiny_files: TinyFiles, case: s
     apart = run()
     for a, b in zip(fused, apart, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_layer_op_names_a_missing_or_unknown_part() -> None:
+    op = fused_ops.decoder_layer(2, 1, 8, 8, 0.3, 0.0, 1.0)
+    w, x = torch.zeros(32, 16), torch.zeros(1, 1, 16)
+    with pytest.raises(RuntimeError, match="weight kind must be blocks, packed, float, invariant or onednn, got fp8"):
+        op.add_projection("qkv", "fp8", w, 0, 0, 0, None)
+    with pytest.raises(RuntimeError, match="no projection named gate"):
+        op.add_projection("gate", "float", w, 0, 0, 0, None)
+    with pytest.raises(RuntimeError, match="set_moe before the projection router"):
+        op.add_projection("router", "float", w, 0, 0, 0, None)
+    with pytest.raises(RuntimeError, match="a norm or an attention projection was never set"):
+        op.forward(x, x, x, x, x, x, x)
+    for name in ("attn_norm", "ffn_norm"):
+        op.set_norm(name, torch.ones(16), 1e-6)
+    op.add_projection("qkv", "float", w, 0, 0, 0, None)
+    op.add_projection("out", "float", torch.zeros(16, 16), 0, 0, 0, None)
+    with pytest.raises(RuntimeError, match="the feed-forward's projections or experts were never set"):
+        op.forward(x, x, x, x, x, x, x)
 
 
 @pytest.mark.parametrize(

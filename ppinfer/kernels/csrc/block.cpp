@@ -78,7 +78,8 @@ Part::Kind part_kind(const std::string& kind) {
   if (kind == "packed") return Part::Kind::kPacked;
   if (kind == "float") return Part::Kind::kFloat;
   if (kind == "invariant") return Part::Kind::kInvariant;
-  TORCH_CHECK(kind == "onednn", "DecoderLayer: weight kind must be blocks, packed, float, invariant or onednn, got ", kind);
+  TORCH_CHECK(kind == "onednn", "DecoderLayer: weight kind must be blocks, packed, float, invariant or onednn, got ",
+              kind);
   return Part::Kind::kOneDnn;
 }
 
@@ -168,8 +169,8 @@ class DecoderLayer : public torch::CustomClassHolder {
   void set_norm(const std::string& name, const at::Tensor& w, double eps) { norm(name) = Norm{w, eps}; }
 
   // name: qkv, out, up ([gate | up]), down, router, shared_up, shared_down or shared_gate; kind:
-  // blocks, packed, float, invariant or onednn (qtype, k and n for blocks only). Each call adds a part, whose
-  // output follows the earlier parts'.
+  // blocks, packed, float, invariant or onednn (qtype, k and n for blocks only). Each call adds a
+  // part, whose output follows the earlier parts'.
   void add_projection(const std::string& name, const std::string& kind, const at::Tensor& w, int64_t qtype, int64_t k,
                       int64_t n, const std::optional<at::Tensor>& bias) {
     projection(name).parts.push_back(Part{part_kind(kind), w, qtype, k, n, bias});
@@ -205,6 +206,9 @@ class DecoderLayer : public torch::CustomClassHolder {
                      const at::Tensor& table, const at::Tensor& cols, const at::Tensor& mask) const {
     TORCH_CHECK(attn_norm_.w.defined() && ffn_norm_.w.defined() && !qkv_.empty() && !out_.empty(),
                 "DecoderLayer: a norm or an attention projection was never set");
+    TORCH_CHECK(moe_.has_value() ? !moe_->router.empty() && moe_->gate_up.w.defined() && moe_->down.w.defined()
+                                 : !mlp_.up.empty() && !mlp_.down.empty(),
+                "DecoderLayer: the feed-forward's projections or experts were never set");
     TORCH_CHECK(x.dim() == 3, "DecoderLayer: x must be [b, T, E], got ", x.sizes());
     const int64_t b = x.size(0), t = x.size(1), h = n_head_, hkv = n_head_kv_;
     const at::Tensor qkv = qkv_(ppinfer::rms_norm(x, attn_norm_.w, attn_norm_.eps))
