@@ -1,7 +1,7 @@
 """A decoder layer as one call on float32 CPU stages (`DecoderLayer`, csrc/block.cpp).
 
 A layer's modules call the fused ops, the products and a MoE layer's routing one by one, each
-through Python and torch's dispatcher: SmolLM2's decode step spent about a third of its time
+through Python and torch's dispatcher: SmolLM2's decode step spent over a quarter of its time
 there. `layer_op` hands the same tensors to one C++ object that calls the same functions in the
 same order, so the layer gives the same bits. Layers with a part it does not run keep their
 modules: latent attention, NoPE, chunked or temperature-scaled attention, a plain GELU MLP or the
