@@ -13,6 +13,9 @@ import torch
 
 from ppinfer.kernels import build
 
+# `attend`'s rotations where n_rot is 0 (q and k come rotated, or have no rotary part).
+NO_ROTATION = torch.empty(0)
+
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the fused ops serve a stage on `device` in `dtype` (float32 on the CPU, with

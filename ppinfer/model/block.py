@@ -88,7 +88,6 @@ class Attention(nn.Module):
         self.sinks = None if sinks is None else nn.Parameter(sinks, requires_grad=False)
         self.plain = rope is not None and post_rope_norm is None and temperature is None
         self._attend_op = fused_ops.attend_op() if fused else None
-        self.register_buffer("_no_rotation", torch.empty(0), persistent=False)  # the op's rot where n_rot is 0
 
     @property
     def fused(self) -> bool:
@@ -121,18 +120,16 @@ class Attention(nn.Module):
         if self.qk_norm is not None:
             qk = self.qk_norm(qk)
         mask = io.masks[self.window, self.chunk]  # [B, 1, T, n]
-        if self._attend_op is not None and self.plain:
-            assert self.rope is not None
+        if self._attend_op is not None:
+            if self.plain:  # the op rotates q and k
+                assert self.rope is not None
+                rot, n_rot = io.rope[id(self.rope)], self.rope.n_rot
+            else:
+                qk, rot, n_rot = self._positioned(qk, io), fused_ops.NO_ROTATION, 0
             return self._attend_op(
-                qk, v, io.rope[id(self.rope)], kv.k, kv.v, kv.table, kv.cols, mask, h, self.rope.n_rot, self.scale,
-                self.softcap or 0.0, self.sinks,
+                qk, v, rot, kv.k, kv.v, kv.table, kv.cols, mask, h, n_rot, self.scale, self.softcap or 0.0, self.sinks
             )  # [B, T, H D]
         qk = self._positioned(qk, io)
-        if self._attend_op is not None:
-            return self._attend_op(
-                qk, v, self._no_rotation, kv.k, kv.v, kv.table, kv.cols, mask, h, 0, self.scale, self.softcap or 0.0,
-                self.sinks,
-            )  # [B, T, H D]
         q, k = qk[:, :, :h], qk[:, :, h:]
         keys, values = kv.write(k, v)  # [B, Hkv, n, D] each
         q = q.transpose(1, 2)  # [B, H, T, D]

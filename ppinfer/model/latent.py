@@ -50,7 +50,6 @@ class LatentAttention(nn.Module):
         self.kv_lora_rank, self.scale, self.rope = kv_lora_rank, scale, rope
         self.nope = head_dim - rope.n_rot
         self._attend_op = fused_ops.attend_op() if fused else None
-        self.register_buffer("_no_rotation", torch.empty(0), persistent=False)  # the op's rot: q and k come rotated
 
     def forward(self, x: torch.Tensor, kv: LayerKV, io: LayerInputs) -> torch.Tensor:
         """x [B, T, E] -> [B, T, E]; this step's decompressed keys and values go into `kv`."""
@@ -69,7 +68,7 @@ class LatentAttention(nn.Module):
         if self._attend_op is not None:
             qk = torch.cat((q, k), dim=2)  # [B, T, 2H, D]
             y = self._attend_op(
-                qk, v, self._no_rotation, kv.k, kv.v, kv.table, kv.cols, mask, h, 0, self.scale, 0.0, None
+                qk, v, fused_ops.NO_ROTATION, kv.k, kv.v, kv.table, kv.cols, mask, h, 0, self.scale, 0.0, None
             )  # [B, T, H Dv]
             return self.out(y)
         keys, values = kv.write(k, v)  # [B, H, n, D], [B, H, n, Dv]
